@@ -1,0 +1,406 @@
+//! Starts the five services as separate processes on loopback, each with its own certificate
+//! from a development CA, in dependency order (audit → auth → validation, inference →
+//! gateway), waits until every one reports SERVING, and stops them all on request.
+//! Ports come from the services themselves (port 0 + address files) unless fixed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use medai_devpki::PkiLayout;
+use medai_runtime::ServiceIdentity;
+use medai_runtime::process::BoundAddresses;
+use medai_runtime::tls::TlsMaterial;
+use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub const SERVICES: [&str; 5] = ["audit", "auth", "validation", "inference", "gateway"];
+/// The identity the command-line tool and the tests use to reach internal health endpoints.
+pub const OPERATOR_IDENTITY: &str = "operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot prepare {path}: {reason}")]
+    Prepare { path: PathBuf, reason: String },
+    #[error(
+        "the binary {0} was not found; build the workspace first (cargo build --workspace --bins)"
+    )]
+    MissingBinary(PathBuf),
+    #[error("cannot start {service}: {reason}")]
+    Spawn { service: String, reason: String },
+    #[error("{service} exited during start-up ({status}); see {log}")]
+    Exited {
+        service: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{service} did not become healthy within {seconds} s; see {log}")]
+    NotHealthy {
+        service: String,
+        seconds: u64,
+        log: PathBuf,
+    },
+    #[error(transparent)]
+    Pki(#[from] medai_devpki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] medai_runtime::tls::TlsError),
+}
+
+/// Everything the mesh needs from its surroundings.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    /// Certificates, logs, address files and (by default) the SQLite databases.
+    pub state_dir: PathBuf,
+    /// Where the service binaries are (normally next to the `medai` binary).
+    pub binaries_dir: PathBuf,
+    pub model_repository: PathBuf,
+    pub onnxruntime_library: PathBuf,
+    /// `sqlite://…` (default under `state_dir`) or `postgres://…`.
+    pub audit_database_url: String,
+    pub auth_database_url: String,
+    pub admin_username: String,
+    pub admin_password: String,
+    /// A fixed gateway port (`medai up`); 0 lets the system choose (tests).
+    pub gateway_port: u16,
+    /// Expose Prometheus metrics on admin ports chosen by the system.
+    pub admin_endpoints: bool,
+    /// Extra variables per service (`"gateway" → [("MEDAI_GATEWAY_…", "…")]`).
+    pub extra_environment: BTreeMap<String, Vec<(String, String)>>,
+    pub startup_timeout: Duration,
+}
+
+impl MeshSettings {
+    /// Embedded defaults: SQLite files in the state folder.
+    pub fn embedded(
+        state_dir: &Path,
+        binaries_dir: &Path,
+        model_repository: &Path,
+        onnxruntime_library: &Path,
+    ) -> Self {
+        Self {
+            state_dir: state_dir.to_owned(),
+            binaries_dir: binaries_dir.to_owned(),
+            model_repository: model_repository.to_owned(),
+            onnxruntime_library: onnxruntime_library.to_owned(),
+            audit_database_url: sqlite_url(&state_dir.join("audit.sqlite")),
+            auth_database_url: sqlite_url(&state_dir.join("auth.sqlite")),
+            admin_username: "admin".to_owned(),
+            admin_password: String::new(),
+            gateway_port: 0,
+            admin_endpoints: false,
+            extra_environment: BTreeMap::new(),
+            startup_timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn pki(&self) -> PkiLayout {
+        PkiLayout::new(self.state_dir.join("pki"))
+    }
+}
+
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+struct RunningService {
+    name: &'static str,
+    child: Child,
+    addresses: BoundAddresses,
+    log: PathBuf,
+}
+
+/// The five services, running. Dropping it kills them; [`RunningMesh::stop`] asks nicely first.
+pub struct RunningMesh {
+    services: Vec<RunningService>,
+    pki: PkiLayout,
+}
+
+impl RunningMesh {
+    pub async fn start(settings: &MeshSettings) -> Result<Self, LaunchError> {
+        let prepare = |path: &Path, error: std::io::Error| LaunchError::Prepare {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        };
+        let logs = settings.state_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|error| prepare(&logs, error))?;
+        let pki = settings.pki();
+        let mut identities: Vec<&str> = SERVICES.to_vec();
+        identities.push(OPERATOR_IDENTITY);
+        pki.ensure(&identities)?;
+
+        let mut mesh = Self {
+            services: Vec::new(),
+            pki,
+        };
+        for name in SERVICES {
+            let environment = mesh.environment_for(name, settings);
+            let service = spawn_service(name, environment, settings, &logs).await?;
+            mesh.services.push(service);
+        }
+        mesh.wait_until_healthy(settings.startup_timeout).await?;
+        Ok(mesh)
+    }
+
+    fn endpoint(&self, service: &str) -> String {
+        self.services
+            .iter()
+            .find(|running| running.name == service)
+            .map(|running| format!("https://{}", running.addresses.grpc))
+            .unwrap_or_default()
+    }
+
+    pub fn address(&self, service: &str) -> Option<SocketAddr> {
+        self.services
+            .iter()
+            .find(|running| running.name == service)
+            .map(|running| running.addresses.grpc)
+    }
+
+    pub fn admin_address(&self, service: &str) -> Option<SocketAddr> {
+        self.services
+            .iter()
+            .find(|running| running.name == service)
+            .and_then(|running| running.addresses.admin)
+    }
+
+    pub fn log_file(&self, service: &str) -> Option<PathBuf> {
+        self.services
+            .iter()
+            .find(|running| running.name == service)
+            .map(|running| running.log.clone())
+    }
+
+    pub fn pki_layout(&self) -> &PkiLayout {
+        &self.pki
+    }
+
+    fn environment_for(
+        &self,
+        name: &'static str,
+        settings: &MeshSettings,
+    ) -> Vec<(String, String)> {
+        let prefix = format!("MEDAI_{}_", name.to_ascii_uppercase());
+        let pki = &self.pki;
+        let port = if name == "gateway" {
+            settings.gateway_port
+        } else {
+            0
+        };
+        let mut environment = vec![
+            (
+                "PROCESS__LISTEN_ADDR".to_owned(),
+                format!("127.0.0.1:{port}"),
+            ),
+            (
+                "PROCESS__ADDRESS_FILE".to_owned(),
+                address_file(settings, name).display().to_string(),
+            ),
+            ("PROCESS__LOG_FILTER".to_owned(), "info".to_owned()),
+            (
+                "TLS__CA_CERT".to_owned(),
+                pki.ca_certificate().display().to_string(),
+            ),
+            (
+                "TLS__CERT".to_owned(),
+                pki.certificate(name).display().to_string(),
+            ),
+            ("TLS__KEY".to_owned(), pki.key(name).display().to_string()),
+        ];
+        if settings.admin_endpoints {
+            environment.push(("PROCESS__ADMIN_ADDR".to_owned(), "127.0.0.1:0".to_owned()));
+        }
+        match name {
+            "audit" => environment.push((
+                "DATABASE_URL".to_owned(),
+                settings.audit_database_url.clone(),
+            )),
+            "auth" => {
+                environment.push((
+                    "DATABASE_URL".to_owned(),
+                    settings.auth_database_url.clone(),
+                ));
+                environment.push(("AUDIT_ENDPOINT".to_owned(), self.endpoint("audit")));
+                environment.push((
+                    "BOOTSTRAP_ADMIN__USERNAME".to_owned(),
+                    settings.admin_username.clone(),
+                ));
+                environment.push((
+                    "BOOTSTRAP_ADMIN__PASSWORD".to_owned(),
+                    settings.admin_password.clone(),
+                ));
+            }
+            "inference" => {
+                environment.push((
+                    "MODEL_REPOSITORY".to_owned(),
+                    settings.model_repository.display().to_string(),
+                ));
+                environment.push((
+                    "ONNXRUNTIME_LIBRARY".to_owned(),
+                    settings.onnxruntime_library.display().to_string(),
+                ));
+            }
+            "gateway" => {
+                for upstream in ["auth", "validation", "inference", "audit"] {
+                    environment.push((
+                        format!("{}_ENDPOINT", upstream.to_ascii_uppercase()),
+                        self.endpoint(upstream),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let mut environment: Vec<(String, String)> = environment
+            .into_iter()
+            .map(|(key, value)| (format!("{prefix}{key}"), value))
+            .collect();
+        if let Some(extra) = settings.extra_environment.get(name) {
+            environment.extend(extra.iter().cloned());
+        }
+        environment
+    }
+
+    async fn wait_until_healthy(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+        let tls = TlsMaterial::load(&medai_runtime::TlsFiles {
+            ca_cert: self.pki.ca_certificate(),
+            cert: self.pki.certificate(OPERATOR_IDENTITY),
+            key: self.pki.key(OPERATOR_IDENTITY),
+        })?;
+        let deadline = Instant::now() + timeout;
+        for index in 0..self.services.len() {
+            let (name, endpoint, log) = {
+                let service = &self.services[index];
+                (
+                    service.name,
+                    format!("https://{}", service.addresses.grpc),
+                    service.log.clone(),
+                )
+            };
+            let channel = tls.channel(&endpoint, &ServiceIdentity::new(name))?;
+            let mut health = HealthClient::new(channel);
+            loop {
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                if let Ok(response) = health.check(request).await {
+                    if response.into_inner().status() == ServingStatus::Serving {
+                        break;
+                    }
+                }
+                if let Ok(Some(status)) = self.services[index].child.try_wait() {
+                    return Err(LaunchError::Exited {
+                        service: name.to_owned(),
+                        status: status.to_string(),
+                        log,
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(LaunchError::NotHealthy {
+                        service: name.to_owned(),
+                        seconds: timeout.as_secs(),
+                        log,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to every service (gateway first, ledger last), then waits for each to exit;
+    /// a service still running after `grace` is killed.
+    pub async fn stop(mut self, grace: Duration) {
+        while let Some(mut service) = self.services.pop() {
+            if let Some(pid) = service.child.id() {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+                    .await;
+            }
+            if tokio::time::timeout(grace, service.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = service.child.kill().await;
+            }
+        }
+    }
+}
+
+impl Drop for RunningMesh {
+    fn drop(&mut self) {
+        for service in &mut self.services {
+            let _ = service.child.start_kill();
+        }
+    }
+}
+
+fn address_file(settings: &MeshSettings, service: &str) -> PathBuf {
+    settings.state_dir.join(format!("{service}.address.json"))
+}
+
+async fn spawn_service(
+    name: &'static str,
+    environment: Vec<(String, String)>,
+    settings: &MeshSettings,
+    logs: &Path,
+) -> Result<RunningService, LaunchError> {
+    let binary = settings.binaries_dir.join(format!("medai-{name}"));
+    if !binary.is_file() {
+        return Err(LaunchError::MissingBinary(binary));
+    }
+    let addresses = address_file(settings, name);
+    let _stale = std::fs::remove_file(&addresses);
+    let log = logs.join(format!("{name}.log"));
+    let spawn_error = |reason: String| LaunchError::Spawn {
+        service: name.to_owned(),
+        reason,
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|error| spawn_error(error.to_string()))?;
+    let mut command = Command::new(&binary);
+    command
+        .envs(environment)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .map_err(|error| spawn_error(error.to_string()))?;
+    let deadline = Instant::now() + settings.startup_timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&addresses) {
+            if let Ok(bound) = serde_json::from_str::<BoundAddresses>(&text) {
+                return Ok(RunningService {
+                    name,
+                    child,
+                    addresses: bound,
+                    log,
+                });
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LaunchError::Exited {
+                service: name.to_owned(),
+                status: status.to_string(),
+                log,
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(LaunchError::NotHealthy {
+                service: name.to_owned(),
+                seconds: settings.startup_timeout.as_secs(),
+                log,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

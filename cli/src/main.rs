@@ -1,0 +1,343 @@
+//! `medai`: run the whole mesh on one machine, log in, run a prediction, verify the ledger.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use medai_cli::client::{authorised, connect_gateway};
+use medai_cli::launcher::{MeshSettings, RunningMesh};
+use medai_proto::common::v1::ImageFormat;
+use medai_proto::gateway::v1::{InferRequest, LoginRequest, VerifyLedgerRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "medai",
+    about = "MedAI Flow: medical-imaging AI behind a mesh of mTLS services",
+    version
+)]
+struct Cli {
+    /// Certificates, databases, logs and the saved token live here.
+    #[arg(long, global = true, default_value = ".medai", env = "MEDAI_STATE_DIR")]
+    state_dir: PathBuf,
+    /// The gateway to talk to.
+    #[arg(
+        long,
+        global = true,
+        default_value = "https://127.0.0.1:50051",
+        env = "MEDAI_GATEWAY"
+    )]
+    gateway: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start all five services on loopback with the embedded defaults and wait for Ctrl-C.
+    Up(UpArgs),
+    /// Log in and save the access token in the state folder.
+    Login {
+        #[arg(long, default_value = "admin")]
+        username: String,
+        /// Read the password from this file (default: the bootstrap admin's password file).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Run a prediction on an image (DICOM, PNG or JPEG) with the saved token.
+    Infer {
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        model: String,
+    },
+    /// Ledger operations.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Start the mesh, log in, run one prediction on FILE, verify the ledger, stop.
+    Demo {
+        #[command(flatten)]
+        up: UpArgs,
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the whole hash chain (admin or auditor).
+    Verify,
+}
+
+#[derive(clap::Args, Clone)]
+struct UpArgs {
+    #[arg(long, default_value_t = 50051)]
+    port: u16,
+    #[arg(long, default_value = "models")]
+    model_repository: PathBuf,
+    #[arg(long, default_value = ".cache/onnxruntime/libonnxruntime.so.1.31.1")]
+    onnxruntime_library: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("medai: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Up(args) => {
+            let mesh = start_mesh(&cli, args).await?;
+            say(&format!(
+                "mesh is up: gateway {} (Ctrl-C stops it)",
+                cli.gateway_for(args)
+            ));
+            medai_runtime::shutdown::termination_signal().await;
+            mesh.stop(Duration::from_secs(15)).await;
+            say("mesh stopped");
+            Ok(())
+        }
+        Command::Login {
+            username,
+            password_file,
+        } => {
+            let password_file = password_file
+                .clone()
+                .unwrap_or_else(|| admin_password_file(&cli.state_dir));
+            login(&cli, &cli.gateway, username, &password_file).await
+        }
+        Command::Infer { file, model } => infer(&cli, &cli.gateway, file, model).await,
+        Command::Audit {
+            command: AuditCommand::Verify,
+        } => verify(&cli, &cli.gateway).await,
+        Command::Demo { up, file } => {
+            let mesh = start_mesh(&cli, up).await?;
+            let gateway = cli.gateway_for(up);
+            say(&format!("mesh is up: gateway {gateway}"));
+            let outcome = async {
+                login(
+                    &cli,
+                    &gateway,
+                    "admin",
+                    &admin_password_file(&cli.state_dir),
+                )
+                .await?;
+                infer(&cli, &gateway, file, "").await?;
+                verify(&cli, &gateway).await
+            }
+            .await;
+            mesh.stop(Duration::from_secs(15)).await;
+            say("mesh stopped");
+            outcome
+        }
+    }
+}
+
+impl Cli {
+    fn gateway_for(&self, args: &UpArgs) -> String {
+        format!("https://127.0.0.1:{}", args.port)
+    }
+
+    fn ca_certificate(&self) -> PathBuf {
+        self.state_dir.join("pki").join("ca.pem")
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn say(line: &str) {
+    println!("{line}");
+}
+
+fn admin_password_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("admin-password")
+}
+
+/// The bootstrap admin's password: generated on first run, kept owner-readable in the state
+/// folder, never printed.
+fn ensure_admin_password(state_dir: &Path) -> Result<String> {
+    let path = admin_password_file(state_dir);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        return Ok(existing.trim().to_owned());
+    }
+    let password = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    std::fs::write(&path, &password).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(password)
+}
+
+async fn start_mesh(cli: &Cli, args: &UpArgs) -> Result<RunningMesh> {
+    std::fs::create_dir_all(&cli.state_dir)
+        .with_context(|| format!("cannot create {}", cli.state_dir.display()))?;
+    let state_dir = cli.state_dir.canonicalize()?;
+    let binaries_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_owned)
+        .context("cannot locate the service binaries")?;
+    let model_repository = args.model_repository.canonicalize().with_context(|| {
+        format!(
+            "model repository {} not found (run scripts/fetch-assets.sh)",
+            args.model_repository.display()
+        )
+    })?;
+    let onnxruntime_library = args.onnxruntime_library.canonicalize().with_context(|| {
+        format!(
+            "ONNX Runtime {} not found (run scripts/fetch-assets.sh)",
+            args.onnxruntime_library.display()
+        )
+    })?;
+    let mut settings = MeshSettings::embedded(
+        &state_dir,
+        &binaries_dir,
+        &model_repository,
+        &onnxruntime_library,
+    );
+    settings.admin_password = ensure_admin_password(&state_dir)?;
+    settings.gateway_port = args.port;
+    settings.admin_endpoints = true;
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.set_message("starting audit, auth, validation, inference and gateway");
+    progress.enable_steady_tick(Duration::from_millis(120));
+    let mesh = RunningMesh::start(&settings).await;
+    progress.finish_and_clear();
+    let mesh = mesh?;
+    for service in medai_cli::launcher::SERVICES {
+        if let (Some(grpc), admin) = (mesh.address(service), mesh.admin_address(service)) {
+            let metrics = admin
+                .map(|address| format!(", metrics http://{address}/metrics"))
+                .unwrap_or_default();
+            say(&format!("  {service:<10} {grpc}{metrics}"));
+        }
+    }
+    Ok(mesh)
+}
+
+fn token_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("token")
+}
+
+async fn login(cli: &Cli, gateway: &str, username: &str, password_file: &Path) -> Result<()> {
+    let password = std::fs::read_to_string(password_file)
+        .with_context(|| format!("cannot read the password file {}", password_file.display()))?;
+    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
+    let response = client
+        .login(LoginRequest {
+            username: username.to_owned(),
+            password: password.trim().to_owned(),
+        })
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("login refused: {} ({:?})", status.message(), status.code())
+        })?
+        .into_inner();
+    let path = token_file(&cli.state_dir);
+    std::fs::write(&path, &response.access_token)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    say(&format!(
+        "logged in as {username} ({}); token valid for {} s",
+        response.role, response.expires_in_seconds
+    ));
+    Ok(())
+}
+
+fn saved_token(cli: &Cli) -> Result<String> {
+    std::fs::read_to_string(token_file(&cli.state_dir))
+        .map(|token| token.trim().to_owned())
+        .context("no saved token: run `medai login` first")
+}
+
+async fn infer(cli: &Cli, gateway: &str, file: &Path, model: &str) -> Result<()> {
+    let image = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let token = saved_token(cli)?;
+    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
+    let request = InferRequest {
+        image,
+        format: ImageFormat::Unspecified.into(),
+        model_name: model.to_owned(),
+        model_version: String::new(),
+    };
+    let response = client
+        .infer(authorised(request, &token))
+        .await
+        .map_err(|status| {
+            let reason = medai_runtime::errors::reason_of(&status).unwrap_or_default();
+            anyhow::anyhow!(
+                "prediction refused: {} ({:?} {reason})",
+                status.message(),
+                status.code()
+            )
+        })?
+        .into_inner();
+    let Some(prediction) = response.prediction else {
+        bail!("the gateway answered without a prediction")
+    };
+    say(&format!("result     {}", response.result_id));
+    say(&format!(
+        "model      {} version {}",
+        prediction.model_name, prediction.model_version
+    ));
+    say(&format!(
+        "label      {} ({:.4})",
+        prediction.top_label, prediction.top_probability
+    ));
+    for entry in &prediction.probabilities {
+        say(&format!("  {:<12} {:.4}", entry.label, entry.probability));
+    }
+    say(&format!(
+        "ledger     seq {} hash {}",
+        response.ledger_seq, response.ledger_hash
+    ));
+    say(&format!("NOTE       {}", prediction.intended_use));
+    Ok(())
+}
+
+async fn verify(cli: &Cli, gateway: &str) -> Result<()> {
+    let token = saved_token(cli)?;
+    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
+    let report = client
+        .verify_ledger(authorised(VerifyLedgerRequest {}, &token))
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "verification refused: {} ({:?})",
+                status.message(),
+                status.code()
+            )
+        })?
+        .into_inner()
+        .verification
+        .context("the gateway answered without a report")?;
+    if report.intact {
+        say(&format!(
+            "ledger intact: {} entries, head {}",
+            report.entries_checked, report.head_hash
+        ));
+        Ok(())
+    } else {
+        bail!(
+            "ledger BROKEN at seq {}: {} ({} entries checked before it)",
+            report.first_bad_seq,
+            report.problem,
+            report.entries_checked
+        )
+    }
+}

@@ -1,0 +1,25 @@
+//! Compiles every proto under `proto/` once, with the pure-Rust protox compiler so no system
+//! `protoc` is needed.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        "medai/common/v1/image.proto",
+        "medai/auth/v1/auth.proto",
+        "medai/validation/v1/validation.proto",
+        "medai/inference/v1/inference.proto",
+        "medai/audit/v1/audit.proto",
+        "medai/gateway/v1/gateway.proto",
+    ];
+    println!("cargo:rerun-if-changed={}", proto_root.display());
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
+    }
+    let file_descriptors = protox::compile(files, [&proto_root])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(file_descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Generated gRPC types for the MedAI Flow services. Nothing but generated code lives here;
+//! services convert to their own domain types at the edge.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("medai.common.v1");
+    }
+}
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("medai.auth.v1");
+    }
+}
+pub mod validation {
+    pub mod v1 {
+        tonic::include_proto!("medai.validation.v1");
+    }
+}
+pub mod inference {
+    pub mod v1 {
+        tonic::include_proto!("medai.inference.v1");
+    }
+}
+pub mod audit {
+    pub mod v1 {
+        tonic::include_proto!("medai.audit.v1");
+    }
+}
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("medai.gateway.v1");
+    }
+}

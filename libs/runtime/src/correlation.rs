@@ -1,0 +1,57 @@
+//! Correlation ids: accepted from the caller in `x-correlation-id` (if it is a short, safe
+//! token) or generated, then carried to every downstream call and ledger record.
+
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+const MAX_LENGTH: usize = 64;
+
+/// The caller's correlation id if it is well formed, otherwise a fresh UUID. Anything that
+/// could smuggle data (long values, odd characters) is replaced, not trusted.
+pub fn correlation_id(metadata: &MetadataMap) -> String {
+    metadata
+        .get(CORRELATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_well_formed(value))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn is_well_formed(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_LENGTH
+        && value
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
+}
+
+/// Puts `id` on an outgoing request's metadata.
+pub fn propagate(metadata: &mut MetadataMap, id: &str) {
+    if let Ok(value) = MetadataValue::try_from(id) {
+        metadata.insert(CORRELATION_HEADER, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_formed_ids_are_kept_and_others_replaced() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(
+            CORRELATION_HEADER,
+            MetadataValue::from_static("pacs-42_a.b"),
+        );
+        assert_eq!(correlation_id(&metadata), "pacs-42_a.b");
+
+        metadata.insert(
+            CORRELATION_HEADER,
+            MetadataValue::from_static("John Doe 1970"),
+        );
+        let replaced = correlation_id(&metadata);
+        assert_ne!(replaced, "John Doe 1970");
+        assert!(uuid::Uuid::parse_str(&replaced).is_ok());
+
+        assert!(uuid::Uuid::parse_str(&correlation_id(&MetadataMap::new())).is_ok());
+    }
+}

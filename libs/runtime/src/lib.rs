@@ -1,0 +1,22 @@
+//! The runtime every MedAI Flow service is built on. Each module is one concern:
+//! configuration, logging, transport security, who may call what, error statuses, health,
+//! shutdown and the admin (metrics) endpoint.
+
+pub mod admin;
+pub mod config;
+pub mod correlation;
+pub mod deadline;
+pub mod errors;
+pub mod grpc_metrics;
+pub mod identity;
+pub mod peer_policy;
+pub mod process;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+pub use errors::{ErrorKind, ServiceError};
+pub use identity::ServiceIdentity;
+pub use peer_policy::{PeerPolicy, PeerPolicyLayer};
+pub use tls::TlsFiles;

@@ -1,0 +1,177 @@
+//! What every service binary does, once: load typed config from the environment (and the file
+//! named by `<PREFIX>CONFIG`), install JSON logs, bind the gRPC and admin listeners, serve until
+//! SIGTERM/Ctrl-C, then give in-flight calls a grace period to finish.
+//!
+//! `<binary> --print-config` prints the effective config (secrets redacted) and exits.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::config::{from_str_or_native, load_from_process};
+
+/// Where a service listens and how it logs; part of every service's config as `process`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    pub listen_addr: SocketAddr,
+    /// Prometheus `/metrics` and `/livez`; no admin endpoint when absent.
+    #[serde(default)]
+    pub admin_addr: Option<SocketAddr>,
+    #[serde(default = "default_log_filter")]
+    pub log_filter: String,
+    #[serde(
+        default = "default_grace_seconds",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub shutdown_grace_seconds: u64,
+    /// If set, the bound addresses are written here as JSON (`{"grpc": …, "admin": …}`) once
+    /// the listeners are open, so a launcher can use port 0 instead of guessing free ports.
+    #[serde(default)]
+    pub address_file: Option<std::path::PathBuf>,
+}
+
+/// What a service writes to its `address_file`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct BoundAddresses {
+    pub grpc: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+fn default_log_filter() -> String {
+    "info".to_owned()
+}
+
+fn default_grace_seconds() -> u64 {
+    10
+}
+
+/// Implemented by each service's config.
+pub trait ServiceConfig: DeserializeOwned + Serialize {
+    fn process(&self) -> &ProcessConfig;
+}
+
+/// A shutdown signal that several tasks can await.
+pub type ShutdownSignal = Shared<BoxFuture<'static, ()>>;
+
+/// Runs one service binary to completion and returns its exit code.
+pub async fn run_service<C, F, Fut, E>(
+    service: &'static str,
+    env_prefix: &str,
+    serve: F,
+) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, TcpListener, ShutdownSignal) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let config: C = match load_from_process(env_prefix) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!(
+                "medai-{service}: {error} (settings come from {env_prefix}* variables or the file named by {env_prefix}CONFIG)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if std::env::args().any(|argument| argument == "--print-config") {
+        match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                #[allow(clippy::print_stdout)]
+                {
+                    println!("{text}");
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(error) => {
+                eprintln!("medai-{service}: cannot print config: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let process = config.process().clone();
+    crate::telemetry::init_json_logging(&process.log_filter);
+
+    let listener = match TcpListener::bind(process.listen_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(address = %process.listen_addr, error = %error, "cannot bind the gRPC listener");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown: ShutdownSignal = crate::shutdown::termination_signal().boxed().shared();
+    let mut admin = None;
+    if let Some(admin_addr) = process.admin_addr {
+        match start_admin(admin_addr, shutdown.clone()).await {
+            Ok(bound) => admin = Some(bound),
+            Err(error) => {
+                tracing::error!(address = %admin_addr, error = %error, "cannot start the admin endpoint");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let grpc = match listener.local_addr() {
+        Ok(address) => address,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot read the bound address");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(path) = &process.address_file {
+        if let Err(error) = write_addresses(path, &BoundAddresses { grpc, admin }) {
+            tracing::error!(path = %path.display(), error = %error, "cannot write the address file");
+            return ExitCode::FAILURE;
+        }
+    }
+    tracing::info!(service, address = %grpc, admin = ?admin, "serving");
+
+    let grace = Duration::from_secs(process.shutdown_grace_seconds);
+    let drain_deadline = shutdown.clone().then(move |()| tokio::time::sleep(grace));
+    tokio::select! {
+        result = serve(config, listener, shutdown) => match result {
+            Ok(()) => {
+                tracing::info!(service, "stopped");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!(service, error = %error, "service failed");
+                ExitCode::FAILURE
+            }
+        },
+        () = drain_deadline => {
+            tracing::warn!(service, grace_seconds = grace.as_secs(), "grace period over; stopping with calls in flight");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start_admin(
+    address: SocketAddr,
+    shutdown: ShutdownSignal,
+) -> Result<SocketAddr, crate::admin::AdminError> {
+    let handle = crate::admin::install_prometheus_recorder()?;
+    let listener = TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = crate::admin::serve_admin(listener, handle, shutdown).await {
+            tracing::error!(error = %error, "admin endpoint failed");
+        }
+    });
+    Ok(bound)
+}
+
+/// Written to a temporary name and renamed, so a reader never sees half a file.
+fn write_addresses(path: &std::path::Path, addresses: &BoundAddresses) -> std::io::Result<()> {
+    let text = serde_json::to_string(addresses).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}

@@ -1,0 +1,38 @@
+//! The auth service's client of the audit ledger.
+
+use medai_proto::audit::v1::AppendRequest;
+use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+pub struct LedgerClient {
+    client: AuditServiceClient<Channel>,
+}
+
+impl LedgerClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: AuditServiceClient::new(channel),
+        }
+    }
+
+    /// Records one event; `Err` if the ledger did not make it durable.
+    pub async fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        outcome: &str,
+        context: serde_json::Value,
+    ) -> Result<u64, tonic::Status> {
+        let request = AppendRequest {
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            outcome: outcome.to_owned(),
+            context_json: context.to_string(),
+        };
+        let response = self.client.clone().append(request).await?;
+        Ok(response.into_inner().seq)
+    }
+}

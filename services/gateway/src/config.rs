@@ -1,0 +1,76 @@
+use medai_runtime::TlsFiles;
+use medai_runtime::config::from_str_or_native;
+use medai_runtime::process::{ProcessConfig, ServiceConfig};
+use serde::{Deserialize, Serialize};
+
+pub const ENV_PREFIX: &str = "MEDAI_GATEWAY_";
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub process: ProcessConfig,
+    /// The gateway's own certificate serves external clients and identifies it to the mesh.
+    pub tls: TlsFiles,
+    pub auth_endpoint: String,
+    pub validation_endpoint: String,
+    pub inference_endpoint: String,
+    pub audit_endpoint: String,
+    #[serde(default)]
+    pub tokens: TokenTrust,
+    /// Largest image accepted from a client.
+    #[serde(
+        default = "default_max_image_bytes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_image_bytes: usize,
+    /// Used when a request names no model.
+    #[serde(default = "default_model")]
+    pub default_model: String,
+    /// Upper bound on any downstream call; a caller's shorter grpc-timeout wins.
+    #[serde(default = "default_timeout", deserialize_with = "from_str_or_native")]
+    pub downstream_timeout_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenTrust {
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+}
+
+impl Default for TokenTrust {
+    fn default() -> Self {
+        Self {
+            issuer: default_issuer(),
+            audience: default_audience(),
+        }
+    }
+}
+
+fn default_issuer() -> String {
+    "medai-auth".to_owned()
+}
+
+fn default_audience() -> String {
+    "medai".to_owned()
+}
+
+fn default_max_image_bytes() -> usize {
+    50 * 1024 * 1024
+}
+
+fn default_model() -> String {
+    "brain-mri-tumor".to_owned()
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+impl ServiceConfig for GatewayConfig {
+    fn process(&self) -> &ProcessConfig {
+        &self.process
+    }
+}

@@ -1,0 +1,64 @@
+//! The gateway's clients of the four internal services, each over mTLS and each insisting the
+//! server it reaches is the service it meant.
+
+use std::time::Duration;
+
+use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
+use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
+use medai_runtime::ServiceIdentity;
+use medai_runtime::tls::{TlsError, TlsMaterial};
+use tonic::transport::Channel;
+
+use crate::config::GatewayConfig;
+
+/// Canonical images up to 4096×4096 RGB at 16 bits, plus framing.
+pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
+
+#[derive(Clone)]
+pub struct Downstream {
+    pub auth: AuthServiceClient<Channel>,
+    pub validation: ValidationServiceClient<Channel>,
+    pub inference: InferenceServiceClient<Channel>,
+    pub audit: AuditServiceClient<Channel>,
+    pub timeout: Duration,
+}
+
+impl Downstream {
+    pub fn connect(config: &GatewayConfig, tls: &TlsMaterial) -> Result<Self, TlsError> {
+        let channel =
+            |endpoint: &str, service: &str| tls.channel(endpoint, &ServiceIdentity::new(service));
+        Ok(Self {
+            auth: AuthServiceClient::new(channel(&config.auth_endpoint, "auth")?),
+            validation: ValidationServiceClient::new(channel(
+                &config.validation_endpoint,
+                "validation",
+            )?)
+            .max_decoding_message_size(MAX_CANONICAL_MESSAGE)
+            .max_encoding_message_size(config.max_image_bytes + 64 * 1024),
+            inference: InferenceServiceClient::new(channel(
+                &config.inference_endpoint,
+                "inference",
+            )?)
+            .max_encoding_message_size(MAX_CANONICAL_MESSAGE),
+            audit: AuditServiceClient::new(channel(&config.audit_endpoint, "audit")?),
+            timeout: Duration::from_secs(config.downstream_timeout_seconds),
+        })
+    }
+
+    /// A downstream request carrying the correlation id and the time left of the caller's
+    /// deadline (or the gateway's own bound, whichever is shorter).
+    pub fn request<T>(
+        &self,
+        message: T,
+        correlation_id: &str,
+        caller_deadline: Option<Duration>,
+    ) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        medai_runtime::correlation::propagate(request.metadata_mut(), correlation_id);
+        let timeout = caller_deadline.map_or(self.timeout, |left| left.min(self.timeout));
+        request.set_timeout(timeout);
+        request
+    }
+}

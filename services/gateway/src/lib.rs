@@ -1,0 +1,93 @@
+//! The gateway: the mesh's only external endpoint. It authenticates callers with tokens,
+//! enforces roles, and orchestrates validate → infer → audit.
+
+pub mod config;
+mod downstream;
+mod error;
+mod grpc;
+pub mod infer;
+mod signing_keys;
+pub mod token_auth;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use medai_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
+use medai_runtime::PeerPolicy;
+use medai_runtime::server::mesh_server;
+use medai_runtime::tls::{ClientCertificates, TlsMaterial};
+use medai_tokens::Role;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::GatewayConfig;
+pub use error::GatewayError;
+
+use crate::token_auth::{RolePolicy, TokenAuthLayer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] medai_runtime::tls::TlsError),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
+
+/// The external API is open at the transport (PACS clients may present certificates, people
+/// need not); who may do what is decided by tokens and roles.
+pub fn peer_policy() -> PeerPolicy {
+    ["Login", "Infer", "VerifyLedger"]
+        .iter()
+        .fold(PeerPolicy::new(), |policy, method| {
+            policy.open(&format!("{SERVICE}{method}"))
+        })
+        .open("/grpc.health.v1.Health/Check")
+        .open("/grpc.health.v1.Health/Watch")
+}
+
+/// Which role may call which external method. Anything not named is refused.
+pub fn role_policy() -> RolePolicy {
+    RolePolicy::default()
+        .public(&format!("{SERVICE}Login"))
+        .public_prefix("/grpc.health.v1.Health/")
+        .allow(&format!("{SERVICE}Infer"), &[Role::Admin, Role::Clinician])
+        .allow(
+            &format!("{SERVICE}VerifyLedger"),
+            &[Role::Admin, Role::Auditor],
+        )
+}
+
+pub async fn serve(
+    config: GatewayConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let tls = TlsMaterial::load(&config.tls)?;
+    let downstream = downstream::Downstream::connect(&config, &tls)?;
+    let keys = Arc::new(signing_keys::SigningKeyCache::new(
+        downstream.auth.clone(),
+        config.tokens.issuer.clone(),
+        config.tokens.audience.clone(),
+    ));
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GatewayServiceServer<grpc::GatewayApi>>()
+        .await;
+    let api = GatewayServiceServer::new(grpc::GatewayApi {
+        downstream,
+        max_image_bytes: config.max_image_bytes,
+        default_model: config.default_model.clone(),
+    })
+    // A little over the image limit, so an oversized image gets IMAGE_TOO_LARGE, not a
+    // transport error.
+    .max_decoding_message_size(config.max_image_bytes + 64 * 1024);
+    mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
+        .layer(TokenAuthLayer::new(keys, role_policy()))
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The auth service's published keys, cached. A token naming an unknown `kid` triggers a
+//! refetch, at most once per `REFETCH_INTERVAL`, so a flood of forged kids cannot flood auth.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use medai_proto::auth::v1::GetSigningKeysRequest;
+use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
+use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
+use tokio::sync::{Mutex, RwLock};
+use tonic::transport::Channel;
+
+const REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct SigningKeyCache {
+    auth: AuthServiceClient<Channel>,
+    issuer: String,
+    audience: String,
+    verifier: RwLock<Arc<TokenVerifier>>,
+    last_fetch: Mutex<Option<Instant>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("the signing keys cannot be fetched")]
+    KeysUnavailable,
+}
+
+impl SigningKeyCache {
+    pub fn new(auth: AuthServiceClient<Channel>, issuer: String, audience: String) -> Self {
+        let verifier = Arc::new(TokenVerifier::new(&issuer, &audience, &[]));
+        Self {
+            auth,
+            issuer,
+            audience,
+            verifier: RwLock::new(verifier),
+            last_fetch: Mutex::new(None),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<AccessClaims, VerifyError> {
+        let kid = TokenVerifier::key_id(token)?;
+        let mut verifier = self.verifier.read().await.clone();
+        if !verifier.knows_key(&kid) {
+            verifier = self.refetch().await?;
+        }
+        Ok(verifier.verify(token)?)
+    }
+
+    async fn refetch(&self) -> Result<Arc<TokenVerifier>, VerifyError> {
+        let mut last_fetch = self.last_fetch.lock().await;
+        if last_fetch.is_some_and(|at| at.elapsed() < REFETCH_INTERVAL) {
+            return Ok(self.verifier.read().await.clone());
+        }
+        *last_fetch = Some(Instant::now());
+        let response = self
+            .auth
+            .clone()
+            .get_signing_keys(GetSigningKeysRequest {})
+            .await
+            .map_err(|status| {
+                tracing::warn!(code = ?status.code(), "cannot fetch signing keys");
+                // Let the next request try again rather than wait out the interval.
+                VerifyError::KeysUnavailable
+            });
+        let response = match response {
+            Ok(response) => response,
+            Err(error) => {
+                *last_fetch = None;
+                return Err(error);
+            }
+        };
+        let keys: Vec<PublishedKey> = response
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(|key| PublishedKey {
+                kid: key.kid,
+                kty: key.kty,
+                crv: key.crv,
+                alg: key.alg,
+                x: key.x,
+            })
+            .collect();
+        tracing::info!(keys = keys.len(), "signing keys fetched");
+        let verifier = Arc::new(TokenVerifier::new(&self.issuer, &self.audience, &keys));
+        *self.verifier.write().await = verifier.clone();
+        Ok(verifier)
+    }
+}

@@ -1,0 +1,307 @@
+//! Decoding PNG, JPEG and DICOM into the canonical pixel buffer. Limits are checked in the
+//! cheapest order: byte count, then declared dimensions (from headers, before any pixel is
+//! decompressed), then the decode itself under an allocation limit.
+
+use std::io::Cursor;
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use dicom_pixeldata::{ConvertOptions, PixelDecoder};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use image::{DynamicImage, ImageFormat as RasterFormat, ImageReader, Limits};
+
+use crate::config::ImageLimits;
+use crate::error::ValidationError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFormat {
+    Png,
+    Jpeg,
+    Dicom,
+}
+
+impl SourceFormat {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Png => "PNG",
+            Self::Jpeg => "JPEG",
+            Self::Dicom => "DICOM",
+        }
+    }
+}
+
+/// Metadata that identifies no one and may travel with the pixels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SafeMetadata {
+    pub modality: String,
+    pub body_part_examined: String,
+    pub transfer_syntax_uid: String,
+    pub rows: u32,
+    pub columns: u32,
+}
+
+/// The canonical pixel buffer: row-major, channels interleaved, 16-bit samples little-endian.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CanonicalImage {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u32,
+    pub bit_depth: u32,
+    pub photometric_interpretation: &'static str,
+    pub pixels: Vec<u8>,
+    pub source_format: SourceFormat,
+    pub metadata: SafeMetadata,
+}
+
+/// Identifies the format from magic bytes: PNG and JPEG signatures, or "DICM" after the
+/// 128-byte preamble.
+pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Some(SourceFormat::Png);
+    }
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Some(SourceFormat::Jpeg);
+    }
+    if bytes.len() >= 132 && &bytes[128..132] == b"DICM" {
+        return Some(SourceFormat::Dicom);
+    }
+    None
+}
+
+/// Validates and decodes `bytes`. `declared` is the caller's claim, if any; the bytes decide.
+pub fn decode_image(
+    bytes: &[u8],
+    declared: Option<SourceFormat>,
+    limits: &ImageLimits,
+) -> Result<CanonicalImage, ValidationError> {
+    if bytes.is_empty() {
+        return Err(ValidationError::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(ValidationError::TooLarge {
+            actual: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    let format = sniff_format(bytes)
+        .or(declared)
+        .ok_or(ValidationError::Undecodable {
+            format: "a known format",
+        })?;
+    match format {
+        SourceFormat::Png => decode_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
+        SourceFormat::Jpeg => decode_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
+        SourceFormat::Dicom => decode_dicom(bytes, limits),
+    }
+}
+
+fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), ValidationError> {
+    let in_range = |side: u32| (limits.min_side..=limits.max_side).contains(&side);
+    if in_range(width) && in_range(height) {
+        return Ok(());
+    }
+    Err(ValidationError::DimensionsOutOfRange {
+        width,
+        height,
+        min: limits.min_side,
+        max: limits.max_side,
+    })
+}
+
+fn decode_raster(
+    bytes: &[u8],
+    raster_format: RasterFormat,
+    format: SourceFormat,
+    limits: &ImageLimits,
+) -> Result<CanonicalImage, ValidationError> {
+    let undecodable = || ValidationError::Undecodable {
+        format: format.name(),
+    };
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), raster_format)
+        .into_dimensions()
+        .map_err(|_| undecodable())?;
+    check_dimensions(width, height, limits)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), raster_format);
+    let mut decode_limits = Limits::default();
+    decode_limits.max_image_width = Some(limits.max_side);
+    decode_limits.max_image_height = Some(limits.max_side);
+    decode_limits.max_alloc = Some(limits.max_canonical_bytes() as u64 * 2);
+    reader.limits(decode_limits);
+    let image = reader.decode().map_err(|_| undecodable())?;
+    let metadata = SafeMetadata {
+        rows: height,
+        columns: width,
+        ..SafeMetadata::default()
+    };
+    Ok(canonicalise(image, format, metadata))
+}
+
+fn decode_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CanonicalImage, ValidationError> {
+    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let object: DefaultDicomObject = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Auto)
+        .from_reader(Cursor::new(bytes))
+        .map_err(|_| undecodable())?;
+    let transfer_syntax_uid = object
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .trim()
+        .to_owned();
+    let read_u32 = |tag| -> Option<u32> {
+        object
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|element| element.to_int::<u32>().ok())
+    };
+    let read_text = |tag| -> String {
+        object
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|element| element.to_str().ok())
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_default()
+    };
+    if object
+        .element_opt(tags::PIXEL_DATA)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        return Err(ValidationError::DicomNoPixelData);
+    }
+    let rows = read_u32(tags::ROWS).ok_or_else(undecodable)?;
+    let columns = read_u32(tags::COLUMNS).ok_or_else(undecodable)?;
+    check_dimensions(columns, rows, limits)?;
+    let supported = TransferSyntaxRegistry
+        .get(&transfer_syntax_uid)
+        .is_some_and(|syntax| syntax.can_decode_all());
+    if !supported {
+        return Err(ValidationError::DicomUnsupportedTransferSyntax {
+            uid: transfer_syntax_uid,
+        });
+    }
+    let metadata = SafeMetadata {
+        modality: read_text(tags::MODALITY),
+        body_part_examined: read_text(tags::BODY_PART_EXAMINED),
+        transfer_syntax_uid,
+        rows,
+        columns,
+    };
+    // Frame policy: the first frame is the image; multi-frame objects are judged on it.
+    let decoded = object
+        .decode_pixel_data_frame(0)
+        .map_err(|_| undecodable())?;
+    let image = decoded
+        .to_dynamic_image_with_options(0, &ConvertOptions::new().force_8bit())
+        .map_err(|_| undecodable())?;
+    Ok(canonicalise(image, SourceFormat::Dicom, metadata))
+}
+
+/// Grey images stay grey (8 or 16 bit); everything else becomes 8-bit RGB. Alpha is dropped.
+fn canonicalise(
+    image: DynamicImage,
+    source_format: SourceFormat,
+    metadata: SafeMetadata,
+) -> CanonicalImage {
+    let (width, height) = (image.width(), image.height());
+    let (channels, bit_depth, photometric_interpretation, pixels) = match image {
+        DynamicImage::ImageLuma8(grey) => (1, 8, "MONOCHROME2", grey.into_raw()),
+        DynamicImage::ImageLumaA8(_) => (1, 8, "MONOCHROME2", image.to_luma8().into_raw()),
+        DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
+            let samples = image.to_luma16().into_raw();
+            (
+                1,
+                16,
+                "MONOCHROME2",
+                samples
+                    .iter()
+                    .flat_map(|sample| sample.to_le_bytes())
+                    .collect(),
+            )
+        }
+        DynamicImage::ImageRgb8(rgb) => (3, 8, "RGB", rgb.into_raw()),
+        other => (3, 8, "RGB", other.to_rgb8().into_raw()),
+    };
+    CanonicalImage {
+        width,
+        height,
+        channels,
+        bit_depth,
+        photometric_interpretation,
+        pixels,
+        source_format,
+        metadata,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png_of(width: u32, height: u32) -> Vec<u8> {
+        let image =
+            image::GrayImage::from_fn(width, height, |x, y| image::Luma([((x + y) % 256) as u8]));
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut Cursor::new(&mut bytes), RasterFormat::Png)
+            .expect("encode");
+        bytes
+    }
+
+    #[test]
+    fn a_grey_png_decodes_to_its_pixels() {
+        let decoded = decode_image(&png_of(80, 70), None, &ImageLimits::default()).expect("decode");
+        assert_eq!(
+            (
+                decoded.width,
+                decoded.height,
+                decoded.channels,
+                decoded.bit_depth
+            ),
+            (80, 70, 1, 8)
+        );
+        assert_eq!(decoded.pixels.len(), 80 * 70);
+        assert_eq!(decoded.pixels[81], 2, "pixel (1,1) is 1+1");
+    }
+
+    #[test]
+    fn limits_are_enforced_with_stable_errors() {
+        let limits = ImageLimits {
+            max_bytes: 100,
+            ..ImageLimits::default()
+        };
+        assert_eq!(
+            decode_image(&[], None, &limits),
+            Err(ValidationError::Empty)
+        );
+        assert!(matches!(
+            decode_image(&[0; 101], None, &limits),
+            Err(ValidationError::TooLarge {
+                actual: 101,
+                limit: 100
+            })
+        ));
+        let small = decode_image(&png_of(32, 100), None, &ImageLimits::default());
+        assert!(matches!(
+            small,
+            Err(ValidationError::DimensionsOutOfRange { width: 32, .. })
+        ));
+        let garbage = decode_image(b"definitely not an image", None, &ImageLimits::default());
+        assert!(matches!(garbage, Err(ValidationError::Undecodable { .. })));
+    }
+
+    #[test]
+    fn a_truncated_png_is_undecodable_not_a_panic() {
+        let bytes = png_of(100, 100);
+        let truncated = &bytes[..bytes.len() / 2];
+        assert!(matches!(
+            decode_image(truncated, None, &ImageLimits::default()),
+            Err(ValidationError::Undecodable { .. })
+        ));
+    }
+}

@@ -1,0 +1,55 @@
+use medai_runtime::errors::{ErrorKind, ServiceError, to_status};
+
+/// The validation error catalogue. Each variant's `reason` is a stable code documented in
+/// proto/medai/validation/v1/validation.proto. Messages never echo image content or tags.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("no image bytes were sent")]
+    Empty,
+    #[error("the image has {actual} bytes; the limit is {limit}")]
+    TooLarge { actual: usize, limit: usize },
+    #[error("the image could not be decoded as {format}")]
+    Undecodable { format: &'static str },
+    #[error("the image is {width}×{height} px; each side must be {min}–{max} px")]
+    DimensionsOutOfRange {
+        width: u32,
+        height: u32,
+        min: u32,
+        max: u32,
+    },
+    #[error("the DICOM object has no pixel data")]
+    DicomNoPixelData,
+    #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
+    DicomUnsupportedTransferSyntax { uid: String },
+    #[error("validation failed unexpectedly")]
+    Internal(String),
+}
+
+impl ServiceError for ValidationError {
+    const DOMAIN: &'static str = "medai.validation";
+
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Internal(_) => ErrorKind::Internal,
+            _ => ErrorKind::InvalidArgument,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty => "IMAGE_EMPTY",
+            Self::TooLarge { .. } => "IMAGE_TOO_LARGE",
+            Self::Undecodable { .. } => "IMAGE_UNDECODABLE",
+            Self::DimensionsOutOfRange { .. } => "IMAGE_DIMENSIONS_OUT_OF_RANGE",
+            Self::DicomNoPixelData => "DICOM_NO_PIXEL_DATA",
+            Self::DicomUnsupportedTransferSyntax { .. } => "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<ValidationError> for tonic::Status {
+    fn from(error: ValidationError) -> Self {
+        to_status(&error)
+    }
+}

@@ -1,0 +1,68 @@
+//! The validation service: decides whether an image is fit for a model and turns it into the
+//! canonical pixel buffer. It keeps nothing.
+
+pub mod config;
+pub mod decode;
+mod error;
+mod grpc;
+
+use std::future::Future;
+
+use medai_proto::validation::v1::validation_service_server::ValidationServiceServer;
+use medai_runtime::PeerPolicy;
+use medai_runtime::server::mesh_server;
+use medai_runtime::tls::{ClientCertificates, TlsMaterial};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{ImageLimits, ValidationConfig};
+pub use error::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Tls(#[from] medai_runtime::tls::TlsError),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Only the gateway may hand images to validation.
+pub fn peer_policy() -> PeerPolicy {
+    PeerPolicy::new().allow(
+        "/medai.validation.v1.ValidationService/ValidateImage",
+        &["gateway"],
+    )
+}
+
+pub async fn serve(
+    config: ValidationConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    config.limits.validate().map_err(ServeError::Config)?;
+    let tls = TlsMaterial::load(&config.tls)?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ValidationServiceServer<grpc::ValidationApi>>()
+        .await;
+    // The transport admits a little more than the image limit so that an oversized image gets
+    // the stable IMAGE_TOO_LARGE code rather than a transport error.
+    let api = ValidationServiceServer::new(grpc::ValidationApi {
+        limits: config.limits,
+    })
+    .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
+    .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
+    mesh_server(
+        &tls,
+        ClientCertificates::Required,
+        "validation",
+        peer_policy(),
+    )?
+    .add_service(health_service)
+    .add_service(api)
+    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    .await?;
+    Ok(())
+}
