@@ -1,1 +1,242 @@
+//! Fixtures for service and whole-mesh tests. Nothing here mutates the process environment:
+//! the suite's servers are announced by `scripts/test.sh` through variables that are only read.
 
+#![allow(clippy::missing_panics_doc)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use medai_devpki::PkiLayout;
+use medai_runtime::process::ProcessConfig;
+use medai_runtime::tls::TlsMaterial;
+use medai_runtime::{ServiceIdentity, TlsFiles};
+use sea_orm::{ConnectionTrait, Database};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Every identity a test may need: the five services, the operator tool, and one that no
+/// policy names.
+pub const IDENTITIES: [&str; 7] = [
+    "audit",
+    "auth",
+    "validation",
+    "inference",
+    "gateway",
+    "operator",
+    "stranger",
+];
+
+/// The repository root, found from this crate's manifest directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// The directory of the workspace's built binaries (`target/debug`), found from the running
+/// test executable (`target/debug/deps/<test>`).
+pub fn binaries_dir() -> PathBuf {
+    let executable = std::env::current_exe().expect("current exe");
+    let deps = executable.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_owned()
+}
+
+/// Assets fetched by `scripts/fetch-assets.sh`.
+pub struct Assets {
+    pub onnxruntime_library: PathBuf,
+    pub model_repository: PathBuf,
+    pub dicom_dir: PathBuf,
+}
+
+impl Assets {
+    pub fn locate() -> Self {
+        let root = workspace_root();
+        let assets = Self {
+            onnxruntime_library: root.join(".cache/onnxruntime/libonnxruntime.so.1.31.1"),
+            model_repository: root.join("models"),
+            dicom_dir: root.join(".cache/dicom"),
+        };
+        let model = assets.model_repository.join("brain-mri-tumor/1/model.onnx");
+        for required in [
+            &assets.onnxruntime_library,
+            &model,
+            &assets.dicom_dir.join("MR_small.dcm"),
+        ] {
+            assert!(
+                required.exists(),
+                "{} is missing: run scripts/fetch-assets.sh (scripts/test.sh does)",
+                required.display()
+            );
+        }
+        assets
+    }
+
+    pub fn dicom(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dicom_dir.join(name)).expect("DICOM test file")
+    }
+}
+
+/// A development CA and a certificate for each of [`IDENTITIES`], in a temporary folder.
+pub struct TestPki {
+    _directory: tempfile::TempDir,
+    pub layout: PkiLayout,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let layout = PkiLayout::new(directory.path().join("pki"));
+        layout.ensure(&IDENTITIES).expect("test PKI");
+        Self {
+            _directory: directory,
+            layout,
+        }
+    }
+
+    pub fn files(&self, identity: &str) -> TlsFiles {
+        TlsFiles {
+            ca_cert: self.layout.ca_certificate(),
+            cert: self.layout.certificate(identity),
+            key: self.layout.key(identity),
+        }
+    }
+
+    pub fn material(&self, identity: &str) -> TlsMaterial {
+        TlsMaterial::load(&self.files(identity)).expect("tls material")
+    }
+
+    /// A channel to `service` at `address`, presenting `identity`'s certificate.
+    pub fn channel_as(&self, identity: &str, address: SocketAddr, service: &str) -> Channel {
+        self.material(identity)
+            .channel(
+                &format!("https://{address}"),
+                &ServiceIdentity::new(service),
+            )
+            .expect("channel")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Process settings for a service started in-process: loopback, port 0, no admin endpoint.
+pub fn test_process_config() -> ProcessConfig {
+    ProcessConfig {
+        listen_addr: "127.0.0.1:0".parse().expect("address"),
+        admin_addr: None,
+        log_filter: "warn".to_owned(),
+        shutdown_grace_seconds: 5,
+        address_file: None,
+    }
+}
+
+/// A server started in-process on a port-0 listener; stops when dropped.
+pub struct TestServer {
+    pub address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Binds `127.0.0.1:0` and runs `serve(listener, shutdown)` on it.
+    pub async fn start<F, Fut, E>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let future = serve(listener, shutdown);
+        let task = tokio::spawn(async move {
+            if let Err(error) = future.await {
+                panic!("test server failed: {error}");
+            }
+        });
+        Self {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Waits until `service` at `address` reports SERVING, asking as the operator.
+pub async fn wait_until_serving(pki: &TestPki, address: SocketAddr, service: &str) {
+    let mut health = HealthClient::new(pki.channel_as("operator", address, service));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if answer.is_ok_and(|response| response.into_inner().status() == ServingStatus::Serving) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} at {address} never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The suite's PostgreSQL server (a superuser URL), started by `scripts/test.sh`.
+pub fn suite_postgres_url() -> String {
+    std::env::var("MEDAI_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!("MEDAI_TEST_POSTGRES_URL is not set: run the suite with scripts/test.sh, which starts its own PostgreSQL")
+    })
+}
+
+/// Creates an empty database on the suite's PostgreSQL and returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    let admin_url = suite_postgres_url();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(admin_url.as_str())
+        .await
+        .expect("connect to the suite's PostgreSQL");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    admin.close().await.expect("close");
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("a URL with a database name");
+    format!("{base}/{name}")
+}
+
+/// A SQLite URL in `directory`.
+pub fn sqlite_url(directory: &Path, name: &str) -> String {
+    format!("sqlite://{}?mode=rwc", directory.join(name).display())
+}

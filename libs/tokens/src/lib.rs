@@ -177,3 +177,208 @@ fn classify(error: &jsonwebtoken::errors::Error) -> TokenError {
         _ => TokenError::Malformed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    struct Signer {
+        kid: String,
+        key: EncodingKey,
+        public: PublishedKey,
+    }
+
+    fn signer(kid: &str) -> Signer {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
+        let public = PublishedKey {
+            kid: kid.to_owned(),
+            kty: "OKP".to_owned(),
+            crv: "Ed25519".to_owned(),
+            alg: JWT_ALGORITHM_NAME.to_owned(),
+            x: URL_SAFE_NO_PAD.encode(pair.public_key_raw()),
+        };
+        Signer {
+            kid: kid.to_owned(),
+            key: EncodingKey::from_ed_der(&pair.serialize_der()),
+            public,
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    }
+
+    fn claims() -> AccessClaims {
+        let now = now();
+        AccessClaims {
+            iss: "medai-auth".to_owned(),
+            aud: "medai".to_owned(),
+            sub: "user-1".to_owned(),
+            exp: now + 600,
+            iat: now,
+            nbf: now,
+            jti: "jti-1".to_owned(),
+            role: Role::Clinician,
+        }
+    }
+
+    fn sign(signer: &Signer, claims: &impl Serialize) -> String {
+        let mut header = Header::new(ALGORITHM);
+        header.kid = Some(signer.kid.clone());
+        encode(&header, claims, &signer.key).expect("sign")
+    }
+
+    fn verifier(signer: &Signer) -> TokenVerifier {
+        TokenVerifier::new("medai-auth", "medai", std::slice::from_ref(&signer.public))
+    }
+
+    #[test]
+    fn a_valid_token_verifies_with_every_claim() {
+        let signer = signer("k1");
+        let verified = verifier(&signer)
+            .verify(&sign(&signer, &claims()))
+            .expect("valid");
+        assert_eq!(verified, claims_with_times(&verified));
+        assert_eq!(verified.role, Role::Clinician);
+    }
+
+    fn claims_with_times(verified: &AccessClaims) -> AccessClaims {
+        AccessClaims {
+            exp: verified.exp,
+            iat: verified.iat,
+            nbf: verified.nbf,
+            ..claims()
+        }
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        let signer = signer("k1");
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#);
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims()).expect("json"));
+        let token = format!("{header}.{payload}.");
+        assert!(verifier(&signer).verify(&token).is_err());
+    }
+
+    #[test]
+    fn hs256_signed_with_the_public_key_is_refused() {
+        let signer = signer("k1");
+        let secret = URL_SAFE_NO_PAD.decode(&signer.public.x).expect("raw key");
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".to_owned());
+        let token = encode(&header, &claims(), &EncodingKey::from_secret(&secret)).expect("sign");
+        assert_eq!(
+            verifier(&signer).verify(&token),
+            Err(TokenError::AlgorithmNotAllowed)
+        );
+        let token = encode(
+            &header,
+            &claims(),
+            &EncodingKey::from_secret(signer.public.x.as_bytes()),
+        )
+        .expect("sign");
+        assert_eq!(
+            verifier(&signer).verify(&token),
+            Err(TokenError::AlgorithmNotAllowed)
+        );
+    }
+
+    #[test]
+    fn time_issuer_and_audience_are_enforced() {
+        let signer = signer("k1");
+        let verifier = verifier(&signer);
+        let expired = AccessClaims {
+            exp: now() - 120,
+            iat: now() - 900,
+            nbf: now() - 900,
+            ..claims()
+        };
+        assert_eq!(
+            verifier.verify(&sign(&signer, &expired)),
+            Err(TokenError::Expired)
+        );
+        let early = AccessClaims {
+            nbf: now() + 600,
+            exp: now() + 1200,
+            ..claims()
+        };
+        assert_eq!(
+            verifier.verify(&sign(&signer, &early)),
+            Err(TokenError::NotYetValid)
+        );
+        let issuer = AccessClaims {
+            iss: "someone-else".to_owned(),
+            ..claims()
+        };
+        assert_eq!(
+            verifier.verify(&sign(&signer, &issuer)),
+            Err(TokenError::WrongIssuer)
+        );
+        let audience = AccessClaims {
+            aud: "other-system".to_owned(),
+            ..claims()
+        };
+        assert_eq!(
+            verifier.verify(&sign(&signer, &audience)),
+            Err(TokenError::WrongAudience)
+        );
+    }
+
+    #[test]
+    fn another_key_is_refused_whether_or_not_it_borrows_a_known_kid() {
+        let trusted = signer("k1");
+        let impostor = signer("k1");
+        assert_eq!(
+            verifier(&trusted).verify(&sign(&impostor, &claims())),
+            Err(TokenError::BadSignature)
+        );
+        let stranger = signer("k2");
+        assert_eq!(
+            verifier(&trusted).verify(&sign(&stranger, &claims())),
+            Err(TokenError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn a_token_lacking_a_claim_is_refused() {
+        #[derive(Serialize)]
+        struct NoJti {
+            iss: String,
+            aud: String,
+            sub: String,
+            exp: u64,
+            iat: u64,
+            nbf: u64,
+            role: Role,
+        }
+        let signer = signer("k1");
+        let c = claims();
+        let token = sign(
+            &signer,
+            &NoJti {
+                iss: c.iss,
+                aud: c.aud,
+                sub: c.sub,
+                exp: c.exp,
+                iat: c.iat,
+                nbf: c.nbf,
+                role: c.role,
+            },
+        );
+        assert!(verifier(&signer).verify(&token).is_err());
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let signer = signer("k1");
+        assert_eq!(
+            verifier(&signer).verify("not.a.token"),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(verifier(&signer).verify(""), Err(TokenError::Malformed));
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: fetches ONNX Runtime, the model and the DICOM
+# test files if missing, lints the protos, starts its own PostgreSQL and Redis on free ports,
+# checks formatting and lints, builds every binary, and runs every test.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/fetch-assets.sh
+
+echo "== buf lint" >&2
+npx --yes @bufbuild/buf@1.75.0 lint 2>&1 | grep -v '^npm warn' || true
+if ! npx --yes @bufbuild/buf@1.75.0 lint >/dev/null 2>&1; then
+  echo "buf lint failed" >&2
+  exit 1
+fi
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+
+# shellcheck source=scripts/test-servers.sh
+source scripts/test-servers.sh
+trap stop_test_servers EXIT
+
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== cargo build (binaries the whole-mesh tests start)" >&2
+cargo build --workspace --bins --quiet
+
+echo "== cargo test" >&2
+cargo test --workspace --no-fail-fast "$@"

@@ -1,0 +1,229 @@
+//! The validation service on port 0 with real mTLS, fed real DICOM files (from pydicom's test
+//! set), generated PNG/JPEG images, and broken input.
+
+use std::io::Cursor;
+
+use medai_proto::common::v1::ImageFormat;
+use medai_proto::validation::v1::ValidateImageRequest;
+use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
+use medai_runtime::errors::reason_of;
+use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
+use medai_validation::{ImageLimits, ValidationConfig};
+use tonic::Code;
+
+struct Validation {
+    pki: TestPki,
+    server: TestServer,
+}
+
+impl Validation {
+    async fn start(limits: ImageLimits) -> Self {
+        let pki = TestPki::new();
+        let config = ValidationConfig {
+            process: test_process_config(),
+            tls: pki.files("validation"),
+            limits,
+        };
+        let server = TestServer::start(|listener, shutdown| {
+            medai_validation::serve(config, listener, shutdown)
+        })
+        .await;
+        wait_until_serving(&pki, server.address, "validation").await;
+        Self { pki, server }
+    }
+
+    fn client_as(&self, identity: &str) -> ValidationServiceClient<tonic::transport::Channel> {
+        ValidationServiceClient::new(self.pki.channel_as(
+            identity,
+            self.server.address,
+            "validation",
+        ))
+        .max_decoding_message_size(128 * 1024 * 1024)
+        .max_encoding_message_size(128 * 1024 * 1024)
+    }
+}
+
+fn request(image: Vec<u8>) -> ValidateImageRequest {
+    ValidateImageRequest {
+        image,
+        format: ImageFormat::Unspecified.into(),
+    }
+}
+
+fn encoded(image: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut Cursor::new(&mut bytes), format)
+        .expect("encode");
+    bytes
+}
+
+#[tokio::test]
+async fn a_real_mr_dicom_decodes_with_safe_metadata_only() {
+    let service = Validation::start(ImageLimits::default()).await;
+    let assets = Assets::locate();
+    let response = service
+        .client_as("gateway")
+        .validate_image(request(assets.dicom("MR_small.dcm")))
+        .await
+        .expect("valid");
+    let image = response.into_inner().image.expect("image");
+    assert_eq!(
+        (image.width, image.height, image.channels, image.bit_depth),
+        (64, 64, 1, 8)
+    );
+    assert_eq!(image.photometric_interpretation, "MONOCHROME2");
+    assert_eq!(image.pixels.len(), 64 * 64);
+    assert!(
+        image.pixels.iter().any(|&value| value > 0),
+        "real pixels, not a blank buffer"
+    );
+    let metadata = image.metadata.expect("metadata");
+    assert_eq!(metadata.modality, "MR");
+    assert_eq!(metadata.transfer_syntax_uid, "1.2.840.10008.1.2.1");
+    assert_eq!((metadata.rows, metadata.columns), (64, 64));
+}
+
+#[tokio::test]
+async fn uncompressed_dicom_variants_decode_to_the_same_pixels() {
+    let service = Validation::start(ImageLimits::default()).await;
+    let assets = Assets::locate();
+    let mut gateway = service.client_as("gateway");
+    let mut decoded = Vec::new();
+    for name in [
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+    ] {
+        let image = gateway
+            .validate_image(request(assets.dicom(name)))
+            .await
+            .expect(name)
+            .into_inner()
+            .image
+            .expect("image");
+        decoded.push(image.pixels);
+    }
+    assert_eq!(
+        decoded[0], decoded[1],
+        "implicit VR little endian matches explicit"
+    );
+    assert_eq!(decoded[0], decoded[2], "big endian matches little endian");
+}
+
+#[tokio::test]
+async fn png_and_jpeg_decode_to_canonical_buffers() {
+    let service = Validation::start(ImageLimits::default()).await;
+    let mut gateway = service.client_as("gateway");
+    let grey = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(100, 80, |x, _| {
+        image::Luma([x as u8])
+    }));
+    let png = gateway
+        .validate_image(request(encoded(grey, image::ImageFormat::Png)))
+        .await
+        .expect("png")
+        .into_inner();
+    let png = png.image.expect("image");
+    assert_eq!((png.width, png.height, png.channels), (100, 80, 1));
+    assert_eq!(png.pixels[99], 99);
+
+    let colour = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(128, 96, |x, y| {
+        image::Rgb([x as u8, y as u8, 128])
+    }));
+    let jpeg = gateway
+        .validate_image(request(encoded(colour, image::ImageFormat::Jpeg)))
+        .await
+        .expect("jpeg")
+        .into_inner();
+    let jpeg = jpeg.image.expect("image");
+    assert_eq!(
+        (
+            jpeg.width,
+            jpeg.height,
+            jpeg.channels,
+            jpeg.photometric_interpretation.as_str()
+        ),
+        (128, 96, 3, "RGB")
+    );
+    assert_eq!(jpeg.pixels.len(), 128 * 96 * 3);
+}
+
+async fn refusal(service: &Validation, image: Vec<u8>) -> String {
+    let status = service
+        .client_as("gateway")
+        .validate_image(request(image))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    reason_of(&status).expect("a machine-readable reason")
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_stable_code_and_never_a_panic() {
+    let limits = ImageLimits {
+        max_bytes: 300_000,
+        min_side: 64,
+        max_side: 1024,
+    };
+    let service = Validation::start(limits).await;
+    let assets = Assets::locate();
+    assert_eq!(refusal(&service, Vec::new()).await, "IMAGE_EMPTY");
+    assert_eq!(refusal(&service, vec![7; 300_001]).await, "IMAGE_TOO_LARGE");
+    assert_eq!(
+        refusal(&service, b"these bytes are no image at all".to_vec()).await,
+        "IMAGE_UNDECODABLE"
+    );
+    let tiny = image::DynamicImage::ImageLuma8(image::GrayImage::new(32, 32));
+    assert_eq!(
+        refusal(&service, encoded(tiny, image::ImageFormat::Png)).await,
+        "IMAGE_DIMENSIONS_OUT_OF_RANGE"
+    );
+    let huge = image::DynamicImage::ImageLuma8(image::GrayImage::new(2048, 70));
+    assert_eq!(
+        refusal(&service, encoded(huge, image::ImageFormat::Png)).await,
+        "IMAGE_DIMENSIONS_OUT_OF_RANGE"
+    );
+    // A real DICOM file cut short, and a DICOM object with no image in it.
+    assert_eq!(
+        refusal(&service, assets.dicom("MR_truncated.dcm")).await,
+        "IMAGE_UNDECODABLE"
+    );
+    assert_eq!(
+        refusal(&service, assets.dicom("rtplan.dcm")).await,
+        "DICOM_NO_PIXEL_DATA"
+    );
+    // Every byte of a real file flipped in turn, at a stride: each gets an answer.
+    let original = assets.dicom("MR_small.dcm");
+    let mut gateway = service.client_as("gateway");
+    for position in (0..original.len()).step_by(97) {
+        let mut damaged = original.clone();
+        damaged[position] ^= 0xFF;
+        match gateway.validate_image(request(damaged)).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    Code::InvalidArgument,
+                    "byte {position}: {status:?}"
+                );
+                assert!(reason_of(&status).is_some());
+            }
+        }
+    }
+    // The service is still up after all of that.
+    assert!(gateway.validate_image(request(original)).await.is_ok());
+}
+
+#[tokio::test]
+async fn only_the_gateway_may_submit_images() {
+    let service = Validation::start(ImageLimits::default()).await;
+    let assets = Assets::locate();
+    for identity in ["inference", "audit", "stranger"] {
+        let status = service
+            .client_as(identity)
+            .validate_image(request(assets.dicom("MR_small.dcm")))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
+    }
+}
