@@ -310,6 +310,13 @@ impl RunningMesh {
         Ok(())
     }
 
+    /// Kills one service at once (tests of what the others do when it is gone).
+    pub async fn kill(&mut self, service: &str) {
+        if let Some(running) = self.services.iter_mut().find(|running| running.name == service) {
+            let _ = running.child.kill().await;
+        }
+    }
+
     /// SIGTERM to every service (gateway first, ledger last), then waits for each to exit;
     /// a service still running after `grace` is killed.
     pub async fn stop(mut self, grace: Duration) {
