@@ -285,10 +285,10 @@ impl RunningMesh {
                 let request = HealthCheckRequest {
                     service: String::new(),
                 };
-                if let Ok(response) = health.check(request).await {
-                    if response.into_inner().status() == ServingStatus::Serving {
-                        break;
-                    }
+                if let Ok(response) = health.check(request).await
+                    && response.into_inner().status() == ServingStatus::Serving
+                {
+                    break;
                 }
                 if let Ok(Some(status)) = self.services[index].child.try_wait() {
                     return Err(LaunchError::Exited {
@@ -312,7 +312,11 @@ impl RunningMesh {
 
     /// Kills one service at once (tests of what the others do when it is gone).
     pub async fn kill(&mut self, service: &str) {
-        if let Some(running) = self.services.iter_mut().find(|running| running.name == service) {
+        if let Some(running) = self
+            .services
+            .iter_mut()
+            .find(|running| running.name == service)
+        {
             let _ = running.child.kill().await;
         }
     }
@@ -384,15 +388,15 @@ async fn spawn_service(
         .map_err(|error| spawn_error(error.to_string()))?;
     let deadline = Instant::now() + settings.startup_timeout;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&addresses) {
-            if let Ok(bound) = serde_json::from_str::<BoundAddresses>(&text) {
-                return Ok(RunningService {
-                    name,
-                    child,
-                    addresses: bound,
-                    log,
-                });
-            }
+        if let Ok(text) = std::fs::read_to_string(&addresses)
+            && let Ok(bound) = serde_json::from_str::<BoundAddresses>(&text)
+        {
+            return Ok(RunningService {
+                name,
+                child,
+                addresses: bound,
+                log,
+            });
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(LaunchError::Exited {

@@ -72,6 +72,7 @@ enum AuditCommand {
 
 #[derive(clap::Args, Clone)]
 struct UpArgs {
+    /// The gateway's port; 0 lets the system choose a free one.
     #[arg(long, default_value_t = 50051)]
     port: u16,
     #[arg(long, default_value = "models")]
@@ -98,7 +99,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mesh = start_mesh(&cli, args).await?;
             say(&format!(
                 "mesh is up: gateway {} (Ctrl-C stops it)",
-                cli.gateway_for(args)
+                gateway_endpoint(&mesh)?
             ));
             medai_runtime::shutdown::termination_signal().await;
             mesh.stop(Duration::from_secs(15)).await;
@@ -120,7 +121,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => verify(&cli, &cli.gateway).await,
         Command::Demo { up, file } => {
             let mesh = start_mesh(&cli, up).await?;
-            let gateway = cli.gateway_for(up);
+            let gateway = gateway_endpoint(&mesh)?;
             say(&format!("mesh is up: gateway {gateway}"));
             let outcome = async {
                 login(
@@ -141,11 +142,14 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-impl Cli {
-    fn gateway_for(&self, args: &UpArgs) -> String {
-        format!("https://127.0.0.1:{}", args.port)
-    }
+fn gateway_endpoint(mesh: &RunningMesh) -> Result<String> {
+    let address = mesh
+        .address("gateway")
+        .context("the gateway has no address")?;
+    Ok(format!("https://{address}"))
+}
 
+impl Cli {
     fn ca_certificate(&self) -> PathBuf {
         self.state_dir.join("pki").join("ca.pem")
     }

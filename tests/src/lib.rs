@@ -32,29 +32,56 @@ impl MeshUnderTest {
     pub async fn start(storage: Storage) -> Self {
         let state = tempfile::tempdir().expect("state dir");
         let assets = Assets::locate();
-        let mut settings =
-            MeshSettings::embedded(state.path(), &binaries_dir(), &assets.model_repository, &assets.onnxruntime_library);
+        let mut settings = MeshSettings::embedded(
+            state.path(),
+            &binaries_dir(),
+            &assets.model_repository,
+            &assets.onnxruntime_library,
+        );
         if storage == Storage::Postgres {
             settings.audit_database_url = fresh_postgres_database().await;
             settings.auth_database_url = fresh_postgres_database().await;
         }
         settings.admin_password = ADMIN_PASSWORD.to_owned();
         settings.admin_endpoints = true;
-        let mesh = RunningMesh::start(&settings).await.unwrap_or_else(|error| panic!("the mesh did not start: {error}"));
-        Self { mesh, settings, _state: state }
+        let mesh = RunningMesh::start(&settings)
+            .await
+            .unwrap_or_else(|error| panic!("the mesh did not start: {error}"));
+        Self {
+            mesh,
+            settings,
+            _state: state,
+        }
     }
 
     pub fn gateway_endpoint(&self) -> String {
-        format!("https://{}", self.mesh.address("gateway").expect("gateway address"))
+        format!(
+            "https://{}",
+            self.mesh.address("gateway").expect("gateway address")
+        )
     }
 
     pub async fn gateway(&self) -> GatewayClient {
-        connect_gateway(&self.gateway_endpoint(), &self.mesh.pki_layout().ca_certificate()).await.expect("gateway client")
+        connect_gateway(
+            &self.gateway_endpoint(),
+            &self.mesh.pki_layout().ca_certificate(),
+        )
+        .await
+        .expect("gateway client")
     }
 
     pub async fn admin_token(&self) -> String {
-        let request = LoginRequest { username: "admin".to_owned(), password: ADMIN_PASSWORD.to_owned() };
-        self.gateway().await.login(request).await.expect("admin login").into_inner().access_token
+        let request = LoginRequest {
+            username: "admin".to_owned(),
+            password: ADMIN_PASSWORD.to_owned(),
+        };
+        self.gateway()
+            .await
+            .login(request)
+            .await
+            .expect("admin login")
+            .into_inner()
+            .access_token
     }
 
     /// Every log line the five services wrote so far.
@@ -75,11 +102,12 @@ impl MeshUnderTest {
 /// Plain HTTP/1.1 GET against a service's admin port.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect to the admin port");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the admin port");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     response
 }
-

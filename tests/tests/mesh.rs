@@ -16,7 +16,12 @@ use sha2::{Digest, Sha256};
 use tonic::Code;
 
 fn infer_request(image: Vec<u8>) -> InferRequest {
-    InferRequest { image, format: ImageFormat::Unspecified.into(), model_name: String::new(), model_version: String::new() }
+    InferRequest {
+        image,
+        format: ImageFormat::Unspecified.into(),
+        model_name: String::new(),
+        model_version: String::new(),
+    }
 }
 
 struct LedgerRow {
@@ -29,7 +34,9 @@ struct LedgerRow {
 }
 
 async fn ledger_rows(database_url: &str) -> Vec<LedgerRow> {
-    let database = Database::connect(database_url).await.expect("connect to the ledger database");
+    let database = Database::connect(database_url)
+        .await
+        .expect("connect to the ledger database");
     let rows = database
         .query_all_raw(Statement::from_string(
             DatabaseBackend::Postgres,
@@ -43,7 +50,8 @@ async fn ledger_rows(database_url: &str) -> Vec<LedgerRow> {
             action: row.try_get("", "action").expect("action"),
             resource: row.try_get("", "resource").expect("resource"),
             outcome: row.try_get("", "outcome").expect("outcome"),
-            context: serde_json::from_str(&row.try_get::<String>("", "context").expect("context")).expect("json"),
+            context: serde_json::from_str(&row.try_get::<String>("", "context").expect("context"))
+                .expect("json"),
             hash: row.try_get("", "hash").expect("hash"),
         })
         .collect()
@@ -58,17 +66,36 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     let mut gateway = mesh.gateway().await;
 
     let mut request = authorised(infer_request(image.clone()), &token);
-    request.metadata_mut().insert("x-correlation-id", "pacs-e2e-1".parse().expect("metadata"));
+    request
+        .metadata_mut()
+        .insert("x-correlation-id", "pacs-e2e-1".parse().expect("metadata"));
     let response = gateway.infer(request).await.expect("prediction");
-    assert_eq!(response.metadata().get("x-correlation-id").and_then(|v| v.to_str().ok()), Some("pacs-e2e-1"));
+    assert_eq!(
+        response
+            .metadata()
+            .get("x-correlation-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("pacs-e2e-1")
+    );
     let response = response.into_inner();
     let prediction = response.prediction.clone().expect("prediction");
-    assert_eq!((prediction.model_name.as_str(), prediction.model_version.as_str()), ("brain-mri-tumor", "1"));
+    assert_eq!(
+        (
+            prediction.model_name.as_str(),
+            prediction.model_version.as_str()
+        ),
+        ("brain-mri-tumor", "1")
+    );
     assert!(prediction.intended_use.contains("RESEARCH USE ONLY"));
     assert_eq!(response.image_sha256, hex::encode(Sha256::digest(&image)));
 
     // The mesh answers exactly what the model answers when called in-process on the same image.
-    let canonical = medai_validation::decode::decode_image(&image, None, &medai_validation::ImageLimits::default()).expect("decode");
+    let canonical = medai_validation::decode::decode_image(
+        &image,
+        None,
+        &medai_validation::ImageLimits::default(),
+    )
+    .expect("decode");
     let predictor = medai_inference::load_predictor(&medai_inference::InferenceConfig {
         process: medai_testkit::test_process_config(),
         tls: TestPki::new().files("inference"),
@@ -84,9 +111,15 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         bit_depth: canonical.bit_depth,
         pixels: canonical.pixels,
     };
-    let direct = predictor.predict("brain-mri-tumor", "", input).await.expect("in-process prediction");
-    let through_mesh: Vec<(String, f32)> =
-        prediction.probabilities.iter().map(|entry| (entry.label.clone(), entry.probability)).collect();
+    let direct = predictor
+        .predict("brain-mri-tumor", "", input)
+        .await
+        .expect("in-process prediction");
+    let through_mesh: Vec<(String, f32)> = prediction
+        .probabilities
+        .iter()
+        .map(|entry| (entry.label.clone(), entry.probability))
+        .collect();
     assert_eq!(through_mesh, direct.probabilities);
 
     // The ledger holds the login and the prediction, bound to the image and the answer.
@@ -98,9 +131,15 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     assert_eq!(entry.hash, response.ledger_hash);
     assert_eq!(entry.context["image_sha256"], response.image_sha256);
     assert_eq!(entry.context["correlation_id"], "pacs-e2e-1");
-    assert_eq!(entry.context["prediction_sha256"], medai_gateway_prediction_hash(&prediction));
+    assert_eq!(
+        entry.context["prediction_sha256"],
+        medai_gateway_prediction_hash(&prediction)
+    );
     assert!(entry.actor.starts_with("user:"));
-    assert!(rows.iter().any(|row| row.action == "LOGIN" && row.outcome == "SUCCESS"));
+    assert!(
+        rows.iter()
+            .any(|row| row.action == "LOGIN" && row.outcome == "SUCCESS")
+    );
 
     let verification = gateway
         .verify_ledger(authorised(VerifyLedgerRequest {}, &token))
@@ -111,7 +150,12 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         .expect("report");
     assert!(verification.intact, "{verification:?}");
     assert_eq!(verification.entries_checked, rows.len() as u64);
-    assert!(ledger_rows(&mesh.settings.audit_database_url).await.iter().any(|row| row.action == "LEDGER_VERIFY"));
+    assert!(
+        ledger_rows(&mesh.settings.audit_database_url)
+            .await
+            .iter()
+            .any(|row| row.action == "LEDGER_VERIFY")
+    );
 
     // No patient identity from the DICOM file reached any log or the ledger.
     let patient_name = "CompressedSamples^MR1";
@@ -121,26 +165,47 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     let ledger_text: String = ledger_rows(&mesh.settings.audit_database_url)
         .await
         .iter()
-        .map(|row| format!("{} {} {} {}", row.actor, row.resource, row.context, row.outcome))
+        .map(|row| {
+            format!(
+                "{} {} {} {}",
+                row.actor, row.resource, row.context, row.outcome
+            )
+        })
         .collect();
     for identifier in [patient_name, "CompressedSamples", patient_id] {
         assert!(!logs.contains(identifier), "{identifier} leaked into a log");
-        assert!(!ledger_text.contains(identifier), "{identifier} leaked into the ledger");
+        assert!(
+            !ledger_text.contains(identifier),
+            "{identifier} leaked into the ledger"
+        );
     }
-    assert!(!logs.contains(ADMIN_PASSWORD), "the admin password leaked into a log");
+    assert!(
+        !logs.contains(ADMIN_PASSWORD),
+        "the admin password leaked into a log"
+    );
 
     // Prometheus metrics on the admin port.
-    let metrics = http_get(mesh.mesh.admin_address("gateway").expect("admin port"), "/metrics").await;
+    let metrics = http_get(
+        mesh.mesh.admin_address("gateway").expect("admin port"),
+        "/metrics",
+    )
+    .await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("medai_grpc_requests_total"), "{metrics}");
     assert!(metrics.contains("/medai.gateway.v1.GatewayService/Infer"));
     mesh.stop().await;
 }
 
-fn medai_gateway_prediction_hash(prediction: &medai_proto::inference::v1::PredictResponse) -> String {
+fn medai_gateway_prediction_hash(
+    prediction: &medai_proto::inference::v1::PredictResponse,
+) -> String {
     // Restated here from the gateway's rule so the test checks the rule, not just itself.
     let mut hasher = Sha256::new();
-    for part in [&prediction.model_name, &prediction.model_version, &prediction.model_sha256] {
+    for part in [
+        &prediction.model_name,
+        &prediction.model_version,
+        &prediction.model_sha256,
+    ] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
@@ -155,7 +220,10 @@ fn medai_gateway_prediction_hash(prediction: &medai_proto::inference::v1::Predic
 /// A token with the right shape and claims, signed with a key auth never published.
 fn forged_token(kid: &str, subject: &str) -> String {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
     let claims = medai_tokens::AccessClaims {
         iss: "medai-auth".to_owned(),
         aud: "medai".to_owned(),
@@ -168,7 +236,12 @@ fn forged_token(kid: &str, subject: &str) -> String {
     };
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = Some(kid.to_owned());
-    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ed_der(&key.serialize_der())).expect("sign")
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ed_der(&key.serialize_der()),
+    )
+    .expect("sign")
 }
 
 #[tokio::test]
@@ -180,26 +253,68 @@ async fn the_mesh_refuses_every_caller_it_should() {
 
     // Wrong password: refused and recorded.
     let status = gateway
-        .login(LoginRequest { username: "admin".to_owned(), password: "wrong password".to_owned() })
+        .login(LoginRequest {
+            username: "admin".to_owned(),
+            password: "wrong password".to_owned(),
+        })
         .await
         .expect_err("refused");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::Unauthenticated, Some("INVALID_CREDENTIALS")));
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("INVALID_CREDENTIALS"))
+    );
 
     // No token.
-    let status = gateway.infer(infer_request(image.clone())).await.expect_err("no token");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::Unauthenticated, Some("TOKEN_MISSING")));
+    let status = gateway
+        .infer(infer_request(image.clone()))
+        .await
+        .expect_err("no token");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_MISSING"))
+    );
 
     // A token signed by another key: borrowing the real kid, and with a kid of its own.
     let token = mesh.admin_token().await;
-    let real_kid = jsonwebtoken::decode_header(&token).expect("header").kid.expect("kid");
-    let status = gateway.infer(authorised(infer_request(image.clone()), &forged_token(&real_kid, "mallory"))).await.expect_err("forged");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::Unauthenticated, Some("TOKEN_BAD_SIGNATURE")));
-    let status = gateway.infer(authorised(infer_request(image.clone()), &forged_token("made-up-kid", "mallory"))).await.expect_err("forged");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::Unauthenticated, Some("TOKEN_UNKNOWN_KEY")));
+    let real_kid = jsonwebtoken::decode_header(&token)
+        .expect("header")
+        .kid
+        .expect("kid");
+    let status = gateway
+        .infer(authorised(
+            infer_request(image.clone()),
+            &forged_token(&real_kid, "mallory"),
+        ))
+        .await
+        .expect_err("forged");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_BAD_SIGNATURE"))
+    );
+    let status = gateway
+        .infer(authorised(
+            infer_request(image.clone()),
+            &forged_token("made-up-kid", "mallory"),
+        ))
+        .await
+        .expect_err("forged");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_UNKNOWN_KEY"))
+    );
 
     // Garbage image bytes.
-    let status = gateway.infer(authorised(infer_request(b"garbage, not an image".to_vec()), &token)).await.expect_err("garbage");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::InvalidArgument, Some("IMAGE_UNDECODABLE")));
+    let status = gateway
+        .infer(authorised(
+            infer_request(b"garbage, not an image".to_vec()),
+            &token,
+        ))
+        .await
+        .expect_err("garbage");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::InvalidArgument, Some("IMAGE_UNDECODABLE"))
+    );
 
     // Internal services: no client certificate, a certificate from another CA, a peer outside
     // the policy.
@@ -208,23 +323,45 @@ async fn the_mesh_refuses_every_caller_it_should() {
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
         .domain_name("medai-validation");
-    let anonymous = tonic::transport::Endpoint::from_shared(format!("https://{validation}")).expect("endpoint").tls_config(tls).expect("tls");
+    let anonymous = tonic::transport::Endpoint::from_shared(format!("https://{validation}"))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls");
     let anonymous_refused = match anonymous.connect().await {
         Err(_) => true,
         Ok(channel) => ValidationServiceClient::new(channel)
-            .validate_image(ValidateImageRequest { image: image.clone(), format: 0 })
+            .validate_image(ValidateImageRequest {
+                image: image.clone(),
+                format: 0,
+            })
             .await
             .is_err(),
     };
-    assert!(anonymous_refused, "validation served a client without a certificate");
+    assert!(
+        anonymous_refused,
+        "validation served a client without a certificate"
+    );
 
     let foreign = TestPki::new();
-    let foreign_channel = foreign.material("gateway").channel(&format!("https://{validation}"), &ServiceIdentity::new("validation")).expect("channel");
+    let foreign_channel = foreign
+        .material("gateway")
+        .channel(
+            &format!("https://{validation}"),
+            &ServiceIdentity::new("validation"),
+        )
+        .expect("channel");
     let status = ValidationServiceClient::new(foreign_channel)
-        .validate_image(ValidateImageRequest { image: image.clone(), format: 0 })
+        .validate_image(ValidateImageRequest {
+            image: image.clone(),
+            format: 0,
+        })
         .await
         .expect_err("foreign CA");
-    assert_eq!(status.code(), Code::Unavailable, "the TLS handshake fails: {status:?}");
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "the TLS handshake fails: {status:?}"
+    );
 
     let operator = medai_runtime::tls::TlsMaterial::load(&medai_runtime::TlsFiles {
         ca_cert: mesh.mesh.pki_layout().ca_certificate(),
@@ -232,30 +369,60 @@ async fn the_mesh_refuses_every_caller_it_should() {
         key: mesh.mesh.pki_layout().key("operator"),
     })
     .expect("operator identity");
-    let status = ValidationServiceClient::new(operator.channel(&format!("https://{validation}"), &ServiceIdentity::new("validation")).expect("channel"))
-        .validate_image(ValidateImageRequest { image: image.clone(), format: 0 })
-        .await
-        .expect_err("outside the policy");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::PermissionDenied, Some("PEER_NOT_ALLOWED")));
+    let status = ValidationServiceClient::new(
+        operator
+            .channel(
+                &format!("https://{validation}"),
+                &ServiceIdentity::new("validation"),
+            )
+            .expect("channel"),
+    )
+    .validate_image(ValidateImageRequest {
+        image: image.clone(),
+        format: 0,
+    })
+    .await
+    .expect_err("outside the policy");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::PermissionDenied, Some("PEER_NOT_ALLOWED"))
+    );
     let audit = mesh.mesh.address("audit").expect("audit address");
-    let status = AuditServiceClient::new(operator.channel(&format!("https://{audit}"), &ServiceIdentity::new("audit")).expect("channel"))
-        .append(AppendRequest {
-            actor: "operator".to_owned(),
-            action: "FORGED".to_owned(),
-            resource: "ledger".to_owned(),
-            outcome: "SUCCESS".to_owned(),
-            context_json: String::new(),
-        })
-        .await
-        .expect_err("only the services that must may append");
+    let status = AuditServiceClient::new(
+        operator
+            .channel(&format!("https://{audit}"), &ServiceIdentity::new("audit"))
+            .expect("channel"),
+    )
+    .append(AppendRequest {
+        actor: "operator".to_owned(),
+        action: "FORGED".to_owned(),
+        resource: "ledger".to_owned(),
+        outcome: "SUCCESS".to_owned(),
+        context_json: String::new(),
+    })
+    .await
+    .expect_err("only the services that must may append");
     assert_eq!(status.code(), Code::PermissionDenied);
 
     // What was refused left its trace, and nothing forged got in.
     let rows = ledger_rows(&mesh.settings.audit_database_url).await;
-    assert!(rows.iter().any(|row| row.action == "LOGIN" && row.outcome == "FAILURE"));
-    assert!(rows.iter().any(|row| row.action == "INFERENCE" && row.outcome == "REFUSED" && row.context["reason"] == "IMAGE_UNDECODABLE"));
-    assert!(!rows.iter().any(|row| row.action == "INFERENCE" && row.outcome == "SUCCESS"));
-    assert!(!rows.iter().any(|row| row.action == "FORGED" || row.actor.contains("mallory")));
+    assert!(
+        rows.iter()
+            .any(|row| row.action == "LOGIN" && row.outcome == "FAILURE")
+    );
+    assert!(rows.iter().any(|row| row.action == "INFERENCE"
+        && row.outcome == "REFUSED"
+        && row.context["reason"] == "IMAGE_UNDECODABLE"));
+    assert!(
+        !rows
+            .iter()
+            .any(|row| row.action == "INFERENCE" && row.outcome == "SUCCESS")
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|row| row.action == "FORGED" || row.actor.contains("mallory"))
+    );
     mesh.stop().await;
 }
 
@@ -265,11 +432,20 @@ async fn no_prediction_leaves_without_its_ledger_record() {
     let image = Assets::locate().dicom("MR_small.dcm");
     let token = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
-    gateway.infer(authorised(infer_request(image.clone()), &token)).await.expect("a prediction while the ledger is up");
+    gateway
+        .infer(authorised(infer_request(image.clone()), &token))
+        .await
+        .expect("a prediction while the ledger is up");
 
     mesh.mesh.kill("audit").await;
-    let status = gateway.infer(authorised(infer_request(image), &token)).await.expect_err("no unaudited prediction");
-    assert_eq!((status.code(), reason_of(&status).as_deref()), (Code::Unavailable, Some("LEDGER_UNAVAILABLE")));
+    let status = gateway
+        .infer(authorised(infer_request(image), &token))
+        .await
+        .expect_err("no unaudited prediction");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unavailable, Some("LEDGER_UNAVAILABLE"))
+    );
     assert!(status.message().contains("no result is returned"));
     mesh.stop().await;
 }

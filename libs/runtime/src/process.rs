@@ -125,11 +125,11 @@ where
             return ExitCode::FAILURE;
         }
     };
-    if let Some(path) = &process.address_file {
-        if let Err(error) = write_addresses(path, &BoundAddresses { grpc, admin }) {
-            tracing::error!(path = %path.display(), error = %error, "cannot write the address file");
-            return ExitCode::FAILURE;
-        }
+    if let Some(path) = &process.address_file
+        && let Err(error) = write_addresses(path, &BoundAddresses { grpc, admin })
+    {
+        tracing::error!(path = %path.display(), error = %error, "cannot write the address file");
+        return ExitCode::FAILURE;
     }
     tracing::info!(service, address = %grpc, admin = ?admin, "serving");
 

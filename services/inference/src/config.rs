@@ -20,20 +20,12 @@ pub struct InferenceConfig {
     pub runtime: RuntimeSettings,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSettings {
     /// Threads one inference may use; 0 lets ONNX Runtime decide.
     #[serde(default, deserialize_with = "from_str_or_native")]
     pub intra_op_threads: usize,
-}
-
-impl Default for RuntimeSettings {
-    fn default() -> Self {
-        Self {
-            intra_op_threads: 0,
-        }
-    }
 }
 
 impl ServiceConfig for InferenceConfig {

@@ -70,7 +70,7 @@ fn to_dynamic_image(image: ImageInput) -> Result<DynamicImage, PreprocessError> 
             .map(DynamicImage::ImageRgb8)
             .ok_or(inconsistent),
         (1, 16) => {
-            if image.pixels.len() % 2 != 0 {
+            if !image.pixels.len().is_multiple_of(2) {
                 return Err(inconsistent);
             }
             let samples: Vec<u16> = image

@@ -62,11 +62,9 @@ impl ValidationService for ValidationApi {
         let decoded =
             tokio::task::spawn_blocking(move || decode_image(&request.image, declared, &limits))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(ValidationError::Undecodable {
-                        format: "the declared format",
-                    })
-                });
+                .unwrap_or(Err(ValidationError::Undecodable {
+                    format: "the declared format",
+                }));
         match decoded {
             Ok(image) => {
                 metrics::counter!("medai_validation_images_total", "outcome" => "accepted")

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds the release binaries and runs the benchmark programs; each prints its figures and
+# writes them as JSON under target/bench/.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/fetch-assets.sh
+cargo build --release --workspace --bins --quiet
+cargo bench -p medai-e2e --bench prediction_latency
