@@ -9,9 +9,16 @@ cd "$root"
 bash scripts/fetch-assets.sh
 
 echo "== buf lint" >&2
-npx --yes @bufbuild/buf@1.75.0 lint 2>&1 | grep -v '^npm warn' || true
-if ! npx --yes @bufbuild/buf@1.75.0 lint >/dev/null 2>&1; then
+if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then
+  echo "$buf_output" | grep -v '^npm warn' >&2
   echo "buf lint failed" >&2
+  exit 1
+fi
+
+echo "== helm lint, and k8s/ rendered from the chart" >&2
+bash scripts/helm.sh lint helm/medai >/dev/null
+if ! diff -q <(bash scripts/helm.sh template medai helm/medai) k8s/medai.yaml >/dev/null; then
+  echo "k8s/medai.yaml differs from the chart: scripts/helm.sh template medai helm/medai > k8s/medai.yaml" >&2
   exit 1
 fi
 

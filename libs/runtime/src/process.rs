@@ -56,6 +56,7 @@ fn default_grace_seconds() -> u64 {
 /// Implemented by each service's config.
 pub trait ServiceConfig: DeserializeOwned + Serialize {
     fn process(&self) -> &ProcessConfig;
+    fn tls(&self) -> &crate::TlsFiles;
 }
 
 /// A shutdown signal that several tasks can await.
@@ -98,6 +99,9 @@ where
         }
     }
     let process = config.process().clone();
+    if std::env::args().any(|argument| argument == "--probe") {
+        return probe_own_health(service, &process, config.tls()).await;
+    }
     crate::telemetry::init_json_logging(&process.log_filter);
 
     let listener = match TcpListener::bind(process.listen_addr).await {
@@ -148,6 +152,50 @@ where
         },
         () = drain_deadline => {
             tracing::warn!(service, grace_seconds = grace.as_secs(), "grace period over; stopping with calls in flight");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--probe`: asks the running service, over mTLS with its own certificate, whether it is
+/// SERVING. Kubernetes' built-in gRPC probe cannot speak TLS; this exec probe can.
+async fn probe_own_health(
+    service: &'static str,
+    process: &ProcessConfig,
+    tls: &crate::TlsFiles,
+) -> ExitCode {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let port = process.listen_addr.port();
+    let answer = async {
+        let material = crate::tls::TlsMaterial::load(tls).map_err(|error| error.to_string())?;
+        let channel = material
+            .channel(
+                &format!("https://127.0.0.1:{port}"),
+                &crate::ServiceIdentity::new(service),
+            )
+            .map_err(|error| error.to_string())?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|status| status.message().to_owned())?;
+        Ok::<_, String>(response.into_inner().status() == ServingStatus::Serving)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), answer).await {
+        Ok(Ok(true)) => ExitCode::SUCCESS,
+        Ok(Ok(false)) => {
+            eprintln!("medai-{service}: not serving");
+            ExitCode::FAILURE
+        }
+        Ok(Err(reason)) => {
+            eprintln!("medai-{service}: health check failed: {reason}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("medai-{service}: health check timed out");
             ExitCode::FAILURE
         }
     }

@@ -18,4 +18,8 @@ impl ServiceConfig for AuditConfig {
     fn process(&self) -> &ProcessConfig {
         &self.process
     }
+
+    fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
 }

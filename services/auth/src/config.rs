@@ -67,6 +67,10 @@ impl ServiceConfig for AuthConfig {
     fn process(&self) -> &ProcessConfig {
         &self.process
     }
+
+    fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
 }
 
 impl AuthConfig {

@@ -73,4 +73,8 @@ impl ServiceConfig for GatewayConfig {
     fn process(&self) -> &ProcessConfig {
         &self.process
     }
+
+    fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
 }

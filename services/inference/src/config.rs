@@ -32,4 +32,8 @@ impl ServiceConfig for InferenceConfig {
     fn process(&self) -> &ProcessConfig {
         &self.process
     }
+
+    fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
 }

@@ -18,6 +18,10 @@ impl ServiceConfig for ValidationConfig {
     fn process(&self) -> &ProcessConfig {
         &self.process
     }
+
+    fn tls(&self) -> &TlsFiles {
+        &self.tls
+    }
 }
 
 /// What an image must satisfy before any model sees it.
