@@ -12,10 +12,9 @@ use std::future::Future;
 
 use medai_proto::audit::v1::audit_service_server::AuditServiceServer;
 use medai_runtime::PeerPolicy;
-use medai_runtime::server::mesh_server;
+use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::AuditConfig;
 pub use error::AuditError;
@@ -61,7 +60,7 @@ pub async fn serve(
     mesh_server(&tls, ClientCertificates::Required, "audit", peer_policy())?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

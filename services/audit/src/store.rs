@@ -1,7 +1,7 @@
 //! The ledger table, its migrations for PostgreSQL and SQLite, and the database refusing any
 //! change to a row once written.
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use sea_orm_migration::prelude::*;
 
 pub mod ledger_entry {
@@ -38,15 +38,7 @@ pub enum StoreError {
 
 /// Connects to `database_url` (`postgres://…` or `sqlite://…`) and brings the schema up to date.
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, StoreError> {
-    let mut options = ConnectOptions::new(database_url.to_owned());
-    options.sqlx_logging(false).max_connections(8);
-    let connection = Database::connect(options).await?;
-    if connection.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
-        // WAL keeps readers off the writer's back; FULL sync makes an acknowledged append durable.
-        connection
-            .execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-            .await?;
-    }
+    let connection = medai_storage::connect(database_url).await?;
     Migrator::up(&connection, None).await?;
     Ok(connection)
 }

@@ -13,11 +13,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use medai_proto::auth::v1::auth_service_server::AuthServiceServer;
-use medai_runtime::server::mesh_server;
+use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use medai_runtime::{PeerPolicy, ServiceIdentity};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::AuthConfig;
 pub use error::AuthError;
@@ -81,7 +80,7 @@ pub async fn serve(
     mesh_server(&tls, ClientCertificates::Required, "auth", peer_policy())?
         .add_service(health_service)
         .add_service(AuthServiceServer::new(grpc::AuthApi { login, connection }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The auth schema: users and signing keys, with migrations for PostgreSQL and SQLite.
 
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm_migration::prelude::*;
 
 pub mod user {
@@ -55,9 +55,7 @@ pub mod signing_key {
 }
 
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(database_url.to_owned());
-    options.sqlx_logging(false).max_connections(8);
-    let connection = Database::connect(options).await?;
+    let connection = medai_storage::connect(database_url).await?;
     Migrator::up(&connection, None).await?;
     Ok(connection)
 }

@@ -14,11 +14,10 @@ use std::sync::Arc;
 
 use medai_proto::gateway::v1::gateway_service_server::GatewayServiceServer;
 use medai_runtime::PeerPolicy;
-use medai_runtime::server::mesh_server;
+use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use medai_tokens::Role;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::GatewayConfig;
 pub use error::GatewayError;
@@ -87,7 +86,7 @@ pub async fn serve(
         .layer(TokenAuthLayer::new(keys, role_policy()))
         .add_service(health_service)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use medai_proto::inference::v1::inference_service_server::InferenceServiceServer;
 use medai_runtime::PeerPolicy;
-use medai_runtime::server::mesh_server;
+use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::InferenceConfig;
 pub use error::InferenceError;
@@ -77,7 +76,7 @@ pub async fn serve(
     )?
     .add_service(health_service)
     .add_service(api)
-    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    .serve_with_incoming_shutdown(incoming(listener), shutdown)
     .await?;
     Ok(())
 }

@@ -10,10 +10,9 @@ use std::future::Future;
 
 use medai_proto::validation::v1::validation_service_server::ValidationServiceServer;
 use medai_runtime::PeerPolicy;
-use medai_runtime::server::mesh_server;
+use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::{ImageLimits, ValidationConfig};
 pub use error::ValidationError;
@@ -62,7 +61,7 @@ pub async fn serve(
     )?
     .add_service(health_service)
     .add_service(api)
-    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    .serve_with_incoming_shutdown(incoming(listener), shutdown)
     .await?;
     Ok(())
 }
