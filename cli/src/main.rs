@@ -239,7 +239,7 @@ async fn login(cli: &Cli, gateway: &str, username: &str, password_file: &Path) -
     let password = std::fs::read_to_string(password_file)
         .with_context(|| format!("cannot read the password file {}", password_file.display()))?;
     let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
-    let response = client
+    let grant = client
         .login(LoginRequest {
             username: username.to_owned(),
             password: password.trim().to_owned(),
@@ -248,9 +248,11 @@ async fn login(cli: &Cli, gateway: &str, username: &str, password_file: &Path) -
         .map_err(|status| {
             anyhow::anyhow!("login refused: {} ({:?})", status.message(), status.code())
         })?
-        .into_inner();
+        .into_inner()
+        .grant
+        .context("the gateway answered without tokens")?;
     let path = token_file(&cli.state_dir);
-    std::fs::write(&path, &response.access_token)?;
+    std::fs::write(&path, &grant.access_token)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -258,7 +260,7 @@ async fn login(cli: &Cli, gateway: &str, username: &str, password_file: &Path) -
     }
     say(&format!(
         "logged in as {username} ({}); token valid for {} s",
-        response.role, response.expires_in_seconds
+        grant.role, grant.expires_in_seconds
     ));
     Ok(())
 }

@@ -81,6 +81,8 @@ impl MeshUnderTest {
             .await
             .expect("admin login")
             .into_inner()
+            .grant
+            .expect("tokens")
             .access_token
     }
 

@@ -233,6 +233,7 @@ fn forged_token(kid: &str, subject: &str) -> String {
         nbf: now,
         jti: uuid::Uuid::new_v4().to_string(),
         role: medai_tokens::Role::Admin,
+        generation: 0,
     };
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = Some(kid.to_owned());

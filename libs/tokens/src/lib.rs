@@ -55,6 +55,10 @@ pub struct AccessClaims {
     pub nbf: u64,
     pub jti: String,
     pub role: Role,
+    /// The user's token generation when this token was issued. Disabling a user, resetting or
+    /// changing their password, or deleting them raises the generation; verifiers refuse tokens
+    /// below the subject's current floor (see medai-revocation).
+    pub generation: u64,
 }
 
 /// A published public key (the fields of an OKP/Ed25519 JWK that verification needs).
@@ -223,6 +227,7 @@ mod tests {
             nbf: now,
             jti: "jti-1".to_owned(),
             role: Role::Clinician,
+            generation: 0,
         }
     }
 

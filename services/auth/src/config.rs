@@ -16,6 +16,10 @@ pub struct AuthConfig {
     pub audit_endpoint: String,
     #[serde(default)]
     pub tokens: TokenSettings,
+    #[serde(default)]
+    pub lockout: LockoutSettings,
+    #[serde(default)]
+    pub revocation: medai_revocation::RevocationSettings,
     /// Created on first start if no user of that name exists; its password is hashed with
     /// argon2id and never logged.
     #[serde(default)]
@@ -32,6 +36,25 @@ pub struct TokenSettings {
     /// Access-token lifetime; 300–900 seconds.
     #[serde(default = "default_ttl", deserialize_with = "from_str_or_native")]
     pub access_token_ttl_seconds: u64,
+    /// Refresh-token lifetime (one shift by default).
+    #[serde(
+        default = "default_refresh_ttl",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub refresh_token_ttl_seconds: u64,
+    /// How long a new signing key is published before it signs, so verifiers that cache keys
+    /// learn it first.
+    #[serde(
+        default = "default_publication_lead",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub key_publication_lead_seconds: u64,
+    /// Lifetime of a re-authentication signing ticket.
+    #[serde(
+        default = "default_ticket_ttl",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub signing_ticket_ttl_seconds: u64,
 }
 
 impl Default for TokenSettings {
@@ -40,8 +63,56 @@ impl Default for TokenSettings {
             issuer: default_issuer(),
             audience: default_audience(),
             access_token_ttl_seconds: default_ttl(),
+            refresh_token_ttl_seconds: default_refresh_ttl(),
+            key_publication_lead_seconds: default_publication_lead(),
+            signing_ticket_ttl_seconds: default_ticket_ttl(),
         }
     }
+}
+
+fn default_refresh_ttl() -> u64 {
+    8 * 3600
+}
+
+fn default_publication_lead() -> u64 {
+    30
+}
+
+fn default_ticket_ttl() -> u64 {
+    300
+}
+
+/// Lockout after repeated failed logins.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutSettings {
+    #[serde(
+        default = "default_max_failures",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_failed_attempts: u32,
+    #[serde(
+        default = "default_lock_minutes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub lock_minutes: u64,
+}
+
+impl Default for LockoutSettings {
+    fn default() -> Self {
+        Self {
+            max_failed_attempts: default_max_failures(),
+            lock_minutes: default_lock_minutes(),
+        }
+    }
+}
+
+fn default_max_failures() -> u32 {
+    5
+}
+
+fn default_lock_minutes() -> u64 {
+    15
 }
 
 pub fn default_issuer() -> String {
@@ -83,13 +154,23 @@ impl AuthConfig {
                 "tokens.access_token_ttl_seconds must be 300–900, got {ttl}"
             ));
         }
+        if self.lockout.max_failed_attempts == 0 || self.lockout.lock_minutes == 0 {
+            return Err(
+                "lockout.max_failed_attempts and lockout.lock_minutes must be positive".to_owned(),
+            );
+        }
+        if self.tokens.signing_ticket_ttl_seconds == 0
+            || self.tokens.signing_ticket_ttl_seconds > 900
+        {
+            return Err("tokens.signing_ticket_ttl_seconds must be 1–900".to_owned());
+        }
+        self.revocation.validate()?;
         if let Some(admin) = &self.bootstrap_admin {
             if admin.username.trim().is_empty() {
                 return Err("bootstrap_admin.username must not be empty".to_owned());
             }
-            if admin.password.expose().chars().count() < 12 {
-                return Err("bootstrap_admin.password must have at least 12 characters".to_owned());
-            }
+            crate::passwords::check_strength(admin.password.expose())
+                .map_err(|reason| format!("bootstrap_admin.password {reason}"))?;
         }
         Ok(())
     }

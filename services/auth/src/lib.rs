@@ -1,11 +1,12 @@
-//! The auth service: users and their credentials, the signing keys, and access tokens.
+//! The auth service: users and their credentials, signing keys, access and refresh tokens,
+//! revocations and re-authentication for electronic signatures.
 
+pub mod authority;
 pub mod config;
 mod error;
 mod grpc;
 pub mod keys;
 mod ledger;
-pub mod login;
 pub mod passwords;
 pub mod store;
 
@@ -13,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use medai_proto::auth::v1::auth_service_server::AuthServiceServer;
+use medai_revocation::RevocationStore;
 use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use medai_runtime::{PeerPolicy, ServiceIdentity};
@@ -33,15 +35,37 @@ pub enum ServeError {
     Keys(#[from] keys::KeyError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("revocation store: {0}")]
+    Revocation(#[from] medai_revocation::RevocationError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Only the gateway talks to auth: users reach it through the gateway's Login.
+/// Only the gateway talks to auth: users reach it through the gateway.
 pub fn peer_policy() -> PeerPolicy {
-    PeerPolicy::new()
-        .allow("/medai.auth.v1.AuthService/Login", &["gateway"])
-        .allow("/medai.auth.v1.AuthService/GetSigningKeys", &["gateway"])
+    [
+        "Login",
+        "Refresh",
+        "Logout",
+        "CheckRevocation",
+        "GetSigningKeys",
+        "RotateSigningKey",
+        "CreateUser",
+        "SetUserRole",
+        "DisableUser",
+        "ResetUserPassword",
+        "DeleteUser",
+        "ChangePassword",
+        "Reauthenticate",
+        "ConsumeSigningTicket",
+    ]
+    .iter()
+    .fold(PeerPolicy::new(), |policy, method| {
+        policy.allow(
+            &format!("/medai.auth.v1.AuthService/{method}"),
+            &["gateway"],
+        )
+    })
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -59,18 +83,24 @@ pub async fn serve(
     let tls = TlsMaterial::load(&config.tls)?;
     let connection = store::connect_and_migrate(&config.database_url).await?;
     if let Some(admin) = &config.bootstrap_admin {
-        login::ensure_bootstrap_admin(&connection, admin).await?;
+        authority::ensure_bootstrap_admin(&connection, admin).await?;
     }
-    let signing_key = Arc::new(keys::ensure_signing_key(&connection).await?);
+    let keys = Arc::new(keys::KeyRing::new(
+        connection.clone(),
+        config.tokens.access_token_ttl_seconds,
+    ));
+    keys.ensure_a_key().await?;
     let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     let decoy_hash = tokio::task::spawn_blocking(passwords::decoy_hash)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;
-    let login = Arc::new(login::LoginService {
-        connection: connection.clone(),
-        signing_key,
+    let authority = Arc::new(authority::Authority {
+        connection,
+        keys,
         ledger: ledger::LedgerClient::new(audit),
+        revocations: Arc::new(RevocationStore::connect(&config.revocation)?),
         tokens: config.tokens.clone(),
+        lockout: config.lockout.clone(),
         decoy_hash,
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -79,7 +109,7 @@ pub async fn serve(
         .await;
     mesh_server(&tls, ClientCertificates::Required, "auth", peer_policy())?
         .add_service(health_service)
-        .add_service(AuthServiceServer::new(grpc::AuthApi { login, connection }))
+        .add_service(AuthServiceServer::new(grpc::AuthApi { authority }))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())

@@ -11,6 +11,21 @@ fn hasher() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
+pub const MIN_PASSWORD_CHARS: usize = 12;
+
+/// The password policy: long enough; length beats composition rules (NIST SP 800-63B).
+pub fn check_strength(password: &str) -> Result<(), String> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(format!(
+            "must have at least {MIN_PASSWORD_CHARS} characters"
+        ));
+    }
+    if password.chars().count() > 256 {
+        return Err("must have at most 256 characters".to_owned());
+    }
+    Ok(())
+}
+
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut OsRng);
     hasher()

@@ -23,6 +23,8 @@ pub mod user {
         pub locked_until: i64,
         pub password_changed_at: i64,
         pub created_at: i64,
+        /// Raised whenever every token the user holds must stop working.
+        pub token_generation: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -46,6 +48,55 @@ pub mod signing_key {
         /// Raw public key, base64url without padding (the JWK `x`).
         pub public_key: String,
         pub created_at: i64,
+        /// Unix seconds from which this key signs; it is published from `created_at`.
+        pub activates_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod refresh_token {
+    use sea_orm::entity::prelude::*;
+
+    /// One refresh token, stored only as its SHA-256. Tokens rotated from one login share a
+    /// family; reuse of a used token revokes the family.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "refresh_tokens")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub token_hash: String,
+        pub family_id: String,
+        pub user_id: String,
+        /// The access token issued with this refresh token, revoked with the family.
+        pub access_jti: String,
+        pub access_expires_at: i64,
+        pub expires_at: i64,
+        pub used: bool,
+        pub revoked: bool,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod signing_ticket {
+    use sea_orm::entity::prelude::*;
+
+    /// A single-use ticket for one electronic signature, stored only as its SHA-256.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "signing_tickets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub ticket_hash: String,
+        pub user_id: String,
+        pub expires_at: i64,
+        pub used: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -65,7 +116,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateUsersAndKeys)]
+        vec![Box::new(CreateUsersAndKeys), Box::new(AddTokenLifecycle)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -85,6 +136,7 @@ enum Users {
     LockedUntil,
     PasswordChangedAt,
     CreatedAt,
+    TokenGeneration,
 }
 
 #[derive(DeriveIden)]
@@ -95,6 +147,132 @@ enum SigningKeys {
     PrivateKeyPkcs8,
     PublicKey,
     CreatedAt,
+    ActivatesAt,
+}
+
+#[derive(DeriveIden)]
+enum RefreshTokens {
+    Table,
+    TokenHash,
+    FamilyId,
+    UserId,
+    AccessJti,
+    AccessExpiresAt,
+    ExpiresAt,
+    Used,
+    Revoked,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum SigningTickets {
+    Table,
+    TicketHash,
+    UserId,
+    ExpiresAt,
+    Used,
+}
+
+struct AddTokenLifecycle;
+
+impl MigrationName for AddTokenLifecycle {
+    fn name(&self) -> &str {
+        "m0002_add_token_lifecycle"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AddTokenLifecycle {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Users::Table)
+                    .add_column(
+                        ColumnDef::new(Users::TokenGeneration)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(SigningKeys::Table)
+                    .add_column(
+                        ColumnDef::new(SigningKeys::ActivatesAt)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RefreshTokens::Table)
+                    .col(
+                        ColumnDef::new(RefreshTokens::TokenHash)
+                            .string_len(64)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(RefreshTokens::FamilyId).string().not_null())
+                    .col(ColumnDef::new(RefreshTokens::UserId).string().not_null())
+                    .col(ColumnDef::new(RefreshTokens::AccessJti).string().not_null())
+                    .col(
+                        ColumnDef::new(RefreshTokens::AccessExpiresAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RefreshTokens::ExpiresAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RefreshTokens::Used).boolean().not_null())
+                    .col(ColumnDef::new(RefreshTokens::Revoked).boolean().not_null())
+                    .col(
+                        ColumnDef::new(RefreshTokens::CreatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("refresh_tokens_family")
+                    .table(RefreshTokens::Table)
+                    .col(RefreshTokens::FamilyId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SigningTickets::Table)
+                    .col(
+                        ColumnDef::new(SigningTickets::TicketHash)
+                            .string_len(64)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(SigningTickets::UserId).string().not_null())
+                    .col(
+                        ColumnDef::new(SigningTickets::ExpiresAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SigningTickets::Used).boolean().not_null())
+                    .to_owned(),
+            )
+            .await
+    }
 }
 
 struct CreateUsersAndKeys;

@@ -34,6 +34,8 @@ fn auth_config(pki: &TestPki, database_url: String, audit_endpoint: String) -> A
             username: "admin".to_owned(),
             password: Secret::new(PASSWORD),
         }),
+        lockout: Default::default(),
+        revocation: Default::default(),
     }
 }
 
@@ -104,7 +106,9 @@ async fn the_bootstrap_admin_gets_a_token_that_verifies_against_the_published_ke
         .login(login("admin", PASSWORD))
         .await
         .expect("login")
-        .into_inner();
+        .into_inner()
+        .grant
+        .expect("grant");
     assert_eq!(response.role, "admin");
     assert_eq!(response.expires_in_seconds, 600);
 

@@ -17,6 +17,10 @@ pub struct GatewayConfig {
     pub audit_endpoint: String,
     #[serde(default)]
     pub tokens: TokenTrust,
+    /// Where revoked tokens are looked up. With a Redis URL the gateway reads Redis itself;
+    /// without one (the embedded mesh) it asks the auth service's own store.
+    #[serde(default)]
+    pub revocation: medai_revocation::RevocationSettings,
     /// Largest image accepted from a client.
     #[serde(
         default = "default_max_image_bytes",

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use medai_proto::audit::v1::{AppendRequest, VerifyRequest};
 use medai_proto::auth::v1 as auth;
+use medai_proto::gateway::v1 as gw;
 use medai_proto::gateway::v1::gateway_service_server::GatewayService;
 use medai_proto::gateway::v1::{
     InferRequest, InferResponse, LoginRequest, LoginResponse, VerifyLedgerRequest,
@@ -24,6 +25,30 @@ pub struct GatewayApi {
     pub downstream: Downstream,
     pub max_image_bytes: usize,
     pub default_model: String,
+}
+
+type AuthClient =
+    medai_proto::auth::v1::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
+
+impl GatewayApi {
+    /// One call to auth with the correlation id and the gateway's deadline; refusals that speak
+    /// to the caller pass through, the rest mean auth is unavailable.
+    async fn call_auth<Req, Res, F, Fut>(
+        &self,
+        correlation: &str,
+        call: F,
+        message: Req,
+    ) -> Result<Res, Status>
+    where
+        F: FnOnce(AuthClient, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Res>, Status>>,
+    {
+        let request = self.downstream.request(message, correlation, None);
+        call(self.downstream.auth.clone(), request)
+            .await
+            .map(Response::into_inner)
+            .map_err(|status| relay_downstream("auth", status))
+    }
 }
 
 fn with_correlation<T>(message: T, id: &str) -> Response<T> {
@@ -68,9 +93,248 @@ impl GatewayService for GatewayApi {
             .into_inner();
         Ok(with_correlation(
             LoginResponse {
-                access_token: response.access_token,
+                grant: response.grant,
+            },
+            &correlation,
+        ))
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<gw::RefreshRequest>,
+    ) -> Result<Response<gw::RefreshResponse>, Status> {
+        let correlation = correlation_id(request.metadata());
+        let refresh = auth::RefreshRequest {
+            refresh_token: request.into_inner().refresh_token,
+            correlation_id: correlation.clone(),
+        };
+        let response = self
+            .downstream
+            .auth
+            .clone()
+            .refresh(self.downstream.request(refresh, &correlation, None))
+            .await
+            .map_err(|status| relay_downstream("auth", status))?
+            .into_inner();
+        Ok(with_correlation(
+            gw::RefreshResponse {
+                grant: response.grant,
+            },
+            &correlation,
+        ))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<gw::LogoutRequest>,
+    ) -> Result<Response<gw::LogoutResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let logout = auth::LogoutRequest {
+            actor: caller.subject,
+            access_token_id: caller.token_id,
+            access_token_expires_at: caller.token_expires_at,
+            refresh_token: request.into_inner().refresh_token,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.logout(request).await },
+            logout,
+        )
+        .await?;
+        Ok(with_correlation(gw::LogoutResponse {}, &correlation))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<gw::ChangePasswordRequest>,
+    ) -> Result<Response<gw::ChangePasswordResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let request = request.into_inner();
+        let change = auth::ChangePasswordRequest {
+            actor: caller.subject,
+            current_password: request.current_password,
+            new_password: request.new_password,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.change_password(request).await },
+            change,
+        )
+        .await?;
+        Ok(with_correlation(
+            gw::ChangePasswordResponse {},
+            &correlation,
+        ))
+    }
+
+    async fn reauthenticate(
+        &self,
+        request: Request<gw::ReauthenticateRequest>,
+    ) -> Result<Response<gw::ReauthenticateResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let reauthenticate = auth::ReauthenticateRequest {
+            actor: caller.subject,
+            password: request.into_inner().password,
+            correlation_id: correlation.clone(),
+        };
+        let response = self
+            .call_auth(
+                &correlation,
+                |mut auth, request| async move { auth.reauthenticate(request).await },
+                reauthenticate,
+            )
+            .await?;
+        Ok(with_correlation(
+            gw::ReauthenticateResponse {
+                signing_ticket: response.signing_ticket,
                 expires_in_seconds: response.expires_in_seconds,
-                role: response.role,
+            },
+            &correlation,
+        ))
+    }
+
+    async fn create_user(
+        &self,
+        request: Request<gw::CreateUserRequest>,
+    ) -> Result<Response<gw::CreateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let request = request.into_inner();
+        let create = auth::CreateUserRequest {
+            actor: caller.subject,
+            username: request.username,
+            password: request.password,
+            role: request.role,
+            correlation_id: correlation.clone(),
+        };
+        let response = self
+            .call_auth(
+                &correlation,
+                |mut auth, request| async move { auth.create_user(request).await },
+                create,
+            )
+            .await?;
+        Ok(with_correlation(
+            gw::CreateUserResponse {
+                user_id: response.user_id,
+            },
+            &correlation,
+        ))
+    }
+
+    async fn set_user_role(
+        &self,
+        request: Request<gw::SetUserRoleRequest>,
+    ) -> Result<Response<gw::SetUserRoleResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let request = request.into_inner();
+        let set = auth::SetUserRoleRequest {
+            actor: caller.subject,
+            username: request.username,
+            role: request.role,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.set_user_role(request).await },
+            set,
+        )
+        .await?;
+        Ok(with_correlation(gw::SetUserRoleResponse {}, &correlation))
+    }
+
+    async fn disable_user(
+        &self,
+        request: Request<gw::DisableUserRequest>,
+    ) -> Result<Response<gw::DisableUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let disable = auth::DisableUserRequest {
+            actor: caller.subject,
+            username: request.into_inner().username,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.disable_user(request).await },
+            disable,
+        )
+        .await?;
+        Ok(with_correlation(gw::DisableUserResponse {}, &correlation))
+    }
+
+    async fn reset_user_password(
+        &self,
+        request: Request<gw::ResetUserPasswordRequest>,
+    ) -> Result<Response<gw::ResetUserPasswordResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let request = request.into_inner();
+        let reset = auth::ResetUserPasswordRequest {
+            actor: caller.subject,
+            username: request.username,
+            new_password: request.new_password,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.reset_user_password(request).await },
+            reset,
+        )
+        .await?;
+        Ok(with_correlation(
+            gw::ResetUserPasswordResponse {},
+            &correlation,
+        ))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<gw::DeleteUserRequest>,
+    ) -> Result<Response<gw::DeleteUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let delete = auth::DeleteUserRequest {
+            actor: caller.subject,
+            username: request.into_inner().username,
+            correlation_id: correlation.clone(),
+        };
+        self.call_auth(
+            &correlation,
+            |mut auth, request| async move { auth.delete_user(request).await },
+            delete,
+        )
+        .await?;
+        Ok(with_correlation(gw::DeleteUserResponse {}, &correlation))
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        request: Request<gw::RotateSigningKeyRequest>,
+    ) -> Result<Response<gw::RotateSigningKeyResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let rotate = auth::RotateSigningKeyRequest {
+            actor: caller.subject,
+            correlation_id: correlation.clone(),
+        };
+        let response = self
+            .call_auth(
+                &correlation,
+                |mut auth, request| async move { auth.rotate_signing_key(request).await },
+                rotate,
+            )
+            .await?;
+        Ok(with_correlation(
+            gw::RotateSigningKeyResponse {
+                kid: response.kid,
+                signs_from: response.signs_from,
             },
             &correlation,
         ))

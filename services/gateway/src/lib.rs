@@ -6,6 +6,7 @@ mod downstream;
 mod error;
 mod grpc;
 pub mod infer;
+mod revocation_check;
 mod signing_keys;
 pub mod token_auth;
 
@@ -22,10 +23,16 @@ use tokio::net::TcpListener;
 pub use config::GatewayConfig;
 pub use error::GatewayError;
 
-use crate::token_auth::{RolePolicy, TokenAuthLayer};
+use crate::revocation_check::RevocationSource;
+use crate::token_auth::{RolePolicy, TokenAuthLayer, TokenChecks};
+use medai_revocation::RevocationStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("revocation store: {0}")]
+    Revocation(#[from] medai_revocation::RevocationError),
     #[error(transparent)]
     Tls(#[from] medai_runtime::tls::TlsError),
     #[error("transport: {0}")]
@@ -34,10 +41,26 @@ pub enum ServeError {
 
 const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
 
+const EXTERNAL_METHODS: [&str; 13] = [
+    "Login",
+    "Refresh",
+    "Logout",
+    "ChangePassword",
+    "Reauthenticate",
+    "Infer",
+    "VerifyLedger",
+    "CreateUser",
+    "SetUserRole",
+    "DisableUser",
+    "ResetUserPassword",
+    "DeleteUser",
+    "RotateSigningKey",
+];
+
 /// The external API is open at the transport (PACS clients may present certificates, people
 /// need not); who may do what is decided by tokens and roles.
 pub fn peer_policy() -> PeerPolicy {
-    ["Login", "Infer", "VerifyLedger"]
+    EXTERNAL_METHODS
         .iter()
         .fold(PeerPolicy::new(), |policy, method| {
             policy.open(&format!("{SERVICE}{method}"))
@@ -65,11 +88,22 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
-    let keys = Arc::new(signing_keys::SigningKeyCache::new(
-        downstream.auth.clone(),
-        config.tokens.issuer.clone(),
-        config.tokens.audience.clone(),
-    ));
+    config.revocation.validate().map_err(ServeError::Config)?;
+    let revocations = match config.revocation.redis_url {
+        Some(_) => {
+            RevocationSource::Shared(Arc::new(RevocationStore::connect(&config.revocation)?))
+        }
+        None => RevocationSource::ThroughAuth(downstream.auth.clone()),
+    };
+    let checks = TokenChecks {
+        keys: signing_keys::SigningKeyCache::new(
+            downstream.auth.clone(),
+            config.tokens.issuer.clone(),
+            config.tokens.audience.clone(),
+        ),
+        revocations,
+        audit: downstream.audit.clone(),
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<GatewayServiceServer<grpc::GatewayApi>>()
@@ -83,7 +117,7 @@ pub async fn serve(
     // transport error.
     .max_decoding_message_size(config.max_image_bytes + 64 * 1024);
     mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
-        .layer(TokenAuthLayer::new(keys, role_policy()))
+        .layer(TokenAuthLayer::new(checks, role_policy()))
         .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

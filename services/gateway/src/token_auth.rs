@@ -12,6 +12,12 @@ use medai_runtime::errors::{ErrorKind, status_with_reason};
 use medai_tokens::Role;
 use tower::{Layer, Service};
 
+use medai_proto::audit::v1::AppendRequest;
+use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use medai_revocation::TokenFacts;
+use tonic::transport::Channel;
+
+use crate::revocation_check::RevocationSource;
 use crate::signing_keys::{SigningKeyCache, VerifyError};
 
 /// Who is calling, as their verified token says.
@@ -20,6 +26,7 @@ pub struct Caller {
     pub subject: String,
     pub role: Role,
     pub token_id: String,
+    pub token_expires_at: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -63,16 +70,24 @@ impl RolePolicy {
     }
 }
 
+/// What the layer needs besides the policy: keys to verify, revocations to consult, and the
+/// ledger that records refusals of authenticated callers.
+pub struct TokenChecks {
+    pub keys: SigningKeyCache,
+    pub revocations: RevocationSource,
+    pub audit: AuditServiceClient<Channel>,
+}
+
 #[derive(Clone)]
 pub struct TokenAuthLayer {
-    keys: Arc<SigningKeyCache>,
+    checks: Arc<TokenChecks>,
     policy: Arc<RolePolicy>,
 }
 
 impl TokenAuthLayer {
-    pub fn new(keys: Arc<SigningKeyCache>, policy: RolePolicy) -> Self {
+    pub fn new(checks: TokenChecks, policy: RolePolicy) -> Self {
         Self {
-            keys,
+            checks: Arc::new(checks),
             policy: Arc::new(policy),
         }
     }
@@ -84,7 +99,7 @@ impl<S> Layer<S> for TokenAuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         TokenAuthService {
             inner,
-            keys: self.keys.clone(),
+            checks: self.checks.clone(),
             policy: self.policy.clone(),
         }
     }
@@ -93,8 +108,30 @@ impl<S> Layer<S> for TokenAuthLayer {
 #[derive(Clone)]
 pub struct TokenAuthService<S> {
     inner: S,
-    keys: Arc<SigningKeyCache>,
+    checks: Arc<TokenChecks>,
     policy: Arc<RolePolicy>,
+}
+
+/// Records a refused call of an authenticated caller. The refusal stands whether or not the
+/// ledger takes it; a failure to record is logged.
+async fn record_denial(
+    audit: &AuditServiceClient<Channel>,
+    subject: &str,
+    role: Role,
+    method: &str,
+) {
+    let request = AppendRequest {
+        actor: format!("user:{subject}"),
+        action: "ACCESS_DENIED".to_owned(),
+        resource: format!("rpc{method}"),
+        outcome: "DENIED".to_owned(),
+        context_json: serde_json::json!({ "role": role.as_str() }).to_string(),
+    };
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(std::time::Duration::from_secs(2));
+    if let Err(status) = audit.clone().append(request).await {
+        tracing::error!(code = ?status.code(), method, "a denied call could not be recorded");
+    }
 }
 
 const DOMAIN: &str = "medai.gateway";
@@ -136,7 +173,7 @@ where
         // The ready inner service goes with this call; the clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let keys = self.keys.clone();
+        let checks = self.checks.clone();
         let policy = self.policy.clone();
         async move {
             let method = request.uri().path().to_owned();
@@ -152,7 +189,7 @@ where
                     "an access token is required (authorization: Bearer …)",
                 )));
             };
-            let claims = match keys.verify(&token).await {
+            let claims = match checks.keys.verify(&token).await {
                 Ok(claims) => claims,
                 Err(VerifyError::Token(error)) => {
                     metrics::counter!("medai_gateway_token_checks_total", "outcome" => error.reason()).increment(1);
@@ -169,9 +206,32 @@ where
                     )));
                 }
             };
+            let facts = TokenFacts { jti: &claims.jti, subject: &claims.sub, generation: claims.generation };
+            match checks.revocations.is_revoked(facts).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics::counter!("medai_gateway_token_checks_total", "outcome" => "TOKEN_REVOKED").increment(1);
+                    return Ok(refusal(status_with_reason(
+                        ErrorKind::Unauthenticated,
+                        DOMAIN,
+                        "TOKEN_REVOKED",
+                        "the token has been revoked",
+                    )));
+                }
+                Err(_) => {
+                    metrics::counter!("medai_gateway_token_checks_total", "outcome" => "revocation_unavailable").increment(1);
+                    return Ok(refusal(status_with_reason(
+                        ErrorKind::Unavailable,
+                        DOMAIN,
+                        "REVOCATION_UNAVAILABLE",
+                        "tokens cannot be checked for revocation right now",
+                    )));
+                }
+            }
             if !policy.permits(&method, claims.role) {
                 metrics::counter!("medai_gateway_token_checks_total", "outcome" => "role_denied").increment(1);
                 tracing::info!(subject = %claims.sub, role = claims.role.as_str(), method = %method, "role not allowed");
+                record_denial(&checks.audit, &claims.sub, claims.role, &method).await;
                 return Ok(refusal(status_with_reason(
                     ErrorKind::PermissionDenied,
                     DOMAIN,
@@ -180,7 +240,12 @@ where
                 )));
             }
             metrics::counter!("medai_gateway_token_checks_total", "outcome" => "ok").increment(1);
-            request.extensions_mut().insert(Caller { subject: claims.sub, role: claims.role, token_id: claims.jti });
+            request.extensions_mut().insert(Caller {
+                subject: claims.sub,
+                role: claims.role,
+                token_id: claims.jti,
+                token_expires_at: claims.exp,
+            });
             inner.call(request).await
         }
         .boxed()
