@@ -138,7 +138,7 @@ impl RunningMesh {
         };
         for name in SERVICES {
             let environment = mesh.environment_for(name, settings);
-            let service = spawn_service(name, environment, settings, &logs).await?;
+            let service = spawn_service(name, name, environment, settings, &logs).await?;
             mesh.services.push(service);
         }
         mesh.wait_until_healthy(settings.startup_timeout).await?;
@@ -263,14 +263,56 @@ impl RunningMesh {
         environment
     }
 
+    /// Starts one more instance of `service` (for example a second gateway sharing the same
+    /// Redis), configured like the first but for `overrides`, and waits until it is healthy.
+    pub async fn start_another(
+        &mut self,
+        service: &'static str,
+        instance: &str,
+        settings: &MeshSettings,
+        overrides: Vec<(String, String)>,
+    ) -> Result<SocketAddr, LaunchError> {
+        let logs = settings.state_dir.join("logs");
+        let prefix = format!("MEDAI_{}_", service.to_ascii_uppercase());
+        let mut environment = self.environment_for(service, settings);
+        environment.retain(|(key, _)| {
+            *key != format!("{prefix}PROCESS__LISTEN_ADDR")
+                && *key != format!("{prefix}PROCESS__ADDRESS_FILE")
+        });
+        environment.push((
+            format!("{prefix}PROCESS__LISTEN_ADDR"),
+            "127.0.0.1:0".to_owned(),
+        ));
+        environment.push((
+            format!("{prefix}PROCESS__ADDRESS_FILE"),
+            address_file(settings, instance).display().to_string(),
+        ));
+        environment.extend(overrides);
+        let running = spawn_service(service, instance, environment, settings, &logs).await?;
+        let address = running.addresses.grpc;
+        self.services.push(running);
+        let first_new = self.services.len() - 1;
+        self.wait_until_healthy_from(first_new, settings.startup_timeout)
+            .await?;
+        Ok(address)
+    }
+
     async fn wait_until_healthy(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+        self.wait_until_healthy_from(0, timeout).await
+    }
+
+    async fn wait_until_healthy_from(
+        &mut self,
+        first: usize,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
         let tls = TlsMaterial::load(&medai_runtime::TlsFiles {
             ca_cert: self.pki.ca_certificate(),
             cert: self.pki.certificate(OPERATOR_IDENTITY),
             key: self.pki.key(OPERATOR_IDENTITY),
         })?;
         let deadline = Instant::now() + timeout;
-        for index in 0..self.services.len() {
+        for index in first..self.services.len() {
             let (name, endpoint, log) = {
                 let service = &self.services[index];
                 (
@@ -350,12 +392,13 @@ impl Drop for RunningMesh {
     }
 }
 
-fn address_file(settings: &MeshSettings, service: &str) -> PathBuf {
-    settings.state_dir.join(format!("{service}.address.json"))
+fn address_file(settings: &MeshSettings, instance: &str) -> PathBuf {
+    settings.state_dir.join(format!("{instance}.address.json"))
 }
 
 async fn spawn_service(
     name: &'static str,
+    instance: &str,
     environment: Vec<(String, String)>,
     settings: &MeshSettings,
     logs: &Path,
@@ -364,9 +407,9 @@ async fn spawn_service(
     if !binary.is_file() {
         return Err(LaunchError::MissingBinary(binary));
     }
-    let addresses = address_file(settings, name);
+    let addresses = address_file(settings, instance);
     let _stale = std::fs::remove_file(&addresses);
-    let log = logs.join(format!("{name}.log"));
+    let log = logs.join(format!("{instance}.log"));
     let spawn_error = |reason: String| LaunchError::Spawn {
         service: name.to_owned(),
         reason,

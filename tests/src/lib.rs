@@ -3,6 +3,7 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub use medai_cli::client::authorised;
@@ -30,6 +31,14 @@ pub enum Storage {
 
 impl MeshUnderTest {
     pub async fn start(storage: Storage) -> Self {
+        Self::start_with(storage, BTreeMap::new()).await
+    }
+
+    /// Starts the mesh with extra environment per service (`"auth" → [(variable, value)]`).
+    pub async fn start_with(
+        storage: Storage,
+        extra_environment: BTreeMap<String, Vec<(String, String)>>,
+    ) -> Self {
         let state = tempfile::tempdir().expect("state dir");
         let assets = Assets::locate();
         let mut settings = MeshSettings::embedded(
@@ -44,6 +53,7 @@ impl MeshUnderTest {
         }
         settings.admin_password = ADMIN_PASSWORD.to_owned();
         settings.admin_endpoints = true;
+        settings.extra_environment = extra_environment;
         let mesh = RunningMesh::start(&settings)
             .await
             .unwrap_or_else(|error| panic!("the mesh did not start: {error}"));
@@ -59,6 +69,16 @@ impl MeshUnderTest {
             "https://{}",
             self.mesh.address("gateway").expect("gateway address")
         )
+    }
+
+    /// A client of the gateway at `address` (another instance, for example).
+    pub async fn gateway_at(&self, address: std::net::SocketAddr) -> GatewayClient {
+        connect_gateway(
+            &format!("https://{address}"),
+            &self.mesh.pki_layout().ca_certificate(),
+        )
+        .await
+        .expect("gateway client")
     }
 
     pub async fn gateway(&self) -> GatewayClient {
@@ -112,4 +132,11 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
     response
+}
+
+/// The suite's Redis, started by `scripts/test.sh`.
+pub fn suite_redis_url() -> String {
+    std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
+    })
 }

@@ -226,6 +226,12 @@ impl RevocationStore {
         Ok(())
     }
 
+    /// Drops every cached "not revoked" answer, so the next check of each token asks the
+    /// store. A verifier calls it when it relayed an action that revokes tokens.
+    pub fn forget_recent_checks(&self) {
+        self.local().recently_valid.clear();
+    }
+
     /// Whether a verified token has been revoked.
     pub async fn is_revoked(&self, token: TokenFacts<'_>) -> Result<bool, RevocationError> {
         let now = Instant::now();

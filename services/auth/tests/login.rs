@@ -252,3 +252,90 @@ async fn invalid_settings_stop_the_service_with_a_clear_message() {
         "the password is not echoed"
     );
 }
+
+#[tokio::test]
+async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
+    use medai_proto::auth::v1::{ConsumeSigningTicketRequest, ReauthenticateRequest};
+    let service = AuthUnderTest::start().await;
+    let mut gateway = service.client_as("gateway");
+    let grant = gateway
+        .login(login("admin", PASSWORD))
+        .await
+        .expect("login")
+        .into_inner()
+        .grant
+        .expect("grant");
+    let keys = gateway
+        .get_signing_keys(GetSigningKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    let published: Vec<PublishedKey> = keys
+        .into_iter()
+        .map(|key| PublishedKey {
+            kid: key.kid,
+            kty: key.kty,
+            crv: key.crv,
+            alg: key.alg,
+            x: key.x,
+        })
+        .collect();
+    let subject = TokenVerifier::new("medai-auth", "medai", &published)
+        .verify(&grant.access_token)
+        .expect("claims")
+        .sub;
+
+    let reauthenticate = |password: &str| ReauthenticateRequest {
+        actor: subject.clone(),
+        password: password.to_owned(),
+        correlation_id: String::new(),
+    };
+    let status = gateway
+        .reauthenticate(reauthenticate("wrong password"))
+        .await
+        .expect_err("refused");
+    assert_eq!(reason_of(&status).as_deref(), Some("INVALID_CREDENTIALS"));
+    let ticket = gateway
+        .reauthenticate(reauthenticate(PASSWORD))
+        .await
+        .expect("ticket")
+        .into_inner();
+    assert_eq!(ticket.expires_in_seconds, 300);
+
+    let consume = |actor: &str, ticket: &str| ConsumeSigningTicketRequest {
+        actor: actor.to_owned(),
+        signing_ticket: ticket.to_owned(),
+        correlation_id: String::new(),
+    };
+    let status = gateway
+        .consume_signing_ticket(consume("someone-else", &ticket.signing_ticket))
+        .await
+        .expect_err("not theirs");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("SIGNING_TICKET_INVALID")
+    );
+    let signer = gateway
+        .consume_signing_ticket(consume(&subject, &ticket.signing_ticket))
+        .await
+        .expect("first use")
+        .into_inner();
+    assert_eq!(
+        (signer.username.as_str(), signer.role.as_str()),
+        ("admin", "admin")
+    );
+    let status = gateway
+        .consume_signing_ticket(consume(&subject, &ticket.signing_ticket))
+        .await
+        .expect_err("second use");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("SIGNING_TICKET_INVALID"))
+    );
+    assert_eq!(
+        service.ledger_count("SUCCESS").await,
+        1,
+        "the login (the count is of LOGIN events)"
+    );
+}

@@ -42,6 +42,17 @@ pub struct TokenTrust {
     pub issuer: String,
     #[serde(default = "default_audience")]
     pub audience: String,
+    /// How often the published keys are refetched; keep it below auth's publication lead so
+    /// a new key is known before it signs.
+    #[serde(
+        default = "default_key_refresh",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub key_refresh_seconds: u64,
+}
+
+fn default_key_refresh() -> u64 {
+    10
 }
 
 impl Default for TokenTrust {
@@ -49,6 +60,7 @@ impl Default for TokenTrust {
         Self {
             issuer: default_issuer(),
             audience: default_audience(),
+            key_refresh_seconds: default_key_refresh(),
         }
     }
 }

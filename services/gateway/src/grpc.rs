@@ -23,6 +23,8 @@ use crate::token_auth::Caller;
 
 pub struct GatewayApi {
     pub downstream: Downstream,
+    /// Told to forget cached "not revoked" answers after every action that revokes tokens.
+    pub revocations: std::sync::Arc<crate::revocation_check::RevocationSource>,
     pub max_image_bytes: usize,
     pub default_model: String,
 }
@@ -44,8 +46,11 @@ impl GatewayApi {
         Fut: std::future::Future<Output = Result<Response<Res>, Status>>,
     {
         let request = self.downstream.request(message, correlation, None);
-        call(self.downstream.auth.clone(), request)
-            .await
+        let answer = call(self.downstream.auth.clone(), request).await;
+        // Every state-changing auth call may have revoked tokens (logout, disable, reset, role
+        // change, delete, refresh reuse): no cached "not revoked" answer survives it here.
+        self.revocations.forget_recent_checks();
+        answer
             .map(Response::into_inner)
             .map_err(|status| relay_downstream("auth", status))
     }
@@ -109,13 +114,12 @@ impl GatewayService for GatewayApi {
             correlation_id: correlation.clone(),
         };
         let response = self
-            .downstream
-            .auth
-            .clone()
-            .refresh(self.downstream.request(refresh, &correlation, None))
-            .await
-            .map_err(|status| relay_downstream("auth", status))?
-            .into_inner();
+            .call_auth(
+                &correlation,
+                |mut auth, request| async move { auth.refresh(request).await },
+                refresh,
+            )
+            .await?;
         Ok(with_correlation(
             gw::RefreshResponse {
                 grant: response.grant,

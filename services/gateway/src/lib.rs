@@ -71,14 +71,29 @@ pub fn peer_policy() -> PeerPolicy {
 
 /// Which role may call which external method. Anything not named is refused.
 pub fn role_policy() -> RolePolicy {
-    RolePolicy::default()
-        .public(&format!("{SERVICE}Login"))
+    const EVERY_ROLE: [Role; 4] = [Role::Admin, Role::Clinician, Role::Viewer, Role::Auditor];
+    let method = |name: &str| format!("{SERVICE}{name}");
+    let policy = RolePolicy::default()
+        .public(&method("Login"))
+        .public(&method("Refresh"))
         .public_prefix("/grpc.health.v1.Health/")
-        .allow(&format!("{SERVICE}Infer"), &[Role::Admin, Role::Clinician])
-        .allow(
-            &format!("{SERVICE}VerifyLedger"),
-            &[Role::Admin, Role::Auditor],
-        )
+        .allow(&method("Logout"), &EVERY_ROLE)
+        .allow(&method("ChangePassword"), &EVERY_ROLE)
+        .allow(&method("Reauthenticate"), &[Role::Admin, Role::Clinician])
+        .allow(&method("Infer"), &[Role::Admin, Role::Clinician])
+        .allow(&method("VerifyLedger"), &[Role::Admin, Role::Auditor]);
+    [
+        "CreateUser",
+        "SetUserRole",
+        "DisableUser",
+        "ResetUserPassword",
+        "DeleteUser",
+        "RotateSigningKey",
+    ]
+    .iter()
+    .fold(policy, |policy, name| {
+        policy.allow(&method(name), &[Role::Admin])
+    })
 }
 
 pub async fn serve(
@@ -89,19 +104,25 @@ pub async fn serve(
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
     config.revocation.validate().map_err(ServeError::Config)?;
-    let revocations = match config.revocation.redis_url {
+    let revocations = Arc::new(match config.revocation.redis_url {
         Some(_) => {
             RevocationSource::Shared(Arc::new(RevocationStore::connect(&config.revocation)?))
         }
         None => RevocationSource::ThroughAuth(downstream.auth.clone()),
-    };
+    });
+    let keys = Arc::new(signing_keys::SigningKeyCache::new(
+        downstream.auth.clone(),
+        config.tokens.issuer.clone(),
+        config.tokens.audience.clone(),
+    ));
+    // Learn new keys while they are published but not yet signing.
+    let key_refresher = tokio::spawn(signing_keys::refresh_periodically(
+        keys.clone(),
+        std::time::Duration::from_secs(config.tokens.key_refresh_seconds),
+    ));
     let checks = TokenChecks {
-        keys: signing_keys::SigningKeyCache::new(
-            downstream.auth.clone(),
-            config.tokens.issuer.clone(),
-            config.tokens.audience.clone(),
-        ),
-        revocations,
+        keys: keys.clone(),
+        revocations: revocations.clone(),
         audit: downstream.audit.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -110,17 +131,20 @@ pub async fn serve(
         .await;
     let api = GatewayServiceServer::new(grpc::GatewayApi {
         downstream,
+        revocations,
         max_image_bytes: config.max_image_bytes,
         default_model: config.default_model.clone(),
     })
     // A little over the image limit, so an oversized image gets IMAGE_TOO_LARGE, not a
     // transport error.
     .max_decoding_message_size(config.max_image_bytes + 64 * 1024);
-    mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
+    let served = mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
         .layer(TokenAuthLayer::new(checks, role_policy()))
         .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
+        .await;
+    key_refresher.abort();
+    served?;
     Ok(())
 }

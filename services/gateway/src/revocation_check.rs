@@ -18,6 +18,13 @@ pub enum RevocationSource {
 pub struct RevocationUnavailable;
 
 impl RevocationSource {
+    /// After a revoking action: no cached "not revoked" answer may outlive it here.
+    pub fn forget_recent_checks(&self) {
+        if let Self::Shared(store) = self {
+            store.forget_recent_checks();
+        }
+    }
+
     pub async fn is_revoked(&self, token: TokenFacts<'_>) -> Result<bool, RevocationUnavailable> {
         match self {
             Self::Shared(store) => store

@@ -10,7 +10,18 @@ use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
 use tokio::sync::{Mutex, RwLock};
 use tonic::transport::Channel;
 
-const REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+/// At most one fetch per interval when tokens name unknown keys.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Refetches the published keys every `period` until the task is aborted, so a new key is
+/// known here during auth's publication lead, before it signs.
+pub async fn refresh_periodically(keys: Arc<SigningKeyCache>, period: Duration) {
+    let mut ticks = tokio::time::interval(period.max(Duration::from_secs(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let _unavailable_now = keys.refetch().await;
+    }
+}
 
 pub struct SigningKeyCache {
     auth: AuthServiceClient<Channel>,

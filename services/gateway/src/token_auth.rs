@@ -73,8 +73,8 @@ impl RolePolicy {
 /// What the layer needs besides the policy: keys to verify, revocations to consult, and the
 /// ledger that records refusals of authenticated callers.
 pub struct TokenChecks {
-    pub keys: SigningKeyCache,
-    pub revocations: RevocationSource,
+    pub keys: Arc<SigningKeyCache>,
+    pub revocations: Arc<RevocationSource>,
     pub audit: AuditServiceClient<Channel>,
 }
 
