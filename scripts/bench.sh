@@ -6,4 +6,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/fetch-assets.sh
 cargo build --release --workspace --bins --quiet
+# shellcheck source=scripts/test-servers.sh
+source scripts/test-servers.sh
+trap stop_test_servers EXIT
 cargo bench -p medai-e2e --bench prediction_latency
+cargo bench -p medai-e2e --bench token_check

@@ -439,6 +439,7 @@ async fn roles_are_enforced_in_one_layer_and_denials_are_recorded() {
         .await
         .expect("clinicians infer");
     assert_eq!(ledger_count(&mesh, "action = 'ACCESS_DENIED'").await, 4);
+    assert_eq!(ledger_count(&mesh, "context LIKE '%password 123%' OR actor LIKE '%password 123%' OR resource LIKE '%password 123%'").await, 0, "no password reaches the ledger");
 
     // A role change takes effect at once: the clinician's old token stops working.
     let demote = gw::SetUserRoleRequest {

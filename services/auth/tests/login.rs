@@ -339,3 +339,80 @@ async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
         "the login (the count is of LOGIN events)"
     );
 }
+
+#[tokio::test]
+async fn an_expired_signing_ticket_is_refused() {
+    use medai_proto::auth::v1::{ConsumeSigningTicketRequest, ReauthenticateRequest};
+    let pki = TestPki::new();
+    let audit_config = AuditConfig {
+        process: test_process_config(),
+        tls: pki.files("audit"),
+        database_url: fresh_postgres_database().await,
+    };
+    let audit = TestServer::start(|listener, shutdown| {
+        medai_audit::serve(audit_config, listener, shutdown)
+    })
+    .await;
+    wait_until_serving(&pki, audit.address, "audit").await;
+    let mut config = auth_config(
+        &pki,
+        fresh_postgres_database().await,
+        format!("https://{}", audit.address),
+    );
+    config.tokens.signing_ticket_ttl_seconds = 1;
+    let auth =
+        TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown)).await;
+    wait_until_serving(&pki, auth.address, "auth").await;
+    let mut gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.address, "auth"));
+
+    let grant = gateway
+        .login(login("admin", PASSWORD))
+        .await
+        .expect("login")
+        .into_inner()
+        .grant
+        .expect("grant");
+    let keys = gateway
+        .get_signing_keys(GetSigningKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    let published: Vec<PublishedKey> = keys
+        .into_iter()
+        .map(|key| PublishedKey {
+            kid: key.kid,
+            kty: key.kty,
+            crv: key.crv,
+            alg: key.alg,
+            x: key.x,
+        })
+        .collect();
+    let subject = TokenVerifier::new("medai-auth", "medai", &published)
+        .verify(&grant.access_token)
+        .expect("claims")
+        .sub;
+    let ticket = gateway
+        .reauthenticate(ReauthenticateRequest {
+            actor: subject.clone(),
+            password: PASSWORD.to_owned(),
+            correlation_id: String::new(),
+        })
+        .await
+        .expect("ticket")
+        .into_inner()
+        .signing_ticket;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let status = gateway
+        .consume_signing_ticket(ConsumeSigningTicketRequest {
+            actor: subject,
+            signing_ticket: ticket,
+            correlation_id: String::new(),
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("SIGNING_TICKET_INVALID")
+    );
+}

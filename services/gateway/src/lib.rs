@@ -6,8 +6,8 @@ mod downstream;
 mod error;
 mod grpc;
 pub mod infer;
-mod revocation_check;
-mod signing_keys;
+pub mod revocation_check;
+pub mod signing_keys;
 pub mod token_auth;
 
 use std::future::Future;
