@@ -214,10 +214,14 @@ impl RunningMesh {
             environment.push(("PROCESS__ADMIN_ADDR".to_owned(), "127.0.0.1:0".to_owned()));
         }
         match name {
-            "audit" => environment.push((
-                "DATABASE_URL".to_owned(),
-                settings.audit_database_url.clone(),
-            )),
+            "audit" => {
+                environment.push((
+                    "DATABASE_URL".to_owned(),
+                    settings.audit_database_url.clone(),
+                ));
+                let key = settings.state_dir.join("audit-checkpoint.key");
+                environment.push(("CHECKPOINT_KEY_FILE".to_owned(), key.display().to_string()));
+            }
             "auth" => {
                 environment.push((
                     "DATABASE_URL".to_owned(),

@@ -240,3 +240,9 @@ pub async fn fresh_postgres_database() -> String {
 pub fn sqlite_url(directory: &Path, name: &str) -> String {
     format!("sqlite://{}?mode=rwc", directory.join(name).display())
 }
+
+/// A path in a fresh temporary folder that lives until the test process ends.
+pub fn scratch_file(name: &str) -> PathBuf {
+    let directory = tempfile::tempdir().expect("tempdir").keep();
+    directory.join(name)
+}

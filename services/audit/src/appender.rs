@@ -9,15 +9,15 @@ use sea_orm::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::chain::{self, EntryContent, Hash};
 use crate::store::ledger_entry;
+use medai_ledger::chain::{self, EntryContent, Hash};
 
 /// The most entries one transaction commits.
 const MAX_GROUP: usize = 512;
 /// Appends waiting for the writer; beyond this, callers wait (backpressure).
 const QUEUE_DEPTH: usize = 4096;
 /// Any fixed 64-bit number distinct from other advisory locks in the same database.
-const LEDGER_LOCK_KEY: i64 = 0x4d45_4441_494c_4447; // "MEDAILDG"
+pub(crate) const LEDGER_LOCK_KEY: i64 = 0x4d45_4441_494c_4447; // "MEDAILDG"
 
 /// What a caller asks to record.
 #[derive(Clone, Debug)]
@@ -166,7 +166,7 @@ fn decode_hash(hex_text: &str) -> Result<Hash, DbErr> {
         .ok_or_else(|| DbErr::Custom("the ledger head holds a malformed hash".to_owned()))
 }
 
-fn now_rfc3339_micros() -> String {
+pub(crate) fn now_rfc3339_micros() -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
     );

@@ -12,6 +12,19 @@ pub struct AuditConfig {
     pub tls: TlsFiles,
     /// `postgres://…` in production, `sqlite://…?mode=rwc` for the embedded default.
     pub database_url: String,
+    /// The Ed25519 key that signs checkpoints (base64 PKCS#8), created on first start; its
+    /// public key is written beside it as `<file>.pub`. Keep it outside the database.
+    pub checkpoint_key_file: std::path::PathBuf,
+    /// A checkpoint is signed this often when entries were added; 0 signs only on demand.
+    #[serde(
+        default = "default_checkpoint_interval",
+        deserialize_with = "medai_runtime::config::from_str_or_native"
+    )]
+    pub checkpoint_interval_seconds: u64,
+}
+
+fn default_checkpoint_interval() -> u64 {
+    60
 }
 
 impl ServiceConfig for AuditConfig {

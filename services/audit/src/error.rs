@@ -8,6 +8,12 @@ pub enum AuditError {
     FieldTooLong { field: &'static str, limit: usize },
     #[error("context_json must be a JSON object")]
     ContextNotAnObject,
+    #[error("the requested seq or tree size is outside the ledger")]
+    OutOfRange,
+    #[error("the page token is not valid")]
+    PageTokenInvalid,
+    #[error("the ledger does not verify at seq {seq}; no checkpoint is signed over it")]
+    ChainBroken { seq: u64 },
     #[error("the ledger is unavailable")]
     LedgerUnavailable(String),
     #[error("storage failure: {0}")]
@@ -19,9 +25,12 @@ impl ServiceError for AuditError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::MissingField { .. } | Self::FieldTooLong { .. } | Self::ContextNotAnObject => {
-                ErrorKind::InvalidArgument
-            }
+            Self::MissingField { .. }
+            | Self::FieldTooLong { .. }
+            | Self::ContextNotAnObject
+            | Self::OutOfRange
+            | Self::PageTokenInvalid => ErrorKind::InvalidArgument,
+            Self::ChainBroken { .. } => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable(_) => ErrorKind::Unavailable,
             Self::Storage(_) => ErrorKind::Internal,
         }
@@ -32,6 +41,9 @@ impl ServiceError for AuditError {
             Self::MissingField { .. } => "FIELD_MISSING",
             Self::FieldTooLong { .. } => "FIELD_TOO_LONG",
             Self::ContextNotAnObject => "CONTEXT_NOT_OBJECT",
+            Self::OutOfRange => "OUT_OF_RANGE",
+            Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
+            Self::ChainBroken { .. } => "LEDGER_CHAIN_BROKEN",
             Self::LedgerUnavailable(_) => "LEDGER_UNAVAILABLE",
             Self::Storage(_) => "INTERNAL",
         }

@@ -1,14 +1,24 @@
 //! The gRPC edge of the audit service: proto types are converted here and nowhere else.
 
+use std::pin::Pin;
+use std::sync::Arc;
+
+use base64::Engine;
+use medai_ledger::checkpoint::Checkpoint;
+use medai_ledger::merkle;
+use medai_proto::audit::v1 as pb;
 use medai_proto::audit::v1::audit_service_server::AuditService;
 use medai_proto::audit::v1::{AppendRequest, AppendResponse, VerifyRequest, VerifyResponse};
 use sea_orm::DatabaseConnection;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::appender::{AppendError, LedgerAppender, NewEvent};
-use crate::chain::canonical_json;
+use crate::checkpoints::{CheckpointError, Checkpointer};
 use crate::error::AuditError;
-use crate::verify::verify_chain;
+use crate::query::{EventFilter, MAX_PAGE, export_chunks, query_events};
+use crate::verify::{audit_ledger, verify_ledger};
+use medai_ledger::chain::canonical_json;
 
 const MAX_SHORT_FIELD: usize = 256;
 const MAX_CONTEXT: usize = 16 * 1024;
@@ -16,6 +26,32 @@ const MAX_CONTEXT: usize = 16 * 1024;
 pub struct AuditApi {
     pub appender: LedgerAppender,
     pub connection: DatabaseConnection,
+    pub checkpointer: Arc<Checkpointer>,
+}
+
+fn checkpoint_message(checkpoint: Checkpoint) -> pb::Checkpoint {
+    pb::Checkpoint {
+        tree_size: checkpoint.tree_size,
+        head_hash: checkpoint.head_hash,
+        merkle_root: checkpoint.merkle_root,
+        created_at: checkpoint.created_at,
+        key_id: checkpoint.key_id,
+        signature: checkpoint.signature,
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+impl AuditApi {
+    /// The verified chain's recomputed entry hashes, for proofs: never the stored ones.
+    async fn verified_hashes(&self) -> Result<Vec<merkle::Hash>, AuditError> {
+        let audit = audit_ledger(&self.connection)
+            .await
+            .map_err(|error| AuditError::Storage(error.to_string()))?;
+        Ok(audit.recomputed_hashes().to_vec())
+    }
 }
 
 impl TryFrom<AppendRequest> for NewEvent {
@@ -85,19 +121,168 @@ impl AuditService for AuditApi {
         &self,
         _request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        let report = verify_chain(&self.connection)
+        let report = verify_ledger(&self.connection, self.checkpointer.signer.public_key())
             .await
             .map_err(|error| AuditError::Storage(error.to_string()))?;
-        let (first_bad_seq, problem) = report.first_break.clone().unwrap_or((0, String::new()));
-        if first_bad_seq != 0 {
-            tracing::error!(first_bad_seq, problem = %problem, "ledger verification found a broken chain");
+        if let Some(seq) = report.first_bad_seq {
+            tracing::error!(first_bad_seq = seq, problem = %report.problem, "ledger verification failed");
         }
         Ok(Response::new(VerifyResponse {
-            intact: report.first_break.is_none(),
-            entries_checked: report.entries_checked,
-            first_bad_seq,
-            problem,
+            intact: report.first_bad_seq.is_none(),
+            entries_checked: report.entries_verified,
+            first_bad_seq: report.first_bad_seq.unwrap_or(0),
+            problem: report.problem,
             head_hash: report.head_hash,
+            checkpoints_verified: report.checkpoints_verified,
         }))
+    }
+
+    async fn create_checkpoint(
+        &self,
+        _request: Request<pb::CreateCheckpointRequest>,
+    ) -> Result<Response<pb::CreateCheckpointResponse>, Status> {
+        let checkpoint = self
+            .checkpointer
+            .create()
+            .await
+            .map_err(|error| match error {
+                CheckpointError::BrokenChain { seq, .. } => AuditError::ChainBroken { seq },
+                CheckpointError::Database(error) => AuditError::Storage(error.to_string()),
+            })?;
+        Ok(Response::new(pb::CreateCheckpointResponse {
+            checkpoint: Some(checkpoint_message(checkpoint)),
+        }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let checkpoints = crate::verify::stored_checkpoints(&self.connection)
+            .await
+            .map_err(|error| AuditError::Storage(error.to_string()))?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: checkpoints.into_iter().map(checkpoint_message).collect(),
+        }))
+    }
+
+    async fn get_checkpoint_key(
+        &self,
+        _request: Request<pb::GetCheckpointKeyRequest>,
+    ) -> Result<Response<pb::GetCheckpointKeyResponse>, Status> {
+        let public_key = self.checkpointer.signer.public_key();
+        Ok(Response::new(pb::GetCheckpointKeyResponse {
+            public_key: base64::engine::general_purpose::STANDARD.encode(public_key),
+            key_id: medai_ledger::checkpoint::key_id(public_key),
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::GetInclusionProofResponse>, Status> {
+        let request = request.into_inner();
+        let hashes = self.verified_hashes().await?;
+        let size = usize::try_from(request.tree_size).unwrap_or(usize::MAX);
+        if request.seq == 0 || request.seq > request.tree_size || size > hashes.len() {
+            return Err(AuditError::OutOfRange.into());
+        }
+        let index = usize::try_from(request.seq - 1).unwrap_or(usize::MAX);
+        let proof =
+            merkle::inclusion_proof(&hashes[..size], index).ok_or(AuditError::OutOfRange)?;
+        Ok(Response::new(pb::GetInclusionProofResponse {
+            entry_hash: hex::encode(hashes[index]),
+            proof: proof.iter().map(hex::encode).collect(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::GetConsistencyProofResponse>, Status> {
+        let request = request.into_inner();
+        let hashes = self.verified_hashes().await?;
+        let new_size = usize::try_from(request.new_size).unwrap_or(usize::MAX);
+        if new_size > hashes.len() {
+            return Err(AuditError::OutOfRange.into());
+        }
+        let old_size = usize::try_from(request.old_size).unwrap_or(usize::MAX);
+        let proof = merkle::consistency_proof(&hashes[..new_size], old_size)
+            .ok_or(AuditError::OutOfRange)?;
+        Ok(Response::new(pb::GetConsistencyProofResponse {
+            proof: proof.iter().map(hex::encode).collect(),
+        }))
+    }
+
+    async fn query_events(
+        &self,
+        request: Request<pb::QueryEventsRequest>,
+    ) -> Result<Response<pb::QueryEventsResponse>, Status> {
+        let request = request.into_inner();
+        let after: i64 = if request.page_token.is_empty() {
+            0
+        } else {
+            request
+                .page_token
+                .parse()
+                .map_err(|_| AuditError::PageTokenInvalid)?
+        };
+        let page_size = match u64::from(request.page_size) {
+            0 => 100,
+            size => size.min(MAX_PAGE),
+        };
+        let filter = EventFilter {
+            recorded_from: non_empty(request.recorded_from),
+            recorded_to: non_empty(request.recorded_to),
+            actor: non_empty(request.actor),
+            action: non_empty(request.action),
+            resource: non_empty(request.resource),
+        };
+        let (rows, more) = query_events(&self.connection, &filter, after, page_size)
+            .await
+            .map_err(|error| AuditError::Storage(error.to_string()))?;
+        let next_page_token = if more {
+            rows.last()
+                .map(|row| row.seq.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let entries = rows
+            .into_iter()
+            .map(|row| pb::LedgerEntry {
+                seq: u64::try_from(row.seq).unwrap_or(0),
+                recorded_at: row.recorded_at,
+                actor: row.actor,
+                action: row.action,
+                resource: row.resource,
+                outcome: row.outcome,
+                context_json: row.context,
+                prev_hash: row.prev_hash,
+                hash: row.hash,
+            })
+            .collect();
+        Ok(Response::new(pb::QueryEventsResponse {
+            entries,
+            next_page_token,
+        }))
+    }
+
+    type ExportLedgerStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ExportLedgerResponse, Status>> + Send>>;
+
+    async fn export_ledger(
+        &self,
+        _request: Request<pb::ExportLedgerRequest>,
+    ) -> Result<Response<Self::ExportLedgerStream>, Status> {
+        let chunks = export_chunks(&self.connection, 256 * 1024)
+            .await
+            .map_err(|error| AuditError::Storage(error.to_string()))?;
+        let stream = tokio_stream::iter(
+            chunks
+                .into_iter()
+                .map(|lines| Ok(pb::ExportLedgerResponse { lines })),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 }

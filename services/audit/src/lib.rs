@@ -1,15 +1,20 @@
-//! The audit service: the only owner of the hash-chained, append-only ledger.
+//! The audit service: the only owner of the hash-chained, append-only ledger, its signed
+//! checkpoints and its proofs.
 
 pub mod appender;
-pub mod chain;
+pub mod checkpoints;
 pub mod config;
 mod error;
 mod grpc;
+pub mod query;
 pub mod store;
 pub mod verify;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
+use medai_ledger::checkpoint::{CheckpointKeyError, CheckpointSigner};
 use medai_proto::audit::v1::audit_service_server::AuditServiceServer;
 use medai_runtime::PeerPolicy;
 use medai_runtime::server::{incoming, mesh_server};
@@ -25,19 +30,49 @@ pub enum ServeError {
     Tls(#[from] medai_runtime::tls::TlsError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    CheckpointKey(#[from] CheckpointKeyError),
+    #[error("cannot write the checkpoint public key: {0}")]
+    PublicKey(std::io::Error),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Who may call what. Appends come from the services that record events; verification is an
-/// auditor view that reaches the ledger through the gateway.
+/// Who may call what. Appends come from the services that record events; everything that
+/// reads the ledger is an auditor view that reaches it through the gateway.
 pub fn peer_policy() -> PeerPolicy {
-    PeerPolicy::new()
-        .allow(
+    let reads = [
+        "Verify",
+        "CreateCheckpoint",
+        "ListCheckpoints",
+        "GetCheckpointKey",
+        "GetInclusionProof",
+        "GetConsistencyProof",
+        "QueryEvents",
+        "ExportLedger",
+    ];
+    reads.iter().fold(
+        PeerPolicy::new().allow(
             "/medai.audit.v1.AuditService/Append",
             &["gateway", "auth", "inference"],
-        )
-        .allow("/medai.audit.v1.AuditService/Verify", &["gateway"])
+        ),
+        |policy, method| {
+            policy.allow(
+                &format!("/medai.audit.v1.AuditService/{method}"),
+                &["gateway"],
+            )
+        },
+    )
+}
+
+/// Loads (or creates) the checkpoint key and writes its public half beside it, for auditors.
+pub fn load_checkpoint_signer(config: &AuditConfig) -> Result<CheckpointSigner, ServeError> {
+    use base64::Engine;
+    let signer = CheckpointSigner::load_or_create(&config.checkpoint_key_file)?;
+    let public_file = config.checkpoint_key_file.with_extension("pub");
+    let public_key = base64::engine::general_purpose::STANDARD.encode(signer.public_key());
+    std::fs::write(&public_file, format!("{public_key}\n")).map_err(ServeError::PublicKey)?;
+    Ok(signer)
 }
 
 /// Serves the audit API on `listener` until `shutdown` resolves.
@@ -47,8 +82,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
+    let signer = Arc::new(load_checkpoint_signer(&config)?);
     let connection = store::connect_and_migrate(&config.database_url).await?;
     let appender = appender::LedgerAppender::start(connection.clone());
+    let checkpointer = Arc::new(checkpoints::Checkpointer {
+        connection: connection.clone(),
+        signer,
+    });
+    let periodic = (config.checkpoint_interval_seconds > 0).then(|| {
+        tokio::spawn(
+            checkpointer
+                .clone()
+                .run_periodically(Duration::from_secs(config.checkpoint_interval_seconds)),
+        )
+    });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<AuditServiceServer<grpc::AuditApi>>()
@@ -56,11 +103,16 @@ pub async fn serve(
     let api = grpc::AuditApi {
         appender,
         connection,
+        checkpointer,
     };
-    mesh_server(&tls, ClientCertificates::Required, "audit", peer_policy())?
+    let served = mesh_server(&tls, ClientCertificates::Required, "audit", peer_policy())?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
+        .await;
+    if let Some(task) = periodic {
+        task.abort();
+    }
+    served?;
     Ok(())
 }

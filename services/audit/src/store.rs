@@ -30,6 +30,27 @@ pub mod ledger_entry {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod ledger_checkpoint {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "ledger_checkpoints")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tree_size: i64,
+        pub head_hash: String,
+        pub merkle_root: String,
+        pub created_at: String,
+        pub key_id: String,
+        pub signature: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
@@ -48,7 +69,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger)]
+        vec![Box::new(CreateLedger), Box::new(AddCheckpointsAndGrants)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -148,6 +169,107 @@ impl MigrationTrait for CreateLedger {
         manager
             .get_connection()
             .execute_unprepared(triggers)
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(DeriveIden)]
+enum LedgerCheckpoints {
+    Table,
+    TreeSize,
+    HeadHash,
+    MerkleRoot,
+    CreatedAt,
+    KeyId,
+    Signature,
+}
+
+struct AddCheckpointsAndGrants;
+
+impl MigrationName for AddCheckpointsAndGrants {
+    fn name(&self) -> &str {
+        "m0002_add_checkpoints_and_grants"
+    }
+}
+
+/// The role the audit service's login role belongs to in production: it may read and append,
+/// nothing else. Creating it needs CREATEROLE; where the migration lacks it, a DBA creates it.
+const POSTGRES_GRANTS: &str = r"
+CREATE TRIGGER ledger_checkpoints_no_update BEFORE UPDATE ON ledger_checkpoints
+  FOR EACH ROW EXECUTE FUNCTION ledger_entries_refuse_change();
+CREATE TRIGGER ledger_checkpoints_no_delete BEFORE DELETE ON ledger_checkpoints
+  FOR EACH ROW EXECUTE FUNCTION ledger_entries_refuse_change();
+CREATE TRIGGER ledger_checkpoints_no_truncate BEFORE TRUNCATE ON ledger_checkpoints
+  FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_refuse_change();
+REVOKE ALL ON ledger_entries, ledger_checkpoints FROM PUBLIC;
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
+    BEGIN
+      CREATE ROLE medai_ledger_writer NOLOGIN;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE NOTICE 'cannot create role medai_ledger_writer; create it and grant it SELECT, INSERT';
+    END;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
+    GRANT SELECT, INSERT ON ledger_entries, ledger_checkpoints TO medai_ledger_writer;
+  END IF;
+END
+$$;
+";
+
+const SQLITE_CHECKPOINTS_APPEND_ONLY: &str = r"
+CREATE TRIGGER ledger_checkpoints_no_update BEFORE UPDATE ON ledger_checkpoints
+BEGIN SELECT RAISE(ABORT, 'ledger_checkpoints is append-only: UPDATE refused'); END;
+CREATE TRIGGER ledger_checkpoints_no_delete BEFORE DELETE ON ledger_checkpoints
+BEGIN SELECT RAISE(ABORT, 'ledger_checkpoints is append-only: DELETE refused'); END;
+";
+
+#[async_trait::async_trait]
+impl MigrationTrait for AddCheckpointsAndGrants {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(LedgerCheckpoints::Table)
+                    .col(
+                        ColumnDef::new(LedgerCheckpoints::TreeSize)
+                            .big_integer()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(LedgerCheckpoints::HeadHash)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(LedgerCheckpoints::MerkleRoot)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(LedgerCheckpoints::CreatedAt)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(LedgerCheckpoints::KeyId).string().not_null())
+                    .col(
+                        ColumnDef::new(LedgerCheckpoints::Signature)
+                            .text()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        let statements = match manager.get_database_backend() {
+            sea_orm::DatabaseBackend::Postgres => POSTGRES_GRANTS,
+            _ => SQLITE_CHECKPOINTS_APPEND_ONLY,
+        };
+        manager
+            .get_connection()
+            .execute_unprepared(statements)
             .await?;
         Ok(())
     }

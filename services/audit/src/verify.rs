@@ -1,24 +1,22 @@
-//! Verification of the stored chain: every entry read back in order and every hash recomputed.
+//! Verification of the stored ledger: every entry read back in order, every hash recomputed,
+//! every stored checkpoint's signature and Merkle root checked against the recomputed chain.
 
+use medai_ledger::chain::{EntryContent, StoredEntry};
+use medai_ledger::checkpoint::Checkpoint;
+use medai_ledger::export::{LedgerAudit, OfflineReport};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
-use crate::chain::{ChainVerifier, EntryContent, StoredEntry};
-use crate::store::ledger_entry;
+use crate::store::{ledger_checkpoint, ledger_entry};
 
-const PAGE: u64 = 2000;
+const PAGE: u64 = 5000;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerificationReport {
-    pub entries_checked: u64,
-    /// `None` when intact; otherwise the first bad seq and why.
-    pub first_break: Option<(u64, String)>,
-    pub head_hash: String,
-}
-
-pub async fn verify_chain(connection: &DatabaseConnection) -> Result<VerificationReport, DbErr> {
-    let mut verifier = ChainVerifier::new();
+/// Reads every entry in seq order, page by page, handing each to `visit`.
+pub async fn for_each_entry(
+    connection: &DatabaseConnection,
+    mut visit: impl FnMut(ledger_entry::Model),
+) -> Result<(), DbErr> {
     let mut last_seq: i64 = 0;
     loop {
         let page = ledger_entry::Entity::find()
@@ -27,26 +25,51 @@ pub async fn verify_chain(connection: &DatabaseConnection) -> Result<Verificatio
             .limit(PAGE)
             .all(connection)
             .await?;
-        let Some(last) = page.last() else { break };
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
         last_seq = last.seq;
-        for row in page {
-            if let Err(chain_break) = verifier.check(&stored_entry(row)) {
-                return Ok(VerificationReport {
-                    entries_checked: verifier.entries_checked(),
-                    first_break: Some((chain_break.seq, chain_break.problem)),
-                    head_hash: hex::encode(verifier.head()),
-                });
-            }
-        }
+        page.into_iter().for_each(&mut visit);
     }
-    Ok(VerificationReport {
-        entries_checked: verifier.entries_checked(),
-        first_break: None,
-        head_hash: hex::encode(verifier.head()),
-    })
 }
 
-fn stored_entry(row: ledger_entry::Model) -> StoredEntry {
+pub async fn stored_checkpoints(connection: &DatabaseConnection) -> Result<Vec<Checkpoint>, DbErr> {
+    let rows = ledger_checkpoint::Entity::find()
+        .order_by_asc(ledger_checkpoint::Column::TreeSize)
+        .all(connection)
+        .await?;
+    Ok(rows.into_iter().map(checkpoint_of).collect())
+}
+
+pub fn checkpoint_of(row: ledger_checkpoint::Model) -> Checkpoint {
+    Checkpoint {
+        tree_size: u64::try_from(row.tree_size).unwrap_or(u64::MAX),
+        head_hash: row.head_hash,
+        merkle_root: row.merkle_root,
+        created_at: row.created_at,
+        key_id: row.key_id,
+        signature: row.signature,
+    }
+}
+
+/// The chain and every checkpoint, judged against the checkpoint public key.
+pub async fn audit_ledger(connection: &DatabaseConnection) -> Result<LedgerAudit, DbErr> {
+    let mut audit = LedgerAudit::new();
+    for_each_entry(connection, |row| audit.add_entry(stored_entry(row))).await?;
+    for checkpoint in stored_checkpoints(connection).await? {
+        audit.add_checkpoint(checkpoint);
+    }
+    Ok(audit)
+}
+
+pub async fn verify_ledger(
+    connection: &DatabaseConnection,
+    public_key: &[u8],
+) -> Result<OfflineReport, DbErr> {
+    Ok(audit_ledger(connection).await?.report(public_key))
+}
+
+pub fn stored_entry(row: ledger_entry::Model) -> StoredEntry {
     StoredEntry {
         content: EntryContent {
             // A negative seq can only come from tampering; it will fail the sequence check.

@@ -29,6 +29,8 @@ impl Ledger {
             process: test_process_config(),
             tls: pki.files("audit"),
             database_url: database_url.clone(),
+            checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+            checkpoint_interval_seconds: 0,
         };
         let server =
             TestServer::start(|listener, shutdown| medai_audit::serve(config, listener, shutdown))

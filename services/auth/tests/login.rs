@@ -47,6 +47,8 @@ impl AuthUnderTest {
             process: test_process_config(),
             tls: pki.files("audit"),
             database_url: audit_database.clone(),
+            checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+            checkpoint_interval_seconds: 0,
         };
         let audit = TestServer::start(|listener, shutdown| {
             medai_audit::serve(audit_config, listener, shutdown)
@@ -348,6 +350,8 @@ async fn an_expired_signing_ticket_is_refused() {
         process: test_process_config(),
         tls: pki.files("audit"),
         database_url: fresh_postgres_database().await,
+        checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+        checkpoint_interval_seconds: 0,
     };
     let audit = TestServer::start(|listener, shutdown| {
         medai_audit::serve(audit_config, listener, shutdown)
