@@ -246,3 +246,150 @@ pub fn scratch_file(name: &str) -> PathBuf {
     let directory = tempfile::tempdir().expect("tempdir").keep();
     directory.join(name)
 }
+
+/// A PostgreSQL cluster of this test's own, for tests that must stop or restart the server.
+/// Uses the binaries `scripts/test.sh` found (MEDAI_TEST_PG_BIN); runs as `postgres` when the
+/// test runs as root, as PostgreSQL requires.
+pub struct PrivatePostgres {
+    directory: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = PathBuf::from(std::env::var("MEDAI_TEST_PG_BIN").unwrap_or_else(|_| {
+            panic!("MEDAI_TEST_PG_BIN is not set: run the suite with scripts/test.sh")
+        }));
+        let directory = tempfile::tempdir().expect("tempdir");
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0"));
+        if as_postgres {
+            let status = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(directory.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("address")
+            .port();
+        let cluster = Self {
+            directory,
+            port,
+            bin,
+            as_postgres,
+        };
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &cluster.data(),
+                "-l",
+                &cluster.log(),
+                "-w",
+                "-o",
+                &cluster.options(),
+                "start",
+            ],
+        );
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.directory.path().join("data").display().to_string()
+    }
+
+    fn log(&self) -> String {
+        self.directory
+            .path()
+            .join("server.log")
+            .display()
+            .to_string()
+    }
+
+    fn options(&self) -> String {
+        format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.directory.path().display()
+        )
+    }
+
+    fn run(&self, program: &str, arguments: &[&str]) {
+        let binary = self.bin.join(program);
+        let output = if self.as_postgres {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&binary)
+                .args(arguments)
+                .output()
+        } else {
+            std::process::Command::new(&binary).args(arguments).output()
+        }
+        .expect("run a PostgreSQL tool");
+        assert!(
+            output.status.success(),
+            "{program} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A fast restart: the server stops (ending every connection) and starts again.
+    pub fn restart(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &self.log(),
+                "-w",
+                "-m",
+                "fast",
+                "-o",
+                &self.options(),
+                "restart",
+            ],
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let binary = self.bin.join("pg_ctl");
+        let data = self.data();
+        let arguments = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.as_postgres {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&binary)
+                .args(arguments)
+                .output()
+        } else {
+            std::process::Command::new(&binary).args(arguments).output()
+        };
+    }
+}

@@ -1,0 +1,429 @@
+//! What the ledger proves against a real PostgreSQL: tampering of every kind is named by seq,
+//! signed checkpoints catch what the chain alone cannot, proofs verify as RFC 9162 says, and an
+//! export verifies offline.
+
+use base64::Engine;
+use medai_audit::AuditConfig;
+use medai_ledger::chain::{EntryContent, entry_hash};
+use medai_ledger::checkpoint::Checkpoint;
+use medai_ledger::export::{ExportRecord, verify_export};
+use medai_ledger::merkle;
+use medai_proto::audit::v1 as pb;
+use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use medai_testkit::{
+    TestPki, TestServer, fresh_postgres_database, scratch_file, test_process_config,
+    wait_until_serving,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, Statement};
+
+struct Ledger {
+    _pki: TestPki,
+    _server: TestServer,
+    client: AuditServiceClient<tonic::transport::Channel>,
+    database: DatabaseConnection,
+    public_key: Vec<u8>,
+}
+
+impl Ledger {
+    async fn start() -> Self {
+        let pki = TestPki::new();
+        let database_url = fresh_postgres_database().await;
+        let config = AuditConfig {
+            process: test_process_config(),
+            tls: pki.files("audit"),
+            database_url: database_url.clone(),
+            checkpoint_key_file: scratch_file("checkpoint.key"),
+            checkpoint_interval_seconds: 0,
+        };
+        let key_file = config.checkpoint_key_file.clone();
+        let server =
+            TestServer::start(|listener, shutdown| medai_audit::serve(config, listener, shutdown))
+                .await;
+        wait_until_serving(&pki, server.address, "audit").await;
+        let client = AuditServiceClient::new(pki.channel_as("gateway", server.address, "audit"));
+        // The auditor's copy of the public key, from the file the service wrote beside its key.
+        let public_text =
+            std::fs::read_to_string(key_file.with_extension("pub")).expect("public key file");
+        let public_key = base64::engine::general_purpose::STANDARD
+            .decode(public_text.trim())
+            .expect("base64");
+        let database = Database::connect(database_url.as_str())
+            .await
+            .expect("superuser connection");
+        Self {
+            _pki: pki,
+            _server: server,
+            client,
+            database,
+            public_key,
+        }
+    }
+
+    async fn append(&mut self, count: usize, actor: &str) {
+        for index in 0..count {
+            let request = pb::AppendRequest {
+                actor: actor.to_owned(),
+                action: "INFERENCE".to_owned(),
+                resource: format!("result/{index}"),
+                outcome: "SUCCESS".to_owned(),
+                context_json: format!(r#"{{"n":{index}}}"#),
+            };
+            self.client.append(request).await.expect("append");
+        }
+    }
+
+    async fn checkpoint(&mut self) -> pb::Checkpoint {
+        self.client
+            .create_checkpoint(pb::CreateCheckpointRequest {})
+            .await
+            .expect("checkpoint")
+            .into_inner()
+            .checkpoint
+            .expect("c")
+    }
+
+    async fn verify(&mut self) -> pb::VerifyResponse {
+        self.client
+            .verify(pb::VerifyRequest {})
+            .await
+            .expect("verify")
+            .into_inner()
+    }
+
+    /// What a superuser can do: switch the triggers off, change anything, switch them back on.
+    async fn as_superuser(&self, statements: &str) {
+        self.database
+            .execute_unprepared(&format!(
+                "ALTER TABLE ledger_entries DISABLE TRIGGER USER; ALTER TABLE ledger_checkpoints DISABLE TRIGGER USER; \
+                 {statements} \
+                 ALTER TABLE ledger_entries ENABLE TRIGGER USER; ALTER TABLE ledger_checkpoints ENABLE TRIGGER USER;"
+            ))
+            .await
+            .expect("superuser statements");
+    }
+
+    async fn export(&mut self) -> String {
+        let mut stream = self
+            .client
+            .export_ledger(pb::ExportLedgerRequest {})
+            .await
+            .expect("export")
+            .into_inner();
+        let mut text = String::new();
+        while let Some(chunk) = stream.message().await.expect("chunk") {
+            text.push_str(&chunk.lines);
+        }
+        text
+    }
+}
+
+fn domain_checkpoint(checkpoint: pb::Checkpoint) -> Checkpoint {
+    Checkpoint {
+        tree_size: checkpoint.tree_size,
+        head_hash: checkpoint.head_hash,
+        merkle_root: checkpoint.merkle_root,
+        created_at: checkpoint.created_at,
+        key_id: checkpoint.key_id,
+        signature: checkpoint.signature,
+    }
+}
+
+fn decode(hex_text: &str) -> merkle::Hash {
+    merkle::Hash::try_from(hex::decode(hex_text).expect("hex")).expect("32 bytes")
+}
+
+#[tokio::test]
+async fn two_swapped_rows_are_named() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(5, "user:a").await;
+    ledger
+        .as_superuser(
+            "UPDATE ledger_entries SET seq = -2 WHERE seq = 2; UPDATE ledger_entries SET seq = 2 WHERE seq = 3; \
+             UPDATE ledger_entries SET seq = 3 WHERE seq = -2;",
+        )
+        .await;
+    let report = ledger.verify().await;
+    assert!(!report.intact);
+    assert_eq!(report.first_bad_seq, 2, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_truncated_tail_is_caught_by_the_signed_checkpoint() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(10, "user:a").await;
+    let checkpoint = ledger.checkpoint().await;
+    assert_eq!(checkpoint.tree_size, 10);
+    ledger
+        .as_superuser("DELETE FROM ledger_entries WHERE seq >= 8;")
+        .await;
+    let report = ledger.verify().await;
+    assert!(
+        !report.intact,
+        "the chain that is left is internally consistent, but the checkpoint vouches for 10"
+    );
+    assert_eq!(report.first_bad_seq, 8, "{report:?}");
+    assert!(report.problem.contains("missing"), "{}", report.problem);
+}
+
+#[tokio::test]
+async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(5, "user:a").await;
+    let first = ledger.checkpoint().await;
+    ledger.append(5, "user:b").await;
+    let second = ledger.checkpoint().await;
+    assert_eq!((first.tree_size, second.tree_size), (5, 10));
+
+    // Rewrite entries 6..=10 with a different actor and recompute the whole chain after 5, so
+    // every link and hash is consistent again.
+    let rows = ledger
+        .database
+        .query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT seq, recorded_at, action, resource, outcome, context, prev_hash FROM ledger_entries ORDER BY seq",
+        ))
+        .await
+        .expect("rows");
+    let mut previous = decode(&rows[4].try_get::<String>("", "prev_hash").expect("prev"));
+    let mut statements = String::new();
+    for row in &rows {
+        let seq: i64 = row.try_get("", "seq").expect("seq");
+        let content = EntryContent {
+            seq: seq as u64,
+            recorded_at: row.try_get("", "recorded_at").expect("at"),
+            actor: if seq >= 6 {
+                "user:mallory".to_owned()
+            } else {
+                "user:a".to_owned()
+            },
+            action: row.try_get("", "action").expect("action"),
+            resource: row.try_get("", "resource").expect("resource"),
+            outcome: row.try_get("", "outcome").expect("outcome"),
+            context: row.try_get("", "context").expect("context"),
+        };
+        if seq < 5 {
+            continue;
+        }
+        let hash = entry_hash(&previous, &content);
+        if seq >= 6 {
+            statements.push_str(&format!(
+                "UPDATE ledger_entries SET actor = 'user:mallory', prev_hash = '{}', hash = '{}' WHERE seq = {seq}; ",
+                hex::encode(previous),
+                hex::encode(hash)
+            ));
+        }
+        previous = hash;
+    }
+    ledger.as_superuser(&statements).await;
+
+    let report = ledger.verify().await;
+    assert!(!report.intact);
+    assert_eq!(
+        report.first_bad_seq, 6,
+        "the first entry not vouched for by a checkpoint that still verifies: {report:?}"
+    );
+    assert_eq!(report.checkpoints_verified, 1);
+
+    // Even if the attacker also deletes the checkpoint rows, the auditor's saved checkpoint
+    // (signed, kept outside the database) catches it offline.
+    ledger.as_superuser("DELETE FROM ledger_checkpoints;").await;
+    let export = ledger.export().await;
+    let saved =
+        serde_json::to_string(&ExportRecord::Checkpoint(domain_checkpoint(second))).expect("json");
+    let with_saved = format!("{export}{saved}\n");
+    let offline =
+        verify_export(with_saved.as_bytes(), &ledger.public_key).expect("export readable");
+    assert_eq!(
+        offline.first_bad_seq,
+        Some(1),
+        "with only the later checkpoint kept, nothing before it is vouched for"
+    );
+    let first_saved =
+        serde_json::to_string(&ExportRecord::Checkpoint(domain_checkpoint(first))).expect("json");
+    let offline = verify_export(
+        format!("{with_saved}{first_saved}\n").as_bytes(),
+        &ledger.public_key,
+    )
+    .expect("readable");
+    assert_eq!(offline.first_bad_seq, Some(6));
+}
+
+#[tokio::test]
+async fn proofs_verify_against_signed_checkpoints_as_rfc_9162_says() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(7, "user:a").await;
+    let old = ledger.checkpoint().await;
+    ledger.append(6, "user:a").await;
+    let new = ledger.checkpoint().await;
+    let key = ledger
+        .client
+        .get_checkpoint_key(pb::GetCheckpointKeyRequest {})
+        .await
+        .expect("key")
+        .into_inner();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(&key.public_key)
+            .expect("b64"),
+        ledger.public_key
+    );
+    for checkpoint in [&old, &new] {
+        assert!(domain_checkpoint(checkpoint.clone()).signature_is_valid(&ledger.public_key));
+    }
+
+    let inclusion = ledger
+        .client
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            seq: 3,
+            tree_size: new.tree_size,
+        })
+        .await
+        .expect("inclusion")
+        .into_inner();
+    let proof: Vec<merkle::Hash> = inclusion.proof.iter().map(|hash| decode(hash)).collect();
+    let root = decode(&new.merkle_root);
+    assert!(merkle::verify_inclusion(
+        &decode(&inclusion.entry_hash),
+        2,
+        new.tree_size,
+        &proof,
+        &root
+    ));
+    assert!(!merkle::verify_inclusion(
+        &decode(&inclusion.entry_hash),
+        3,
+        new.tree_size,
+        &proof,
+        &root
+    ));
+
+    let consistency = ledger
+        .client
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            old_size: old.tree_size,
+            new_size: new.tree_size,
+        })
+        .await
+        .expect("consistency")
+        .into_inner();
+    let proof: Vec<merkle::Hash> = consistency.proof.iter().map(|hash| decode(hash)).collect();
+    assert!(merkle::verify_consistency(
+        old.tree_size,
+        new.tree_size,
+        &proof,
+        &decode(&old.merkle_root),
+        &root
+    ));
+    assert!(!merkle::verify_consistency(
+        old.tree_size,
+        new.tree_size,
+        &proof,
+        &[9; 32],
+        &root
+    ));
+
+    let status = ledger
+        .client
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            seq: 99,
+            tree_size: 100,
+        })
+        .await
+        .expect_err("out of range");
+    assert_eq!(
+        medai_runtime::errors::reason_of(&status).as_deref(),
+        Some("OUT_OF_RANGE")
+    );
+}
+
+#[tokio::test]
+async fn an_export_verifies_offline_and_a_tampered_export_names_the_entry() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(20, "user:a").await;
+    ledger.checkpoint().await;
+    let export = ledger.export().await;
+    let report = verify_export(export.as_bytes(), &ledger.public_key).expect("readable");
+    assert_eq!(
+        (
+            report.first_bad_seq,
+            report.entries_verified,
+            report.checkpoints_verified
+        ),
+        (None, 20, 1)
+    );
+
+    let tampered: String = export
+        .lines()
+        .map(|line| {
+            if line.contains(r#""seq":12,"#) {
+                line.replace("user:a", "user:b")
+            } else {
+                line.to_owned()
+            }
+        })
+        .map(|line| line + "\n")
+        .collect();
+    let report = verify_export(tampered.as_bytes(), &ledger.public_key).expect("readable");
+    assert_eq!(report.first_bad_seq, Some(12), "{report:?}");
+
+    let stranger =
+        medai_ledger::checkpoint::CheckpointSigner::load_or_create(&scratch_file("other.key"))
+            .expect("key");
+    let report = verify_export(export.as_bytes(), stranger.public_key()).expect("readable");
+    assert_eq!(
+        report.first_bad_seq,
+        Some(1),
+        "a checkpoint signed by another key vouches for nothing"
+    );
+    assert!(verify_export(b"{not json".as_slice(), &ledger.public_key).is_err());
+}
+
+#[tokio::test]
+async fn queries_filter_and_paginate() {
+    let mut ledger = Ledger::start().await;
+    ledger.append(5, "user:a").await;
+    ledger.append(4, "user:b").await;
+    let mut page_token = String::new();
+    let mut seen = Vec::new();
+    loop {
+        let page = ledger
+            .client
+            .query_events(pb::QueryEventsRequest {
+                actor: "user:b".to_owned(),
+                page_size: 3,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        seen.extend(page.entries.iter().map(|entry| entry.seq));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, vec![6, 7, 8, 9]);
+    let future = ledger
+        .client
+        .query_events(pb::QueryEventsRequest {
+            recorded_from: "2999-01-01T00:00:00.000000Z".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    assert!(future.entries.is_empty());
+    let status = ledger
+        .client
+        .query_events(pb::QueryEventsRequest {
+            page_token: "x".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(
+        medai_runtime::errors::reason_of(&status).as_deref(),
+        Some("PAGE_TOKEN_INVALID")
+    );
+}
