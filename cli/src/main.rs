@@ -66,8 +66,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the whole hash chain (admin or auditor).
-    Verify,
+    /// Verify the ledger. Online (default): the audit service recomputes the chain and checks
+    /// its signed checkpoints (admin or auditor). Offline (--export): this machine verifies an
+    /// export with no database and no service, trusting only the public key you give it.
+    Verify {
+        /// An export written by `medai audit export`.
+        #[arg(long, requires = "public_key")]
+        export: Option<PathBuf>,
+        /// The checkpoint public key (base64), or a file holding it (`audit-checkpoint.pub`).
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Checkpoints you kept from earlier exports (JSON Lines), checked as well.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Write the whole ledger and its checkpoints to FILE as JSON Lines (auditor).
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -117,8 +134,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Infer { file, model } => infer(&cli, &cli.gateway, file, model).await,
         Command::Audit {
-            command: AuditCommand::Verify,
+            command:
+                AuditCommand::Verify {
+                    export: Some(export),
+                    public_key,
+                    checkpoints,
+                },
+        } => verify_offline(
+            export,
+            public_key.as_deref().unwrap_or_default(),
+            checkpoints.as_deref(),
+        ),
+        Command::Audit {
+            command: AuditCommand::Verify { export: None, .. },
         } => verify(&cli, &cli.gateway).await,
+        Command::Audit {
+            command: AuditCommand::Export { out },
+        } => export(&cli, &cli.gateway, out).await,
         Command::Demo { up, file } => {
             let mesh = start_mesh(&cli, up).await?;
             let gateway = gateway_endpoint(&mesh)?;
@@ -345,5 +377,69 @@ async fn verify(cli: &Cli, gateway: &str) -> Result<()> {
             report.problem,
             report.entries_checked
         )
+    }
+}
+
+async fn export(cli: &Cli, gateway: &str, out: &Path) -> Result<()> {
+    use std::io::Write;
+    let token = saved_token(cli)?;
+    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
+    let mut stream = client
+        .export_ledger(authorised(
+            medai_proto::gateway::v1::ExportLedgerRequest {},
+            &token,
+        ))
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!("export refused: {} ({:?})", status.message(), status.code())
+        })?
+        .into_inner();
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?,
+    );
+    let mut lines = 0usize;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|status| anyhow::anyhow!("export failed: {}", status.message()))?
+    {
+        lines += chunk.lines.lines().count();
+        file.write_all(chunk.lines.as_bytes())?;
+    }
+    file.flush()?;
+    say(&format!("exported {lines} records to {}", out.display()));
+    Ok(())
+}
+
+/// Offline verification: no database, no service; every hash and root recomputed here.
+fn verify_offline(export: &Path, public_key: &str, kept_checkpoints: Option<&Path>) -> Result<()> {
+    use base64::Engine;
+    let key_text = if Path::new(public_key).is_file() {
+        std::fs::read_to_string(public_key)?
+    } else {
+        public_key.to_owned()
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key_text.trim())
+        .context("the public key is not base64")?;
+    let mut text = std::fs::read_to_string(export)
+        .with_context(|| format!("cannot read {}", export.display()))?;
+    if let Some(kept) = kept_checkpoints {
+        text.push('\n');
+        text.push_str(
+            &std::fs::read_to_string(kept)
+                .with_context(|| format!("cannot read {}", kept.display()))?,
+        );
+    }
+    let report = medai_ledger::export::verify_export(text.as_bytes(), &key)?;
+    match report.first_bad_seq {
+        None => {
+            say(&format!(
+                "export intact: {} entries, {} signed checkpoints verified, head {}",
+                report.entries_verified, report.checkpoints_verified, report.head_hash
+            ));
+            Ok(())
+        }
+        Some(seq) => bail!("export BROKEN at seq {seq}: {}", report.problem),
     }
 }

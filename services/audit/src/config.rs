@@ -12,6 +12,10 @@ pub struct AuditConfig {
     pub tls: TlsFiles,
     /// `postgres://…` in production, `sqlite://…?mode=rwc` for the embedded default.
     pub database_url: String,
+    /// The schema owner's URL for migrations, when `database_url` names a role that may only
+    /// insert and select (a member of `medai_ledger_writer`); absent, `database_url` migrates.
+    #[serde(default)]
+    pub migration_database_url: Option<String>,
     /// The Ed25519 key that signs checkpoints (base64 PKCS#8), created on first start; its
     /// public key is written beside it as `<file>.pub`. Keep it outside the database.
     pub checkpoint_key_file: std::path::PathBuf,

@@ -83,7 +83,10 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
     let signer = Arc::new(load_checkpoint_signer(&config)?);
-    let connection = store::connect_and_migrate(&config.database_url).await?;
+    let connection = match &config.migration_database_url {
+        Some(owner_url) => store::migrate_then_connect(owner_url, &config.database_url).await?,
+        None => store::connect_and_migrate(&config.database_url).await?,
+    };
     let appender = appender::LedgerAppender::start(connection.clone());
     let checkpointer = Arc::new(checkpoints::Checkpointer {
         connection: connection.clone(),

@@ -64,6 +64,17 @@ pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnectio
     Ok(connection)
 }
 
+/// Migrates as the schema owner, then connects as the service's own, narrower role.
+pub async fn migrate_then_connect(
+    owner_url: &str,
+    service_url: &str,
+) -> Result<DatabaseConnection, StoreError> {
+    let owner = medai_storage::connect(owner_url).await?;
+    Migrator::up(&owner, None).await?;
+    owner.close().await?;
+    Ok(medai_storage::connect(service_url).await?)
+}
+
 pub struct Migrator;
 
 #[async_trait::async_trait]
@@ -208,7 +219,7 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
     BEGIN
       CREATE ROLE medai_ledger_writer NOLOGIN;
-    EXCEPTION WHEN insufficient_privilege THEN
+    EXCEPTION WHEN insufficient_privilege OR duplicate_object THEN
       RAISE NOTICE 'cannot create role medai_ledger_writer; create it and grant it SELECT, INSERT';
     END;
   END IF;

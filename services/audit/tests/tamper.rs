@@ -34,6 +34,7 @@ impl Ledger {
             database_url: database_url.clone(),
             checkpoint_key_file: scratch_file("checkpoint.key"),
             checkpoint_interval_seconds: 0,
+            migration_database_url: None,
         };
         let key_file = config.checkpoint_key_file.clone();
         let server =
@@ -426,4 +427,83 @@ async fn queries_filter_and_paginate() {
         medai_runtime::errors::reason_of(&status).as_deref(),
         Some("PAGE_TOKEN_INVALID")
     );
+}
+
+#[tokio::test]
+async fn the_services_database_role_may_only_insert_and_select() {
+    let owner_url = fresh_postgres_database().await;
+    let owner = Database::connect(owner_url.as_str()).await.expect("owner");
+    let role = format!("ledger_app_{}", std::process::id());
+    owner
+        .execute_unprepared(&format!(
+            "DO $$ BEGIN CREATE ROLE medai_ledger_writer NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+             GRANT medai_ledger_writer TO {role};"
+        ))
+        .await
+        .expect("roles");
+    let (base, database) = owner_url.rsplit_once('/').expect("url");
+    let service_url = format!(
+        "{}/{database}",
+        base.replacen("postgres@", &format!("{role}@"), 1)
+    );
+
+    let pki = TestPki::new();
+    let config = AuditConfig {
+        process: test_process_config(),
+        tls: pki.files("audit"),
+        database_url: service_url.clone(),
+        migration_database_url: Some(owner_url.clone()),
+        checkpoint_key_file: scratch_file("checkpoint.key"),
+        checkpoint_interval_seconds: 0,
+    };
+    let server =
+        TestServer::start(|listener, shutdown| medai_audit::serve(config, listener, shutdown))
+            .await;
+    wait_until_serving(&pki, server.address, "audit").await;
+    let mut client = AuditServiceClient::new(pki.channel_as("gateway", server.address, "audit"));
+    let append = pb::AppendRequest {
+        actor: "user:a".to_owned(),
+        action: "LOGIN".to_owned(),
+        resource: "session".to_owned(),
+        outcome: "SUCCESS".to_owned(),
+        context_json: String::new(),
+    };
+    client
+        .append(append)
+        .await
+        .expect("the narrow role appends");
+    client
+        .create_checkpoint(pb::CreateCheckpointRequest {})
+        .await
+        .expect("and signs checkpoints");
+    assert!(
+        client
+            .verify(pb::VerifyRequest {})
+            .await
+            .expect("and reads")
+            .into_inner()
+            .intact
+    );
+
+    let narrow = Database::connect(service_url.as_str())
+        .await
+        .expect("service role");
+    for statement in [
+        "UPDATE ledger_entries SET actor = 'x'",
+        "DELETE FROM ledger_entries",
+        "TRUNCATE ledger_entries",
+        "DELETE FROM ledger_checkpoints",
+        "ALTER TABLE ledger_entries DISABLE TRIGGER USER",
+    ] {
+        let error = narrow
+            .execute_unprepared(statement)
+            .await
+            .expect_err(statement);
+        let text = error.to_string();
+        assert!(
+            text.contains("permission denied") || text.contains("must be owner"),
+            "{statement}: {text}"
+        );
+    }
 }

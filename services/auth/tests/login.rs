@@ -49,6 +49,7 @@ impl AuthUnderTest {
             database_url: audit_database.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
             checkpoint_interval_seconds: 0,
+            migration_database_url: None,
         };
         let audit = TestServer::start(|listener, shutdown| {
             medai_audit::serve(audit_config, listener, shutdown)
@@ -352,6 +353,7 @@ async fn an_expired_signing_ticket_is_refused() {
         database_url: fresh_postgres_database().await,
         checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
         checkpoint_interval_seconds: 0,
+        migration_database_url: None,
     };
     let audit = TestServer::start(|listener, shutdown| {
         medai_audit::serve(audit_config, listener, shutdown)

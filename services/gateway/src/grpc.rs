@@ -29,6 +29,33 @@ pub struct GatewayApi {
     pub default_model: String,
 }
 
+impl GatewayApi {
+    /// Every read of the ledger is itself recorded, before it is answered; a read that cannot
+    /// be recorded is refused.
+    async fn record_ledger_read(
+        &self,
+        caller: &Caller,
+        action: &str,
+        context: serde_json::Value,
+        correlation: &str,
+    ) -> Result<(), Status> {
+        let record = AppendRequest {
+            actor: format!("user:{}", caller.subject),
+            action: action.to_owned(),
+            resource: "ledger".to_owned(),
+            outcome: "SUCCESS".to_owned(),
+            context_json: context.to_string(),
+        };
+        self.downstream
+            .audit
+            .clone()
+            .append(self.downstream.request(record, correlation, None))
+            .await
+            .map(|_| ())
+            .map_err(|_| GatewayError::LedgerUnavailable.into())
+    }
+}
+
 type AuthClient =
     medai_proto::auth::v1::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
 
@@ -424,6 +451,100 @@ impl GatewayService for GatewayApi {
         Ok(with_correlation(
             VerifyLedgerResponse {
                 verification: Some(verification),
+            },
+            &correlation,
+        ))
+    }
+
+    async fn query_ledger(
+        &self,
+        request: Request<gw::QueryLedgerRequest>,
+    ) -> Result<Response<gw::QueryLedgerResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let query = request.into_inner().query.unwrap_or_default();
+        let context = serde_json::json!({
+            "correlation_id": correlation,
+            "action": query.action,
+            "actor": query.actor,
+            "recorded_from": query.recorded_from,
+            "recorded_to": query.recorded_to,
+            "resource": query.resource,
+        });
+        self.record_ledger_read(&caller, "LEDGER_QUERY", context, &correlation)
+            .await?;
+        let result = self
+            .downstream
+            .audit
+            .clone()
+            .query_events(self.downstream.request(query, &correlation, None))
+            .await
+            .map_err(|status| relay_downstream("audit", status))?
+            .into_inner();
+        Ok(with_correlation(
+            gw::QueryLedgerResponse {
+                result: Some(result),
+            },
+            &correlation,
+        ))
+    }
+
+    type ExportLedgerStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<gw::ExportLedgerResponse, Status>> + Send>,
+    >;
+
+    async fn export_ledger(
+        &self,
+        request: Request<gw::ExportLedgerRequest>,
+    ) -> Result<Response<Self::ExportLedgerStream>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let context = serde_json::json!({ "correlation_id": correlation });
+        self.record_ledger_read(&caller, "LEDGER_EXPORT", context, &correlation)
+            .await?;
+        let upstream = self
+            .downstream
+            .audit
+            .clone()
+            .export_ledger(self.downstream.request(
+                medai_proto::audit::v1::ExportLedgerRequest {},
+                &correlation,
+                None,
+            ))
+            .await
+            .map_err(|status| relay_downstream("audit", status))?
+            .into_inner();
+        let relayed = tokio_stream::StreamExt::map(upstream, |chunk| {
+            chunk
+                .map(|chunk| gw::ExportLedgerResponse { lines: chunk.lines })
+                .map_err(|status| relay_downstream("audit", status))
+        });
+        Ok(with_correlation(
+            Box::pin(relayed) as Self::ExportLedgerStream,
+            &correlation,
+        ))
+    }
+
+    async fn create_ledger_checkpoint(
+        &self,
+        request: Request<gw::CreateLedgerCheckpointRequest>,
+    ) -> Result<Response<gw::CreateLedgerCheckpointResponse>, Status> {
+        let correlation = correlation_id(request.metadata());
+        let response = self
+            .downstream
+            .audit
+            .clone()
+            .create_checkpoint(self.downstream.request(
+                medai_proto::audit::v1::CreateCheckpointRequest {},
+                &correlation,
+                None,
+            ))
+            .await
+            .map_err(|status| relay_downstream("audit", status))?
+            .into_inner();
+        Ok(with_correlation(
+            gw::CreateLedgerCheckpointResponse {
+                checkpoint: response.checkpoint,
             },
             &correlation,
         ))

@@ -41,7 +41,7 @@ pub enum ServeError {
 
 const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
 
-const EXTERNAL_METHODS: [&str; 13] = [
+const EXTERNAL_METHODS: [&str; 16] = [
     "Login",
     "Refresh",
     "Logout",
@@ -49,6 +49,9 @@ const EXTERNAL_METHODS: [&str; 13] = [
     "Reauthenticate",
     "Infer",
     "VerifyLedger",
+    "QueryLedger",
+    "ExportLedger",
+    "CreateLedgerCheckpoint",
     "CreateUser",
     "SetUserRole",
     "DisableUser",
@@ -81,7 +84,13 @@ pub fn role_policy() -> RolePolicy {
         .allow(&method("ChangePassword"), &EVERY_ROLE)
         .allow(&method("Reauthenticate"), &[Role::Admin, Role::Clinician])
         .allow(&method("Infer"), &[Role::Admin, Role::Clinician])
-        .allow(&method("VerifyLedger"), &[Role::Admin, Role::Auditor]);
+        .allow(&method("VerifyLedger"), &[Role::Admin, Role::Auditor])
+        .allow(
+            &method("CreateLedgerCheckpoint"),
+            &[Role::Admin, Role::Auditor],
+        )
+        .allow(&method("QueryLedger"), &[Role::Auditor])
+        .allow(&method("ExportLedger"), &[Role::Auditor]);
     [
         "CreateUser",
         "SetUserRole",
