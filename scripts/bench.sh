@@ -11,3 +11,4 @@ source scripts/test-servers.sh
 trap stop_test_servers EXIT
 cargo bench -p medai-e2e --bench prediction_latency
 cargo bench -p medai-e2e --bench token_check
+cargo bench -p medai-e2e --bench ledger

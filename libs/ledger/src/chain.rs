@@ -60,10 +60,30 @@ pub fn canonical_encoding(entry: &EntryContent) -> Vec<u8> {
 }
 
 pub fn entry_hash(prev_hash: &Hash, entry: &EntryContent) -> Hash {
+    // Streams the same bytes as `canonical_encoding` into the hasher, without building them.
     let mut hasher = Sha256::new();
     hasher.update(prev_hash);
-    hasher.update(canonical_encoding(entry));
+    hasher.update(DOMAIN_TAG);
+    hasher.update(ENCODING_VERSION.to_be_bytes());
+    hasher.update(entry.seq.to_be_bytes());
+    for field in [
+        &entry.recorded_at,
+        &entry.actor,
+        &entry.action,
+        &entry.resource,
+        &entry.outcome,
+        &entry.context,
+    ] {
+        hasher.update(u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
+        hasher.update(field.as_bytes());
+    }
     hasher.finalize().into()
+}
+
+/// Whether `hex_text` is the hex form of `hash`, without allocating.
+fn hex_equals(hex_text: &str, hash: &Hash) -> bool {
+    let mut decoded = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut decoded).is_ok() && &decoded == hash
 }
 
 /// Serialises JSON deterministically: object keys sorted by their UTF-8 bytes, no
@@ -170,11 +190,11 @@ impl ChainVerifier {
                 entry.encoding_version
             ));
         }
-        if entry.prev_hash_hex != hex::encode(self.head) {
+        if !hex_equals(&entry.prev_hash_hex, &self.head) {
             return fail("prev_hash does not match the previous entry's hash".to_owned());
         }
         let recomputed = entry_hash(&self.head, &entry.content);
-        if entry.hash_hex != hex::encode(recomputed) {
+        if !hex_equals(&entry.hash_hex, &recomputed) {
             return fail("hash does not match the entry's content".to_owned());
         }
         self.head = recomputed;
@@ -255,6 +275,18 @@ mod tests {
         let mut entries = chain(&["a", "b", "c", "d"]);
         entries.remove(2);
         assert_eq!(first_break(&entries).map(|b| b.seq), Some(3));
+    }
+
+    #[test]
+    fn the_streamed_hash_equals_the_hash_of_the_documented_encoding() {
+        let entry = content(7, "user:x");
+        let mut documented = Sha256::new();
+        documented.update(genesis_hash());
+        documented.update(canonical_encoding(&entry));
+        assert_eq!(
+            entry_hash(&genesis_hash(), &entry),
+            <[u8; 32]>::from(documented.finalize())
+        );
     }
 
     #[test]

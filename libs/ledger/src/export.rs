@@ -108,8 +108,11 @@ impl LedgerAudit {
     pub fn report(mut self, public_key: &[u8]) -> OfflineReport {
         self.checkpoints
             .sort_by_key(|checkpoint| checkpoint.tree_size);
-        // The first checkpoint that fails bounds where history was changed: after the last
-        // good one.
+        // One walk over the recomputed hashes; each checkpoint is judged when the frontier
+        // reaches its size. The first that fails bounds where history was changed: after the
+        // last good one.
+        let mut frontier = merkle::MerkleFrontier::new();
+        let mut hashes = self.recomputed.iter();
         let mut last_good_size = 0_u64;
         let mut checkpoint_break: Option<(u64, String)> = None;
         let mut checkpoints_verified = 0;
@@ -125,8 +128,7 @@ impl LedgerAudit {
                 ));
                 break;
             }
-            let size = usize::try_from(checkpoint.tree_size).unwrap_or(usize::MAX);
-            if size > self.recomputed.len() {
+            if checkpoint.tree_size > self.recomputed.len() as u64 {
                 let seq = self.recomputed.len() as u64 + 1;
                 checkpoint_break = Some((
                     seq,
@@ -137,14 +139,19 @@ impl LedgerAudit {
                 ));
                 break;
             }
+            while frontier.size() < checkpoint.tree_size {
+                match hashes.next() {
+                    Some(hash) => frontier.push(hash),
+                    None => break,
+                }
+            }
+            let size = usize::try_from(checkpoint.tree_size).unwrap_or(usize::MAX);
             let head = if size == 0 {
                 crate::chain::genesis_hash()
             } else {
                 self.recomputed[size - 1]
             };
-            if Some(head) != checkpoint.head()
-                || Some(merkle::root(&self.recomputed[..size])) != checkpoint.root()
-            {
+            if Some(head) != checkpoint.head() || Some(frontier.root()) != checkpoint.root() {
                 checkpoint_break = Some((
                     first_unvouched,
                     format!(

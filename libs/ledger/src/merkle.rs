@@ -36,6 +36,50 @@ fn split(n: usize) -> usize {
     k
 }
 
+/// The right edge of a growing tree: the roots of its perfect subtrees, largest first. Gives
+/// MTH of every prefix in one pass, O(log n) per leaf, so checking many checkpoints costs one
+/// walk over the entries instead of one walk per checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct MerkleFrontier {
+    subtrees: Vec<(u64, Hash)>,
+    size: u64,
+}
+
+impl MerkleFrontier {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn push(&mut self, entry_hash: &Hash) {
+        let mut carry = (1_u64, leaf_hash(entry_hash));
+        while let Some(&(size, left)) = self.subtrees.last() {
+            if size != carry.0 {
+                break;
+            }
+            self.subtrees.pop();
+            carry = (size * 2, node_hash(&left, &carry.1));
+        }
+        self.subtrees.push(carry);
+        self.size += 1;
+    }
+
+    /// MTH of the leaves pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut subtrees = self.subtrees.iter().rev();
+        let Some(&(_, mut root)) = subtrees.next() else {
+            return empty_root();
+        };
+        for (_, left) in subtrees {
+            root = node_hash(left, &root);
+        }
+        root
+    }
+}
+
 /// MTH over already-hashed leaves.
 fn root_of_leaves(leaves: &[Hash]) -> Hash {
     match leaves.len() {
@@ -217,6 +261,17 @@ mod tests {
         assert_eq!(root(&e), expected);
         assert_eq!(root(&e[..1]), leaf_hash(&e[0]));
         assert_eq!(root(&[]), empty_root());
+    }
+
+    #[test]
+    fn the_frontier_gives_the_root_of_every_prefix() {
+        let e = entries(70);
+        let mut frontier = MerkleFrontier::new();
+        assert_eq!(frontier.root(), empty_root());
+        for n in 1..=e.len() {
+            frontier.push(&e[n - 1]);
+            assert_eq!(frontier.root(), root(&e[..n]), "n={n}");
+        }
     }
 
     #[test]

@@ -520,6 +520,39 @@ impl Authority {
         Ok(id)
     }
 
+    /// One administrative change to a user: in a transaction, every token they hold stops
+    /// working, `change` is applied, the change is recorded, and only then is it committed and
+    /// the revocation published. `change` returns what the ledger context says of it.
+    async fn change_user(
+        &self,
+        actor: &Actor,
+        username: &str,
+        action: &str,
+        change: impl FnOnce(&user::Model, &mut user::ActiveModel) -> serde_json::Value,
+    ) -> Result<(), AuthError> {
+        let transaction = self.connection.begin().await?;
+        let user = self
+            .user_by_name(&transaction, username)
+            .await?
+            .ok_or(AuthError::UserNotFound)?;
+        let generation = self.invalidate_tokens(&transaction, &user).await?;
+        let mut changed = user.clone().into_active_model();
+        let mut context = change(&user, &mut changed);
+        changed.update(&transaction).await?;
+        context["correlation_id"] = serde_json::Value::from(actor.correlation_id.clone());
+        self.record(
+            &format!("user:{}", actor.subject),
+            action,
+            &format!("user/{}", user.id),
+            "SUCCESS",
+            context,
+        )
+        .await?;
+        transaction.commit().await?;
+        self.publish_generation(&user.id, generation).await
+    }
+
+    /// A role change takes effect at once: tokens carrying the old role stop working.
     pub async fn set_role(
         &self,
         actor: &Actor,
@@ -528,53 +561,22 @@ impl Authority {
     ) -> Result<(), AuthError> {
         let role = Role::parse(role)
             .ok_or_else(|| AuthError::RoleUnknown(role.chars().take(32).collect()))?;
-        let transaction = self.connection.begin().await?;
-        let user = self
-            .user_by_name(&transaction, username)
-            .await?
-            .ok_or(AuthError::UserNotFound)?;
-        let previous = user.role.clone();
-        // A role change takes effect at once: tokens carrying the old role stop working.
-        let generation = self.invalidate_tokens(&transaction, &user).await?;
-        let mut changed = user.clone().into_active_model();
-        changed.role = Set(role.as_str().to_owned());
-        changed.update(&transaction).await?;
-        let context = serde_json::json!({ "correlation_id": actor.correlation_id, "from": previous, "to": role.as_str() });
-        self.record(
-            &format!("user:{}", actor.subject),
-            "USER_ROLE_SET",
-            &format!("user/{}", user.id),
-            "SUCCESS",
-            context,
-        )
-        .await?;
-        transaction.commit().await?;
-        self.publish_generation(&user.id, generation).await
+        self.change_user(actor, username, "USER_ROLE_SET", |user, changed| {
+            changed.role = Set(role.as_str().to_owned());
+            serde_json::json!({ "from": user.role, "to": role.as_str() })
+        })
+        .await
     }
 
     pub async fn disable(&self, actor: &Actor, username: &str) -> Result<(), AuthError> {
-        let transaction = self.connection.begin().await?;
-        let user = self
-            .user_by_name(&transaction, username)
-            .await?
-            .ok_or(AuthError::UserNotFound)?;
-        let generation = self.invalidate_tokens(&transaction, &user).await?;
-        let mut changed = user.clone().into_active_model();
-        changed.status = Set("disabled".to_owned());
-        changed.update(&transaction).await?;
-        let context = serde_json::json!({ "correlation_id": actor.correlation_id });
-        self.record(
-            &format!("user:{}", actor.subject),
-            "USER_DISABLE",
-            &format!("user/{}", user.id),
-            "SUCCESS",
-            context,
-        )
-        .await?;
-        transaction.commit().await?;
-        self.publish_generation(&user.id, generation).await
+        self.change_user(actor, username, "USER_DISABLE", |_, changed| {
+            changed.status = Set("disabled".to_owned());
+            serde_json::json!({})
+        })
+        .await
     }
 
+    /// An admin's reset also lifts a lockout.
     pub async fn reset_password(
         &self,
         actor: &Actor,
@@ -582,29 +584,14 @@ impl Authority {
         new_password: &str,
     ) -> Result<(), AuthError> {
         let password_hash = hash_password_off_thread(new_password).await?;
-        let transaction = self.connection.begin().await?;
-        let user = self
-            .user_by_name(&transaction, username)
-            .await?
-            .ok_or(AuthError::UserNotFound)?;
-        let generation = self.invalidate_tokens(&transaction, &user).await?;
-        let mut changed = user.clone().into_active_model();
-        changed.password_hash = Set(password_hash);
-        changed.password_changed_at = Set(crate::unix_now() as i64);
-        changed.failed_attempts = Set(0);
-        changed.locked_until = Set(0);
-        changed.update(&transaction).await?;
-        let context = serde_json::json!({ "correlation_id": actor.correlation_id });
-        self.record(
-            &format!("user:{}", actor.subject),
-            "USER_PASSWORD_RESET",
-            &format!("user/{}", user.id),
-            "SUCCESS",
-            context,
-        )
-        .await?;
-        transaction.commit().await?;
-        self.publish_generation(&user.id, generation).await
+        self.change_user(actor, username, "USER_PASSWORD_RESET", |_, changed| {
+            changed.password_hash = Set(password_hash);
+            changed.password_changed_at = Set(crate::unix_now() as i64);
+            changed.failed_attempts = Set(0);
+            changed.locked_until = Set(0);
+            serde_json::json!({})
+        })
+        .await
     }
 
     pub async fn delete(&self, actor: &Actor, username: &str) -> Result<(), AuthError> {
