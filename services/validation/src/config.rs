@@ -34,6 +34,28 @@ pub struct ImageLimits {
     pub min_side: u32,
     #[serde(default = "default_max_side", deserialize_with = "from_str_or_native")]
     pub max_side: u32,
+    /// The most frames a DICOM object may declare.
+    #[serde(
+        default = "default_max_frames",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_frames: u32,
+    /// The most bytes its pixel data may decode to, as rows × columns × samples × bits ×
+    /// frames declare it; checked before anything is decompressed, so a small file cannot
+    /// expand into gigabytes.
+    #[serde(
+        default = "default_max_decoded_bytes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_decoded_bytes: u64,
+}
+
+fn default_max_frames() -> u32 {
+    1000
+}
+
+fn default_max_decoded_bytes() -> u64 {
+    1 << 30
 }
 
 impl Default for ImageLimits {
@@ -42,6 +64,8 @@ impl Default for ImageLimits {
             max_bytes: default_max_bytes(),
             min_side: default_min_side(),
             max_side: default_max_side(),
+            max_frames: default_max_frames(),
+            max_decoded_bytes: default_max_decoded_bytes(),
         }
     }
 }

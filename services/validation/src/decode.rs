@@ -177,6 +177,24 @@ fn decode_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CanonicalImage, Va
     let rows = read_u32(tags::ROWS).ok_or_else(undecodable)?;
     let columns = read_u32(tags::COLUMNS).ok_or_else(undecodable)?;
     check_dimensions(columns, rows, limits)?;
+    // What the pixel data will decode to, from the header alone, before any decompression.
+    let frames = read_u32(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    if frames > limits.max_frames {
+        return Err(ValidationError::TooManyFrames {
+            frames,
+            limit: limits.max_frames,
+        });
+    }
+    let samples = u64::from(read_u32(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1));
+    let bits = u64::from(read_u32(tags::BITS_ALLOCATED).unwrap_or(8).max(1));
+    let declared =
+        u64::from(rows) * u64::from(columns) * samples * bits.div_ceil(8) * u64::from(frames);
+    if declared > limits.max_decoded_bytes {
+        return Err(ValidationError::DecodedSizeTooLarge {
+            declared,
+            limit: limits.max_decoded_bytes,
+        });
+    }
     let supported = TransferSyntaxRegistry
         .get(&transfer_syntax_uid)
         .is_some_and(|syntax| syntax.can_decode_all());

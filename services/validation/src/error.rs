@@ -19,6 +19,10 @@ pub enum ValidationError {
     },
     #[error("the DICOM object has no pixel data")]
     DicomNoPixelData,
+    #[error("the DICOM object declares {frames} frames; the limit is {limit}")]
+    TooManyFrames { frames: u32, limit: u32 },
+    #[error("the pixel data would decode to {declared} bytes; the limit is {limit}")]
+    DecodedSizeTooLarge { declared: u64, limit: u64 },
     #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
     DicomUnsupportedTransferSyntax { uid: String },
     #[error("validation failed unexpectedly")]
@@ -42,6 +46,8 @@ impl ServiceError for ValidationError {
             Self::Undecodable { .. } => "IMAGE_UNDECODABLE",
             Self::DimensionsOutOfRange { .. } => "IMAGE_DIMENSIONS_OUT_OF_RANGE",
             Self::DicomNoPixelData => "DICOM_NO_PIXEL_DATA",
+            Self::TooManyFrames { .. } => "DICOM_TOO_MANY_FRAMES",
+            Self::DecodedSizeTooLarge { .. } => "IMAGE_DECODED_SIZE_TOO_LARGE",
             Self::DicomUnsupportedTransferSyntax { .. } => "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
             Self::Internal(_) => "INTERNAL",
         }

@@ -164,6 +164,7 @@ async fn bad_input_gets_a_stable_code_and_never_a_panic() {
         max_bytes: 300_000,
         min_side: 64,
         max_side: 1024,
+        ..ImageLimits::default()
     };
     let service = Validation::start(limits).await;
     let assets = Assets::locate();
@@ -226,4 +227,87 @@ async fn only_the_gateway_may_submit_images() {
             .expect_err("refused");
         assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
     }
+}
+
+#[tokio::test]
+async fn lossless_transfer_syntaxes_of_one_image_decode_to_the_same_pixels() {
+    let service = Validation::start(ImageLimits::default()).await;
+    let assets = Assets::locate();
+    let gateway = service.client_as("gateway");
+    let decode = |name: &'static str| {
+        let bytes = assets.dicom(name);
+        let mut client = gateway.clone();
+        async move {
+            client
+                .validate_image(request(bytes))
+                .await
+                .expect(name)
+                .into_inner()
+                .image
+                .expect("image")
+        }
+    };
+    let reference = decode("MR_small.dcm").await;
+    for (name, syntax) in [
+        ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
+        ("MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90"),
+    ] {
+        let image = decode(name).await;
+        assert_eq!(
+            image
+                .metadata
+                .as_ref()
+                .expect("metadata")
+                .transfer_syntax_uid,
+            syntax
+        );
+        assert_eq!(
+            image.pixels, reference.pixels,
+            "{name} decodes exactly like the uncompressed original"
+        );
+    }
+    // Lossy JPEG baseline against the lossless JPEG of the same colour image: close, not exact.
+    let lossless = decode("SC_rgb_jpeg_gdcm.dcm").await;
+    let lossy = decode("SC_rgb_jpeg_lossy_gdcm.dcm").await;
+    assert_eq!(lossless.pixels.len(), lossy.pixels.len());
+    let mean_error = lossless
+        .pixels
+        .iter()
+        .zip(&lossy.pixels)
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / lossless.pixels.len() as f64;
+    assert!(
+        mean_error < 4.0,
+        "lossy JPEG stays within tolerance of the lossless original: {mean_error}"
+    );
+}
+
+#[tokio::test]
+async fn headers_that_promise_too_much_are_refused_before_decompression() {
+    let assets = Assets::locate();
+    let frames = Validation::start(ImageLimits {
+        max_frames: 1,
+        ..ImageLimits::default()
+    })
+    .await;
+    assert_eq!(
+        refusal(&frames, assets.dicom("SC_rgb_rle_2frame.dcm")).await,
+        "DICOM_TOO_MANY_FRAMES"
+    );
+    let size = Validation::start(ImageLimits {
+        max_decoded_bytes: 100_000,
+        ..ImageLimits::default()
+    })
+    .await;
+    // 512 × 512 × 16 bits = 524,288 bytes declared.
+    assert_eq!(
+        refusal(&size, assets.dicom("liver_1frame.dcm")).await,
+        "IMAGE_DECODED_SIZE_TOO_LARGE"
+    );
+    let jpeg_ls = Validation::start(ImageLimits::default()).await;
+    assert_eq!(
+        refusal(&jpeg_ls, assets.dicom("MR_small_jpeg_ls_lossless.dcm")).await,
+        "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
+    );
 }
