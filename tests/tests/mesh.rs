@@ -88,6 +88,11 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     );
     assert!(prediction.intended_use.contains("RESEARCH USE ONLY"));
     assert_eq!(response.image_sha256, hex::encode(Sha256::digest(&image)));
+    let quality = response
+        .quality
+        .as_ref()
+        .expect("the image's quality travels with the prediction");
+    assert_eq!(quality.checks.len(), 6);
 
     // The mesh answers exactly what the model answers when called in-process on the same image.
     let canonical = medai_validation::decode::decode_image(
@@ -334,6 +339,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
             .validate_image(ValidateImageRequest {
                 image: image.clone(),
                 format: 0,
+                model_name: String::new(),
             })
             .await
             .is_err(),
@@ -355,6 +361,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
         .validate_image(ValidateImageRequest {
             image: image.clone(),
             format: 0,
+            model_name: String::new(),
         })
         .await
         .expect_err("foreign CA");
@@ -381,6 +388,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
     .validate_image(ValidateImageRequest {
         image: image.clone(),
         format: 0,
+        model_name: String::new(),
     })
     .await
     .expect_err("outside the policy");

@@ -407,6 +407,7 @@ impl GatewayService for GatewayApi {
                 image_sha256: outcome.image_sha256,
                 ledger_seq: outcome.ledger_seq,
                 ledger_hash: outcome.ledger_hash,
+                quality: outcome.quality,
             },
             &correlation,
         ))

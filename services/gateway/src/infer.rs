@@ -20,6 +20,7 @@ pub struct InferInput {
 }
 
 pub struct InferOutcome {
+    pub quality: Option<medai_proto::validation::v1::QualityReport>,
     pub result_id: String,
     pub prediction: PredictResponse,
     pub image_sha256: String,
@@ -66,6 +67,7 @@ pub async fn infer(
     let image_sha256 = hex::encode(Sha256::digest(&input.image));
     let result_id = uuid::Uuid::new_v4().to_string();
 
+    let quality;
     let validated = downstream
         .validation
         .clone()
@@ -73,13 +75,18 @@ pub async fn infer(
             ValidateImageRequest {
                 image: input.image,
                 format: input.format,
+                model_name: input.model_name.clone(),
             },
             correlation_id,
             time_left(),
         ))
         .await;
     let canonical = match validated {
-        Ok(response) => response.into_inner().image,
+        Ok(response) => {
+            let response = response.into_inner();
+            quality = response.quality;
+            response.image
+        }
         Err(status) => {
             record_refusal(
                 downstream,
@@ -154,6 +161,7 @@ pub async fn infer(
         .into_inner();
     tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
     Ok(InferOutcome {
+        quality,
         result_id,
         prediction,
         image_sha256,

@@ -12,6 +12,8 @@ pub struct ValidationConfig {
     pub tls: TlsFiles,
     #[serde(default)]
     pub limits: ImageLimits,
+    #[serde(default)]
+    pub quality: crate::quality::QualityPolicy,
 }
 
 impl ServiceConfig for ValidationConfig {

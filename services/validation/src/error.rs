@@ -25,6 +25,8 @@ pub enum ValidationError {
     DecodedSizeTooLarge { declared: u64, limit: u64 },
     #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
     DicomUnsupportedTransferSyntax { uid: String },
+    #[error("the image failed quality checks: {failed}")]
+    QualityInsufficient { failed: String },
     #[error("validation failed unexpectedly")]
     Internal(String),
 }
@@ -49,6 +51,7 @@ impl ServiceError for ValidationError {
             Self::TooManyFrames { .. } => "DICOM_TOO_MANY_FRAMES",
             Self::DecodedSizeTooLarge { .. } => "IMAGE_DECODED_SIZE_TOO_LARGE",
             Self::DicomUnsupportedTransferSyntax { .. } => "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
+            Self::QualityInsufficient { .. } => "IMAGE_QUALITY_INSUFFICIENT",
             Self::Internal(_) => "INTERNAL",
         }
     }

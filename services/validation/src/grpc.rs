@@ -1,6 +1,7 @@
 //! The gRPC edge of the validation service.
 
 use medai_proto::common::v1 as common;
+use medai_proto::validation::v1 as pb;
 use medai_proto::validation::v1::validation_service_server::ValidationService;
 use medai_proto::validation::v1::{ValidateImageRequest, ValidateImageResponse};
 use tonic::{Request, Response, Status};
@@ -8,9 +9,42 @@ use tonic::{Request, Response, Status};
 use crate::config::ImageLimits;
 use crate::decode::{CanonicalImage, SourceFormat, decode_image};
 use crate::error::ValidationError;
+use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 
 pub struct ValidationApi {
     pub limits: ImageLimits,
+    pub quality: QualityPolicy,
+}
+
+impl From<QualityReport> for pb::QualityReport {
+    fn from(report: QualityReport) -> Self {
+        let passed = report.passed();
+        let checks = report
+            .checks
+            .into_iter()
+            .map(|check| pb::QualityCheck {
+                code: check.code.to_owned(),
+                value: check.value,
+                threshold: check.threshold,
+                comparison: match check.comparison {
+                    Comparison::AtLeast => pb::Comparison::AtLeast,
+                    Comparison::AtMost => pb::Comparison::AtMost,
+                }
+                .into(),
+                verdict: match check.verdict {
+                    Verdict::Pass => pb::Verdict::Pass,
+                    Verdict::Fail => pb::Verdict::Fail,
+                    Verdict::NotMeasurable => pb::Verdict::NotMeasurable,
+                }
+                .into(),
+            })
+            .collect();
+        Self {
+            profile: report.profile,
+            passed,
+            checks,
+        }
+    }
 }
 
 fn declared_format(format: i32) -> Option<SourceFormat> {
@@ -57,20 +91,35 @@ impl ValidationService for ValidationApi {
         let request = request.into_inner();
         let limits = self.limits;
         let declared = declared_format(request.format);
-        // Decoding is CPU-bound and runs third-party codecs: keep it off the async workers, and
-        // let a codec panic become a refusal rather than a crash.
-        let decoded =
-            tokio::task::spawn_blocking(move || decode_image(&request.image, declared, &limits))
-                .await
-                .unwrap_or(Err(ValidationError::Undecodable {
-                    format: "the declared format",
-                }));
-        match decoded {
-            Ok(image) => {
+        let policy = self.quality.clone();
+        let model = request.model_name.clone();
+        // Decoding and measuring are CPU-bound and run third-party codecs: keep them off the
+        // async workers, and let a codec panic become a refusal rather than a crash.
+        let outcome = tokio::task::spawn_blocking(move || {
+            let image = decode_image(&request.image, declared, &limits)?;
+            let report = assess(&image, &policy, &model);
+            if report.refuse_on_failure && !report.passed() {
+                return Err(ValidationError::QualityInsufficient {
+                    failed: report.failed_codes().join(", "),
+                });
+            }
+            Ok((image, report))
+        })
+        .await
+        .unwrap_or(Err(ValidationError::Undecodable {
+            format: "the declared format",
+        }));
+        match outcome {
+            Ok((image, report)) => {
                 metrics::counter!("medai_validation_images_total", "outcome" => "accepted")
                     .increment(1);
+                for code in report.failed_codes() {
+                    metrics::counter!("medai_validation_quality_failures_total", "code" => code)
+                        .increment(1);
+                }
                 Ok(Response::new(ValidateImageResponse {
                     image: Some(image.into()),
+                    quality: Some(report.into()),
                 }))
             }
             Err(error) => {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod decode;
 mod error;
 mod grpc;
+pub mod quality;
 
 use std::future::Future;
 
@@ -50,6 +51,7 @@ pub async fn serve(
     // the stable IMAGE_TOO_LARGE code rather than a transport error.
     let api = ValidationServiceServer::new(grpc::ValidationApi {
         limits: config.limits,
+        quality: config.quality.clone(),
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);

@@ -23,6 +23,7 @@ impl Validation {
             process: test_process_config(),
             tls: pki.files("validation"),
             limits,
+            quality: Default::default(),
         };
         let server = TestServer::start(|listener, shutdown| {
             medai_validation::serve(config, listener, shutdown)
@@ -47,6 +48,7 @@ fn request(image: Vec<u8>) -> ValidateImageRequest {
     ValidateImageRequest {
         image,
         format: ImageFormat::Unspecified.into(),
+        model_name: String::new(),
     }
 }
 
@@ -310,4 +312,73 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
         refusal(&jpeg_ls, assets.dicom("MR_small_jpeg_ls_lossless.dcm")).await,
         "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
     );
+}
+
+#[tokio::test]
+async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() {
+    use medai_proto::validation::v1::Verdict;
+    use medai_validation::quality::{QualityPolicy, QualityThresholds};
+    let assets = Assets::locate();
+    let lenient = Validation::start(ImageLimits::default()).await;
+    let response = lenient
+        .client_as("gateway")
+        .validate_image(request(assets.dicom("MR_small.dcm")))
+        .await
+        .expect("valid");
+    let report = response.into_inner().quality.expect("quality report");
+    assert_eq!(report.profile, "default");
+    let codes: Vec<&str> = report
+        .checks
+        .iter()
+        .map(|check| check.code.as_str())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "QUALITY_BRIGHTNESS_LOW",
+            "QUALITY_BRIGHTNESS_HIGH",
+            "QUALITY_CONTRAST_LOW",
+            "QUALITY_NOISE_HIGH",
+            "QUALITY_BLUR",
+            "QUALITY_SATURATION_HIGH"
+        ]
+    );
+    assert!(
+        report
+            .checks
+            .iter()
+            .all(|check| check.value.is_finite() && check.verdict() != Verdict::Unspecified)
+    );
+    assert!(report.passed, "{report:?}");
+
+    let strict = QualityThresholds {
+        min_contrast: 0.99,
+        refuse_on_failure: true,
+        ..QualityThresholds::default()
+    };
+    let pki = TestPki::new();
+    let config = ValidationConfig {
+        process: test_process_config(),
+        tls: pki.files("validation"),
+        limits: ImageLimits::default(),
+        quality: QualityPolicy {
+            by_modality: [("MR".to_owned(), strict)].into(),
+            ..QualityPolicy::default()
+        },
+    };
+    let server =
+        TestServer::start(|listener, shutdown| medai_validation::serve(config, listener, shutdown))
+            .await;
+    wait_until_serving(&pki, server.address, "validation").await;
+    let strict_service = Validation { pki, server };
+    assert_eq!(
+        refusal(&strict_service, assets.dicom("MR_small.dcm")).await,
+        "IMAGE_QUALITY_INSUFFICIENT"
+    );
+    // The strict profile is the MR one: a CT image is judged by the default profile.
+    strict_service
+        .client_as("gateway")
+        .validate_image(request(assets.dicom("CT_small.dcm")))
+        .await
+        .expect("CT passes");
 }
