@@ -358,7 +358,11 @@ mod tests {
     }
 
     fn pattern(x: u32, y: u32) -> i32 {
-        if (x / 8 + y / 8) % 2 == 0 { 70 } else { 180 }
+        if (x / 8 + y / 8).is_multiple_of(2) {
+            70
+        } else {
+            180
+        }
     }
 
     fn blurred(image: &CanonicalImage) -> CanonicalImage {
