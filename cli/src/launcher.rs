@@ -237,6 +237,10 @@ impl RunningMesh {
                     settings.admin_password.clone(),
                 ));
             }
+            "validation" => {
+                let secret = ensure_secret(&settings.state_dir.join("patient-key.secret"));
+                environment.push(("PATIENT_KEY_SECRET".to_owned(), secret));
+            }
             "inference" => {
                 environment.push((
                     "MODEL_REPOSITORY".to_owned(),
@@ -394,6 +398,26 @@ impl Drop for RunningMesh {
             let _ = service.child.start_kill();
         }
     }
+}
+
+/// A random secret kept owner-readable in the state folder, created on first use.
+fn ensure_secret(path: &Path) -> String {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        return existing.trim().to_owned();
+    }
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    if std::fs::write(path, &secret).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+    secret
 }
 
 fn address_file(settings: &MeshSettings, instance: &str) -> PathBuf {

@@ -68,6 +68,7 @@ pub async fn infer(
     let result_id = uuid::Uuid::new_v4().to_string();
 
     let quality;
+    let patient_key;
     let validated = downstream
         .validation
         .clone()
@@ -85,6 +86,12 @@ pub async fn infer(
         Ok(response) => {
             let response = response.into_inner();
             quality = response.quality;
+            patient_key = response
+                .image
+                .as_ref()
+                .and_then(|image| image.metadata.as_ref())
+                .map(|metadata| metadata.patient_key.clone())
+                .unwrap_or_default();
             response.image
         }
         Err(status) => {
@@ -133,6 +140,7 @@ pub async fn infer(
     let context = serde_json::json!({
         "correlation_id": correlation_id,
         "image_sha256": image_sha256,
+        "patient_key": patient_key,
         "model": prediction.model_name,
         "model_sha256": prediction.model_sha256,
         "model_version": prediction.model_version,

@@ -14,6 +14,10 @@ pub struct ValidationConfig {
     pub limits: ImageLimits,
     #[serde(default)]
     pub quality: crate::quality::QualityPolicy,
+    /// The key of the keyed hash that turns a DICOM patient identifier into the pseudonymous
+    /// `patient_key` results are grouped by. Without it no patient key is produced.
+    #[serde(default)]
+    pub patient_key_secret: Option<medai_runtime::config::Secret>,
 }
 
 impl ServiceConfig for ValidationConfig {

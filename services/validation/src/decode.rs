@@ -35,6 +35,9 @@ impl SourceFormat {
 /// Metadata that identifies no one and may travel with the pixels.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SafeMetadata {
+    /// HMAC-SHA-256 (hex, first 128 bits) of the patient identifier and its issuer, under the
+    /// service's secret; empty without a secret or an identifier. Not reversible without the key.
+    pub patient_key: String,
     pub modality: String,
     pub body_part_examined: String,
     pub transfer_syntax_uid: String,
@@ -71,10 +74,35 @@ pub fn sniff_format(bytes: &[u8]) -> Option<SourceFormat> {
 }
 
 /// Validates and decodes `bytes`. `declared` is the caller's claim, if any; the bytes decide.
+/// The pseudonymous patient key: a keyed hash, so the same patient groups together while the
+/// identifier itself never leaves this service.
+pub fn patient_key(secret: &[u8], patient_id: &str, issuer: &str) -> String {
+    if patient_id.is_empty() {
+        return String::new();
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut context = ring::hmac::Context::with_key(&key);
+    context.update(b"medai-patient-key-v1\x00");
+    context.update(issuer.as_bytes());
+    context.update(b"\x00");
+    context.update(patient_id.as_bytes());
+    hex::encode(&context.sign().as_ref()[..16])
+}
+
 pub fn decode_image(
     bytes: &[u8],
     declared: Option<SourceFormat>,
     limits: &ImageLimits,
+) -> Result<CanonicalImage, ValidationError> {
+    decode_image_with_key(bytes, declared, limits, None)
+}
+
+/// As [`decode_image`], deriving the patient key under `patient_key_secret` when given.
+pub fn decode_image_with_key(
+    bytes: &[u8],
+    declared: Option<SourceFormat>,
+    limits: &ImageLimits,
+    patient_key_secret: Option<&[u8]>,
 ) -> Result<CanonicalImage, ValidationError> {
     if bytes.is_empty() {
         return Err(ValidationError::Empty);
@@ -93,7 +121,7 @@ pub fn decode_image(
     match format {
         SourceFormat::Png => decode_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
         SourceFormat::Jpeg => decode_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
-        SourceFormat::Dicom => decode_dicom(bytes, limits),
+        SourceFormat::Dicom => decode_dicom(bytes, limits, patient_key_secret),
     }
 }
 
@@ -138,7 +166,11 @@ fn decode_raster(
     Ok(canonicalise(image, format, metadata))
 }
 
-fn decode_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CanonicalImage, ValidationError> {
+fn decode_dicom(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    patient_key_secret: Option<&[u8]>,
+) -> Result<CanonicalImage, ValidationError> {
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
     let object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
@@ -203,7 +235,17 @@ fn decode_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CanonicalImage, Va
             uid: transfer_syntax_uid,
         });
     }
+    let patient_key = patient_key_secret
+        .map(|secret| {
+            patient_key(
+                secret,
+                &read_text(tags::PATIENT_ID),
+                &read_text(tags::ISSUER_OF_PATIENT_ID),
+            )
+        })
+        .unwrap_or_default();
     let metadata = SafeMetadata {
+        patient_key,
         modality: read_text(tags::MODALITY),
         body_part_examined: read_text(tags::BODY_PART_EXAMINED),
         transfer_syntax_uid,
@@ -269,6 +311,25 @@ mod tests {
             .write_to(&mut Cursor::new(&mut bytes), RasterFormat::Png)
             .expect("encode");
         bytes
+    }
+
+    #[test]
+    fn the_patient_key_is_stable_keyed_and_not_the_identifier() {
+        let key = patient_key(b"secret one", "12345", "HOSPITAL");
+        assert_eq!(key.len(), 32);
+        assert_eq!(key, patient_key(b"secret one", "12345", "HOSPITAL"));
+        assert_ne!(
+            key,
+            patient_key(b"secret two", "12345", "HOSPITAL"),
+            "another key, another pseudonym"
+        );
+        assert_ne!(
+            key,
+            patient_key(b"secret one", "12345", "OTHER"),
+            "the issuer is part of the identity"
+        );
+        assert!(!key.contains("12345"));
+        assert_eq!(patient_key(b"secret one", "", "HOSPITAL"), "");
     }
 
     #[test]

@@ -7,13 +7,14 @@ use medai_proto::validation::v1::{ValidateImageRequest, ValidateImageResponse};
 use tonic::{Request, Response, Status};
 
 use crate::config::ImageLimits;
-use crate::decode::{CanonicalImage, SourceFormat, decode_image};
+use crate::decode::{CanonicalImage, SourceFormat, decode_image_with_key};
 use crate::error::ValidationError;
 use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 
 pub struct ValidationApi {
     pub limits: ImageLimits,
     pub quality: QualityPolicy,
+    pub patient_key_secret: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 impl From<QualityReport> for pb::QualityReport {
@@ -72,6 +73,7 @@ impl From<CanonicalImage> for common::CanonicalImage {
             pixels: image.pixels,
             metadata: Some(common::SafeMetadata {
                 source_format: source_format.into(),
+                patient_key: image.metadata.patient_key,
                 modality: image.metadata.modality,
                 body_part_examined: image.metadata.body_part_examined,
                 transfer_syntax_uid: image.metadata.transfer_syntax_uid,
@@ -93,10 +95,16 @@ impl ValidationService for ValidationApi {
         let declared = declared_format(request.format);
         let policy = self.quality.clone();
         let model = request.model_name.clone();
+        let secret = self.patient_key_secret.clone();
         // Decoding and measuring are CPU-bound and run third-party codecs: keep them off the
         // async workers, and let a codec panic become a refusal rather than a crash.
         let outcome = tokio::task::spawn_blocking(move || {
-            let image = decode_image(&request.image, declared, &limits)?;
+            let image = decode_image_with_key(
+                &request.image,
+                declared,
+                &limits,
+                secret.as_deref().map(Vec::as_slice),
+            )?;
             let report = assess(&image, &policy, &model);
             if report.refuse_on_failure && !report.passed() {
                 return Err(ValidationError::QualityInsufficient {

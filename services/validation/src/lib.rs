@@ -52,6 +52,10 @@ pub async fn serve(
     let api = ValidationServiceServer::new(grpc::ValidationApi {
         limits: config.limits,
         quality: config.quality.clone(),
+        patient_key_secret: config
+            .patient_key_secret
+            .as_ref()
+            .map(|secret| std::sync::Arc::new(secret.expose().as_bytes().to_vec())),
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);

@@ -24,6 +24,9 @@ impl Validation {
             tls: pki.files("validation"),
             limits,
             quality: Default::default(),
+            patient_key_secret: Some(medai_runtime::config::Secret::new(
+                "test patient-key secret",
+            )),
         };
         let server = TestServer::start(|listener, shutdown| {
             medai_validation::serve(config, listener, shutdown)
@@ -365,6 +368,7 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
             by_modality: [("MR".to_owned(), strict)].into(),
             ..QualityPolicy::default()
         },
+        patient_key_secret: None,
     };
     let server =
         TestServer::start(|listener, shutdown| medai_validation::serve(config, listener, shutdown))
