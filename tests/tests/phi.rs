@@ -131,5 +131,22 @@ async fn no_identifying_value_leaves_validation() {
     assert_eq!(patient_keys[0], patient_keys[1]);
     assert_eq!(patient_keys[0].len(), 32);
     assert_ne!(answer.result_id, again.result_id);
+
+    // Declared burned-in text in the pixels is refused, and the refusal names no value either.
+    let mut object = dicom_object::from_reader(&image[128..]).expect("parse");
+    object.put_str(tags::BURNED_IN_ANNOTATION, VR::CS, "YES");
+    let mut burned = Vec::new();
+    object.write_all(&mut burned).expect("write");
+    let status = gateway
+        .infer(authorised(infer(burned), &token))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        medai_runtime::errors::reason_of(&status).as_deref(),
+        Some("DICOM_BURNED_IN_ANNOTATION")
+    );
+    for (_, _, value) in IDENTIFYING {
+        assert!(!format!("{status:?}").contains(value));
+    }
     mesh.stop().await;
 }

@@ -206,6 +206,10 @@ fn decode_dicom(
     {
         return Err(ValidationError::DicomNoPixelData);
     }
+    // Pixels that carry identifying text cannot be de-identified by dropping attributes.
+    if read_text(tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
+        return Err(ValidationError::DicomBurnedInAnnotation);
+    }
     let rows = read_u32(tags::ROWS).ok_or_else(undecodable)?;
     let columns = read_u32(tags::COLUMNS).ok_or_else(undecodable)?;
     check_dimensions(columns, rows, limits)?;

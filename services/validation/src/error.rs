@@ -25,6 +25,9 @@ pub enum ValidationError {
     DecodedSizeTooLarge { declared: u64, limit: u64 },
     #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
     DicomUnsupportedTransferSyntax { uid: String },
+    /// Identifying text may be drawn into the pixels; they cannot be de-identified here.
+    #[error("the DICOM object declares burned-in annotation")]
+    DicomBurnedInAnnotation,
     #[error("the image failed quality checks: {failed}")]
     QualityInsufficient { failed: String },
     #[error("validation failed unexpectedly")]
@@ -52,6 +55,7 @@ impl ServiceError for ValidationError {
             Self::DecodedSizeTooLarge { .. } => "IMAGE_DECODED_SIZE_TOO_LARGE",
             Self::DicomUnsupportedTransferSyntax { .. } => "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
             Self::QualityInsufficient { .. } => "IMAGE_QUALITY_INSUFFICIENT",
+            Self::DicomBurnedInAnnotation => "DICOM_BURNED_IN_ANNOTATION",
             Self::Internal(_) => "INTERNAL",
         }
     }
