@@ -7,6 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 bash scripts/fetch-assets.sh
+bash scripts/dicom-reference.sh
 
 echo "== buf lint" >&2
 if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then

@@ -8,7 +8,7 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use dicom_pixeldata::{ConvertOptions, PixelDecoder};
+use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::{DynamicImage, ImageFormat as RasterFormat, ImageReader, Limits};
 
@@ -166,11 +166,28 @@ fn decode_raster(
     Ok(canonicalise(image, format, metadata))
 }
 
-fn decode_dicom(
-    bytes: &[u8],
-    limits: &ImageLimits,
-    patient_key_secret: Option<&[u8]>,
-) -> Result<CanonicalImage, ValidationError> {
+/// A DICOM object that passed every check that needs no decompression.
+struct CheckedDicom {
+    object: DefaultDicomObject,
+    transfer_syntax_uid: String,
+    rows: u32,
+    columns: u32,
+}
+
+fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
+    object
+        .element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|element| element.to_str().ok())
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Parses the object and checks, from its header alone, everything that can be checked before
+/// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
+/// decoded size, a transfer syntax this build decodes.
+fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom, ValidationError> {
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
     let object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
@@ -189,15 +206,6 @@ fn decode_dicom(
             .flatten()
             .and_then(|element| element.to_int::<u32>().ok())
     };
-    let read_text = |tag| -> String {
-        object
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|element| element.to_str().ok())
-            .map(|text| text.trim().to_owned())
-            .unwrap_or_default()
-    };
     if object
         .element_opt(tags::PIXEL_DATA)
         .ok()
@@ -207,7 +215,7 @@ fn decode_dicom(
         return Err(ValidationError::DicomNoPixelData);
     }
     // Pixels that carry identifying text cannot be de-identified by dropping attributes.
-    if read_text(tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
+    if read_text(&object, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
         return Err(ValidationError::DicomBurnedInAnnotation);
     }
     let rows = read_u32(tags::ROWS).ok_or_else(undecodable)?;
@@ -239,19 +247,39 @@ fn decode_dicom(
             uid: transfer_syntax_uid,
         });
     }
+    Ok(CheckedDicom {
+        object,
+        transfer_syntax_uid,
+        rows,
+        columns,
+    })
+}
+
+fn decode_dicom(
+    bytes: &[u8],
+    limits: &ImageLimits,
+    patient_key_secret: Option<&[u8]>,
+) -> Result<CanonicalImage, ValidationError> {
+    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let CheckedDicom {
+        object,
+        transfer_syntax_uid,
+        rows,
+        columns,
+    } = open_checked_dicom(bytes, limits)?;
     let patient_key = patient_key_secret
         .map(|secret| {
             patient_key(
                 secret,
-                &read_text(tags::PATIENT_ID),
-                &read_text(tags::ISSUER_OF_PATIENT_ID),
+                &read_text(&object, tags::PATIENT_ID),
+                &read_text(&object, tags::ISSUER_OF_PATIENT_ID),
             )
         })
         .unwrap_or_default();
     let metadata = SafeMetadata {
         patient_key,
-        modality: read_text(tags::MODALITY),
-        body_part_examined: read_text(tags::BODY_PART_EXAMINED),
+        modality: read_text(&object, tags::MODALITY),
+        body_part_examined: read_text(&object, tags::BODY_PART_EXAMINED),
         transfer_syntax_uid,
         rows,
         columns,
@@ -264,6 +292,43 @@ fn decode_dicom(
         .to_dynamic_image_with_options(0, &ConvertOptions::new().force_8bit())
         .map_err(|_| undecodable())?;
     Ok(canonicalise(image, SourceFormat::Dicom, metadata))
+}
+
+/// The first frame's stored sample values, before any modality or VOI transformation, as the
+/// DICOM standard defines them; what a reference decoder's raw output is compared with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSamples {
+    pub rows: u32,
+    pub columns: u32,
+    pub samples_per_pixel: u32,
+    /// Row-major, samples interleaved.
+    pub values: Vec<i32>,
+}
+
+pub fn decode_stored_samples(
+    bytes: &[u8],
+    limits: &ImageLimits,
+) -> Result<StoredSamples, ValidationError> {
+    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let CheckedDicom {
+        object,
+        rows,
+        columns,
+        ..
+    } = open_checked_dicom(bytes, limits)?;
+    let decoded = object
+        .decode_pixel_data_frame(0)
+        .map_err(|_| undecodable())?;
+    let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let values = decoded
+        .to_vec_frame_with_options::<i32>(0, &options)
+        .map_err(|_| undecodable())?;
+    Ok(StoredSamples {
+        rows,
+        columns,
+        samples_per_pixel: decoded.samples_per_pixel().into(),
+        values,
+    })
 }
 
 /// Grey images stay grey (8 or 16 bit); everything else becomes 8-bit RGB. Alpha is dropped.
