@@ -386,3 +386,22 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
         .await
         .expect("CT passes");
 }
+
+#[tokio::test]
+async fn the_fuzzers_huge_declared_element_is_refused_with_a_stable_code() {
+    // Found by scripts/fuzz.sh: a 9 KB file declaring a ~3 GB element. It is refused with a
+    // stable code, but only after dicom-parser has reserved and zero-filled the declared size
+    // (seconds of CPU, gigabytes of memory): an open denial-of-service finding until element
+    // lengths are checked against the input before parsing.
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fuzz-huge-declared-element.dcm"
+    ))
+    .expect("reproducer");
+    let service = Validation::start(ImageLimits::default()).await;
+    let reason = refusal(&service, bytes).await;
+    assert!(
+        reason.starts_with("IMAGE_") || reason.starts_with("DICOM_"),
+        "{reason}"
+    );
+}

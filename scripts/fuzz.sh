@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Fuzzes the image decoders with cargo-fuzz (libFuzzer + AddressSanitizer) for SECONDS (default
+# 60), seeded with real DICOM files. The stable toolchain needs RUSTC_BOOTSTRAP=1 for the
+# sanitizer flags. Findings land in services/validation/fuzz/artifacts/.
+#
+# Known finding (kept as services/validation/tests/data/fuzz-huge-declared-element.dcm): a small
+# file declaring a multi-gigabyte element makes dicom-parser reserve that much up front
+# (fallibly, never touched). Until lengths are checked against the input before parsing, the
+# run allows single allocations up to 4 GiB while still capping resident memory at 2 GiB.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+seconds="${1:-60}"
+bash scripts/fetch-assets.sh
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+corpus=services/validation/fuzz/corpus/decode
+mkdir -p "$corpus"
+cp .cache/dicom/MR_small.dcm .cache/dicom/SC_rgb_rle.dcm .cache/dicom/MR_small_jp2klossless.dcm \
+   .cache/dicom/SC_rgb_jpeg_gdcm.dcm .cache/dicom/image_dfl.dcm "$corpus"/
+RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir services/validation/fuzz decode -- \
+  -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=4096
