@@ -3,10 +3,9 @@
 # 60), seeded with real DICOM files. The stable toolchain needs RUSTC_BOOTSTRAP=1 for the
 # sanitizer flags. Findings land in services/validation/fuzz/artifacts/.
 #
-# Known finding (kept as services/validation/tests/data/fuzz-huge-declared-element.dcm): a small
-# file declaring a multi-gigabyte element makes dicom-parser reserve that much up front
-# (fallibly, never touched). Until lengths are checked against the input before parsing, the
-# run allows single allocations up to 4 GiB while still capping resident memory at 2 GiB.
+# First finding, now fixed and kept as services/validation/tests/data/fuzz-huge-declared-element.dcm:
+# a small deflated file declaring a multi-gigabyte element made the parser reserve it up front.
+# Resident memory is capped at 2 GiB and single allocations at 4 GiB.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -188,6 +188,23 @@ fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
 /// decoded size, a transfer syntax this build decodes.
 fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom, ValidationError> {
+    // Before any parser reserves memory for what the header promises.
+    crate::dicom_lengths::check_declared_lengths(bytes, limits.max_decoded_bytes).map_err(
+        |problem| match problem {
+            crate::dicom_lengths::LengthProblem::InflatesTooLarge { cap } => {
+                ValidationError::DecodedSizeTooLarge {
+                    declared: cap.saturating_add(1),
+                    limit: cap,
+                }
+            }
+            crate::dicom_lengths::LengthProblem::BadDeflate => {
+                ValidationError::Undecodable { format: "DICOM" }
+            }
+            crate::dicom_lengths::LengthProblem::Overrun { .. } => {
+                ValidationError::DicomDeclaredLengthExceedsInput
+            }
+        },
+    )?;
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
     let object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)

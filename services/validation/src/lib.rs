@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+mod dicom_lengths;
 mod error;
 mod grpc;
 pub mod quality;

@@ -190,9 +190,10 @@ async fn bad_input_gets_a_stable_code_and_never_a_panic() {
         "IMAGE_DIMENSIONS_OUT_OF_RANGE"
     );
     // A real DICOM file cut short, and a DICOM object with no image in it.
+    // Cut short: its pixel data declares more bytes than remain.
     assert_eq!(
         refusal(&service, assets.dicom("MR_truncated.dcm")).await,
-        "IMAGE_UNDECODABLE"
+        "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT"
     );
     assert_eq!(
         refusal(&service, assets.dicom("rtplan.dcm")).await,
@@ -388,20 +389,41 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
 }
 
 #[tokio::test]
-async fn the_fuzzers_huge_declared_element_is_refused_with_a_stable_code() {
-    // Found by scripts/fuzz.sh: a 9 KB file declaring a ~3 GB element. It is refused with a
-    // stable code, but only after dicom-parser has reserved and zero-filled the declared size
-    // (seconds of CPU, gigabytes of memory): an open denial-of-service finding until element
-    // lengths are checked against the input before parsing.
+async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
+    // Found by scripts/fuzz.sh: a 9 KB deflated file whose inflated data set declares a ~3 GB
+    // element. Parsers reserve (and zero) a declared length before reading it, so lengths are
+    // now checked against the bytes that follow them, after a capped inflate, before parsing.
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/fuzz-huge-declared-element.dcm"
     ))
     .expect("reproducer");
     let service = Validation::start(ImageLimits::default()).await;
-    let reason = refusal(&service, bytes).await;
-    assert!(
-        reason.starts_with("IMAGE_") || reason.starts_with("DICOM_"),
-        "{reason}"
+    assert_eq!(
+        refusal(&service, bytes).await,
+        "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT"
     );
+}
+
+#[tokio::test]
+async fn a_codec_panic_becomes_a_refusal_and_the_service_stays_up() {
+    // Found by scripts/fuzz.sh: this input makes dicom-rs's RLE decoder panic. The decode runs
+    // on the blocking pool, so the panic becomes IMAGE_UNDECODABLE, not a dead service.
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fuzz-rle-decoder-panic.dcm"
+    ))
+    .expect("reproducer");
+    let service = Validation::start(ImageLimits {
+        min_side: 1,
+        ..ImageLimits::default()
+    })
+    .await;
+    assert_eq!(refusal(&service, bytes).await, "IMAGE_UNDECODABLE");
+    let assets = Assets::locate();
+    service
+        .client_as("gateway")
+        .validate_image(request(assets.dicom("MR_small.dcm")))
+        .await
+        .expect("still serving");
 }
