@@ -170,10 +170,11 @@ impl RevocationStore {
         let seconds_left = expires_at.saturating_sub(unix_now()).max(1);
         {
             let mut local = self.local();
-            local.revoked_tokens.insert(
-                jti.to_owned(),
-                Instant::now() + Duration::from_secs(seconds_left),
-            );
+            let now = Instant::now();
+            local.revoked_tokens.retain(|_, until| *until > now);
+            local
+                .revoked_tokens
+                .insert(jti.to_owned(), now + Duration::from_secs(seconds_left));
             local.recently_valid.remove(jti);
         }
         if let Some(redis) = &self.redis {
@@ -237,8 +238,13 @@ impl RevocationStore {
         let now = Instant::now();
         {
             let mut local = self.local();
-            local.revoked_tokens.retain(|_, until| *until > now);
-            if local.revoked_tokens.contains_key(token.jti) {
+            // Expiry is judged on lookup; expired entries are pruned when revocations are written,
+            // so a check never walks the whole map.
+            if local
+                .revoked_tokens
+                .get(token.jti)
+                .is_some_and(|until| *until > now)
+            {
                 return Ok(true);
             }
             if let Some((floor, until)) = local.subject_floors.get(token.subject)
