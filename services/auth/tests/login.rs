@@ -93,6 +93,33 @@ impl AuthUnderTest {
     }
 }
 
+/// The subject of an access token, verified against the keys auth publishes.
+async fn subject_of(
+    gateway: &mut AuthServiceClient<tonic::transport::Channel>,
+    access_token: &str,
+) -> String {
+    let keys = gateway
+        .get_signing_keys(GetSigningKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    let published: Vec<PublishedKey> = keys
+        .into_iter()
+        .map(|key| PublishedKey {
+            kid: key.kid,
+            kty: key.kty,
+            crv: key.crv,
+            alg: key.alg,
+            x: key.x,
+        })
+        .collect();
+    TokenVerifier::new("medai-auth", "medai", &published)
+        .verify(access_token)
+        .expect("claims")
+        .sub
+}
+
 fn login(username: &str, password: &str) -> LoginRequest {
     LoginRequest {
         username: username.to_owned(),
@@ -268,26 +295,7 @@ async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
         .into_inner()
         .grant
         .expect("grant");
-    let keys = gateway
-        .get_signing_keys(GetSigningKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys;
-    let published: Vec<PublishedKey> = keys
-        .into_iter()
-        .map(|key| PublishedKey {
-            kid: key.kid,
-            kty: key.kty,
-            crv: key.crv,
-            alg: key.alg,
-            x: key.x,
-        })
-        .collect();
-    let subject = TokenVerifier::new("medai-auth", "medai", &published)
-        .verify(&grant.access_token)
-        .expect("claims")
-        .sub;
+    let subject = subject_of(&mut gateway, &grant.access_token).await;
 
     let reauthenticate = |password: &str| ReauthenticateRequest {
         actor: subject.clone(),
@@ -378,26 +386,7 @@ async fn an_expired_signing_ticket_is_refused() {
         .into_inner()
         .grant
         .expect("grant");
-    let keys = gateway
-        .get_signing_keys(GetSigningKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys;
-    let published: Vec<PublishedKey> = keys
-        .into_iter()
-        .map(|key| PublishedKey {
-            kid: key.kid,
-            kty: key.kty,
-            crv: key.crv,
-            alg: key.alg,
-            x: key.x,
-        })
-        .collect();
-    let subject = TokenVerifier::new("medai-auth", "medai", &published)
-        .verify(&grant.access_token)
-        .expect("claims")
-        .sub;
+    let subject = subject_of(&mut gateway, &grant.access_token).await;
     let ticket = gateway
         .reauthenticate(ReauthenticateRequest {
             actor: subject.clone(),
