@@ -237,7 +237,7 @@ impl RevocationStore {
     pub async fn is_revoked(&self, token: TokenFacts<'_>) -> Result<bool, RevocationError> {
         let now = Instant::now();
         {
-            let mut local = self.local();
+            let local = self.local();
             // Expiry is judged on lookup; expired entries are pruned when revocations are written,
             // so a check never walks the whole map.
             if local
