@@ -62,6 +62,8 @@ pub struct MeshSettings {
     /// `sqlite://…` (default under `state_dir`) or `postgres://…`.
     pub audit_database_url: String,
     pub auth_database_url: String,
+    /// The inference service's results store.
+    pub inference_database_url: String,
     pub admin_username: String,
     pub admin_password: String,
     /// A fixed gateway port (`medai up`); 0 lets the system choose (tests).
@@ -88,6 +90,7 @@ impl MeshSettings {
             onnxruntime_library: onnxruntime_library.to_owned(),
             audit_database_url: sqlite_url(&state_dir.join("audit.sqlite")),
             auth_database_url: sqlite_url(&state_dir.join("auth.sqlite")),
+            inference_database_url: sqlite_url(&state_dir.join("results.sqlite")),
             admin_username: "admin".to_owned(),
             admin_password: String::new(),
             gateway_port: 0,
@@ -250,6 +253,11 @@ impl RunningMesh {
                     "ONNXRUNTIME_LIBRARY".to_owned(),
                     settings.onnxruntime_library.display().to_string(),
                 ));
+                environment.push((
+                    "DATABASE_URL".to_owned(),
+                    settings.inference_database_url.clone(),
+                ));
+                environment.push(("AUDIT_ENDPOINT".to_owned(), self.endpoint("audit")));
             }
             "gateway" => {
                 for upstream in ["auth", "validation", "inference", "audit"] {

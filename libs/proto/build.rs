@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "medai/inference/v1/inference.proto",
         "medai/audit/v1/audit.proto",
         "medai/gateway/v1/gateway.proto",
+        "kserve/grpc_service.proto",
     ];
     println!("cargo:rerun-if-changed={}", proto_root.display());
     for file in &files {

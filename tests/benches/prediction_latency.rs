@@ -39,14 +39,13 @@ async fn main() {
     let image = assets.dicom("MR_small.dcm");
 
     // In-process baseline: the same decode, the same preprocessing, the same ONNX session.
-    let predictor = medai_inference::load_predictor(&medai_inference::InferenceConfig {
-        process: medai_testkit::test_process_config(),
-        tls: TestPki::new().files("inference"),
-        model_repository: assets.model_repository.clone(),
-        onnxruntime_library: assets.onnxruntime_library.clone(),
-        runtime: Default::default(),
-    })
+    let repository = medai_inference::load_repository(
+        &assets.model_repository,
+        &assets.onnxruntime_library,
+        &Default::default(),
+    )
     .expect("load the model in-process");
+    let predictor = medai_inference::predict::Predictor { repository };
     let mut in_process = Vec::with_capacity(RUNS);
     for run in 0..WARM_UP + RUNS {
         let started = Instant::now();
@@ -64,7 +63,7 @@ async fn main() {
             pixels: canonical.pixels,
         };
         predictor
-            .predict("brain-mri-tumor", "", input)
+            .predict("brain-mri-tumor", "", input, None)
             .await
             .expect("predict");
         if run >= WARM_UP {

@@ -101,14 +101,13 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         &medai_validation::ImageLimits::default(),
     )
     .expect("decode");
-    let predictor = medai_inference::load_predictor(&medai_inference::InferenceConfig {
-        process: medai_testkit::test_process_config(),
-        tls: TestPki::new().files("inference"),
-        model_repository: assets.model_repository.clone(),
-        onnxruntime_library: assets.onnxruntime_library.clone(),
-        runtime: Default::default(),
-    })
+    let repository = medai_inference::load_repository(
+        &assets.model_repository,
+        &assets.onnxruntime_library,
+        &Default::default(),
+    )
     .expect("in-process model");
+    let predictor = medai_inference::predict::Predictor { repository };
     let input = medai_inference::preprocess::ImageInput {
         width: canonical.width,
         height: canonical.height,
@@ -117,7 +116,7 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         pixels: canonical.pixels,
     };
     let direct = predictor
-        .predict("brain-mri-tumor", "", input)
+        .predict("brain-mri-tumor", "", input, None)
         .await
         .expect("in-process prediction");
     let through_mesh: Vec<(String, f32)> = prediction

@@ -33,3 +33,7 @@ pub mod gateway {
         tonic::include_proto!("medai.gateway.v1");
     }
 }
+/// KServe v2 / Open Inference Protocol, as Triton serves it (package `inference`).
+pub mod kserve {
+    tonic::include_proto!("inference");
+}

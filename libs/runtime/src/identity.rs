@@ -46,6 +46,13 @@ impl ServiceIdentity {
         let leaf = certificates.first()?;
         Self::from_certificate_der(leaf.as_ref())
     }
+
+    /// The same, for a request a tonic handler holds.
+    pub fn of_grpc_peer<T>(request: &tonic::Request<T>) -> Option<Self> {
+        let certificates = request.peer_certs()?;
+        let leaf = certificates.first()?;
+        Self::from_certificate_der(leaf.as_ref())
+    }
 }
 
 impl fmt::Display for ServiceIdentity {

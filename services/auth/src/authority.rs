@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::config::{BootstrapAdmin, LockoutSettings, TokenSettings};
 use crate::error::AuthError;
 use crate::keys::KeyRing;
-use crate::ledger::LedgerClient;
 use crate::passwords;
 use crate::store::{refresh_token, signing_ticket, user};
+use medai_ledger_client::LedgerClient;
 
 /// An access token and a refresh token.
 #[derive(Debug)]

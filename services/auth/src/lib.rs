@@ -6,7 +6,6 @@ pub mod config;
 mod error;
 mod grpc;
 pub mod keys;
-mod ledger;
 pub mod passwords;
 pub mod store;
 
@@ -97,7 +96,7 @@ pub async fn serve(
     let authority = Arc::new(authority::Authority {
         connection,
         keys,
-        ledger: ledger::LedgerClient::new(audit),
+        ledger: medai_ledger_client::LedgerClient::new(audit),
         revocations: Arc::new(RevocationStore::connect(&config.revocation)?),
         tokens: config.tokens.clone(),
         lockout: config.lockout.clone(),

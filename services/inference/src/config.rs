@@ -12,20 +12,72 @@ pub const ENV_PREFIX: &str = "MEDAI_INFERENCE_";
 pub struct InferenceConfig {
     pub process: ProcessConfig,
     pub tls: TlsFiles,
-    /// A folder per model, a sub-folder per version, each holding `manifest.toml`.
+    /// A folder per model, a sub-folder per version, each holding `manifest.toml`. Lifecycle
+    /// changes rewrite the manifests' `status` lines, so the folder must be writable.
     pub model_repository: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.1`), loaded at start.
     pub onnxruntime_library: PathBuf,
+    /// The results store: `postgres://…`, or `sqlite://…?mode=rwc` for the embedded default.
+    pub database_url: String,
+    /// The audit service, which records every change to what is served.
+    pub audit_endpoint: String,
     #[serde(default)]
     pub runtime: RuntimeSettings,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSettings {
-    /// Threads one inference may use; 0 lets ONNX Runtime decide.
+    /// Threads one run may use; 0 lets ONNX Runtime decide.
     #[serde(default, deserialize_with = "from_str_or_native")]
     pub intra_op_threads: usize,
+    /// Threads across independent graph branches; 0 lets ONNX Runtime decide.
+    #[serde(default, deserialize_with = "from_str_or_native")]
+    pub inter_op_threads: usize,
+    /// `disable`, `basic`, `extended` or `all`.
+    #[serde(default = "default_optimization")]
+    pub graph_optimization_level: String,
+    /// Sessions (and batch workers) per served version.
+    #[serde(default = "default_sessions", deserialize_with = "from_str_or_native")]
+    pub sessions_per_model: usize,
+    /// Off runs every request alone, whatever the manifests allow.
+    #[serde(default = "default_true", deserialize_with = "from_str_or_native")]
+    pub dynamic_batching: bool,
+    /// Requests waiting per served version; one more is refused at once (RESOURCE_EXHAUSTED).
+    #[serde(
+        default = "default_queue_capacity",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub queue_capacity: usize,
+}
+
+fn default_optimization() -> String {
+    "all".to_owned()
+}
+
+fn default_sessions() -> usize {
+    1
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_queue_capacity() -> usize {
+    256
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            intra_op_threads: 0,
+            inter_op_threads: 0,
+            graph_optimization_level: default_optimization(),
+            sessions_per_model: default_sessions(),
+            dynamic_batching: true,
+            queue_capacity: default_queue_capacity(),
+        }
+    }
 }
 
 impl ServiceConfig for InferenceConfig {

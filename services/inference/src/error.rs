@@ -1,5 +1,6 @@
 use medai_runtime::errors::{ErrorKind, ServiceError, to_status};
 
+/// Every refusal of the inference service, each with one stable reason code.
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     #[error("no active model is named {name}")]
@@ -10,8 +11,46 @@ pub enum InferenceError {
     ImageMissing,
     #[error("{0}")]
     ImageInconsistent(String),
+    #[error("{0}")]
+    TensorInvalid(String),
+    #[error("{rows} rows in one request; this model takes 1 to {max}")]
+    BatchTooLarge { rows: usize, max: usize },
+    #[error("the model's queue is full; retry later")]
+    QueueFull,
+    #[error("the request's deadline passed while it waited in the queue")]
+    DeadlinePassed,
     #[error("inference failed: {0}")]
     Failed(String),
+
+    #[error("model {name} has no version {version} in the repository")]
+    VersionUnknown { name: String, version: String },
+    #[error("model {name} version {version} is retired and is never served again")]
+    VersionRetired { name: String, version: String },
+    #[error("model {name} version {version} is already {status}")]
+    AlreadyInState {
+        name: String,
+        version: String,
+        status: &'static str,
+    },
+    #[error("model {name} has no earlier active version to roll back to")]
+    NoPreviousVersion { name: String },
+    #[error("{0}")]
+    IntegrityMismatch(String),
+    #[error("the model version cannot be loaded: {0}")]
+    LoadFailed(String),
+    #[error("a reason for the change is required")]
+    ReasonMissing,
+    #[error("the model repository cannot be written: {0}")]
+    RepositoryWrite(String),
+    #[error("the change could not be recorded in the ledger, so it was not made")]
+    LedgerUnavailable,
+
+    #[error("no result has id {0}")]
+    ResultNotFound(String),
+    #[error("{0}")]
+    QueryInvalid(String),
+    #[error("the results store failed")]
+    Store,
 }
 
 impl ServiceError for InferenceError {
@@ -19,9 +58,26 @@ impl ServiceError for InferenceError {
 
     fn kind(&self) -> ErrorKind {
         match self {
-            Self::ModelNotFound { .. } | Self::VersionNotServed { .. } => ErrorKind::NotFound,
-            Self::ImageMissing | Self::ImageInconsistent(_) => ErrorKind::InvalidArgument,
-            Self::Failed(_) => ErrorKind::Internal,
+            Self::ModelNotFound { .. }
+            | Self::VersionNotServed { .. }
+            | Self::VersionUnknown { .. }
+            | Self::ResultNotFound(_) => ErrorKind::NotFound,
+            Self::ImageMissing
+            | Self::ImageInconsistent(_)
+            | Self::TensorInvalid(_)
+            | Self::BatchTooLarge { .. }
+            | Self::ReasonMissing
+            | Self::QueryInvalid(_) => ErrorKind::InvalidArgument,
+            Self::QueueFull => ErrorKind::ResourceExhausted,
+            Self::DeadlinePassed => ErrorKind::DeadlineExceeded,
+            Self::VersionRetired { .. }
+            | Self::AlreadyInState { .. }
+            | Self::NoPreviousVersion { .. }
+            | Self::IntegrityMismatch(_) => ErrorKind::FailedPrecondition,
+            Self::LedgerUnavailable => ErrorKind::Unavailable,
+            Self::Failed(_) | Self::LoadFailed(_) | Self::RepositoryWrite(_) | Self::Store => {
+                ErrorKind::Internal
+            }
         }
     }
 
@@ -31,7 +87,23 @@ impl ServiceError for InferenceError {
             Self::VersionNotServed { .. } => "MODEL_VERSION_NOT_SERVED",
             Self::ImageMissing => "IMAGE_MISSING",
             Self::ImageInconsistent(_) => "IMAGE_INCONSISTENT",
+            Self::TensorInvalid(_) => "TENSOR_INVALID",
+            Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            Self::QueueFull => "INFERENCE_QUEUE_FULL",
+            Self::DeadlinePassed => "DEADLINE_PASSED_IN_QUEUE",
             Self::Failed(_) => "INFERENCE_FAILED",
+            Self::VersionUnknown { .. } => "MODEL_VERSION_UNKNOWN",
+            Self::VersionRetired { .. } => "MODEL_VERSION_RETIRED",
+            Self::AlreadyInState { .. } => "MODEL_VERSION_ALREADY_IN_STATE",
+            Self::NoPreviousVersion { .. } => "NO_PREVIOUS_VERSION",
+            Self::IntegrityMismatch(_) => "MODEL_INTEGRITY_MISMATCH",
+            Self::LoadFailed(_) => "MODEL_LOAD_FAILED",
+            Self::ReasonMissing => "REASON_MISSING",
+            Self::RepositoryWrite(_) => "REPOSITORY_WRITE_FAILED",
+            Self::LedgerUnavailable => "LEDGER_UNAVAILABLE",
+            Self::ResultNotFound(_) => "RESULT_NOT_FOUND",
+            Self::QueryInvalid(_) => "QUERY_INVALID",
+            Self::Store => "RESULTS_STORE_FAILED",
         }
     }
 }

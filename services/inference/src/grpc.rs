@@ -1,35 +1,162 @@
-//! The gRPC edge of the inference service.
+//! The MedAI gRPC edge of the inference service: predictions for the gateway, the results
+//! store, and the model lifecycle.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use medai_proto::inference::v1::inference_service_server::InferenceService;
-use medai_proto::inference::v1::{LabelProbability, PredictRequest, PredictResponse};
+use medai_proto::inference::v1::{
+    GetResultRequest, GetResultResponse, LabelProbability, ListModelsRequest, ListModelsResponse,
+    ListResultsRequest, ListResultsResponse, ModelVersionInfo, ModelVersionRequest,
+    ModelVersionResponse, PredictRequest, PredictResponse, RollbackModelRequest,
+    StoredResult as StoredResultMessage,
+};
+use medai_runtime::ServiceIdentity;
+use medai_runtime::deadline::caller_deadline;
 use tonic::{Request, Response, Status};
 
 use crate::error::InferenceError;
+use crate::lifecycle::{ChangeRequest, Lifecycle};
 use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
+use crate::repository::VersionView;
+use crate::results::{
+    PRELIMINARY, ResultFilter, ResultsStore, StoredResult, format_timestamp, now_micros,
+    parse_timestamp,
+};
+
+/// Longest free-text reason kept with a lifecycle change.
+const MAX_REASON_CHARS: usize = 500;
 
 pub struct InferenceApi {
     pub predictor: Arc<Predictor>,
+    pub results: ResultsStore,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
-impl From<Prediction> for PredictResponse {
-    fn from(prediction: Prediction) -> Self {
-        let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
-        Self {
-            model_name: prediction.model_name,
-            model_version: prediction.model_version,
-            probabilities: prediction
-                .probabilities
-                .into_iter()
-                .map(|(label, probability)| LabelProbability { label, probability })
-                .collect(),
-            top_label,
-            top_probability,
-            intended_use: prediction.intended_use,
-            model_sha256: prediction.model_sha256,
-        }
+fn probabilities_message(probabilities: &[(String, f32)]) -> Vec<LabelProbability> {
+    probabilities
+        .iter()
+        .map(|(label, probability)| LabelProbability {
+            label: label.clone(),
+            probability: *probability,
+        })
+        .collect()
+}
+
+fn result_message(result: StoredResult) -> Result<StoredResultMessage, InferenceError> {
+    let probabilities: Vec<(String, f32)> =
+        serde_json::from_str(&result.probabilities_json).map_err(|_| InferenceError::Store)?;
+    Ok(StoredResultMessage {
+        result_id: result.result_id,
+        model_name: result.model_name,
+        model_version: result.model_version,
+        image_sha256: result.image_sha256,
+        patient_key: result.patient_key,
+        probabilities: probabilities_message(&probabilities),
+        top_label: result.top_label,
+        confidence: result.confidence as f32,
+        decision_threshold: result.decision_threshold as f32,
+        decision: result.decision,
+        latency_ms: result.latency_ms,
+        created_at: format_timestamp(result.created_at),
+        status: result.status,
+    })
+}
+
+fn version_message(view: VersionView) -> ModelVersionInfo {
+    ModelVersionInfo {
+        name: view.name,
+        version: view.version,
+        status: view.status.as_str().to_owned(),
+        ready: view.ready,
+        sha256: view.sha256,
+        intended_use: view.intended_use,
+    }
+}
+
+fn change_request<T>(
+    request: &Request<T>,
+    requested_by: &str,
+    reason: &str,
+) -> Result<ChangeRequest, InferenceError> {
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(InferenceError::QueryInvalid(format!(
+            "reason is longer than {MAX_REASON_CHARS} characters"
+        )));
+    }
+    Ok(ChangeRequest {
+        peer: ServiceIdentity::of_grpc_peer(request)
+            .map(|peer| peer.name().to_owned())
+            .unwrap_or_default(),
+        requested_by: requested_by.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
+fn is_lower_hex(text: &str, length: usize) -> bool {
+    text.len() == length
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+}
+
+/// The fields stored with a result must look like what they claim to be, so that nothing
+/// else (an identifier sent by mistake, for one) is kept in their place.
+fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
+    if !request.image_sha256.is_empty() && !is_lower_hex(&request.image_sha256, 64) {
+        return Err(InferenceError::QueryInvalid(
+            "image_sha256 must be 64 lowercase hex digits".to_owned(),
+        ));
+    }
+    if !request.patient_key.is_empty() && !is_lower_hex(&request.patient_key, 32) {
+        return Err(InferenceError::QueryInvalid(
+            "patient_key must be the 32 hex digits validation derives".to_owned(),
+        ));
+    }
+    if !request.result_id.is_empty() && uuid::Uuid::parse_str(&request.result_id).is_err() {
+        return Err(InferenceError::QueryInvalid(
+            "result_id must be a UUID".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn changed(outcome: (VersionView, u64)) -> Response<ModelVersionResponse> {
+    Response::new(ModelVersionResponse {
+        changed: Some(version_message(outcome.0)),
+        ledger_seq: outcome.1,
+    })
+}
+
+impl InferenceApi {
+    async fn store(
+        &self,
+        request: &PredictRequest,
+        prediction: &Prediction,
+        result_id: String,
+    ) -> Result<(), InferenceError> {
+        let (top_label, confidence) = prediction.top().cloned().unwrap_or_default();
+        let probabilities_json =
+            serde_json::to_string(&prediction.probabilities).map_err(|_| InferenceError::Store)?;
+        self.results
+            .insert(StoredResult {
+                result_id,
+                model_name: prediction.model_name.clone(),
+                model_version: prediction.model_version.clone(),
+                model_sha256: prediction.model_sha256.clone(),
+                image_sha256: request.image_sha256.clone(),
+                patient_key: request.patient_key.clone(),
+                probabilities_json,
+                top_label,
+                confidence: f64::from(confidence),
+                decision_threshold: f64::from(prediction.decision_threshold),
+                decision: prediction.decision().to_owned(),
+                latency_ms: prediction.latency.as_secs_f64() * 1000.0,
+                created_at: now_micros(),
+                status: PRELIMINARY.to_owned(),
+            })
+            .await
     }
 }
 
@@ -39,8 +166,10 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
-        let request = request.into_inner();
-        let image = request.image.ok_or(InferenceError::ImageMissing)?;
+        let deadline = caller_deadline(request.metadata(), Instant::now());
+        let mut request = request.into_inner();
+        check_result_fields(&request)?;
+        let image = request.image.take().ok_or(InferenceError::ImageMissing)?;
         let input = ImageInput {
             width: image.width,
             height: image.height,
@@ -48,15 +177,150 @@ impl InferenceService for InferenceApi {
             bit_depth: image.bit_depth,
             pixels: image.pixels,
         };
-        let result = self
+        let prediction = self
             .predictor
-            .predict(&request.model_name, &request.model_version, input)
-            .await;
-        let outcome = match &result {
-            Ok(_) => "OK",
-            Err(error) => medai_runtime::ServiceError::reason(error),
+            .predict(&request.model_name, &request.model_version, input, deadline)
+            .await?;
+        let result_id = if request.result_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            request.result_id.clone()
         };
-        metrics::counter!("medai_inference_predictions_total", "model" => request.model_name, "outcome" => outcome).increment(1);
-        Ok(Response::new(result?.into()))
+        self.store(&request, &prediction, result_id.clone()).await?;
+        let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
+        Ok(Response::new(PredictResponse {
+            probabilities: probabilities_message(&prediction.probabilities),
+            decision: prediction.decision().to_owned(),
+            latency_ms: prediction.latency.as_secs_f64() * 1000.0,
+            model_name: prediction.model_name,
+            model_version: prediction.model_version,
+            top_label,
+            top_probability,
+            intended_use: prediction.intended_use,
+            model_sha256: prediction.model_sha256,
+            result_id,
+            decision_threshold: prediction.decision_threshold,
+        }))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<GetResultRequest>,
+    ) -> Result<Response<GetResultResponse>, Status> {
+        let result = self.results.get(&request.into_inner().result_id).await?;
+        Ok(Response::new(GetResultResponse {
+            result: Some(result_message(result)?),
+        }))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<ListResultsRequest>,
+    ) -> Result<Response<ListResultsResponse>, Status> {
+        let request = request.into_inner();
+        let optional_time = |text: &str| -> Result<Option<i64>, InferenceError> {
+            if text.is_empty() {
+                Ok(None)
+            } else {
+                parse_timestamp(text).map(Some)
+            }
+        };
+        let filter = ResultFilter {
+            created_from: optional_time(&request.created_from)?,
+            created_until: optional_time(&request.created_until)?,
+            model_name: request.model_name,
+            status: request.status,
+            patient_key: request.patient_key,
+            page_size: request.page_size,
+            page_token: request.page_token,
+        };
+        let (rows, next_page_token) = self.results.list(&filter).await?;
+        let results = rows
+            .into_iter()
+            .map(result_message)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(ListResultsResponse {
+            results,
+            next_page_token,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let versions = self
+            .lifecycle
+            .repository
+            .list()
+            .into_iter()
+            .map(version_message)
+            .collect();
+        Ok(Response::new(ListModelsResponse { versions }))
+    }
+
+    async fn stage_model_version(
+        &self,
+        request: Request<ModelVersionRequest>,
+    ) -> Result<Response<ModelVersionResponse>, Status> {
+        let change = change_request(
+            &request,
+            &request.get_ref().requested_by,
+            &request.get_ref().reason,
+        )?;
+        let body = request.into_inner();
+        let outcome = self
+            .lifecycle
+            .stage(&body.model_name, &body.model_version, &change)
+            .await?;
+        Ok(changed(outcome))
+    }
+
+    async fn activate_model_version(
+        &self,
+        request: Request<ModelVersionRequest>,
+    ) -> Result<Response<ModelVersionResponse>, Status> {
+        let change = change_request(
+            &request,
+            &request.get_ref().requested_by,
+            &request.get_ref().reason,
+        )?;
+        let body = request.into_inner();
+        let outcome = self
+            .lifecycle
+            .activate(&body.model_name, &body.model_version, &change)
+            .await?;
+        Ok(changed(outcome))
+    }
+
+    async fn retire_model_version(
+        &self,
+        request: Request<ModelVersionRequest>,
+    ) -> Result<Response<ModelVersionResponse>, Status> {
+        let change = change_request(
+            &request,
+            &request.get_ref().requested_by,
+            &request.get_ref().reason,
+        )?;
+        let body = request.into_inner();
+        let outcome = self
+            .lifecycle
+            .retire(&body.model_name, &body.model_version, &change)
+            .await?;
+        Ok(changed(outcome))
+    }
+
+    async fn rollback_model(
+        &self,
+        request: Request<RollbackModelRequest>,
+    ) -> Result<Response<ModelVersionResponse>, Status> {
+        let change = change_request(
+            &request,
+            &request.get_ref().requested_by,
+            &request.get_ref().reason,
+        )?;
+        let body = request.into_inner();
+        let outcome = self.lifecycle.rollback(&body.model_name, &change).await?;
+        Ok(changed(outcome))
     }
 }

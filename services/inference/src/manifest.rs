@@ -19,9 +19,47 @@ pub struct ModelManifest {
     /// Shown wherever a result of this model is shown.
     pub intended_use: String,
     pub labels: Vec<String>,
+    /// The top probability must reach this for a result to count as a decision.
+    #[serde(default = "default_threshold")]
+    pub decision_threshold: f32,
     pub input: TensorSpec,
     pub output: TensorSpec,
     pub preprocessing: Preprocessing,
+    #[serde(default)]
+    pub batching: Batching,
+}
+
+fn default_threshold() -> f32 {
+    0.5
+}
+
+/// How requests for this model are gathered into batches (Triton's dynamic batching).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Batching {
+    /// The most rows one run may hold; 1 turns batching off for this model.
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: usize,
+    /// How long the first request of a batch may wait for others.
+    #[serde(default = "default_queue_delay")]
+    pub max_queue_delay_microseconds: u64,
+}
+
+fn default_max_batch_size() -> usize {
+    8
+}
+
+fn default_queue_delay() -> u64 {
+    1000
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            max_queue_delay_microseconds: default_queue_delay(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -30,6 +68,24 @@ pub enum ModelStatus {
     Staged,
     Active,
     Retired,
+}
+
+impl ModelStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Staged => "STAGED",
+            Self::Active => "ACTIVE",
+            Self::Retired => "RETIRED",
+        }
+    }
+
+    fn manifest_value(self) -> &'static str {
+        match self {
+            Self::Staged => "staged",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -81,6 +137,32 @@ impl ModelManifest {
         Ok(manifest)
     }
 
+    /// The manifest text with its `status` line replaced; comments and layout are kept.
+    pub fn with_status(text: &str, status: ModelStatus) -> Result<String, String> {
+        // `status` is a top-level key, so only lines before the first table count.
+        let mut replaced = false;
+        let mut in_table = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                in_table |= line.trim_start().starts_with('[');
+                let is_status = line
+                    .split_once('=')
+                    .is_some_and(|(key, _)| key.trim() == "status");
+                if is_status && !replaced && !in_table {
+                    replaced = true;
+                    format!("status = \"{}\"", status.manifest_value())
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        if !replaced {
+            return Err("the manifest has no status line".to_owned());
+        }
+        Ok(lines.join("\n") + "\n")
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.input.datatype != "FP32" || self.output.datatype != "FP32" {
             return Err("only FP32 inputs and outputs are supported".to_owned());
@@ -112,9 +194,34 @@ impl ModelManifest {
                 self.labels.len()
             ));
         }
+        if !(0.0..=1.0).contains(&self.decision_threshold) {
+            return Err("decision_threshold must lie in 0..=1".to_owned());
+        }
+        if self.batching.max_batch_size == 0 || self.batching.max_batch_size > 1024 {
+            return Err("batching.max_batch_size must lie in 1..=1024".to_owned());
+        }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex digits".to_owned());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_rewrite_keeps_everything_else() {
+        let text = "# comment\nname = \"m\"\nstatus = \"staged\"\n\n[input]\nname = \"status\"\n";
+        let rewritten = ModelManifest::with_status(text, ModelStatus::Active).expect("rewrite");
+        assert_eq!(
+            rewritten,
+            "# comment\nname = \"m\"\nstatus = \"active\"\n\n[input]\nname = \"status\"\n"
+        );
+        assert!(ModelManifest::with_status("name = 1\n", ModelStatus::Active).is_err());
+        assert!(
+            ModelManifest::with_status("[batching]\nstatus = 1\n", ModelStatus::Active).is_err()
+        );
     }
 }

@@ -1,12 +1,15 @@
-//! One prediction: pick the served version, prepare the image, run, label the scores.
+//! One prediction on a canonical image: pick the served version, prepare the image as its
+//! manifest says, queue it for a batch, label the scores.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::InferenceError;
-use crate::model::LoadedModel;
 use crate::preprocess::{ImageInput, to_input_tensor};
 use crate::repository::ModelRepository;
+
+pub const ABOVE_THRESHOLD: &str = "ABOVE_THRESHOLD";
+pub const BELOW_THRESHOLD: &str = "BELOW_THRESHOLD";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
@@ -16,62 +19,56 @@ pub struct Prediction {
     pub intended_use: String,
     /// (label, probability) in the model's label order.
     pub probabilities: Vec<(String, f32)>,
+    pub decision_threshold: f32,
+    /// Queue plus compute.
+    pub latency: Duration,
+    pub batch_rows: usize,
 }
 
 impl Prediction {
     pub fn top(&self) -> Option<&(String, f32)> {
         self.probabilities.iter().max_by(|a, b| a.1.total_cmp(&b.1))
     }
+
+    pub fn decision(&self) -> &'static str {
+        match self.top() {
+            Some((_, probability)) if *probability >= self.decision_threshold => ABOVE_THRESHOLD,
+            _ => BELOW_THRESHOLD,
+        }
+    }
 }
 
 pub struct Predictor {
-    pub repository: ModelRepository,
+    pub repository: Arc<ModelRepository>,
 }
 
 impl Predictor {
-    pub fn select(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, InferenceError> {
-        let model = self
-            .repository
-            .active(name)
-            .ok_or_else(|| InferenceError::ModelNotFound {
-                name: name.to_owned(),
-            })?;
-        if !version.is_empty() && version != model.manifest.version {
-            return Err(InferenceError::VersionNotServed {
-                name: name.to_owned(),
-                version: version.to_owned(),
-            });
-        }
-        Ok(model)
-    }
-
     pub async fn predict(
         &self,
         name: &str,
         version: &str,
         image: ImageInput,
+        deadline: Option<Instant>,
     ) -> Result<Prediction, InferenceError> {
-        let model = self.select(name, version)?;
+        let served = self.repository.select(name, version)?;
         let started = Instant::now();
-        let blocking_model = model.clone();
-        let scores = tokio::task::spawn_blocking(move || {
-            let tensor = to_input_tensor(image, &blocking_model.manifest.preprocessing)
-                .map_err(|error| InferenceError::ImageInconsistent(error.to_string()))?;
-            blocking_model
-                .run(tensor)
-                .map_err(|error| InferenceError::Failed(error.to_string()))
-        })
-        .await
-        .map_err(|error| InferenceError::Failed(error.to_string()))??;
-        let manifest = &model.manifest;
-        metrics::histogram!("medai_inference_compute_seconds", "model" => manifest.name.clone(), "version" => manifest.version.clone())
-            .record(started.elapsed().as_secs_f64());
+        let plan = served.manifest.preprocessing.clone();
+        let rows = tokio::task::spawn_blocking(move || to_input_tensor(image, &plan))
+            .await
+            .map_err(|error| InferenceError::Failed(error.to_string()))?
+            .map_err(|error| InferenceError::ImageInconsistent(error.to_string()))?;
+        let output = served.infer(rows, deadline).await?;
+        let manifest = &served.manifest;
+        let scores = output.scores.into_iter().next().unwrap_or_default();
         Ok(Prediction {
             model_name: manifest.name.clone(),
             model_version: manifest.version.clone(),
             model_sha256: manifest.sha256.clone(),
             intended_use: manifest.intended_use.clone(),
             probabilities: manifest.labels.iter().cloned().zip(scores).collect(),
+            decision_threshold: manifest.decision_threshold,
+            latency: started.elapsed(),
+            batch_rows: output.batch_rows,
         })
     }
 }

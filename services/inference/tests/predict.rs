@@ -1,63 +1,31 @@
 //! The inference service on port 0 with real mTLS, running the real brain-MRI model through
-//! ONNX Runtime.
+//! ONNX Runtime, keeping its results in PostgreSQL.
 
-use std::path::Path;
+mod support;
 
-use medai_inference::InferenceConfig;
 use medai_inference::config::RuntimeSettings;
 use medai_inference::model::ModelError;
 use medai_inference::repository::RepositoryError;
 use medai_proto::common::v1::CanonicalImage;
-use medai_proto::inference::v1::PredictRequest;
-use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use medai_proto::inference::v1::{GetResultRequest, ListResultsRequest, PredictRequest};
 use medai_runtime::errors::reason_of;
-use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
+use medai_testkit::Assets;
+use support::{Harness, grey_image as pattern};
 use tonic::Code;
 
-fn config(pki: &TestPki, model_repository: &Path) -> InferenceConfig {
-    let assets = Assets::locate();
-    InferenceConfig {
-        process: test_process_config(),
-        tls: pki.files("inference"),
-        model_repository: model_repository.to_owned(),
-        onnxruntime_library: assets.onnxruntime_library,
-        runtime: RuntimeSettings::default(),
-    }
-}
-
 fn grey_image(side: u32) -> CanonicalImage {
-    CanonicalImage {
-        width: side,
-        height: side,
-        channels: 1,
-        bit_depth: 8,
-        photometric_interpretation: "MONOCHROME2".to_owned(),
-        pixels: (0..side * side)
-            .map(|index| ((index * 7) % 256) as u8)
-            .collect(),
-        metadata: None,
-    }
+    pattern(side, 0)
 }
 
 fn predict(image: CanonicalImage) -> PredictRequest {
-    PredictRequest {
-        model_name: "brain-mri-tumor".to_owned(),
-        model_version: String::new(),
-        image: Some(image),
-    }
+    support::predict("brain-mri-tumor", image)
 }
 
 #[tokio::test]
 async fn the_brain_mri_model_returns_labelled_probabilities() {
-    let pki = TestPki::new();
     let assets = Assets::locate();
-    let config = config(&pki, &assets.model_repository);
-    let server =
-        TestServer::start(|listener, shutdown| medai_inference::serve(config, listener, shutdown))
-            .await;
-    wait_until_serving(&pki, server.address, "inference").await;
-    let mut gateway =
-        InferenceServiceClient::new(pki.channel_as("gateway", server.address, "inference"));
+    let harness = Harness::start(&assets.model_repository, RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
 
     let response = gateway
         .predict(predict(grey_image(128)))
@@ -144,9 +112,8 @@ async fn the_brain_mri_model_returns_labelled_probabilities() {
     );
     let status = gateway
         .predict(PredictRequest {
-            model_name: "brain-mri-tumor".to_owned(),
-            model_version: String::new(),
             image: None,
+            ..predict(grey_image(8))
         })
         .await
         .expect_err("no image");
@@ -154,8 +121,7 @@ async fn the_brain_mri_model_returns_labelled_probabilities() {
 
     // Only the gateway may run models.
     for identity in ["validation", "audit", "stranger"] {
-        let mut client =
-            InferenceServiceClient::new(pki.channel_as(identity, server.address, "inference"));
+        let mut client = harness.client_as(identity);
         let status = client
             .predict(predict(grey_image(64)))
             .await
@@ -166,7 +132,6 @@ async fn the_brain_mri_model_returns_labelled_probabilities() {
 
 #[test]
 fn a_tampered_model_file_is_refused_at_load() {
-    let pki = TestPki::new();
     let assets = Assets::locate();
     let repository = tempfile::tempdir().expect("tempdir");
     let version = repository.path().join("brain-mri-tumor/1");
@@ -185,7 +150,13 @@ fn a_tampered_model_file_is_refused_at_load() {
     model[middle] ^= 0x01;
     std::fs::write(version.join("model.onnx"), model).expect("tampered model");
 
-    match medai_inference::load_predictor(&config(&pki, repository.path())) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _entered = runtime.enter();
+    match medai_inference::load_repository(
+        repository.path(),
+        &assets.onnxruntime_library,
+        &RuntimeSettings::default(),
+    ) {
         Err(medai_inference::ServeError::Repository(RepositoryError::Model(
             ModelError::IntegrityMismatch { name, expected, .. },
         ))) => {
@@ -198,4 +169,204 @@ fn a_tampered_model_file_is_refused_at_load() {
         Err(other) => panic!("expected an integrity mismatch, got {other}"),
         Ok(_) => panic!("a tampered model must not load"),
     }
+}
+
+#[tokio::test]
+async fn every_prediction_is_kept_and_can_be_found_again() {
+    let repository = support::light_repository(&[("1", "active")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let patient_a = "0123456789abcdef0123456789abcdef";
+    let patient_b = "fedcba9876543210fedcba9876543210";
+    let mut ids = Vec::new();
+    for index in 0..5u32 {
+        let result_id = uuid::Uuid::new_v4().to_string();
+        let answer = gateway
+            .predict(PredictRequest {
+                result_id: result_id.clone(),
+                image_sha256: format!("{index:064x}"),
+                patient_key: if index < 3 { patient_a } else { patient_b }.to_owned(),
+                ..support::predict(support::LIGHT, pattern(64, index))
+            })
+            .await
+            .expect("prediction")
+            .into_inner();
+        assert_eq!(answer.result_id, result_id);
+        assert_eq!(answer.decision_threshold, 0.5);
+        let expected = if answer.top_probability >= 0.5 {
+            "ABOVE_THRESHOLD"
+        } else {
+            "BELOW_THRESHOLD"
+        };
+        assert_eq!(answer.decision, expected);
+        assert!(answer.latency_ms > 0.0);
+        ids.push((result_id, answer));
+    }
+
+    // Get by id returns exactly what was answered.
+    let (first_id, first_answer) = &ids[0];
+    let stored = gateway
+        .get_result(GetResultRequest {
+            result_id: first_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(stored.result_id, *first_id);
+    assert_eq!(stored.model_name, support::LIGHT);
+    assert_eq!(stored.model_version, "1");
+    assert_eq!(stored.image_sha256, format!("{:064x}", 0));
+    assert_eq!(stored.patient_key, patient_a);
+    assert_eq!(stored.probabilities, first_answer.probabilities);
+    assert_eq!(stored.top_label, first_answer.top_label);
+    assert_eq!(stored.confidence, first_answer.top_probability);
+    assert_eq!(stored.decision, first_answer.decision);
+    assert_eq!(stored.status, "PRELIMINARY");
+    assert!(stored.created_at.ends_with('Z'), "{}", stored.created_at);
+
+    // Listing: newest first, filtered, two per page.
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = gateway
+            .list_results(ListResultsRequest {
+                model_name: support::LIGHT.to_owned(),
+                page_size: 2,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.results.len() <= 2);
+        seen.extend(page.results.into_iter().map(|result| result.result_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let newest_first: Vec<String> = ids.iter().rev().map(|(id, _)| id.clone()).collect();
+    assert_eq!(seen, newest_first);
+    let of_patient_b = gateway
+        .list_results(ListResultsRequest {
+            patient_key: patient_b.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(of_patient_b.results.len(), 2);
+    for (filter, expected) in [
+        (
+            ListResultsRequest {
+                status: "SIGNED".to_owned(),
+                ..Default::default()
+            },
+            0,
+        ),
+        (
+            ListResultsRequest {
+                status: "PRELIMINARY".to_owned(),
+                created_from: "2000-01-01T00:00:00Z".to_owned(),
+                ..Default::default()
+            },
+            5,
+        ),
+        (
+            ListResultsRequest {
+                created_until: "2000-01-01T00:00:00Z".to_owned(),
+                ..Default::default()
+            },
+            0,
+        ),
+        (
+            ListResultsRequest {
+                model_name: "brain-mri-tumor".to_owned(),
+                ..Default::default()
+            },
+            0,
+        ),
+    ] {
+        let listed = gateway
+            .list_results(filter.clone())
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(listed.results.len(), expected, "{filter:?}");
+    }
+
+    // Refusals, each with its stable code.
+    let status = gateway
+        .get_result(GetResultRequest {
+            result_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .expect_err("unknown id");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::NotFound, Some("RESULT_NOT_FOUND"))
+    );
+    for bad in [
+        ListResultsRequest {
+            status: "FINAL".to_owned(),
+            ..Default::default()
+        },
+        ListResultsRequest {
+            created_from: "yesterday".to_owned(),
+            ..Default::default()
+        },
+        ListResultsRequest {
+            page_token: "not-a-token".to_owned(),
+            ..Default::default()
+        },
+        ListResultsRequest {
+            page_size: 501,
+            ..Default::default()
+        },
+    ] {
+        let status = gateway
+            .list_results(bad.clone())
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::InvalidArgument, Some("QUERY_INVALID")),
+            "{bad:?}"
+        );
+    }
+    for (patient_key, image_sha256, result_id) in
+        [("Doe^John", "", ""), ("", "abc", ""), ("", "", "result-1")]
+    {
+        let status = gateway
+            .predict(PredictRequest {
+                patient_key: patient_key.to_owned(),
+                image_sha256: image_sha256.to_owned(),
+                result_id: result_id.to_owned(),
+                ..support::predict(support::LIGHT, pattern(64, 9))
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(reason_of(&status).as_deref(), Some("QUERY_INVALID"));
+        assert!(!status.message().contains("Doe"), "{}", status.message());
+    }
+    // The same result id cannot be stored twice.
+    let status = gateway
+        .predict(PredictRequest {
+            result_id: first_id.clone(),
+            ..support::predict(support::LIGHT, pattern(64, 1))
+        })
+        .await
+        .expect_err("duplicate id");
+    assert_eq!(reason_of(&status).as_deref(), Some("RESULTS_STORE_FAILED"));
+    // Only the gateway reads results.
+    let status = harness
+        .client_as("operator")
+        .get_result(GetResultRequest {
+            result_id: first_id.clone(),
+        })
+        .await
+        .expect_err("operator");
+    assert_eq!(status.code(), Code::PermissionDenied);
 }

@@ -1,4 +1,4 @@
-//! The auth service's client of the audit ledger.
+//! A service's client of the audit ledger: one append per event, answered once durable.
 
 use medai_proto::audit::v1::AppendRequest;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;

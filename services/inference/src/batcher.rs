@@ -1,0 +1,364 @@
+//! Dynamic batching for one served model version: requests wait in a bounded queue; one worker
+//! per ONNX Runtime session takes the first waiting request, gathers more for at most the
+//! manifest's queue delay (up to its batch size), drops the ones whose caller has gone or whose
+//! deadline has passed, and runs the rest in one call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ndarray::{Array4, Axis, concatenate};
+use ort::session::Session;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::InferenceError;
+use crate::manifest::ModelManifest;
+use crate::model::run_rows;
+
+/// What one request gets back.
+#[derive(Debug)]
+pub struct RowsOutput {
+    /// One row of scores per input row.
+    pub scores: Vec<Vec<f32>>,
+    pub queued: Duration,
+    pub computed: Duration,
+    /// Rows in the run this request shared.
+    pub batch_rows: usize,
+}
+
+struct Job {
+    rows: Array4<f32>,
+    deadline: Option<Instant>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<RowsOutput, InferenceError>>,
+}
+
+/// Counters behind KServe's ModelStatistics (durations in nanoseconds).
+#[derive(Debug, Default)]
+pub struct VersionStatistics {
+    pub success_count: AtomicU64,
+    pub success_ns: AtomicU64,
+    pub fail_count: AtomicU64,
+    pub fail_ns: AtomicU64,
+    pub queue_count: AtomicU64,
+    pub queue_ns: AtomicU64,
+    pub compute_count: AtomicU64,
+    pub compute_ns: AtomicU64,
+    /// Rows inferred.
+    pub inference_count: AtomicU64,
+    /// Runs of the model (batches).
+    pub execution_count: AtomicU64,
+    /// Unix milliseconds of the last run.
+    pub last_inference_ms: AtomicU64,
+    /// Batch size → (runs, compute ns).
+    pub batches: Mutex<BTreeMap<u64, (u64, u64)>>,
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl VersionStatistics {
+    fn record_request(&self, outcome: &Result<RowsOutput, InferenceError>, took: Duration) {
+        let (count, ns) = match outcome {
+            Ok(_) => (&self.success_count, &self.success_ns),
+            Err(_) => (&self.fail_count, &self.fail_ns),
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        ns.fetch_add(nanos(took), Ordering::Relaxed);
+    }
+
+    fn record_run(&self, rows: usize, computed: Duration) {
+        let rows = rows as u64;
+        self.compute_count.fetch_add(1, Ordering::Relaxed);
+        self.compute_ns
+            .fetch_add(nanos(computed), Ordering::Relaxed);
+        self.inference_count.fetch_add(rows, Ordering::Relaxed);
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        self.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        if let Ok(mut batches) = self.batches.lock() {
+            let entry = batches.entry(rows).or_default();
+            entry.0 += 1;
+            entry.1 += nanos(computed);
+        }
+    }
+}
+
+/// A model version being served: its manifest, its queue and its workers. Dropping the last
+/// handle closes the queue; the workers finish what is queued and then release their sessions,
+/// so a swap never cuts off a request already accepted.
+pub struct ServedVersion {
+    pub manifest: ModelManifest,
+    /// The largest batch one run takes (1 when batching is off).
+    pub max_batch_rows: usize,
+    pub sessions: usize,
+    pub statistics: Arc<VersionStatistics>,
+    queue: mpsc::Sender<Job>,
+    depth: Arc<AtomicUsize>,
+}
+
+impl ServedVersion {
+    /// Starts one worker per session. `batching` off runs every request alone.
+    pub fn start(
+        manifest: ModelManifest,
+        sessions: Vec<Session>,
+        batching: bool,
+        queue_capacity: usize,
+    ) -> Arc<Self> {
+        let max_batch_rows = if batching {
+            manifest.batching.max_batch_size
+        } else {
+            1
+        };
+        let max_delay = if batching {
+            Duration::from_micros(manifest.batching.max_queue_delay_microseconds)
+        } else {
+            Duration::ZERO
+        };
+        let (queue, receiver) = mpsc::channel(queue_capacity.max(1));
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let statistics = Arc::new(VersionStatistics::default());
+        let depth = Arc::new(AtomicUsize::new(0));
+        let session_count = sessions.len();
+        for session in sessions {
+            let worker = Worker {
+                manifest: manifest.clone(),
+                receiver: receiver.clone(),
+                statistics: statistics.clone(),
+                depth: depth.clone(),
+                max_batch_rows,
+                max_delay,
+                carried: None,
+            };
+            tokio::spawn(worker.run(session));
+        }
+        Arc::new(Self {
+            manifest,
+            max_batch_rows,
+            sessions: session_count,
+            statistics,
+            queue,
+            depth,
+        })
+    }
+
+    /// Queues `rows` and waits for their scores. A full queue is refused at once.
+    pub async fn infer(
+        &self,
+        rows: Array4<f32>,
+        deadline: Option<Instant>,
+    ) -> Result<RowsOutput, InferenceError> {
+        let started = Instant::now();
+        let outcome = self.queue_and_wait(rows, deadline, started).await;
+        self.statistics.record_request(&outcome, started.elapsed());
+        let labels = [
+            ("model", self.manifest.name.clone()),
+            ("version", self.manifest.version.clone()),
+        ];
+        metrics::histogram!("medai_inference_request_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        let code = match &outcome {
+            Ok(_) => "OK",
+            Err(error) => medai_runtime::ServiceError::reason(error),
+        };
+        metrics::counter!("medai_inference_requests_total", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone(), "code" => code)
+            .increment(1);
+        outcome
+    }
+
+    async fn queue_and_wait(
+        &self,
+        rows: Array4<f32>,
+        deadline: Option<Instant>,
+        enqueued: Instant,
+    ) -> Result<RowsOutput, InferenceError> {
+        let count = rows.shape()[0];
+        if count == 0 || count > self.max_batch_rows {
+            return Err(InferenceError::BatchTooLarge {
+                rows: count,
+                max: self.max_batch_rows,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            rows,
+            deadline,
+            enqueued,
+            reply,
+        };
+        self.queue.try_send(job).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => InferenceError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => {
+                InferenceError::Failed("the model version stopped serving".to_owned())
+            }
+        })?;
+        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        self.record_depth(depth);
+        answer.await.map_err(|_| {
+            InferenceError::Failed("the batch worker stopped before answering".to_owned())
+        })?
+    }
+
+    fn record_depth(&self, depth: usize) {
+        metrics::gauge!("medai_inference_queue_depth", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone())
+            .set(depth as f64);
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+struct Worker {
+    manifest: ModelManifest,
+    receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    statistics: Arc<VersionStatistics>,
+    depth: Arc<AtomicUsize>,
+    max_batch_rows: usize,
+    max_delay: Duration,
+    /// A job that did not fit the previous batch; it starts the next one.
+    carried: Option<Job>,
+}
+
+impl Worker {
+    async fn run(mut self, mut session: Session) {
+        while let Some(batch) = self.gather().await {
+            let batch = self.drop_abandoned(batch);
+            if batch.is_empty() {
+                continue;
+            }
+            match self.run_batch(session, batch).await {
+                Some(returned) => session = returned,
+                None => return,
+            }
+        }
+    }
+
+    /// The next batch, or `None` once the queue is closed and empty.
+    async fn gather(&mut self) -> Option<Vec<Job>> {
+        let mut receiver = self.receiver.lock().await;
+        let first = match self.carried.take() {
+            Some(job) => job,
+            None => receiver.recv().await?,
+        };
+        let mut rows = first.rows.shape()[0];
+        let until = tokio::time::Instant::from_std(first.enqueued + self.max_delay);
+        let mut batch = vec![first];
+        while rows < self.max_batch_rows {
+            let next = match receiver.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(until, receiver.recv()).await {
+                        Ok(Some(job)) => job,
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
+            let next_rows = next.rows.shape()[0];
+            if rows + next_rows > self.max_batch_rows {
+                self.carried = Some(next);
+                break;
+            }
+            rows += next_rows;
+            batch.push(next);
+        }
+        drop(receiver);
+        let taken = batch.len();
+        let depth = self.depth.fetch_sub(taken, Ordering::Relaxed) - taken;
+        metrics::gauge!("medai_inference_queue_depth", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone())
+            .set(depth as f64);
+        Some(batch)
+    }
+
+    /// Answers, without running them, jobs whose caller has gone or whose deadline has passed.
+    fn drop_abandoned(&self, batch: Vec<Job>) -> Vec<Job> {
+        let now = Instant::now();
+        batch
+            .into_iter()
+            .filter_map(|job| {
+                if job.reply.is_closed() {
+                    return None;
+                }
+                if job.deadline.is_some_and(|deadline| deadline <= now) {
+                    let _ = job.reply.send(Err(InferenceError::DeadlinePassed));
+                    return None;
+                }
+                Some(job)
+            })
+            .collect()
+    }
+
+    /// Runs one batch; gives the session back unless the run could not complete at all.
+    async fn run_batch(&self, mut session: Session, batch: Vec<Job>) -> Option<Session> {
+        let started = Instant::now();
+        let labels = [
+            ("model", self.manifest.name.clone()),
+            ("version", self.manifest.version.clone()),
+        ];
+        let mut row_counts = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
+        for job in batch {
+            let queued = started.duration_since(job.enqueued);
+            metrics::histogram!("medai_inference_queue_seconds", &labels)
+                .record(queued.as_secs_f64());
+            self.statistics.queue_count.fetch_add(1, Ordering::Relaxed);
+            self.statistics
+                .queue_ns
+                .fetch_add(nanos(queued), Ordering::Relaxed);
+            row_counts.push(job.rows.shape()[0]);
+            replies.push((job.reply, queued));
+            inputs.push(job.rows);
+        }
+        let total_rows: usize = row_counts.iter().sum();
+        let manifest = self.manifest.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
+            let result = concatenate(Axis(0), &views)
+                .map_err(|error| crate::model::ModelError::Run(error.to_string()))
+                .and_then(|rows| run_rows(&mut session, &manifest, rows));
+            (session, result)
+        })
+        .await;
+        let computed = started.elapsed();
+        let Ok((session, result)) = outcome else {
+            tracing::error!(model = %self.manifest.name, version = %self.manifest.version, "a batch run panicked; this worker stops");
+            for (reply, _) in replies {
+                let _ = reply.send(Err(InferenceError::Failed(
+                    "the model run failed".to_owned(),
+                )));
+            }
+            return None;
+        };
+        metrics::histogram!("medai_inference_compute_seconds", &labels)
+            .record(computed.as_secs_f64());
+        metrics::histogram!("medai_inference_batch_size", &labels).record(total_rows as f64);
+        self.statistics.record_run(total_rows, computed);
+        match result {
+            Ok(scores) => {
+                let mut scores = scores.into_iter();
+                for ((reply, queued), rows) in replies.into_iter().zip(row_counts) {
+                    let _ = reply.send(Ok(RowsOutput {
+                        scores: scores.by_ref().take(rows).collect(),
+                        queued,
+                        computed,
+                        batch_rows: total_rows,
+                    }));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(model = %self.manifest.name, version = %self.manifest.version, error = %error, "batch run failed");
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(InferenceError::Failed(error.to_string())));
+                }
+            }
+        }
+        Some(session)
+    }
+}

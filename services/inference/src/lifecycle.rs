@@ -1,0 +1,127 @@
+//! Lifecycle changes to what is served, each recorded in the ledger before it takes effect:
+//! plan (a new version is loaded and hash-checked here), write the manifests, record, apply.
+//! If the ledger cannot record the change, the manifests are put back and nothing changes.
+
+use std::sync::Arc;
+
+use medai_ledger_client::LedgerClient;
+use serde_json::json;
+
+use crate::error::InferenceError;
+use crate::repository::{ModelRepository, PlannedChange, VersionView};
+
+/// Who asked for a change and why.
+#[derive(Clone, Debug)]
+pub struct ChangeRequest {
+    /// The service identity that called (the gateway or the operator tool).
+    pub peer: String,
+    /// The person the gateway acts for, if any.
+    pub requested_by: String,
+    pub reason: String,
+}
+
+impl ChangeRequest {
+    fn actor(&self) -> &str {
+        if self.requested_by.is_empty() {
+            &self.peer
+        } else {
+            &self.requested_by
+        }
+    }
+}
+
+pub struct Lifecycle {
+    pub repository: Arc<ModelRepository>,
+    pub ledger: LedgerClient,
+}
+
+impl Lifecycle {
+    pub async fn stage(
+        &self,
+        name: &str,
+        version: &str,
+        request: &ChangeRequest,
+    ) -> Result<(VersionView, u64), InferenceError> {
+        require_reason(request)?;
+        let change = self.repository.plan_stage(name, version).await?;
+        self.commit(change, request).await
+    }
+
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: &str,
+        request: &ChangeRequest,
+    ) -> Result<(VersionView, u64), InferenceError> {
+        require_reason(request)?;
+        let change = self.repository.plan_activate(name, version).await?;
+        self.commit(change, request).await
+    }
+
+    pub async fn retire(
+        &self,
+        name: &str,
+        version: &str,
+        request: &ChangeRequest,
+    ) -> Result<(VersionView, u64), InferenceError> {
+        require_reason(request)?;
+        let change = self.repository.plan_retire(name, version).await?;
+        self.commit(change, request).await
+    }
+
+    pub async fn rollback(
+        &self,
+        name: &str,
+        request: &ChangeRequest,
+    ) -> Result<(VersionView, u64), InferenceError> {
+        require_reason(request)?;
+        let change = self.repository.plan_rollback(name).await?;
+        self.commit(change, request).await
+    }
+
+    async fn commit(
+        &self,
+        change: PlannedChange,
+        request: &ChangeRequest,
+    ) -> Result<(VersionView, u64), InferenceError> {
+        self.repository.write(&change)?;
+        let context = json!({
+            "model": change.name,
+            "version": change.version,
+            "previously_served": change.previously_served,
+            "via": request.peer,
+            "reason": request.reason,
+        });
+        let resource = format!("model/{}/{}", change.name, change.version);
+        let seq = match self
+            .ledger
+            .record(
+                request.actor(),
+                change.action,
+                &resource,
+                "SUCCESS",
+                context,
+            )
+            .await
+        {
+            Ok(seq) => seq,
+            Err(status) => {
+                tracing::error!(code = ?status.code(), model = %change.name, action = change.action, "lifecycle change not recorded; undoing it");
+                self.repository.undo_write(&change);
+                return Err(InferenceError::LedgerUnavailable);
+            }
+        };
+        let view = self
+            .repository
+            .apply(change)
+            .ok_or_else(|| InferenceError::Failed("the changed version vanished".to_owned()))?;
+        Ok((view, seq))
+    }
+}
+
+fn require_reason(request: &ChangeRequest) -> Result<(), InferenceError> {
+    if request.reason.trim().is_empty() {
+        return Err(InferenceError::ReasonMissing);
+    }
+    Ok(())
+}
