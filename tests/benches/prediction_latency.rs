@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1::InferRequest;
-use medai_testkit::{Assets, TestPki};
+use medai_testkit::Assets;
 
 const RUNS: usize = 20;
 const WARM_UP: usize = 2;

@@ -194,3 +194,15 @@ pub fn predict(model: &str, image: CanonicalImage) -> PredictRequest {
         patient_key: String::new(),
     }
 }
+
+/// A repository in a temp folder holding only the brain-MRI model (its file linked, not copied).
+pub fn brain_repository() -> tempfile::TempDir {
+    let source = Assets::locate().model_repository.join("brain-mri-tumor/1");
+    let repository = tempfile::tempdir().expect("tempdir");
+    let folder = repository.path().join("brain-mri-tumor/1");
+    std::fs::create_dir_all(&folder).expect("version folder");
+    std::fs::copy(source.join("manifest.toml"), folder.join("manifest.toml")).expect("manifest");
+    let model = std::fs::canonicalize(source.join("model.onnx")).expect("model");
+    std::os::unix::fs::symlink(model, folder.join("model.onnx")).expect("link the model");
+    repository
+}

@@ -1,0 +1,219 @@
+//! KServe v2 against the inference service over mTLS: tonic calls for the refusals, and
+//! Triton's own Python client (tritonclient[grpc] from PyPI, prepared by
+//! scripts/kserve-clients.sh) for conformance.
+
+mod support;
+
+use medai_inference::config::RuntimeSettings;
+use medai_proto::kserve::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use medai_proto::kserve::{
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
+};
+use medai_runtime::errors::reason_of;
+use medai_testkit::workspace_root;
+use support::{Harness, LIGHT, light_repository};
+use tonic::Code;
+
+fn pattern(rows: usize) -> Vec<f32> {
+    (0..rows * 64 * 64)
+        .map(|index| (index % 97) as f32 / 97.0)
+        .collect()
+}
+
+fn typed_request(rows: usize) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: LIGHT.to_owned(),
+        id: "typed".to_owned(),
+        inputs: vec![InferInputTensor {
+            name: "image".to_owned(),
+            datatype: "FP32".to_owned(),
+            shape: vec![rows as i64, 64, 64, 1],
+            contents: Some(InferTensorContents {
+                fp32_contents: pattern(rows),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn raw_request(rows: usize) -> ModelInferRequest {
+    let mut request = typed_request(rows);
+    request.id = "raw".to_owned();
+    request.inputs[0].contents = None;
+    request.raw_input_contents = vec![
+        pattern(rows)
+            .iter()
+            .flat_map(|value| value.to_le_bytes())
+            .collect(),
+    ];
+    request
+}
+
+fn scores(response: &ModelInferResponse) -> Vec<f32> {
+    response.raw_output_contents[0]
+        .chunks_exact(4)
+        .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        .collect()
+}
+
+#[tokio::test]
+async fn typed_and_raw_tensors_give_the_same_scores_and_bad_tensors_are_refused() {
+    let repository = light_repository(&[("1", "active")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut kserve = harness.kserve_as("operator");
+
+    let typed = kserve
+        .model_infer(typed_request(3))
+        .await
+        .expect("typed")
+        .into_inner();
+    let raw = kserve
+        .model_infer(raw_request(3))
+        .await
+        .expect("raw")
+        .into_inner();
+    assert_eq!(typed.id, "typed");
+    assert_eq!(typed.outputs[0].name, "scores");
+    assert_eq!(typed.outputs[0].shape, [3, 2]);
+    assert_eq!(typed.model_version, "1");
+    assert_eq!(scores(&typed), scores(&raw));
+    for row in scores(&typed).chunks_exact(2) {
+        assert!((row[0] + row[1] - 1.0).abs() < 1e-5, "{row:?}");
+    }
+
+    let mut wrong_shape = typed_request(1);
+    wrong_shape.inputs[0].shape = vec![1, 32, 32, 1];
+    let mut wrong_type = raw_request(1);
+    wrong_type.inputs[0].datatype = "INT8".to_owned();
+    let mut wrong_name = typed_request(1);
+    wrong_name.inputs[0].name = "pixels".to_owned();
+    let mut short = raw_request(2);
+    short.raw_input_contents[0].truncate(100);
+    let mut not_finite = typed_request(1);
+    if let Some(contents) = not_finite.inputs[0].contents.as_mut() {
+        contents.fp32_contents[5] = f32::NAN;
+    }
+    let mut unknown_output = typed_request(1);
+    unknown_output.outputs = vec![InferRequestedOutputTensor {
+        name: "logits".to_owned(),
+        ..Default::default()
+    }];
+    let mut no_inputs = typed_request(1);
+    no_inputs.inputs.clear();
+    for (what, request, reason) in [
+        ("shape", wrong_shape, "TENSOR_INVALID"),
+        ("datatype", wrong_type, "TENSOR_INVALID"),
+        ("name", wrong_name, "TENSOR_INVALID"),
+        ("short raw", short, "TENSOR_INVALID"),
+        ("NaN", not_finite, "TENSOR_INVALID"),
+        ("output", unknown_output, "TENSOR_INVALID"),
+        ("no inputs", no_inputs, "TENSOR_INVALID"),
+        ("33 rows", typed_request(33), "BATCH_TOO_LARGE"),
+    ] {
+        let status = kserve.model_infer(request).await.expect_err(what);
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::InvalidArgument, Some(reason)),
+            "{what}"
+        );
+    }
+    let mut unknown_model = typed_request(1);
+    unknown_model.model_name = "no-such-model".to_owned();
+    let status = kserve
+        .model_infer(unknown_model)
+        .await
+        .expect_err("unknown model");
+    assert_eq!(status.code(), Code::NotFound);
+
+    // KServe is for the gateway and the operator tool, no other peer.
+    for identity in ["validation", "audit", "stranger"] {
+        let status = harness
+            .kserve_as(identity)
+            .server_live(ServerLiveRequest {})
+            .await
+            .expect_err("peer policy");
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
+    }
+}
+
+#[tokio::test]
+async fn tritons_python_client_works_unchanged() {
+    let python = workspace_root().join(".cache/kserve-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/kserve-clients.sh",
+        python.display()
+    );
+    let repository = light_repository(&[("1", "active")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let files = harness.pki.files("operator");
+    let script = workspace_root().join("services/inference/tests/tritonclient_check.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(harness.inference.address.to_string())
+        .arg(&files.ca_cert)
+        .arg(&files.cert)
+        .arg(&files.key)
+        .arg(LIGHT)
+        .output()
+        .await
+        .expect("run tritonclient");
+    assert!(
+        output.status.success(),
+        "tritonclient check failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("the check prints JSON");
+
+    assert_eq!(seen["live"], true);
+    assert_eq!(seen["ready"], true);
+    assert_eq!(seen["model_ready"], true);
+    assert_eq!(seen["unknown_model_ready"], false);
+    assert_eq!(seen["server"]["name"], "medai-inference");
+    let extensions = seen["server"]["extensions"].to_string();
+    assert!(extensions.contains("statistics") && extensions.contains("model_configuration"));
+    assert_eq!(seen["metadata"]["name"], LIGHT);
+    assert_eq!(seen["metadata"]["versions"], serde_json::json!(["1"]));
+    assert_eq!(seen["metadata"]["inputs"][0]["name"], "image");
+    assert_eq!(seen["metadata"]["inputs"][0]["datatype"], "FP32");
+    assert_eq!(
+        seen["metadata"]["inputs"][0]["shape"],
+        serde_json::json!(["-1", "64", "64", "1"])
+    );
+    assert_eq!(seen["config"]["max_batch_size"], 32);
+    assert_eq!(
+        seen["config"]["input_dims"],
+        serde_json::json!(["64", "64", "1"])
+    );
+    assert_eq!(seen["config"]["input_data_type"], "TYPE_FP32");
+    assert_eq!(seen["config"]["output_dims"], serde_json::json!(["2"]));
+    assert_eq!(seen["config"]["dynamic_batching"], true);
+
+    assert_eq!(seen["infer"]["id"], "req-1");
+    assert_eq!(seen["infer"]["shape"], serde_json::json!([3, 2]));
+    let rows: Vec<Vec<f64>> =
+        serde_json::from_value(seen["infer"]["scores"].clone()).expect("scores");
+    for row in &rows {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{row:?}");
+    }
+    assert_eq!(seen["unknown_model_error"], "StatusCode.NOT_FOUND");
+
+    // The stream answers every request, tagged, with the same scores as the unary call.
+    let stream = seen["stream"].as_array().expect("stream answers");
+    assert_eq!(stream.len(), 4);
+    for (index, answer) in stream.iter().enumerate() {
+        assert_eq!(answer["id"], format!("stream-{index}"));
+        assert!(answer["error"].is_null(), "{answer}");
+        let streamed: Vec<Vec<f64>> =
+            serde_json::from_value(answer["scores"].clone()).expect("scores");
+        // A row run alone may round differently from the same row run in a batch of three.
+        for (alone, batched) in streamed[0].iter().zip(&rows[index % 3]) {
+            assert!((alone - batched).abs() < 1e-6, "{alone} vs {batched}");
+        }
+    }
+    assert_eq!(seen["statistics"]["inference_count"], 7);
+    assert_eq!(seen["statistics"]["success"], 5);
+}
