@@ -12,3 +12,4 @@ trap stop_test_servers EXIT
 cargo bench -p medai-e2e --bench prediction_latency
 cargo bench -p medai-e2e --bench token_check
 cargo bench -p medai-e2e --bench ledger
+cargo bench -p medai-inference --bench throughput

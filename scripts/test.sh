@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: fetches ONNX Runtime, the model and the DICOM
-# test files if missing, lints the protos, starts its own PostgreSQL and Redis on free ports,
+# Runs the whole test suite on a fresh machine: fetches ONNX Runtime, the model, the DICOM
+# test files and Triton's Python client if missing, lints the protos, starts its own PostgreSQL and Redis on free ports,
 # checks formatting and lints, builds every binary, and runs every test.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,6 +8,7 @@ cd "$root"
 
 bash scripts/fetch-assets.sh
 bash scripts/dicom-reference.sh
+bash scripts/kserve-clients.sh
 
 echo "== buf lint" >&2
 if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then

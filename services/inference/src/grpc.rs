@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use medai_proto::inference::v1::inference_service_server::InferenceService;
 use medai_proto::inference::v1::{
-    GetResultRequest, GetResultResponse, LabelProbability, ListModelsRequest, ListModelsResponse,
-    ListResultsRequest, ListResultsResponse, ModelVersionInfo, ModelVersionRequest,
-    ModelVersionResponse, PredictRequest, PredictResponse, RollbackModelRequest,
+    ActivateModelVersionRequest, ActivateModelVersionResponse, GetResultRequest, GetResultResponse,
+    LabelProbability, ListModelsRequest, ListModelsResponse, ListResultsRequest,
+    ListResultsResponse, ModelChange, ModelChangeOutcome, ModelVersionInfo, PredictRequest,
+    PredictResponse, RetireModelVersionRequest, RetireModelVersionResponse, RollbackModelRequest,
+    RollbackModelResponse, StageModelVersionRequest, StageModelVersionResponse,
     StoredResult as StoredResultMessage,
 };
 use medai_runtime::ServiceIdentity;
@@ -75,22 +77,31 @@ fn version_message(view: VersionView) -> ModelVersionInfo {
     }
 }
 
+/// The change a lifecycle request asks for, and who asks and why.
 fn change_request<T>(
     request: &Request<T>,
-    requested_by: &str,
-    reason: &str,
-) -> Result<ChangeRequest, InferenceError> {
-    if reason.chars().count() > MAX_REASON_CHARS {
+    change: Option<&ModelChange>,
+) -> Result<(ModelChange, ChangeRequest), InferenceError> {
+    let change = change.cloned().unwrap_or_default();
+    if change.reason.chars().count() > MAX_REASON_CHARS {
         return Err(InferenceError::QueryInvalid(format!(
             "reason is longer than {MAX_REASON_CHARS} characters"
         )));
     }
-    Ok(ChangeRequest {
+    let who = ChangeRequest {
         peer: ServiceIdentity::of_grpc_peer(request)
             .map(|peer| peer.name().to_owned())
             .unwrap_or_default(),
-        requested_by: requested_by.to_owned(),
-        reason: reason.to_owned(),
+        requested_by: change.requested_by.clone(),
+        reason: change.reason.clone(),
+    };
+    Ok((change, who))
+}
+
+fn outcome((view, ledger_seq): (VersionView, u64)) -> Option<ModelChangeOutcome> {
+    Some(ModelChangeOutcome {
+        changed: Some(version_message(view)),
+        ledger_seq,
     })
 }
 
@@ -120,13 +131,6 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
         ));
     }
     Ok(())
-}
-
-fn changed(outcome: (VersionView, u64)) -> Response<ModelVersionResponse> {
-    Response::new(ModelVersionResponse {
-        changed: Some(version_message(outcome.0)),
-        ledger_seq: outcome.1,
-    })
 }
 
 impl InferenceApi {
@@ -261,66 +265,54 @@ impl InferenceService for InferenceApi {
 
     async fn stage_model_version(
         &self,
-        request: Request<ModelVersionRequest>,
-    ) -> Result<Response<ModelVersionResponse>, Status> {
-        let change = change_request(
-            &request,
-            &request.get_ref().requested_by,
-            &request.get_ref().reason,
-        )?;
-        let body = request.into_inner();
-        let outcome = self
+        request: Request<StageModelVersionRequest>,
+    ) -> Result<Response<StageModelVersionResponse>, Status> {
+        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
+        let done = self
             .lifecycle
-            .stage(&body.model_name, &body.model_version, &change)
+            .stage(&change.model_name, &change.model_version, &who)
             .await?;
-        Ok(changed(outcome))
+        Ok(Response::new(StageModelVersionResponse {
+            outcome: outcome(done),
+        }))
     }
 
     async fn activate_model_version(
         &self,
-        request: Request<ModelVersionRequest>,
-    ) -> Result<Response<ModelVersionResponse>, Status> {
-        let change = change_request(
-            &request,
-            &request.get_ref().requested_by,
-            &request.get_ref().reason,
-        )?;
-        let body = request.into_inner();
-        let outcome = self
+        request: Request<ActivateModelVersionRequest>,
+    ) -> Result<Response<ActivateModelVersionResponse>, Status> {
+        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
+        let done = self
             .lifecycle
-            .activate(&body.model_name, &body.model_version, &change)
+            .activate(&change.model_name, &change.model_version, &who)
             .await?;
-        Ok(changed(outcome))
+        Ok(Response::new(ActivateModelVersionResponse {
+            outcome: outcome(done),
+        }))
     }
 
     async fn retire_model_version(
         &self,
-        request: Request<ModelVersionRequest>,
-    ) -> Result<Response<ModelVersionResponse>, Status> {
-        let change = change_request(
-            &request,
-            &request.get_ref().requested_by,
-            &request.get_ref().reason,
-        )?;
-        let body = request.into_inner();
-        let outcome = self
+        request: Request<RetireModelVersionRequest>,
+    ) -> Result<Response<RetireModelVersionResponse>, Status> {
+        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
+        let done = self
             .lifecycle
-            .retire(&body.model_name, &body.model_version, &change)
+            .retire(&change.model_name, &change.model_version, &who)
             .await?;
-        Ok(changed(outcome))
+        Ok(Response::new(RetireModelVersionResponse {
+            outcome: outcome(done),
+        }))
     }
 
     async fn rollback_model(
         &self,
         request: Request<RollbackModelRequest>,
-    ) -> Result<Response<ModelVersionResponse>, Status> {
-        let change = change_request(
-            &request,
-            &request.get_ref().requested_by,
-            &request.get_ref().reason,
-        )?;
-        let body = request.into_inner();
-        let outcome = self.lifecycle.rollback(&body.model_name, &change).await?;
-        Ok(changed(outcome))
+    ) -> Result<Response<RollbackModelResponse>, Status> {
+        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
+        let done = self.lifecycle.rollback(&change.model_name, &who).await?;
+        Ok(Response::new(RollbackModelResponse {
+            outcome: outcome(done),
+        }))
     }
 }

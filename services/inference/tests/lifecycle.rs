@@ -11,15 +11,16 @@ use std::time::Duration;
 use medai_inference::config::RuntimeSettings;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::inference::v1::{
-    ListModelsRequest, ModelVersionRequest, ModelVersionResponse, RollbackModelRequest,
+    ActivateModelVersionRequest, ListModelsRequest, ModelChange, ModelChangeOutcome,
+    RetireModelVersionRequest, RollbackModelRequest, StageModelVersionRequest,
 };
 use medai_runtime::errors::reason_of;
 use support::{Harness, LIGHT, add_light_version, grey_image, light_repository, manifest_status};
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn change(version: &str) -> ModelVersionRequest {
-    ModelVersionRequest {
+fn change(version: &str) -> ModelChange {
+    ModelChange {
         model_name: LIGHT.to_owned(),
         model_version: version.to_owned(),
         requested_by: "admin-subject-1".to_owned(),
@@ -27,11 +28,30 @@ fn change(version: &str) -> ModelVersionRequest {
     }
 }
 
+fn stage(version: &str) -> StageModelVersionRequest {
+    StageModelVersionRequest {
+        change: Some(change(version)),
+    }
+}
+
+fn activate(version: &str) -> ActivateModelVersionRequest {
+    ActivateModelVersionRequest {
+        change: Some(change(version)),
+    }
+}
+
+fn retire(version: &str) -> RetireModelVersionRequest {
+    RetireModelVersionRequest {
+        change: Some(change(version)),
+    }
+}
+
 fn rollback() -> RollbackModelRequest {
     RollbackModelRequest {
-        model_name: LIGHT.to_owned(),
-        requested_by: "admin-subject-1".to_owned(),
-        reason: "CHG-1235 back out".to_owned(),
+        change: Some(ModelChange {
+            reason: "CHG-1235 back out".to_owned(),
+            ..change("")
+        }),
     }
 }
 
@@ -43,9 +63,10 @@ async fn served_version(client: &mut InferenceServiceClient<Channel>) -> Result<
         .map_err(|status| reason_of(&status).unwrap_or_default())
 }
 
-fn changed(response: ModelVersionResponse) -> (String, String, bool, u64) {
-    let info = response.changed.expect("changed version");
-    (info.version, info.status, info.ready, response.ledger_seq)
+fn changed(outcome: Option<ModelChangeOutcome>) -> (String, String, bool, u64) {
+    let outcome = outcome.expect("outcome");
+    let info = outcome.changed.expect("changed version");
+    (info.version, info.status, info.ready, outcome.ledger_seq)
 }
 
 #[tokio::test]
@@ -59,15 +80,16 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
     // A version placed in the repository is unknown until staged, and staging checks its hash.
     add_light_version(repository.path(), "2", "staged");
     let status = operator
-        .activate_model_version(change("2"))
+        .activate_model_version(activate("2"))
         .await
         .expect_err("not staged yet");
     assert_eq!(reason_of(&status).as_deref(), Some("MODEL_VERSION_UNKNOWN"));
     let staged = operator
-        .stage_model_version(change("2"))
+        .stage_model_version(stage("2"))
         .await
         .expect("stage")
-        .into_inner();
+        .into_inner()
+        .outcome;
     let (version, status, ready, seq) = changed(staged);
     assert_eq!(
         (version.as_str(), status.as_str(), ready),
@@ -103,10 +125,11 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
     tokio::time::sleep(Duration::from_millis(100)).await;
     let activated = changed(
         operator
-            .activate_model_version(change("2"))
+            .activate_model_version(activate("2"))
             .await
             .expect("activate")
-            .into_inner(),
+            .into_inner()
+            .outcome,
     );
     assert_eq!(
         (activated.0.as_str(), activated.1.as_str(), activated.2),
@@ -159,7 +182,8 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
             .rollback_model(rollback())
             .await
             .expect("rollback")
-            .into_inner(),
+            .into_inner()
+            .outcome,
     );
     assert_eq!(
         (rolled_back.0.as_str(), rolled_back.1.as_str()),
@@ -177,11 +201,11 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
 
     // Retiring version 2 makes it unservable for good; retiring 1 stops serving the model.
     operator
-        .retire_model_version(change("2"))
+        .retire_model_version(retire("2"))
         .await
         .expect("retire 2");
     let status = operator
-        .activate_model_version(change("2"))
+        .activate_model_version(activate("2"))
         .await
         .expect_err("retired");
     assert_eq!(
@@ -189,7 +213,7 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         (Code::FailedPrecondition, Some("MODEL_VERSION_RETIRED"))
     );
     let status = operator
-        .stage_model_version(change("2"))
+        .stage_model_version(stage("2"))
         .await
         .expect_err("retired");
     assert_eq!(reason_of(&status).as_deref(), Some("MODEL_VERSION_RETIRED"));
@@ -200,7 +224,7 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
     let mut operator = harness.client_as("operator");
     assert_eq!(served_version(&mut gateway).await.as_deref(), Ok("1"));
     operator
-        .retire_model_version(change("1"))
+        .retire_model_version(retire("1"))
         .await
         .expect("retire 1");
     assert_eq!(
@@ -250,7 +274,7 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     model[last] ^= 0x01;
     std::fs::write(folder.join("model.onnx"), model).expect("tamper");
     let status = operator
-        .stage_model_version(change("2"))
+        .stage_model_version(stage("2"))
         .await
         .expect_err("tampered");
     assert_eq!(
@@ -263,13 +287,15 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     let mut no_reason = change("1");
     no_reason.reason = "  ".to_owned();
     let status = operator
-        .retire_model_version(no_reason)
+        .retire_model_version(RetireModelVersionRequest {
+            change: Some(no_reason),
+        })
         .await
         .expect_err("no reason");
     assert_eq!(reason_of(&status).as_deref(), Some("REASON_MISSING"));
     for version in ["9", "../1", ""] {
         let status = operator
-            .stage_model_version(change(version))
+            .stage_model_version(stage(version))
             .await
             .expect_err("unknown");
         assert_eq!(
@@ -279,7 +305,7 @@ async fn refused_changes_change_nothing_and_record_nothing() {
         );
     }
     let status = operator
-        .activate_model_version(change("1"))
+        .activate_model_version(activate("1"))
         .await
         .expect_err("already active");
     assert_eq!(
@@ -289,7 +315,7 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     for identity in ["validation", "audit", "stranger"] {
         let status = harness
             .client_as(identity)
-            .retire_model_version(change("1"))
+            .retire_model_version(retire("1"))
             .await
             .expect_err("peer policy");
         assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
@@ -299,12 +325,12 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     // Without the ledger, nothing changes: the manifests are put back.
     add_light_version(repository.path(), "3", "staged");
     operator
-        .stage_model_version(change("3"))
+        .stage_model_version(stage("3"))
         .await
         .expect("stage 3");
     harness.audit.take().expect("audit").stop().await;
     let status = operator
-        .activate_model_version(change("3"))
+        .activate_model_version(activate("3"))
         .await
         .expect_err("ledger down");
     assert_eq!(

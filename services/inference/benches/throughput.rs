@@ -1,0 +1,242 @@
+//! Inference throughput and latency: images/s and p50/p99 through the inference service
+//! (KServe v2 ModelInfer over mTLS, raw tensors, concurrent clients) against ONNX Runtime
+//! called in-process on the same model and the same tensors, for the brain-MRI model and the
+//! synthetic light model, with dynamic batching on and off. One run of this program measures
+//! every figure and prints the ratios; it also writes target/bench/inference_throughput.json.
+//!
+//! Run with `scripts/bench.sh`, or `cargo bench -p medai-inference --bench throughput`.
+
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use medai_inference::config::RuntimeSettings;
+use medai_inference::manifest::ModelManifest;
+use medai_inference::model::{onnx_environment, open_sessions, run_rows};
+use medai_proto::kserve::ModelInferRequest;
+use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use medai_proto::kserve::model_infer_request::InferInputTensor;
+use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
+use ndarray::Array4;
+
+struct Workload {
+    model: &'static str,
+    /// Requests timed through the service, and in-process runs timed.
+    requests: usize,
+    /// Clients sending at once to the service.
+    concurrency: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    images_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
+    latencies.sort();
+    let at = |quantile: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * quantile).round() as usize;
+        latencies[index].as_secs_f64() * 1000.0
+    };
+    Figures {
+        images_per_second: latencies.len() as f64 / wall.as_secs_f64(),
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+    }
+}
+
+fn manifest_of(model: &str) -> (ModelManifest, std::path::PathBuf) {
+    let folder = Assets::locate().model_repository.join(model).join("1");
+    let manifest = ModelManifest::load(&folder.join("manifest.toml")).expect("manifest");
+    (manifest, folder)
+}
+
+/// A deterministic input of one row in the model's shape.
+fn one_row(manifest: &ModelManifest) -> Array4<f32> {
+    let shape: Vec<usize> = manifest.input.shape[1..]
+        .iter()
+        .map(|dim| *dim as usize)
+        .collect();
+    Array4::from_shape_fn((1, shape[0], shape[1], shape[2]), |(_, y, x, c)| {
+        ((y * 31 + x * 7 + c) % 255) as f32 / 255.0
+    })
+}
+
+/// ONNX Runtime on one session, one image per run, back to back.
+fn in_process(workload: &Workload) -> Figures {
+    let assets = Assets::locate();
+    let environment = onnx_environment(&assets.onnxruntime_library).expect("onnx runtime");
+    let (manifest, folder) = manifest_of(workload.model);
+    let mut session = open_sessions(
+        &environment,
+        &manifest,
+        &folder,
+        &RuntimeSettings::default(),
+    )
+    .expect("session")
+    .pop()
+    .expect("one session");
+    let row = one_row(&manifest);
+    for _ in 0..3 {
+        run_rows(&mut session, &manifest, row.clone()).expect("warm-up");
+    }
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(workload.requests);
+    for _ in 0..workload.requests {
+        let one = Instant::now();
+        run_rows(&mut session, &manifest, row.clone()).expect("run");
+        latencies.push(one.elapsed());
+    }
+    figures(latencies, started.elapsed())
+}
+
+async fn through_service(workload: &Workload, batching: bool) -> Figures {
+    let assets = Assets::locate();
+    let pki = TestPki::new();
+    let state = tempfile::tempdir().expect("tempdir");
+    let repository = state.path().join("models");
+    let (manifest, folder) = manifest_of(workload.model);
+    let version = repository.join(workload.model).join("1");
+    std::fs::create_dir_all(&version).expect("repository");
+    std::fs::copy(folder.join("manifest.toml"), version.join("manifest.toml")).expect("manifest");
+    std::os::unix::fs::symlink(
+        std::fs::canonicalize(folder.join(&manifest.file)).expect("model"),
+        version.join(&manifest.file),
+    )
+    .expect("link");
+    let config = medai_inference::InferenceConfig {
+        process: test_process_config(),
+        tls: pki.files("inference"),
+        model_repository: repository,
+        onnxruntime_library: assets.onnxruntime_library.clone(),
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            state.path().join("results.sqlite").display()
+        ),
+        // No lifecycle change happens here, so no ledger is needed.
+        audit_endpoint: "https://127.0.0.1:9".to_owned(),
+        runtime: RuntimeSettings {
+            dynamic_batching: batching,
+            queue_capacity: 4096,
+            ..RuntimeSettings::default()
+        },
+    };
+    let server =
+        TestServer::start(|listener, shutdown| medai_inference::serve(config, listener, shutdown))
+            .await;
+    wait_until_serving(&pki, server.address, "inference").await;
+
+    let row = one_row(&manifest);
+    let request = ModelInferRequest {
+        model_name: workload.model.to_owned(),
+        inputs: vec![InferInputTensor {
+            name: manifest.input.name.clone(),
+            datatype: "FP32".to_owned(),
+            shape: row.shape().iter().map(|dim| *dim as i64).collect(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![row.iter().flat_map(|value| value.to_le_bytes()).collect()],
+        ..Default::default()
+    };
+    let channel = pki.channel_as("operator", server.address, "inference");
+    let mut warm = GrpcInferenceServiceClient::new(channel.clone());
+    for _ in 0..3 {
+        warm.model_infer(request.clone()).await.expect("warm-up");
+    }
+    let per_client = workload.requests / workload.concurrency;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..workload.concurrency {
+        let mut client = GrpcInferenceServiceClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let request = request.clone();
+        clients.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let one = Instant::now();
+                client
+                    .model_infer(request.clone())
+                    .await
+                    .expect("inference through the service");
+                latencies.push(one.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for client in clients {
+        latencies.extend(client.await.expect("client"));
+    }
+    let wall = started.elapsed();
+    server.stop().await;
+    figures(latencies, wall)
+}
+
+fn print_row(label: &str, figures: Figures, baseline: Figures) {
+    println!(
+        "  {label:<28} {:>9.1} images/s  p50 {:>8.2} ms  p99 {:>8.2} ms  throughput {:.3}x in-process",
+        figures.images_per_second,
+        figures.p50_ms,
+        figures.p99_ms,
+        figures.images_per_second / baseline.images_per_second
+    );
+}
+
+fn json(figures: Figures) -> serde_json::Value {
+    serde_json::json!({
+        "images_per_second": figures.images_per_second,
+        "p50_ms": figures.p50_ms,
+        "p99_ms": figures.p99_ms,
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let workloads = [
+        Workload {
+            model: "brain-mri-tumor",
+            requests: 48,
+            concurrency: 4,
+        },
+        Workload {
+            model: "synthetic-light",
+            requests: 6000,
+            concurrency: 32,
+        },
+    ];
+    let mut report = serde_json::Map::new();
+    for workload in &workloads {
+        let baseline = in_process(workload);
+        let batched = through_service(workload, true).await;
+        let unbatched = through_service(workload, false).await;
+        println!(
+            "{} — {} requests, {} concurrent clients over mTLS",
+            workload.model, workload.requests, workload.concurrency
+        );
+        print_row("ort in-process (batch 1)", baseline, baseline);
+        print_row("service, dynamic batching", batched, baseline);
+        print_row("service, batching off", unbatched, baseline);
+        report.insert(
+            workload.model.to_owned(),
+            serde_json::json!({
+                "requests": workload.requests,
+                "concurrency": workload.concurrency,
+                "in_process": json(baseline),
+                "service_batching_on": json(batched),
+                "service_batching_off": json(unbatched),
+                "ratio_batching_on": batched.images_per_second / baseline.images_per_second,
+                "ratio_batching_off": unbatched.images_per_second / baseline.images_per_second,
+            }),
+        );
+    }
+    let directory = medai_testkit::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&directory).expect("bench folder");
+    std::fs::write(
+        directory.join("inference_throughput.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json"),
+    )
+    .expect("write report");
+}
