@@ -197,6 +197,38 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("medai_grpc_requests_total"), "{metrics}");
     assert!(metrics.contains("/medai.gateway.v1.GatewayService/Infer"));
+    // The inference service's figures are histograms (buckets, not quantiles) per model and
+    // version, so dashboards can aggregate replicas.
+    let metrics = http_get(
+        mesh.mesh.admin_address("inference").expect("admin port"),
+        "/metrics",
+    )
+    .await;
+    let labels = r#"model="brain-mri-tumor",version="1""#;
+    for series in [
+        "medai_inference_request_seconds_bucket",
+        "medai_inference_queue_seconds_bucket",
+        "medai_inference_compute_seconds_bucket",
+    ] {
+        assert!(
+            metrics.contains(&format!("{series}{{{labels},le=\"0.25\"}}")),
+            "{series} missing:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(&format!(
+            "medai_inference_batch_size_bucket{{{labels},le=\"1\"}}"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "medai_inference_requests_total{{{labels},code=\"OK\"}}"
+    )));
+    assert!(metrics.contains("medai_inference_queue_depth"));
+    assert!(
+        !metrics.contains("quantile="),
+        "summaries instead of histograms"
+    );
     mesh.stop().await;
 }
 
