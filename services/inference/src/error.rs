@@ -49,6 +49,10 @@ pub enum InferenceError {
     ResultNotFound(String),
     #[error("{0}")]
     QueryInvalid(String),
+    #[error("the result is signed; a signed result never changes")]
+    ResultAlreadySigned,
+    #[error("the result's content is not what the signer was shown")]
+    ResultContentChanged,
     #[error("the results store failed")]
     Store,
 }
@@ -73,7 +77,9 @@ impl ServiceError for InferenceError {
             Self::VersionRetired { .. }
             | Self::AlreadyInState { .. }
             | Self::NoPreviousVersion { .. }
-            | Self::IntegrityMismatch(_) => ErrorKind::FailedPrecondition,
+            | Self::IntegrityMismatch(_)
+            | Self::ResultAlreadySigned
+            | Self::ResultContentChanged => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable => ErrorKind::Unavailable,
             Self::Failed(_) | Self::LoadFailed(_) | Self::RepositoryWrite(_) | Self::Store => {
                 ErrorKind::Internal
@@ -103,6 +109,8 @@ impl ServiceError for InferenceError {
             Self::LedgerUnavailable => "LEDGER_UNAVAILABLE",
             Self::ResultNotFound(_) => "RESULT_NOT_FOUND",
             Self::QueryInvalid(_) => "QUERY_INVALID",
+            Self::ResultAlreadySigned => "RESULT_ALREADY_SIGNED",
+            Self::ResultContentChanged => "RESULT_CONTENT_CHANGED",
             Self::Store => "RESULTS_STORE_FAILED",
         }
     }

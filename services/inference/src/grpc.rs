@@ -9,9 +9,10 @@ use medai_proto::inference::v1::{
     ActivateModelVersionRequest, ActivateModelVersionResponse, GetResultRequest, GetResultResponse,
     LabelProbability, ListModelsRequest, ListModelsResponse, ListResultsRequest,
     ListResultsResponse, ModelChange, ModelChangeOutcome, ModelVersionInfo, PredictRequest,
-    PredictResponse, RetireModelVersionRequest, RetireModelVersionResponse, RollbackModelRequest,
-    RollbackModelResponse, StageModelVersionRequest, StageModelVersionResponse,
-    StoredResult as StoredResultMessage,
+    PredictResponse, RecordDeliveryRequest, RecordDeliveryResponse, ResultSignature,
+    RetireModelVersionRequest, RetireModelVersionResponse, RollbackModelRequest,
+    RollbackModelResponse, SignResultRequest, SignResultResponse, StageModelVersionRequest,
+    StageModelVersionResponse, StoredResult as StoredResultMessage,
 };
 use medai_runtime::ServiceIdentity;
 use medai_runtime::deadline::caller_deadline;
@@ -23,8 +24,8 @@ use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
 use crate::repository::VersionView;
 use crate::results::{
-    PRELIMINARY, ResultFilter, ResultsStore, StoredResult, format_timestamp, now_micros,
-    parse_timestamp,
+    PRELIMINARY, ResultFilter, ResultsStore, SIGNED, Signature, StoredResult, format_timestamp,
+    now_micros, parse_timestamp,
 };
 
 /// Longest free-text reason kept with a lifecycle change.
@@ -46,9 +47,20 @@ fn probabilities_message(probabilities: &[(String, f32)]) -> Vec<LabelProbabilit
         .collect()
 }
 
+fn stored_probabilities(result: &StoredResult) -> Result<Vec<(String, f32)>, InferenceError> {
+    serde_json::from_str(&result.probabilities_json).map_err(|_| InferenceError::Store)
+}
+
 fn result_message(result: StoredResult) -> Result<StoredResultMessage, InferenceError> {
-    let probabilities: Vec<(String, f32)> =
-        serde_json::from_str(&result.probabilities_json).map_err(|_| InferenceError::Store)?;
+    let probabilities = stored_probabilities(&result)?;
+    let signature = (result.status == SIGNED).then(|| ResultSignature {
+        signer_subject: result.signer_subject.clone(),
+        signer_name: result.signer_name.clone(),
+        meaning: result.signature_meaning.clone(),
+        reason: result.signature_reason.clone(),
+        signed_at: format_timestamp(result.signed_at),
+        ledger_seq: u64::try_from(result.signature_ledger_seq).unwrap_or_default(),
+    });
     Ok(StoredResultMessage {
         result_id: result.result_id,
         model_name: result.model_name,
@@ -63,6 +75,31 @@ fn result_message(result: StoredResult) -> Result<StoredResultMessage, Inference
         latency_ms: result.latency_ms,
         created_at: format_timestamp(result.created_at),
         status: result.status,
+        ledger_seq: u64::try_from(result.ledger_seq).unwrap_or_default(),
+        content_sha256: result.content_sha256,
+        model_sha256: result.model_sha256,
+        intended_use: result.intended_use,
+        signature,
+    })
+}
+
+/// A stored result answered again for a repeated idempotency key.
+fn replayed_response(result: StoredResult) -> Result<PredictResponse, InferenceError> {
+    let probabilities = stored_probabilities(&result)?;
+    Ok(PredictResponse {
+        model_name: result.model_name,
+        model_version: result.model_version,
+        probabilities: probabilities_message(&probabilities),
+        top_label: result.top_label,
+        top_probability: result.confidence as f32,
+        intended_use: result.intended_use,
+        model_sha256: result.model_sha256,
+        result_id: result.result_id,
+        decision_threshold: result.decision_threshold as f32,
+        decision: result.decision,
+        latency_ms: result.latency_ms,
+        replayed: true,
+        ledger_seq: u64::try_from(result.ledger_seq).unwrap_or_default(),
     })
 }
 
@@ -125,6 +162,11 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
             "patient_key must be the 32 hex digits validation derives".to_owned(),
         ));
     }
+    if !request.idempotency_key.is_empty() && !is_lower_hex(&request.idempotency_key, 64) {
+        return Err(InferenceError::QueryInvalid(
+            "idempotency_key must be 64 lowercase hex digits".to_owned(),
+        ));
+    }
     if !request.result_id.is_empty() && uuid::Uuid::parse_str(&request.result_id).is_err() {
         return Err(InferenceError::QueryInvalid(
             "result_id must be a UUID".to_owned(),
@@ -134,12 +176,13 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
 }
 
 impl InferenceApi {
+    /// Stores the prediction; if its idempotency key was stored meanwhile, the stored result.
     async fn store(
         &self,
         request: &PredictRequest,
         prediction: &Prediction,
         result_id: String,
-    ) -> Result<(), InferenceError> {
+    ) -> Result<(StoredResult, bool), InferenceError> {
         let (top_label, confidence) = prediction.top().cloned().unwrap_or_default();
         let probabilities_json =
             serde_json::to_string(&prediction.probabilities).map_err(|_| InferenceError::Store)?;
@@ -159,6 +202,17 @@ impl InferenceApi {
                 latency_ms: prediction.latency.as_secs_f64() * 1000.0,
                 created_at: now_micros(),
                 status: PRELIMINARY.to_owned(),
+                idempotency_key: (!request.idempotency_key.is_empty())
+                    .then(|| request.idempotency_key.clone()),
+                intended_use: prediction.intended_use.clone(),
+                content_sha256: String::new(),
+                ledger_seq: 0,
+                signer_subject: String::new(),
+                signer_name: String::new(),
+                signature_meaning: String::new(),
+                signature_reason: String::new(),
+                signed_at: 0,
+                signature_ledger_seq: 0,
             })
             .await
     }
@@ -181,6 +235,14 @@ impl InferenceService for InferenceApi {
             bit_depth: image.bit_depth,
             pixels: image.pixels,
         };
+        if !request.idempotency_key.is_empty()
+            && let Some(stored) = self
+                .results
+                .find_by_idempotency_key(&request.idempotency_key)
+                .await?
+        {
+            return Ok(Response::new(replayed_response(stored)?));
+        }
         let prediction = self
             .predictor
             .predict(&request.model_name, &request.model_version, input, deadline)
@@ -190,7 +252,10 @@ impl InferenceService for InferenceApi {
         } else {
             request.result_id.clone()
         };
-        self.store(&request, &prediction, result_id.clone()).await?;
+        let (stored, replayed) = self.store(&request, &prediction, result_id.clone()).await?;
+        if replayed {
+            return Ok(Response::new(replayed_response(stored)?));
+        }
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
         Ok(Response::new(PredictResponse {
             probabilities: probabilities_message(&prediction.probabilities),
@@ -204,6 +269,8 @@ impl InferenceService for InferenceApi {
             model_sha256: prediction.model_sha256,
             result_id,
             decision_threshold: prediction.decision_threshold,
+            replayed: false,
+            ledger_seq: 0,
         }))
     }
 
@@ -211,9 +278,72 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<GetResultRequest>,
     ) -> Result<Response<GetResultResponse>, Status> {
-        let result = self.results.get(&request.into_inner().result_id).await?;
+        let request = request.into_inner();
+        let result = if request.idempotency_key.is_empty() {
+            self.results.get(&request.result_id).await?
+        } else {
+            self.results
+                .find_by_idempotency_key(&request.idempotency_key)
+                .await?
+                .ok_or_else(|| InferenceError::ResultNotFound("for that key".to_owned()))?
+        };
         Ok(Response::new(GetResultResponse {
             result: Some(result_message(result)?),
+        }))
+    }
+
+    async fn record_delivery(
+        &self,
+        request: Request<RecordDeliveryRequest>,
+    ) -> Result<Response<RecordDeliveryResponse>, Status> {
+        let request = request.into_inner();
+        let seq = i64::try_from(request.ledger_seq)
+            .ok()
+            .filter(|seq| *seq > 0)
+            .ok_or_else(|| InferenceError::QueryInvalid("ledger_seq must be positive".into()))?;
+        let noted = self
+            .results
+            .record_delivery(&request.result_id, seq)
+            .await?;
+        Ok(Response::new(RecordDeliveryResponse {
+            ledger_seq: u64::try_from(noted).unwrap_or_default(),
+        }))
+    }
+
+    async fn sign_result(
+        &self,
+        request: Request<SignResultRequest>,
+    ) -> Result<Response<SignResultResponse>, Status> {
+        let request = request.into_inner();
+        let signature = request.signature.unwrap_or_default();
+        if signature.signer_subject.is_empty() || signature.ledger_seq == 0 {
+            return Err(InferenceError::QueryInvalid(
+                "a signature needs its signer and its ledger entry".to_owned(),
+            )
+            .into());
+        }
+        let signed_at = if signature.signed_at.is_empty() {
+            now_micros()
+        } else {
+            parse_timestamp(&signature.signed_at)?
+        };
+        let signed = self
+            .results
+            .sign(
+                &request.result_id,
+                &request.expected_content_sha256,
+                Signature {
+                    signer_subject: signature.signer_subject,
+                    signer_name: signature.signer_name,
+                    meaning: signature.meaning,
+                    reason: signature.reason,
+                    signed_at,
+                    ledger_seq: i64::try_from(signature.ledger_seq).unwrap_or_default(),
+                },
+            )
+            .await?;
+        Ok(Response::new(SignResultResponse {
+            result: Some(result_message(signed)?),
         }))
     }
 

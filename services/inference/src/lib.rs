@@ -51,11 +51,17 @@ pub enum ServeError {
 pub fn peer_policy() -> PeerPolicy {
     let ours = |method: &str| format!("/medai.inference.v1.InferenceService/{method}");
     let kserve = |method: &str| format!("/inference.GRPCInferenceService/{method}");
-    let gateway_only = ["Predict", "GetResult", "ListResults"]
-        .iter()
-        .fold(PeerPolicy::new(), |policy, method| {
-            policy.allow(&ours(method), &["gateway"])
-        });
+    let gateway_only = [
+        "Predict",
+        "GetResult",
+        "ListResults",
+        "RecordDelivery",
+        "SignResult",
+    ]
+    .iter()
+    .fold(PeerPolicy::new(), |policy, method| {
+        policy.allow(&ours(method), &["gateway"])
+    });
     let management = [
         "ListModels",
         "StageModelVersion",

@@ -2,8 +2,8 @@
 //! clinician signs it. PostgreSQL in production, SQLite as the embedded default.
 
 use sea_orm::{
-    ActiveValue, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr,
 };
 use sea_orm_migration::MigratorTrait;
 use time::OffsetDateTime;
@@ -37,6 +37,21 @@ pub mod result_row {
         pub created_at: i64,
         /// PRELIMINARY or SIGNED.
         pub status: String,
+        /// Hex SHA-256 naming one logical request; repeated requests get this row back.
+        #[sea_orm(unique)]
+        pub idempotency_key: Option<String>,
+        pub intended_use: String,
+        /// See [`super::content_sha256`]; computed when the row is written.
+        pub content_sha256: String,
+        /// The ledger entry that recorded the delivery; 0 until noted.
+        pub ledger_seq: i64,
+        pub signer_subject: String,
+        pub signer_name: String,
+        pub signature_meaning: String,
+        pub signature_reason: String,
+        /// Unix microseconds; 0 until signed.
+        pub signed_at: i64,
+        pub signature_ledger_seq: i64,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -46,6 +61,82 @@ pub mod result_row {
 }
 
 pub use result_row::Model as StoredResult;
+
+/// What a signer supplies; the store adds it to the row in one conditional update.
+#[derive(Clone, Debug, Default)]
+pub struct Signature {
+    pub signer_subject: String,
+    pub signer_name: String,
+    pub meaning: String,
+    pub reason: String,
+    /// Unix microseconds.
+    pub signed_at: i64,
+    pub ledger_seq: i64,
+}
+
+/// The content hash recomputed from a result as the API shows it, so a gateway, an auditor or
+/// a test can check a signature's binding without the database.
+pub fn content_sha256_of_message(result: &medai_proto::inference::v1::StoredResult) -> String {
+    let probabilities: Vec<(String, f32)> = result
+        .probabilities
+        .iter()
+        .map(|entry| (entry.label.clone(), entry.probability))
+        .collect();
+    let row = StoredResult {
+        result_id: result.result_id.clone(),
+        model_name: result.model_name.clone(),
+        model_version: result.model_version.clone(),
+        model_sha256: result.model_sha256.clone(),
+        image_sha256: result.image_sha256.clone(),
+        patient_key: result.patient_key.clone(),
+        probabilities_json: serde_json::to_string(&probabilities).unwrap_or_default(),
+        top_label: result.top_label.clone(),
+        confidence: f64::from(result.confidence),
+        decision_threshold: f64::from(result.decision_threshold),
+        decision: result.decision.clone(),
+        latency_ms: result.latency_ms,
+        created_at: parse_timestamp(&result.created_at).unwrap_or_default(),
+        status: result.status.clone(),
+        idempotency_key: None,
+        intended_use: result.intended_use.clone(),
+        content_sha256: String::new(),
+        ledger_seq: 0,
+        signer_subject: String::new(),
+        signer_name: String::new(),
+        signature_meaning: String::new(),
+        signature_reason: String::new(),
+        signed_at: 0,
+        signature_ledger_seq: 0,
+    };
+    content_sha256(&row)
+}
+
+/// SHA-256 over a result's content, each field length-prefixed (u64 big-endian) in this
+/// order: result_id, model_name, model_version, model_sha256, image_sha256, patient_key,
+/// probabilities_json, top_label, decision, then confidence and decision_threshold as f64 and
+/// created_at as i64, big-endian. Status, delivery and signature fields are not content.
+pub fn content_sha256(result: &StoredResult) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for text in [
+        &result.result_id,
+        &result.model_name,
+        &result.model_version,
+        &result.model_sha256,
+        &result.image_sha256,
+        &result.patient_key,
+        &result.probabilities_json,
+        &result.top_label,
+        &result.decision,
+    ] {
+        hasher.update((text.len() as u64).to_be_bytes());
+        hasher.update(text.as_bytes());
+    }
+    hasher.update(result.confidence.to_be_bytes());
+    hasher.update(result.decision_threshold.to_be_bytes());
+    hasher.update(result.created_at.to_be_bytes());
+    hex::encode(hasher.finalize())
+}
 
 pub const PRELIMINARY: &str = "PRELIMINARY";
 pub const SIGNED: &str = "SIGNED";
@@ -78,28 +169,99 @@ impl ResultsStore {
         Ok(Self { connection })
     }
 
-    pub async fn insert(&self, result: StoredResult) -> Result<(), InferenceError> {
-        let row = result_row::ActiveModel {
-            result_id: ActiveValue::Set(result.result_id),
-            model_name: ActiveValue::Set(result.model_name),
-            model_version: ActiveValue::Set(result.model_version),
-            model_sha256: ActiveValue::Set(result.model_sha256),
-            image_sha256: ActiveValue::Set(result.image_sha256),
-            patient_key: ActiveValue::Set(result.patient_key),
-            probabilities_json: ActiveValue::Set(result.probabilities_json),
-            top_label: ActiveValue::Set(result.top_label),
-            confidence: ActiveValue::Set(result.confidence),
-            decision_threshold: ActiveValue::Set(result.decision_threshold),
-            decision: ActiveValue::Set(result.decision),
-            latency_ms: ActiveValue::Set(result.latency_ms),
-            created_at: ActiveValue::Set(result.created_at),
-            status: ActiveValue::Set(result.status),
-        };
-        result_row::Entity::insert(row)
+    /// Stores a new result (its content hash is computed here). A result whose idempotency key
+    /// is already stored is not written: the stored one is returned with `true`.
+    pub async fn insert(
+        &self,
+        mut result: StoredResult,
+    ) -> Result<(StoredResult, bool), InferenceError> {
+        result.content_sha256 = content_sha256(&result);
+        let row: result_row::ActiveModel = result.clone().into();
+        match result_row::Entity::insert(row).exec(&self.connection).await {
+            Ok(_) => Ok((result, false)),
+            Err(error) => {
+                let duplicate =
+                    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)));
+                if duplicate && let Some(key) = result.idempotency_key.as_deref() {
+                    if let Some(stored) = self.find_by_idempotency_key(key).await? {
+                        return Ok((stored, true));
+                    }
+                }
+                Err(store_error(error))
+            }
+        }
+    }
+
+    pub async fn find_by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<StoredResult>, InferenceError> {
+        result_row::Entity::find()
+            .filter(result_row::Column::IdempotencyKey.eq(key))
+            .one(&self.connection)
+            .await
+            .map_err(store_error)
+    }
+
+    /// Notes the ledger entry of the delivery, unless one is noted already; returns the seq
+    /// that stands.
+    pub async fn record_delivery(&self, result_id: &str, seq: i64) -> Result<i64, InferenceError> {
+        use result_row::Column;
+        result_row::Entity::update_many()
+            .col_expr(Column::LedgerSeq, sea_orm::sea_query::Expr::value(seq))
+            .filter(Column::ResultId.eq(result_id))
+            .filter(Column::LedgerSeq.eq(0))
+            .filter(Column::Status.eq(PRELIMINARY))
             .exec(&self.connection)
             .await
             .map_err(store_error)?;
-        Ok(())
+        Ok(self.get(result_id).await?.ledger_seq)
+    }
+
+    /// Signs a delivered, preliminary result whose content is still what `expected_content`
+    /// names. Exactly one signature can ever succeed.
+    pub async fn sign(
+        &self,
+        result_id: &str,
+        expected_content: &str,
+        signature: Signature,
+    ) -> Result<StoredResult, InferenceError> {
+        use result_row::Column;
+        use sea_orm::sea_query::Expr;
+        let current = self.get(result_id).await?;
+        if current.ledger_seq == 0 {
+            return Err(InferenceError::ResultNotFound(result_id.to_owned()));
+        }
+        if current.status == SIGNED {
+            return Err(InferenceError::ResultAlreadySigned);
+        }
+        if content_sha256(&current) != current.content_sha256
+            || current.content_sha256 != expected_content
+        {
+            return Err(InferenceError::ResultContentChanged);
+        }
+        let updated = result_row::Entity::update_many()
+            .col_expr(Column::Status, Expr::value(SIGNED))
+            .col_expr(Column::SignerSubject, Expr::value(signature.signer_subject))
+            .col_expr(Column::SignerName, Expr::value(signature.signer_name))
+            .col_expr(Column::SignatureMeaning, Expr::value(signature.meaning))
+            .col_expr(Column::SignatureReason, Expr::value(signature.reason))
+            .col_expr(Column::SignedAt, Expr::value(signature.signed_at))
+            .col_expr(
+                Column::SignatureLedgerSeq,
+                Expr::value(signature.ledger_seq),
+            )
+            .filter(Column::ResultId.eq(result_id))
+            .filter(Column::Status.eq(PRELIMINARY))
+            .filter(Column::ContentSha256.eq(expected_content))
+            .exec(&self.connection)
+            .await
+            .map_err(store_error)?;
+        if updated.rows_affected != 1 {
+            // Someone else signed between the read and the update.
+            return Err(InferenceError::ResultAlreadySigned);
+        }
+        self.get(result_id).await
     }
 
     pub async fn get(&self, result_id: &str) -> Result<StoredResult, InferenceError> {
@@ -246,6 +408,16 @@ mod migration {
         LatencyMs,
         CreatedAt,
         Status,
+        IdempotencyKey,
+        IntendedUse,
+        ContentSha256,
+        LedgerSeq,
+        SignerSubject,
+        SignerName,
+        SignatureMeaning,
+        SignatureReason,
+        SignedAt,
+        SignatureLedgerSeq,
     }
 
     struct CreateResults;
@@ -279,6 +451,25 @@ mod migration {
                         .col(ColumnDef::new(R::LatencyMs).double().not_null())
                         .col(ColumnDef::new(R::CreatedAt).big_integer().not_null())
                         .col(text(R::Status))
+                        .col(
+                            ColumnDef::new(R::IdempotencyKey)
+                                .string()
+                                .null()
+                                .unique_key(),
+                        )
+                        .col(text(R::IntendedUse))
+                        .col(text(R::ContentSha256))
+                        .col(ColumnDef::new(R::LedgerSeq).big_integer().not_null())
+                        .col(text(R::SignerSubject))
+                        .col(text(R::SignerName))
+                        .col(text(R::SignatureMeaning))
+                        .col(text(R::SignatureReason))
+                        .col(ColumnDef::new(R::SignedAt).big_integer().not_null())
+                        .col(
+                            ColumnDef::new(R::SignatureLedgerSeq)
+                                .big_integer()
+                                .not_null(),
+                        )
                         .to_owned(),
                 )
                 .await?;
@@ -300,7 +491,43 @@ mod migration {
                         .col(R::PatientKey)
                         .to_owned(),
                 )
-                .await
+                .await?;
+            let triggers = match manager.get_database_backend() {
+                sea_orm::DatabaseBackend::Postgres => POSTGRES_SIGNED_IS_FINAL,
+                _ => SQLITE_SIGNED_IS_FINAL,
+            };
+            manager
+                .get_connection()
+                .execute_unprepared(triggers)
+                .await?;
+            Ok(())
         }
     }
+
+    /// A signed result never changes and is never deleted, whoever connects (21 CFR 11.10(e)).
+    const POSTGRES_SIGNED_IS_FINAL: &str = r#"
+CREATE FUNCTION inference_results_signed_is_final() RETURNS trigger AS $$
+BEGIN
+  IF OLD.status = 'SIGNED' THEN
+    RAISE EXCEPTION 'signed results are final';
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    RETURN OLD;
+  END IF;
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER inference_results_signed_is_final
+  BEFORE UPDATE OR DELETE ON inference_results
+  FOR EACH ROW EXECUTE FUNCTION inference_results_signed_is_final();
+"#;
+
+    const SQLITE_SIGNED_IS_FINAL: &str = r#"
+CREATE TRIGGER inference_results_signed_no_update BEFORE UPDATE ON inference_results
+  WHEN OLD.status = 'SIGNED'
+  BEGIN SELECT RAISE(ABORT, 'signed results are final'); END;
+CREATE TRIGGER inference_results_signed_no_delete BEFORE DELETE ON inference_results
+  WHEN OLD.status = 'SIGNED'
+  BEGIN SELECT RAISE(ABORT, 'signed results are final'); END;
+"#;
 }

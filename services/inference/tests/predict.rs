@@ -7,7 +7,10 @@ use medai_inference::config::RuntimeSettings;
 use medai_inference::model::ModelError;
 use medai_inference::repository::RepositoryError;
 use medai_proto::common::v1::CanonicalImage;
-use medai_proto::inference::v1::{GetResultRequest, ListResultsRequest, PredictRequest};
+use medai_proto::inference::v1::{
+    GetResultRequest, ListResultsRequest, PredictRequest, RecordDeliveryRequest, ResultSignature,
+    SignResultRequest,
+};
 use medai_runtime::errors::reason_of;
 use medai_testkit::Assets;
 use support::{Harness, grey_image as pattern};
@@ -208,6 +211,7 @@ async fn every_prediction_is_kept_and_can_be_found_again() {
     let stored = gateway
         .get_result(GetResultRequest {
             result_id: first_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -301,6 +305,7 @@ async fn every_prediction_is_kept_and_can_be_found_again() {
     let status = gateway
         .get_result(GetResultRequest {
             result_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
         })
         .await
         .expect_err("unknown id");
@@ -365,8 +370,138 @@ async fn every_prediction_is_kept_and_can_be_found_again() {
         .client_as("operator")
         .get_result(GetResultRequest {
             result_id: first_id.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("operator");
     assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_repeated_key_returns_the_stored_result_and_a_signed_result_is_final() {
+    let repository = support::light_repository(&[("1", "active")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let key = format!("{:064x}", 42);
+    let keyed = |seed: u32| PredictRequest {
+        idempotency_key: key.clone(),
+        ..support::predict(support::LIGHT, pattern(64, seed))
+    };
+
+    // The second request with the key is answered from the store: same result, no new run.
+    let first = gateway.predict(keyed(1)).await.expect("first").into_inner();
+    assert!(!first.replayed);
+    let again = gateway.predict(keyed(2)).await.expect("again").into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.result_id, first.result_id);
+    assert_eq!(again.probabilities, first.probabilities);
+    assert_eq!(again.model_sha256, first.model_sha256);
+    let by_key = gateway
+        .get_result(GetResultRequest {
+            idempotency_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("by key")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(by_key.result_id, first.result_id);
+    assert_eq!(by_key.ledger_seq, 0);
+
+    // Signing needs a noted delivery, the content the signer saw, and happens once.
+    let signature = ResultSignature {
+        signer_subject: "user-7".to_owned(),
+        signer_name: "dr.house".to_owned(),
+        meaning: "APPROVED".to_owned(),
+        ledger_seq: 12,
+        ..Default::default()
+    };
+    let sign = |content: &str| SignResultRequest {
+        result_id: first.result_id.clone(),
+        expected_content_sha256: content.to_owned(),
+        signature: Some(signature.clone()),
+    };
+    let status = gateway
+        .sign_result(sign(&by_key.content_sha256))
+        .await
+        .expect_err("not delivered");
+    assert_eq!(reason_of(&status).as_deref(), Some("RESULT_NOT_FOUND"));
+    for seq in [9, 10] {
+        let noted = gateway
+            .record_delivery(RecordDeliveryRequest {
+                result_id: first.result_id.clone(),
+                ledger_seq: seq,
+            })
+            .await
+            .expect("delivery")
+            .into_inner();
+        assert_eq!(noted.ledger_seq, 9, "the first delivery record stands");
+    }
+    let status = gateway
+        .sign_result(sign(&format!("{:064x}", 0)))
+        .await
+        .expect_err("other content");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some("RESULT_CONTENT_CHANGED"))
+    );
+    let signed = gateway
+        .sign_result(sign(&by_key.content_sha256))
+        .await
+        .expect("sign")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(signed.status, "SIGNED");
+    let stored_signature = signed.signature.expect("signature");
+    assert_eq!(
+        (
+            stored_signature.signer_name.as_str(),
+            stored_signature.meaning.as_str(),
+            stored_signature.ledger_seq
+        ),
+        ("dr.house", "APPROVED", 12)
+    );
+    assert!(stored_signature.signed_at.ends_with('Z'));
+    assert_eq!(signed.content_sha256, by_key.content_sha256);
+    let status = gateway
+        .sign_result(sign(&by_key.content_sha256))
+        .await
+        .expect_err("signed twice");
+    assert_eq!(reason_of(&status).as_deref(), Some("RESULT_ALREADY_SIGNED"));
+
+    // The database itself refuses to change or delete a signed result.
+    let database = sea_orm::Database::connect(harness.config.database_url.as_str())
+        .await
+        .expect("results database");
+    use sea_orm::ConnectionTrait;
+    for statement in [
+        format!(
+            "UPDATE inference_results SET top_label = 'other' WHERE result_id = '{}'",
+            first.result_id
+        ),
+        format!(
+            "DELETE FROM inference_results WHERE result_id = '{}'",
+            first.result_id
+        ),
+    ] {
+        let refused = database.execute_unprepared(&statement).await;
+        assert!(refused.is_err(), "{statement} must be refused");
+    }
+    let unchanged = gateway
+        .get_result(GetResultRequest {
+            result_id: first.result_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(unchanged.top_label, first.top_label);
+    assert_eq!(
+        medai_inference::results::content_sha256_of_message(&unchanged),
+        unchanged.content_sha256
+    );
 }

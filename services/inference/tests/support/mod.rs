@@ -192,6 +192,7 @@ pub fn predict(model: &str, image: CanonicalImage) -> PredictRequest {
         result_id: String::new(),
         image_sha256: String::new(),
         patient_key: String::new(),
+        idempotency_key: String::new(),
     }
 }
 
