@@ -182,10 +182,11 @@ impl ResultsStore {
             Err(error) => {
                 let duplicate =
                     matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)));
-                if duplicate && let Some(key) = result.idempotency_key.as_deref() {
-                    if let Some(stored) = self.find_by_idempotency_key(key).await? {
-                        return Ok((stored, true));
-                    }
+                if duplicate
+                    && let Some(key) = result.idempotency_key.as_deref()
+                    && let Some(stored) = self.find_by_idempotency_key(key).await?
+                {
+                    return Ok((stored, true));
                 }
                 Err(store_error(error))
             }
