@@ -312,6 +312,7 @@ async fn infer(cli: &Cli, gateway: &str, file: &Path, model: &str) -> Result<()>
         format: ImageFormat::Unspecified.into(),
         model_name: model.to_owned(),
         model_version: String::new(),
+        idempotency_key: String::new(),
     };
     let response = client
         .infer(authorised(request, &token))

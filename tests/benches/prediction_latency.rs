@@ -82,6 +82,7 @@ async fn main() {
             format: ImageFormat::Unspecified.into(),
             model_name: String::new(),
             model_version: String::new(),
+            idempotency_key: String::new(),
         };
         let started = Instant::now();
         gateway

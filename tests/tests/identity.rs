@@ -86,6 +86,7 @@ fn infer(image: Vec<u8>) -> gw::InferRequest {
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_version: String::new(),
+        idempotency_key: String::new(),
     }
 }
 

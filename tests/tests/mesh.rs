@@ -21,6 +21,7 @@ fn infer_request(image: Vec<u8>) -> InferRequest {
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_version: String::new(),
+        idempotency_key: String::new(),
     }
 }
 

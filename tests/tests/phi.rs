@@ -50,6 +50,7 @@ fn infer(image: Vec<u8>) -> gw::InferRequest {
         format: ImageFormat::Dicom.into(),
         model_name: String::new(),
         model_version: String::new(),
+        idempotency_key: String::new(),
     }
 }
 

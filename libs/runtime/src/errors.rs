@@ -42,6 +42,10 @@ pub trait ServiceError: std::error::Error {
     fn kind(&self) -> ErrorKind;
     /// The stable, machine-readable code, for example `IMAGE_TOO_LARGE`.
     fn reason(&self) -> &'static str;
+    /// For refusals a client should retry: how long to wait, sent as google.rpc.RetryInfo.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The message the caller sees. Internal errors hide their detail.
     fn public_message(&self) -> String {
         match self.kind() {
@@ -57,12 +61,17 @@ pub fn to_status<E: ServiceError>(error: &E) -> Status {
     if error.kind() == ErrorKind::Internal {
         tracing::error!(domain = E::DOMAIN, reason = error.reason(), error = %error, "internal error");
     }
-    status_with_reason(
-        error.kind(),
-        E::DOMAIN,
-        error.reason(),
-        error.public_message(),
-    )
+    let mut details =
+        ErrorDetails::with_error_info(error.reason(), E::DOMAIN, std::collections::HashMap::new());
+    if let Some(wait) = error.retry_after() {
+        details.set_retry_info(Some(wait));
+    }
+    Status::with_error_details(error.kind().grpc_code(), error.public_message(), details)
+}
+
+/// How long a refused caller was told to wait, if the status says.
+pub fn retry_after_of(status: &Status) -> Option<std::time::Duration> {
+    status.get_details_retry_info()?.retry_delay
 }
 
 /// A status with an `ErrorInfo` detail, for the few places (tower layers) that refuse a call

@@ -11,6 +11,26 @@ pub enum GatewayError {
     LedgerUnavailable,
     #[error("the caller's identity is missing")]
     CallerMissing,
+    #[error("the idempotency key is longer than {limit} characters")]
+    IdempotencyKeyTooLong { limit: usize },
+    #[error("the deadline passed before the prediction could be delivered")]
+    DeadlinePassed,
+    #[error("an upload starts with its header, and only the first message is one")]
+    UploadOutOfOrder,
+    #[error("the upload ended after {received} of the {declared} bytes it declared")]
+    UploadIncomplete { received: u64, declared: u64 },
+    #[error("every image on a study stream needs a tag")]
+    TagMissing,
+    #[error("viewers see signed results only")]
+    ViewerSeesSignedOnly,
+    #[error("no result has that id")]
+    ResultNotFound,
+    #[error("{0}")]
+    SignatureInvalid(String),
+    #[error("too many requests; retry after {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
+    #[error("the gateway is at capacity; retry after {retry_after_ms} ms")]
+    Overloaded { retry_after_ms: u64 },
 }
 
 impl ServiceError for GatewayError {
@@ -21,6 +41,15 @@ impl ServiceError for GatewayError {
             Self::ImageTooLarge { .. } => ErrorKind::InvalidArgument,
             Self::DownstreamUnavailable { .. } | Self::LedgerUnavailable => ErrorKind::Unavailable,
             Self::CallerMissing => ErrorKind::Unauthenticated,
+            Self::IdempotencyKeyTooLong { .. }
+            | Self::UploadOutOfOrder
+            | Self::UploadIncomplete { .. }
+            | Self::TagMissing
+            | Self::SignatureInvalid(_) => ErrorKind::InvalidArgument,
+            Self::DeadlinePassed => ErrorKind::DeadlineExceeded,
+            Self::ViewerSeesSignedOnly => ErrorKind::PermissionDenied,
+            Self::ResultNotFound => ErrorKind::NotFound,
+            Self::RateLimited { .. } | Self::Overloaded { .. } => ErrorKind::ResourceExhausted,
         }
     }
 
@@ -30,6 +59,25 @@ impl ServiceError for GatewayError {
             Self::DownstreamUnavailable { .. } => "DOWNSTREAM_UNAVAILABLE",
             Self::LedgerUnavailable => "LEDGER_UNAVAILABLE",
             Self::CallerMissing => "TOKEN_MISSING",
+            Self::IdempotencyKeyTooLong { .. } => "IDEMPOTENCY_KEY_TOO_LONG",
+            Self::DeadlinePassed => "DEADLINE_PASSED",
+            Self::UploadOutOfOrder => "UPLOAD_OUT_OF_ORDER",
+            Self::UploadIncomplete { .. } => "UPLOAD_INCOMPLETE",
+            Self::TagMissing => "TAG_MISSING",
+            Self::ViewerSeesSignedOnly => "VIEWER_SEES_SIGNED_ONLY",
+            Self::ResultNotFound => "RESULT_NOT_FOUND",
+            Self::SignatureInvalid(_) => "SIGNATURE_INVALID",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::Overloaded { .. } => "OVERLOADED",
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::RateLimited { retry_after_ms } | Self::Overloaded { retry_after_ms } => {
+                Some(std::time::Duration::from_millis(*retry_after_ms))
+            }
+            _ => None,
         }
     }
 }
@@ -56,4 +104,24 @@ pub fn relay_downstream(service: &'static str, status: tonic::Status) -> tonic::
             GatewayError::DownstreamUnavailable { service }.into()
         }
     }
+}
+
+/// The inference service's own refusals for signatures, raised early by the gateway with the
+/// same domain and codes the results store would use.
+pub fn status_already_signed() -> tonic::Status {
+    medai_runtime::errors::status_with_reason(
+        ErrorKind::FailedPrecondition,
+        "medai.inference",
+        "RESULT_ALREADY_SIGNED",
+        "the result is signed; a signed result never changes",
+    )
+}
+
+pub fn status_content_changed() -> tonic::Status {
+    medai_runtime::errors::status_with_reason(
+        ErrorKind::FailedPrecondition,
+        "medai.inference",
+        "RESULT_CONTENT_CHANGED",
+        "the result's content is not what the signer was shown",
+    )
 }

@@ -16,17 +16,15 @@ use medai_runtime::deadline::caller_deadline;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::downstream::Downstream;
 use crate::error::{GatewayError, relay_downstream};
-use crate::infer::{InferInput, infer};
+use crate::infer::InferInput;
+use crate::streams::{Ingest, infer_response};
 use crate::token_auth::Caller;
 
 pub struct GatewayApi {
-    pub downstream: Downstream,
+    pub ingest: Ingest,
     /// Told to forget cached "not revoked" answers after every action that revokes tokens.
     pub revocations: std::sync::Arc<crate::revocation_check::RevocationSource>,
-    pub max_image_bytes: usize,
-    pub default_model: String,
 }
 
 impl GatewayApi {
@@ -46,10 +44,11 @@ impl GatewayApi {
             outcome: "SUCCESS".to_owned(),
             context_json: context.to_string(),
         };
-        self.downstream
+        self.ingest
+            .downstream
             .audit
             .clone()
-            .append(self.downstream.request(record, correlation, None))
+            .append(self.ingest.downstream.request(record, correlation, None))
             .await
             .map(|_| ())
             .map_err(|_| GatewayError::LedgerUnavailable.into())
@@ -72,8 +71,8 @@ impl GatewayApi {
         F: FnOnce(AuthClient, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Res>, Status>>,
     {
-        let request = self.downstream.request(message, correlation, None);
-        let answer = call(self.downstream.auth.clone(), request).await;
+        let request = self.ingest.downstream.request(message, correlation, None);
+        let answer = call(self.ingest.downstream.auth.clone(), request).await;
         // Every state-changing auth call may have revoked tokens (logout, disable, reset, role
         // change, delete, refresh reuse): no cached "not revoked" answer survives it here.
         self.revocations.forget_recent_checks();
@@ -116,10 +115,15 @@ impl GatewayService for GatewayApi {
             correlation_id: correlation.clone(),
         };
         let response = self
+            .ingest
             .downstream
             .auth
             .clone()
-            .login(self.downstream.request(login, &correlation, deadline))
+            .login(
+                self.ingest
+                    .downstream
+                    .request(login, &correlation, deadline),
+            )
             .await
             .map_err(|status| relay_downstream("auth", status))?
             .into_inner();
@@ -380,37 +384,114 @@ impl GatewayService for GatewayApi {
         let correlation = correlation_id(request.metadata());
         let deadline = caller_deadline(request.metadata(), received_at);
         let request = request.into_inner();
-        let model_name = if request.model_name.is_empty() {
-            self.default_model.clone()
-        } else {
-            request.model_name
-        };
         let input = InferInput {
             image: request.image,
             format: request.format,
-            model_name,
+            model_name: request.model_name,
             model_version: request.model_version,
+            idempotency_key: request.idempotency_key,
+            image_sha256: None,
         };
-        let outcome = infer(
-            &self.downstream,
-            &caller,
-            input,
-            &correlation,
-            deadline,
-            self.max_image_bytes,
-        )
-        .await?;
+        let outcome = self
+            .ingest
+            .predict(&caller, input, &correlation, deadline)
+            .await?;
+        Ok(with_correlation(infer_response(outcome), &correlation))
+    }
+
+    async fn upload_image(
+        &self,
+        request: Request<tonic::Streaming<gw::UploadImageRequest>>,
+    ) -> Result<Response<gw::UploadImageResponse>, Status> {
+        let received_at = Instant::now();
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let deadline = caller_deadline(request.metadata(), received_at);
+        let input = self.ingest.receive_upload(request.into_inner()).await?;
+        let outcome = self
+            .ingest
+            .predict(&caller, input, &correlation, deadline)
+            .await?;
         Ok(with_correlation(
-            InferResponse {
-                result_id: outcome.result_id,
-                prediction: Some(outcome.prediction),
-                image_sha256: outcome.image_sha256,
-                ledger_seq: outcome.ledger_seq,
-                ledger_hash: outcome.ledger_hash,
-                quality: outcome.quality,
+            gw::UploadImageResponse {
+                result: Some(infer_response(outcome)),
             },
             &correlation,
         ))
+    }
+
+    type StudyStreamStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<gw::StudyStreamResponse, Status>> + Send>,
+    >;
+
+    async fn study_stream(
+        &self,
+        request: Request<tonic::Streaming<gw::StudyStreamRequest>>,
+    ) -> Result<Response<Self::StudyStreamStream>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let answers = self
+            .ingest
+            .clone()
+            .study(caller, request.into_inner(), correlation.clone());
+        Ok(with_correlation(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))
+                as Self::StudyStreamStream,
+            &correlation,
+        ))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<gw::GetResultRequest>,
+    ) -> Result<Response<gw::GetResultResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let result = crate::results::get_result(
+            &self.ingest.downstream,
+            &caller,
+            &request.into_inner().result_id,
+            &correlation,
+        )
+        .await?;
+        Ok(with_correlation(
+            gw::GetResultResponse {
+                result: Some(result),
+            },
+            &correlation,
+        ))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<gw::ListResultsRequest>,
+    ) -> Result<Response<gw::ListResultsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let page = crate::results::list_results(
+            &self.ingest.downstream,
+            &caller,
+            request.into_inner().filter,
+            &correlation,
+        )
+        .await?;
+        Ok(with_correlation(page, &correlation))
+    }
+
+    async fn sign_result(
+        &self,
+        request: Request<gw::SignResultRequest>,
+    ) -> Result<Response<gw::SignResultResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let signed = crate::results::sign_result(
+            &self.ingest.downstream,
+            &caller,
+            request.into_inner(),
+            &correlation,
+        )
+        .await?;
+        Ok(with_correlation(signed, &correlation))
     }
 
     async fn verify_ledger(
@@ -420,11 +501,13 @@ impl GatewayService for GatewayApi {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
         let verification = self
+            .ingest
             .downstream
             .audit
             .clone()
             .verify(
-                self.downstream
+                self.ingest
+                    .downstream
                     .request(VerifyRequest {}, &correlation, None),
             )
             .await
@@ -443,10 +526,11 @@ impl GatewayService for GatewayApi {
             outcome: "SUCCESS".to_owned(),
             context_json: context.to_string(),
         };
-        self.downstream
+        self.ingest
+            .downstream
             .audit
             .clone()
-            .append(self.downstream.request(record, &correlation, None))
+            .append(self.ingest.downstream.request(record, &correlation, None))
             .await
             .map_err(|_| GatewayError::LedgerUnavailable)?;
         Ok(with_correlation(
@@ -475,10 +559,11 @@ impl GatewayService for GatewayApi {
         self.record_ledger_read(&caller, "LEDGER_QUERY", context, &correlation)
             .await?;
         let result = self
+            .ingest
             .downstream
             .audit
             .clone()
-            .query_events(self.downstream.request(query, &correlation, None))
+            .query_events(self.ingest.downstream.request(query, &correlation, None))
             .await
             .map_err(|status| relay_downstream("audit", status))?
             .into_inner();
@@ -504,10 +589,11 @@ impl GatewayService for GatewayApi {
         self.record_ledger_read(&caller, "LEDGER_EXPORT", context, &correlation)
             .await?;
         let upstream = self
+            .ingest
             .downstream
             .audit
             .clone()
-            .export_ledger(self.downstream.request(
+            .export_ledger(self.ingest.downstream.request(
                 medai_proto::audit::v1::ExportLedgerRequest {},
                 &correlation,
                 None,
@@ -532,10 +618,11 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<gw::CreateLedgerCheckpointResponse>, Status> {
         let correlation = correlation_id(request.metadata());
         let response = self
+            .ingest
             .downstream
             .audit
             .clone()
-            .create_checkpoint(self.downstream.request(
+            .create_checkpoint(self.ingest.downstream.request(
                 medai_proto::audit::v1::CreateCheckpointRequest {},
                 &correlation,
                 None,

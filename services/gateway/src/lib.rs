@@ -6,8 +6,10 @@ mod downstream;
 mod error;
 mod grpc;
 pub mod infer;
+mod results;
 pub mod revocation_check;
 pub mod signing_keys;
+pub mod streams;
 pub mod token_auth;
 
 use std::future::Future;
@@ -41,13 +43,18 @@ pub enum ServeError {
 
 const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
 
-const EXTERNAL_METHODS: [&str; 16] = [
+const EXTERNAL_METHODS: [&str; 21] = [
     "Login",
     "Refresh",
     "Logout",
     "ChangePassword",
     "Reauthenticate",
     "Infer",
+    "UploadImage",
+    "StudyStream",
+    "GetResult",
+    "ListResults",
+    "SignResult",
     "VerifyLedger",
     "QueryLedger",
     "ExportLedger",
@@ -84,6 +91,17 @@ pub fn role_policy() -> RolePolicy {
         .allow(&method("ChangePassword"), &EVERY_ROLE)
         .allow(&method("Reauthenticate"), &[Role::Admin, Role::Clinician])
         .allow(&method("Infer"), &[Role::Admin, Role::Clinician])
+        .allow(&method("UploadImage"), &[Role::Admin, Role::Clinician])
+        .allow(&method("StudyStream"), &[Role::Admin, Role::Clinician])
+        .allow(
+            &method("GetResult"),
+            &[Role::Admin, Role::Clinician, Role::Viewer],
+        )
+        .allow(
+            &method("ListResults"),
+            &[Role::Admin, Role::Clinician, Role::Viewer],
+        )
+        .allow(&method("SignResult"), &[Role::Admin, Role::Clinician])
         .allow(&method("VerifyLedger"), &[Role::Admin, Role::Auditor])
         .allow(
             &method("CreateLedgerCheckpoint"),
@@ -139,10 +157,12 @@ pub async fn serve(
         .set_serving::<GatewayServiceServer<grpc::GatewayApi>>()
         .await;
     let api = GatewayServiceServer::new(grpc::GatewayApi {
-        downstream,
+        ingest: streams::Ingest {
+            downstream,
+            max_image_bytes: config.max_image_bytes,
+            default_model: config.default_model.clone(),
+        },
         revocations,
-        max_image_bytes: config.max_image_bytes,
-        default_model: config.default_model.clone(),
     })
     // A little over the image limit, so an oversized image gets IMAGE_TOO_LARGE, not a
     // transport error.

@@ -367,6 +367,7 @@ impl InferenceService for InferenceApi {
             patient_key: request.patient_key,
             page_size: request.page_size,
             page_token: request.page_token,
+            delivered_only: request.delivered_only,
         };
         let (rows, next_page_token) = self.results.list(&filter).await?;
         let results = rows

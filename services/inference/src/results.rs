@@ -155,6 +155,7 @@ pub struct ResultFilter {
     pub created_until: Option<i64>,
     pub page_size: u32,
     pub page_token: String,
+    pub delivered_only: bool,
 }
 
 #[derive(Clone)]
@@ -308,6 +309,9 @@ impl ResultsStore {
         }
         if let Some(until) = filter.created_until {
             condition = condition.add(Column::CreatedAt.lt(until));
+        }
+        if filter.delivered_only {
+            condition = condition.add(Column::LedgerSeq.gt(0));
         }
         if !filter.page_token.is_empty() {
             let (created_at, result_id) = parse_page_token(&filter.page_token)?;
