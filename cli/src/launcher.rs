@@ -170,6 +170,15 @@ impl RunningMesh {
             .and_then(|running| running.addresses.admin)
     }
 
+    /// The operating-system process id of `service`, while it runs.
+    pub fn pid(&self, service: &str) -> Option<u32> {
+        self.services
+            .iter()
+            .find(|running| running.name == service)?
+            .child
+            .id()
+    }
+
     pub fn log_file(&self, service: &str) -> Option<PathBuf> {
         self.services
             .iter()

@@ -50,6 +50,7 @@ impl MeshUnderTest {
         if storage == Storage::Postgres {
             settings.audit_database_url = fresh_postgres_database().await;
             settings.auth_database_url = fresh_postgres_database().await;
+            settings.inference_database_url = fresh_postgres_database().await;
         }
         settings.admin_password = ADMIN_PASSWORD.to_owned();
         settings.admin_endpoints = true;

@@ -185,8 +185,11 @@ fn check_signature_request(request: &gw::SignResultRequest) -> Result<(), Gatewa
     Ok(())
 }
 
+/// Now, to the microsecond the results store keeps, so ledger and store show the same time.
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap_or(now)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
