@@ -170,6 +170,15 @@ impl RunningMesh {
             .and_then(|running| running.addresses.admin)
     }
 
+    /// The admin addresses of every instance of `service`, in start order.
+    pub fn admin_addresses(&self, service: &str) -> Vec<SocketAddr> {
+        self.services
+            .iter()
+            .filter(|running| running.name == service)
+            .filter_map(|running| running.addresses.admin)
+            .collect()
+    }
+
     /// The operating-system process id of `service`, while it runs.
     pub fn pid(&self, service: &str) -> Option<u32> {
         self.services

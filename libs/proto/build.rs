@@ -18,6 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", proto_root.join(file).display());
     }
     let file_descriptors = protox::compile(files, [&proto_root])?;
+    // The same descriptors, for server reflection.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("medai_descriptor.bin"),
+        prost::Message::encode_to_vec(&file_descriptors),
+    )?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -37,3 +37,7 @@ pub mod gateway {
 pub mod kserve {
     tonic::include_proto!("inference");
 }
+
+/// Every message and service above, encoded as a FileDescriptorSet (for server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/medai_descriptor.bin"));

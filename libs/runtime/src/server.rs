@@ -1,18 +1,22 @@
 //! The gRPC server every service starts from: TLS with the mesh CA, and the layers every call
 //! passes through, outermost first:
 //! - metrics: every call counted and timed, refusals included;
-//! - peer policy: a peer not named for the method is refused before any handler runs.
+//! - peer policy: a peer not named for the method is refused before any handler runs;
+//! - deadline: a call past its caller's `grpc-timeout` is answered DEADLINE_EXCEEDED and its
+//!   work dropped.
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tower::layer::util::{Identity, Stack};
 
+use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::peer_policy::{PeerPolicy, PeerPolicyLayer};
 use crate::tls::{ClientCertificates, TlsMaterial};
 
-pub type MeshServer = Server<Stack<PeerPolicyLayer, Stack<GrpcMetricsLayer, Identity>>>;
+pub type MeshServer =
+    Server<Stack<DeadlineLayer, Stack<PeerPolicyLayer, Stack<GrpcMetricsLayer, Identity>>>>;
 
 pub fn mesh_server(
     tls: &TlsMaterial,
@@ -24,7 +28,8 @@ pub fn mesh_server(
         .tls_config(tls.server_config(client_certificates))?
         .tcp_nodelay(true)
         .layer(GrpcMetricsLayer::new(service))
-        .layer(PeerPolicyLayer::new(policy)))
+        .layer(PeerPolicyLayer::new(policy))
+        .layer(DeadlineLayer))
 }
 
 /// The connections of a handed-in listener, with Nagle's algorithm off. Without it a response's

@@ -33,6 +33,19 @@ pub struct GatewayConfig {
     /// Upper bound on any downstream call; a caller's shorter grpc-timeout wins.
     #[serde(default = "default_timeout", deserialize_with = "from_str_or_native")]
     pub downstream_timeout_seconds: u64,
+    /// Rate limits and load shedding.
+    #[serde(default)]
+    pub load_control: crate::load_control::LoadControlSettings,
+    /// Server reflection, so grpcurl and similar tools can list and call the API.
+    #[serde(
+        default = "default_reflection",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub reflection: bool,
+}
+
+fn default_reflection() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -6,6 +6,7 @@ mod downstream;
 mod error;
 mod grpc;
 pub mod infer;
+pub mod load_control;
 mod results;
 pub mod revocation_check;
 pub mod signing_keys;
@@ -42,6 +43,8 @@ pub enum ServeError {
 }
 
 const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
+const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
 
 const EXTERNAL_METHODS: [&str; 21] = [
     "Login",
@@ -77,6 +80,8 @@ pub fn peer_policy() -> PeerPolicy {
         })
         .open("/grpc.health.v1.Health/Check")
         .open("/grpc.health.v1.Health/Watch")
+        .open(REFLECTION_V1)
+        .open(REFLECTION_V1ALPHA)
 }
 
 /// Which role may call which external method. Anything not named is refused.
@@ -87,6 +92,9 @@ pub fn role_policy() -> RolePolicy {
         .public(&method("Login"))
         .public(&method("Refresh"))
         .public_prefix("/grpc.health.v1.Health/")
+        // The schema is public (it is in the repository); when reflection is off it is absent.
+        .public(REFLECTION_V1)
+        .public(REFLECTION_V1ALPHA)
         .allow(&method("Logout"), &EVERY_ROLE)
         .allow(&method("ChangePassword"), &EVERY_ROLE)
         .allow(&method("Reauthenticate"), &[Role::Admin, Role::Clinician])
@@ -167,10 +175,30 @@ pub async fn serve(
     // A little over the image limit, so an oversized image gets IMAGE_TOO_LARGE, not a
     // transport error.
     .max_decoding_message_size(config.max_image_bytes + 64 * 1024);
+    let load_control =
+        load_control::LoadControl::new(config.load_control.clone()).map_err(ServeError::Config)?;
+    let reflection = |enabled: bool| -> Result<_, ServeError> {
+        if !enabled {
+            return Ok((None, None));
+        }
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(medai_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|error| ServeError::Config(error.to_string()))?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(medai_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|error| ServeError::Config(error.to_string()))?;
+        Ok((Some(v1), Some(v1alpha)))
+    };
+    let (reflection_v1, reflection_v1alpha) = reflection(config.reflection)?;
     let served = mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
         .layer(TokenAuthLayer::new(checks, role_policy()))
+        .layer(load_control::LoadControlLayer::new(load_control))
         .add_service(health_service)
         .add_service(api)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     key_refresher.abort();

@@ -1,0 +1,396 @@
+//! Load control as tower layers around the gateway's API:
+//!
+//! - rate limits per user (the token's subject) and per client (its certificate identity, or
+//!   its address), by GCRA in Redis so every gateway replica shares one budget, falling back
+//!   to the same algorithm in this process (with a metric) when Redis cannot answer;
+//! - a bound on calls in flight: beyond it calls are shed at once with RESOURCE_EXHAUSTED and
+//!   a RetryInfo detail, instead of queueing until everything is slow.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use fred::prelude::{Builder, Client, ClientLike, Config, LuaInterface, ReconnectPolicy};
+use futures::future::{BoxFuture, FutureExt};
+use medai_runtime::config::from_str_or_native;
+use medai_runtime::identity::ServiceIdentity;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tonic::transport::server::TcpConnectInfo;
+use tower::{Layer, Service};
+
+use crate::error::GatewayError;
+use crate::token_auth::Caller;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadControlSettings {
+    /// Shared budgets live here; without it each gateway keeps its own.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Calls per second per user; 0 turns the per-user limit off.
+    #[serde(default = "default_user_rate", deserialize_with = "from_str_or_native")]
+    pub per_user_per_second: f64,
+    #[serde(
+        default = "default_user_burst",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub per_user_burst: u32,
+    /// Calls per second per client (certificate identity or address); 0 turns it off.
+    #[serde(
+        default = "default_client_rate",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub per_client_per_second: f64,
+    #[serde(
+        default = "default_client_burst",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub per_client_burst: u32,
+    /// Calls in flight at once before new ones are shed.
+    #[serde(default = "default_in_flight", deserialize_with = "from_str_or_native")]
+    pub max_in_flight: usize,
+}
+
+fn default_user_rate() -> f64 {
+    200.0
+}
+fn default_user_burst() -> u32 {
+    400
+}
+fn default_client_rate() -> f64 {
+    2000.0
+}
+fn default_client_burst() -> u32 {
+    4000
+}
+fn default_in_flight() -> usize {
+    512
+}
+
+impl Default for LoadControlSettings {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            per_user_per_second: default_user_rate(),
+            per_user_burst: default_user_burst(),
+            per_client_per_second: default_client_rate(),
+            per_client_burst: default_client_burst(),
+            max_in_flight: default_in_flight(),
+        }
+    }
+}
+
+/// GCRA: each key's "theoretical arrival time" moves one emission interval per call; a call
+/// is allowed while that time is within the burst tolerance of now. Redis's own clock is the
+/// one clock all replicas share.
+const GCRA_LUA: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance
+if allow_at > now then
+  return math.ceil(allow_at - now)
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(tolerance) + 1)
+return 0
+"#;
+
+/// One budget: a rate and the burst it may spend at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Budget {
+    fn interval_ms(self) -> f64 {
+        1000.0 / self.per_second
+    }
+
+    /// How far ahead of now a key's arrival time may run: `burst` calls at once.
+    fn tolerance_ms(self) -> f64 {
+        self.interval_ms() * f64::from(self.burst.max(1))
+    }
+}
+
+pub struct RateLimiter {
+    redis: Option<Client>,
+    /// Theoretical arrival times, for when Redis is absent or unreachable.
+    local: Mutex<HashMap<String, Instant>>,
+    /// After Redis fails to answer, calls skip it until then instead of each waiting for its
+    /// timeout.
+    redis_resting_until: Mutex<Option<Instant>>,
+}
+
+/// How long Redis is left alone after it failed to answer.
+const REDIS_REST: Duration = Duration::from_secs(1);
+
+impl RateLimiter {
+    pub fn connect(redis_url: Option<&str>) -> Result<Self, String> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                let config = Config::from_url(url).map_err(|error| error.to_string())?;
+                let client = Builder::from_config(config)
+                    .with_performance_config(|performance| {
+                        performance.default_command_timeout = Duration::from_millis(100);
+                    })
+                    .with_connection_config(|connection| {
+                        connection.connection_timeout = Duration::from_millis(500);
+                        connection.max_command_attempts = 1;
+                    })
+                    .set_policy(ReconnectPolicy::new_constant(0, 250))
+                    .build()
+                    .map_err(|error| error.to_string())?;
+                let _connection_task = client.connect();
+                Some(client)
+            }
+        };
+        Ok(Self {
+            redis,
+            local: Mutex::new(HashMap::new()),
+            redis_resting_until: Mutex::new(None),
+        })
+    }
+
+    /// `Ok` if `key` may make one more call now; otherwise how long until it may.
+    pub async fn check(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        if let Some(redis) = self.redis.as_ref().filter(|_| !self.redis_resting()) {
+            // Redis caches the compiled script by its hash; EVAL needs no SHA-1 here.
+            let answer: Result<i64, _> = redis
+                .eval(
+                    GCRA_LUA,
+                    format!("medai:ratelimit:{key}"),
+                    vec![budget.interval_ms(), budget.tolerance_ms()],
+                )
+                .await;
+            match answer {
+                Ok(0) => return Ok(()),
+                Ok(wait_ms) => return Err(Duration::from_millis(wait_ms.unsigned_abs())),
+                Err(error) => {
+                    tracing::warn!(error = %error, "rate limits fall back to this process: Redis did not answer");
+                    *self
+                        .redis_resting_until
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(Instant::now() + REDIS_REST);
+                }
+            }
+        }
+        if self.redis.is_some() {
+            metrics::counter!("medai_gateway_rate_limit_fallback_total").increment(1);
+        }
+        self.check_locally(key, budget)
+    }
+
+    fn redis_resting(&self) -> bool {
+        let until = *self
+            .redis_resting_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn check_locally(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        let now = Instant::now();
+        let interval = Duration::from_secs_f64(budget.interval_ms() / 1000.0);
+        let tolerance = Duration::from_secs_f64(budget.tolerance_ms() / 1000.0);
+        let mut local = self
+            .local
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if local.len() > 100_000 {
+            // Keys whose arrival time has passed hold no debt; drop them.
+            local.retain(|_, tat| *tat > now);
+        }
+        let tat = local.get(key).copied().unwrap_or(now).max(now);
+        let new_tat = tat + interval;
+        let allow_at = new_tat.checked_sub(tolerance).unwrap_or(now);
+        if allow_at > now {
+            return Err(allow_at - now);
+        }
+        local.insert(key.to_owned(), new_tat);
+        Ok(())
+    }
+}
+
+/// Everything the layer needs, shared by every clone of the service.
+pub struct LoadControl {
+    pub limiter: RateLimiter,
+    pub settings: LoadControlSettings,
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl LoadControl {
+    pub fn new(settings: LoadControlSettings) -> Result<Self, String> {
+        // An empty URL (an override that removes Redis) means none.
+        let redis_url = settings.redis_url.as_deref().filter(|url| !url.is_empty());
+        let limiter = RateLimiter::connect(redis_url)?;
+        Ok(Self {
+            limiter,
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            settings,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadControlLayer {
+    control: Arc<LoadControl>,
+}
+
+impl LoadControlLayer {
+    pub fn new(control: LoadControl) -> Self {
+        Self {
+            control: Arc::new(control),
+        }
+    }
+}
+
+impl<S> Layer<S> for LoadControlLayer {
+    type Service = LoadControlService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadControlService {
+            inner,
+            control: self.control.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LoadControlService<S> {
+    inner: S,
+    control: Arc<LoadControl>,
+}
+
+/// The client a call comes from: its certificate's identity, else its address.
+fn client_key<B>(request: &http::Request<B>) -> String {
+    if let Some(identity) = ServiceIdentity::of_peer(request) {
+        return format!("client:{}", identity.name());
+    }
+    let address = request
+        .extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.get_ref().remote_addr())
+        .or_else(|| {
+            request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+        });
+    address.map_or_else(
+        || "client:unknown".to_owned(),
+        |address: SocketAddr| format!("client:{}", address.ip()),
+    )
+}
+
+fn refusal<ResBody: Default>(error: GatewayError) -> http::Response<ResBody> {
+    let (parts, ()) = tonic::Status::from(error).into_http::<()>().into_parts();
+    http::Response::from_parts(parts, ResBody::default())
+}
+
+fn millis(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for LoadControlService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let control = self.control.clone();
+        async move {
+            if request.uri().path().starts_with("/grpc.health.v1.Health/") {
+                return inner.call(request).await;
+            }
+            let Ok(permit) = control.in_flight.clone().try_acquire_owned() else {
+                metrics::counter!("medai_gateway_shed_total").increment(1);
+                return Ok(refusal(GatewayError::Overloaded {
+                    retry_after_ms: 100,
+                }));
+            };
+            let settings = &control.settings;
+            let mut budgets = Vec::with_capacity(2);
+            if settings.per_client_per_second > 0.0 {
+                budgets.push((
+                    "client",
+                    client_key(&request),
+                    Budget {
+                        per_second: settings.per_client_per_second,
+                        burst: settings.per_client_burst,
+                    },
+                ));
+            }
+            if settings.per_user_per_second > 0.0
+                && let Some(caller) = request.extensions().get::<Caller>()
+            {
+                budgets.push((
+                    "user",
+                    format!("user:{}", caller.subject),
+                    Budget {
+                        per_second: settings.per_user_per_second,
+                        burst: settings.per_user_burst,
+                    },
+                ));
+            }
+            for (scope, key, budget) in budgets {
+                if let Err(wait) = control.limiter.check(&key, budget).await {
+                    metrics::counter!("medai_gateway_rate_limited_total", "scope" => scope)
+                        .increment(1);
+                    return Ok(refusal(GatewayError::RateLimited {
+                        retry_after_ms: millis(wait),
+                    }));
+                }
+            }
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_gcra_allows_the_burst_then_the_rate() {
+        let limiter = RateLimiter::connect(None).expect("limiter");
+        let budget = Budget {
+            per_second: 10.0,
+            burst: 5,
+        };
+        for call in 0..5 {
+            assert!(limiter.check_locally("k", budget).is_ok(), "call {call}");
+        }
+        let wait = limiter.check_locally("k", budget).expect_err("sixth call");
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        assert!(limiter.check_locally("other", budget).is_ok());
+        std::thread::sleep(Duration::from_millis(110));
+        assert!(limiter.check_locally("k", budget).is_ok());
+        assert!(limiter.check_locally("k", budget).is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The gateway's load control against the five real services: rate limits that trip at the
+//! configured rate with Redis (shared by replicas), without it, and with Redis down (falling
+//! back in-process, with a metric); load shedding with retry advice; deadlines that leave no
+//! delivery record; server reflection and health.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use medai_e2e::{MeshUnderTest, Storage, authorised, http_get, suite_redis_url};
+use medai_proto::common::v1::ImageFormat;
+use medai_proto::gateway::v1 as gw;
+use medai_runtime::errors::{reason_of, retry_after_of};
+use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
+use tonic::Code;
+
+const RATE: u32 = 5;
+
+fn limits(redis_url: Option<&str>) -> Vec<(String, String)> {
+    let mut settings = vec![
+        (
+            "MEDAI_GATEWAY_LOAD_CONTROL__PER_USER_PER_SECOND".to_owned(),
+            RATE.to_string(),
+        ),
+        (
+            "MEDAI_GATEWAY_LOAD_CONTROL__PER_USER_BURST".to_owned(),
+            RATE.to_string(),
+        ),
+    ];
+    if let Some(url) = redis_url {
+        settings.push((
+            "MEDAI_GATEWAY_LOAD_CONTROL__REDIS_URL".to_owned(),
+            url.to_owned(),
+        ));
+    }
+    settings
+}
+
+/// Sends `calls` cheap authenticated calls back to back; returns how many passed the limiter
+/// and the retry advice of the first refusal.
+async fn burst(
+    gateway: &mut medai_cli::client::GatewayClient,
+    token: &str,
+    calls: usize,
+) -> (usize, Option<Duration>) {
+    let mut passed = 0;
+    let mut advice = None;
+    for _ in 0..calls {
+        let request = authorised(
+            gw::GetResultRequest {
+                result_id: uuid::Uuid::new_v4().to_string(),
+            },
+            token,
+        );
+        let status = gateway
+            .get_result(request)
+            .await
+            .expect_err("no such result");
+        match reason_of(&status).as_deref() {
+            Some("RESULT_NOT_FOUND") => passed += 1,
+            Some("RATE_LIMITED") => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                advice = advice.or(retry_after_of(&status));
+            }
+            other => panic!("unexpected refusal {other:?}: {status:?}"),
+        }
+    }
+    (passed, advice)
+}
+
+#[tokio::test]
+async fn rate_limits_trip_at_the_configured_rate_with_redis_without_it_and_with_it_down() {
+    let redis = suite_redis_url();
+    let mut mesh = MeshUnderTest::start_with(
+        Storage::Postgres,
+        BTreeMap::from([("gateway".to_owned(), limits(Some(&redis)))]),
+    )
+    .await;
+    let token = mesh.admin_token().await;
+
+    // With Redis: the burst passes, the rest is refused with advice to wait about 1/RATE s.
+    let mut gateway = mesh.gateway().await;
+    let (passed, advice) = burst(&mut gateway, &token, 3 * RATE as usize).await;
+    assert_eq!(passed, RATE as usize);
+    let advice = advice.expect("retry advice");
+    assert!(
+        advice <= Duration::from_millis(1000 / u64::from(RATE)),
+        "{advice:?}"
+    );
+    // A second replica shares the same budget through Redis.
+    let settings = mesh.settings.clone();
+    let replica = mesh
+        .mesh
+        .start_another(
+            "gateway",
+            "gateway-replica",
+            &settings,
+            limits(Some(&redis)),
+        )
+        .await
+        .expect("replica");
+    let mut replica_client = mesh.gateway_at(replica).await;
+    let (passed, _) = burst(&mut replica_client, &token, 2).await;
+    assert!(
+        passed <= 1,
+        "the replica saw a fresh budget: {passed} passed"
+    );
+    // The rate refills: after a second, about RATE more pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (passed, _) = burst(&mut gateway, &token, 3 * RATE as usize).await;
+    assert!(
+        (RATE as usize..=RATE as usize + 1).contains(&passed),
+        "{passed}"
+    );
+
+    // Without Redis, and with Redis unreachable: the same limit, kept in each process.
+    let no_redis: Vec<(String, String)> = limits(None)
+        .into_iter()
+        .chain([(
+            "MEDAI_GATEWAY_LOAD_CONTROL__REDIS_URL".to_owned(),
+            String::new(),
+        )])
+        .collect();
+    let alone = mesh
+        .mesh
+        .start_another("gateway", "gateway-alone", &settings, no_redis)
+        .await
+        .expect("gateway without redis");
+    let without_redis: Vec<(String, String)> = limits(None)
+        .into_iter()
+        .chain([(
+            "MEDAI_GATEWAY_LOAD_CONTROL__REDIS_URL".to_owned(),
+            "redis://127.0.0.1:9".to_owned(),
+        )])
+        .collect();
+    let redis_down = mesh
+        .mesh
+        .start_another("gateway", "gateway-redis-down", &settings, without_redis)
+        .await
+        .expect("gateway with redis down");
+    let other_user = {
+        let mut admin_gateway = mesh.gateway_at(alone).await;
+        admin_gateway
+            .create_user(authorised(
+                gw::CreateUserRequest {
+                    username: "pacs.bridge".to_owned(),
+                    password: "pacs bridge password 123".to_owned(),
+                    role: "clinician".to_owned(),
+                },
+                &token,
+            ))
+            .await
+            .expect("create user");
+        admin_gateway
+            .login(gw::LoginRequest {
+                username: "pacs.bridge".to_owned(),
+                password: "pacs bridge password 123".to_owned(),
+            })
+            .await
+            .expect("login")
+            .into_inner()
+            .grant
+            .expect("grant")
+            .access_token
+    };
+    for address in [alone, redis_down] {
+        let mut client = mesh.gateway_at(address).await;
+        let (passed, advice) = burst(&mut client, &other_user, 3 * RATE as usize).await;
+        assert_eq!(passed, RATE as usize, "{address}");
+        assert!(advice.is_some());
+    }
+    let down_admin = *mesh
+        .mesh
+        .admin_addresses("gateway")
+        .last()
+        .expect("admin address of the last gateway");
+    let metrics = http_get(down_admin, "/metrics").await;
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("medai_gateway_rate_limit_fallback_total")
+                && !line.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn calls_beyond_the_in_flight_bound_are_shed_and_deadlines_leave_no_delivery_record() {
+    let gateway = vec![(
+        "MEDAI_GATEWAY_LOAD_CONTROL__MAX_IN_FLIGHT".to_owned(),
+        "2".to_owned(),
+    )];
+    let mesh = MeshUnderTest::start_with(
+        Storage::Postgres,
+        BTreeMap::from([("gateway".to_owned(), gateway)]),
+    )
+    .await;
+    let token = mesh.admin_token().await;
+    let image = medai_testkit::Assets::locate().dicom("MR_small.dcm");
+    let brain = |image: Vec<u8>| gw::InferRequest {
+        image,
+        format: ImageFormat::Unspecified.into(),
+        model_name: "brain-mri-tumor".to_owned(),
+        model_version: String::new(),
+        idempotency_key: String::new(),
+    };
+
+    // Twelve slow predictions at once against a bound of two: the excess is shed at once.
+    let mut calls = Vec::new();
+    for _ in 0..12 {
+        let mut client = mesh.gateway().await;
+        let request = authorised(brain(image.clone()), &token);
+        calls.push(tokio::spawn(async move { client.infer(request).await }));
+    }
+    let mut served = 0;
+    let mut shed = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(_) => served += 1,
+            Err(status) => {
+                assert_eq!(
+                    (status.code(), reason_of(&status).as_deref()),
+                    (Code::ResourceExhausted, Some("OVERLOADED"))
+                );
+                assert_eq!(retry_after_of(&status), Some(Duration::from_millis(100)));
+                shed += 1;
+            }
+        }
+    }
+    assert!(served >= 2 && shed >= 1, "served {served}, shed {shed}");
+
+    // A deadline shorter than the model: DEADLINE_EXCEEDED, and the ledger gains no record
+    // claiming a delivered prediction.
+    let database = Database::connect(mesh.settings.audit_database_url.as_str())
+        .await
+        .expect("ledger database");
+    let deliveries = || async {
+        let row = database
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT count(*) AS n FROM ledger_entries WHERE action = 'INFERENCE' AND outcome = 'SUCCESS'",
+            ))
+            .await
+            .expect("count")
+            .expect("row");
+        row.try_get::<i64>("", "n").expect("n")
+    };
+    let before = deliveries().await;
+    let mut client = mesh.gateway().await;
+    for _ in 0..3 {
+        let mut request = authorised(brain(image.clone()), &token);
+        // The header alone, so the answer is the server's, not this client's own timer.
+        request.metadata_mut().insert(
+            "grpc-timeout",
+            tonic::metadata::MetadataValue::from_static("100m"),
+        );
+        let status = client.infer(request).await.expect_err("too short");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::DeadlineExceeded, Some("DEADLINE_EXCEEDED")),
+            "{status:?}"
+        );
+    }
+    // Give anything still running downstream the time to finish (and, wrongly, record).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(deliveries().await, before);
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_the_gateway_api_and_health_answers() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let ca = std::fs::read(mesh.mesh.pki_layout().ca_certificate()).expect("ca");
+    let channel = tonic::transport::Endpoint::from_shared(mesh.gateway_endpoint())
+        .expect("endpoint")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("medai-gateway"),
+        )
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("not a service list: {answer:?}");
+    };
+    let names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    assert!(
+        names.contains(&"medai.gateway.v1.GatewayService".to_owned()),
+        "{names:?}"
+    );
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    mesh.stop().await;
+}
