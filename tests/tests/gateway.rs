@@ -410,11 +410,21 @@ async fn a_retried_request_returns_the_stored_result_and_writes_one_ledger_recor
     let key = "1.2.826.0.1.3680043.8.498.12345+synthetic-light/1";
     let image = noise_png(128, 11);
 
-    let first = gateway
-        .infer(authorised(infer(image.clone(), key), &admin))
-        .await
-        .expect("first")
-        .into_inner();
+    let mut request = authorised(infer(image.clone(), key), &admin);
+    request.metadata_mut().insert(
+        "x-correlation-id",
+        tonic::metadata::MetadataValue::from_static("pacs-retry-0001"),
+    );
+    let first = gateway.infer(request).await.expect("first");
+    assert_eq!(
+        first
+            .metadata()
+            .get("x-correlation-id")
+            .and_then(|value| value.to_str().ok()),
+        Some("pacs-retry-0001"),
+        "the caller's correlation id comes back"
+    );
+    let first = first.into_inner();
     assert!(!first.replayed);
     // Retries, some at once, all get the same stored answer.
     let mut retries = Vec::new();
@@ -454,6 +464,22 @@ async fn a_retried_request_returns_the_stored_result_and_writes_one_ledger_recor
             .count()
     };
     assert_eq!(deliveries(&first.result_id), 1);
+    // The correlation id is in the ledger record and in the log lines of the call.
+    let delivery = entries
+        .iter()
+        .find(|(action, resource, _, _)| {
+            action == "INFERENCE" && resource == &format!("result/{}", first.result_id)
+        })
+        .expect("delivery record");
+    assert_eq!(delivery.3["correlation_id"], "pacs-retry-0001");
+    let gateway_log =
+        std::fs::read_to_string(mesh.mesh.log_file("gateway").expect("log")).expect("gateway log");
+    assert!(
+        gateway_log
+            .lines()
+            .any(|line| line.contains("prediction delivered") && line.contains("pacs-retry-0001")),
+        "no log line of the call names its correlation id"
+    );
     assert_eq!(deliveries(&other.result_id), 1);
     // Neither the key nor any UID in it is recorded anywhere in the ledger.
     let ledger_text = format!("{entries:?}");

@@ -9,9 +9,16 @@ const MAX_LENGTH: usize = 64;
 /// The caller's correlation id if it is well formed, otherwise a fresh UUID. Anything that
 /// could smuggle data (long values, odd characters) is replaced, not trusted.
 pub fn correlation_id(metadata: &MetadataMap) -> String {
-    metadata
-        .get(CORRELATION_HEADER)
-        .and_then(|value| value.to_str().ok())
+    accepted_or_new(
+        metadata
+            .get(CORRELATION_HEADER)
+            .and_then(|value| value.to_str().ok()),
+    )
+}
+
+/// `value` if it is a well-formed correlation id, otherwise a fresh UUID.
+pub fn accepted_or_new(value: Option<&str>) -> String {
+    value
         .filter(|value| is_well_formed(value))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }

@@ -1,11 +1,18 @@
 //! Request counts and latency histograms per gRPC method and status code, as a tower layer so
 //! no handler repeats it. Labels hold method paths and codes only, never request content.
+//!
+//! The same layer settles each call's correlation id (the caller's, if well formed, else a new
+//! one, written back into the request so handlers see the same) and runs the call inside a
+//! span carrying it, so every log line of the call names it.
 
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt};
 use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
@@ -48,11 +55,21 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let method = request.uri().path().to_owned();
         let service = self.service;
         let started = Instant::now();
-        let response = self.inner.call(request);
+        let correlation = accepted_or_new(
+            request
+                .headers()
+                .get(CORRELATION_HEADER)
+                .and_then(|value| value.to_str().ok()),
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&correlation) {
+            request.headers_mut().insert(CORRELATION_HEADER, value);
+        }
+        let span = tracing::info_span!("rpc", method = %method, correlation_id = %correlation);
+        let response = self.inner.call(request).instrument(span);
         async move {
             let result = response.await;
             // Errors answered before any message are "trailers-only": the code is a header.

@@ -119,13 +119,16 @@ async fn record_denial(
     subject: &str,
     role: Role,
     method: &str,
+    correlation_id: &str,
 ) {
     let request = AppendRequest {
         actor: format!("user:{subject}"),
         action: "ACCESS_DENIED".to_owned(),
         resource: format!("rpc{method}"),
         outcome: "DENIED".to_owned(),
-        context_json: serde_json::json!({ "role": role.as_str() }).to_string(),
+        context_json:
+            serde_json::json!({ "role": role.as_str(), "correlation_id": correlation_id })
+                .to_string(),
     };
     let mut request = tonic::Request::new(request);
     request.set_timeout(std::time::Duration::from_secs(2));
@@ -231,7 +234,14 @@ where
             if !policy.permits(&method, claims.role) {
                 metrics::counter!("medai_gateway_token_checks_total", "outcome" => "role_denied").increment(1);
                 tracing::info!(subject = %claims.sub, role = claims.role.as_str(), method = %method, "role not allowed");
-                record_denial(&checks.audit, &claims.sub, claims.role, &method).await;
+                let correlation = medai_runtime::correlation::accepted_or_new(
+                    request
+                        .headers()
+                        .get(medai_runtime::correlation::CORRELATION_HEADER)
+                        .and_then(|value| value.to_str().ok()),
+                );
+                record_denial(&checks.audit, &claims.sub, claims.role, &method, &correlation)
+                    .await;
                 return Ok(refusal(status_with_reason(
                     ErrorKind::PermissionDenied,
                     DOMAIN,

@@ -131,6 +131,7 @@ fn change_request<T>(
             .unwrap_or_default(),
         requested_by: change.requested_by.clone(),
         reason: change.reason.clone(),
+        correlation_id: medai_runtime::correlation::correlation_id(request.metadata()),
     };
     Ok((change, who))
 }

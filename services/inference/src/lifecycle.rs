@@ -18,6 +18,7 @@ pub struct ChangeRequest {
     /// The person the gateway acts for, if any.
     pub requested_by: String,
     pub reason: String,
+    pub correlation_id: String,
 }
 
 impl ChangeRequest {
@@ -91,6 +92,7 @@ impl Lifecycle {
             "previously_served": change.previously_served,
             "via": request.peer,
             "reason": request.reason,
+            "correlation_id": request.correlation_id,
         });
         let resource = format!("model/{}/{}", change.name, change.version);
         let seq = match self
