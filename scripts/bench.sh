@@ -13,3 +13,4 @@ cargo bench -p medai-e2e --bench prediction_latency
 cargo bench -p medai-e2e --bench token_check
 cargo bench -p medai-e2e --bench ledger
 cargo bench -p medai-inference --bench throughput
+cargo bench -p medai-e2e --bench gateway_throughput

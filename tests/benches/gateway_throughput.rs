@@ -1,0 +1,306 @@
+//! Gateway throughput: predictions/s and p50/p99 latency through the whole mesh (gateway →
+//! validation → inference → audit, every hop on mTLS, every ledger record durable in
+//! PostgreSQL) with the synthetic light model, at rising concurrency, for unary calls and for
+//! study streams, against the inference service called directly (KServe ModelInfer over mTLS)
+//! in the same run. Prints the figures and writes target/bench/gateway_throughput.json.
+//!
+//! Run with `scripts/bench.sh` (builds the release service binaries first).
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use medai_e2e::{MeshUnderTest, Storage, authorised};
+use medai_proto::common::v1::ImageFormat;
+use medai_proto::gateway::v1 as gw;
+use medai_proto::kserve::ModelInferRequest;
+use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+use medai_proto::kserve::model_infer_request::InferInputTensor;
+use medai_runtime::ServiceIdentity;
+use medai_runtime::tls::TlsMaterial;
+use tokio_stream::StreamExt;
+
+const MODEL: &str = "synthetic-light";
+const LEVELS: [usize; 4] = [1, 8, 32, 64];
+const REQUESTS_PER_LEVEL: usize = 1536;
+
+#[derive(Clone, Copy)]
+struct Figures {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
+    latencies.sort();
+    let at = |quantile: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * quantile).round() as usize;
+        latencies[index].as_secs_f64() * 1000.0
+    };
+    Figures {
+        per_second: latencies.len() as f64 / wall.as_secs_f64(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+    }
+}
+
+fn png() -> Vec<u8> {
+    let pixels: Vec<u8> = (0..64u32 * 64)
+        .map(|index| ((index * 37) % 251) as u8)
+        .collect();
+    let image = image::GrayImage::from_raw(64, 64, pixels).expect("image");
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .expect("png");
+    bytes.into_inner()
+}
+
+async fn unary(mesh: &MeshUnderTest, token: &str, concurrency: usize) -> Figures {
+    let image = png();
+    let per_client = REQUESTS_PER_LEVEL / concurrency;
+    let mut channels = Vec::new();
+    for _ in 0..concurrency.min(8) {
+        channels.push(mesh.gateway().await);
+    }
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for index in 0..concurrency {
+        let mut gateway = channels[index % channels.len()].clone();
+        let token = token.to_owned();
+        let image = image.clone();
+        clients.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let request = gw::InferRequest {
+                    image: image.clone(),
+                    format: ImageFormat::Png.into(),
+                    model_name: MODEL.to_owned(),
+                    model_version: String::new(),
+                    idempotency_key: String::new(),
+                };
+                let one = Instant::now();
+                gateway
+                    .infer(authorised(request, &token))
+                    .await
+                    .expect("prediction through the gateway");
+                latencies.push(one.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for client in clients {
+        latencies.extend(client.await.expect("client"));
+    }
+    figures(latencies, started.elapsed())
+}
+
+/// `streams` study streams at once, each carrying its share of the images; latency is from an
+/// image's send to its tagged answer.
+async fn streaming(mesh: &MeshUnderTest, token: &str, streams: usize) -> Figures {
+    let image = png();
+    let per_stream = REQUESTS_PER_LEVEL / streams;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let mut gateway = mesh.gateway().await;
+        let token = token.to_owned();
+        let image = image.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent_at = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+            let (sender, outgoing) = tokio::sync::mpsc::channel(8);
+            let stamps = sent_at.clone();
+            let producer = tokio::spawn(async move {
+                for index in 0..per_stream {
+                    let tag = index.to_string();
+                    stamps
+                        .lock()
+                        .expect("stamps")
+                        .insert(tag.clone(), Instant::now());
+                    let request = gw::StudyStreamRequest {
+                        tag,
+                        image: image.clone(),
+                        format: ImageFormat::Png.into(),
+                        model_name: MODEL.to_owned(),
+                        ..Default::default()
+                    };
+                    if sender.send(request).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut answers = gateway
+                .study_stream(authorised(
+                    tokio_stream::wrappers::ReceiverStream::new(outgoing),
+                    &token,
+                ))
+                .await
+                .expect("stream")
+                .into_inner();
+            let mut latencies = Vec::with_capacity(per_stream);
+            while let Some(answer) = answers.next().await {
+                let answer = answer.expect("answer");
+                assert!(matches!(
+                    answer.outcome,
+                    Some(gw::study_stream_response::Outcome::Result(_))
+                ));
+                let sent = sent_at.lock().expect("stamps").remove(&answer.tag);
+                latencies.push(sent.expect("tag sent").elapsed());
+            }
+            producer.await.expect("producer");
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("stream task"));
+    }
+    figures(latencies, started.elapsed())
+}
+
+async fn direct(mesh: &MeshUnderTest, concurrency: usize) -> Figures {
+    let layout = mesh.mesh.pki_layout();
+    let tls = TlsMaterial::load(&medai_runtime::TlsFiles {
+        ca_cert: layout.ca_certificate(),
+        cert: layout.certificate("operator"),
+        key: layout.key("operator"),
+    })
+    .expect("operator tls");
+    let endpoint = format!(
+        "https://{}",
+        mesh.mesh.address("inference").expect("inference")
+    );
+    let channel = tls
+        .channel(&endpoint, &ServiceIdentity::new("inference"))
+        .expect("channel");
+    let tensor: Vec<u8> = (0..64 * 64)
+        .flat_map(|index| (((index * 37) % 251) as f32 / 255.0).to_le_bytes())
+        .collect();
+    let request = ModelInferRequest {
+        model_name: MODEL.to_owned(),
+        inputs: vec![InferInputTensor {
+            name: "image".to_owned(),
+            datatype: "FP32".to_owned(),
+            shape: vec![1, 64, 64, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![tensor],
+        ..Default::default()
+    };
+    let per_client = REQUESTS_PER_LEVEL / concurrency;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..concurrency {
+        let mut client = GrpcInferenceServiceClient::new(channel.clone());
+        let request = request.clone();
+        clients.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let one = Instant::now();
+                client
+                    .model_infer(request.clone())
+                    .await
+                    .expect("direct inference");
+                latencies.push(one.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for client in clients {
+        latencies.extend(client.await.expect("client"));
+    }
+    figures(latencies, started.elapsed())
+}
+
+fn json(figures: Figures) -> serde_json::Value {
+    serde_json::json!({
+        "per_second": figures.per_second,
+        "p50_ms": figures.p50_ms,
+        "p99_ms": figures.p99_ms,
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let unlimited = vec![
+        (
+            "MEDAI_GATEWAY_LOAD_CONTROL__PER_USER_PER_SECOND".to_owned(),
+            "0".to_owned(),
+        ),
+        (
+            "MEDAI_GATEWAY_LOAD_CONTROL__PER_CLIENT_PER_SECOND".to_owned(),
+            "0".to_owned(),
+        ),
+        (
+            "MEDAI_GATEWAY_LOAD_CONTROL__MAX_IN_FLIGHT".to_owned(),
+            "100000".to_owned(),
+        ),
+        (
+            "MEDAI_GATEWAY_PROCESS__LOG_FILTER".to_owned(),
+            "warn".to_owned(),
+        ),
+    ];
+    let quiet = |service: &str| {
+        (
+            service.to_owned(),
+            vec![(
+                format!("MEDAI_{}_PROCESS__LOG_FILTER", service.to_ascii_uppercase()),
+                "warn".to_owned(),
+            )],
+        )
+    };
+    let mut extra = BTreeMap::from([("gateway".to_owned(), unlimited)]);
+    extra.extend(["auth", "validation", "inference", "audit"].map(quiet));
+    let mesh = MeshUnderTest::start_with(Storage::Postgres, extra).await;
+    let token = mesh.admin_token().await;
+    // Warm-up: connections, sessions, caches.
+    unary(&mesh, &token, 8).await;
+
+    println!(
+        "gateway throughput, {MODEL}, {REQUESTS_PER_LEVEL} predictions per level, every hop mTLS, ledger durable in PostgreSQL"
+    );
+    println!(
+        "  {:>11}  {:>28}  {:>28}  {:>28}",
+        "concurrency", "unary through gateway", "study streams", "inference direct (KServe)"
+    );
+    let mut report = serde_json::Map::new();
+    for level in LEVELS {
+        let through = unary(&mesh, &token, level).await;
+        let streamed = streaming(&mesh, &token, level.min(16)).await;
+        let baseline = direct(&mesh, level).await;
+        let cell = |figures: Figures| {
+            format!(
+                "{:>7.0}/s p50 {:>6.2} p99 {:>6.2}",
+                figures.per_second, figures.p50_ms, figures.p99_ms
+            )
+        };
+        println!(
+            "  {level:>11}  {}  {}  {}   gateway/direct {:.3}x",
+            cell(through),
+            cell(streamed),
+            cell(baseline),
+            through.per_second / baseline.per_second
+        );
+        report.insert(
+            level.to_string(),
+            serde_json::json!({
+                "unary": json(through),
+                "streams": level.min(16),
+                "streaming": json(streamed),
+                "direct": json(baseline),
+                "ratio_unary_over_direct": through.per_second / baseline.per_second,
+            }),
+        );
+    }
+    mesh.stop().await;
+    let directory = medai_testkit::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&directory).expect("bench folder");
+    std::fs::write(
+        directory.join("gateway_throughput.json"),
+        serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json"),
+    )
+    .expect("write report");
+}
