@@ -184,6 +184,8 @@ fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
         .unwrap_or_default()
 }
 
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+
 /// Parses the object and checks, from its header alone, everything that can be checked before
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
 /// decoded size, a transfer syntax this build decodes.
@@ -263,6 +265,21 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         return Err(ValidationError::DicomUnsupportedTransferSyntax {
             uid: transfer_syntax_uid,
         });
+    }
+    if transfer_syntax_uid == RLE_LOSSLESS {
+        let first_frame = object
+            .element(tags::PIXEL_DATA)
+            .ok()
+            .and_then(|element| element.value().fragments())
+            .and_then(|fragments| fragments.first());
+        let segments = (samples * bits.div_ceil(8)) as usize;
+        let pixels = rows as usize * columns as usize;
+        let sound = first_frame.is_some_and(|fragment| {
+            crate::rle_check::rle_frame_is_sound(fragment, segments, pixels)
+        });
+        if !sound {
+            return Err(undecodable());
+        }
     }
     Ok(CheckedDicom {
         object,

@@ -7,6 +7,7 @@ mod dicom_lengths;
 mod error;
 mod grpc;
 pub mod quality;
+mod rle_check;
 
 use std::future::Future;
 

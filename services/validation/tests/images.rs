@@ -407,8 +407,9 @@ async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
 
 #[tokio::test]
 async fn a_codec_panic_becomes_a_refusal_and_the_service_stays_up() {
-    // Found by scripts/fuzz.sh: this input makes dicom-rs's RLE decoder panic. The decode runs
-    // on the blocking pool, so the panic becomes IMAGE_UNDECODABLE, not a dead service.
+    // Found by scripts/fuzz.sh: this input makes dicom-rs 0.10's RLE decoder panic. The RLE
+    // frame check now refuses it before the codec; were a codec to panic anyway, decoding runs
+    // on the blocking pool, so the caller gets IMAGE_UNDECODABLE and the service stays up.
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/fuzz-rle-decoder-panic.dcm"
