@@ -14,3 +14,4 @@ cargo bench -p medai-e2e --bench token_check
 cargo bench -p medai-e2e --bench ledger
 cargo bench -p medai-inference --bench throughput
 cargo bench -p medai-e2e --bench gateway_throughput
+cargo bench -p medai-validation --bench throughput

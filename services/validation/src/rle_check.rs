@@ -99,11 +99,23 @@ mod tests {
     #[test]
     fn sound_frames_pass_and_broken_ones_do_not() {
         let run_of_4 = vec![0xFD, 9];
-        assert!(rle_frame_is_sound(&frame(&[run_of_4.clone()]), 1, 4));
+        assert!(rle_frame_is_sound(
+            &frame(std::slice::from_ref(&run_of_4)),
+            1,
+            4
+        ));
         // The segment decodes to fewer bytes than the frame needs.
-        assert!(!rle_frame_is_sound(&frame(&[run_of_4.clone()]), 1, 5));
+        assert!(!rle_frame_is_sound(
+            &frame(std::slice::from_ref(&run_of_4)),
+            1,
+            5
+        ));
         // The header's count is not the segments the image needs.
-        assert!(!rle_frame_is_sound(&frame(&[run_of_4.clone()]), 2, 4));
+        assert!(!rle_frame_is_sound(
+            &frame(std::slice::from_ref(&run_of_4)),
+            2,
+            4
+        ));
         // An offset past the end, or out of order.
         let mut past = frame(&[run_of_4.clone(), run_of_4.clone()]);
         past[8..12].copy_from_slice(&10_000u32.to_le_bytes());
