@@ -115,10 +115,6 @@ async fn streaming(mesh: &MeshUnderTest, token: &str, streams: usize) -> Figures
             let producer = tokio::spawn(async move {
                 for index in 0..per_stream {
                     let tag = index.to_string();
-                    stamps
-                        .lock()
-                        .expect("stamps")
-                        .insert(tag.clone(), Instant::now());
                     let request = gw::StudyStreamRequest {
                         tag,
                         image: image.clone(),
@@ -131,11 +127,18 @@ async fn streaming(mesh: &MeshUnderTest, token: &str, streams: usize) -> Figures
                     }
                 }
             });
+            // Latency runs from when the transport takes an image, not from when the client
+            // queued it (the stream's backpressure holds the client's queue).
+            let outgoing =
+                tokio_stream::wrappers::ReceiverStream::new(outgoing).map(move |request| {
+                    stamps
+                        .lock()
+                        .expect("stamps")
+                        .insert(request.tag.clone(), Instant::now());
+                    request
+                });
             let mut answers = gateway
-                .study_stream(authorised(
-                    tokio_stream::wrappers::ReceiverStream::new(outgoing),
-                    &token,
-                ))
+                .study_stream(authorised(outgoing, &token))
                 .await
                 .expect("stream")
                 .into_inner();

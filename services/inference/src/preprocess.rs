@@ -35,7 +35,11 @@ pub fn to_input_tensor(
     plan: &Preprocessing,
 ) -> Result<Array4<f32>, PreprocessError> {
     let dynamic = to_dynamic_image(image)?;
-    let resized = dynamic.resize_exact(plan.width, plan.height, FilterType::CatmullRom);
+    let resized = if dynamic.width() == plan.width && dynamic.height() == plan.height {
+        dynamic
+    } else {
+        dynamic.resize_exact(plan.width, plan.height, FilterType::CatmullRom)
+    };
     let (height, width) = (plan.height as usize, plan.width as usize);
     let tensor = match plan.color.as_str() {
         "GREY" => {

@@ -209,7 +209,7 @@ impl ResultsStore {
     /// that stands.
     pub async fn record_delivery(&self, result_id: &str, seq: i64) -> Result<i64, InferenceError> {
         use result_row::Column;
-        result_row::Entity::update_many()
+        let updated = result_row::Entity::update_many()
             .col_expr(Column::LedgerSeq, sea_orm::sea_query::Expr::value(seq))
             .filter(Column::ResultId.eq(result_id))
             .filter(Column::LedgerSeq.eq(0))
@@ -217,6 +217,9 @@ impl ResultsStore {
             .exec(&self.connection)
             .await
             .map_err(store_error)?;
+        if updated.rows_affected == 1 {
+            return Ok(seq);
+        }
         Ok(self.get(result_id).await?.ledger_seq)
     }
 
