@@ -44,6 +44,7 @@ pub struct VersionStatistics {
     pub fail_ns: AtomicU64,
     pub queue_count: AtomicU64,
     pub queue_ns: AtomicU64,
+    /// Requests computed, and the run time each of them spent.
     pub compute_count: AtomicU64,
     pub compute_ns: AtomicU64,
     /// Rows inferred.
@@ -70,11 +71,14 @@ impl VersionStatistics {
         ns.fetch_add(nanos(took), Ordering::Relaxed);
     }
 
-    fn record_run(&self, rows: usize, computed: Duration) {
+    /// One run of `rows` rows for `requests` requests. As in Triton, compute counts are per
+    /// request (each request spent the whole run computing); runs are the execution count.
+    fn record_run(&self, rows: usize, requests: usize, computed: Duration) {
         let rows = rows as u64;
-        self.compute_count.fetch_add(1, Ordering::Relaxed);
+        let requests = requests as u64;
+        self.compute_count.fetch_add(requests, Ordering::Relaxed);
         self.compute_ns
-            .fetch_add(nanos(computed), Ordering::Relaxed);
+            .fetch_add(nanos(computed).saturating_mul(requests), Ordering::Relaxed);
         self.inference_count.fetch_add(rows, Ordering::Relaxed);
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         let now_ms = SystemTime::now()
@@ -339,7 +343,8 @@ impl Worker {
         metrics::histogram!("medai_inference_compute_seconds", &labels)
             .record(computed.as_secs_f64());
         metrics::histogram!("medai_inference_batch_size", &labels).record(total_rows as f64);
-        self.statistics.record_run(total_rows, computed);
+        self.statistics
+            .record_run(total_rows, row_counts.len(), computed);
         match result {
             Ok(scores) => {
                 let mut scores = scores.into_iter();

@@ -191,11 +191,18 @@ fn statistics_message(served: &ServedVersion) -> ModelStatistics {
                 .iter()
                 .map(|(size, (runs, ns))| InferBatchStatistics {
                     batch_size: *size,
+                    compute_input: Some(StatisticDuration {
+                        count: *runs,
+                        ns: 0,
+                    }),
                     compute_infer: Some(StatisticDuration {
                         count: *runs,
                         ns: *ns,
                     }),
-                    ..Default::default()
+                    compute_output: Some(StatisticDuration {
+                        count: *runs,
+                        ns: 0,
+                    }),
                 })
                 .collect()
         })
@@ -210,7 +217,16 @@ fn statistics_message(served: &ServedVersion) -> ModelStatistics {
             success: duration(&stats.success_count, &stats.success_ns),
             fail: duration(&stats.fail_count, &stats.fail_ns),
             queue: duration(&stats.queue_count, &stats.queue_ns),
+            // Tensors are assembled and split inside the run; their time is in compute_infer.
+            compute_input: Some(StatisticDuration {
+                count: stats.compute_count.load(Ordering::Relaxed),
+                ns: 0,
+            }),
             compute_infer: duration(&stats.compute_count, &stats.compute_ns),
+            compute_output: Some(StatisticDuration {
+                count: stats.compute_count.load(Ordering::Relaxed),
+                ns: 0,
+            }),
             ..Default::default()
         }),
         batch_stats,

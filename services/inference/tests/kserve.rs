@@ -217,3 +217,88 @@ async fn tritons_python_client_works_unchanged() {
     assert_eq!(seen["statistics"]["inference_count"], 7);
     assert_eq!(seen["statistics"]["success"], 5);
 }
+
+/// The CUDA runtime library perf_analyzer links (loaded, never used: no GPU is asked for).
+fn cuda_runtime_dir() -> std::path::PathBuf {
+    let lib = workspace_root().join(".cache/kserve-venv/lib");
+    std::fs::read_dir(&lib)
+        .expect("the kserve venv: run scripts/kserve-clients.sh")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("site-packages/nvidia/cuda_runtime/lib"))
+        .find(|path| path.is_dir())
+        .expect("nvidia-cuda-runtime-cu12 in the kserve venv")
+}
+
+#[tokio::test]
+async fn tritons_perf_analyzer_drives_the_service_over_mtls() {
+    let perf_analyzer = workspace_root().join(".cache/perf-analyzer/perf_analyzer");
+    assert!(
+        perf_analyzer.is_file(),
+        "{} is missing: run scripts/kserve-clients.sh",
+        perf_analyzer.display()
+    );
+    let repository = light_repository(&[("1", "active")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let files = harness.pki.files("operator");
+    let report = tempfile::tempdir().expect("tempdir");
+    let csv = report.path().join("perf.csv");
+    let output = tokio::process::Command::new(&perf_analyzer)
+        .env("LD_LIBRARY_PATH", cuda_runtime_dir())
+        .args(["-m", LIGHT, "-i", "grpc", "-u"])
+        .arg(harness.inference.address.to_string())
+        .args([
+            "--ssl-grpc-use-ssl",
+            "true",
+            "--ssl-grpc-root-certifications-file",
+        ])
+        .arg(&files.ca_cert)
+        .arg("--ssl-grpc-private-key-file")
+        .arg(&files.key)
+        .arg("--ssl-grpc-certificate-chain-file")
+        .arg(&files.cert)
+        .args([
+            "--concurrency-range",
+            "4",
+            "--measurement-interval",
+            "1000",
+            "--stability-percentage",
+            "100",
+            "--max-trials",
+            "3",
+            // Its default random bytes read as FP32 include NaNs, which the service refuses.
+            "--input-data",
+            "zero",
+            "-f",
+        ])
+        .arg(&csv)
+        .output()
+        .await
+        .expect("run perf_analyzer");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "perf_analyzer failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let throughput: f64 = stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Throughput:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no throughput in:\n{stdout}"));
+    assert!(throughput > 0.0, "{stdout}");
+    let table = std::fs::read_to_string(&csv).expect("perf_analyzer's CSV");
+    assert!(table.lines().count() >= 2, "{table}");
+    // The service counted what perf_analyzer sent (its server-side figures come from the
+    // statistics extension).
+    let stats = harness
+        .kserve_as("operator")
+        .model_statistics(medai_proto::kserve::ModelStatisticsRequest {
+            name: LIGHT.to_owned(),
+            version: String::new(),
+        })
+        .await
+        .expect("statistics")
+        .into_inner();
+    assert!(stats.model_stats[0].inference_count as f64 >= throughput);
+}
