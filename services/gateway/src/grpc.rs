@@ -447,11 +447,13 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<gw::GetResultResponse>, Status> {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         let result = crate::results::get_result(
             &self.ingest.downstream,
             &caller,
             &request.into_inner().result_id,
             &correlation,
+            deadline,
         )
         .await?;
         Ok(with_correlation(
@@ -468,11 +470,13 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<gw::ListResultsResponse>, Status> {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         let page = crate::results::list_results(
             &self.ingest.downstream,
             &caller,
             request.into_inner().filter,
             &correlation,
+            deadline,
         )
         .await?;
         Ok(with_correlation(page, &correlation))
@@ -484,11 +488,13 @@ impl GatewayService for GatewayApi {
     ) -> Result<Response<gw::SignResultResponse>, Status> {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
         let signed = crate::results::sign_result(
             &self.ingest.downstream,
             &caller,
             request.into_inner(),
             &correlation,
+            deadline,
         )
         .await?;
         Ok(with_correlation(signed, &correlation))

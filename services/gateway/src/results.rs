@@ -7,6 +7,8 @@ use medai_proto::gateway::v1 as gw;
 use medai_proto::inference::v1::{
     GetResultRequest, ListResultsRequest, ResultSignature, SignResultRequest, StoredResult,
 };
+use std::time::{Duration, Instant};
+
 use medai_tokens::Role;
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -24,6 +26,12 @@ fn visible_to(caller: &Caller, result: &StoredResult) -> bool {
     result.ledger_seq > 0 && (caller.role != Role::Viewer || result.status == SIGNED)
 }
 
+/// What is left of the caller's deadline, for a downstream call.
+fn time_left(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|at| at.saturating_duration_since(Instant::now()))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn record(
     downstream: &Downstream,
     caller: &Caller,
@@ -32,6 +40,7 @@ async fn record(
     outcome: &str,
     context: serde_json::Value,
     correlation: &str,
+    deadline: Option<Instant>,
 ) -> Result<u64, Status> {
     let append = AppendRequest {
         actor: format!("user:{}", caller.subject),
@@ -43,7 +52,7 @@ async fn record(
     downstream
         .audit
         .clone()
-        .append(downstream.request(append, correlation, None))
+        .append(downstream.request(append, correlation, time_left(deadline)))
         .await
         .map(|receipt| receipt.into_inner().seq)
         .map_err(|_| GatewayError::LedgerUnavailable.into())
@@ -53,6 +62,7 @@ async fn fetch(
     downstream: &Downstream,
     result_id: &str,
     correlation: &str,
+    deadline: Option<Instant>,
 ) -> Result<StoredResult, Status> {
     if uuid::Uuid::parse_str(result_id).is_err() {
         return Err(GatewayError::ResultNotFound.into());
@@ -66,7 +76,7 @@ async fn fetch(
                 idempotency_key: String::new(),
             },
             correlation,
-            None,
+            time_left(deadline),
         ))
         .await;
     match found {
@@ -87,8 +97,9 @@ pub async fn get_result(
     caller: &Caller,
     result_id: &str,
     correlation: &str,
+    deadline: Option<Instant>,
 ) -> Result<StoredResult, Status> {
-    let result = fetch(downstream, result_id, correlation).await?;
+    let result = fetch(downstream, result_id, correlation, deadline).await?;
     if !visible_to(caller, &result) {
         // Not "forbidden": whether a hidden result exists is not the caller's business.
         return Err(GatewayError::ResultNotFound.into());
@@ -105,6 +116,7 @@ pub async fn get_result(
         "SUCCESS",
         context,
         correlation,
+        deadline,
     )
     .await?;
     Ok(result)
@@ -116,6 +128,7 @@ pub async fn list_results(
     caller: &Caller,
     filter: Option<ListResultsRequest>,
     correlation: &str,
+    deadline: Option<Instant>,
 ) -> Result<gw::ListResultsResponse, Status> {
     let mut filter = filter.unwrap_or_default();
     if caller.role == Role::Viewer {
@@ -128,7 +141,7 @@ pub async fn list_results(
     let page = downstream
         .inference
         .clone()
-        .list_results(downstream.request(filter.clone(), correlation, None))
+        .list_results(downstream.request(filter.clone(), correlation, time_left(deadline)))
         .await
         .map_err(|status| relay_downstream("inference", status))?
         .into_inner();
@@ -153,6 +166,7 @@ pub async fn list_results(
         "SUCCESS",
         context,
         correlation,
+        deadline,
     )
     .await?;
     Ok(gw::ListResultsResponse {
@@ -202,6 +216,7 @@ pub async fn sign_result(
     caller: &Caller,
     request: gw::SignResultRequest,
     correlation: &str,
+    deadline: Option<Instant>,
 ) -> Result<gw::SignResultResponse, Status> {
     check_signature_request(&request)?;
     let signer = downstream
@@ -214,12 +229,12 @@ pub async fn sign_result(
                 correlation_id: correlation.to_owned(),
             },
             correlation,
-            None,
+            time_left(deadline),
         ))
         .await
         .map_err(|status| relay_downstream("auth", status))?
         .into_inner();
-    let result = fetch(downstream, &request.result_id, correlation).await?;
+    let result = fetch(downstream, &request.result_id, correlation, deadline).await?;
     if !visible_to(caller, &result) {
         return Err(GatewayError::ResultNotFound.into());
     }
@@ -249,6 +264,7 @@ pub async fn sign_result(
         "SUCCESS",
         context,
         correlation,
+        deadline,
     )
     .await?;
     let signed = downstream
@@ -268,7 +284,7 @@ pub async fn sign_result(
                 }),
             },
             correlation,
-            None,
+            time_left(deadline),
         ))
         .await;
     match signed {
@@ -290,6 +306,8 @@ pub async fn sign_result(
                 "FAILURE",
                 context,
                 correlation,
+                // The void must be recorded even if the caller has given up.
+                None,
             )
             .await
             {
