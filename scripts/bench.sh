@@ -4,6 +4,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 cargo build --release --workspace --bins --quiet
 # shellcheck source=scripts/test-servers.sh

@@ -7,6 +7,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 cargo build --workspace --bins --quiet
 image="${1:-.cache/dicom/MR_small.dcm}"

@@ -6,6 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 bash scripts/dicom-reference.sh
 bash scripts/kserve-clients.sh

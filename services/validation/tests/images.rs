@@ -257,6 +257,7 @@ async fn lossless_transfer_syntaxes_of_one_image_decode_to_the_same_pixels() {
     for (name, syntax) in [
         ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
         ("MR_small_jp2klossless.dcm", "1.2.840.10008.1.2.4.90"),
+        ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),
     ] {
         let image = decode(name).await;
         assert_eq!(
@@ -311,11 +312,39 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
         refusal(&size, assets.dicom("liver_1frame.dcm")).await,
         "IMAGE_DECODED_SIZE_TOO_LARGE"
     );
-    let jpeg_ls = Validation::start(ImageLimits::default()).await;
+    // JPEG XL is a transfer syntax dicom-rs knows but this build does not decode.
+    let unsupported = Validation::start(ImageLimits::default()).await;
     assert_eq!(
-        refusal(&jpeg_ls, assets.dicom("MR_small_jpeg_ls_lossless.dcm")).await,
+        refusal(&unsupported, jpeg_xl_dicom()).await,
         "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
     );
+}
+
+/// MR_small.dcm re-labelled as JPEG XL Lossless, its pixels one opaque fragment.
+fn jpeg_xl_dicom() -> Vec<u8> {
+    use dicom_core::value::{PixelFragmentSequence, Value};
+    use dicom_core::{DataElement, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_encoding::TransferSyntaxIndex;
+    let assets = Assets::locate();
+    let mut object = dicom_object::OpenFileOptions::new()
+        .from_reader(std::io::Cursor::new(assets.dicom("MR_small.dcm")))
+        .expect("MR_small");
+    let jpeg_xl = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get("1.2.840.10008.1.2.4.110")
+        .expect("JPEG XL is a known transfer syntax");
+    object.meta_mut().set_transfer_syntax(jpeg_xl);
+    object.meta_mut().update_information_group_length();
+    let fragments: PixelFragmentSequence<Vec<u8>> =
+        PixelFragmentSequence::new(Vec::<u32>::new(), vec![vec![0xFF, 0x0A, 0, 0]]);
+    object.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OB,
+        Value::PixelSequence(fragments),
+    ));
+    let mut bytes = Vec::new();
+    object.write_all(&mut bytes).expect("write");
+    bytes
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ enum Expect {
     WithinMean(f64),
 }
 
-const CASES: [(&str, &str, Expect); 14] = [
+const CASES: [(&str, &str, Expect); 19] = [
     (
         "MR_small.dcm",
         "explicit VR little endian, 16-bit signed",
@@ -48,6 +48,32 @@ const CASES: [(&str, &str, Expect); 14] = [
     (
         "JPEG2000.dcm",
         "JPEG 2000, part 2 transfer syntax",
+        Expect::Exact,
+    ),
+    (
+        "MR_small_jpeg_ls_lossless.dcm",
+        "JPEG-LS lossless, 16-bit",
+        Expect::Exact,
+    ),
+    // Near-lossless JPEG-LS decoding is exactly specified, so decoders agree exactly too.
+    (
+        "JPEGLSNearLossless_08.dcm",
+        "JPEG-LS near-lossless, 8-bit",
+        Expect::Exact,
+    ),
+    (
+        "JPEGLSNearLossless_16.dcm",
+        "JPEG-LS near-lossless, 16-bit",
+        Expect::Exact,
+    ),
+    (
+        "SC_rgb_jls_lossy_line.dcm",
+        "RGB JPEG-LS near-lossless, line interleaved",
+        Expect::Exact,
+    ),
+    (
+        "SC_rgb_jls_lossy_sample.dcm",
+        "RGB JPEG-LS near-lossless, sample interleaved",
         Expect::Exact,
     ),
     (
