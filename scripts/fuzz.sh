@@ -5,6 +5,10 @@
 #
 # First finding, now fixed and kept as services/validation/tests/data/fuzz-huge-declared-element.dcm:
 # a small deflated file declaring a multi-gigabyte element made the parser reserve it up front.
+# Second: a panic in dicom-rs's RLE decoder (tests/data/fuzz-rle-decoder-panic.dcm), now refused
+# by a structural check of RLE frames. Third: an element with an unknown VR, which dicom-rs reads
+# as UN with a 32-bit length, declaring 3 GB in a 6 KB file (tests/data/fuzz-unknown-vr-huge-
+# length.dcm); the length walk now reads VRs as dicom-rs does.
 # Resident memory is capped at 2 GiB and single allocations at 4 GiB.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

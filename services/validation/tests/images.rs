@@ -432,6 +432,17 @@ async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
         refusal(&service, bytes).await,
         "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT"
     );
+    // The fuzzer's third finding: an element with an unknown VR ("\0\0"), which dicom-rs reads
+    // as UN with a 32-bit length (here 2,966,619,392 bytes in a 6 KB file).
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fuzz-unknown-vr-huge-length.dcm"
+    ))
+    .expect("reproducer");
+    assert_eq!(
+        refusal(&service, bytes).await,
+        "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT"
+    );
 }
 
 #[tokio::test]
