@@ -381,6 +381,20 @@ async fn every_prediction_is_kept_and_can_be_found_again() {
 async fn a_repeated_key_returns_the_stored_result_and_a_signed_result_is_final() {
     let repository = support::light_repository(&[("1", "active")]);
     let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    repeated_key_and_final_signature(&harness).await;
+}
+
+#[tokio::test]
+async fn the_embedded_sqlite_results_store_keeps_signed_results_final_too() {
+    let repository = support::light_repository(&[("1", "active")]);
+    let folder = tempfile::tempdir().expect("tempdir");
+    let url = medai_testkit::sqlite_url(folder.path(), "results.sqlite");
+    let harness =
+        Harness::start_with_results(repository.path(), RuntimeSettings::default(), url).await;
+    repeated_key_and_final_signature(&harness).await;
+}
+
+async fn repeated_key_and_final_signature(harness: &Harness) {
     let mut gateway = harness.client_as("gateway");
     let key = format!("{:064x}", 42);
     let keyed = |seed: u32| PredictRequest {

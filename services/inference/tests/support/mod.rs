@@ -50,6 +50,15 @@ impl Harness {
     /// Audit on a fresh PostgreSQL database, then inference on `repository` with its results
     /// in another fresh database.
     pub async fn start(repository: &Path, runtime: RuntimeSettings) -> Self {
+        Self::start_with_results(repository, runtime, fresh_postgres_database().await).await
+    }
+
+    /// As [`Self::start`], with the results store at `results_url` (SQLite, for one).
+    pub async fn start_with_results(
+        repository: &Path,
+        runtime: RuntimeSettings,
+        results_url: String,
+    ) -> Self {
         let pki = TestPki::new();
         let audit_database = fresh_postgres_database().await;
         let audit_config = AuditConfig {
@@ -68,7 +77,7 @@ impl Harness {
         let config = inference_config(
             &pki,
             repository,
-            fresh_postgres_database().await,
+            results_url,
             format!("https://{}", audit.address),
             runtime,
         );
