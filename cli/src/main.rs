@@ -342,6 +342,10 @@ async fn infer(cli: &Cli, gateway: &str, file: &Path, model: &str) -> Result<()>
         say(&format!("  {:<12} {:.4}", entry.label, entry.probability));
     }
     say(&format!(
+        "decision   {} (threshold {:.2}), status PRELIMINARY until signed",
+        prediction.decision, prediction.decision_threshold
+    ));
+    say(&format!(
         "ledger     seq {} hash {}",
         response.ledger_seq, response.ledger_hash
     ));
