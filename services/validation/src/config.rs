@@ -18,6 +18,18 @@ pub struct ValidationConfig {
     /// `patient_key` results are grouped by. Without it no patient key is produced.
     #[serde(default)]
     pub patient_key_secret: Option<medai_runtime::config::Secret>,
+    /// Decodes running at once; more wait for a slot. Bounds memory to about this many times
+    /// `limits.max_decoded_bytes`.
+    #[serde(
+        default = "default_concurrent_decodes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_concurrent_decodes: usize,
+}
+
+/// One decode per core: decoding is CPU-bound, so more would not finish sooner.
+pub fn default_concurrent_decodes() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
 }
 
 impl ServiceConfig for ValidationConfig {

@@ -12,6 +12,7 @@ use crate::error::ValidationError;
 use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 
 pub struct ValidationApi {
+    pub decode_slots: crate::decode_slots::DecodeSlots,
     pub limits: ImageLimits,
     pub quality: QualityPolicy,
     pub patient_key_secret: Option<std::sync::Arc<Vec<u8>>>,
@@ -98,25 +99,27 @@ impl ValidationService for ValidationApi {
         let secret = self.patient_key_secret.clone();
         // Decoding and measuring are CPU-bound and run third-party codecs: keep them off the
         // async workers, and let a codec panic become a refusal rather than a crash.
-        let outcome = tokio::task::spawn_blocking(move || {
-            let image = decode_image_with_key(
-                &request.image,
-                declared,
-                &limits,
-                secret.as_deref().map(Vec::as_slice),
-            )?;
-            let report = assess(&image, &policy, &model);
-            if report.refuse_on_failure && !report.passed() {
-                return Err(ValidationError::QualityInsufficient {
-                    failed: report.failed_codes().join(", "),
-                });
-            }
-            Ok((image, report))
-        })
-        .await
-        .unwrap_or(Err(ValidationError::Undecodable {
-            format: "the declared format",
-        }));
+        let outcome = self
+            .decode_slots
+            .run(move || {
+                let image = decode_image_with_key(
+                    &request.image,
+                    declared,
+                    &limits,
+                    secret.as_deref().map(Vec::as_slice),
+                )?;
+                let report = assess(&image, &policy, &model);
+                if report.refuse_on_failure && !report.passed() {
+                    return Err(ValidationError::QualityInsufficient {
+                        failed: report.failed_codes().join(", "),
+                    });
+                }
+                Ok((image, report))
+            })
+            .await
+            .unwrap_or(Err(ValidationError::Undecodable {
+                format: "the declared format",
+            }));
         match outcome {
             Ok((image, report)) => {
                 metrics::counter!("medai_validation_images_total", "outcome" => "accepted")

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+mod decode_slots;
 mod dicom_lengths;
 mod error;
 mod grpc;
@@ -52,6 +53,7 @@ pub async fn serve(
     // The transport admits a little more than the image limit so that an oversized image gets
     // the stable IMAGE_TOO_LARGE code rather than a transport error.
     let api = ValidationServiceServer::new(grpc::ValidationApi {
+        decode_slots: decode_slots::DecodeSlots::new(config.max_concurrent_decodes),
         limits: config.limits,
         quality: config.quality.clone(),
         patient_key_secret: config

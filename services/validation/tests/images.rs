@@ -27,6 +27,7 @@ impl Validation {
             patient_key_secret: Some(medai_runtime::config::Secret::new(
                 "test patient-key secret",
             )),
+            max_concurrent_decodes: 2,
         };
         let server = TestServer::start(|listener, shutdown| {
             medai_validation::serve(config, listener, shutdown)
@@ -399,6 +400,7 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
             ..QualityPolicy::default()
         },
         patient_key_secret: None,
+        max_concurrent_decodes: 2,
     };
     let server =
         TestServer::start(|listener, shutdown| medai_validation::serve(config, listener, shutdown))
