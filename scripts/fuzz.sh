@@ -8,7 +8,10 @@
 # Second: a panic in dicom-rs's RLE decoder (tests/data/fuzz-rle-decoder-panic.dcm), now refused
 # by a structural check of RLE frames. Third: an element with an unknown VR, which dicom-rs reads
 # as UN with a 32-bit length, declaring 3 GB in a 6 KB file (tests/data/fuzz-unknown-vr-huge-
-# length.dcm); the length walk now reads VRs as dicom-rs does.
+# length.dcm); the length walk now reads VRs as dicom-rs does. Fourth: a panic in dicom-rs's
+# JPEG 2000 adapter (tests/data/fuzz-jpeg2000-decoder-panic.dcm), contained as in the service.
+# Panics inside third-party codecs are contained and listed ("contained third-party codec
+# panic at …"), not crashes; panics in this project's code, aborts and OOM are crashes.
 # Resident memory is capped at 2 GiB and single allocations at 4 GiB.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

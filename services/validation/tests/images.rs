@@ -463,6 +463,14 @@ async fn a_codec_panic_becomes_a_refusal_and_the_service_stays_up() {
     })
     .await;
     assert_eq!(refusal(&service, bytes).await, "IMAGE_UNDECODABLE");
+    // The fuzzer's fourth finding: dicom-rs 0.10's JPEG 2000 adapter indexes past a buffer on
+    // this frame. Nothing checks it beforehand; the panic is contained.
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fuzz-jpeg2000-decoder-panic.dcm"
+    ))
+    .expect("reproducer");
+    assert_eq!(refusal(&service, bytes).await, "IMAGE_UNDECODABLE");
     let assets = Assets::locate();
     service
         .client_as("gateway")
