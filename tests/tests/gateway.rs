@@ -231,8 +231,13 @@ async fn a_slow_reader_slows_a_200_image_study_stream_and_gets_200_tagged_result
             ..Default::default()
         },
     ];
+    let mut mixed_request = authorised(tokio_stream::iter(mixed), &token);
+    mixed_request.metadata_mut().insert(
+        "x-correlation-id",
+        tonic::metadata::MetadataValue::from_static("pacs-study-0007"),
+    );
     let answers: Vec<gw::StudyStreamResponse> = gateway
-        .study_stream(authorised(tokio_stream::iter(mixed), &token))
+        .study_stream(mixed_request)
         .await
         .expect("stream")
         .into_inner()
@@ -256,6 +261,15 @@ async fn a_slow_reader_slows_a_200_image_study_stream_and_gets_200_tagged_result
         Outcome::Error(error) => assert_eq!(error.reason, "TAG_MISSING"),
         other => panic!("an untagged image was accepted: {other:?}"),
     }
+    // The stream's work, done after its handler returned, still logs under its correlation id.
+    let gateway_log =
+        std::fs::read_to_string(mesh.mesh.log_file("gateway").expect("log")).expect("gateway log");
+    assert!(
+        gateway_log
+            .lines()
+            .any(|line| line.contains("prediction delivered") && line.contains("pacs-study-0007")),
+        "no log line of the stream names its correlation id"
+    );
     mesh.stop().await;
 }
 

@@ -10,6 +10,7 @@ use medai_proto::gateway::v1::upload_image_request::Part;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Status, Streaming};
+use tracing::Instrument;
 
 use crate::downstream::Downstream;
 use crate::error::GatewayError;
@@ -121,6 +122,9 @@ impl Ingest {
         correlation: String,
     ) -> mpsc::Receiver<Result<gw::StudyStreamResponse, Status>> {
         let (answers, receiver) = mpsc::channel(STUDY_ANSWER_BUFFER);
+        // The stream's work outlives the handler; it keeps the call's span (and so its
+        // correlation id) on every log line.
+        let span = tracing::Span::current();
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(STUDY_IN_FLIGHT));
             let mut index = 0u64;
@@ -142,17 +146,20 @@ impl Ingest {
                 let ingest = self.clone();
                 let caller = caller.clone();
                 let answers = answers.clone();
-                tokio::spawn(async move {
-                    let answer = ingest
-                        .study_image(&caller, message, &image_correlation)
-                        .await;
-                    // Waits while the reader is slow; the slot stays taken until then.
-                    let _ = answers.send(Ok(answer)).await;
-                    drop(slot);
-                });
+                tokio::spawn(
+                    async move {
+                        let answer = ingest
+                            .study_image(&caller, message, &image_correlation)
+                            .await;
+                        // Waits while the reader is slow; the slot stays taken until then.
+                        let _ = answers.send(Ok(answer)).await;
+                        drop(slot);
+                    }
+                    .in_current_span(),
+                );
             }
             metrics::counter!("medai_gateway_study_streams_total").increment(1);
-        });
+        }.instrument(span));
         receiver
     }
 
