@@ -185,6 +185,7 @@ fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
 }
 
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 
 /// Parses the object and checks, from its header alone, everything that can be checked before
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
@@ -262,6 +263,14 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         .get(&transfer_syntax_uid)
         .is_some_and(|syntax| syntax.can_decode_all());
     if !supported {
+        return Err(ValidationError::DicomUnsupportedTransferSyntax {
+            uid: transfer_syntax_uid,
+        });
+    }
+    // The JPEG codec decodes 8-bit precision only; 12-bit extended JPEG gets the stable code
+    // of a syntax this build cannot decode, not a generic failure.
+    let bits_stored = read_u32(tags::BITS_STORED).unwrap_or(8);
+    if transfer_syntax_uid == JPEG_EXTENDED && bits_stored > 8 {
         return Err(ValidationError::DicomUnsupportedTransferSyntax {
             uid: transfer_syntax_uid,
         });

@@ -319,6 +319,14 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
         refusal(&unsupported, jpeg_xl_dicom()).await,
         "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
     );
+    // 12-bit extended JPEG: a syntax dicom-rs knows, a precision its JPEG codec does not.
+    for name in ["JPGExtended.dcm", "JPEG-lossy.dcm"] {
+        assert_eq!(
+            refusal(&unsupported, assets.dicom(name)).await,
+            "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
+            "{name}"
+        );
+    }
 }
 
 /// MR_small.dcm re-labelled as JPEG XL Lossless, its pixels one opaque fragment.
