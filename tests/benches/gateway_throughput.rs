@@ -9,7 +9,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
@@ -19,31 +19,12 @@ use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClie
 use medai_proto::kserve::model_infer_request::InferInputTensor;
 use medai_runtime::ServiceIdentity;
 use medai_runtime::tls::TlsMaterial;
+use medai_testkit::bench::{Throughput as Figures, write_report};
 use tokio_stream::StreamExt;
 
 const MODEL: &str = "synthetic-light";
 const LEVELS: [usize; 4] = [1, 8, 32, 64];
 const REQUESTS_PER_LEVEL: usize = 1536;
-
-#[derive(Clone, Copy)]
-struct Figures {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
-    latencies.sort();
-    let at = |quantile: f64| {
-        let index = ((latencies.len() as f64 - 1.0) * quantile).round() as usize;
-        latencies[index].as_secs_f64() * 1000.0
-    };
-    Figures {
-        per_second: latencies.len() as f64 / wall.as_secs_f64(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-    }
-}
 
 fn png() -> Vec<u8> {
     let pixels: Vec<u8> = (0..64u32 * 64)
@@ -94,7 +75,7 @@ async fn unary(mesh: &MeshUnderTest, token: &str, concurrency: usize) -> Figures
     for client in clients {
         latencies.extend(client.await.expect("client"));
     }
-    figures(latencies, started.elapsed())
+    Figures::measure(latencies, started.elapsed())
 }
 
 /// `streams` study streams at once, each carrying its share of the images; latency is from an
@@ -160,7 +141,7 @@ async fn streaming(mesh: &MeshUnderTest, token: &str, streams: usize) -> Figures
     for task in tasks {
         latencies.extend(task.await.expect("stream task"));
     }
-    figures(latencies, started.elapsed())
+    Figures::measure(latencies, started.elapsed())
 }
 
 async fn direct(mesh: &MeshUnderTest, concurrency: usize) -> Figures {
@@ -215,15 +196,7 @@ async fn direct(mesh: &MeshUnderTest, concurrency: usize) -> Figures {
     for client in clients {
         latencies.extend(client.await.expect("client"));
     }
-    figures(latencies, started.elapsed())
-}
-
-fn json(figures: Figures) -> serde_json::Value {
-    serde_json::json!({
-        "per_second": figures.per_second,
-        "p50_ms": figures.p50_ms,
-        "p99_ms": figures.p99_ms,
-    })
+    Figures::measure(latencies, started.elapsed())
 }
 
 #[tokio::main]
@@ -290,20 +263,14 @@ async fn main() {
         report.insert(
             level.to_string(),
             serde_json::json!({
-                "unary": json(through),
+                "unary": through.to_json(),
                 "streams": level.min(16),
-                "streaming": json(streamed),
-                "direct": json(baseline),
+                "streaming": streamed.to_json(),
+                "direct": baseline.to_json(),
                 "ratio_unary_over_direct": through.per_second / baseline.per_second,
             }),
         );
     }
     mesh.stop().await;
-    let directory = medai_testkit::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&directory).expect("bench folder");
-    std::fs::write(
-        directory.join("gateway_throughput.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json"),
-    )
-    .expect("write report");
+    write_report("gateway_throughput", serde_json::Value::Object(report));
 }

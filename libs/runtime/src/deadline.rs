@@ -105,8 +105,7 @@ where
                         "DEADLINE_EXCEEDED",
                         "the caller's deadline passed before an answer was ready",
                     );
-                    let (parts, ()) = status.into_http::<()>().into_parts();
-                    Ok(http::Response::from_parts(parts, ResBody::default()))
+                    Ok(crate::errors::refusal_response(status))
                 }
             }
         }

@@ -86,6 +86,12 @@ pub fn status_with_reason(
     Status::with_error_details(kind.grpc_code(), message, details)
 }
 
+/// A status as the HTTP response a tower layer answers with, before any handler runs.
+pub fn refusal_response<ResBody: Default>(status: Status) -> http::Response<ResBody> {
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    http::Response::from_parts(parts, ResBody::default())
+}
+
 /// The stable reason carried by a status, if it has one.
 pub fn reason_of(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)

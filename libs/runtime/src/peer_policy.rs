@@ -122,8 +122,8 @@ where
             "PEER_NOT_ALLOWED",
             format!("peer {peer_name} may not call {method}"),
         );
-        let (parts, ()) = status.into_http::<()>().into_parts();
-        async move { Ok(http::Response::from_parts(parts, ResBody::default())) }.boxed()
+        let response = crate::errors::refusal_response(status);
+        async move { Ok(response) }.boxed()
     }
 }
 

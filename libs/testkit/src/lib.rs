@@ -3,6 +3,8 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+pub mod bench;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -293,8 +293,7 @@ fn client_key<B>(request: &http::Request<B>) -> String {
 }
 
 fn refusal<ResBody: Default>(error: GatewayError) -> http::Response<ResBody> {
-    let (parts, ()) = tonic::Status::from(error).into_http::<()>().into_parts();
-    http::Response::from_parts(parts, ResBody::default())
+    medai_runtime::errors::refusal_response(error.into())
 }
 
 fn millis(wait: Duration) -> u64 {

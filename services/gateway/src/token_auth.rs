@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, FutureExt};
-use medai_runtime::errors::{ErrorKind, status_with_reason};
+use medai_runtime::errors::{ErrorKind, refusal_response as refusal, status_with_reason};
 use medai_tokens::Role;
 use tower::{Layer, Service};
 
@@ -138,11 +138,6 @@ async fn record_denial(
 }
 
 const DOMAIN: &str = "medai.gateway";
-
-fn refusal<ResBody: Default>(status: tonic::Status) -> http::Response<ResBody> {
-    let (parts, ()) = status.into_http::<()>().into_parts();
-    http::Response::from_parts(parts, ResBody::default())
-}
 
 fn bearer_token<B>(request: &http::Request<B>) -> Option<String> {
     let value = request

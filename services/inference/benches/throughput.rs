@@ -8,7 +8,7 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use medai_inference::config::RuntimeSettings;
 use medai_inference::manifest::ModelManifest;
@@ -16,6 +16,7 @@ use medai_inference::model::{onnx_environment, open_sessions, run_rows};
 use medai_proto::kserve::ModelInferRequest;
 use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use medai_proto::kserve::model_infer_request::InferInputTensor;
+use medai_testkit::bench::{Throughput as Figures, write_report};
 use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
 use ndarray::Array4;
 
@@ -25,26 +26,6 @@ struct Workload {
     requests: usize,
     /// Clients sending at once to the service.
     concurrency: usize,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Figures {
-    images_per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
-    latencies.sort();
-    let at = |quantile: f64| {
-        let index = ((latencies.len() as f64 - 1.0) * quantile).round() as usize;
-        latencies[index].as_secs_f64() * 1000.0
-    };
-    Figures {
-        images_per_second: latencies.len() as f64 / wall.as_secs_f64(),
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-    }
 }
 
 fn manifest_of(model: &str) -> (ModelManifest, std::path::PathBuf) {
@@ -89,7 +70,7 @@ fn in_process(workload: &Workload) -> Figures {
         run_rows(&mut session, &manifest, row.clone()).expect("run");
         latencies.push(one.elapsed());
     }
-    figures(latencies, started.elapsed())
+    Figures::measure(latencies, started.elapsed())
 }
 
 async fn through_service(workload: &Workload, batching: bool) -> Figures {
@@ -172,25 +153,17 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
     }
     let wall = started.elapsed();
     server.stop().await;
-    figures(latencies, wall)
+    Figures::measure(latencies, wall)
 }
 
 fn print_row(label: &str, figures: Figures, baseline: Figures) {
     println!(
         "  {label:<28} {:>9.1} images/s  p50 {:>8.2} ms  p99 {:>8.2} ms  throughput {:.3}x in-process",
-        figures.images_per_second,
+        figures.per_second,
         figures.p50_ms,
         figures.p99_ms,
-        figures.images_per_second / baseline.images_per_second
+        figures.per_second / baseline.per_second
     );
-}
-
-fn json(figures: Figures) -> serde_json::Value {
-    serde_json::json!({
-        "images_per_second": figures.images_per_second,
-        "p50_ms": figures.p50_ms,
-        "p99_ms": figures.p99_ms,
-    })
 }
 
 #[tokio::main]
@@ -224,19 +197,13 @@ async fn main() {
             serde_json::json!({
                 "requests": workload.requests,
                 "concurrency": workload.concurrency,
-                "in_process": json(baseline),
-                "service_batching_on": json(batched),
-                "service_batching_off": json(unbatched),
-                "ratio_batching_on": batched.images_per_second / baseline.images_per_second,
-                "ratio_batching_off": unbatched.images_per_second / baseline.images_per_second,
+                "in_process": baseline.to_json(),
+                "service_batching_on": batched.to_json(),
+                "service_batching_off": unbatched.to_json(),
+                "ratio_batching_on": batched.per_second / baseline.per_second,
+                "ratio_batching_off": unbatched.per_second / baseline.per_second,
             }),
         );
     }
-    let directory = medai_testkit::workspace_root().join("target/bench");
-    std::fs::create_dir_all(&directory).expect("bench folder");
-    std::fs::write(
-        directory.join("inference_throughput.json"),
-        serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json"),
-    )
-    .expect("write report");
+    write_report("inference_throughput", serde_json::Value::Object(report));
 }
