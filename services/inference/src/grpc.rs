@@ -19,7 +19,7 @@ use medai_runtime::deadline::caller_deadline;
 use tonic::{Request, Response, Status};
 
 use crate::error::InferenceError;
-use crate::lifecycle::{ChangeRequest, Lifecycle};
+use crate::lifecycle::{ChangeKind, ChangeRequest, Lifecycle};
 use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
 use crate::repository::VersionView;
@@ -402,7 +402,12 @@ impl InferenceService for InferenceApi {
         let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
         let done = self
             .lifecycle
-            .stage(&change.model_name, &change.model_version, &who)
+            .change(
+                ChangeKind::Stage,
+                &change.model_name,
+                &change.model_version,
+                &who,
+            )
             .await?;
         Ok(Response::new(StageModelVersionResponse {
             outcome: outcome(done),
@@ -416,7 +421,12 @@ impl InferenceService for InferenceApi {
         let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
         let done = self
             .lifecycle
-            .activate(&change.model_name, &change.model_version, &who)
+            .change(
+                ChangeKind::Activate,
+                &change.model_name,
+                &change.model_version,
+                &who,
+            )
             .await?;
         Ok(Response::new(ActivateModelVersionResponse {
             outcome: outcome(done),
@@ -430,7 +440,12 @@ impl InferenceService for InferenceApi {
         let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
         let done = self
             .lifecycle
-            .retire(&change.model_name, &change.model_version, &who)
+            .change(
+                ChangeKind::Retire,
+                &change.model_name,
+                &change.model_version,
+                &who,
+            )
             .await?;
         Ok(Response::new(RetireModelVersionResponse {
             outcome: outcome(done),
@@ -442,7 +457,10 @@ impl InferenceService for InferenceApi {
         request: Request<RollbackModelRequest>,
     ) -> Result<Response<RollbackModelResponse>, Status> {
         let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
-        let done = self.lifecycle.rollback(&change.model_name, &who).await?;
+        let done = self
+            .lifecycle
+            .change(ChangeKind::Rollback, &change.model_name, "", &who)
+            .await?;
         Ok(Response::new(RollbackModelResponse {
             outcome: outcome(done),
         }))

@@ -36,47 +36,34 @@ pub struct Lifecycle {
     pub ledger: LedgerClient,
 }
 
+/// The four changes to what is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Stage,
+    Activate,
+    Retire,
+    /// Back to the version active before the current one (the version named is ignored).
+    Rollback,
+}
+
 impl Lifecycle {
-    pub async fn stage(
+    /// Plans, records and applies one change; refused before anything is loaded if it has no
+    /// reason.
+    pub async fn change(
         &self,
+        kind: ChangeKind,
         name: &str,
         version: &str,
         request: &ChangeRequest,
     ) -> Result<(VersionView, u64), InferenceError> {
         require_reason(request)?;
-        let change = self.repository.plan_stage(name, version).await?;
-        self.commit(change, request).await
-    }
-
-    pub async fn activate(
-        &self,
-        name: &str,
-        version: &str,
-        request: &ChangeRequest,
-    ) -> Result<(VersionView, u64), InferenceError> {
-        require_reason(request)?;
-        let change = self.repository.plan_activate(name, version).await?;
-        self.commit(change, request).await
-    }
-
-    pub async fn retire(
-        &self,
-        name: &str,
-        version: &str,
-        request: &ChangeRequest,
-    ) -> Result<(VersionView, u64), InferenceError> {
-        require_reason(request)?;
-        let change = self.repository.plan_retire(name, version).await?;
-        self.commit(change, request).await
-    }
-
-    pub async fn rollback(
-        &self,
-        name: &str,
-        request: &ChangeRequest,
-    ) -> Result<(VersionView, u64), InferenceError> {
-        require_reason(request)?;
-        let change = self.repository.plan_rollback(name).await?;
+        let repository = &self.repository;
+        let change = match kind {
+            ChangeKind::Stage => repository.plan_stage(name, version).await?,
+            ChangeKind::Activate => repository.plan_activate(name, version).await?,
+            ChangeKind::Retire => repository.plan_retire(name, version).await?,
+            ChangeKind::Rollback => repository.plan_rollback(name).await?,
+        };
         self.commit(change, request).await
     }
 
