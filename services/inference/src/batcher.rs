@@ -93,6 +93,46 @@ impl VersionStatistics {
     }
 }
 
+/// This version's metric handles, registered once instead of on every request.
+struct VersionMetrics {
+    request_seconds: metrics::Histogram,
+    queue_seconds: metrics::Histogram,
+    compute_seconds: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    queue_depth: metrics::Gauge,
+    succeeded: metrics::Counter,
+    labels: [(&'static str, String); 2],
+}
+
+impl VersionMetrics {
+    fn new(manifest: &ModelManifest) -> Self {
+        let labels = [
+            ("model", manifest.name.clone()),
+            ("version", manifest.version.clone()),
+        ];
+        Self {
+            request_seconds: metrics::histogram!("medai_inference_request_seconds", &labels),
+            queue_seconds: metrics::histogram!("medai_inference_queue_seconds", &labels),
+            compute_seconds: metrics::histogram!("medai_inference_compute_seconds", &labels),
+            batch_size: metrics::histogram!("medai_inference_batch_size", &labels),
+            queue_depth: metrics::gauge!("medai_inference_queue_depth", &labels),
+            succeeded: metrics::counter!("medai_inference_requests_total", "model" => labels[0].1.clone(), "version" => labels[1].1.clone(), "code" => "OK"),
+            labels,
+        }
+    }
+
+    fn count_outcome(&self, outcome: &Result<RowsOutput, InferenceError>) {
+        match outcome {
+            Ok(_) => self.succeeded.increment(1),
+            Err(error) => {
+                let code = medai_runtime::ServiceError::reason(error);
+                metrics::counter!("medai_inference_requests_total", "model" => self.labels[0].1.clone(), "version" => self.labels[1].1.clone(), "code" => code)
+                    .increment(1);
+            }
+        }
+    }
+}
+
 /// A model version being served: its manifest, its queue and its workers. Dropping the last
 /// handle closes the queue; the workers finish what is queued and then release their sessions,
 /// so a swap never cuts off a request already accepted.
@@ -104,6 +144,7 @@ pub struct ServedVersion {
     pub statistics: Arc<VersionStatistics>,
     queue: mpsc::Sender<Job>,
     depth: Arc<AtomicUsize>,
+    metrics: Arc<VersionMetrics>,
 }
 
 impl ServedVersion {
@@ -128,10 +169,13 @@ impl ServedVersion {
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let statistics = Arc::new(VersionStatistics::default());
         let depth = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(VersionMetrics::new(&manifest));
+        let shared_manifest = Arc::new(manifest.clone());
         let session_count = sessions.len();
         for session in sessions {
             let worker = Worker {
-                manifest: manifest.clone(),
+                manifest: shared_manifest.clone(),
+                metrics: metrics.clone(),
                 receiver: receiver.clone(),
                 statistics: statistics.clone(),
                 depth: depth.clone(),
@@ -148,6 +192,7 @@ impl ServedVersion {
             statistics,
             queue,
             depth,
+            metrics,
         })
     }
 
@@ -160,18 +205,10 @@ impl ServedVersion {
         let started = Instant::now();
         let outcome = self.queue_and_wait(rows, deadline, started).await;
         self.statistics.record_request(&outcome, started.elapsed());
-        let labels = [
-            ("model", self.manifest.name.clone()),
-            ("version", self.manifest.version.clone()),
-        ];
-        metrics::histogram!("medai_inference_request_seconds", &labels)
+        self.metrics
+            .request_seconds
             .record(started.elapsed().as_secs_f64());
-        let code = match &outcome {
-            Ok(_) => "OK",
-            Err(error) => medai_runtime::ServiceError::reason(error),
-        };
-        metrics::counter!("medai_inference_requests_total", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone(), "code" => code)
-            .increment(1);
+        self.metrics.count_outcome(&outcome);
         outcome
     }
 
@@ -202,15 +239,10 @@ impl ServedVersion {
             }
         })?;
         let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
-        self.record_depth(depth);
+        self.metrics.queue_depth.set(depth as f64);
         answer.await.map_err(|_| {
             InferenceError::Failed("the batch worker stopped before answering".to_owned())
         })?
-    }
-
-    fn record_depth(&self, depth: usize) {
-        metrics::gauge!("medai_inference_queue_depth", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone())
-            .set(depth as f64);
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -219,7 +251,8 @@ impl ServedVersion {
 }
 
 struct Worker {
-    manifest: ModelManifest,
+    manifest: Arc<ModelManifest>,
+    metrics: Arc<VersionMetrics>,
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     statistics: Arc<VersionStatistics>,
     depth: Arc<AtomicUsize>,
@@ -275,8 +308,7 @@ impl Worker {
         drop(receiver);
         let taken = batch.len();
         let depth = self.depth.fetch_sub(taken, Ordering::Relaxed) - taken;
-        metrics::gauge!("medai_inference_queue_depth", "model" => self.manifest.name.clone(), "version" => self.manifest.version.clone())
-            .set(depth as f64);
+        self.metrics.queue_depth.set(depth as f64);
         Some(batch)
     }
 
@@ -301,17 +333,12 @@ impl Worker {
     /// Runs one batch; gives the session back unless the run could not complete at all.
     async fn run_batch(&self, mut session: Session, batch: Vec<Job>) -> Option<Session> {
         let started = Instant::now();
-        let labels = [
-            ("model", self.manifest.name.clone()),
-            ("version", self.manifest.version.clone()),
-        ];
         let mut row_counts = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         let mut inputs = Vec::with_capacity(batch.len());
         for job in batch {
             let queued = started.duration_since(job.enqueued);
-            metrics::histogram!("medai_inference_queue_seconds", &labels)
-                .record(queued.as_secs_f64());
+            self.metrics.queue_seconds.record(queued.as_secs_f64());
             self.statistics.queue_count.fetch_add(1, Ordering::Relaxed);
             self.statistics
                 .queue_ns
@@ -340,9 +367,8 @@ impl Worker {
             }
             return None;
         };
-        metrics::histogram!("medai_inference_compute_seconds", &labels)
-            .record(computed.as_secs_f64());
-        metrics::histogram!("medai_inference_batch_size", &labels).record(total_rows as f64);
+        self.metrics.compute_seconds.record(computed.as_secs_f64());
+        self.metrics.batch_size.record(total_rows as f64);
         self.statistics
             .record_run(total_rows, row_counts.len(), computed);
         match result {
