@@ -142,6 +142,7 @@ pub async fn infer(
                     caller,
                     prediction_of(&stored),
                     &stored.image_sha256,
+                    &stored.patient_key,
                     correlation_id,
                     deadline,
                 )
@@ -219,6 +220,7 @@ pub async fn infer(
                 caller,
                 prediction,
                 &image_sha256,
+                &patient_key,
                 correlation_id,
                 deadline,
             )
@@ -267,6 +269,7 @@ async fn replay(
     caller: &Caller,
     mut prediction: PredictResponse,
     image_sha256: &str,
+    patient_key: &str,
     correlation_id: &str,
     deadline: Option<Instant>,
 ) -> Result<InferOutcome, tonic::Status> {
@@ -279,7 +282,7 @@ async fn replay(
             caller,
             &prediction,
             image_sha256,
-            "",
+            patient_key,
             correlation_id,
             deadline,
         )
