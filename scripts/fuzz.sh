@@ -23,6 +23,8 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --qui
 corpus=services/validation/fuzz/corpus/decode
 mkdir -p "$corpus"
 cp .cache/dicom/MR_small.dcm .cache/dicom/SC_rgb_rle.dcm .cache/dicom/MR_small_jp2klossless.dcm \
-   .cache/dicom/SC_rgb_jpeg_gdcm.dcm .cache/dicom/image_dfl.dcm "$corpus"/
+   .cache/dicom/SC_rgb_jpeg_gdcm.dcm .cache/dicom/image_dfl.dcm .cache/dicom/CT_small.dcm \
+   .cache/dicom/JPGExtended.dcm .cache/dicom/SC_ybr_full_422_uncompressed.dcm \
+   .cache/dicom/ExplVR_BigEnd.dcm .cache/dicom/SC_jpeg_no_color_transform.dcm "$corpus"/
 RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir services/validation/fuzz decode -- \
   -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=4096

@@ -8,12 +8,17 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
+use dicom_pixeldata::{
+    ConvertOptions, DecodedPixelData, ModalityLutOption, PhotometricInterpretation, PixelDecoder,
+    PixelRepresentation, VoiLutFunction,
+};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use image::{DynamicImage, ImageFormat as RasterFormat, ImageReader, Limits};
+use image::{DynamicImage, GrayImage, ImageFormat as RasterFormat, ImageReader, Limits};
 
 use crate::config::ImageLimits;
+use crate::display::{GreyTransform, VoiFunction, Window, normalise_stored};
 use crate::error::ValidationError;
+use crate::pixel_rewrite::PixelHeader;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceFormat {
@@ -184,8 +189,15 @@ fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
         .unwrap_or_default()
 }
 
+fn read_u32(object: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<u32> {
+    object
+        .element_opt(tag)
+        .ok()
+        .flatten()
+        .and_then(|element| element.to_int::<u32>().ok())
+}
+
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
-const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 
 /// Parses the object and checks, from its header alone, everything that can be checked before
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
@@ -209,7 +221,7 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         },
     )?;
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
-    let object: DefaultDicomObject = OpenFileOptions::new()
+    let mut object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
         .from_reader(Cursor::new(bytes))
         .map_err(|_| undecodable())?;
@@ -219,13 +231,6 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         .trim_end_matches('\0')
         .trim()
         .to_owned();
-    let read_u32 = |tag| -> Option<u32> {
-        object
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|element| element.to_int::<u32>().ok())
-    };
     if object
         .element_opt(tags::PIXEL_DATA)
         .ok()
@@ -238,19 +243,25 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
     if read_text(&object, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
         return Err(ValidationError::DicomBurnedInAnnotation);
     }
-    let rows = read_u32(tags::ROWS).ok_or_else(undecodable)?;
-    let columns = read_u32(tags::COLUMNS).ok_or_else(undecodable)?;
+    let rows = read_u32(&object, tags::ROWS).ok_or_else(undecodable)?;
+    let columns = read_u32(&object, tags::COLUMNS).ok_or_else(undecodable)?;
     check_dimensions(columns, rows, limits)?;
     // What the pixel data will decode to, from the header alone, before any decompression.
-    let frames = read_u32(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1);
+    let frames = read_u32(&object, tags::NUMBER_OF_FRAMES)
+        .unwrap_or(1)
+        .max(1);
     if frames > limits.max_frames {
         return Err(ValidationError::TooManyFrames {
             frames,
             limit: limits.max_frames,
         });
     }
-    let samples = u64::from(read_u32(tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1));
-    let bits = u64::from(read_u32(tags::BITS_ALLOCATED).unwrap_or(8).max(1));
+    let samples = u64::from(
+        read_u32(&object, tags::SAMPLES_PER_PIXEL)
+            .unwrap_or(1)
+            .max(1),
+    );
+    let bits = u64::from(read_u32(&object, tags::BITS_ALLOCATED).unwrap_or(8).max(1));
     let declared =
         u64::from(rows) * u64::from(columns) * samples * bits.div_ceil(8) * u64::from(frames);
     if declared > limits.max_decoded_bytes {
@@ -259,22 +270,17 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
             limit: limits.max_decoded_bytes,
         });
     }
-    let supported = TransferSyntaxRegistry
+    let photometric = read_text(&object, tags::PHOTOMETRIC_INTERPRETATION);
+    check_pixel_format(samples, bits, &photometric)?;
+    let Some(syntax) = TransferSyntaxRegistry
         .get(&transfer_syntax_uid)
-        .is_some_and(|syntax| syntax.can_decode_all());
-    if !supported {
+        .filter(|syntax| syntax.can_decode_all())
+    else {
         return Err(ValidationError::DicomUnsupportedTransferSyntax {
             uid: transfer_syntax_uid,
         });
-    }
-    // The JPEG codec decodes 8-bit precision only; 12-bit extended JPEG gets the stable code
-    // of a syntax this build cannot decode, not a generic failure.
-    let bits_stored = read_u32(tags::BITS_STORED).unwrap_or(8);
-    if transfer_syntax_uid == JPEG_EXTENDED && bits_stored > 8 {
-        return Err(ValidationError::DicomUnsupportedTransferSyntax {
-            uid: transfer_syntax_uid,
-        });
-    }
+    };
+    let codec_free = syntax.is_codec_free();
     if transfer_syntax_uid == RLE_LOSSLESS {
         let first_frame = object
             .element(tags::PIXEL_DATA)
@@ -290,12 +296,96 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
             return Err(undecodable());
         }
     }
+    let header = PixelHeader {
+        transfer_syntax_uid: &transfer_syntax_uid,
+        codec_free,
+        rows,
+        columns,
+        samples,
+        bits_allocated: bits,
+        bits_stored: read_u32(&object, tags::BITS_STORED).unwrap_or(8),
+        photometric: &photometric,
+        planar_configuration: read_u32(&object, tags::PLANAR_CONFIGURATION).unwrap_or(0),
+    };
+    crate::pixel_rewrite::prepare(&mut object, &header)?;
     Ok(CheckedDicom {
         object,
         transfer_syntax_uid,
         rows,
         columns,
     })
+}
+
+/// Refuses, from the header, pixel encodings no model input comes in: 1-bit masks, 32-bit
+/// dose grids and floats, palette colour (a lookup table, not intensities) and the rest.
+fn check_pixel_format(samples: u64, bits: u64, photometric: &str) -> Result<(), ValidationError> {
+    let unsupported = |what| Err(ValidationError::DicomUnsupportedPixelFormat { what });
+    if !matches!(bits, 8 | 16) {
+        return unsupported("bits allocated other than 8 or 16");
+    }
+    match (samples, photometric) {
+        (1, "MONOCHROME1" | "MONOCHROME2") => Ok(()),
+        (3, "RGB") => Ok(()),
+        (3, "YBR_FULL" | "YBR_FULL_422" | "YBR_ICT" | "YBR_RCT") if bits == 8 => Ok(()),
+        (1, "PALETTE COLOR") => unsupported("palette colour"),
+        (1 | 3, _) => unsupported("this photometric interpretation"),
+        _ => unsupported("samples per pixel other than 1 or 3"),
+    }
+}
+
+/// The first frame's stored values as the header defines them (see [`normalise_stored`]).
+fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ValidationError> {
+    let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+    let mut values = decoded
+        .to_vec_frame_with_options::<i32>(0, &options)
+        .map_err(|_| ValidationError::Undecodable { format: "DICOM" })?;
+    normalise_stored(
+        &mut values,
+        decoded.bits_stored(),
+        decoded.pixel_representation() == PixelRepresentation::Signed,
+    );
+    Ok(values)
+}
+
+/// The 8-bit display image of a grey frame (see [`crate::display`]).
+fn grey_display(decoded: &DecodedPixelData<'_>) -> Result<DynamicImage, ValidationError> {
+    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let rescale = decoded
+        .rescale()
+        .ok()
+        .and_then(|rescale| rescale.first().copied())
+        .ok_or_else(undecodable)?;
+    let function = match decoded
+        .voi_lut_function()
+        .ok()
+        .flatten()
+        .and_then(|functions| functions.first().copied())
+    {
+        Some(VoiLutFunction::LinearExact) => VoiFunction::LinearExact,
+        Some(VoiLutFunction::Sigmoid) => VoiFunction::Sigmoid,
+        _ => VoiFunction::Linear,
+    };
+    // A malformed window is no reason to refuse the image: its own range is shown instead.
+    let window = decoded
+        .window()
+        .ok()
+        .flatten()
+        .and_then(|windows| windows.first().copied())
+        .map(|window| Window {
+            center: window.center,
+            width: window.width,
+            function,
+        });
+    let transform = GreyTransform {
+        slope: rescale.slope,
+        intercept: rescale.intercept,
+        window,
+        invert: *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1,
+    };
+    let shown = transform.apply(&stored_values(decoded)?);
+    GrayImage::from_raw(decoded.columns(), decoded.rows(), shown)
+        .map(DynamicImage::ImageLuma8)
+        .ok_or_else(undecodable)
 }
 
 fn decode_dicom(
@@ -331,9 +421,13 @@ fn decode_dicom(
     let decoded = object
         .decode_pixel_data_frame(0)
         .map_err(|_| undecodable())?;
-    let image = decoded
-        .to_dynamic_image_with_options(0, &ConvertOptions::new().force_8bit())
-        .map_err(|_| undecodable())?;
+    let image = if decoded.samples_per_pixel() == 1 {
+        grey_display(&decoded)?
+    } else {
+        decoded
+            .to_dynamic_image_with_options(0, &ConvertOptions::new().force_8bit())
+            .map_err(|_| undecodable())?
+    };
     Ok(canonicalise(image, SourceFormat::Dicom, metadata))
 }
 
@@ -362,15 +456,11 @@ pub fn decode_stored_samples(
     let decoded = object
         .decode_pixel_data_frame(0)
         .map_err(|_| undecodable())?;
-    let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
-    let values = decoded
-        .to_vec_frame_with_options::<i32>(0, &options)
-        .map_err(|_| undecodable())?;
     Ok(StoredSamples {
         rows,
         columns,
         samples_per_pixel: decoded.samples_per_pixel().into(),
-        values,
+        values: stored_values(&decoded)?,
     })
 }
 

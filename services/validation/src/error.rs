@@ -25,6 +25,8 @@ pub enum ValidationError {
     DecodedSizeTooLarge { declared: u64, limit: u64 },
     #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
     DicomUnsupportedTransferSyntax { uid: String },
+    #[error("the DICOM pixel data uses {what}, which this service does not decode")]
+    DicomUnsupportedPixelFormat { what: &'static str },
     #[error("the DICOM object declares an element longer than the bytes that follow it")]
     DicomDeclaredLengthExceedsInput,
     /// Identifying text may be drawn into the pixels; they cannot be de-identified here.
@@ -59,6 +61,7 @@ impl ServiceError for ValidationError {
             Self::QualityInsufficient { .. } => "IMAGE_QUALITY_INSUFFICIENT",
             Self::DicomBurnedInAnnotation => "DICOM_BURNED_IN_ANNOTATION",
             Self::DicomDeclaredLengthExceedsInput => "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT",
+            Self::DicomUnsupportedPixelFormat { .. } => "DICOM_UNSUPPORTED_PIXEL_FORMAT",
             Self::Internal(_) => "INTERNAL",
         }
     }

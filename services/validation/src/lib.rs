@@ -5,8 +5,12 @@ pub mod config;
 pub mod decode;
 mod decode_slots;
 mod dicom_lengths;
+pub mod display;
 mod error;
 mod grpc;
+mod jpeg_extended;
+mod native_colour;
+mod pixel_rewrite;
 pub mod quality;
 mod rle_check;
 

@@ -310,7 +310,7 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
     .await;
     // 512 × 512 × 16 bits = 524,288 bytes declared.
     assert_eq!(
-        refusal(&size, assets.dicom("liver_1frame.dcm")).await,
+        refusal(&size, assets.dicom("693_J2KI.dcm")).await,
         "IMAGE_DECODED_SIZE_TOO_LARGE"
     );
     // JPEG XL is a transfer syntax dicom-rs knows but this build does not decode.
@@ -319,11 +319,26 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
         refusal(&unsupported, jpeg_xl_dicom()).await,
         "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
     );
-    // 12-bit extended JPEG: a syntax dicom-rs knows, a precision its JPEG codec does not.
-    for name in ["JPGExtended.dcm", "JPEG-lossy.dcm"] {
+    // 12-bit JPEG decodes (tests/reference.rs), but not progressive coding: its own code.
+    let mut progressive = assets.dicom("JPGExtended.dcm");
+    let frame_header = progressive
+        .windows(4)
+        .position(|window| window == [0xFF, 0xD8, 0xFF, 0xC1])
+        .expect("a 12-bit sequential frame header");
+    progressive[frame_header + 3] = 0xC2;
+    assert_eq!(
+        refusal(&unsupported, progressive).await,
+        "DICOM_UNSUPPORTED_TRANSFER_SYNTAX"
+    );
+    // Pixel encodings no model takes, refused from the header before any decoding.
+    for name in [
+        "liver_1frame.dcm",
+        "SC_rgb_rle_32bit.dcm",
+        "examples_palette.dcm",
+    ] {
         assert_eq!(
             refusal(&unsupported, assets.dicom(name)).await,
-            "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
+            "DICOM_UNSUPPORTED_PIXEL_FORMAT",
             "{name}"
         );
     }
