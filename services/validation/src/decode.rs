@@ -271,7 +271,8 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         });
     }
     let photometric = read_text(&object, tags::PHOTOMETRIC_INTERPRETATION);
-    check_pixel_format(samples, bits, &photometric)?;
+    let bits_stored = read_u32(&object, tags::BITS_STORED).map_or(bits, u64::from);
+    check_pixel_format(samples, bits, bits_stored, &photometric)?;
     let Some(syntax) = TransferSyntaxRegistry
         .get(&transfer_syntax_uid)
         .filter(|syntax| syntax.can_decode_all())
@@ -303,7 +304,7 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         columns,
         samples,
         bits_allocated: bits,
-        bits_stored: read_u32(&object, tags::BITS_STORED).unwrap_or(8),
+        bits_stored,
         photometric: &photometric,
         planar_configuration: read_u32(&object, tags::PLANAR_CONFIGURATION).unwrap_or(0),
     };
@@ -318,10 +319,19 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
 
 /// Refuses, from the header, pixel encodings no model input comes in: 1-bit masks, 32-bit
 /// dose grids and floats, palette colour (a lookup table, not intensities) and the rest.
-fn check_pixel_format(samples: u64, bits: u64, photometric: &str) -> Result<(), ValidationError> {
+fn check_pixel_format(
+    samples: u64,
+    bits: u64,
+    bits_stored: u64,
+    photometric: &str,
+) -> Result<(), ValidationError> {
     let unsupported = |what| Err(ValidationError::DicomUnsupportedPixelFormat { what });
     if !matches!(bits, 8 | 16) {
         return unsupported("bits allocated other than 8 or 16");
+    }
+    // More significant bits than allocated, or none, is a broken header, not a format.
+    if !(1..=bits).contains(&bits_stored) {
+        return Err(ValidationError::Undecodable { format: "DICOM" });
     }
     match (samples, photometric) {
         (1, "MONOCHROME1" | "MONOCHROME2") => Ok(()),
@@ -574,6 +584,34 @@ mod tests {
         ));
         let garbage = decode_image(b"definitely not an image", None, &ImageLimits::default());
         assert!(matches!(garbage, Err(ValidationError::Undecodable { .. })));
+    }
+
+    #[test]
+    fn pixel_formats_are_checked_from_the_header() {
+        assert_eq!(check_pixel_format(1, 16, 12, "MONOCHROME1"), Ok(()));
+        assert_eq!(check_pixel_format(3, 8, 8, "YBR_FULL_422"), Ok(()));
+        for (samples, bits, stored, photometric) in [
+            (1, 32, 32, "MONOCHROME2"),
+            (1, 1, 1, "MONOCHROME2"),
+            (1, 8, 8, "PALETTE COLOR"),
+            (3, 16, 16, "YBR_FULL"),
+            (4, 8, 8, "CMYK"),
+        ] {
+            assert!(
+                matches!(
+                    check_pixel_format(samples, bits, stored, photometric),
+                    Err(ValidationError::DicomUnsupportedPixelFormat { .. })
+                ),
+                "{samples} × {bits} bits {photometric}"
+            );
+        }
+        for stored in [0, 17] {
+            assert_eq!(
+                check_pixel_format(1, 16, stored, "MONOCHROME2"),
+                Err(ValidationError::Undecodable { format: "DICOM" }),
+                "{stored} bits stored of 16"
+            );
+        }
     }
 
     #[test]

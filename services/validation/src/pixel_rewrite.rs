@@ -27,7 +27,7 @@ pub struct PixelHeader<'a> {
     pub columns: u32,
     pub samples: u64,
     pub bits_allocated: u64,
-    pub bits_stored: u32,
+    pub bits_stored: u64,
     pub photometric: &'a str,
     pub planar_configuration: u32,
 }
