@@ -10,6 +10,9 @@
 # as UN with a 32-bit length, declaring 3 GB in a 6 KB file (tests/data/fuzz-unknown-vr-huge-
 # length.dcm); the length walk now reads VRs as dicom-rs does. Fourth: a panic in dicom-rs's
 # JPEG 2000 adapter (tests/data/fuzz-jpeg2000-decoder-panic.dcm), contained as in the service.
+# Fifth: a deflated file with a foreign element inside its meta group (tests/data/fuzz-deflate-
+# after-meta-group-length.dcm); the length walk ended the group elsewhere than dicom-rs and
+# inflated the wrong bytes, while dicom-rs reserved 2.5 GB. The walk now follows the group length.
 # Panics inside third-party codecs are contained and listed ("contained third-party codec
 # panic at …"), not crashes; panics in this project's code, aborts and OOM are crashes.
 # Resident memory is capped at 2 GiB and single allocations at 4 GiB.

@@ -100,9 +100,29 @@ pub fn check_declared_lengths(bytes: &[u8], inflated_cap: u64) -> Result<(), Len
         position: start,
         little_endian: true,
     };
-    // The file meta group: always explicit VR little endian.
+    // The file meta group: always explicit VR little endian. It ends where dicom-rs ends it:
+    // after (0002,0000) Group Length's count of bytes, whatever the elements inside claim to
+    // be; only without a group length, at the first element of another group. Ending it
+    // anywhere else let a deflated data set be inflated from the wrong offset and checked as
+    // harmless garbage, while dicom-rs inflated the real one (a fuzzer finding).
     let mut transfer_syntax = String::new();
-    while cursor.u16_at(cursor.position) == Some(0x0002) {
+    let group_length_end = (cursor.u16_at(start) == Some(0x0002)
+        && cursor.u16_at(start + 2) == Some(0x0000)
+        && cursor.u16_at(start + 6) == Some(4))
+    .then(|| cursor.u32_at(start + 8))
+    .flatten()
+    .map(|length| start + 12 + length as usize);
+    if let Some(end) = group_length_end {
+        cursor.position = start + 12;
+        if end > bytes.len() {
+            return Err(LengthProblem::Overrun { offset: start });
+        }
+    }
+    let in_meta = |cursor: &Cursor<'_>| match group_length_end {
+        Some(end) => cursor.position < end,
+        None => cursor.u16_at(cursor.position) == Some(0x0002),
+    };
+    while in_meta(&cursor) {
         let element = cursor.u16_at(cursor.position + 2).unwrap_or(0);
         let vr = bytes
             .get(cursor.position + 4..cursor.position + 6)
@@ -119,7 +139,8 @@ pub fn check_declared_lengths(bytes: &[u8], inflated_cap: u64) -> Result<(), Len
                 offset: cursor.position,
             });
         }
-        if element == 0x0010 {
+        let group = cursor.u16_at(cursor.position).unwrap_or(0);
+        if (group, element) == (0x0002, 0x0010) {
             let value = &bytes[cursor.position + header..cursor.position + header + length];
             transfer_syntax = String::from_utf8_lossy(value)
                 .trim_end_matches(['\0', ' '])
@@ -209,4 +230,35 @@ fn walk_data_set(
         cursor.position += header + if sequence { 0 } else { length as usize };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: u64 = 1 << 30;
+
+    #[test]
+    fn the_meta_group_ends_where_its_group_length_says() {
+        // A fuzzer finding: an element of group 0003 inside the meta group. Ending the group
+        // there inflated garbage (and passed); dicom-rs inflates from the group length's end,
+        // where this deflate stream is corrupt (and, read lazily, declares a 2.5 GB value).
+        let bytes = include_bytes!("../tests/data/fuzz-deflate-after-meta-group-length.dcm");
+        assert_eq!(
+            check_declared_lengths(bytes, CAP),
+            Err(LengthProblem::BadDeflate)
+        );
+    }
+
+    #[test]
+    fn a_group_length_beyond_the_input_is_an_overrun() {
+        let mut bytes = vec![0_u8; 128];
+        bytes.extend(b"DICM");
+        bytes.extend([0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        bytes.extend(1_000_u32.to_le_bytes());
+        assert_eq!(
+            check_declared_lengths(&bytes, CAP),
+            Err(LengthProblem::Overrun { offset: 132 })
+        );
+    }
 }

@@ -468,6 +468,17 @@ async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
         refusal(&service, bytes).await,
         "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT"
     );
+    // The fourth: a 902-byte deflated file whose meta group holds an element of group 0003.
+    // dicom-rs ends the meta group by its group length and inflates a data set declaring a
+    // huge OB value (2.5 GB reserved); the length walk ended it at the foreign element and
+    // inflated garbage from there. It now ends the group where dicom-rs does, and inflating
+    // the real data set whole, under the cap, finds its deflate stream corrupt.
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/fuzz-deflate-after-meta-group-length.dcm"
+    ))
+    .expect("reproducer");
+    assert_eq!(refusal(&service, bytes).await, "IMAGE_UNDECODABLE");
 }
 
 #[tokio::test]
