@@ -122,6 +122,27 @@ impl MeshUnderTest {
     }
 }
 
+/// Environment that makes every service export its traces to `collector_endpoint` over
+/// OTLP, in batches sent every 100 ms (instead of the default 5 s) so tests need not wait.
+pub fn traced_environment(collector_endpoint: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    medai_cli::launcher::SERVICES
+        .iter()
+        .map(|service| {
+            let prefix = format!("MEDAI_{}_", service.to_ascii_uppercase());
+            (
+                (*service).to_owned(),
+                vec![
+                    (
+                        format!("{prefix}PROCESS__OTLP_ENDPOINT"),
+                        collector_endpoint.to_owned(),
+                    ),
+                    ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+                ],
+            )
+        })
+        .collect()
+}
+
 /// Plain HTTP/1.1 GET against a service's admin port.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,13 +1,14 @@
 //! A real DICOM image filled with identifying values travels the whole mesh, is accepted, is
 //! refused when damaged, and none of those values appears in any answer, log line, metric,
-//! error message or ledger record. The patient is kept only as a keyed hash.
+//! trace span, error message or ledger record. The patient is kept only as a keyed hash.
 
 use dicom_core::VR;
 use dicom_dictionary_std::tags;
-use medai_e2e::{MeshUnderTest, Storage, authorised, http_get};
+use medai_e2e::{MeshUnderTest, Storage, authorised, http_get, traced_environment};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
 use medai_testkit::Assets;
+use medai_testkit::otlp::OtlpCollector;
 use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
 
 /// Values no system text would contain by chance.
@@ -56,7 +57,9 @@ fn infer(image: Vec<u8>) -> gw::InferRequest {
 
 #[tokio::test]
 async fn no_identifying_value_leaves_validation() {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let collector = OtlpCollector::start().await;
+    let mesh =
+        MeshUnderTest::start_with(Storage::Postgres, traced_environment(&collector.endpoint)).await;
     let token = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
     let image = identifying_dicom();
@@ -114,6 +117,20 @@ async fn no_identifying_value_leaves_validation() {
         }
     }
     seen.push_str(&mesh.all_logs());
+    // Every span the predictions and the refusal produced, from validation too.
+    let spans = collector
+        .wait_until(std::time::Duration::from_secs(20), |spans| {
+            spans.iter().any(|span| span.service == "medai-validation")
+                && spans.iter().any(|span| span.service == "medai-inference")
+        })
+        .await;
+    assert!(
+        spans.iter().any(|span| span.service == "medai-validation"),
+        "validation exported its spans"
+    );
+    for span in &spans {
+        seen.push_str(&format!("{} {}\n", span.name, span.attributes.join(" ")));
+    }
     for service in medai_cli::launcher::SERVICES {
         if let Some(admin) = mesh.mesh.admin_address(service) {
             seen.push_str(&http_get(admin, "/metrics").await);

@@ -32,6 +32,8 @@ impl LedgerClient {
             outcome: outcome.to_owned(),
             context_json: context.to_string(),
         };
+        let mut request = tonic::Request::new(request);
+        medai_runtime::telemetry::inject_trace_context(request.metadata_mut());
         let response = self.client.clone().append(request).await?;
         Ok(response.into_inner().seq)
     }

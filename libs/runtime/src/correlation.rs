@@ -31,11 +31,12 @@ fn is_well_formed(value: &str) -> bool {
             .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
 }
 
-/// Puts `id` on an outgoing request's metadata.
+/// Puts `id`, and the current span's W3C trace context, on an outgoing request's metadata.
 pub fn propagate(metadata: &mut MetadataMap, id: &str) {
     if let Ok(value) = MetadataValue::try_from(id) {
         metadata.insert(CORRELATION_HEADER, value);
     }
+    crate::telemetry::inject_trace_context(metadata);
 }
 
 #[cfg(test)]

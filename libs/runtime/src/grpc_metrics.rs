@@ -69,6 +69,7 @@ where
             request.headers_mut().insert(CORRELATION_HEADER, value);
         }
         let span = tracing::info_span!("rpc", method = %method, correlation_id = %correlation);
+        crate::telemetry::adopt_remote_parent(&span, request.headers());
         let response = self.inner.call(request).instrument(span);
         async move {
             let result = response.await;

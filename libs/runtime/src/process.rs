@@ -36,6 +36,9 @@ pub struct ProcessConfig {
     /// the listeners are open, so a launcher can use port 0 instead of guessing free ports.
     #[serde(default)]
     pub address_file: Option<std::path::PathBuf>,
+    /// An OTLP/gRPC collector (`http://collector:4317`) to export traces to; none when absent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// What a service writes to its `address_file`.
@@ -102,7 +105,17 @@ where
     if std::env::args().any(|argument| argument == "--probe") {
         return probe_own_health(service, &process, config.tls()).await;
     }
-    crate::telemetry::init_json_logging(&process.log_filter);
+    let telemetry = match crate::telemetry::init(
+        service,
+        &process.log_filter,
+        process.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("medai-{service}: {error}");
+            return ExitCode::from(2);
+        }
+    };
 
     let listener = match TcpListener::bind(process.listen_addr).await {
         Ok(listener) => listener,
@@ -139,7 +152,7 @@ where
 
     let grace = Duration::from_secs(process.shutdown_grace_seconds);
     let drain_deadline = shutdown.clone().then(move |()| tokio::time::sleep(grace));
-    tokio::select! {
+    let exit = tokio::select! {
         result = serve(config, listener, shutdown) => match result {
             Ok(()) => {
                 tracing::info!(service, "stopped");
@@ -154,7 +167,9 @@ where
             tracing::warn!(service, grace_seconds = grace.as_secs(), "grace period over; stopping with calls in flight");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    exit
 }
 
 /// `--probe`: asks the running service, over mTLS with its own certificate, whether it is

@@ -4,6 +4,7 @@
 #![allow(clippy::missing_panics_doc)]
 
 pub mod bench;
+pub mod otlp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -139,6 +140,7 @@ pub fn test_process_config() -> ProcessConfig {
         log_filter: "warn".to_owned(),
         shutdown_grace_seconds: 5,
         address_file: None,
+        otlp_endpoint: None,
     }
 }
 
