@@ -54,12 +54,12 @@ impl GreyTransform {
     /// The 8-bit display values of `stored`.
     pub fn apply(&self, stored: &[i32]) -> Vec<u8> {
         let rescaled = |value: i32| f64::from(value) * self.slope + self.intercept;
+        let (low, high) = stored
+            .iter()
+            .fold((i32::MAX, i32::MIN), |(low, high), &value| {
+                (low.min(value), high.max(value))
+            });
         let window = self.window.filter(Window::is_valid).unwrap_or_else(|| {
-            let (low, high) = stored
-                .iter()
-                .fold((i32::MAX, i32::MIN), |(low, high), &value| {
-                    (low.min(value), high.max(value))
-                });
             let (a, b) = (rescaled(low), rescaled(high));
             let (low, high) = (a.min(b), a.max(b));
             Window {
@@ -68,14 +68,24 @@ impl GreyTransform {
                 function: VoiFunction::LinearExact,
             }
         });
-        stored
-            .iter()
-            .map(|&value| {
-                let shown = window.fraction(rescaled(value)) * 255.0;
-                let byte = shown.round().clamp(0.0, 255.0) as u8;
-                if self.invert { 255 - byte } else { byte }
-            })
-            .collect()
+        let shown = |value: i32| {
+            // Non-negative after the clamp, so adding one half and truncating rounds half up.
+            let byte = (window.fraction(rescaled(value)) * 255.0).clamp(0.0, 255.0) + 0.5;
+            let byte = byte as u8;
+            if self.invert { 255 - byte } else { byte }
+        };
+        // Stored values span at most 2^16 levels: one table entry per level costs less than
+        // the arithmetic per pixel whenever there are more pixels than levels.
+        let levels = i64::from(high) - i64::from(low) + 1;
+        if levels > 0 && levels as usize <= stored.len() {
+            let table: Vec<u8> = (low..=high).map(shown).collect();
+            stored
+                .iter()
+                .map(|&value| table[(value - low) as usize])
+                .collect()
+        } else {
+            stored.iter().map(|&value| shown(value)).collect()
+        }
     }
 }
 
@@ -179,6 +189,23 @@ mod tests {
         };
         assert_eq!(transform.apply(&[7; 4]), vec![0; 4]);
         assert!(transform.apply(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_lookup_table_and_the_direct_path_agree() {
+        let transform = GreyTransform {
+            slope: 0.7,
+            intercept: -300.0,
+            window: linear(40.0, 350.0),
+            invert: true,
+        };
+        let many: Vec<i32> = (-1000..1000).collect(); // as many pixels as levels: a table
+        let by_table = transform.apply(&many);
+        for (index, &value) in many.iter().enumerate().step_by(37) {
+            // Two pixels, two thousand levels: computed directly.
+            let direct = transform.apply(&[value, -1000, 999]);
+            assert_eq!(direct[0], by_table[index], "stored value {value}");
+        }
     }
 
     #[test]

@@ -200,42 +200,39 @@ fn luminance(image: &CanonicalImage) -> Vec<f64> {
 
 pub fn measure(image: &CanonicalImage) -> QualityMeasures {
     let (width, height) = (image.width as usize, image.height as usize);
+    // Converted once: the neighbourhood pass below reads each sample nine times.
     let values = luminance(image);
     let count = values.len().max(1) as f64;
-    let mean = values.iter().sum::<f64>() / count;
-    let variance = values
-        .iter()
-        .map(|value| (value - mean).powi(2))
-        .sum::<f64>()
-        / count;
-    let saturated = values
-        .iter()
-        .filter(|value| **value <= 0.0 || **value >= 1.0)
-        .count() as f64
-        / count;
+    // One pass for brightness, contrast and saturation.
+    let (mut sum, mut squares, mut saturated) = (0.0_f64, 0.0_f64, 0_usize);
+    for &value in &values {
+        sum += value;
+        squares += value * value;
+        saturated += usize::from(value <= 0.0 || value >= 1.0);
+    }
+    let mean = sum / count;
+    let variance = (squares / count - mean * mean).max(0.0);
     let masks_apply = width >= 3 && height >= 3 && values.len() == width * height;
     let (noise, sharpness) = if masks_apply {
-        let at = |x: usize, y: usize| values[y * width + x];
-        let mut immerkaer = 0.0;
-        let mut laplacians = Vec::with_capacity((width - 2) * (height - 2));
-        for y in 1..height - 1 {
-            for x in 1..width - 1 {
-                let centre = at(x, y);
-                let edges = at(x - 1, y) + at(x + 1, y) + at(x, y - 1) + at(x, y + 1);
-                let corners =
-                    at(x - 1, y - 1) + at(x + 1, y - 1) + at(x - 1, y + 1) + at(x + 1, y + 1);
-                immerkaer += (4.0 * centre - 2.0 * edges + corners).abs();
-                laplacians.push(edges - 4.0 * centre);
+        // One pass over 3×3 neighbourhoods, three rows at a time, for Immerkær's noise
+        // estimate and the variance of the Laplacian.
+        let (mut immerkaer, mut laplacian_sum, mut laplacian_squares) = (0.0_f64, 0.0_f64, 0.0_f64);
+        let rows: Vec<&[f64]> = values.chunks_exact(width).collect();
+        for three in rows.windows(3) {
+            let (above, row, below) = (three[0], three[1], three[2]);
+            for ((up, centre), down) in above.windows(3).zip(row.windows(3)).zip(below.windows(3)) {
+                let edges = up[1] + centre[0] + centre[2] + down[1];
+                let corners = up[0] + up[2] + down[0] + down[2];
+                immerkaer += (4.0 * centre[1] - 2.0 * edges + corners).abs();
+                let laplacian = edges - 4.0 * centre[1];
+                laplacian_sum += laplacian;
+                laplacian_squares += laplacian * laplacian;
             }
         }
         let inner = ((width - 2) * (height - 2)) as f64;
         let noise = (std::f64::consts::PI / 2.0).sqrt() * immerkaer / (6.0 * inner);
-        let laplacian_mean = laplacians.iter().sum::<f64>() / inner;
-        let sharpness = laplacians
-            .iter()
-            .map(|value| (value - laplacian_mean).powi(2))
-            .sum::<f64>()
-            / inner;
+        let laplacian_mean = laplacian_sum / inner;
+        let sharpness = (laplacian_squares / inner - laplacian_mean * laplacian_mean).max(0.0);
         (Some(noise), Some(sharpness))
     } else {
         (None, None)
@@ -245,7 +242,7 @@ pub fn measure(image: &CanonicalImage) -> QualityMeasures {
         rms_contrast: variance.sqrt(),
         noise,
         sharpness,
-        saturated_fraction: saturated,
+        saturated_fraction: saturated as f64 / count,
     }
 }
 
