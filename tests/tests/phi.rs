@@ -129,7 +129,12 @@ async fn no_identifying_value_leaves_validation() {
         "validation exported its spans"
     );
     for span in &spans {
-        seen.push_str(&format!("{} {}\n", span.name, span.attributes.join(" ")));
+        seen.push_str(&format!(
+            "{} {} {}\n",
+            span.name,
+            span.attributes.join(" "),
+            span.events.join(" ")
+        ));
     }
     for service in medai_cli::launcher::SERVICES {
         if let Some(admin) = mesh.mesh.admin_address(service) {

@@ -10,6 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use tokio::net::TcpListener;
 
@@ -25,6 +26,8 @@ pub struct CollectedSpan {
     pub parent_span_id: String,
     /// Every attribute, as `key=value` text.
     pub attributes: Vec<String>,
+    /// Every event (a log line inside the span), as its name and `key=value` attributes.
+    pub events: Vec<String>,
 }
 
 pub struct OtlpCollector {
@@ -66,14 +69,8 @@ impl TraceService for Receiver {
                 .into_iter()
                 .flat_map(|scope| scope.spans)
             {
-                received.push(CollectedSpan {
-                    service: service.clone(),
-                    name: span.name,
-                    trace_id: hex(&span.trace_id),
-                    span_id: hex(&span.span_id),
-                    parent_span_id: hex(&span.parent_span_id),
-                    attributes: span
-                        .attributes
+                let key_values = |attributes: &[KeyValue]| -> Vec<String> {
+                    attributes
                         .iter()
                         .map(|attribute| {
                             format!(
@@ -81,6 +78,21 @@ impl TraceService for Receiver {
                                 attribute.key,
                                 text(attribute.value.as_ref().and_then(|v| v.value.as_ref()))
                             )
+                        })
+                        .collect()
+                };
+                received.push(CollectedSpan {
+                    service: service.clone(),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    attributes: key_values(&span.attributes),
+                    events: span
+                        .events
+                        .iter()
+                        .map(|event| {
+                            format!("{} {}", event.name, key_values(&event.attributes).join(" "))
                         })
                         .collect(),
                 });
