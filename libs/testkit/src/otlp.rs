@@ -69,18 +69,6 @@ impl TraceService for Receiver {
                 .into_iter()
                 .flat_map(|scope| scope.spans)
             {
-                let key_values = |attributes: &[KeyValue]| -> Vec<String> {
-                    attributes
-                        .iter()
-                        .map(|attribute| {
-                            format!(
-                                "{}={}",
-                                attribute.key,
-                                text(attribute.value.as_ref().and_then(|v| v.value.as_ref()))
-                            )
-                        })
-                        .collect()
-                };
                 received.push(CollectedSpan {
                     service: service.clone(),
                     name: span.name,
@@ -103,6 +91,19 @@ impl TraceService for Receiver {
             partial_success: None,
         }))
     }
+}
+
+fn key_values(attributes: &[KeyValue]) -> Vec<String> {
+    attributes
+        .iter()
+        .map(|attribute| {
+            format!(
+                "{}={}",
+                attribute.key,
+                text(attribute.value.as_ref().and_then(|v| v.value.as_ref()))
+            )
+        })
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -302,6 +302,7 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         codec_free,
         rows,
         columns,
+        frames,
         samples,
         bits_allocated: bits,
         bits_stored,

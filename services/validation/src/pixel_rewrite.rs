@@ -25,6 +25,7 @@ pub struct PixelHeader<'a> {
     pub codec_free: bool,
     pub rows: u32,
     pub columns: u32,
+    pub frames: u32,
     pub samples: u64,
     pub bits_allocated: u64,
     pub bits_stored: u64,
@@ -61,7 +62,7 @@ pub fn prepare(
         if header.samples != 1 || header.bits_allocated != 16 {
             return Err(unsupported());
         }
-        let stream = first_frame_stream(object).ok_or_else(undecodable)?;
+        let stream = first_frame_stream(object, header.frames).ok_or_else(undecodable)?;
         let pixels = u64::from(header.rows) * u64::from(header.columns);
         let image = jpeg_extended::decode(&stream, pixels).map_err(|error| match error {
             JpegError::Unsupported(_) => unsupported(),
@@ -79,7 +80,7 @@ pub fn prepare(
             ),
         );
     } else if is_jpeg && header.samples == 3 && header.photometric == "RGB" {
-        let stream = first_frame_stream(object).ok_or_else(undecodable)?;
+        let stream = first_frame_stream(object, header.frames).ok_or_else(undecodable)?;
         if !declares_colour_transform(&stream) {
             put_native_rgb(object, decode_untransformed_rgb(&stream, header)?);
         }
@@ -87,11 +88,14 @@ pub fn prepare(
     Ok(())
 }
 
-/// The encapsulated fragments joined: the first frame's stream comes first, and the decoders
-/// stop at its end.
-fn first_frame_stream(object: &DefaultDicomObject) -> Option<Vec<u8>> {
-    let element = object.element(tags::PIXEL_DATA).ok()?;
-    Some(element.value().fragments()?.concat())
+/// The first frame's JPEG stream: its one fragment when each frame has one, otherwise the
+/// fragments joined (the first frame's stream comes first, and the decoders stop at its end).
+fn first_frame_stream(object: &DefaultDicomObject, frames: u32) -> Option<Vec<u8>> {
+    let fragments = object.element(tags::PIXEL_DATA).ok()?.value().fragments()?;
+    if frames > 1 && fragments.len() == frames as usize {
+        return fragments.first().cloned();
+    }
+    Some(fragments.concat())
 }
 
 /// Whether the JPEG header carries a JFIF (APP0) or Adobe (APP14) marker, which say how its
