@@ -1,0 +1,478 @@
+//! The mesh against the Python monolith it replaces, measured side by side in one run on one
+//! machine (issue 14's table): the same light model (64×64 grey, ONNX Runtime, one intra-op
+//! thread on both sides), the same 256×256 PNG, every request authenticated (an EdDSA bearer
+//! token on both sides) and durably recorded in the same PostgreSQL (fsync and
+//! synchronous_commit on: one result row and one hash-chained ledger entry per request on the
+//! monolith; result, ledger record and delivery note on the mesh). The mesh is driven by a
+//! compiled gRPC client over TLS; the monolith (scripts/monolith/app.py: FastAPI + uvicorn
+//! with one worker per core) by a compiled HTTP/1.1 keep-alive client. Rounds alternate
+//! between the two so that a noisy neighbour hurts both alike.
+//!
+//! It also reports CPU time per prediction by process (from /proc), which is where the
+//! overhead budget is spent. Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use medai_e2e::{MeshUnderTest, Storage, authorised};
+use medai_proto::common::v1::ImageFormat;
+use medai_proto::gateway::v1 as gw;
+use medai_testkit::bench::{Throughput as Figures, write_report};
+use medai_testkit::{fresh_postgres_database, workspace_root};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const MODEL: &str = "synthetic-light";
+const LEVELS: [usize; 4] = [1, 4, 16, 64];
+const ROUNDS: usize = 2;
+
+fn requests_at(concurrency: usize) -> usize {
+    if concurrency == 1 { 512 } else { 1536 }
+}
+
+/// A 256×256 grey PNG with texture, so decoding and resizing do real work.
+fn png() -> Vec<u8> {
+    let pixels: Vec<u8> = (0..256u32 * 256)
+        .map(|index| {
+            let (x, y) = (index % 256, index / 256);
+            ((x * 7 + y * 13 + (x * y) % 29) % 251) as u8
+        })
+        .collect();
+    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .expect("png");
+    bytes.into_inner()
+}
+
+/// CPU seconds (user + system) of this benchmark's child processes and their children, by
+/// command name, from /proc.
+fn cpu_seconds_by_process() -> BTreeMap<String, f64> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let own = std::process::id();
+    let mut parents = BTreeMap::new();
+    let mut figures = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return figures;
+    };
+    let mut stats = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces; fields after it are space separated.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let parent: u32 = fields[1].parse().unwrap_or(0);
+        let cpu =
+            fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+        parents.insert(pid, parent);
+        stats.push((pid, name, cpu / ticks));
+    }
+    let descends_from_us = |mut pid: u32| {
+        for _ in 0..8 {
+            match parents.get(&pid) {
+                Some(&parent) if parent == own => return true,
+                Some(&parent) => pid = parent,
+                None => return false,
+            }
+        }
+        false
+    };
+    for (pid, name, cpu) in stats {
+        if descends_from_us(pid) {
+            let group = if name.starts_with("medai-") {
+                name
+            } else {
+                "monolith (python)".to_owned()
+            };
+            *figures.entry(group).or_insert(0.0) += cpu;
+        }
+    }
+    figures.insert("benchmark client".to_owned(), own_cpu_seconds());
+    figures
+}
+
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    (fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0)) / 100.0
+}
+
+/// CPU microseconds per prediction by process over a measured stretch.
+fn cpu_per_prediction(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    predictions: usize,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(name, seconds)| {
+            let spent = seconds - before.get(name).copied().unwrap_or(0.0);
+            (name.clone(), spent * 1e6 / predictions as f64)
+        })
+        .filter(|(_, micros)| *micros > 0.5)
+        .collect()
+}
+
+async fn mesh_round(
+    mesh: &MeshUnderTest,
+    token: &str,
+    concurrency: usize,
+    total: usize,
+) -> Figures {
+    let image = png();
+    let per_client = total / concurrency;
+    let mut channels = Vec::new();
+    for _ in 0..concurrency.min(8) {
+        channels.push(mesh.gateway().await);
+    }
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for index in 0..concurrency {
+        let mut gateway = channels[index % channels.len()].clone();
+        let token = token.to_owned();
+        let image = image.clone();
+        clients.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let request = gw::InferRequest {
+                    image: image.clone(),
+                    format: ImageFormat::Png.into(),
+                    model_name: MODEL.to_owned(),
+                    ..Default::default()
+                };
+                let one = Instant::now();
+                gateway
+                    .infer(authorised(request, &token))
+                    .await
+                    .expect("prediction through the gateway");
+                latencies.push(one.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for client in clients {
+        latencies.extend(client.await.expect("client"));
+    }
+    Figures::measure(latencies, started.elapsed())
+}
+
+/// One keep-alive HTTP/1.1 connection to the monolith.
+struct MonolithConnection {
+    reader: BufReader<tokio::net::TcpStream>,
+    head: Vec<u8>,
+}
+
+impl MonolithConnection {
+    async fn open(address: SocketAddr, token: &str, body_length: usize) -> std::io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let head = format!(
+            "POST /predict HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: image/png\r\nContent-Length: {body_length}\r\n\r\n"
+        )
+        .into_bytes();
+        Ok(Self {
+            reader: BufReader::new(stream),
+            head,
+        })
+    }
+
+    /// Sends one prediction and reads the whole answer; the status must be 200.
+    async fn predict(&mut self, body: &[u8]) -> std::io::Result<Vec<u8>> {
+        let stream = self.reader.get_mut();
+        stream.write_all(&self.head).await?;
+        stream.write_all(body).await?;
+        let mut status = String::new();
+        self.reader.read_line(&mut status).await?;
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(std::io::Error::other(format!(
+                "monolith answered {}",
+                status.trim()
+            )));
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).await?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().map_err(std::io::Error::other)?;
+            }
+        }
+        let mut answer = vec![0; length];
+        self.reader.read_exact(&mut answer).await?;
+        Ok(answer)
+    }
+}
+
+async fn monolith_round(
+    address: SocketAddr,
+    token: &str,
+    concurrency: usize,
+    total: usize,
+) -> Figures {
+    let image = png();
+    let per_client = total / concurrency;
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..concurrency {
+        let token = token.to_owned();
+        let image = image.clone();
+        clients.push(tokio::spawn(async move {
+            let mut connection = MonolithConnection::open(address, &token, image.len())
+                .await
+                .expect("connect to the monolith");
+            let mut latencies = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let one = Instant::now();
+                connection
+                    .predict(&image)
+                    .await
+                    .expect("prediction by the monolith");
+                latencies.push(one.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for client in clients {
+        latencies.extend(client.await.expect("client"));
+    }
+    Figures::measure(latencies, started.elapsed())
+}
+
+struct Monolith {
+    process: tokio::process::Child,
+    address: SocketAddr,
+    token: String,
+    _keys: tempfile::TempDir,
+}
+
+impl Monolith {
+    async fn start(root: &Path) -> Self {
+        let python = root.join(".cache/monolith-venv/bin/python");
+        assert!(
+            python.exists(),
+            "run scripts/monolith.sh first (scripts/bench.sh does)"
+        );
+        let keys = tempfile::tempdir().expect("key folder");
+        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+        let public_key = keys.path().join("public.pem");
+        std::fs::write(&public_key, key_pair.public_key_pem()).expect("public key");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let claims = serde_json::json!({
+            "sub": "bench-user", "iss": "medai-monolith", "aud": "medai-monolith",
+            "iat": now, "exp": now + 3600,
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(&key_pair.serialize_der()),
+        )
+        .expect("token");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let process = tokio::process::Command::new(python)
+            .arg(root.join("scripts/monolith/run.py"))
+            .env("MONOLITH_DATABASE_URL", fresh_postgres_database().await)
+            .env(
+                "MONOLITH_MODEL",
+                root.join("models/synthetic-light/1/model.onnx"),
+            )
+            .env("MONOLITH_PUBLIC_KEY", &public_key)
+            .env("MONOLITH_PORT", port.to_string())
+            .env("MONOLITH_WORKERS", "2")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the monolith");
+        let image = png();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut connection) = MonolithConnection::open(address, &token, image.len()).await
+                && connection.predict(&image).await.is_ok()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the monolith did not answer within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Self {
+            process,
+            address,
+            token,
+            _keys: keys,
+        }
+    }
+}
+
+impl Monolith {
+    /// SIGTERM lets uvicorn stop its workers too (a kill would leave them running).
+    async fn stop(mut self) {
+        if let Some(pid) = self.process.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.process.wait()).await;
+    }
+}
+
+fn cell(figures: &Figures) -> String {
+    format!(
+        "{:>6.0}/s p50 {:>6.2} ms p99 {:>7.2} ms",
+        figures.per_second, figures.p50_ms, figures.p99_ms
+    )
+}
+
+/// The mean rate of the rounds and the latency quantiles of the slower round.
+fn combine(rounds: &[Figures]) -> Figures {
+    let per_second =
+        rounds.iter().map(|figures| figures.per_second).sum::<f64>() / rounds.len() as f64;
+    let worst = rounds
+        .iter()
+        .copied()
+        .max_by(|a, b| a.p99_ms.total_cmp(&b.p99_ms))
+        .expect("rounds");
+    Figures {
+        per_second,
+        ..worst
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let root = workspace_root();
+    let quiet = |service: &str| {
+        let prefix = format!("MEDAI_{}_", service.to_ascii_uppercase());
+        let mut variables = vec![(format!("{prefix}PROCESS__LOG_FILTER"), "warn".to_owned())];
+        if service == "gateway" {
+            variables.extend([
+                (
+                    format!("{prefix}LOAD_CONTROL__PER_USER_PER_SECOND"),
+                    "0".to_owned(),
+                ),
+                (
+                    format!("{prefix}LOAD_CONTROL__PER_CLIENT_PER_SECOND"),
+                    "0".to_owned(),
+                ),
+                (
+                    format!("{prefix}LOAD_CONTROL__MAX_IN_FLIGHT"),
+                    "100000".to_owned(),
+                ),
+            ]);
+        }
+        (service.to_owned(), variables)
+    };
+    let extra = ["gateway", "auth", "validation", "inference", "audit"]
+        .map(quiet)
+        .into_iter()
+        .collect();
+    let mesh = MeshUnderTest::start_with(Storage::Postgres, extra).await;
+    let token = mesh.admin_token().await;
+    let monolith = Monolith::start(&root).await;
+    // Warm-up: connections, sessions, caches, the JIT-less Python import paths.
+    mesh_round(&mesh, &token, 4, 256).await;
+    monolith_round(monolith.address, &monolith.token, 4, 256).await;
+
+    println!(
+        "mesh vs Python monolith: {MODEL}, 256x256 PNG, every request authenticated and durably recorded in PostgreSQL, {ROUNDS} alternating rounds per level"
+    );
+    println!(
+        "  {:>11}  {:>38}  {:>38}  {:>8}",
+        "concurrency",
+        "mesh (gateway, mTLS every hop)",
+        "monolith (FastAPI + ORT + PG)",
+        "mesh/mono"
+    );
+    let mut report = serde_json::Map::new();
+    let mut cpu_report = serde_json::Map::new();
+    for level in LEVELS {
+        let total = requests_at(level);
+        let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
+        let mut mesh_cpu = BTreeMap::new();
+        let mut monolith_cpu = BTreeMap::new();
+        for _ in 0..ROUNDS {
+            let before = cpu_seconds_by_process();
+            mesh_rounds.push(mesh_round(&mesh, &token, level, total).await);
+            let middle = cpu_seconds_by_process();
+            monolith_rounds
+                .push(monolith_round(monolith.address, &monolith.token, level, total).await);
+            let after = cpu_seconds_by_process();
+            mesh_cpu = cpu_per_prediction(&before, &middle, total);
+            monolith_cpu = cpu_per_prediction(&middle, &after, total);
+        }
+        let (ours, theirs) = (combine(&mesh_rounds), combine(&monolith_rounds));
+        let ratio = ours.per_second / theirs.per_second;
+        println!(
+            "  {level:>11}  {}  {}  {ratio:>7.2}x",
+            cell(&ours),
+            cell(&theirs)
+        );
+        let describe = |figures: &BTreeMap<String, f64>| {
+            figures
+                .iter()
+                .map(|(name, micros)| format!("{name} {micros:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "  {:>11}  CPU µs/prediction, mesh: {}",
+            "",
+            describe(&mesh_cpu)
+        );
+        println!(
+            "  {:>11}  CPU µs/prediction, monolith: {}",
+            "",
+            describe(&monolith_cpu)
+        );
+        report.insert(
+            level.to_string(),
+            serde_json::json!({
+                "mesh": ours.to_json(),
+                "monolith": theirs.to_json(),
+                "ratio_mesh_over_monolith": ratio,
+            }),
+        );
+        cpu_report.insert(
+            level.to_string(),
+            serde_json::json!({ "mesh": mesh_cpu, "monolith": monolith_cpu }),
+        );
+    }
+    monolith.stop().await;
+    mesh.stop().await;
+    report.insert(
+        "cpu_micros_per_prediction".to_owned(),
+        serde_json::Value::Object(cpu_report),
+    );
+    write_report("versus_monolith", serde_json::Value::Object(report));
+}
