@@ -637,3 +637,146 @@ async fn the_embedded_mesh_without_redis_still_honours_a_logout() {
     );
     mesh.stop().await;
 }
+
+fn list_results() -> gw::ListResultsRequest {
+    gw::ListResultsRequest { filter: None }
+}
+
+/// Logs out one user, disables another and demotes a third, kills auth with SIGKILL, starts it
+/// again on the same database, and asks through a gateway that reaches only the new auth.
+/// Without Redis (the embedded mesh) the gateway asks auth, so every answer comes from what
+/// the new auth reloaded from its database.
+async fn revocations_survive_a_kill_9_of_auth(storage: Storage) {
+    let mut mesh = MeshUnderTest::start(storage).await;
+    let settings = mesh.settings.clone();
+    let mut gateway = mesh.gateway().await;
+    let admin = mesh.admin_token().await;
+    let image = Assets::locate().dicom("MR_small.dcm");
+    for username in ["lena", "dora", "demi"] {
+        create_user(&mut gateway, &admin, username, "clinician").await;
+    }
+    let lena = login(&mut gateway, "lena", "lena password 123")
+        .await
+        .expect("login");
+    let dora = login(&mut gateway, "dora", "dora password 123")
+        .await
+        .expect("login");
+    let demi = login(&mut gateway, "demi", "demi password 123")
+        .await
+        .expect("login");
+    gateway
+        .infer(authorised(infer(image.clone()), &dora.access_token))
+        .await
+        .expect("dora may infer");
+    for token in [&lena.access_token, &demi.access_token] {
+        gateway
+            .list_results(authorised(list_results(), token))
+            .await
+            .expect("valid before");
+    }
+
+    gateway
+        .logout(authorised(
+            gw::LogoutRequest {
+                refresh_token: lena.refresh_token.clone(),
+            },
+            &lena.access_token,
+        ))
+        .await
+        .expect("logout");
+    gateway
+        .disable_user(authorised(
+            gw::DisableUserRequest {
+                username: "dora".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("disable");
+    gateway
+        .set_user_role(authorised(
+            gw::SetUserRoleRequest {
+                username: "demi".to_owned(),
+                role: "viewer".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("demote");
+
+    let pid = mesh.mesh.pid("auth").expect("auth runs");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 {pid}");
+    mesh.mesh.kill("auth").await; // reaps the killed process
+    let restarted_auth = mesh
+        .mesh
+        .start_another("auth", "auth-restarted", &settings, Vec::new())
+        .await
+        .expect("auth restarts on the same database");
+    let gateway_address = mesh
+        .mesh
+        .start_another(
+            "gateway",
+            "gateway-after-restart",
+            &settings,
+            vec![(
+                "MEDAI_GATEWAY_AUTH_ENDPOINT".to_owned(),
+                format!("https://{restarted_auth}"),
+            )],
+        )
+        .await
+        .expect("a gateway of the restarted auth");
+    let mut gateway = mesh.gateway_at(gateway_address).await;
+
+    let revoked = |status: tonic::Status| (status.code(), reason_of(&status));
+    let expected = (Code::Unauthenticated, Some("TOKEN_REVOKED".to_owned()));
+    let status = gateway
+        .list_results(authorised(list_results(), &lena.access_token))
+        .await
+        .expect_err("the logged-out token");
+    assert_eq!(revoked(status), expected, "the logged-out token");
+    let status = gateway
+        .infer(authorised(infer(image.clone()), &dora.access_token))
+        .await
+        .expect_err("the disabled user's token");
+    assert_eq!(revoked(status), expected, "the disabled user may not infer");
+    let status = gateway
+        .list_results(authorised(list_results(), &demi.access_token))
+        .await
+        .expect_err("the demoted user's old-role token");
+    assert_eq!(revoked(status), expected, "the old-role token");
+    let status = gateway
+        .refresh(gw::RefreshRequest {
+            refresh_token: lena.refresh_token,
+        })
+        .await
+        .expect_err("the logged-out refresh token");
+    assert_eq!(reason_of(&status).as_deref(), Some("REFRESH_TOKEN_INVALID"));
+
+    // The restarted auth refuses only what was revoked.
+    verify_ledger(&mut gateway, &admin)
+        .await
+        .expect("the admin's token was never revoked");
+    let demi = login(&mut gateway, "demi", "demi password 123")
+        .await
+        .expect("demi logs in again");
+    assert_eq!(demi.role, "viewer");
+    gateway
+        .list_results(authorised(list_results(), &demi.access_token))
+        .await
+        .expect("with the new role");
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn revocations_survive_a_kill_9_of_auth_in_the_embedded_mesh_on_sqlite() {
+    revocations_survive_a_kill_9_of_auth(Storage::Sqlite).await;
+}
+
+#[tokio::test]
+async fn revocations_survive_a_kill_9_of_auth_on_postgres() {
+    revocations_survive_a_kill_9_of_auth(Storage::Postgres).await;
+}

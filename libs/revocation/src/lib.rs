@@ -7,10 +7,18 @@
 //! (the embedded `medai up`), the in-process store is the store.
 //!
 //! Keys: `medai:revoked:jti:<jti>` → "1"; `medai:revoked:sub:<subject>` → the lowest token
-//! generation still valid for that subject.
+//! generation still valid for that subject; `medai:revocations:seeded` → set (without expiry)
+//! by auth once every revocation in its database is in Redis.
+//!
+//! Redis is a cache of auth's database, which is the record of revocations. A Redis that lost
+//! its data (a restart without persistence, a flush) has also lost the seeded marker, so its
+//! silence is not taken for "not revoked": a check without the marker is treated like an
+//! unreachable Redis (production: UNAVAILABLE) until auth has written the revocations back
+//! ([`RevocationStore::seed`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::{
@@ -20,7 +28,7 @@ use medai_runtime::config::from_str_or_native;
 use serde::{Deserialize, Serialize};
 
 /// How long a subject revocation is kept: longer than any access token can live.
-const SUBJECT_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const SUBJECT_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +98,8 @@ pub struct RevocationStore {
     mode: Mode,
     cache_for: Duration,
     local: Mutex<LocalStore>,
+    /// A revocation did not reach Redis: it must be seeded again even if the marker is there.
+    missed_writes: AtomicBool,
 }
 
 fn unix_now() -> u64 {
@@ -104,6 +114,23 @@ fn jti_key(jti: &str) -> String {
 
 fn subject_key(subject: &str) -> String {
     format!("medai:revoked:sub:{subject}")
+}
+
+/// Present while Redis holds every revocation auth's database holds.
+pub const SEEDED_MARKER_KEY: &str = "medai:revocations:seeded";
+
+/// A revoked access token: its `jti` and when it expires anyway (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedToken {
+    pub jti: String,
+    pub expires_at: u64,
+}
+
+/// Every token of `subject` below `lowest_valid_generation` is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectFloor {
+    pub subject: String,
+    pub lowest_valid_generation: u64,
 }
 
 impl RevocationStore {
@@ -136,6 +163,7 @@ impl RevocationStore {
             mode: settings.mode,
             cache_for: Duration::from_millis(settings.not_revoked_cache_ms),
             local: Mutex::new(LocalStore::default()),
+            missed_writes: AtomicBool::new(false),
         })
     }
 
@@ -149,7 +177,7 @@ impl RevocationStore {
     fn fall_back(
         &self,
         operation: &'static str,
-        error: &fred::error::Error,
+        error: &dyn std::fmt::Display,
     ) -> Result<(), RevocationError> {
         metrics::counter!("medai_revocation_store_fallbacks_total", "operation" => operation)
             .increment(1);
@@ -188,6 +216,7 @@ impl RevocationStore {
                 )
                 .await;
             if let Err(error) = written {
+                self.missed_writes.store(true, Ordering::SeqCst);
                 self.fall_back("revoke_token", &error)?;
             }
         }
@@ -221,9 +250,111 @@ impl RevocationStore {
                 )
                 .await;
             if let Err(error) = written {
+                self.missed_writes.store(true, Ordering::SeqCst);
                 self.fall_back("revoke_subject", &error)?;
             }
         }
+        Ok(())
+    }
+
+    /// Whether Redis holds the seeded marker and every revocation this process wrote since
+    /// the last seed (always true without Redis).
+    pub async fn is_seeded(&self) -> Result<bool, RevocationError> {
+        let Some(redis) = &self.redis else {
+            return Ok(true);
+        };
+        let marker: Option<String> = redis.get(SEEDED_MARKER_KEY).await.map_err(|error| {
+            tracing::warn!(error = %error, "the revocation store could not be asked for its marker");
+            RevocationError::Unavailable
+        })?;
+        Ok(marker.is_some() && !self.missed_writes.load(Ordering::SeqCst))
+    }
+
+    /// Called before the record of revocations is read for a [`RevocationStore::seed`]: writes
+    /// that miss Redis from now on are caught by the next seed.
+    pub fn start_seed(&self) {
+        self.missed_writes.store(false, Ordering::SeqCst);
+    }
+
+    /// Writes every revocation the record of revocations (auth's database) holds into this
+    /// process's store and Redis, then sets the seeded marker. Called by auth at start and
+    /// whenever Redis comes back without the marker. Unlike single revocations this fails on an
+    /// unreachable Redis in every mode: the caller retries.
+    pub async fn seed(
+        &self,
+        tokens: &[RevokedToken],
+        floors: &[SubjectFloor],
+    ) -> Result<(), RevocationError> {
+        let now = unix_now();
+        {
+            let mut local = self.local();
+            let instant_now = Instant::now();
+            local.revoked_tokens.retain(|_, until| *until > instant_now);
+            for token in tokens.iter().filter(|token| token.expires_at > now) {
+                let until = instant_now + Duration::from_secs(token.expires_at - now);
+                local.revoked_tokens.insert(token.jti.clone(), until);
+            }
+            let keep_until = instant_now + SUBJECT_REVOCATION_TTL;
+            for floor in floors {
+                let entry = local
+                    .subject_floors
+                    .entry(floor.subject.clone())
+                    .or_insert((0, keep_until));
+                *entry = (entry.0.max(floor.lowest_valid_generation), keep_until);
+            }
+            local.recently_valid.clear();
+        }
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let unavailable = |error: fred::error::Error| {
+            tracing::warn!(error = %error, "revocations could not be seeded into Redis");
+            self.missed_writes.store(true, Ordering::SeqCst);
+            RevocationError::Unavailable
+        };
+        for token in tokens.iter().filter(|token| token.expires_at > now) {
+            let seconds_left = (token.expires_at - now).max(1);
+            let () = redis
+                .set(
+                    jti_key(&token.jti),
+                    "1",
+                    Some(Expiration::EX(seconds_left as i64)),
+                    None,
+                    false,
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        for floor in floors {
+            // Never lower a floor another auth replica raised meanwhile.
+            let current: Option<String> = redis
+                .get(subject_key(&floor.subject))
+                .await
+                .map_err(unavailable)?;
+            let current = current
+                .and_then(|value| value.parse::<u64>().ok())
+                .unwrap_or(0);
+            let () = redis
+                .set(
+                    subject_key(&floor.subject),
+                    current.max(floor.lowest_valid_generation).to_string(),
+                    Some(Expiration::EX(SUBJECT_REVOCATION_TTL.as_secs() as i64)),
+                    None,
+                    false,
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        let () = redis
+            .set(SEEDED_MARKER_KEY, "1", None, None, false)
+            .await
+            .map_err(unavailable)?;
+        metrics::counter!("medai_revocation_store_seeds_total").increment(1);
+        tracing::info!(
+            tokens = tokens.len(),
+            subjects = floors.len(),
+            "revocations seeded into Redis"
+        );
         Ok(())
     }
 
@@ -264,15 +395,23 @@ impl RevocationStore {
         let Some(redis) = &self.redis else {
             return Ok(false);
         };
-        let answer: Result<(Option<String>, Option<String>), _> = redis
-            .mget(vec![jti_key(token.jti), subject_key(token.subject)])
+        let answer: Result<(Option<String>, Option<String>, Option<String>), _> = redis
+            .mget(vec![
+                jti_key(token.jti),
+                subject_key(token.subject),
+                SEEDED_MARKER_KEY.to_owned(),
+            ])
             .await;
         let revoked = match answer {
-            Ok((jti_entry, subject_floor)) => {
-                let below_floor = subject_floor
-                    .and_then(|floor| floor.parse::<u64>().ok())
-                    .is_some_and(|floor| token.generation < floor);
-                jti_entry.is_some() || below_floor
+            Ok((jti_entry, _, _)) if jti_entry.is_some() => true,
+            Ok((_, subject_floor, Some(_seeded))) => subject_floor
+                .and_then(|floor| floor.parse::<u64>().ok())
+                .is_some_and(|floor| token.generation < floor),
+            Ok((_, _, None)) => {
+                // Redis lost its data (or auth has not seeded it yet): its silence proves nothing.
+                metrics::counter!("medai_revocation_store_unseeded_total").increment(1);
+                self.fall_back("check", &"the revocation store holds no seeded marker")?;
+                return Ok(false);
             }
             Err(error) => {
                 self.fall_back("check", &error)?;

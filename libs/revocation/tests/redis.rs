@@ -2,7 +2,11 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use medai_revocation::{Mode, RevocationError, RevocationSettings, RevocationStore, TokenFacts};
+use fred::prelude::{ClientLike, KeysInterface};
+use medai_revocation::{
+    Mode, RevocationError, RevocationSettings, RevocationStore, RevokedToken, SEEDED_MARKER_KEY,
+    SubjectFloor, TokenFacts,
+};
 
 fn suite_redis_url() -> String {
     std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
@@ -41,6 +45,8 @@ async fn a_revocation_written_by_one_process_is_seen_by_another() {
         RevocationStore::connect(&settings(Mode::Production, suite_redis_url())).expect("writer");
     let reader =
         RevocationStore::connect(&settings(Mode::Production, suite_redis_url())).expect("reader");
+    // Auth seeds Redis at start; without the marker a miss is not trusted.
+    writer.seed(&[], &[]).await.expect("seed");
     let jti = unique("jti");
     let subject = unique("subject");
     let token = TokenFacts {
@@ -87,6 +93,7 @@ async fn revocations_expire_with_the_token() {
         RevocationStore::connect(&settings(Mode::Production, suite_redis_url())).expect("store");
     let reader =
         RevocationStore::connect(&settings(Mode::Production, suite_redis_url())).expect("reader");
+    store.seed(&[], &[]).await.expect("seed");
     let jti = unique("short");
     store
         .revoke_token(&jti, unix_now() + 1)
@@ -147,4 +154,82 @@ async fn development_falls_back_to_its_own_store() {
         .await
         .expect("revocation kept locally");
     assert_eq!(store.is_revoked(token).await, Ok(true));
+}
+
+/// The suite's Redis, logical database `index`: a test that must see Redis without its seeded
+/// marker uses a database of its own, so the other tests' marker is untouched.
+fn redis_database_url(index: u8) -> String {
+    format!("{}/{index}", suite_redis_url().trim_end_matches('/'))
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_is_not_trusted_until_it_is_seeded_again() {
+    let url = redis_database_url(9);
+    let raw = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&url).expect("redis url"),
+    )
+    .build()
+    .expect("client");
+    raw.init().await.expect("connect");
+    let () = raw.del(SEEDED_MARKER_KEY).await.expect("forget the marker");
+
+    let reader =
+        RevocationStore::connect(&settings(Mode::Production, url.clone())).expect("reader");
+    let writer = RevocationStore::connect(&settings(Mode::Production, url)).expect("writer");
+    let (revoked_jti, subject, other_jti) = (unique("gone"), unique("subject"), unique("fine"));
+    let revoked = TokenFacts {
+        jti: &revoked_jti,
+        subject: "someone",
+        generation: 0,
+    };
+    let demoted = TokenFacts {
+        jti: &other_jti,
+        subject: &subject,
+        generation: 3,
+    };
+    assert_eq!(
+        reader.is_revoked(demoted).await,
+        Err(RevocationError::Unavailable),
+        "an unseeded Redis cannot vouch that a token is not revoked"
+    );
+    writer
+        .seed(
+            &[RevokedToken {
+                jti: revoked_jti.clone(),
+                expires_at: unix_now() + 600,
+            }],
+            &[SubjectFloor {
+                subject: subject.clone(),
+                lowest_valid_generation: 4,
+            }],
+        )
+        .await
+        .expect("seed");
+    assert_eq!(reader.is_revoked(revoked).await, Ok(true));
+    assert_eq!(reader.is_revoked(demoted).await, Ok(true));
+    assert_eq!(
+        reader
+            .is_revoked(TokenFacts {
+                generation: 4,
+                ..demoted
+            })
+            .await,
+        Ok(false),
+        "a seeded Redis answers again"
+    );
+    let () = raw.del(SEEDED_MARKER_KEY).await.expect("lose the marker");
+    assert_eq!(
+        reader
+            .is_revoked(TokenFacts {
+                generation: 4,
+                ..demoted
+            })
+            .await,
+        Err(RevocationError::Unavailable)
+    );
+    assert_eq!(
+        reader.is_revoked(revoked).await,
+        Ok(true),
+        "a revocation still present is honoured without the marker"
+    );
 }

@@ -1,6 +1,9 @@
 //! The auth service's domain: who may log in, the tokens they get, and every change to users.
 //! Each state change is made in a database transaction that commits only after its ledger
-//! record is durable, so nothing changes unrecorded.
+//! record is durable, so nothing changes unrecorded. Two safety responses are the exception
+//! (compliance/state-changes.md): a failed-login count and the revocation of a reused refresh
+//! token's family are recorded first too, but take effect even when the ledger refuses, so an
+//! outage of the ledger cannot switch off lockout or reuse detection.
 
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use crate::config::{BootstrapAdmin, LockoutSettings, TokenSettings};
 use crate::error::AuthError;
 use crate::keys::KeyRing;
 use crate::passwords;
+use crate::revocation_record::{record_revoked_token, record_subject_floor};
 use crate::store::{refresh_token, signing_ticket, user};
 use medai_ledger_client::LedgerClient;
 
@@ -48,6 +52,30 @@ pub struct Authority {
     pub tokens: TokenSettings,
     pub lockout: LockoutSettings,
     pub decoy_hash: String,
+}
+
+/// What a wrong password did to the account.
+enum FailedAttempt {
+    /// Counted (this attempt may have reached the limit and locked the account).
+    Counted,
+    /// The account was already locked: nothing was counted.
+    AlreadyLocked,
+}
+
+/// The SET expressions of one failed attempt, from the row's current values (so concurrent
+/// attempts each see the previous one's result): `failed_attempts` + 1, restarting at 1 after
+/// an expired lock; `locked_until` set when the new count reaches `limit`.
+fn failed_attempt_updates(limit: i32, restart_lock_until: i64, lock_until: i64) -> (Expr, Expr) {
+    use sea_orm::sea_query::ExprTrait;
+    let failed = || Expr::col(user::Column::FailedAttempts);
+    let next_failed = Expr::case(failed().gte(limit), Expr::value(1))
+        .finally(failed().add(1))
+        .into();
+    let next_locked_until = Expr::case(failed().gte(limit), Expr::value(restart_lock_until))
+        .case(failed().add(1).gte(limit), Expr::value(lock_until))
+        .finally(Expr::value(0_i64))
+        .into();
+    (next_failed, next_locked_until)
 }
 
 fn opaque_secret() -> String {
@@ -227,11 +255,29 @@ impl Authority {
             return Err(AuthError::AccountLocked);
         }
         if !password_matches {
-            metrics::counter!("medai_auth_logins_total", "outcome" => "invalid_credentials")
-                .increment(1);
-            self.register_failed_attempt(&actor, &user, correlation_id)
-                .await?;
-            return Err(AuthError::InvalidCredentials);
+            return match self
+                .register_failed_attempt(&actor, &user, correlation_id)
+                .await?
+            {
+                FailedAttempt::Counted => {
+                    metrics::counter!("medai_auth_logins_total", "outcome" => "invalid_credentials")
+                        .increment(1);
+                    Err(AuthError::InvalidCredentials)
+                }
+                FailedAttempt::AlreadyLocked => {
+                    metrics::counter!("medai_auth_logins_total", "outcome" => "locked")
+                        .increment(1);
+                    self.record_best_effort(
+                        &actor,
+                        "LOGIN",
+                        &format!("user/{}", user.id),
+                        "FAILURE",
+                        failure("ACCOUNT_LOCKED"),
+                    )
+                    .await;
+                    Err(AuthError::AccountLocked)
+                }
+            };
         }
         if user.status != "active" {
             metrics::counter!("medai_auth_logins_total", "outcome" => "disabled").increment(1);
@@ -247,12 +293,26 @@ impl Authority {
         }
 
         let transaction = self.connection.begin().await?;
-        if user.failed_attempts != 0 {
-            user::Entity::update_many()
-                .col_expr(user::Column::FailedAttempts, Expr::value(0))
-                .filter(user::Column::Id.eq(user.id.clone()))
-                .exec(&transaction)
-                .await?;
+        // Checked again under the row lock: a lock set by a concurrent wrong password since the
+        // user was read wins.
+        let unlocked = user::Entity::update_many()
+            .col_expr(user::Column::FailedAttempts, Expr::value(0))
+            .filter(user::Column::Id.eq(user.id.clone()))
+            .filter(user::Column::LockedUntil.lte(now))
+            .exec(&transaction)
+            .await?;
+        if unlocked.rows_affected != 1 {
+            drop(transaction);
+            metrics::counter!("medai_auth_logins_total", "outcome" => "locked").increment(1);
+            self.record_best_effort(
+                &actor,
+                "LOGIN",
+                &format!("user/{}", user.id),
+                "FAILURE",
+                failure("ACCOUNT_LOCKED"),
+            )
+            .await;
+            return Err(AuthError::AccountLocked);
         }
         let family_id = uuid::Uuid::new_v4().to_string();
         let (grant, claims) = self.grant(&transaction, &user, &family_id).await?;
@@ -277,37 +337,42 @@ impl Authority {
         Ok(grant)
     }
 
-    /// Counts a wrong password; the Nth locks the account for M minutes. Both are recorded.
+    /// Counts a wrong password; the Nth locks the account for M minutes. The count is one
+    /// conditional UPDATE … RETURNING (failed = failed + 1 where not locked), so concurrent
+    /// wrong passwords are counted one by one and exactly the Nth locks; its row lock is held
+    /// while the attempt (and the lockout) is recorded, and the count commits after that.
+    /// A ledger that refuses does not stop the count (a safety response), it is logged.
     async fn register_failed_attempt(
         &self,
         actor: &str,
         user: &user::Model,
         correlation_id: &str,
-    ) -> Result<(), AuthError> {
-        let attempts = user.failed_attempts + 1;
-        let locks = attempts >= i32::try_from(self.lockout.max_failed_attempts).unwrap_or(i32::MAX);
-        let locked_until = if locks {
-            crate::unix_now() as i64 + self.lockout.lock_minutes as i64 * 60
-        } else {
-            0
-        };
-        user::Entity::update_many()
-            .col_expr(
-                user::Column::FailedAttempts,
-                Expr::value(if locks { 0 } else { attempts }),
-            )
-            .col_expr(user::Column::LockedUntil, Expr::value(locked_until))
+    ) -> Result<FailedAttempt, AuthError> {
+        let limit = i32::try_from(self.lockout.max_failed_attempts).unwrap_or(i32::MAX);
+        let now = crate::unix_now() as i64;
+        let lock_until = now + self.lockout.lock_minutes as i64 * 60;
+        // A lock that expired left the counter at the limit: counting restarts at 1.
+        let restart_lock_until = if limit <= 1 { lock_until } else { 0 };
+        let (next_failed, next_locked_until) =
+            failed_attempt_updates(limit, restart_lock_until, lock_until);
+        let transaction = self.connection.begin().await?;
+        let counted = user::Entity::update_many()
+            .col_expr(user::Column::FailedAttempts, next_failed)
+            .col_expr(user::Column::LockedUntil, next_locked_until)
             .filter(user::Column::Id.eq(user.id.clone()))
-            .exec(&self.connection)
+            .filter(user::Column::LockedUntil.lte(now))
+            .exec_with_returning(&transaction)
             .await?;
+        let Some(counted) = counted.into_iter().next() else {
+            return Ok(FailedAttempt::AlreadyLocked);
+        };
+        let locked = counted.locked_until > now;
         let resource = format!("user/{}", user.id);
-        let context = serde_json::json!({ "correlation_id": correlation_id, "reason": "INVALID_CREDENTIALS", "failed_attempts": attempts });
+        let context = serde_json::json!({ "correlation_id": correlation_id, "reason": "INVALID_CREDENTIALS", "failed_attempts": counted.failed_attempts });
         self.record_best_effort(actor, "LOGIN", &resource, "FAILURE", context)
             .await;
-        if locks {
-            metrics::counter!("medai_auth_lockouts_total").increment(1);
-            tracing::warn!(subject = %user.id, minutes = self.lockout.lock_minutes, "account locked after failed logins");
-            let context = serde_json::json!({ "correlation_id": correlation_id, "locked_until": locked_until });
+        if locked {
+            let context = serde_json::json!({ "correlation_id": correlation_id, "locked_until": counted.locked_until });
             self.record_best_effort(
                 "service:auth",
                 "ACCOUNT_LOCKOUT",
@@ -317,7 +382,12 @@ impl Authority {
             )
             .await;
         }
-        Ok(())
+        transaction.commit().await?;
+        if locked {
+            metrics::counter!("medai_auth_lockouts_total").increment(1);
+            tracing::warn!(subject = %user.id, minutes = self.lockout.lock_minutes, "account locked after failed logins");
+        }
+        Ok(FailedAttempt::Counted)
     }
 
     /// Rotates a refresh token. A used one coming back means it was stolen or replayed: the
@@ -338,17 +408,7 @@ impl Authority {
         let now = crate::unix_now() as i64;
         if row.used && !row.revoked {
             drop(transaction);
-            self.revoke_family(&row.family_id).await?;
-            metrics::counter!("medai_auth_refresh_total", "outcome" => "reuse").increment(1);
-            let context = serde_json::json!({ "correlation_id": correlation_id, "refresh_family": row.family_id });
-            self.record_best_effort(
-                &format!("user:{}", row.user_id),
-                "REFRESH_TOKEN_REUSE",
-                &format!("user/{}", row.user_id),
-                "DENIED",
-                context,
-            )
-            .await;
+            self.revoke_reused_family(&row, correlation_id).await?;
             return Err(AuthError::RefreshTokenReused);
         }
         if row.revoked || row.expires_at <= now {
@@ -374,7 +434,7 @@ impl Authority {
             .await?;
         if claimed.rows_affected != 1 {
             drop(transaction);
-            self.revoke_family(&row.family_id).await?;
+            self.revoke_reused_family(&row, correlation_id).await?;
             return Err(AuthError::RefreshTokenReused);
         }
         let (grant, claims) = self.grant(&transaction, &user, &row.family_id).await?;
@@ -392,28 +452,67 @@ impl Authority {
         Ok(grant)
     }
 
-    /// Marks every refresh token of a family revoked and revokes the access tokens issued with them.
-    async fn revoke_family(&self, family_id: &str) -> Result<(), AuthError> {
+    /// Marks every refresh token of a family revoked and records the access tokens issued with
+    /// them as revoked, in `transaction`; returns those tokens, to publish after the commit.
+    async fn revoke_family_in(
+        &self,
+        transaction: &DatabaseTransaction,
+        family_id: &str,
+    ) -> Result<Vec<(String, u64)>, AuthError> {
         let members = refresh_token::Entity::find()
             .filter(refresh_token::Column::FamilyId.eq(family_id))
-            .all(&self.connection)
+            .all(transaction)
             .await?;
         refresh_token::Entity::update_many()
             .col_expr(refresh_token::Column::Revoked, Expr::value(true))
             .filter(refresh_token::Column::FamilyId.eq(family_id))
-            .exec(&self.connection)
+            .exec(transaction)
             .await?;
+        let mut revoked = Vec::new();
         for member in members {
             let expires_at = u64::try_from(member.access_expires_at).unwrap_or(0);
             if expires_at > crate::unix_now() {
-                self.revocations
-                    .revoke_token(&member.access_jti, expires_at)
+                record_revoked_token(transaction, &member.access_jti, &member.user_id, expires_at)
                     .await?;
+                revoked.push((member.access_jti, expires_at));
             }
+        }
+        Ok(revoked)
+    }
+
+    /// Makes committed token revocations take effect in the revocation store.
+    async fn publish_revoked_tokens(&self, revoked: &[(String, u64)]) -> Result<(), AuthError> {
+        for (jti, expires_at) in revoked {
+            self.revocations.revoke_token(jti, *expires_at).await?;
         }
         Ok(())
     }
 
+    /// A used refresh token came back: its family is revoked (a safety response: recorded
+    /// first, applied even if the ledger refuses).
+    async fn revoke_reused_family(
+        &self,
+        row: &refresh_token::Model,
+        correlation_id: &str,
+    ) -> Result<(), AuthError> {
+        metrics::counter!("medai_auth_refresh_total", "outcome" => "reuse").increment(1);
+        let transaction = self.connection.begin().await?;
+        let revoked = self.revoke_family_in(&transaction, &row.family_id).await?;
+        let context = serde_json::json!({ "correlation_id": correlation_id, "refresh_family": row.family_id });
+        self.record_best_effort(
+            &format!("user:{}", row.user_id),
+            "REFRESH_TOKEN_REUSE",
+            &format!("user/{}", row.user_id),
+            "DENIED",
+            context,
+        )
+        .await;
+        transaction.commit().await?;
+        self.publish_revoked_tokens(&revoked).await
+    }
+
+    /// Revokes the caller's access token and its refresh family: recorded in auth's database
+    /// and in the ledger, committed, then published to the revocation store.
     pub async fn logout(
         &self,
         actor: &Actor,
@@ -421,23 +520,23 @@ impl Authority {
         access_expires_at: u64,
         refresh: Option<&str>,
     ) -> Result<(), AuthError> {
-        self.revocations
-            .revoke_token(access_jti, access_expires_at)
-            .await?;
+        let transaction = self.connection.begin().await?;
+        record_revoked_token(&transaction, access_jti, &actor.subject, access_expires_at).await?;
+        let mut revoked = vec![(access_jti.to_owned(), access_expires_at)];
         let family = match refresh {
             Some(presented) => refresh_token::Entity::find_by_id(secret_hash(presented))
-                .one(&self.connection)
+                .one(&transaction)
                 .await?
                 .filter(|row| row.user_id == actor.subject)
                 .map(|row| row.family_id),
             None => refresh_token::Entity::find()
                 .filter(refresh_token::Column::AccessJti.eq(access_jti))
-                .one(&self.connection)
+                .one(&transaction)
                 .await?
                 .map(|row| row.family_id),
         };
         if let Some(family_id) = &family {
-            self.revoke_family(family_id).await?;
+            revoked.extend(self.revoke_family_in(&transaction, family_id).await?);
         }
         let context = serde_json::json!({ "correlation_id": actor.correlation_id, "jti": access_jti, "refresh_family": family });
         self.record(
@@ -448,7 +547,8 @@ impl Authority {
             context,
         )
         .await?;
-        Ok(())
+        transaction.commit().await?;
+        self.publish_revoked_tokens(&revoked).await
     }
 
     pub async fn is_revoked(&self, token: TokenFacts<'_>) -> Result<bool, AuthError> {
@@ -456,8 +556,9 @@ impl Authority {
     }
 
     /// Raises a user's token generation so every token they hold stops working, and revokes
-    /// their refresh tokens. Runs inside the caller's transaction; the revocation itself is
-    /// published by [`Authority::publish_generation`] after the commit.
+    /// their refresh tokens. Runs inside the caller's transaction, which also records the new
+    /// floor in the database; the revocation is published by
+    /// [`Authority::publish_generation`] after the commit.
     async fn invalidate_tokens(
         &self,
         transaction: &DatabaseTransaction,
@@ -474,6 +575,7 @@ impl Authority {
             .filter(refresh_token::Column::UserId.eq(user.id.clone()))
             .exec(transaction)
             .await?;
+        record_subject_floor(transaction, &user.id, generation).await?;
         Ok(generation)
     }
 
@@ -667,10 +769,13 @@ impl Authority {
         self.publish_generation(&user.id, generation).await
     }
 
+    /// A new signing key: stored in a transaction that commits only after the rotation is
+    /// recorded, so a key is never published (nor signs) unrecorded.
     pub async fn rotate_signing_key(&self, actor: &Actor) -> Result<(String, u64), AuthError> {
+        let transaction = self.connection.begin().await?;
         let (kid, signs_from) = self
             .keys
-            .add_key(self.tokens.key_publication_lead_seconds)
+            .add_key(&transaction, self.tokens.key_publication_lead_seconds)
             .await
             .map_err(|error| AuthError::Internal(error.to_string()))?;
         let context = serde_json::json!({ "correlation_id": actor.correlation_id, "kid": kid, "signs_from": signs_from });
@@ -682,6 +787,8 @@ impl Authority {
             context,
         )
         .await?;
+        transaction.commit().await?;
+        tracing::info!(kid = %kid, signs_from, "signing key rotated");
         Ok((kid, signs_from))
     }
 
@@ -700,13 +807,13 @@ impl Authority {
             return Err(AuthError::AccountDisabled);
         }
         if !verify_password_off_thread(password, user.password_hash.clone()).await? {
-            self.register_failed_attempt(
-                &format!("user:{}", user.id),
-                &user,
-                &actor.correlation_id,
-            )
-            .await?;
-            return Err(AuthError::InvalidCredentials);
+            let attempt = self
+                .register_failed_attempt(&format!("user:{}", user.id), &user, &actor.correlation_id)
+                .await?;
+            return Err(match attempt {
+                FailedAttempt::Counted => AuthError::InvalidCredentials,
+                FailedAttempt::AlreadyLocked => AuthError::AccountLocked,
+            });
         }
         let ticket = opaque_secret();
         let transaction = self.connection.begin().await?;
@@ -757,6 +864,15 @@ impl Authority {
             .ok_or(AuthError::SigningTicketInvalid)?;
         let role = Role::parse(&user.role)
             .ok_or_else(|| AuthError::Internal("a stored role is unknown".to_owned()))?;
+        let context = serde_json::json!({ "correlation_id": actor.correlation_id });
+        self.record(
+            &format!("user:{}", user.id),
+            "SIGNING_TICKET_CONSUME",
+            &format!("user/{}", user.id),
+            "SUCCESS",
+            context,
+        )
+        .await?;
         transaction.commit().await?;
         Ok((user.username, role))
     }

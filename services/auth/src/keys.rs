@@ -9,7 +9,9 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use jsonwebtoken::{EncodingKey, Header};
 use medai_tokens::{ALGORITHM, AccessClaims, JWT_ALGORITHM_NAME, PublishedKey};
-use sea_orm::{ActiveModelTrait, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set};
+use sea_orm::{
+    ActiveModelTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set,
+};
 use sha2::{Digest, Sha256};
 
 use crate::store::signing_key;
@@ -50,13 +52,18 @@ impl KeyRing {
     pub async fn ensure_a_key(&self) -> Result<(), KeyError> {
         let any = signing_key::Entity::find().one(&self.connection).await?;
         if any.is_none() {
-            self.add_key(0).await?;
+            self.add_key(&self.connection, 0).await?;
         }
         Ok(())
     }
 
-    /// Adds a key that signs `lead_seconds` from now; returns (kid, signs_from).
-    pub async fn add_key(&self, lead_seconds: u64) -> Result<(String, u64), KeyError> {
+    /// Adds a key that signs `lead_seconds` from now; returns (kid, signs_from). It is
+    /// published once `connection` (a transaction, for a recorded rotation) commits.
+    pub async fn add_key(
+        &self,
+        connection: &impl ConnectionTrait,
+        lead_seconds: u64,
+    ) -> Result<(String, u64), KeyError> {
         let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
             .map_err(|error| KeyError::Generate(error.to_string()))?;
         let public_key = key_pair.public_key_raw().to_vec();
@@ -71,9 +78,8 @@ impl KeyRing {
             created_at: Set(now as i64),
             activates_at: Set(signs_from as i64),
         }
-        .insert(&self.connection)
+        .insert(connection)
         .await?;
-        tracing::info!(kid = %kid, signs_from, "signing key added");
         Ok((kid, signs_from))
     }
 

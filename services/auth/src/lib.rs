@@ -7,6 +7,7 @@ mod error;
 mod grpc;
 pub mod keys;
 pub mod passwords;
+pub mod revocation_record;
 pub mod store;
 
 use std::future::Future;
@@ -67,6 +68,15 @@ pub fn peer_policy() -> PeerPolicy {
     })
 }
 
+/// Ends a background task when the service it belongs to stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -93,11 +103,23 @@ pub async fn serve(
     let decoy_hash = tokio::task::spawn_blocking(passwords::decoy_hash)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;
+    let revocations = Arc::new(RevocationStore::connect(&config.revocation)?);
+    // Revocations are reloaded from the database before the first token is checked: a restart
+    // (even after kill -9) or a Redis that lost its data resurrects none of them.
+    revocations.start_seed();
+    let (revoked_tokens, subject_floors) = revocation_record::load_in_force(&connection).await?;
+    if let Err(error) = revocations.seed(&revoked_tokens, &subject_floors).await {
+        tracing::warn!(error = %error, "revocations not yet seeded into Redis; retrying in the background");
+    }
+    let _seeder = AbortOnDrop(tokio::spawn(revocation_record::keep_seeded(
+        connection.clone(),
+        revocations.clone(),
+    )));
     let authority = Arc::new(authority::Authority {
         connection,
         keys,
         ledger: medai_ledger_client::LedgerClient::new(audit),
-        revocations: Arc::new(RevocationStore::connect(&config.revocation)?),
+        revocations,
         tokens: config.tokens.clone(),
         lockout: config.lockout.clone(),
         decoy_hash,

@@ -1,4 +1,5 @@
-//! The auth schema: users and signing keys, with migrations for PostgreSQL and SQLite.
+//! The auth schema: users, signing keys, refresh tokens, signing tickets and the record of
+//! revocations, with migrations for PostgreSQL and SQLite.
 
 use sea_orm::{DatabaseConnection, DbErr};
 use sea_orm_migration::prelude::*;
@@ -105,6 +106,50 @@ pub mod signing_ticket {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod revoked_token {
+    use sea_orm::entity::prelude::*;
+
+    /// A revoked access token, kept until it would have expired anyway. The durable record
+    /// that Redis (or the embedded in-process store) is seeded from.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "revoked_tokens")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub jti: String,
+        pub subject: String,
+        pub expires_at: i64,
+        pub revoked_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod subject_token_floor {
+    use sea_orm::entity::prelude::*;
+
+    /// Every token of `subject` whose generation is below `lowest_valid_generation` is refused
+    /// (disable, role change, password change or reset, deletion). Kept without the user row,
+    /// so a deleted user's tokens stay refused too.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "subject_token_floors")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub subject: String,
+        pub lowest_valid_generation: i64,
+        /// Unix seconds until which the floor must be enforced (longer than any token lives).
+        pub kept_until: i64,
+        pub raised_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, DbErr> {
     let connection = medai_storage::connect(database_url).await?;
     Migrator::up(&connection, None).await?;
@@ -116,7 +161,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateUsersAndKeys), Box::new(AddTokenLifecycle)]
+        vec![
+            Box::new(CreateUsersAndKeys),
+            Box::new(AddTokenLifecycle),
+            Box::new(AddDurableRevocations),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -171,6 +220,101 @@ enum SigningTickets {
     UserId,
     ExpiresAt,
     Used,
+}
+
+#[derive(DeriveIden)]
+enum RevokedTokens {
+    Table,
+    Jti,
+    Subject,
+    ExpiresAt,
+    RevokedAt,
+}
+
+#[derive(DeriveIden)]
+enum SubjectTokenFloors {
+    Table,
+    Subject,
+    LowestValidGeneration,
+    KeptUntil,
+    RaisedAt,
+}
+
+/// Revocations survive a restart of auth and a Redis that lost its data: they are written to
+/// auth's own database in the transaction of the change that causes them.
+struct AddDurableRevocations;
+
+impl MigrationName for AddDurableRevocations {
+    fn name(&self) -> &str {
+        "m0003_add_durable_revocations"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AddDurableRevocations {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(RevokedTokens::Table)
+                    .col(
+                        ColumnDef::new(RevokedTokens::Jti)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(RevokedTokens::Subject).string().not_null())
+                    .col(
+                        ColumnDef::new(RevokedTokens::ExpiresAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RevokedTokens::RevokedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("revoked_tokens_expires_at")
+                    .table(RevokedTokens::Table)
+                    .col(RevokedTokens::ExpiresAt)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(SubjectTokenFloors::Table)
+                    .col(
+                        ColumnDef::new(SubjectTokenFloors::Subject)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(SubjectTokenFloors::LowestValidGeneration)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SubjectTokenFloors::KeptUntil)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SubjectTokenFloors::RaisedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
 }
 
 struct AddTokenLifecycle;
