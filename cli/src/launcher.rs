@@ -2,6 +2,12 @@
 //! from a development CA, in dependency order (audit → auth → validation, inference →
 //! gateway), waits until every one reports SERVING, and stops them all on request.
 //! Ports come from the services themselves (port 0 + address files) unless fixed.
+//!
+//! Once the mesh is up, each service is supervised the way Kubernetes supervises a pod's
+//! container: a service that exits is started again after an exponential back-off (1 s,
+//! doubling to 30 s; back to 1 s once it has run for a minute), on the ports it had, so its
+//! clients reconnect by themselves. Each exit and restart is a JSON line in
+//! `<state>/logs/launcher.log`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +20,7 @@ use medai_runtime::ServiceIdentity;
 use medai_runtime::process::BoundAddresses;
 use medai_runtime::tls::TlsMaterial;
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -73,6 +80,9 @@ pub struct MeshSettings {
     /// Extra variables per service (`"gateway" → [("MEDAI_GATEWAY_…", "…")]`).
     pub extra_environment: BTreeMap<String, Vec<(String, String)>>,
     pub startup_timeout: Duration,
+    /// How long each service keeps serving (NOT_SERVING) after SIGTERM before it closes its
+    /// listener. Nothing balances load in front of a local mesh, so none by default.
+    pub drain_seconds: u64,
 }
 
 impl MeshSettings {
@@ -97,6 +107,7 @@ impl MeshSettings {
             admin_endpoints: false,
             extra_environment: BTreeMap::new(),
             startup_timeout: Duration::from_secs(120),
+            drain_seconds: 0,
         }
     }
 
@@ -109,17 +120,196 @@ pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
 }
 
+/// The first restart waits this long; each further one twice as long, up to the cap.
+const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
+const LONGEST_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// A service that ran this long before exiting starts again after the first delay.
+const RAN_WELL_FOR: Duration = Duration::from_secs(60);
+
 struct RunningService {
     name: &'static str,
-    child: Child,
+    instance: String,
     addresses: BoundAddresses,
     log: PathBuf,
+    /// What it was started with; a restart uses it with the ports pinned to `addresses`.
+    environment: Vec<(String, String)>,
+    process: ServiceProcess,
+}
+
+enum ServiceProcess {
+    /// Started, not yet known healthy: an exit now is a failed start, not a crash.
+    Starting(Child),
+    Supervised(Supervisor),
+    Stopped,
+}
+
+/// The task that owns a running service's process and restarts it when it exits.
+struct Supervisor {
+    control: mpsc::UnboundedSender<Control>,
+    pid: watch::Receiver<Option<u32>>,
+    restarts: watch::Receiver<u32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+enum Control {
+    /// SIGTERM, then SIGKILL after the grace period; no restart.
+    Stop(Duration),
+    /// SIGKILL; no restart.
+    Kill,
+}
+
+/// How to start a service again.
+#[derive(Clone)]
+struct RestartSpec {
+    name: &'static str,
+    instance: String,
+    binary: PathBuf,
+    environment: Vec<(String, String)>,
+    log: PathBuf,
+    launcher_log: PathBuf,
+}
+
+impl RestartSpec {
+    fn spawn(&self) -> std::io::Result<Child> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        Command::new(&self.binary)
+            .envs(self.environment.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            .spawn()
+    }
+
+    /// One JSON line in the launcher's log.
+    fn record(&self, event: &str, fields: serde_json::Value) {
+        use std::io::Write;
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis());
+        let mut line = serde_json::json!({
+            "timestamp_ms": timestamp,
+            "level": if event == "restarted" { "INFO" } else { "WARN" },
+            "event": event,
+            "service": self.name,
+            "instance": self.instance,
+        });
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.launcher_log)
+        {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+impl Supervisor {
+    fn start(child: Child, spec: RestartSpec) -> Self {
+        let (control, commands) = mpsc::unbounded_channel();
+        let (pid_sender, pid) = watch::channel(child.id());
+        let (restart_sender, restarts) = watch::channel(0);
+        let task = tokio::spawn(supervise(child, spec, commands, pid_sender, restart_sender));
+        Self {
+            control,
+            pid,
+            restarts,
+            task,
+        }
+    }
+}
+
+async fn supervise(
+    mut child: Child,
+    spec: RestartSpec,
+    mut commands: mpsc::UnboundedReceiver<Control>,
+    pid: watch::Sender<Option<u32>>,
+    restarts: watch::Sender<u32>,
+) {
+    let mut delay = FIRST_RESTART_DELAY;
+    let mut started = Instant::now();
+    loop {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            command = commands.recv() => {
+                match command {
+                    Some(Control::Stop(grace)) => terminate(&mut child, grace).await,
+                    Some(Control::Kill) | None => {
+                        let _ = child.kill().await;
+                    }
+                }
+                pid.send_replace(None);
+                return;
+            }
+        };
+        pid.send_replace(None);
+        if started.elapsed() >= RAN_WELL_FOR {
+            delay = FIRST_RESTART_DELAY;
+        }
+        let exit = status.map_or_else(|error| error.to_string(), |status| status.to_string());
+        loop {
+            spec.record(
+                "exited",
+                serde_json::json!({
+                    "exit": exit,
+                    "restart_in_ms": delay.as_millis(),
+                    "restarts_so_far": *restarts.borrow(),
+                }),
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // Asked to stop while nothing runs: nothing to stop.
+                _ = commands.recv() => return,
+            }
+            delay = (delay * 2).min(LONGEST_RESTART_DELAY);
+            match spec.spawn() {
+                Ok(restarted) => {
+                    child = restarted;
+                    started = Instant::now();
+                    pid.send_replace(child.id());
+                    restarts.send_modify(|count| *count += 1);
+                    spec.record(
+                        "restarted",
+                        serde_json::json!({ "pid": child.id(), "restarts": *restarts.borrow() }),
+                    );
+                    break;
+                }
+                Err(error) => {
+                    spec.record(
+                        "restart failed",
+                        serde_json::json!({ "error": error.to_string() }),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL if it is still running after `grace`.
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
 }
 
 /// The five services, running. Dropping it kills them; [`RunningMesh::stop`] asks nicely first.
 pub struct RunningMesh {
     services: Vec<RunningService>,
     pki: PkiLayout,
+    binaries_dir: PathBuf,
 }
 
 impl RunningMesh {
@@ -138,6 +328,7 @@ impl RunningMesh {
         let mut mesh = Self {
             services: Vec::new(),
             pki,
+            binaries_dir: settings.binaries_dir.clone(),
         };
         for name in SERVICES {
             let environment = mesh.environment_for(name, settings);
@@ -145,7 +336,149 @@ impl RunningMesh {
             mesh.services.push(service);
         }
         mesh.wait_until_healthy(settings.startup_timeout).await?;
+        mesh.supervise_started(settings);
         Ok(mesh)
+    }
+
+    /// Hands every healthy, freshly started service to a supervisor.
+    fn supervise_started(&mut self, settings: &MeshSettings) {
+        let launcher_log = settings.state_dir.join("logs").join("launcher.log");
+        for service in &mut self.services {
+            if !matches!(service.process, ServiceProcess::Starting(_)) {
+                continue;
+            }
+            let ServiceProcess::Starting(child) =
+                std::mem::replace(&mut service.process, ServiceProcess::Stopped)
+            else {
+                continue;
+            };
+            let spec = RestartSpec {
+                name: service.name,
+                instance: service.instance.clone(),
+                binary: settings
+                    .binaries_dir
+                    .join(format!("medai-{}", service.name)),
+                environment: pinned_environment(
+                    service.name,
+                    &service.environment,
+                    &service.addresses,
+                ),
+                log: service.log.clone(),
+                launcher_log: launcher_log.clone(),
+            };
+            service.process = ServiceProcess::Supervised(Supervisor::start(child, spec));
+        }
+    }
+
+    /// How often `service` has been restarted since the mesh started.
+    pub fn restarts(&self, service: &str) -> u32 {
+        self.find(service)
+            .and_then(|running| match &running.process {
+                ServiceProcess::Supervised(supervisor) => Some(*supervisor.restarts.borrow()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until `service` answers SERVING (after a restart, for example).
+    pub async fn wait_until_serving(
+        &self,
+        service: &str,
+        timeout: Duration,
+    ) -> Result<(), LaunchError> {
+        let running = self.find(service).ok_or_else(|| LaunchError::Spawn {
+            service: service.to_owned(),
+            reason: "not part of this mesh".to_owned(),
+        })?;
+        let tls = self.operator_tls()?;
+        let channel = tls.channel(
+            &format!("https://{}", running.addresses.grpc),
+            &ServiceIdentity::new(running.name),
+        )?;
+        let mut health = HealthClient::new(channel);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            if let Ok(response) = health.check(request).await
+                && response.into_inner().status() == ServingStatus::Serving
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LaunchError::NotHealthy {
+                    service: service.to_owned(),
+                    seconds: timeout.as_secs(),
+                    log: running.log.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts again a service stopped with [`RunningMesh::kill`], on the ports it had, and
+    /// supervises it; returns once it is healthy.
+    pub async fn restart(
+        &mut self,
+        service: &str,
+        settings: &MeshSettings,
+    ) -> Result<(), LaunchError> {
+        let index = self
+            .services
+            .iter()
+            .position(|running| running.name == service)
+            .ok_or_else(|| LaunchError::Spawn {
+                service: service.to_owned(),
+                reason: "not part of this mesh".to_owned(),
+            })?;
+        let running = &mut self.services[index];
+        let environment =
+            pinned_environment(running.name, &running.environment, &running.addresses);
+        let logs = settings.state_dir.join("logs");
+        let restarted = spawn_service(
+            running.name,
+            &running.instance,
+            environment,
+            settings,
+            &logs,
+        )
+        .await?;
+        running.process = restarted.process;
+        self.wait_until_healthy_from(index, settings.startup_timeout)
+            .await?;
+        self.supervise_started(settings);
+        Ok(())
+    }
+
+    /// The command that runs `service`'s binary with exactly the configuration it runs with
+    /// (its bound port included), for one-shot modes such as `--probe` and `--print-config`.
+    pub fn service_command(
+        &self,
+        service: &str,
+        arguments: &[&str],
+    ) -> Option<std::process::Command> {
+        let running = self.find(service)?;
+        let mut command =
+            std::process::Command::new(self.binaries_dir.join(format!("medai-{}", running.name)));
+        command.args(arguments).env_clear().envs(pinned_environment(
+            running.name,
+            &running.environment,
+            &running.addresses,
+        ));
+        Some(command)
+    }
+
+    fn find(&self, service: &str) -> Option<&RunningService> {
+        self.services.iter().find(|running| running.name == service)
+    }
+
+    fn operator_tls(&self) -> Result<TlsMaterial, LaunchError> {
+        Ok(TlsMaterial::load(&medai_runtime::TlsFiles {
+            ca_cert: self.pki.ca_certificate(),
+            cert: self.pki.certificate(OPERATOR_IDENTITY),
+            key: self.pki.key(OPERATOR_IDENTITY),
+        })?)
     }
 
     fn endpoint(&self, service: &str) -> String {
@@ -179,13 +512,14 @@ impl RunningMesh {
             .collect()
     }
 
-    /// The operating-system process id of `service`, while it runs.
+    /// The operating-system process id of `service`, while it runs (it changes when the
+    /// service is restarted).
     pub fn pid(&self, service: &str) -> Option<u32> {
-        self.services
-            .iter()
-            .find(|running| running.name == service)?
-            .child
-            .id()
+        match &self.find(service)?.process {
+            ServiceProcess::Starting(child) => child.id(),
+            ServiceProcess::Supervised(supervisor) => *supervisor.pid.borrow(),
+            ServiceProcess::Stopped => None,
+        }
     }
 
     pub fn log_file(&self, service: &str) -> Option<PathBuf> {
@@ -215,6 +549,15 @@ impl RunningMesh {
             (
                 "PROCESS__LISTEN_ADDR".to_owned(),
                 format!("127.0.0.1:{port}"),
+            ),
+            (
+                "PROCESS__DRAIN_SECONDS".to_owned(),
+                settings.drain_seconds.to_string(),
+            ),
+            // A local mesh notices a service gone (and back) within a second.
+            (
+                "PROCESS__DEPENDENCY_PROBE_SECONDS".to_owned(),
+                "1".to_owned(),
             ),
             (
                 "PROCESS__ADDRESS_FILE".to_owned(),
@@ -328,6 +671,7 @@ impl RunningMesh {
         let first_new = self.services.len() - 1;
         self.wait_until_healthy_from(first_new, settings.startup_timeout)
             .await?;
+        self.supervise_started(settings);
         Ok(address)
     }
 
@@ -340,11 +684,7 @@ impl RunningMesh {
         first: usize,
         timeout: Duration,
     ) -> Result<(), LaunchError> {
-        let tls = TlsMaterial::load(&medai_runtime::TlsFiles {
-            ca_cert: self.pki.ca_certificate(),
-            cert: self.pki.certificate(OPERATOR_IDENTITY),
-            key: self.pki.key(OPERATOR_IDENTITY),
-        })?;
+        let tls = self.operator_tls()?;
         let deadline = Instant::now() + timeout;
         for index in first..self.services.len() {
             let (name, endpoint, log) = {
@@ -366,7 +706,9 @@ impl RunningMesh {
                 {
                     break;
                 }
-                if let Ok(Some(status)) = self.services[index].child.try_wait() {
+                if let ServiceProcess::Starting(child) = &mut self.services[index].process
+                    && let Ok(Some(status)) = child.try_wait()
+                {
                     return Err(LaunchError::Exited {
                         service: name.to_owned(),
                         status: status.to_string(),
@@ -386,34 +728,43 @@ impl RunningMesh {
         Ok(())
     }
 
-    /// Kills one service at once (tests of what the others do when it is gone).
+    /// Kills one service at once and stops supervising it (tests of what the others do when
+    /// it is gone); [`RunningMesh::restart`] brings it back.
     pub async fn kill(&mut self, service: &str) {
         if let Some(running) = self
             .services
             .iter_mut()
             .find(|running| running.name == service)
         {
-            let _ = running.child.kill().await;
+            running.process.end(None).await;
         }
     }
 
     /// SIGTERM to every service (gateway first, ledger last), then waits for each to exit;
-    /// a service still running after `grace` is killed.
+    /// a service still running after `grace` is killed. None is restarted.
     pub async fn stop(mut self, grace: Duration) {
         while let Some(mut service) = self.services.pop() {
-            if let Some(pid) = service.child.id() {
-                let _ = Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-                    .await;
+            service.process.end(Some(grace)).await;
+        }
+    }
+}
+
+impl ServiceProcess {
+    /// Stops the process (SIGTERM and `grace`, or SIGKILL when `None`) and its supervision.
+    async fn end(&mut self, grace: Option<Duration>) {
+        match std::mem::replace(self, Self::Stopped) {
+            Self::Starting(mut child) => match grace {
+                Some(grace) => terminate(&mut child, grace).await,
+                None => {
+                    let _ = child.kill().await;
+                }
+            },
+            Self::Supervised(supervisor) => {
+                let command = grace.map_or(Control::Kill, Control::Stop);
+                let _ = supervisor.control.send(command);
+                let _ = supervisor.task.await;
             }
-            if tokio::time::timeout(grace, service.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = service.child.kill().await;
-            }
+            Self::Stopped => {}
         }
     }
 }
@@ -421,9 +772,39 @@ impl RunningMesh {
 impl Drop for RunningMesh {
     fn drop(&mut self) {
         for service in &mut self.services {
-            let _ = service.child.start_kill();
+            match &mut service.process {
+                ServiceProcess::Starting(child) => {
+                    let _ = child.start_kill();
+                }
+                ServiceProcess::Supervised(supervisor) => {
+                    let _ = supervisor.control.send(Control::Kill);
+                }
+                ServiceProcess::Stopped => {}
+            }
         }
     }
+}
+
+/// `environment` with the listen and admin addresses fixed to the ones first bound, so a
+/// restarted service is where its clients expect it.
+fn pinned_environment(
+    name: &str,
+    environment: &[(String, String)],
+    addresses: &BoundAddresses,
+) -> Vec<(String, String)> {
+    let prefix = format!("MEDAI_{}_", name.to_ascii_uppercase());
+    let listen = format!("{prefix}PROCESS__LISTEN_ADDR");
+    let admin = format!("{prefix}PROCESS__ADMIN_ADDR");
+    let mut pinned: Vec<(String, String)> = environment
+        .iter()
+        .filter(|(key, _)| *key != listen && *key != admin)
+        .cloned()
+        .collect();
+    pinned.push((listen, addresses.grpc.to_string()));
+    if let Some(address) = addresses.admin {
+        pinned.push((admin, address.to_string()));
+    }
+    pinned
 }
 
 /// A random secret kept owner-readable in the state folder, created on first use.
@@ -475,7 +856,7 @@ async fn spawn_service(
         .map_err(|error| spawn_error(error.to_string()))?;
     let mut command = Command::new(&binary);
     command
-        .envs(environment)
+        .envs(environment.iter().cloned())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file))
@@ -490,9 +871,11 @@ async fn spawn_service(
         {
             return Ok(RunningService {
                 name,
-                child,
+                instance: instance.to_owned(),
                 addresses: bound,
                 log,
+                environment,
+                process: ServiceProcess::Starting(child),
             });
         }
         if let Ok(Some(status)) = child.try_wait() {

@@ -118,6 +118,10 @@ async fn run(cli: Cli) -> Result<()> {
                 "mesh is up: gateway {} (Ctrl-C stops it)",
                 gateway_endpoint(&mesh)?
             ));
+            say(&format!(
+                "a service that exits is restarted on its port; see {}",
+                cli.state_dir.join("logs").join("launcher.log").display()
+            ));
             medai_runtime::shutdown::termination_signal().await;
             mesh.stop(Duration::from_secs(15)).await;
             say("mesh stopped");

@@ -10,6 +10,7 @@ use medai_proto::validation::v1::ValidateImageRequest;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::ServiceIdentity;
 use medai_runtime::errors::reason_of;
+use medai_testkit::rustls;
 use medai_testkit::{Assets, TestPki};
 use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
 use sha2::{Digest, Sha256};
@@ -357,6 +358,24 @@ async fn the_mesh_refuses_every_caller_it_should() {
     // Internal services: no client certificate, a certificate from another CA, a peer outside
     // the policy.
     let validation = mesh.mesh.address("validation").expect("validation address");
+    // No client certificate: refused by the TLS handshake itself, with the certificate-required
+    // alert (TLS 1.3), not by some later failure. (tonic reports only "connection closed" for
+    // the call it was making, so the handshake is made directly.)
+    let ca_certificate = mesh.mesh.pki_layout().ca_certificate();
+    let refusal = tokio::task::spawn_blocking(move || {
+        medai_testkit::tls_refusal_without_client_certificate(
+            validation,
+            &ca_certificate,
+            "medai-validation",
+        )
+    })
+    .await
+    .expect("handshake");
+    assert_eq!(
+        refusal,
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        "validation must refuse a client without a certificate in the handshake"
+    );
     let ca = std::fs::read(mesh.mesh.pki_layout().ca_certificate()).expect("ca");
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
@@ -365,21 +384,16 @@ async fn the_mesh_refuses_every_caller_it_should() {
         .expect("endpoint")
         .tls_config(tls)
         .expect("tls");
-    let anonymous_refused = match anonymous.connect().await {
-        Err(_) => true,
-        Ok(channel) => ValidationServiceClient::new(channel)
+    if let Ok(channel) = anonymous.connect().await {
+        ValidationServiceClient::new(channel)
             .validate_image(ValidateImageRequest {
                 image: image.clone(),
                 format: 0,
                 model_name: String::new(),
             })
             .await
-            .is_err(),
-    };
-    assert!(
-        anonymous_refused,
-        "validation served a client without a certificate"
-    );
+            .expect_err("validation served a client without a certificate");
+    }
 
     let foreign = TestPki::new();
     let foreign_channel = foreign
@@ -488,5 +502,464 @@ async fn no_prediction_leaves_without_its_ledger_record() {
         (Code::Unavailable, Some("LEDGER_UNAVAILABLE"))
     );
     assert!(status.message().contains("no result is returned"));
+    mesh.stop().await;
+}
+
+// --- runtime hardening (issue 12) ---
+
+/// A channel that sends every call to `path`, whatever method the client meant: the way to
+/// reach made-up methods with a generated client.
+#[derive(Clone)]
+struct ToPath {
+    channel: tonic::transport::Channel,
+    path: tonic::codegen::http::uri::PathAndQuery,
+}
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for ToPath {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::poll_ready(&mut self.channel, context)
+    }
+
+    fn call(
+        &mut self,
+        mut request: tonic::codegen::http::Request<tonic::body::Body>,
+    ) -> Self::Future {
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query = Some(self.path.clone());
+        *request.uri_mut() = tonic::codegen::http::Uri::from_parts(parts).expect("uri");
+        Box::pin(tonic::codegen::Service::call(&mut self.channel, request))
+    }
+}
+
+fn operator_tls(mesh: &MeshUnderTest) -> medai_runtime::tls::TlsMaterial {
+    medai_runtime::tls::TlsMaterial::load(&medai_runtime::TlsFiles {
+        ca_cert: mesh.mesh.pki_layout().ca_certificate(),
+        cert: mesh.mesh.pki_layout().certificate("operator"),
+        key: mesh.mesh.pki_layout().key("operator"),
+    })
+    .expect("operator identity")
+}
+
+/// The label sets (series) of `metric` in a Prometheus text exposition.
+fn series<'a>(exposition: &'a str, metric: &str) -> std::collections::BTreeSet<&'a str> {
+    exposition
+        .lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")))
+        .filter_map(|line| line.rsplit_once(' ').map(|(labels, _value)| labels))
+        .collect()
+}
+
+#[tokio::test]
+async fn made_up_method_paths_cannot_mint_metric_series() {
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let validation = mesh.mesh.address("validation").expect("validation address");
+    let admin = mesh
+        .mesh
+        .admin_address("validation")
+        .expect("admin address");
+    // The gateway's certificate: a peer validation serves, calling methods it does not hold.
+    let gateway_tls = medai_runtime::tls::TlsMaterial::load(&medai_runtime::TlsFiles {
+        ca_cert: mesh.mesh.pki_layout().ca_certificate(),
+        cert: mesh.mesh.pki_layout().certificate("gateway"),
+        key: mesh.mesh.pki_layout().key("gateway"),
+    })
+    .expect("gateway identity");
+    let channel = gateway_tls
+        .channel(
+            &format!("https://{validation}"),
+            &ServiceIdentity::new("validation"),
+        )
+        .expect("channel");
+    // One real call first, so the served method has its series too.
+    let status = ValidationServiceClient::new(channel.clone())
+        .validate_image(ValidateImageRequest {
+            image: b"not an image".to_vec(),
+            format: 0,
+            model_name: String::new(),
+        })
+        .await
+        .expect_err("garbage");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    const PATHS: usize = 1_000;
+    for _ in 0..PATHS {
+        let path = format!(
+            "/made.up.v{}.Service/{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut client = tonic_health::pb::health_client::HealthClient::new(ToPath {
+            channel: channel.clone(),
+            path: path.parse().expect("path"),
+        });
+        let status = client
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .expect_err("a method validation does not hold");
+        assert_eq!(status.code(), Code::PermissionDenied, "{path}: {status:?}");
+    }
+
+    let exposition = http_get(admin, "/metrics").await;
+    let requests = series(&exposition, "medai_grpc_requests_total");
+    let durations = series(&exposition, "medai_grpc_request_duration_seconds_count");
+    let denials = series(&exposition, "medai_peer_policy_denials_total");
+    println!(
+        "after {PATHS} made-up paths: {} request series, {} duration series, {} denial series",
+        requests.len(),
+        durations.len(),
+        denials.len()
+    );
+    for (name, found) in [
+        ("requests", &requests),
+        ("durations", &durations),
+        ("denials", &denials),
+    ] {
+        // Health checks, the one real call and the made-up paths under one value.
+        assert!(found.len() <= 6, "{name}: {found:#?}");
+    }
+    assert!(
+        !exposition.contains("made.up"),
+        "a made-up path became a label"
+    );
+    let unknown = exposition
+        .lines()
+        .find(|line| {
+            line.starts_with("medai_grpc_requests_total{")
+                && line.contains("method=\"unknown\"")
+                && line.contains("code=\"PERMISSION_DENIED\"")
+        })
+        .expect("the made-up paths are counted under method=\"unknown\"");
+    let counted: f64 = unknown
+        .rsplit_once(' ')
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("value");
+    assert_eq!(counted, PATHS as f64, "{unknown}");
+    assert!(
+        requests
+            .iter()
+            .any(|labels| labels.contains("/medai.validation.v1.ValidationService/ValidateImage")),
+        "served methods keep their own label: {requests:#?}"
+    );
+    mesh.stop().await;
+}
+
+async fn health_of(
+    tls: &medai_runtime::tls::TlsMaterial,
+    address: std::net::SocketAddr,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, tonic::Status> {
+    let channel = tls
+        .channel(
+            &format!("https://{address}"),
+            &ServiceIdentity::new(service),
+        )
+        .map_err(|error| tonic::Status::unavailable(error.to_string()))?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+    Ok(response.into_inner().status())
+}
+
+/// Polls `service`'s health until it is `wanted`; panics after `within`.
+async fn wait_for_health(
+    tls: &medai_runtime::tls::TlsMaterial,
+    address: std::net::SocketAddr,
+    service: &str,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+    within: std::time::Duration,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if health_of(tls, address, service).await.ok() == Some(wanted) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{service} did not report {wanted:?} within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_terminated_service_reports_not_serving_while_it_drains_before_its_port_closes() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let tls = operator_tls(&mesh);
+    let state = tempfile::tempdir().expect("temp dir");
+    let address_file = state.path().join("validation-drained.address.json");
+    // A second validation process with exactly the mesh's configuration, on its own port,
+    // with a 3 s drain.
+    let mut command = tokio::process::Command::from(
+        mesh.mesh
+            .service_command("validation", &[])
+            .expect("validation command"),
+    );
+    command
+        .env("MEDAI_VALIDATION_PROCESS__LISTEN_ADDR", "127.0.0.1:0")
+        .env("MEDAI_VALIDATION_PROCESS__ADMIN_ADDR", "127.0.0.1:0")
+        .env(
+            "MEDAI_VALIDATION_PROCESS__ADDRESS_FILE",
+            address_file.display().to_string(),
+        )
+        .env("MEDAI_VALIDATION_PROCESS__DRAIN_SECONDS", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut process = command.spawn().expect("start validation");
+    let address = loop {
+        if let Ok(text) = std::fs::read_to_string(&address_file)
+            && let Ok(bound) = serde_json::from_str::<medai_runtime::process::BoundAddresses>(&text)
+        {
+            break bound.grpc;
+        }
+        assert!(
+            process.try_wait().expect("wait").is_none(),
+            "validation exited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    wait_for_health(
+        &tls,
+        address,
+        "validation",
+        ServingStatus::Serving,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    let probe = |expect_serving: bool| {
+        let mut probe = mesh
+            .mesh
+            .service_command("validation", &["--probe"])
+            .expect("probe command");
+        probe.env("MEDAI_VALIDATION_PROCESS__LISTEN_ADDR", address.to_string());
+        let status = probe.status().expect("run --probe");
+        assert_eq!(status.success(), expect_serving, "--probe: {status}");
+    };
+    probe(true);
+
+    // A watcher on a connection opened before the signal.
+    let channel = tls
+        .channel(
+            &format!("https://{address}"),
+            &ServiceIdentity::new("validation"),
+        )
+        .expect("channel");
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("watch").expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let pid = process.id().expect("pid");
+    let signalled = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let next = watch.message().await.expect("watch").expect("a status");
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    let not_serving_after = signalled.elapsed();
+    drop(watch);
+    // The port is still open and answers, on a new connection too: NOT_SERVING.
+    assert_eq!(
+        health_of(&tls, address, "validation")
+            .await
+            .expect("still answering"),
+        ServingStatus::NotServing
+    );
+    probe(false);
+    // Then the listener closes.
+    let closed_after = loop {
+        if tokio::net::TcpStream::connect(address).await.is_err() {
+            break signalled.elapsed();
+        }
+        assert!(
+            signalled.elapsed() < std::time::Duration::from_secs(30),
+            "the port never closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    println!(
+        "NOT_SERVING {} ms after SIGTERM, port closed after {} ms",
+        not_serving_after.as_millis(),
+        closed_after.as_millis()
+    );
+    assert!(not_serving_after < closed_after);
+    assert!(
+        closed_after >= std::time::Duration::from_secs(2),
+        "the listener stayed open for the drain: {closed_after:?}"
+    );
+    let status = process.wait().await.expect("exit");
+    assert!(
+        status.success(),
+        "a drained service exits cleanly: {status}"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn the_ledger_s_callers_report_not_serving_while_it_is_gone_and_serving_when_it_returns() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let tls = operator_tls(&mesh);
+    let dependents = ["auth", "inference", "gateway"];
+    for service in dependents.iter().chain(["validation"].iter()) {
+        let address = mesh.mesh.address(service).expect("address");
+        assert_eq!(
+            health_of(&tls, address, service).await.expect("health"),
+            ServingStatus::Serving,
+            "{service}"
+        );
+    }
+    let probe = |mesh: &MeshUnderTest, service: &str| {
+        mesh.mesh
+            .service_command(service, &["--probe"])
+            .expect("probe command")
+            .status()
+            .expect("run --probe")
+            .success()
+    };
+    assert!(probe(&mesh, "inference"));
+
+    mesh.mesh.kill("audit").await;
+    for service in dependents {
+        let address = mesh.mesh.address(service).expect("address");
+        let waited = wait_for_health(
+            &tls,
+            address,
+            service,
+            ServingStatus::NotServing,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+        println!(
+            "{service}: NOT_SERVING {} ms after the ledger went",
+            waited.as_millis()
+        );
+        assert!(
+            !probe(&mesh, service),
+            "{service} --probe while the ledger is gone"
+        );
+    }
+    // Validation needs no ledger and stays ready.
+    assert_eq!(
+        health_of(
+            &tls,
+            mesh.mesh.address("validation").expect("address"),
+            "validation"
+        )
+        .await
+        .expect("health"),
+        ServingStatus::Serving
+    );
+
+    let settings = mesh.settings.clone();
+    mesh.mesh
+        .restart("audit", &settings)
+        .await
+        .expect("audit back on its port");
+    for service in dependents {
+        let address = mesh.mesh.address(service).expect("address");
+        wait_for_health(
+            &tls,
+            address,
+            service,
+            ServingStatus::Serving,
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+        assert!(
+            probe(&mesh, service),
+            "{service} --probe once the ledger is back"
+        );
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_service_is_restarted_on_its_port_and_predictions_resume() {
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let image = Assets::locate().dicom("MR_small.dcm");
+    let token = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .infer(authorised(infer_request(image.clone()), &token))
+        .await
+        .expect("a prediction before the crash");
+
+    let address = mesh.mesh.address("validation").expect("address");
+    let pid = mesh.mesh.pid("validation").expect("pid");
+    let killed_at = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill -9");
+    assert!(killed.success());
+
+    // Predictions fail while validation is gone, and succeed again once it is back.
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut failures = 0;
+    loop {
+        match gateway
+            .infer(authorised(infer_request(image.clone()), &token))
+            .await
+        {
+            Ok(response) => {
+                assert!(response.into_inner().prediction.is_some());
+                break;
+            }
+            Err(_) => failures += 1,
+        }
+        assert!(
+            killed_at.elapsed() < BOUND,
+            "no prediction within {BOUND:?} of the crash"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let resumed = killed_at.elapsed();
+    println!(
+        "prediction succeeded again {} ms after kill -9 ({failures} failed attempts)",
+        resumed.as_millis()
+    );
+    assert!(mesh.mesh.restarts("validation") >= 1);
+    let new_pid = mesh.mesh.pid("validation").expect("running again");
+    assert_ne!(new_pid, pid);
+    assert_eq!(
+        mesh.mesh.address("validation"),
+        Some(address),
+        "same port, so clients reconnect"
+    );
+    let launcher_log =
+        std::fs::read_to_string(mesh.settings.state_dir.join("logs").join("launcher.log"))
+            .expect("launcher log");
+    let events: Vec<serde_json::Value> = launcher_log
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert!(
+        events.iter().any(|event| event["event"] == "exited"
+            && event["service"] == "validation"
+            && event["exit"]
+                .as_str()
+                .is_some_and(|exit| exit.contains("9"))),
+        "{launcher_log}"
+    );
+    assert!(
+        events.iter().any(|event| event["event"] == "restarted"
+            && event["service"] == "validation"
+            && event["pid"] == new_pid),
+        "{launcher_log}"
+    );
     mesh.stop().await;
 }

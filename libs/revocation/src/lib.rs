@@ -40,7 +40,7 @@ pub enum Mode {
     Development,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationSettings {
     #[serde(default)]
@@ -51,6 +51,13 @@ pub struct RevocationSettings {
     /// How long a "not revoked" answer may be reused for the same token. 0 checks every time.
     #[serde(default = "default_cache_ms", deserialize_with = "from_str_or_native")]
     pub not_revoked_cache_ms: u64,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for RevocationSettings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("RevocationSettings", self, formatter)
+    }
 }
 
 fn default_cache_ms() -> u64 {

@@ -135,6 +135,96 @@ impl serde::Serialize for Secret {
     }
 }
 
+/// What stands in for a credential wherever a config is shown.
+pub const REDACTED: &str = "<redacted>";
+
+/// A config as it may be shown (`--print-config`, `Debug`): every credential replaced by
+/// [`REDACTED`]. Credentials are the password in a URL's user information
+/// (`postgres://user:PASS@…`, `redis://:PASS@…`), `password=` query parameters, and any field
+/// whose name says it holds one (`password`, `secret`, `token`), whatever its type.
+pub fn redacted_view<T: serde::Serialize + ?Sized>(config: &T) -> Result<toml::Value, String> {
+    let mut value = toml::Value::try_from(config).map_err(|error| error.to_string())?;
+    redact_value(&mut value);
+    Ok(value)
+}
+
+/// `Debug` for a config type, through [`redacted_view`], so a field added later is redacted
+/// by the same rules without anyone remembering to.
+pub fn fmt_redacted<T: serde::Serialize + ?Sized>(
+    name: &str,
+    config: &T,
+    formatter: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    match redacted_view(config) {
+        Ok(value) => write!(formatter, "{name} {value}"),
+        Err(_) => write!(formatter, "{name} {{ {REDACTED} }}"),
+    }
+}
+
+fn is_credential_name(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "credential"]
+        .iter()
+        .any(|word| key == *word || key.ends_with(&format!("_{word}")))
+}
+
+fn redact_value(value: &mut toml::Value) {
+    match value {
+        toml::Value::String(text) => {
+            if let Some(redacted) = redact_url(text) {
+                *text = redacted;
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(redact_value),
+        toml::Value::Table(table) => {
+            for (key, item) in table.iter_mut() {
+                if is_credential_name(key) && !item.is_table() {
+                    *item = toml::Value::String(REDACTED.to_owned());
+                } else {
+                    redact_value(item);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The URL with its password (user information after the first `:`) and any `password=`
+/// query value replaced, or `None` when it carries neither.
+pub fn redact_url(text: &str) -> Option<String> {
+    let (scheme, rest) = text.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let mut changed = false;
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => {
+                changed = true;
+                format!("{user}:{REDACTED}@{host}")
+            }
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((name, _)) if is_credential_name(name) => {
+                        changed = true;
+                        format!("{name}={REDACTED}")
+                    }
+                    _ => parameter.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", parameters.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    changed.then(|| format!("{scheme}://{authority}{tail}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +308,60 @@ mod tests {
             loaded.nested.secret.expect("set").expose(),
             "hunter2-very-secret"
         );
+    }
+
+    #[test]
+    fn url_passwords_and_credential_fields_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://medai:pg-pass-1@db:5432/audit?sslmode=require").as_deref(),
+            Some("postgres://medai:<redacted>@db:5432/audit?sslmode=require")
+        );
+        assert_eq!(
+            redact_url("redis://:redis-pass-2@cache:6379/0").as_deref(),
+            Some("redis://:<redacted>@cache:6379/0")
+        );
+        assert_eq!(
+            redact_url("postgres://db/audit?user=medai&password=query-pass-3").as_deref(),
+            Some("postgres://db/audit?user=medai&password=<redacted>")
+        );
+        assert_eq!(redact_url("https://127.0.0.1:50051"), None);
+        assert_eq!(redact_url("sqlite:///state/audit.sqlite?mode=rwc"), None);
+
+        #[derive(serde::Serialize)]
+        struct Shown {
+            database_url: String,
+            admin_password: String,
+            listen_addr: String,
+            nested: ShownNested,
+        }
+        #[derive(serde::Serialize)]
+        struct ShownNested {
+            redis_url: Option<String>,
+            secret: Secret,
+        }
+        let shown = Shown {
+            database_url: "postgres://u:pg-pass-1@db/x".to_owned(),
+            admin_password: "field-pass-4".to_owned(),
+            listen_addr: "127.0.0.1:1".to_owned(),
+            nested: ShownNested {
+                redis_url: Some("redis://:redis-pass-2@cache".to_owned()),
+                secret: Secret::new("secret-5"),
+            },
+        };
+        let printed = redacted_view(&shown).expect("view").to_string();
+        struct Debugged<'a>(&'a Shown);
+        impl std::fmt::Debug for Debugged<'_> {
+            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                fmt_redacted("Shown", self.0, formatter)
+            }
+        }
+        let debugged = format!("{:?}", Debugged(&shown));
+        for text in [&printed, &debugged] {
+            for password in ["pg-pass-1", "redis-pass-2", "field-pass-4", "secret-5"] {
+                assert!(!text.contains(password), "{password} shown in {text}");
+            }
+            assert!(text.contains("127.0.0.1:1"), "{text}");
+            assert!(text.contains("postgres://u:<redacted>@db/x"), "{text}");
+        }
     }
 }

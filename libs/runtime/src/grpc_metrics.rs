@@ -1,10 +1,14 @@
 //! Request counts and latency histograms per gRPC method and status code, as a tower layer so
 //! no handler repeats it. Labels hold method paths and codes only, never request content.
+//! A path the server does not hold is labelled [`UNKNOWN_METHOD`]: anyone who can open a
+//! connection can make up paths, and each would otherwise be a new series for good.
 //!
 //! The same layer settles each call's correlation id (the caller's, if well formed, else a new
 //! one, written back into the request so handlers see the same) and runs the call inside a
 //! span carrying it, so every log line of the call names it.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -14,14 +18,22 @@ use tracing::Instrument;
 
 use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 
+/// The one label value every method path the server does not hold is counted under.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
     service: &'static str,
+    methods: Arc<BTreeSet<String>>,
 }
 
 impl GrpcMetricsLayer {
-    pub fn new(service: &'static str) -> Self {
-        Self { service }
+    /// `methods` are the full paths the server holds (see `PeerPolicy::methods`).
+    pub fn new(service: &'static str, methods: BTreeSet<String>) -> Self {
+        Self {
+            service,
+            methods: Arc::new(methods),
+        }
     }
 }
 
@@ -32,6 +44,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
         GrpcMetricsService {
             inner,
             service: self.service,
+            methods: self.methods.clone(),
         }
     }
 }
@@ -40,6 +53,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 pub struct GrpcMetricsService<S> {
     inner: S,
     service: &'static str,
+    methods: Arc<BTreeSet<String>>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for GrpcMetricsService<S>
@@ -56,7 +70,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+        let method = request.uri().path();
+        let method = if self.methods.contains(method) {
+            method.to_owned()
+        } else {
+            UNKNOWN_METHOD.to_owned()
+        };
         let service = self.service;
         let started = Instant::now();
         let correlation = accepted_or_new(

@@ -1,5 +1,6 @@
 //! The runtime every MedAI Flow service is built on. Each module is one concern:
-//! configuration, logging, transport security, who may call what, error statuses, health,
+//! configuration, logging, transport security, who may call what, error statuses, health
+//! (readiness),
 //! shutdown and the admin (metrics) endpoint.
 
 pub mod admin;
@@ -8,6 +9,7 @@ pub mod correlation;
 pub mod deadline;
 pub mod errors;
 pub mod grpc_metrics;
+pub mod health;
 pub mod identity;
 pub mod peer_policy;
 pub mod process;

@@ -42,6 +42,41 @@ impl PeerPolicy {
         self
     }
 
+    /// Every method the server holds: a method the policy does not name is refused to every
+    /// caller, so this is the served set (health included).
+    pub fn methods(&self) -> BTreeSet<String> {
+        self.allowed
+            .keys()
+            .chain(self.open.iter())
+            .cloned()
+            .chain(
+                crate::health::HEALTH_METHODS
+                    .iter()
+                    .map(|method| (*method).to_owned()),
+            )
+            .collect()
+    }
+
+    /// The gRPC services the server holds (`medai.audit.v1.AuditService`), health excluded.
+    pub fn services(&self) -> BTreeSet<String> {
+        self.allowed
+            .keys()
+            .chain(self.open.iter())
+            .filter(|method| !method.starts_with(HEALTH_PREFIX))
+            .filter_map(|method| {
+                let (service, _) = method.trim_start_matches('/').split_once('/')?;
+                Some(service.to_owned())
+            })
+            .collect()
+    }
+
+    /// Whether `method` is one of [`PeerPolicy::methods`].
+    pub fn holds(&self, method: &str) -> bool {
+        self.allowed.contains_key(method)
+            || self.open.contains(method)
+            || crate::health::HEALTH_METHODS.contains(&method)
+    }
+
     pub fn permits(&self, method: &str, peer: Option<&ServiceIdentity>) -> bool {
         if self.open.contains(method) {
             return true;
@@ -114,8 +149,13 @@ where
             .map_or("<no certificate>", ServiceIdentity::name)
             .to_owned();
         tracing::warn!(method = %method, peer = %peer_name, "peer refused by policy");
-        metrics::counter!("medai_peer_policy_denials_total", "method" => method.clone())
-            .increment(1);
+        // A made-up path is one label value, so callers cannot mint series.
+        let label = if self.policy.holds(&method) {
+            method.clone()
+        } else {
+            crate::grpc_metrics::UNKNOWN_METHOD.to_owned()
+        };
+        metrics::counter!("medai_peer_policy_denials_total", "method" => label).increment(1);
         let status = status_with_reason(
             ErrorKind::PermissionDenied,
             "medai.mesh",

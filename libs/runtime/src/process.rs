@@ -1,8 +1,12 @@
 //! What every service binary does, once: load typed config from the environment (and the file
 //! named by `<PREFIX>CONFIG`), install JSON logs, bind the gRPC and admin listeners, serve until
-//! SIGTERM/Ctrl-C, then give in-flight calls a grace period to finish.
+//! SIGTERM/Ctrl-C, then drain: report NOT_SERVING at once, keep the listener open and serving
+//! for `drain_seconds` (so load balancers and clients watching health move away first), then
+//! close it and give in-flight calls a grace period to finish. While serving, required
+//! dependencies are probed in the background and the health status follows them.
 //!
-//! `<binary> --print-config` prints the effective config (secrets redacted) and exits.
+//! `<binary> --print-config` prints the effective config (credentials redacted) and exits;
+//! `<binary> --probe` exits non-zero unless the running service reports SERVING.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -16,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::{from_str_or_native, load_from_process};
+use crate::health::{Dependency, Readiness};
 
 /// Where a service listens and how it logs; part of every service's config as `process`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -39,6 +44,19 @@ pub struct ProcessConfig {
     /// An OTLP/gRPC collector (`http://collector:4317`) to export traces to; none when absent.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// After SIGTERM: how long to keep serving while reporting NOT_SERVING, before the
+    /// listener closes.
+    #[serde(
+        default = "default_drain_seconds",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub drain_seconds: u64,
+    /// How often required dependencies (the ledger, an active model) are checked.
+    #[serde(
+        default = "default_dependency_probe_seconds",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub dependency_probe_seconds: u64,
 }
 
 /// What a service writes to its `address_file`.
@@ -54,6 +72,14 @@ fn default_log_filter() -> String {
 
 fn default_grace_seconds() -> u64 {
     10
+}
+
+fn default_drain_seconds() -> u64 {
+    3
+}
+
+fn default_dependency_probe_seconds() -> u64 {
+    2
 }
 
 /// Implemented by each service's config.
@@ -77,6 +103,24 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
+    run_service_with_dependencies(service, env_prefix, serve, |_: &C| Vec::new()).await
+}
+
+/// [`run_service`] for a service that is only ready while `dependencies` (read from its
+/// config) are available.
+pub async fn run_service_with_dependencies<C, F, Fut, E, D>(
+    service: &'static str,
+    env_prefix: &str,
+    serve: F,
+    dependencies: D,
+) -> ExitCode
+where
+    C: ServiceConfig,
+    F: FnOnce(C, TcpListener, ShutdownSignal) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+    D: FnOnce(&C) -> Vec<Dependency>,
+{
     let config: C = match load_from_process(env_prefix) {
         Ok(config) => config,
         Err(error) => {
@@ -87,7 +131,9 @@ where
         }
     };
     if std::env::args().any(|argument| argument == "--print-config") {
-        match toml::to_string_pretty(&config) {
+        let shown = crate::config::redacted_view(&config)
+            .and_then(|view| toml::to_string_pretty(&view).map_err(|error| error.to_string()));
+        match shown {
             Ok(text) => {
                 #[allow(clippy::print_stdout)]
                 {
@@ -124,7 +170,23 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let shutdown: ShutdownSignal = crate::shutdown::termination_signal().boxed().shared();
+    let readiness = Readiness::new();
+    let drain = Duration::from_secs(process.drain_seconds);
+    let shutdown: ShutdownSignal = {
+        let readiness = readiness.clone();
+        async move {
+            crate::shutdown::termination_signal().await;
+            readiness.start_draining();
+            tracing::info!(
+                service,
+                drain_seconds = drain.as_secs(),
+                "draining: NOT_SERVING, still serving until the listener closes"
+            );
+            tokio::time::sleep(drain).await;
+        }
+        .boxed()
+        .shared()
+    };
     let mut admin = None;
     if let Some(admin_addr) = process.admin_addr {
         match start_admin(admin_addr, shutdown.clone()).await {
@@ -149,11 +211,28 @@ where
         return ExitCode::FAILURE;
     }
     tracing::info!(service, address = %grpc, admin = ?admin, "serving");
+    let dependencies = dependencies(&config);
+    let probes = if dependencies.is_empty() {
+        None
+    } else {
+        match crate::tls::TlsMaterial::load(config.tls()) {
+            Ok(tls) => Some(tokio::spawn(crate::health::probe_dependencies(
+                dependencies,
+                tls,
+                readiness.clone(),
+                Duration::from_secs(process.dependency_probe_seconds.max(1)),
+            ))),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot load the TLS material");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
 
     let grace = Duration::from_secs(process.shutdown_grace_seconds);
     let drain_deadline = shutdown.clone().then(move |()| tokio::time::sleep(grace));
     let exit = tokio::select! {
-        result = serve(config, listener, shutdown) => match result {
+        result = readiness.scope(serve(config, listener, shutdown)) => match result {
             Ok(()) => {
                 tracing::info!(service, "stopped");
                 ExitCode::SUCCESS
@@ -168,6 +247,9 @@ where
             ExitCode::FAILURE
         }
     };
+    if let Some(probes) = probes {
+        probes.abort();
+    }
     telemetry.shutdown().await;
     exit
 }

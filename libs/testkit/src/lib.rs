@@ -6,6 +6,8 @@
 pub mod bench;
 pub mod otlp;
 
+pub use rustls;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -141,6 +143,8 @@ pub fn test_process_config() -> ProcessConfig {
         shutdown_grace_seconds: 5,
         address_file: None,
         otlp_endpoint: None,
+        drain_seconds: 0,
+        dependency_probe_seconds: 1,
     }
 }
 
@@ -396,4 +400,60 @@ impl Drop for PrivatePostgres {
             std::process::Command::new(&binary).args(arguments).output()
         };
     }
+}
+
+/// Opens a TLS 1.3 connection to `address` that trusts the CA in `ca_certificate` but offers
+/// no client certificate, and returns the TLS error the server's refusal ends it with (for a
+/// mesh server: the certificate-required alert). Panics if the server answers instead.
+pub fn tls_refusal_without_client_certificate(
+    address: SocketAddr,
+    ca_certificate: &Path,
+    server_name: &str,
+) -> rustls::Error {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_file_iter(ca_certificate).expect("read the CA") {
+        roots
+            .add(certificate.expect("a PEM certificate"))
+            .expect("a CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut connection = rustls::ClientConnection::new(
+        Arc::new(config),
+        ServerName::try_from(server_name.to_owned()).expect("a server name"),
+    )
+    .expect("a TLS client");
+    let mut socket = std::net::TcpStream::connect(address).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut stream = rustls::Stream::new(&mut connection, &mut socket);
+    // The client's side of a TLS 1.3 handshake completes before the server has judged the
+    // client's (empty) certificate; the refusal arrives on the first read.
+    let outcome = stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .and_then(|()| {
+            let mut answer = [0_u8; 64];
+            stream.read(&mut answer)
+        });
+    let error = match outcome {
+        Ok(read) => panic!("the server answered {read} bytes to a client without a certificate"),
+        Err(error) => error,
+    };
+    let description = format!("{error:?}");
+    *error
+        .into_inner()
+        .and_then(|inner| inner.downcast::<rustls::Error>().ok())
+        .unwrap_or_else(|| panic!("not a TLS refusal: {description}"))
 }

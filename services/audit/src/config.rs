@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Environment prefix: `MEDAI_AUDIT_DATABASE_URL`, `MEDAI_AUDIT_TLS__CA_CERT`, …
 pub const ENV_PREFIX: &str = "MEDAI_AUDIT_";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     pub process: ProcessConfig,
@@ -25,6 +25,13 @@ pub struct AuditConfig {
         deserialize_with = "medai_runtime::config::from_str_or_native"
     )]
     pub checkpoint_interval_seconds: u64,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for AuditConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("AuditConfig", self, formatter)
+    }
 }
 
 fn default_checkpoint_interval() -> u64 {

@@ -177,9 +177,27 @@ async fn a_peer_outside_the_policy_is_refused() {
 async fn clients_without_a_mesh_certificate_are_refused() {
     let ledger = Ledger::start(None).await;
     let endpoint = format!("https://{}", ledger.server.address);
+    // TLS without a client certificate: refused by the handshake itself, with the
+    // certificate-required alert (TLS 1.3), not by some later failure.
+    let address = ledger.server.address;
+    let ca_certificate = ledger.pki.layout.ca_certificate();
+    let refusal = tokio::task::spawn_blocking(move || {
+        medai_testkit::tls_refusal_without_client_certificate(
+            address,
+            &ca_certificate,
+            "medai-audit",
+        )
+    })
+    .await
+    .expect("handshake");
+    assert_eq!(
+        refusal,
+        medai_testkit::rustls::Error::AlertReceived(
+            medai_testkit::rustls::AlertDescription::CertificateRequired
+        ),
+        "the ledger must refuse a client without a certificate in the handshake"
+    );
     let ca = std::fs::read(ledger.pki.layout.ca_certificate()).expect("ca");
-
-    // TLS without a client certificate.
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
         .domain_name("medai-audit");
@@ -187,17 +205,12 @@ async fn clients_without_a_mesh_certificate_are_refused() {
         .expect("endpoint")
         .tls_config(tls)
         .expect("tls");
-    let refused = match channel.connect().await {
-        Err(_) => true,
-        Ok(channel) => AuditServiceClient::new(channel)
+    if let Ok(channel) = channel.connect().await {
+        AuditServiceClient::new(channel)
             .append(event("LOGIN", "session"))
             .await
-            .is_err(),
-    };
-    assert!(
-        refused,
-        "a client without a certificate must not reach the ledger"
-    );
+            .expect_err("a client without a certificate must not reach the ledger");
+    }
 
     // A certificate from another CA.
     let foreign = TestPki::new();

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MEDAI_AUTH_";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub process: ProcessConfig,
@@ -24,6 +24,13 @@ pub struct AuthConfig {
     /// argon2id and never logged.
     #[serde(default)]
     pub bootstrap_admin: Option<BootstrapAdmin>,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("AuthConfig", self, formatter)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -1,8 +1,22 @@
 use std::process::ExitCode;
 
 use medai_auth::config::ENV_PREFIX;
+use medai_runtime::health::Dependency;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    medai_runtime::process::run_service("auth", ENV_PREFIX, medai_auth::serve).await
+    // Logins, refreshes and revocations are recorded before they take effect: no ledger, no auth.
+    medai_runtime::process::run_service_with_dependencies(
+        "auth",
+        ENV_PREFIX,
+        medai_auth::serve,
+        |config: &medai_auth::AuthConfig| {
+            vec![Dependency::mesh_service(
+                "ledger",
+                &config.audit_endpoint,
+                "audit",
+            )]
+        },
+    )
+    .await
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MEDAI_GATEWAY_";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     pub process: ProcessConfig,
@@ -42,6 +42,13 @@ pub struct GatewayConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub reflection: bool,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("GatewayConfig", self, formatter)
+    }
 }
 
 fn default_reflection() -> bool {

@@ -24,7 +24,7 @@ use tower::{Layer, Service};
 use crate::error::GatewayError;
 use crate::token_auth::Caller;
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoadControlSettings {
     /// Shared budgets live here; without it each gateway keeps its own.
@@ -52,6 +52,13 @@ pub struct LoadControlSettings {
     /// Calls in flight at once before new ones are shed.
     #[serde(default = "default_in_flight", deserialize_with = "from_str_or_native")]
     pub max_in_flight: usize,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for LoadControlSettings {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("LoadControlSettings", self, formatter)
+    }
 }
 
 fn default_user_rate() -> f64 {

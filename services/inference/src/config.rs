@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MEDAI_INFERENCE_";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceConfig {
     pub process: ProcessConfig,
@@ -23,6 +23,13 @@ pub struct InferenceConfig {
     pub audit_endpoint: String,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for InferenceConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("InferenceConfig", self, formatter)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]

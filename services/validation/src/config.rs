@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub const ENV_PREFIX: &str = "MEDAI_VALIDATION_";
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidationConfig {
     pub process: ProcessConfig,
@@ -25,6 +25,13 @@ pub struct ValidationConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub max_concurrent_decodes: usize,
+}
+
+/// Shown with every credential (URL passwords, secrets) redacted.
+impl std::fmt::Debug for ValidationConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        medai_runtime::config::fmt_redacted("ValidationConfig", self, formatter)
+    }
 }
 
 /// One decode per core: decoding is CPU-bound, so more would not finish sooner.
