@@ -10,6 +10,7 @@ bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 bash scripts/dicom-reference.sh
 bash scripts/kserve-clients.sh
+bash scripts/pacs-tools.sh
 
 echo "== buf lint" >&2
 if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then

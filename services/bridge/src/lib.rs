@@ -1,0 +1,116 @@
+//! The PACS bridge (`medai-bridge`): a client of the gateway deployed next to the PACS. It
+//! receives images as a DICOM Storage SCP, keeps them and the UIDs the mesh never sees in its
+//! own outbox, streams each complete study to the gateway, and returns each result to the PACS
+//! as a DICOM Structured Report.
+
+pub mod config;
+pub mod delivery;
+pub mod dimse;
+pub mod forwarder;
+pub mod outbox;
+pub mod outcome;
+pub mod report;
+pub mod scp;
+pub mod scu;
+pub mod uids;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::net::TcpListener;
+
+use crate::config::BridgeConfig;
+use crate::delivery::ReportDelivery;
+use crate::forwarder::StudyForwarder;
+use crate::outbox::Outbox;
+use crate::scp::StorageScp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigProblem),
+    #[error("the outbox cannot be opened: {0}")]
+    Outbox(#[from] sea_orm::DbErr),
+}
+
+/// The listeners the bridge serves on, bound by the caller (tests bind port 0).
+pub struct BridgeListeners {
+    /// DIMSE (C-ECHO, C-STORE).
+    pub dicom: TcpListener,
+}
+
+/// Serves until `shutdown` completes: the Storage SCP, the study forwarder and the report
+/// delivery, all over one outbox.
+pub async fn serve(
+    config: BridgeConfig,
+    listeners: BridgeListeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BridgeError> {
+    config.validate()?;
+    let outbox = Outbox::open(&config.database_url).await?;
+    let shutdown = shutdown.boxed().shared();
+
+    let scp = Arc::new(StorageScp::new(config.scp.clone(), outbox.clone()));
+    let scp_task = tokio::spawn(scp.run(listeners.dicom, shutdown.clone()));
+
+    let poll = Duration::from_millis(config.poll_interval_ms.max(10));
+    let quiet_period_ms = config.study_quiet_period_ms;
+    let mut forwarder = StudyForwarder::new(config.gateway.clone(), outbox.clone());
+    let forwarding_outbox = outbox.clone();
+    let forwarding = async move {
+        loop {
+            match forwarding_outbox.quiet_studies(quiet_period_ms).await {
+                Ok(studies) => {
+                    for study in studies {
+                        match forwarder.forward(&study).await {
+                            Ok(summary) => tracing::info!(
+                                images = study.instances.len(),
+                                results = summary.results,
+                                refused = summary.refused,
+                                retry_later = summary.retry_later,
+                                "study forwarded"
+                            ),
+                            Err(error) => {
+                                tracing::warn!(error = %error, "study not forwarded; retried later");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(error) => tracing::error!(error = %error, "the outbox cannot be read"),
+            }
+            tokio::time::sleep(poll).await;
+        }
+    };
+
+    let delivery = ReportDelivery {
+        destination: config.results.clone(),
+        calling_ae_title: config.scp.ae_title.clone(),
+        uid_root: config.uid_root.clone(),
+        outbox,
+    };
+    let delivering = async move {
+        loop {
+            match delivery.deliver_due().await {
+                Ok(summary) if summary.delivered + summary.failed > 0 => tracing::info!(
+                    delivered = summary.delivered,
+                    failed = summary.failed,
+                    "reports sent"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::error!(error = %error, "the outbox cannot be read"),
+            }
+            tokio::time::sleep(poll).await;
+        }
+    };
+
+    tokio::select! {
+        () = shutdown.clone() => {}
+        () = forwarding => {}
+        () = delivering => {}
+    }
+    let _ = scp_task.await;
+    tracing::info!("bridge stopped");
+    Ok(())
+}

@@ -1,0 +1,642 @@
+//! The PACS integration, end to end with a real PACS: a throwaway Orthanc (Debian `orthanc`,
+//! its own configuration on free ports, declaring the bridge as a modality), the whole mesh
+//! (five processes over mTLS, PostgreSQL) and the bridge. Real DICOM files are uploaded to
+//! Orthanc through its REST API and Orthanc is asked to send the study to the bridge by
+//! C-STORE; dcmtk's `storescu` sends another study as a modality would. Each image comes back
+//! into Orthanc as a Structured Report under the same study, whose content matches the
+//! gateway's stored result and the ledger, and which dcmtk's `dsrdump` parses cleanly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::file::ReadPreamble;
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
+use medai_bridge::config::BridgeConfig;
+use medai_bridge::{BridgeListeners, serve};
+use medai_e2e::{MeshUnderTest, Storage, authorised};
+use medai_proto::gateway::v1 as gw;
+use medai_testkit::{Assets, sqlite_url};
+use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIGHT: &str = "synthetic-light";
+const BRIDGE_AE: &str = "MEDAI_BRIDGE";
+const ORTHANC_AE: &str = "ORTHANC";
+const BRIDGE_USER: &str = "pacs-bridge";
+const BRIDGE_PASSWORD: &str = "the pacs bridge's password 123";
+const UID_ROOT: &str = "1.2.826.0.1.3680043.10.1234";
+/// How long the whole round trip may take in a debug build on a shared machine.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// A port free now, for Orthanc (which binds its own listeners from its configuration).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// One HTTP/1.0 exchange (Orthanc closes after the answer): status and body.
+async fn http(address: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to Orthanc");
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    stream.write_all(body).await.expect("send body");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read answer");
+    let split = answer
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("HTTP head");
+    let status_line = String::from_utf8_lossy(&answer[..split]).to_string();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (status, answer[split + 4..].to_vec())
+}
+
+async fn http_json(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> serde_json::Value {
+    let (status, body) = http(address, method, path, body).await;
+    assert_eq!(
+        status,
+        200,
+        "{method} {path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    serde_json::from_slice(&body).expect("JSON answer")
+}
+
+/// A throwaway Orthanc: its own configuration, storage and ports; killed on drop.
+struct Orthanc {
+    http: SocketAddr,
+    dicom_port: u16,
+    process: tokio::process::Child,
+    directory: tempfile::TempDir,
+}
+
+impl Orthanc {
+    async fn start(bridge: SocketAddr) -> Self {
+        let directory = tempfile::tempdir().expect("orthanc dir");
+        let http_port = free_port();
+        let dicom_port = free_port();
+        let configuration = serde_json::json!({
+            "Name": "medai-test-pacs",
+            "StorageDirectory": directory.path().join("storage"),
+            "IndexDirectory": directory.path().join("index"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": ORTHANC_AE,
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "HttpServerEnabled": true,
+            "DicomServerEnabled": true,
+            "DicomCheckCalledAet": true,
+            "DicomAlwaysAllowStore": true,
+            "DicomModalities": { "bridge": [BRIDGE_AE, "127.0.0.1", bridge.port()] },
+            "Plugins": [],
+            "ConcurrentJobs": 2,
+            "DicomScuTimeout": 60,
+            "StableAge": 60,
+        });
+        let path = directory.path().join("orthanc.json");
+        std::fs::write(&path, configuration.to_string()).expect("write configuration");
+        let log = std::fs::File::create(directory.path().join("orthanc.log")).expect("log");
+        let orthanc = if Path::new("/usr/sbin/Orthanc").exists() {
+            PathBuf::from("/usr/sbin/Orthanc")
+        } else {
+            PathBuf::from("Orthanc")
+        };
+        let process = tokio::process::Command::new(orthanc)
+            .arg(&path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("Orthanc starts (scripts/pacs-tools.sh installs it)");
+        let orthanc = Self {
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            dicom_port,
+            process,
+            directory,
+        };
+        // Ready when its REST API answers.
+        let started = Instant::now();
+        loop {
+            if let Ok(Ok(stream)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(orthanc.http),
+            )
+            .await
+            {
+                drop(stream);
+                let (status, _) = http(orthanc.http, "GET", "/system", b"").await;
+                if status == 200 {
+                    return orthanc;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "Orthanc did not start: {}",
+                orthanc.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.directory.path().join("orthanc.log")).unwrap_or_default()
+    }
+
+    /// Uploads one file; returns Orthanc's id of its study.
+    async fn upload(&self, file: &[u8]) -> String {
+        let answer = http_json(self.http, "POST", "/instances", file).await;
+        answer["ParentStudy"]
+            .as_str()
+            .expect("parent study")
+            .to_owned()
+    }
+
+    /// Orthanc's study id for a Study Instance UID.
+    async fn study_id(&self, study_instance_uid: &str) -> Option<String> {
+        let query = serde_json::json!({
+            "Level": "Study",
+            "Query": { "StudyInstanceUID": study_instance_uid },
+        });
+        let answer = http_json(
+            self.http,
+            "POST",
+            "/tools/find",
+            query.to_string().as_bytes(),
+        )
+        .await;
+        answer.as_array()?.first()?.as_str().map(str::to_owned)
+    }
+
+    /// Orthanc ids of the SR instances filed under a study.
+    async fn reports_in(&self, study_id: &str) -> Vec<String> {
+        let series = http_json(
+            self.http,
+            "GET",
+            &format!("/studies/{study_id}/series"),
+            b"",
+        )
+        .await;
+        series
+            .as_array()
+            .expect("series")
+            .iter()
+            .filter(|series| series["MainDicomTags"]["Modality"] == "SR")
+            .flat_map(|series| series["Instances"].as_array().cloned().unwrap_or_default())
+            .filter_map(|instance| instance.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn wait_for_reports(&self, study_instance_uid: &str, expected: usize) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            if let Some(study) = self.study_id(study_instance_uid).await {
+                let reports = self.reports_in(&study).await;
+                assert!(
+                    reports.len() <= expected,
+                    "more reports than images: {}",
+                    reports.len()
+                );
+                if reports.len() == expected {
+                    return reports;
+                }
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no {expected} reports in Orthanc in time; Orthanc log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn file(&self, instance_id: &str) -> Vec<u8> {
+        let (status, body) = http(
+            self.http,
+            "GET",
+            &format!("/instances/{instance_id}/file"),
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200);
+        body
+    }
+}
+
+/// A copy of a real file under a new SOP Instance UID, so one acquisition becomes a series.
+fn copy_as_instance(source: &Path, index: u32) -> (Vec<u8>, String) {
+    let file = dicom_object::open_file(source).expect("source file");
+    let transfer_syntax = file.meta().transfer_syntax().to_owned();
+    let mut object: InMemDicomObject = file.into_inner();
+    let uid = format!("{UID_ROOT}.77.{}", index + 1);
+    object.put(DataElement::new(
+        tags::SOP_INSTANCE_UID,
+        VR::UI,
+        PrimitiveValue::from(uid.as_str()),
+    ));
+    object.put(DataElement::new(
+        tags::INSTANCE_NUMBER,
+        VR::IS,
+        PrimitiveValue::from((index + 1).to_string()),
+    ));
+    let meta = FileMetaTableBuilder::new().transfer_syntax(transfer_syntax);
+    let mut bytes = Vec::new();
+    object
+        .with_meta(meta)
+        .expect("meta")
+        .write_all(&mut bytes)
+        .expect("write copy");
+    (bytes, uid)
+}
+
+fn uid_of(file: &Path, tag: dicom_core::Tag) -> String {
+    dicom_object::open_file(file)
+        .expect("file")
+        .element(tag)
+        .expect("uid")
+        .to_str()
+        .expect("text")
+        .trim_end_matches('\0')
+        .to_owned()
+}
+
+/// What an SR says, read back from Orthanc's copy.
+#[derive(Debug)]
+struct ReportContent {
+    study_instance_uid: String,
+    patient_id: String,
+    referenced_sop_instance_uid: String,
+    result_id: String,
+    ledger_seq: u64,
+    probabilities: BTreeMap<String, f64>,
+    finding: String,
+    preliminary: String,
+    disclaimer: String,
+}
+
+fn read_report(bytes: &[u8]) -> ReportContent {
+    let object = OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(bytes)
+        .expect("SR parses");
+    let text = |object: &InMemDicomObject, tag| {
+        object
+            .element(tag)
+            .map(|element| {
+                element
+                    .to_str()
+                    .expect("text")
+                    .trim_end_matches(['\0', ' '])
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let mut items: Vec<InMemDicomObject> = Vec::new();
+    let mut stack: Vec<InMemDicomObject> = vec![(*object).clone()];
+    while let Some(node) = stack.pop() {
+        if let Some(children) = node.get(tags::CONTENT_SEQUENCE) {
+            for child in children.items().expect("items") {
+                items.push(child.clone());
+                stack.push(child.clone());
+            }
+        }
+    }
+    let concept = |item: &InMemDicomObject| {
+        text(
+            &item
+                .element(tags::CONCEPT_NAME_CODE_SEQUENCE)
+                .expect("concept")
+                .items()
+                .expect("code")[0],
+            tags::CODE_VALUE,
+        )
+    };
+    let find = |code: &str| {
+        items
+            .iter()
+            .find(|item| concept(item) == code)
+            .unwrap_or_else(|| panic!("no content item {code}"))
+    };
+    let number = |item: &InMemDicomObject| -> f64 {
+        text(
+            &item
+                .element(tags::MEASURED_VALUE_SEQUENCE)
+                .expect("measured")
+                .items()
+                .expect("value")[0],
+            tags::NUMERIC_VALUE,
+        )
+        .parse()
+        .expect("decimal")
+    };
+    let probabilities = items
+        .iter()
+        .filter_map(|item| {
+            concept(item)
+                .strip_prefix("P-")
+                .map(|label| (label.to_owned(), number(item)))
+        })
+        .collect();
+    let image = items
+        .iter()
+        .find(|item| text(item, tags::VALUE_TYPE) == "IMAGE")
+        .expect("image reference");
+    let finding = &find("121071")
+        .element(tags::CONCEPT_CODE_SEQUENCE)
+        .expect("code")
+        .items()
+        .expect("code")[0];
+    ReportContent {
+        study_instance_uid: text(&object, tags::STUDY_INSTANCE_UID),
+        patient_id: text(&object, tags::PATIENT_ID),
+        referenced_sop_instance_uid: text(
+            &image
+                .element(tags::REFERENCED_SOP_SEQUENCE)
+                .expect("reference")
+                .items()
+                .expect("item")[0],
+            tags::REFERENCED_SOP_INSTANCE_UID,
+        ),
+        result_id: text(find("112039"), tags::TEXT_VALUE),
+        ledger_seq: number(find("LEDGER_SEQ")) as u64,
+        probabilities,
+        finding: text(finding, tags::CODE_MEANING),
+        preliminary: text(&object, tags::PRELIMINARY_FLAG),
+        disclaimer: text(find("DISCLAIMER"), tags::TEXT_VALUE),
+    }
+}
+
+/// (resource, outcome) of every INFERENCE entry in the ledger.
+async fn inference_entries(mesh: &MeshUnderTest) -> Vec<(String, String)> {
+    let database = Database::connect(mesh.settings.audit_database_url.as_str())
+        .await
+        .expect("connect to the ledger");
+    database
+        .query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT resource, outcome FROM ledger_entries WHERE action = 'INFERENCE' ORDER BY seq",
+        ))
+        .await
+        .expect("query the ledger")
+        .into_iter()
+        .map(|row| {
+            (
+                row.try_get("", "resource").expect("resource"),
+                row.try_get("", "outcome").expect("outcome"),
+            )
+        })
+        .collect()
+}
+
+fn bridge_config(mesh: &MeshUnderTest, state: &Path, orthanc_dicom_port: u16) -> BridgeConfig {
+    let text = format!(
+        r#"
+dicom_listen_addr = "127.0.0.1:0"
+database_url = "{database}"
+uid_root = "{UID_ROOT}"
+study_quiet_period_ms = 500
+poll_interval_ms = 100
+[scp]
+ae_title = "{BRIDGE_AE}"
+allowed_calling_ae_titles = ["{ORTHANC_AE}", "STORESCU"]
+[gateway]
+endpoint = "{endpoint}"
+ca_certificate = "{ca}"
+username = "{BRIDGE_USER}"
+password = "{BRIDGE_PASSWORD}"
+model_name = "{LIGHT}"
+model_version = "1"
+[results]
+address = "127.0.0.1:{orthanc_dicom_port}"
+ae_title = "{ORTHANC_AE}"
+"#,
+        database = sqlite_url(state, "bridge.db"),
+        endpoint = mesh.gateway_endpoint(),
+        ca = mesh.mesh.pki_layout().ca_certificate().display(),
+    );
+    medai_runtime::config::load_config("MEDAI_BRIDGE_", Some(&text), &Default::default())
+        .expect("valid bridge config")
+}
+
+async fn dsrdump_is_clean(bytes: &[u8]) {
+    let directory = tempfile::tempdir().expect("dir");
+    let path = directory.path().join("report.dcm");
+    std::fs::write(&path, bytes).expect("write");
+    let dump = tokio::process::Command::new("dsrdump")
+        .arg(&path)
+        .output()
+        .await
+        .expect("dsrdump runs (scripts/pacs-tools.sh installs dcmtk)");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&dump.stdout),
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert!(dump.status.success(), "{printed}");
+    assert!(
+        !printed
+            .lines()
+            .any(|line| line.starts_with("E:") || line.starts_with("W:")),
+        "dsrdump reported problems:\n{printed}"
+    );
+}
+
+#[tokio::test]
+async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_report_per_image() {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .create_user(authorised(
+            gw::CreateUserRequest {
+                username: BRIDGE_USER.to_owned(),
+                password: BRIDGE_PASSWORD.to_owned(),
+                role: "clinician".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create the bridge's user");
+
+    // The bridge, on a listener bound here (port 0), pointed at Orthanc for its reports.
+    let orthanc_dicom_port = free_port();
+    let state = tempfile::tempdir().expect("bridge state");
+    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bridge_address = dicom.local_addr().expect("address");
+    let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
+    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
+    config.scp.max_associations = 4;
+    let bridge = tokio::spawn(serve(config, BridgeListeners { dicom }, async move {
+        let _ = bridge_stopped.await;
+    }));
+
+    let mut orthanc = Orthanc::start(bridge_address).await;
+    assert_eq!(orthanc.dicom_port, orthanc_dicom_port);
+    // Orthanc's own check that the bridge answers C-ECHO as the declared modality.
+    let (echo_status, echo_body) =
+        http(orthanc.http, "POST", "/modalities/bridge/echo", b"{}").await;
+    assert_eq!(echo_status, 200, "{}", String::from_utf8_lossy(&echo_body));
+
+    // A multi-image MR series: the real MR_small.dcm as eight instances of one study.
+    const IMAGES: u32 = 8;
+    let assets = Assets::locate();
+    let mr = assets.dicom_dir.join("MR_small.dcm");
+    let mr_study = uid_of(&mr, tags::STUDY_INSTANCE_UID);
+    let mut sent_instances = BTreeSet::new();
+    let mut orthanc_study = String::new();
+    for index in 0..IMAGES {
+        let (bytes, uid) = copy_as_instance(&mr, index);
+        orthanc_study = orthanc.upload(&bytes).await;
+        sent_instances.insert(uid);
+    }
+
+    let started = Instant::now();
+    let store = serde_json::json!({ "Resources": [orthanc_study], "Synchronous": true });
+    let (status, body) = http(
+        orthanc.http,
+        "POST",
+        "/modalities/bridge/store",
+        store.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        200,
+        "Orthanc's C-STORE to the bridge: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let stored_after = started.elapsed();
+    let reports = orthanc.wait_for_reports(&mr_study, IMAGES as usize).await;
+    let round_trip = started.elapsed();
+    eprintln!(
+        "PACS round trip ({LIGHT}): {IMAGES} images, Orthanc C-STORE to the bridge {:.2} s, last SR stored in Orthanc after {:.2} s (includes the 0.5 s quiet period): {:.2} images/s",
+        stored_after.as_secs_f64(),
+        round_trip.as_secs_f64(),
+        f64::from(IMAGES) / round_trip.as_secs_f64()
+    );
+
+    // One SR per image, each matching the gateway's stored result and its ledger entry.
+    let source_patient = dicom_object::open_file(&mr)
+        .expect("file")
+        .element(tags::PATIENT_ID)
+        .expect("patient id")
+        .to_str()
+        .expect("text")
+        .trim_end_matches(['\0', ' '])
+        .to_owned();
+    let ledger = inference_entries(&mesh).await;
+    let mut referenced = BTreeSet::new();
+    for report in &reports {
+        let bytes = orthanc.file(report).await;
+        dsrdump_is_clean(&bytes).await;
+        let content = read_report(&bytes);
+        assert_eq!(content.study_instance_uid, mr_study);
+        assert_eq!(content.patient_id, source_patient);
+        assert_eq!(content.preliminary, "PRELIMINARY");
+        assert!(
+            content.disclaimer.starts_with("RESEARCH USE ONLY"),
+            "{}",
+            content.disclaimer
+        );
+        assert!(referenced.insert(content.referenced_sop_instance_uid.clone()));
+        let stored = gateway
+            .get_result(authorised(
+                gw::GetResultRequest {
+                    result_id: content.result_id.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("the SR's result id names a stored result")
+            .into_inner()
+            .result
+            .expect("result");
+        assert_eq!(stored.model_name, LIGHT);
+        assert_eq!(stored.ledger_seq, content.ledger_seq);
+        assert_eq!(stored.top_label, content.finding);
+        assert_eq!(stored.probabilities.len(), content.probabilities.len());
+        for entry in &stored.probabilities {
+            let reported = content.probabilities[&entry.label];
+            assert!(
+                (reported - f64::from(entry.probability)).abs() < 1e-6,
+                "{}: {reported} vs {}",
+                entry.label,
+                entry.probability
+            );
+        }
+        let recorded: Vec<_> = ledger
+            .iter()
+            .filter(|(resource, _)| resource == &format!("result/{}", content.result_id))
+            .collect();
+        assert_eq!(
+            recorded.len(),
+            1,
+            "one ledger record per image: {recorded:?}"
+        );
+        assert_eq!(recorded[0].1, "SUCCESS");
+    }
+    assert_eq!(
+        referenced, sent_instances,
+        "every image has its report, none twice"
+    );
+    assert_eq!(
+        ledger.len(),
+        IMAGES as usize,
+        "no inference recorded beyond one per image: {ledger:?}"
+    );
+
+    // dcmtk's storescu as a modality: another study straight to the bridge.
+    let ct = assets.dicom_dir.join("CT_small.dcm");
+    let ct_study = uid_of(&ct, tags::STUDY_INSTANCE_UID);
+    let port = bridge_address.port().to_string();
+    let storescu = tokio::process::Command::new("storescu")
+        .args(["-aet", "STORESCU", "-aec", BRIDGE_AE, "127.0.0.1", &port])
+        .arg(&ct)
+        .output()
+        .await
+        .expect("storescu runs");
+    assert!(
+        storescu.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&storescu.stdout),
+        String::from_utf8_lossy(&storescu.stderr)
+    );
+    let ct_reports = orthanc.wait_for_reports(&ct_study, 1).await;
+    let ct_report = read_report(&orthanc.file(&ct_reports[0]).await);
+    assert_eq!(
+        ct_report.referenced_sop_instance_uid,
+        uid_of(&ct, tags::SOP_INSTANCE_UID)
+    );
+    assert_eq!(ct_report.study_instance_uid, ct_study);
+
+    let _ = stop_bridge.send(());
+    bridge
+        .await
+        .expect("bridge task")
+        .expect("bridge stopped cleanly");
+    orthanc.process.kill().await.expect("stop Orthanc");
+    mesh.stop().await;
+}
