@@ -6,7 +6,8 @@ use medai_runtime::health::Dependency;
 #[tokio::main]
 async fn main() -> ExitCode {
     // Logins, refreshes and revocations are recorded before they take effect: no ledger, no auth.
-    medai_runtime::process::run_service_with_dependencies(
+    // Boxed: auth's serve future is large (its stores and authority are built inside it).
+    Box::pin(medai_runtime::process::run_service_with_dependencies(
         "auth",
         ENV_PREFIX,
         medai_auth::serve,
@@ -17,6 +18,6 @@ async fn main() -> ExitCode {
                 "audit",
             )]
         },
-    )
+    ))
     .await
 }
