@@ -28,6 +28,8 @@ impl Validation {
                 "test patient-key secret",
             )),
             max_concurrent_decodes: 2,
+            decode_memory_budget_bytes:
+                medai_validation::config::default_decode_memory_budget_bytes(),
         };
         let server = TestServer::start(|listener, shutdown| {
             medai_validation::serve(config, listener, shutdown)
@@ -424,6 +426,7 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
         },
         patient_key_secret: None,
         max_concurrent_decodes: 2,
+        decode_memory_budget_bytes: medai_validation::config::default_decode_memory_budget_bytes(),
     };
     let server =
         TestServer::start(|listener, shutdown| medai_validation::serve(config, listener, shutdown))
