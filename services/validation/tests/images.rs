@@ -475,7 +475,7 @@ async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
     // dicom-rs ends the meta group by its group length and inflates a data set declaring a
     // huge OB value (2.5 GB reserved); the length walk ended it at the foreign element and
     // inflated garbage from there. It now ends the group where dicom-rs does, and inflating
-    // the real data set whole, under the cap, finds its deflate stream corrupt.
+    // the real data set as a stream, under the cap, finds its deflate stream corrupt.
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/fuzz-deflate-after-meta-group-length.dcm"

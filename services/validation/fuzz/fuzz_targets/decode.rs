@@ -41,8 +41,16 @@ fn decode_all(data: &[u8]) {
             // Never more than the limits allow: the data set (at most max_bytes besides the
             // pixels), the declared pixels, and working copies of one frame (8 bytes a value).
             let most = limits.max_bytes as u64 + 1 + 9 * limits.max_decoded_bytes;
-            assert!(plan.memory_bytes() <= most, "a plan beyond the limits: {plan:?}");
-            let _ = decode_planned(data, &plan, &limits, Some(b"fuzz patient-key secret"));
+            assert!(
+                plan.memory_bytes() <= most,
+                "a plan beyond the limits: {plan:?}"
+            );
+            let _ = decode_planned(
+                data,
+                &plan,
+                &limits,
+                Some(b"fuzz patient-key secret".as_slice()),
+            );
         }
     }
     let _ = decode_image(data, None, &limits);
@@ -58,7 +66,9 @@ fuzz_target!(|data: &[u8]| {
             .location()
             .map(|location| format!("{}:{}", location.file(), location.line()))
             .unwrap_or_default();
-        *LAST_PANIC.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(place);
+        *LAST_PANIC
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(place);
     }));
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| decode_all(data)));
     panic::set_hook(abort_hook);
@@ -72,7 +82,9 @@ fuzz_target!(|data: &[u8]| {
         if !third_party {
             panic!("panic in this project's code at {place}");
         }
-        let mut contained = CONTAINED.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut contained = CONTAINED
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if contained.insert(place.clone()) {
             eprintln!("contained third-party codec panic at {place}");
         }
