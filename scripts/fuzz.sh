@@ -13,6 +13,9 @@
 # Fifth: a deflated file with a foreign element inside its meta group (tests/data/fuzz-deflate-
 # after-meta-group-length.dcm); the length walk ended the group elsewhere than dicom-rs and
 # inflated the wrong bytes, while dicom-rs reserved 2.5 GB. The walk now follows the group length.
+# Issue 12: sequences nested thousands deep overflowed dicom-rs's recursive parser (an abort);
+# deflate bombs were inflated in full before their declared size was refused. Both are now
+# refused by the pre-parse walk, and seeded (services/validation/fuzz/hostile_seeds.py).
 # Panics inside third-party codecs are contained and listed ("contained third-party codec
 # panic at …"), not crashes; panics in this project's code, aborts and OOM are crashes.
 # Resident memory is capped at 2 GiB and single allocations at 4 GiB. Leak detection is off:
@@ -31,5 +34,8 @@ cp .cache/dicom/MR_small.dcm .cache/dicom/SC_rgb_rle.dcm .cache/dicom/MR_small_j
    .cache/dicom/SC_rgb_jpeg_gdcm.dcm .cache/dicom/image_dfl.dcm .cache/dicom/CT_small.dcm \
    .cache/dicom/JPGExtended.dcm .cache/dicom/SC_ybr_full_422_uncompressed.dcm \
    .cache/dicom/ExplVR_BigEnd.dcm .cache/dicom/SC_jpeg_no_color_transform.dcm "$corpus"/
+# Hostile shapes the service refuses from headers (nesting past the limit, too many elements,
+# deflate bombs, PNG/JPEG declaring huge sides), so the run starts next to each check.
+python3 services/validation/fuzz/hostile_seeds.py "$corpus" .cache/dicom/SC_jpeg_no_color_transform.dcm
 RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir services/validation/fuzz decode -- \
   -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=4096 -detect_leaks=0

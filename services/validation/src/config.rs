@@ -25,6 +25,20 @@ pub struct ValidationConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub max_concurrent_decodes: usize,
+    /// Memory all decodes running at once may hold together, in bytes: each takes what its
+    /// header declares (pixel data plus one frame's working copies) before it starts, and waits
+    /// while the rest is taken; one that needs more than the whole budget is refused with
+    /// IMAGE_DECODED_SIZE_TOO_LARGE.
+    #[serde(
+        default = "default_decode_memory_budget_bytes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub decode_memory_budget_bytes: u64,
+}
+
+/// Half of the Helm chart's 2 GiB memory limit; the rest is for requests in flight.
+pub fn default_decode_memory_budget_bytes() -> u64 {
+    1 << 30
 }
 
 /// Shown with every credential (URL passwords, secrets) redacted.

@@ -13,7 +13,9 @@ use dicom_pixeldata::{
     PixelRepresentation, VoiLutFunction,
 };
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use image::{DynamicImage, GrayImage, ImageFormat as RasterFormat, ImageReader, Limits};
+use image::{
+    DynamicImage, GrayImage, ImageDecoder, ImageFormat as RasterFormat, ImageReader, Limits,
+};
 
 use crate::config::ImageLimits;
 use crate::display::{GreyTransform, VoiFunction, Window, normalise_stored};
@@ -109,6 +111,41 @@ pub fn decode_image_with_key(
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
 ) -> Result<CanonicalImage, ValidationError> {
+    let plan = plan_decode(bytes, declared, limits)?;
+    decode_planned(bytes, &plan, limits, patient_key_secret)
+}
+
+/// What decoding an image will cost, known from its header alone: every check that needs no
+/// pixel has passed, and [`DecodePlan::memory_bytes`] says how much memory the decode may hold,
+/// so a server can admit it against a memory budget before anything is inflated or decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    format: SourceFormat,
+    /// The bytes the (top-level) pixel data decodes to as declared, for DICOM.
+    pixel_bytes: Option<u64>,
+    memory_bytes: u64,
+}
+
+impl DecodePlan {
+    pub fn format(&self) -> SourceFormat {
+        self.format
+    }
+
+    /// The memory the decode may hold at its peak: the declared pixel data (or the parsed data
+    /// set, if larger) plus working copies of one frame.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+}
+
+/// Checks `bytes` as far as its headers go: byte count, format, and for DICOM the structure walk
+/// (declared lengths, nesting, element count, deflate cap) and the image attributes; for PNG and
+/// JPEG the dimensions their headers declare.
+pub fn plan_decode(
+    bytes: &[u8],
+    declared: Option<SourceFormat>,
+    limits: &ImageLimits,
+) -> Result<DecodePlan, ValidationError> {
     if bytes.is_empty() {
         return Err(ValidationError::Empty);
     }
@@ -124,10 +161,74 @@ pub fn decode_image_with_key(
             format: "a known format",
         })?;
     match format {
+        SourceFormat::Png => plan_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
+        SourceFormat::Jpeg => plan_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
+        SourceFormat::Dicom => {
+            let walk = crate::dicom_lengths::check_declared_lengths(bytes, limits)?;
+            let declared = walk.declared;
+            // Only a checked header says what a frame holds; without pixel data nothing is
+            // decoded.
+            let frame_values = walk.pixel_bytes.map_or(0, |_| {
+                u64::from(declared.rows.unwrap_or(0))
+                    * u64::from(declared.columns.unwrap_or(0))
+                    * u64::from(declared.samples_per_pixel.unwrap_or(1).max(1))
+            });
+            // The frame as decoded (up to 16 bits), its stored values (32 bits) and the 8-bit
+            // display and canonical buffers.
+            let working = frame_values * (2 + 4 + 1 + 1);
+            Ok(DecodePlan {
+                format,
+                pixel_bytes: walk.pixel_bytes,
+                memory_bytes: walk
+                    .pixel_bytes
+                    .unwrap_or(0)
+                    .max(walk.data_set_bytes)
+                    .saturating_add(working),
+            })
+        }
+    }
+}
+
+/// Decodes an image whose [`plan_decode`] passed, with that plan.
+pub fn decode_planned(
+    bytes: &[u8],
+    plan: &DecodePlan,
+    limits: &ImageLimits,
+    patient_key_secret: Option<&[u8]>,
+) -> Result<CanonicalImage, ValidationError> {
+    match plan.format {
         SourceFormat::Png => decode_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
         SourceFormat::Jpeg => decode_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
-        SourceFormat::Dicom => decode_dicom(bytes, limits, patient_key_secret),
+        SourceFormat::Dicom => decode_dicom(bytes, plan, limits, patient_key_secret),
     }
+}
+
+/// Reads a PNG or JPEG header only: the declared sides are checked before a pixel is decoded,
+/// and the decoded size (from the declared sides and colour type) becomes the plan's memory.
+fn plan_raster(
+    bytes: &[u8],
+    raster_format: RasterFormat,
+    format: SourceFormat,
+    limits: &ImageLimits,
+) -> Result<DecodePlan, ValidationError> {
+    let undecodable = || ValidationError::Undecodable {
+        format: format.name(),
+    };
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), raster_format);
+    // Reading the header may allocate too (metadata chunks), never more than an image may.
+    let mut header_limits = Limits::default();
+    header_limits.max_alloc = Some(limits.max_canonical_bytes() as u64 * 2);
+    reader.limits(header_limits);
+    let decoder = reader.into_decoder().map_err(|_| undecodable())?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height, limits)?;
+    // The decoded image and its canonical conversion.
+    let memory_bytes = decoder.total_bytes().saturating_mul(2);
+    Ok(DecodePlan {
+        format,
+        pixel_bytes: None,
+        memory_bytes,
+    })
 }
 
 fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), ValidationError> {
@@ -152,10 +253,6 @@ fn decode_raster(
     let undecodable = || ValidationError::Undecodable {
         format: format.name(),
     };
-    let (width, height) = ImageReader::with_format(Cursor::new(bytes), raster_format)
-        .into_dimensions()
-        .map_err(|_| undecodable())?;
-    check_dimensions(width, height, limits)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), raster_format);
     let mut decode_limits = Limits::default();
     decode_limits.max_image_width = Some(limits.max_side);
@@ -163,9 +260,10 @@ fn decode_raster(
     decode_limits.max_alloc = Some(limits.max_canonical_bytes() as u64 * 2);
     reader.limits(decode_limits);
     let image = reader.decode().map_err(|_| undecodable())?;
+    check_dimensions(image.width(), image.height(), limits)?;
     let metadata = SafeMetadata {
-        rows: height,
-        columns: width,
+        rows: image.height(),
+        columns: image.width(),
         ..SafeMetadata::default()
     };
     Ok(canonicalise(image, format, metadata))
@@ -202,24 +300,13 @@ const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 /// Parses the object and checks, from its header alone, everything that can be checked before
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
 /// decoded size, a transfer syntax this build decodes.
-fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom, ValidationError> {
-    // Before any parser reserves memory for what the header promises.
-    crate::dicom_lengths::check_declared_lengths(bytes, limits.max_decoded_bytes).map_err(
-        |problem| match problem {
-            crate::dicom_lengths::LengthProblem::InflatesTooLarge { cap } => {
-                ValidationError::DecodedSizeTooLarge {
-                    declared: cap.saturating_add(1),
-                    limit: cap,
-                }
-            }
-            crate::dicom_lengths::LengthProblem::BadDeflate => {
-                ValidationError::Undecodable { format: "DICOM" }
-            }
-            crate::dicom_lengths::LengthProblem::Overrun { .. } => {
-                ValidationError::DicomDeclaredLengthExceedsInput
-            }
-        },
-    )?;
+fn open_checked_dicom(
+    bytes: &[u8],
+    plan: &DecodePlan,
+    limits: &ImageLimits,
+) -> Result<CheckedDicom, ValidationError> {
+    // The structure walk of `plan_decode` ran before any parser reserved memory for what the
+    // header promises; the parser below reads what it walked.
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
     let mut object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
@@ -243,33 +330,26 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
     if read_text(&object, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
         return Err(ValidationError::DicomBurnedInAnnotation);
     }
-    let rows = read_u32(&object, tags::ROWS).ok_or_else(undecodable)?;
-    let columns = read_u32(&object, tags::COLUMNS).ok_or_else(undecodable)?;
-    check_dimensions(columns, rows, limits)?;
-    // What the pixel data will decode to, from the header alone, before any decompression.
-    let frames = read_u32(&object, tags::NUMBER_OF_FRAMES)
-        .unwrap_or(1)
-        .max(1);
-    if frames > limits.max_frames {
-        return Err(ValidationError::TooManyFrames {
-            frames,
-            limit: limits.max_frames,
-        });
+    let declared_pixels = crate::dicom_lengths::DeclaredPixels {
+        rows: read_u32(&object, tags::ROWS),
+        columns: read_u32(&object, tags::COLUMNS),
+        frames: read_u32(&object, tags::NUMBER_OF_FRAMES),
+        samples_per_pixel: read_u32(&object, tags::SAMPLES_PER_PIXEL),
+        bits_allocated: read_u32(&object, tags::BITS_ALLOCATED),
+    };
+    let declared = check_declared_pixels(&declared_pixels, limits)?;
+    // The memory admitted for this decode was planned from the walk's reading of the header;
+    // a parser reading more (a repeated attribute, say) gets no more than was admitted.
+    if declared > plan.pixel_bytes.unwrap_or(0) {
+        return Err(undecodable());
     }
-    let samples = u64::from(
-        read_u32(&object, tags::SAMPLES_PER_PIXEL)
-            .unwrap_or(1)
-            .max(1),
+    let (rows, columns) = (
+        declared_pixels.rows.unwrap_or(0),
+        declared_pixels.columns.unwrap_or(0),
     );
-    let bits = u64::from(read_u32(&object, tags::BITS_ALLOCATED).unwrap_or(8).max(1));
-    let declared =
-        u64::from(rows) * u64::from(columns) * samples * bits.div_ceil(8) * u64::from(frames);
-    if declared > limits.max_decoded_bytes {
-        return Err(ValidationError::DecodedSizeTooLarge {
-            declared,
-            limit: limits.max_decoded_bytes,
-        });
-    }
+    let frames = declared_pixels.frames.unwrap_or(1).max(1);
+    let samples = u64::from(declared_pixels.samples_per_pixel.unwrap_or(1).max(1));
+    let bits = u64::from(declared_pixels.bits_allocated.unwrap_or(8).max(1));
     let photometric = read_text(&object, tags::PHOTOMETRIC_INTERPRETATION);
     let bits_stored = read_u32(&object, tags::BITS_STORED).map_or(bits, u64::from);
     check_pixel_format(samples, bits, bits_stored, &photometric)?;
@@ -316,6 +396,38 @@ fn open_checked_dicom(bytes: &[u8], limits: &ImageLimits) -> Result<CheckedDicom
         rows,
         columns,
     })
+}
+
+/// Checks the image attributes a DICOM header declares against the limits, in this order:
+/// rows and columns present, each side in range, frames, then rows × columns × samples × bits
+/// × frames; answers that decoded size. Runs before any pixel is read (by the structure walk)
+/// and again on what the parser read.
+pub(crate) fn check_declared_pixels(
+    declared: &crate::dicom_lengths::DeclaredPixels,
+    limits: &ImageLimits,
+) -> Result<u64, ValidationError> {
+    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let rows = declared.rows.ok_or_else(undecodable)?;
+    let columns = declared.columns.ok_or_else(undecodable)?;
+    check_dimensions(columns, rows, limits)?;
+    let frames = declared.frames.unwrap_or(1).max(1);
+    if frames > limits.max_frames {
+        return Err(ValidationError::TooManyFrames {
+            frames,
+            limit: limits.max_frames,
+        });
+    }
+    let samples = u64::from(declared.samples_per_pixel.unwrap_or(1).max(1));
+    let bits = u64::from(declared.bits_allocated.unwrap_or(8).max(1));
+    let size =
+        u64::from(rows) * u64::from(columns) * samples * bits.div_ceil(8) * u64::from(frames);
+    if size > limits.max_decoded_bytes {
+        return Err(ValidationError::DecodedSizeTooLarge {
+            declared: size,
+            limit: limits.max_decoded_bytes,
+        });
+    }
+    Ok(size)
 }
 
 /// Refuses, from the header, pixel encodings no model input comes in: 1-bit masks, 32-bit
@@ -401,6 +513,7 @@ fn grey_display(decoded: &DecodedPixelData<'_>) -> Result<DynamicImage, Validati
 
 fn decode_dicom(
     bytes: &[u8],
+    plan: &DecodePlan,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
 ) -> Result<CanonicalImage, ValidationError> {
@@ -410,7 +523,7 @@ fn decode_dicom(
         transfer_syntax_uid,
         rows,
         columns,
-    } = open_checked_dicom(bytes, limits)?;
+    } = open_checked_dicom(bytes, plan, limits)?;
     let patient_key = patient_key_secret
         .map(|secret| {
             patient_key(
@@ -458,12 +571,16 @@ pub fn decode_stored_samples(
     limits: &ImageLimits,
 ) -> Result<StoredSamples, ValidationError> {
     let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let plan = plan_decode(bytes, Some(SourceFormat::Dicom), limits)?;
+    if plan.format != SourceFormat::Dicom {
+        return Err(undecodable());
+    }
     let CheckedDicom {
         object,
         rows,
         columns,
         ..
-    } = open_checked_dicom(bytes, limits)?;
+    } = open_checked_dicom(bytes, &plan, limits)?;
     let decoded = object
         .decode_pixel_data_frame(0)
         .map_err(|_| undecodable())?;

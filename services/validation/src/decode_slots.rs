@@ -1,34 +1,79 @@
-//! A bound on decodes running at once. Each accepted image may decode to up to
-//! `max_decoded_bytes`; without a bound, many legal but large images arriving together could
-//! exhaust memory. Calls beyond the bound wait for a slot (the caller's deadline still applies).
+//! Bounds on decodes running at once, by count and by memory. Decoding is CPU-bound, so at most
+//! `slots` run together; and each decode first takes the memory its header says it may hold
+//! from a byte budget shared by the whole server, so many large images, or many small files
+//! that declare large ones, cannot exhaust memory together. A decode larger than the whole
+//! budget is refused; others wait for memory to be returned (the caller's deadline still
+//! applies: the deadline layer drops the waiting call).
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tokio::task::JoinError;
+
+/// The budget's unit: one permit is one KiB (tokio takes at most `u32::MAX` permits at once).
+const PERMIT_BYTES: u64 = 1024;
 
 #[derive(Clone, Debug)]
 pub struct DecodeSlots {
     slots: Arc<Semaphore>,
+    memory: Arc<Semaphore>,
+    memory_budget_bytes: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlotError {
+    /// The decode alone needs more memory than the whole budget.
+    OverBudget { needed: u64, budget: u64 },
+    /// The work panicked (a third-party codec); its slot and memory are returned.
+    Panicked,
 }
 
 impl DecodeSlots {
-    pub fn new(slots: usize) -> Self {
+    pub fn new(slots: usize, memory_budget_bytes: u64) -> Self {
+        let permits = (memory_budget_bytes / PERMIT_BYTES)
+            .min(u64::from(u32::MAX))
+            .min(Semaphore::MAX_PERMITS as u64)
+            .max(1);
         Self {
             slots: Arc::new(Semaphore::new(slots.max(1))),
+            memory: Arc::new(Semaphore::new(permits as usize)),
+            memory_budget_bytes: permits * PERMIT_BYTES,
         }
     }
 
-    /// Runs `work` on the blocking pool once a slot is free; a panic in it becomes `Err`.
+    /// Runs `work` on the blocking pool once `memory_bytes` of the budget and a slot are free.
+    /// Both are held until `work` returns, even if the caller stops waiting for it.
     pub async fn run<T: Send + 'static>(
         &self,
+        memory_bytes: u64,
         work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, JoinError> {
-        // The semaphore is never closed, so acquiring only waits.
-        let permit = self.slots.clone().acquire_owned().await;
-        let outcome = tokio::task::spawn_blocking(work).await;
-        drop(permit);
-        outcome
+    ) -> Result<T, SlotError> {
+        let permits = memory_bytes.div_ceil(PERMIT_BYTES);
+        if permits * PERMIT_BYTES > self.memory_budget_bytes {
+            return Err(SlotError::OverBudget {
+                needed: memory_bytes,
+                budget: self.memory_budget_bytes,
+            });
+        }
+        // Neither semaphore is ever closed, so acquiring only waits. Memory first: a call
+        // waiting for memory holds no slot another could decode in.
+        let memory = self
+            .memory
+            .clone()
+            .acquire_many_owned(permits as u32)
+            .await
+            .map_err(|_| SlotError::Panicked)?;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| SlotError::Panicked)?;
+        tokio::task::spawn_blocking(move || {
+            let _held = (memory, slot);
+            work()
+        })
+        .await
+        .map_err(|_| SlotError::Panicked)
     }
 }
 
@@ -39,9 +84,11 @@ mod tests {
 
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
     #[tokio::test]
     async fn no_more_than_the_bound_run_at_once() {
-        let slots = DecodeSlots::new(2);
+        let slots = DecodeSlots::new(2, 1 << 30);
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -49,7 +96,7 @@ mod tests {
             let (slots, running, most) = (slots.clone(), running.clone(), most.clone());
             tasks.push(tokio::spawn(async move {
                 slots
-                    .run(move || {
+                    .run(0, move || {
                         let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                         most.fetch_max(now, Ordering::SeqCst);
                         std::thread::sleep(Duration::from_millis(20));
@@ -66,9 +113,83 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_panic_becomes_an_error_and_frees_its_slot() {
-        let slots = DecodeSlots::new(1);
-        assert!(slots.run(|| panic!("codec bug")).await.is_err());
-        assert_eq!(slots.run(|| 7).await.expect("the slot is free again"), 7);
+    async fn decodes_hold_no_more_memory_together_than_the_budget() {
+        // Eight slots, but memory for only three 30 MiB decodes at once.
+        let slots = DecodeSlots::new(8, 100 * MIB);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (slots, running, most) = (slots.clone(), running.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                slots
+                    .run(30 * MIB, move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .expect("fits the budget");
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_decode_larger_than_the_whole_budget_is_refused_not_queued() {
+        let slots = DecodeSlots::new(2, 100 * MIB);
+        assert_eq!(
+            slots.run(100 * MIB + 1, || ()).await,
+            Err(SlotError::OverBudget {
+                needed: 100 * MIB + 1,
+                budget: 100 * MIB
+            })
+        );
+        assert_eq!(slots.run(100 * MIB, || 7).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_stops_waiting_leaves_the_budget_whole() {
+        let slots = DecodeSlots::new(2, 100 * MIB);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, holding) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .run(80 * MIB, move || {
+                        started.send(()).expect("started");
+                        released.recv().expect("release");
+                    })
+                    .await
+            })
+        };
+        holding.await.expect("the holder runs");
+        // Until the holder is done, 80 of 100 MiB are taken: a 50 MiB decode waits, and its
+        // caller's deadline passes.
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            slots.run(50 * MIB, || "decoded"),
+        )
+        .await;
+        assert!(waited.is_err(), "it waits for memory: {waited:?}");
+        release.send(()).expect("release");
+        holder.await.expect("holder").expect("holder ran");
+        // Nothing was leaked by the abandoned wait: the whole budget is there again.
+        assert_eq!(slots.run(100 * MIB, || "decoded").await, Ok("decoded"));
+    }
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_and_frees_its_slot_and_memory() {
+        let slots = DecodeSlots::new(1, 10 * MIB);
+        assert_eq!(
+            slots.run(10 * MIB, || panic!("codec bug")).await,
+            Err::<(), _>(SlotError::Panicked)
+        );
+        assert_eq!(slots.run(10 * MIB, || 7).await, Ok(7));
     }
 }

@@ -29,6 +29,10 @@ pub enum ValidationError {
     DicomUnsupportedPixelFormat { what: &'static str },
     #[error("the DICOM object declares an element longer than the bytes that follow it")]
     DicomDeclaredLengthExceedsInput,
+    #[error("the DICOM object nests sequences more than {limit} deep")]
+    DicomNestingTooDeep { limit: usize },
+    #[error("the DICOM object holds more than {limit} data elements and items")]
+    DicomTooManyElements { limit: u32 },
     /// Identifying text may be drawn into the pixels; they cannot be de-identified here.
     #[error("the DICOM object declares burned-in annotation")]
     DicomBurnedInAnnotation,
@@ -61,6 +65,8 @@ impl ServiceError for ValidationError {
             Self::QualityInsufficient { .. } => "IMAGE_QUALITY_INSUFFICIENT",
             Self::DicomBurnedInAnnotation => "DICOM_BURNED_IN_ANNOTATION",
             Self::DicomDeclaredLengthExceedsInput => "DICOM_DECLARED_LENGTH_EXCEEDS_INPUT",
+            Self::DicomNestingTooDeep { .. } => "DICOM_NESTING_TOO_DEEP",
+            Self::DicomTooManyElements { .. } => "DICOM_TOO_MANY_ELEMENTS",
             Self::DicomUnsupportedPixelFormat { .. } => "DICOM_UNSUPPORTED_PIXEL_FORMAT",
             Self::Internal(_) => "INTERNAL",
         }

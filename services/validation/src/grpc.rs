@@ -7,7 +7,8 @@ use medai_proto::validation::v1::{ValidateImageRequest, ValidateImageResponse};
 use tonic::{Request, Response, Status};
 
 use crate::config::ImageLimits;
-use crate::decode::{CanonicalImage, SourceFormat, decode_image_with_key};
+use crate::decode::{CanonicalImage, DecodePlan, SourceFormat, decode_planned, plan_decode};
+use crate::decode_slots::SlotError;
 use crate::error::ValidationError;
 use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 
@@ -95,19 +96,13 @@ impl ValidationService for ValidationApi {
         let limits = self.limits;
         let declared = declared_format(request.format);
         let policy = self.quality.clone();
-        let model = request.model_name.clone();
+        let model = request.model_name;
         let secret = self.patient_key_secret.clone();
-        // Decoding and measuring are CPU-bound and run third-party codecs: keep them off the
-        // async workers, and let a codec panic become a refusal rather than a crash.
+        let image = std::sync::Arc::new(request.image);
         let outcome = self
-            .decode_slots
-            .run(move || {
-                let image = decode_image_with_key(
-                    &request.image,
-                    declared,
-                    &limits,
-                    secret.as_deref().map(Vec::as_slice),
-                )?;
+            .admit_and_decode(image, declared, limits, move |image, plan| {
+                let image =
+                    decode_planned(&image, &plan, &limits, secret.as_deref().map(Vec::as_slice))?;
                 let report = assess(&image, &policy, &model);
                 if report.refuse_on_failure && !report.passed() {
                     return Err(ValidationError::QualityInsufficient {
@@ -116,10 +111,7 @@ impl ValidationService for ValidationApi {
                 }
                 Ok((image, report))
             })
-            .await
-            .unwrap_or(Err(ValidationError::Undecodable {
-                format: "the declared format",
-            }));
+            .await;
         match outcome {
             Ok((image, report)) => {
                 metrics::counter!("medai_validation_images_total", "outcome" => "accepted")
@@ -139,6 +131,43 @@ impl ValidationService for ValidationApi {
                 Err(error.into())
             }
         }
+    }
+}
+
+impl ValidationApi {
+    /// Decoding and measuring are CPU-bound and run third-party codecs: they run on the
+    /// blocking pool, where a codec panic becomes a refusal rather than a crash. First the
+    /// headers are read (the plan: every check that needs no pixel), then the decode is admitted
+    /// against the memory budget for what its header declares, and only then does it run.
+    async fn admit_and_decode<T: Send + 'static>(
+        &self,
+        image: std::sync::Arc<Vec<u8>>,
+        declared: Option<SourceFormat>,
+        limits: ImageLimits,
+        decode: impl FnOnce(std::sync::Arc<Vec<u8>>, DecodePlan) -> Result<T, ValidationError>
+        + Send
+        + 'static,
+    ) -> Result<T, ValidationError> {
+        let panicked = |_| ValidationError::Undecodable {
+            format: "the declared format",
+        };
+        let plan = {
+            let image = image.clone();
+            self.decode_slots
+                .run(0, move || plan_decode(&image, declared, &limits))
+                .await
+                .map_err(panicked)??
+        };
+        self.decode_slots
+            .run(plan.memory_bytes(), move || decode(image, plan))
+            .await
+            .map_err(|error| match error {
+                SlotError::OverBudget { needed, budget } => ValidationError::DecodedSizeTooLarge {
+                    declared: needed,
+                    limit: budget,
+                },
+                SlotError::Panicked => panicked(error),
+            })?
     }
 }
 

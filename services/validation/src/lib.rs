@@ -49,6 +49,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     config.limits.validate().map_err(ServeError::Config)?;
+    if config.decode_memory_budget_bytes < 1024 * 1024 {
+        return Err(ServeError::Config(
+            "decode_memory_budget_bytes must be at least 1 MiB".to_owned(),
+        ));
+    }
     let tls = TlsMaterial::load(&config.tls)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -57,7 +62,10 @@ pub async fn serve(
     // The transport admits a little more than the image limit so that an oversized image gets
     // the stable IMAGE_TOO_LARGE code rather than a transport error.
     let api = ValidationServiceServer::new(grpc::ValidationApi {
-        decode_slots: decode_slots::DecodeSlots::new(config.max_concurrent_decodes),
+        decode_slots: decode_slots::DecodeSlots::new(
+            config.max_concurrent_decodes,
+            config.decode_memory_budget_bytes,
+        ),
         limits: config.limits,
         quality: config.quality.clone(),
         patient_key_secret: config

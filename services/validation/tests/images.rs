@@ -28,6 +28,8 @@ impl Validation {
                 "test patient-key secret",
             )),
             max_concurrent_decodes: 2,
+            decode_memory_budget_bytes:
+                medai_validation::config::default_decode_memory_budget_bytes(),
         };
         let server = TestServer::start(|listener, shutdown| {
             medai_validation::serve(config, listener, shutdown)
@@ -424,6 +426,7 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
         },
         patient_key_secret: None,
         max_concurrent_decodes: 2,
+        decode_memory_budget_bytes: medai_validation::config::default_decode_memory_budget_bytes(),
     };
     let server =
         TestServer::start(|listener, shutdown| medai_validation::serve(config, listener, shutdown))
@@ -472,7 +475,7 @@ async fn a_declared_length_beyond_the_input_is_refused_before_parsing() {
     // dicom-rs ends the meta group by its group length and inflates a data set declaring a
     // huge OB value (2.5 GB reserved); the length walk ended it at the foreign element and
     // inflated garbage from there. It now ends the group where dicom-rs does, and inflating
-    // the real data set whole, under the cap, finds its deflate stream corrupt.
+    // the real data set as a stream, under the cap, finds its deflate stream corrupt.
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/data/fuzz-deflate-after-meta-group-length.dcm"

@@ -14,7 +14,9 @@ use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
 use medai_validation::ImageLimits;
-use medai_validation::decode::{SourceFormat, decode_image, decode_stored_samples};
+use medai_validation::decode::{
+    SourceFormat, decode_image, decode_planned, decode_stored_samples, plan_decode,
+};
 
 /// Where third-party codecs panicked so far (file:line), printed when first seen.
 static CONTAINED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
@@ -23,15 +25,35 @@ static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 fn decode_all(data: &[u8]) {
     // Small limits keep each input cheap; the limits themselves are what is being exercised.
+    // max_bytes leaves room for the element-count limit (200,000 headers of 8 bytes) to be
+    // reached inside a deflated data set.
     let limits = ImageLimits {
-        max_bytes: 1 << 20,
+        max_bytes: 2 << 20,
         min_side: 1,
         max_side: 1024,
         max_frames: 4,
         max_decoded_bytes: 16 << 20,
     };
+    // The service's path: the header plan (structure walk, nesting and element bounds, capped
+    // inflate, declared sizes), then the decode it admits.
+    for declared in [None, Some(SourceFormat::Dicom)] {
+        if let Ok(plan) = plan_decode(data, declared, &limits) {
+            // Never more than the limits allow: the data set (at most max_bytes besides the
+            // pixels), the declared pixels, and working copies of one frame (8 bytes a value).
+            let most = limits.max_bytes as u64 + 1 + 9 * limits.max_decoded_bytes;
+            assert!(
+                plan.memory_bytes() <= most,
+                "a plan beyond the limits: {plan:?}"
+            );
+            let _ = decode_planned(
+                data,
+                &plan,
+                &limits,
+                Some(b"fuzz patient-key secret".as_slice()),
+            );
+        }
+    }
     let _ = decode_image(data, None, &limits);
-    let _ = decode_image(data, Some(SourceFormat::Dicom), &limits);
     let _ = decode_stored_samples(data, &limits);
 }
 
@@ -44,7 +66,9 @@ fuzz_target!(|data: &[u8]| {
             .location()
             .map(|location| format!("{}:{}", location.file(), location.line()))
             .unwrap_or_default();
-        *LAST_PANIC.lock().unwrap_or_else(|poison| poison.into_inner()) = Some(place);
+        *LAST_PANIC
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(place);
     }));
     let outcome = panic::catch_unwind(AssertUnwindSafe(|| decode_all(data)));
     panic::set_hook(abort_hook);
@@ -58,7 +82,9 @@ fuzz_target!(|data: &[u8]| {
         if !third_party {
             panic!("panic in this project's code at {place}");
         }
-        let mut contained = CONTAINED.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut contained = CONTAINED
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if contained.insert(place.clone()) {
             eprintln!("contained third-party codec panic at {place}");
         }
