@@ -223,7 +223,7 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
     BEGIN
       CREATE ROLE medai_ledger_writer NOLOGIN;
-    EXCEPTION WHEN insufficient_privilege OR duplicate_object THEN
+    EXCEPTION WHEN insufficient_privilege OR duplicate_object OR unique_violation THEN
       RAISE NOTICE 'cannot create role medai_ledger_writer; create it and grant it SELECT, INSERT';
     END;
   END IF;
