@@ -420,6 +420,29 @@ async fn export(cli: &Cli, gateway: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Verifies an export file streaming, line by line: memory stays flat however large the file
+/// (two passes over it: its checkpoints first, then its entries).
+fn verify_export_file(
+    export: &Path,
+    kept_checkpoints: Option<&Path>,
+    key: &[u8],
+) -> Result<medai_ledger::export::OfflineReport> {
+    let open = |path: &Path| {
+        std::fs::File::open(path)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("cannot read {}", path.display()))
+    };
+    let kept = match kept_checkpoints {
+        Some(kept) => medai_ledger::export::read_checkpoints(open(kept)?)?,
+        None => Vec::new(),
+    };
+    Ok(medai_ledger::export::verify_export_with_kept(
+        open(export)?,
+        kept,
+        key,
+    )?)
+}
+
 /// Offline verification: no database, no service; every hash and root recomputed here.
 fn verify_offline(export: &Path, public_key: &str, kept_checkpoints: Option<&Path>) -> Result<()> {
     use base64::Engine;
@@ -431,16 +454,7 @@ fn verify_offline(export: &Path, public_key: &str, kept_checkpoints: Option<&Pat
     let key = base64::engine::general_purpose::STANDARD
         .decode(key_text.trim())
         .context("the public key is not base64")?;
-    let mut text = std::fs::read_to_string(export)
-        .with_context(|| format!("cannot read {}", export.display()))?;
-    if let Some(kept) = kept_checkpoints {
-        text.push('\n');
-        text.push_str(
-            &std::fs::read_to_string(kept)
-                .with_context(|| format!("cannot read {}", kept.display()))?,
-        );
-    }
-    let report = medai_ledger::export::verify_export(text.as_bytes(), &key)?;
+    let report = verify_export_file(export, kept_checkpoints, &key)?;
     match report.first_bad_seq {
         None => {
             say(&format!(
@@ -450,5 +464,118 @@ fn verify_offline(export: &Path, public_key: &str, kept_checkpoints: Option<&Pat
             Ok(())
         }
         Some(seq) => bail!("export BROKEN at seq {seq}: {}", report.problem),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use medai_ledger::chain::{self, EntryContent};
+    use medai_ledger::export::{ExportRecord, ExportedEntry};
+
+    use super::*;
+
+    /// The process's peak resident memory so far, in bytes (Linux).
+    fn peak_rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("VmHWM")
+            * 1024
+    }
+
+    /// Writes a chained export of `count` entries and one signed checkpoint over them, line by
+    /// line (never held in memory), and returns its size in bytes.
+    fn write_export(
+        path: &Path,
+        signer: &medai_ledger::checkpoint::CheckpointSigner,
+        count: u64,
+    ) -> u64 {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+        let mut head = chain::genesis_hash();
+        let mut frontier = medai_ledger::merkle::MerkleFrontier::new();
+        for seq in 1..=count {
+            let content = EntryContent {
+                seq,
+                recorded_at: "2026-11-22T00:00:00.000000Z".to_owned(),
+                actor: "user:4f0c1a52-8d4b-4e8e-9a55-0123456789ab".to_owned(),
+                action: "INFERENCE".to_owned(),
+                resource: format!("result/{seq}"),
+                outcome: "SUCCESS".to_owned(),
+                context: format!(
+                    r#"{{"image_sha256":"{}","model":"brain-mri-tumor"}}"#,
+                    hex::encode(head)
+                ),
+            };
+            let hash = chain::entry_hash(&head, &content);
+            let record = ExportRecord::Entry(ExportedEntry {
+                seq,
+                recorded_at: content.recorded_at,
+                actor: content.actor,
+                action: content.action,
+                resource: content.resource,
+                outcome: content.outcome,
+                context: content.context,
+                prev_hash: hex::encode(head),
+                hash: hex::encode(hash),
+                encoding_version: chain::ENCODING_VERSION,
+            });
+            serde_json::to_writer(&mut file, &record).expect("write");
+            file.write_all(b"\n").expect("write");
+            frontier.push(&hash);
+            head = hash;
+        }
+        let checkpoint = signer.sign(
+            count,
+            &head,
+            &frontier.root(),
+            "2026-11-22T00:00:00.000000Z",
+        );
+        serde_json::to_writer(&mut file, &ExportRecord::Checkpoint(checkpoint)).expect("write");
+        file.write_all(b"\n").expect("write");
+        file.flush().expect("flush");
+        std::fs::metadata(path).expect("size").len()
+    }
+
+    #[test]
+    fn offline_verification_streams_a_large_export_in_flat_memory() {
+        let folder = std::env::temp_dir().join(format!("medai-cli-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).expect("folder");
+        let signer =
+            medai_ledger::checkpoint::CheckpointSigner::load_or_create(&folder.join("key"))
+                .expect("key");
+        let export = folder.join("ledger.jsonl");
+        let entries = 300_000;
+        let bytes = write_export(&export, &signer, entries);
+        assert!(bytes > 100_000_000, "the export is large: {bytes} bytes");
+        let before = peak_rss();
+        let report = verify_export_file(&export, None, signer.public_key()).expect("verify");
+        let growth = peak_rss().saturating_sub(before);
+        std::fs::remove_dir_all(&folder).expect("clean up");
+        assert_eq!(
+            (
+                report.first_bad_seq,
+                report.entries_verified,
+                report.checkpoints_verified
+            ),
+            (None, entries, 1),
+            "{report:?}"
+        );
+        // Reading the file whole would add its size; a stream adds a line buffer and a
+        // Merkle frontier.
+        assert!(
+            growth < 16 * 1024 * 1024,
+            "peak memory grew by {growth} bytes verifying a {bytes}-byte export"
+        );
     }
 }

@@ -142,7 +142,7 @@ pub struct ChainBreak {
 }
 
 /// Walks a chain from genesis, one entry at a time, recomputing every hash.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ChainVerifier {
     expected_seq: u64,
     head: Hash,

@@ -2,15 +2,20 @@
 //! task commits everything waiting in one transaction (group commit), answering each caller
 //! only after that transaction is durable. On PostgreSQL a transaction-scoped advisory lock
 //! serialises writers across replicas, so several audit replicas still build one chain.
+//! Before each group the stored head is checked against the [`ChainAnchor`]: a chain that is
+//! shorter than what was committed or signed, or does not pass through it, gets no append.
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set,
     TransactionTrait,
 };
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 
+use crate::anchor::{self, AnchorViolation, ChainAnchor, ChainHead, CheckError};
 use crate::store::ledger_entry;
-use medai_ledger::chain::{self, EntryContent, Hash};
+use medai_ledger::chain::{self, EntryContent};
 
 /// The most entries one transaction commits.
 const MAX_GROUP: usize = 512;
@@ -44,6 +49,8 @@ pub enum AppendError {
     Storage(String),
     #[error("the ledger writer has stopped")]
     Stopped,
+    #[error("the ledger does not extend its last committed head or signed checkpoint: {0}")]
+    AnchorViolation(AnchorViolation),
 }
 
 type Pending = (
@@ -57,10 +64,10 @@ pub struct LedgerAppender {
 }
 
 impl LedgerAppender {
-    /// Starts the writer task on `connection`.
-    pub fn start(connection: DatabaseConnection) -> Self {
+    /// Starts the writer task on `connection`, appending only to chains that extend `anchor`.
+    pub fn start(connection: DatabaseConnection, anchor: Arc<ChainAnchor>) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run_writer(connection, receiver));
+        tokio::spawn(run_writer(connection, anchor, receiver));
         Self { queue }
     }
 
@@ -74,19 +81,39 @@ impl LedgerAppender {
     }
 }
 
-async fn run_writer(connection: DatabaseConnection, mut receiver: mpsc::Receiver<Pending>) {
+async fn run_writer(
+    connection: DatabaseConnection,
+    anchor: Arc<ChainAnchor>,
+    mut receiver: mpsc::Receiver<Pending>,
+) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
         let events: Vec<&NewEvent> = group.iter().map(|(event, _)| event).collect();
-        let outcome = commit_group(&connection, &events).await;
+        let outcome = commit_group(&connection, &anchor, &events).await;
         metrics::histogram!("medai_ledger_group_commit_size").record(group.len() as f64);
         match outcome {
             Ok(receipts) => {
+                if let Some(last) = receipts.last() {
+                    if let Some(hash) = anchor::decode_hash(&last.hash) {
+                        anchor.record_committed(ChainHead {
+                            seq: last.seq,
+                            hash,
+                        });
+                    }
+                }
                 for ((_, reply), receipt) in group.drain(..).zip(receipts) {
                     let _caller_gone = reply.send(Ok(receipt));
                 }
             }
-            Err(error) => {
+            Err(CheckError::Violation(violation)) => {
+                metrics::counter!(anchor::VIOLATION_COUNTER).increment(group.len() as u64);
+                tracing::error!(problem = %violation, entries = group.len(), "ledger append refused: the chain does not extend its anchor");
+                let error = AppendError::AnchorViolation(violation);
+                for (_, reply) in group.drain(..) {
+                    let _caller_gone = reply.send(Err(error.clone()));
+                }
+            }
+            Err(CheckError::Database(error)) => {
                 tracing::error!(error = %error, entries = group.len(), "ledger group commit failed");
                 metrics::counter!("medai_ledger_append_failures_total")
                     .increment(group.len() as u64);
@@ -101,8 +128,12 @@ async fn run_writer(connection: DatabaseConnection, mut receiver: mpsc::Receiver
 
 async fn commit_group(
     connection: &DatabaseConnection,
+    anchor: &ChainAnchor,
     events: &[&NewEvent],
-) -> Result<Vec<AppendReceipt>, DbErr> {
+) -> Result<Vec<AppendReceipt>, CheckError> {
+    if let Some(violation) = anchor.violation() {
+        return Err(CheckError::Violation(violation));
+    }
     let transaction = connection.begin().await?;
     if transaction.get_database_backend() == DatabaseBackend::Postgres {
         transaction
@@ -114,9 +145,17 @@ async fn commit_group(
         .one(&transaction)
         .await?;
     let (mut seq, mut prev_hash) = match head {
-        Some(entry) => (entry.seq as u64, decode_hash(&entry.hash)?),
+        Some(entry) => (
+            u64::try_from(entry.seq).map_err(|_| malformed_head())?,
+            anchor::decode_hash(&entry.hash).ok_or_else(malformed_head)?,
+        ),
         None => (0, chain::genesis_hash()),
     };
+    let stored_head = (seq > 0).then_some(ChainHead {
+        seq,
+        hash: prev_hash,
+    });
+    anchor.check(&transaction, stored_head).await?;
     let recorded_at = now_rfc3339_micros();
     let mut rows = Vec::with_capacity(events.len());
     let mut receipts = Vec::with_capacity(events.len());
@@ -159,11 +198,8 @@ async fn commit_group(
     Ok(receipts)
 }
 
-fn decode_hash(hex_text: &str) -> Result<Hash, DbErr> {
-    hex::decode(hex_text)
-        .ok()
-        .and_then(|bytes| Hash::try_from(bytes).ok())
-        .ok_or_else(|| DbErr::Custom("the ledger head holds a malformed hash".to_owned()))
+fn malformed_head() -> DbErr {
+    DbErr::Custom("the ledger head holds a malformed seq or hash".to_owned())
 }
 
 pub(crate) fn now_rfc3339_micros() -> String {

@@ -1,19 +1,25 @@
-//! Signing checkpoints: only over a chain that verifies, serialised with appends across
-//! replicas, stored append-only.
+//! Signing checkpoints: only over a chain that verifies, stored append-only.
+//!
+//! The checkpointer keeps the verified prefix in memory (the chain verifier's head and the
+//! RFC 9162 Merkle frontier), so a checkpoint reads and verifies only the entries appended
+//! since the last one: its cost does not grow with the ledger. It takes no lock that appends
+//! wait for; committed entries always form a prefix (appends commit in seq order under the
+//! writer lock), so it verifies up to the head it saw when it started.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use medai_ledger::chain::{ChainVerifier, Hash};
 use medai_ledger::checkpoint::{Checkpoint, CheckpointSigner};
-use medai_ledger::merkle;
-use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set,
-    TransactionTrait,
-};
+use medai_ledger::merkle::MerkleFrontier;
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, QueryOrder, QuerySelect, Set};
+use tokio::sync::Mutex;
 
-use crate::appender::{LEDGER_LOCK_KEY, now_rfc3339_micros};
-use crate::store::ledger_checkpoint;
-use crate::verify::{audit_ledger, checkpoint_of};
+use crate::anchor::{ChainAnchor, ChainHead, stored_hash_at};
+use crate::appender::now_rfc3339_micros;
+use crate::store::{ledger_checkpoint, ledger_entry};
+use crate::verify::{checkpoint_of, for_each_entry_between, stored_entry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -23,69 +29,189 @@ pub enum CheckpointError {
     Database(#[from] DbErr),
 }
 
+/// The prefix of the ledger already verified: entries 1..=size.
+#[derive(Clone, Default)]
+struct VerifiedPrefix {
+    verifier: ChainVerifier,
+    frontier: MerkleFrontier,
+}
+
+impl VerifiedPrefix {
+    fn size(&self) -> u64 {
+        self.frontier.size()
+    }
+}
+
+/// What one checkpoint cost and produced.
+#[derive(Clone, Debug)]
+pub struct CheckpointOutcome {
+    pub checkpoint: Checkpoint,
+    /// Entries read and verified for this checkpoint (the new ones only).
+    pub entries_read: u64,
+}
+
 pub struct Checkpointer {
-    pub connection: DatabaseConnection,
+    connection: DatabaseConnection,
     pub signer: Arc<CheckpointSigner>,
+    anchor: Arc<ChainAnchor>,
+    /// Held only while one checkpoint (or catch-up) runs; appends never wait for it.
+    verified: Mutex<VerifiedPrefix>,
 }
 
 impl Checkpointer {
-    /// Signs a checkpoint of the whole ledger as it is now; if the newest checkpoint already
-    /// covers every entry, returns it.
-    pub async fn create(&self) -> Result<Checkpoint, CheckpointError> {
-        let transaction = self.connection.begin().await?;
-        if transaction.get_database_backend() == DatabaseBackend::Postgres {
-            // Appends wait meanwhile, so the checkpoint describes a settled prefix.
-            transaction
-                .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({LEDGER_LOCK_KEY})"))
-                .await?;
+    pub fn new(
+        connection: DatabaseConnection,
+        signer: Arc<CheckpointSigner>,
+        anchor: Arc<ChainAnchor>,
+    ) -> Self {
+        Self {
+            connection,
+            signer,
+            anchor,
+            verified: Mutex::new(VerifiedPrefix::default()),
         }
-        let audit = audit_ledger(&self.connection).await?;
-        let hashes = audit.recomputed_hashes().to_vec();
-        let report = audit.report(self.signer.public_key());
-        if let Some(seq) = report.first_bad_seq {
+    }
+
+    /// Verifies the entries appended since the last verified seq, up to the head as it is
+    /// now, and keeps the result; returns how many entries were read.
+    pub async fn catch_up(&self) -> Result<u64, CheckpointError> {
+        let mut verified = self.verified.lock().await;
+        self.extend(&mut verified).await
+    }
+
+    async fn extend(&self, verified: &mut VerifiedPrefix) -> Result<u64, CheckpointError> {
+        // The prefix verified earlier must still be there as it was.
+        let size = verified.size();
+        let head = verified.verifier.head();
+        if stored_hash_at(&self.connection, size).await? != Some(head) {
             return Err(CheckpointError::BrokenChain {
-                seq,
-                problem: report.problem,
+                seq: size.max(1),
+                problem: format!("the entry at seq {size}, verified earlier, has changed or gone"),
             });
         }
-        let latest = ledger_checkpoint::Entity::find()
-            .order_by_desc(ledger_checkpoint::Column::TreeSize)
-            .one(&transaction)
-            .await?;
-        if let Some(latest) =
-            latest.filter(|latest| latest.tree_size as u64 == report.entries_verified)
-        {
-            return Ok(checkpoint_of(latest));
+        let target = stored_head_seq(&self.connection).await?;
+        if target <= size {
+            return Ok(0);
         }
-        // Over the recomputed chain, which the report proved matches the stored hashes.
-        let head = hashes
-            .last()
-            .copied()
-            .unwrap_or_else(medai_ledger::chain::genesis_hash);
-        let checkpoint = self.signer.sign(
-            hashes.len() as u64,
-            &head,
-            &merkle::root(&hashes),
-            &now_rfc3339_micros(),
-        );
-        ledger_checkpoint::Entity::insert(ledger_checkpoint::ActiveModel {
-            tree_size: Set(checkpoint.tree_size as i64),
+        let mut extended = verified.clone();
+        let mut broken = None;
+        for_each_entry_between(&self.connection, size, target, |row| {
+            if broken.is_some() {
+                return;
+            }
+            match extended.verifier.check(&stored_entry(row)) {
+                Ok(()) => extended.frontier.push(&extended.verifier.head()),
+                Err(chain_break) => broken = Some(chain_break),
+            }
+        })
+        .await?;
+        if let Some(chain_break) = broken {
+            return Err(CheckpointError::BrokenChain {
+                seq: chain_break.seq,
+                problem: chain_break.problem,
+            });
+        }
+        if extended.size() < target {
+            let seq = extended.size() + 1;
+            return Err(CheckpointError::BrokenChain {
+                seq,
+                problem: format!("entry {seq} is missing below the head at seq {target}"),
+            });
+        }
+        let read = extended.size() - size;
+        *verified = extended;
+        metrics::counter!("medai_ledger_checkpoint_entries_verified_total").increment(read);
+        Ok(read)
+    }
+
+    /// Signs a checkpoint of the ledger as it is now; if the newest checkpoint already covers
+    /// every entry, returns it.
+    pub async fn create(&self) -> Result<CheckpointOutcome, CheckpointError> {
+        let mut verified = self.verified.lock().await;
+        let entries_read = self.extend(&mut verified).await?;
+        let size = verified.size();
+        let head = verified.verifier.head();
+        let root = verified.frontier.root();
+        drop(verified);
+
+        let stored = ledger_checkpoint::Entity::find_by_id(to_key(size))
+            .one(&self.connection)
+            .await?;
+        let checkpoint = match stored {
+            Some(stored) => self.existing(checkpoint_of(stored), size, &head)?,
+            None => self.sign(size, &head, &root).await?,
+        };
+        self.anchor.record_checkpoint(ChainHead {
+            seq: size,
+            hash: head,
+        });
+        Ok(CheckpointOutcome {
+            checkpoint,
+            entries_read,
+        })
+    }
+
+    /// A checkpoint already stored for `size` must name the head just verified.
+    fn existing(
+        &self,
+        checkpoint: Checkpoint,
+        size: u64,
+        head: &Hash,
+    ) -> Result<Checkpoint, CheckpointError> {
+        if checkpoint.head() == Some(*head)
+            && checkpoint.signature_is_valid(self.signer.public_key())
+        {
+            return Ok(checkpoint);
+        }
+        Err(CheckpointError::BrokenChain {
+            seq: size.max(1),
+            problem: format!(
+                "the stored checkpoint at size {size} does not match the verified chain or this key"
+            ),
+        })
+    }
+
+    async fn sign(
+        &self,
+        size: u64,
+        head: &Hash,
+        root: &Hash,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let checkpoint = self.signer.sign(size, head, root, &now_rfc3339_micros());
+        // Another replica may sign the same size at the same moment; the first row stays.
+        let inserted = ledger_checkpoint::Entity::insert(ledger_checkpoint::ActiveModel {
+            tree_size: Set(to_key(checkpoint.tree_size)),
             head_hash: Set(checkpoint.head_hash.clone()),
             merkle_root: Set(checkpoint.merkle_root.clone()),
             created_at: Set(checkpoint.created_at.clone()),
             key_id: Set(checkpoint.key_id.clone()),
             signature: Set(checkpoint.signature.clone()),
         })
-        .exec(&transaction)
+        .on_conflict(
+            OnConflict::column(ledger_checkpoint::Column::TreeSize)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&self.connection)
         .await?;
-        transaction.commit().await?;
+        if inserted == 0 {
+            let stored = ledger_checkpoint::Entity::find_by_id(to_key(size))
+                .one(&self.connection)
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound("the checkpoint just stored".to_owned()))?;
+            return self.existing(checkpoint_of(stored), size, head);
+        }
         tracing::info!(tree_size = checkpoint.tree_size, root = %checkpoint.merkle_root, "checkpoint signed");
         metrics::counter!("medai_ledger_checkpoints_total").increment(1);
         Ok(checkpoint)
     }
 
-    /// Signs a checkpoint every `period` until the task is aborted.
+    /// Signs a checkpoint every `period` until the task is aborted; verifies what is already
+    /// stored first, so later checkpoints only read new entries.
     pub async fn run_periodically(self: Arc<Self>, period: Duration) {
+        if let Err(error) = self.catch_up().await {
+            tracing::error!(error = %error, "the stored ledger does not verify at start");
+        }
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -95,5 +221,61 @@ impl Checkpointer {
                 tracing::error!(error = %error, "periodic checkpoint failed");
             }
         }
+    }
+}
+
+fn to_key(size: u64) -> i64 {
+    i64::try_from(size).unwrap_or(i64::MAX)
+}
+
+/// The highest stored seq (0 for an empty ledger).
+async fn stored_head_seq(connection: &DatabaseConnection) -> Result<u64, DbErr> {
+    let head: Option<i64> = ledger_entry::Entity::find()
+        .select_only()
+        .column(ledger_entry::Column::Seq)
+        .order_by_desc(ledger_entry::Column::Seq)
+        .limit(1)
+        .into_tuple()
+        .one(connection)
+        .await?;
+    Ok(head.and_then(|seq| u64::try_from(seq).ok()).unwrap_or(0))
+}
+
+/// At start: the newest signed checkpoint must be in the stored chain (signed by this key,
+/// its entry still there with its hash). Anything else stops appends through the anchor.
+pub async fn check_head_at_start(
+    connection: &DatabaseConnection,
+    anchor: &ChainAnchor,
+    public_key: &[u8],
+) -> Result<(), DbErr> {
+    let newest = ledger_checkpoint::Entity::find()
+        .order_by_desc(ledger_checkpoint::Column::TreeSize)
+        .one(connection)
+        .await?
+        .map(checkpoint_of);
+    let Some(newest) = newest else {
+        return Ok(());
+    };
+    let (Some(head), true) = (newest.head(), newest.signature_is_valid(public_key)) else {
+        anchor.raise(crate::anchor::AnchorViolation(format!(
+            "the newest stored checkpoint (size {}) is not signed by this service's key",
+            newest.tree_size
+        )));
+        return Ok(());
+    };
+    anchor.record_checkpoint(ChainHead {
+        seq: newest.tree_size,
+        hash: head,
+    });
+    let stored_seq = stored_head_seq(connection).await?;
+    let stored = match stored_seq {
+        0 => None,
+        seq => stored_hash_at(connection, seq)
+            .await?
+            .map(|hash| ChainHead { seq, hash }),
+    };
+    match anchor.check(connection, stored).await {
+        Ok(()) | Err(crate::anchor::CheckError::Violation(_)) => Ok(()),
+        Err(crate::anchor::CheckError::Database(error)) => Err(error),
     }
 }

@@ -14,6 +14,10 @@ pub enum AuditError {
     PageTokenInvalid,
     #[error("the ledger does not verify at seq {seq}; no checkpoint is signed over it")]
     ChainBroken { seq: u64 },
+    #[error(
+        "the ledger refuses appends: it does not extend its last committed head or signed checkpoint"
+    )]
+    ChainAnchorViolation,
     #[error("the ledger is unavailable")]
     LedgerUnavailable(String),
     #[error("storage failure: {0}")]
@@ -30,7 +34,7 @@ impl ServiceError for AuditError {
             | Self::ContextNotAnObject
             | Self::OutOfRange
             | Self::PageTokenInvalid => ErrorKind::InvalidArgument,
-            Self::ChainBroken { .. } => ErrorKind::FailedPrecondition,
+            Self::ChainBroken { .. } | Self::ChainAnchorViolation => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable(_) => ErrorKind::Unavailable,
             Self::Storage(_) => ErrorKind::Internal,
         }
@@ -44,6 +48,7 @@ impl ServiceError for AuditError {
             Self::OutOfRange => "OUT_OF_RANGE",
             Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
             Self::ChainBroken { .. } => "LEDGER_CHAIN_BROKEN",
+            Self::ChainAnchorViolation => "LEDGER_ANCHOR_VIOLATION",
             Self::LedgerUnavailable(_) => "LEDGER_UNAVAILABLE",
             Self::Storage(_) => "INTERNAL",
         }

@@ -13,12 +13,13 @@ use sea_orm::DatabaseConnection;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::appender::{AppendError, LedgerAppender, NewEvent};
+use crate::appender::{AppendError, AppendReceipt, LedgerAppender, NewEvent};
 use crate::checkpoints::{CheckpointError, Checkpointer};
 use crate::error::AuditError;
 use crate::query::{EventFilter, MAX_PAGE, export_chunks, query_events};
-use crate::verify::{audit_ledger, verify_ledger};
+use crate::verify::{verified_hashes, verify_ledger};
 use medai_ledger::chain::canonical_json;
+use medai_runtime::identity::ServiceIdentity;
 
 const MAX_SHORT_FIELD: usize = 256;
 const MAX_CONTEXT: usize = 16 * 1024;
@@ -45,12 +46,30 @@ fn non_empty(text: String) -> Option<String> {
 }
 
 impl AuditApi {
+    /// Appends one event, answered once durable.
+    async fn record(&self, event: NewEvent) -> Result<AppendReceipt, AuditError> {
+        let action = event.action.clone();
+        let receipt = self
+            .appender
+            .append(event)
+            .await
+            .map_err(|error| match error {
+                AppendError::AnchorViolation(_) => AuditError::ChainAnchorViolation,
+                error => {
+                    tracing::error!(error = %error, "append refused: the ledger could not make it durable");
+                    AuditError::LedgerUnavailable(error.to_string())
+                }
+            })?;
+        tracing::info!(seq = receipt.seq, action = %action, "ledger entry appended");
+        metrics::counter!("medai_ledger_appends_total", "action" => action).increment(1);
+        Ok(receipt)
+    }
+
     /// The verified chain's recomputed entry hashes, for proofs: never the stored ones.
     async fn verified_hashes(&self) -> Result<Vec<merkle::Hash>, AuditError> {
-        let audit = audit_ledger(&self.connection)
+        verified_hashes(&self.connection)
             .await
-            .map_err(|error| AuditError::Storage(error.to_string()))?;
-        Ok(audit.recomputed_hashes().to_vec())
+            .map_err(|error| AuditError::Storage(error.to_string()))
     }
 }
 
@@ -103,13 +122,7 @@ impl AuditService for AuditApi {
         request: Request<AppendRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
         let event = NewEvent::try_from(request.into_inner())?;
-        let action = event.action.clone();
-        let receipt = self.appender.append(event).await.map_err(|error: AppendError| {
-            tracing::error!(error = %error, "append refused: the ledger could not make it durable");
-            AuditError::LedgerUnavailable(error.to_string())
-        })?;
-        tracing::info!(seq = receipt.seq, action = %action, "ledger entry appended");
-        metrics::counter!("medai_ledger_appends_total", "action" => action).increment(1);
+        let receipt = self.record(event).await?;
         Ok(Response::new(AppendResponse {
             seq: receipt.seq,
             hash: receipt.hash,
@@ -139,18 +152,45 @@ impl AuditService for AuditApi {
 
     async fn create_checkpoint(
         &self,
-        _request: Request<pb::CreateCheckpointRequest>,
+        request: Request<pb::CreateCheckpointRequest>,
     ) -> Result<Response<pb::CreateCheckpointResponse>, Status> {
-        let checkpoint = self
+        // A signed checkpoint is a state change: recorded first, so the checkpoint covers the
+        // record of its own request. The peer is the certificate's identity.
+        let peer = ServiceIdentity::of_grpc_peer(&request)
+            .map(|peer| peer.name().to_owned())
+            .unwrap_or_default();
+        let context = serde_json::json!({
+            "correlation_id": medai_runtime::correlation::correlation_id(request.metadata()),
+            "via": peer,
+        });
+        let requested = self
+            .record(NewEvent {
+                actor: format!("service:{peer}"),
+                action: "LEDGER_CHECKPOINT".to_owned(),
+                resource: "ledger".to_owned(),
+                outcome: "REQUESTED".to_owned(),
+                context: canonical_json(&context),
+            })
+            .await?;
+        let outcome = self
             .checkpointer
             .create()
             .await
             .map_err(|error| match error {
-                CheckpointError::BrokenChain { seq, .. } => AuditError::ChainBroken { seq },
+                CheckpointError::BrokenChain { seq, problem } => {
+                    tracing::error!(seq, problem = %problem, "checkpoint refused: the ledger does not verify");
+                    AuditError::ChainBroken { seq }
+                }
                 CheckpointError::Database(error) => AuditError::Storage(error.to_string()),
             })?;
+        tracing::info!(
+            request_seq = requested.seq,
+            tree_size = outcome.checkpoint.tree_size,
+            entries_read = outcome.entries_read,
+            "checkpoint requested and signed"
+        );
         Ok(Response::new(pb::CreateCheckpointResponse {
-            checkpoint: Some(checkpoint_message(checkpoint)),
+            checkpoint: Some(checkpoint_message(outcome.checkpoint)),
         }))
     }
 

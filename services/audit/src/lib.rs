@@ -1,6 +1,7 @@
 //! The audit service: the only owner of the hash-chained, append-only ledger, its signed
 //! checkpoints and its proofs.
 
+pub mod anchor;
 pub mod appender;
 pub mod checkpoints;
 pub mod config;
@@ -87,11 +88,17 @@ pub async fn serve(
         Some(owner_url) => store::migrate_then_connect(owner_url, &config.database_url).await?,
         None => store::connect_and_migrate(&config.database_url).await?,
     };
-    let appender = appender::LedgerAppender::start(connection.clone());
-    let checkpointer = Arc::new(checkpoints::Checkpointer {
-        connection: connection.clone(),
+    // Appends are refused from the start if the stored chain lost what was signed.
+    let chain_anchor = Arc::new(anchor::ChainAnchor::new());
+    checkpoints::check_head_at_start(&connection, &chain_anchor, signer.public_key())
+        .await
+        .map_err(store::StoreError::from)?;
+    let appender = appender::LedgerAppender::start(connection.clone(), chain_anchor.clone());
+    let checkpointer = Arc::new(checkpoints::Checkpointer::new(
+        connection.clone(),
         signer,
-    });
+        chain_anchor,
+    ));
     let periodic = (config.checkpoint_interval_seconds > 0).then(|| {
         tokio::spawn(
             checkpointer

@@ -80,7 +80,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateLedger), Box::new(AddCheckpointsAndGrants)]
+        vec![
+            Box::new(CreateLedger),
+            Box::new(AddCheckpointsAndGrants),
+            Box::new(NameTheTableInRefusals),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -219,7 +223,7 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
     BEGIN
       CREATE ROLE medai_ledger_writer NOLOGIN;
-    EXCEPTION WHEN insufficient_privilege OR duplicate_object THEN
+    EXCEPTION WHEN insufficient_privilege OR duplicate_object OR unique_violation THEN
       RAISE NOTICE 'cannot create role medai_ledger_writer; create it and grant it SELECT, INSERT';
     END;
   END IF;
@@ -282,6 +286,38 @@ impl MigrationTrait for AddCheckpointsAndGrants {
             .get_connection()
             .execute_unprepared(statements)
             .await?;
+        Ok(())
+    }
+}
+
+struct NameTheTableInRefusals;
+
+impl MigrationName for NameTheTableInRefusals {
+    fn name(&self) -> &str {
+        "m0003_name_the_table_in_refusals"
+    }
+}
+
+/// One refusal function serves both tables; it now names the table it refused a change to, so
+/// an attempt on a checkpoint row says `ledger_checkpoints`.
+const POSTGRES_REFUSAL_NAMES_TABLE: &str = r"
+CREATE OR REPLACE FUNCTION ledger_entries_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+";
+
+#[async_trait::async_trait]
+impl MigrationTrait for NameTheTableInRefusals {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // SQLite's triggers name their table already.
+        if manager.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            manager
+                .get_connection()
+                .execute_unprepared(POSTGRES_REFUSAL_NAMES_TABLE)
+                .await?;
+        }
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Verification of the stored ledger: every entry read back in order, every hash recomputed,
 //! every stored checkpoint's signature and Merkle root checked against the recomputed chain.
 
-use medai_ledger::chain::{EntryContent, StoredEntry};
+use medai_ledger::chain::{ChainVerifier, EntryContent, Hash, StoredEntry};
 use medai_ledger::checkpoint::Checkpoint;
 use medai_ledger::export::{LedgerAudit, OfflineReport};
 use sea_orm::{
@@ -15,12 +15,24 @@ const PAGE: u64 = 5000;
 /// Reads every entry in seq order, page by page, handing each to `visit`.
 pub async fn for_each_entry(
     connection: &DatabaseConnection,
+    visit: impl FnMut(ledger_entry::Model),
+) -> Result<(), DbErr> {
+    for_each_entry_between(connection, 0, u64::MAX, visit).await
+}
+
+/// Reads the entries with `after < seq <= until` in seq order, page by page.
+pub async fn for_each_entry_between(
+    connection: &DatabaseConnection,
+    after: u64,
+    until: u64,
     mut visit: impl FnMut(ledger_entry::Model),
 ) -> Result<(), DbErr> {
-    let mut last_seq: i64 = 0;
+    let mut last_seq = i64::try_from(after).unwrap_or(i64::MAX);
+    let until = i64::try_from(until).unwrap_or(i64::MAX);
     loop {
         let page = ledger_entry::Entity::find()
             .filter(ledger_entry::Column::Seq.gt(last_seq))
+            .filter(ledger_entry::Column::Seq.lte(until))
             .order_by_asc(ledger_entry::Column::Seq)
             .limit(PAGE)
             .all(connection)
@@ -52,21 +64,34 @@ pub fn checkpoint_of(row: ledger_checkpoint::Model) -> Checkpoint {
     }
 }
 
-/// The chain and every checkpoint, judged against the checkpoint public key.
-pub async fn audit_ledger(connection: &DatabaseConnection) -> Result<LedgerAudit, DbErr> {
-    let mut audit = LedgerAudit::new();
-    for_each_entry(connection, |row| audit.add_entry(stored_entry(row))).await?;
-    for checkpoint in stored_checkpoints(connection).await? {
-        audit.add_checkpoint(checkpoint);
-    }
-    Ok(audit)
-}
-
+/// The chain and every stored checkpoint, judged against the checkpoint public key in one
+/// streaming walk (the same [`LedgerAudit`] the offline verifier runs over an export).
 pub async fn verify_ledger(
     connection: &DatabaseConnection,
     public_key: &[u8],
 ) -> Result<OfflineReport, DbErr> {
-    Ok(audit_ledger(connection).await?.report(public_key))
+    let mut audit = LedgerAudit::new(public_key, stored_checkpoints(connection).await?);
+    for_each_entry(connection, |row| audit.add_entry(stored_entry(row))).await?;
+    Ok(audit.report())
+}
+
+/// The recomputed entry hashes of the chain up to its first break, for proofs: never the
+/// stored ones.
+pub async fn verified_hashes(connection: &DatabaseConnection) -> Result<Vec<Hash>, DbErr> {
+    let mut verifier = ChainVerifier::new();
+    let mut hashes = Vec::new();
+    let mut broken = false;
+    for_each_entry(connection, |row| {
+        if broken {
+            return;
+        }
+        match verifier.check(&stored_entry(row)) {
+            Ok(()) => hashes.push(verifier.head()),
+            Err(_) => broken = true,
+        }
+    })
+    .await?;
+    Ok(hashes)
 }
 
 pub fn stored_entry(row: ledger_entry::Model) -> StoredEntry {

@@ -2,6 +2,8 @@
 //! signed checkpoints catch what the chain alone cannot, proofs verify as RFC 9162 says, and an
 //! export verifies offline.
 
+use std::io::Cursor;
+
 use base64::Engine;
 use medai_audit::AuditConfig;
 use medai_ledger::chain::{EntryContent, entry_hash};
@@ -153,7 +155,10 @@ async fn a_truncated_tail_is_caught_by_the_signed_checkpoint() {
     let mut ledger = Ledger::start().await;
     ledger.append(10, "user:a").await;
     let checkpoint = ledger.checkpoint().await;
-    assert_eq!(checkpoint.tree_size, 10);
+    assert_eq!(
+        checkpoint.tree_size, 11,
+        "ten events and the record of the checkpoint request"
+    );
     ledger
         .as_superuser("DELETE FROM ledger_entries WHERE seq >= 8;")
         .await;
@@ -166,6 +171,47 @@ async fn a_truncated_tail_is_caught_by_the_signed_checkpoint() {
     assert!(report.problem.contains("missing"), "{}", report.problem);
 }
 
+/// Rewrites every entry after seq `kept` with actor `user:mallory` and recomputes every hash
+/// after it, so every link and hash is consistent again (what an attacker with the database
+/// but without the checkpoint key can do).
+async fn rewrite_consistently_after(ledger: &Ledger, kept: i64) {
+    let rows = ledger
+        .database
+        .query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT seq, recorded_at, actor, action, resource, outcome, context, hash FROM ledger_entries ORDER BY seq",
+        ))
+        .await
+        .expect("rows");
+    let kept_index = usize::try_from(kept - 1).expect("kept >= 1");
+    let mut previous = decode(
+        &rows[kept_index]
+            .try_get::<String>("", "hash")
+            .expect("hash"),
+    );
+    let mut statements = String::new();
+    for row in &rows[kept_index + 1..] {
+        let seq: i64 = row.try_get("", "seq").expect("seq");
+        let content = EntryContent {
+            seq: seq as u64,
+            recorded_at: row.try_get("", "recorded_at").expect("at"),
+            actor: "user:mallory".to_owned(),
+            action: row.try_get("", "action").expect("action"),
+            resource: row.try_get("", "resource").expect("resource"),
+            outcome: row.try_get("", "outcome").expect("outcome"),
+            context: row.try_get("", "context").expect("context"),
+        };
+        let hash = entry_hash(&previous, &content);
+        statements.push_str(&format!(
+            "UPDATE ledger_entries SET actor = 'user:mallory', prev_hash = '{}', hash = '{}' WHERE seq = {seq}; ",
+            hex::encode(previous),
+            hex::encode(hash)
+        ));
+        previous = hash;
+    }
+    ledger.as_superuser(&statements).await;
+}
+
 #[tokio::test]
 async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
     let mut ledger = Ledger::start().await;
@@ -173,55 +219,23 @@ async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
     let first = ledger.checkpoint().await;
     ledger.append(5, "user:b").await;
     let second = ledger.checkpoint().await;
-    assert_eq!((first.tree_size, second.tree_size), (5, 10));
+    // Each checkpoint covers the record of its own request too.
+    assert_eq!((first.tree_size, second.tree_size), (6, 12));
 
-    // Rewrite entries 6..=10 with a different actor and recompute the whole chain after 5, so
-    // every link and hash is consistent again.
-    let rows = ledger
-        .database
-        .query_all_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            "SELECT seq, recorded_at, action, resource, outcome, context, prev_hash FROM ledger_entries ORDER BY seq",
-        ))
-        .await
-        .expect("rows");
-    let mut previous = decode(&rows[4].try_get::<String>("", "prev_hash").expect("prev"));
-    let mut statements = String::new();
-    for row in &rows {
-        let seq: i64 = row.try_get("", "seq").expect("seq");
-        let content = EntryContent {
-            seq: seq as u64,
-            recorded_at: row.try_get("", "recorded_at").expect("at"),
-            actor: if seq >= 6 {
-                "user:mallory".to_owned()
-            } else {
-                "user:a".to_owned()
-            },
-            action: row.try_get("", "action").expect("action"),
-            resource: row.try_get("", "resource").expect("resource"),
-            outcome: row.try_get("", "outcome").expect("outcome"),
-            context: row.try_get("", "context").expect("context"),
-        };
-        if seq < 5 {
-            continue;
-        }
-        let hash = entry_hash(&previous, &content);
-        if seq >= 6 {
-            statements.push_str(&format!(
-                "UPDATE ledger_entries SET actor = 'user:mallory', prev_hash = '{}', hash = '{}' WHERE seq = {seq}; ",
-                hex::encode(previous),
-                hex::encode(hash)
-            ));
-        }
-        previous = hash;
-    }
-    ledger.as_superuser(&statements).await;
+    rewrite_consistently_after(&ledger, 8).await;
 
     let report = ledger.verify().await;
     assert!(!report.intact);
     assert_eq!(
-        report.first_bad_seq, 6,
+        report.first_bad_seq, 7,
         "the first entry not vouched for by a checkpoint that still verifies: {report:?}"
+    );
+    assert!(
+        report
+            .problem
+            .contains("between the checkpoints at sizes 6 (holds) and 12 (does not)"),
+        "localised between the checkpoints that bound it: {}",
+        report.problem
     );
     assert_eq!(report.checkpoints_verified, 1);
 
@@ -232,8 +246,8 @@ async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
     let saved =
         serde_json::to_string(&ExportRecord::Checkpoint(domain_checkpoint(second))).expect("json");
     let with_saved = format!("{export}{saved}\n");
-    let offline =
-        verify_export(with_saved.as_bytes(), &ledger.public_key).expect("export readable");
+    let offline = verify_export(Cursor::new(with_saved.clone()), &ledger.public_key)
+        .expect("export readable");
     assert_eq!(
         offline.first_bad_seq,
         Some(1),
@@ -242,11 +256,11 @@ async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
     let first_saved =
         serde_json::to_string(&ExportRecord::Checkpoint(domain_checkpoint(first))).expect("json");
     let offline = verify_export(
-        format!("{with_saved}{first_saved}\n").as_bytes(),
+        Cursor::new(format!("{with_saved}{first_saved}\n")),
         &ledger.public_key,
     )
     .expect("readable");
-    assert_eq!(offline.first_bad_seq, Some(6));
+    assert_eq!(offline.first_bad_seq, Some(7));
 }
 
 #[tokio::test]
@@ -343,14 +357,14 @@ async fn an_export_verifies_offline_and_a_tampered_export_names_the_entry() {
     ledger.append(20, "user:a").await;
     ledger.checkpoint().await;
     let export = ledger.export().await;
-    let report = verify_export(export.as_bytes(), &ledger.public_key).expect("readable");
+    let report = verify_export(Cursor::new(&export), &ledger.public_key).expect("readable");
     assert_eq!(
         (
             report.first_bad_seq,
             report.entries_verified,
             report.checkpoints_verified
         ),
-        (None, 20, 1)
+        (None, 21, 1)
     );
 
     let tampered: String = export
@@ -364,19 +378,19 @@ async fn an_export_verifies_offline_and_a_tampered_export_names_the_entry() {
         })
         .map(|line| line + "\n")
         .collect();
-    let report = verify_export(tampered.as_bytes(), &ledger.public_key).expect("readable");
+    let report = verify_export(Cursor::new(&tampered), &ledger.public_key).expect("readable");
     assert_eq!(report.first_bad_seq, Some(12), "{report:?}");
 
     let stranger =
         medai_ledger::checkpoint::CheckpointSigner::load_or_create(&scratch_file("other.key"))
             .expect("key");
-    let report = verify_export(export.as_bytes(), stranger.public_key()).expect("readable");
+    let report = verify_export(Cursor::new(&export), stranger.public_key()).expect("readable");
     assert_eq!(
         report.first_bad_seq,
         Some(1),
         "a checkpoint signed by another key vouches for nothing"
     );
-    assert!(verify_export(b"{not json".as_slice(), &ledger.public_key).is_err());
+    assert!(verify_export(Cursor::new(b"{not json"), &ledger.public_key).is_err());
 }
 
 #[tokio::test]
