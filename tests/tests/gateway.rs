@@ -326,6 +326,56 @@ async fn uploads_are_hashed_as_they_arrive_and_an_oversized_one_is_refused_befor
     assert_eq!(uploaded.image_sha256, hex::encode(Sha256::digest(&image)));
     assert!(uploaded.ledger_seq > 0);
 
+    // The client's own id for an upload is kept in its ledger record, under the correlation
+    // id's rules: an id that could carry anything else is refused.
+    let other_image = noise_png(256, 8);
+    let other_chunks: Vec<Vec<u8>> = other_image.chunks(16 * 1024).map(<[u8]>::to_vec).collect();
+    let with_id = |id: &str| gw::UploadHeader {
+        client_request_id: id.to_owned(),
+        declared_size: other_image.len() as u64,
+        ..header.clone()
+    };
+    let kept = gateway
+        .upload_image(authorised(
+            upload_stream(
+                with_id("pacs-upload-0042"),
+                other_chunks.clone().into_iter(),
+                Arc::default(),
+            ),
+            &token,
+        ))
+        .await
+        .expect("upload with an id")
+        .into_inner()
+        .result
+        .expect("result");
+    for refused_id in ["John Doe 1970", &"u".repeat(65)] {
+        let status = gateway
+            .upload_image(authorised(
+                upload_stream(
+                    with_id(refused_id),
+                    other_chunks.clone().into_iter(),
+                    Arc::default(),
+                ),
+                &token,
+            ))
+            .await
+            .expect_err("an id outside the rules");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::InvalidArgument, Some("CLIENT_REQUEST_ID_INVALID"))
+        );
+    }
+    let entries = ledger(&mesh).await;
+    let (_, _, _, context) = entries
+        .iter()
+        .find(|(action, resource, _, _)| {
+            action == "INFERENCE" && resource == &format!("result/{}", kept.result_id)
+        })
+        .expect("delivery record");
+    assert_eq!(context["client_request_id"], "pacs-upload-0042");
+    assert!(!format!("{entries:?}").contains("John Doe"));
+
     // An endless upload is refused once it passes the limit, long before its end.
     let pulled = Arc::new(AtomicUsize::new(0));
     let endless = std::iter::repeat_with(|| vec![0x55u8; 64 * 1024]).take(10_000);
@@ -732,5 +782,411 @@ async fn a_signed_result_cannot_change_and_its_signature_verifies_against_the_le
         reason_of(&status).as_deref(),
         Some("VIEWER_SEES_SIGNED_ONLY")
     );
+    mesh.stop().await;
+}
+
+/// Ledger entries about one image (by the SHA-256 its context names).
+fn entries_for_image<'a>(
+    entries: &'a [(String, String, String, serde_json::Value)],
+    image: &[u8],
+) -> Vec<&'a (String, String, String, serde_json::Value)> {
+    let sha = hex::encode(Sha256::digest(image));
+    entries
+        .iter()
+        .filter(|(action, _, _, context)| action == "INFERENCE" && context["image_sha256"] == sha)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_idempotency_key_reused_for_another_request_is_refused_and_recorded() {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    let key = "1.2.826.0.1.3680043.8.498.777+synthetic-light";
+    let original = noise_png(96, 31);
+    let other_image = noise_png(96, 32);
+
+    let first = gateway
+        .infer(authorised(infer(original.clone(), key), &admin))
+        .await
+        .expect("first")
+        .into_inner();
+    assert!(!first.replayed);
+    // Another image under the key: refused, never answered with the first image's result.
+    let status = gateway
+        .infer(authorised(infer(other_image.clone(), key), &admin))
+        .await
+        .expect_err("another image under the key");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
+    // Another version under the key: refused too.
+    let status = gateway
+        .infer(authorised(
+            gw::InferRequest {
+                model_version: "2".to_owned(),
+                ..infer(original.clone(), key)
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("another version under the key");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    // The same on a study stream, for that image alone.
+    let answers: Vec<gw::StudyStreamResponse> = gateway
+        .study_stream(authorised(
+            tokio_stream::iter([gw::StudyStreamRequest {
+                tag: "reused".to_owned(),
+                image: other_image.clone(),
+                model_name: LIGHT.to_owned(),
+                idempotency_key: key.to_owned(),
+                ..Default::default()
+            }]),
+            &admin,
+        ))
+        .await
+        .expect("stream")
+        .into_inner()
+        .map(|answer| answer.expect("answer"))
+        .collect()
+        .await;
+    match &answers[..] {
+        [
+            gw::StudyStreamResponse {
+                outcome: Some(Outcome::Error(error)),
+                ..
+            },
+        ] => assert_eq!(error.reason, "IDEMPOTENCY_KEY_REUSED"),
+        other => panic!("the reused key was answered: {other:?}"),
+    }
+    // The true retry still gets the stored result.
+    let again = gateway
+        .infer(authorised(infer(original.clone(), key), &admin))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.result_id, first.result_id);
+
+    // Each refusal is in the ledger as a refusal about the image it was sent with; the other
+    // image was never recorded as delivered.
+    let entries = ledger(&mesh).await;
+    let refusals = entries_for_image(&entries, &other_image);
+    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    for (_, _, outcome, context) in refusals {
+        assert_eq!(outcome, "REFUSED");
+        assert_eq!(context["reason"], "IDEMPOTENCY_KEY_REUSED");
+    }
+    let original_entries = entries_for_image(&entries, &original);
+    let outcomes: Vec<&str> = original_entries
+        .iter()
+        .map(|(_, _, outcome, _)| outcome.as_str())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["SUCCESS", "REFUSED"],
+        "the delivery, then the version refusal"
+    );
+
+    // A correlation id is bounded: 64 characters are kept, 65 are replaced by a fresh id.
+    for (length, kept) in [(64, true), (65, false)] {
+        let id = "c".repeat(length);
+        let mut request = authorised(infer(noise_png(64, length as u32), ""), &admin);
+        request.metadata_mut().insert(
+            "x-correlation-id",
+            tonic::metadata::MetadataValue::try_from(id.as_str()).expect("header"),
+        );
+        let answer = gateway.infer(request).await.expect("infer");
+        let returned = answer
+            .metadata()
+            .get("x-correlation-id")
+            .and_then(|value| value.to_str().ok())
+            .expect("correlation id")
+            .to_owned();
+        assert_eq!(returned == id, kept, "{length} characters");
+        let entries = ledger(&mesh).await;
+        let (_, _, _, context) = entries
+            .iter()
+            .find(|(_, resource, _, _)| {
+                resource == &format!("result/{}", answer.get_ref().result_id)
+            })
+            .expect("delivery record");
+        assert_eq!(context["correlation_id"], returned.as_str());
+    }
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_first_requests_with_one_key_write_one_ledger_record() {
+    const ATTEMPTS: usize = 16;
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let key = "1.2.826.0.1.3680043.8.498.4242+synthetic-light";
+    let image = noise_png(128, 41);
+
+    // Sixteen first attempts at once, each on its own connection, released together.
+    let start = Arc::new(tokio::sync::Barrier::new(ATTEMPTS));
+    let mut attempts = Vec::new();
+    for _ in 0..ATTEMPTS {
+        let mut client = mesh.gateway().await;
+        let request = authorised(infer(image.clone(), key), &admin);
+        let start = start.clone();
+        attempts.push(tokio::spawn(async move {
+            start.wait().await;
+            client.infer(request).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for attempt in attempts {
+        answers.push(attempt.await.expect("task").expect("attempt").into_inner());
+    }
+    let result_ids: BTreeSet<&str> = answers
+        .iter()
+        .map(|answer| answer.result_id.as_str())
+        .collect();
+    assert_eq!(
+        result_ids.len(),
+        1,
+        "one logical request, one result: {result_ids:?}"
+    );
+    let seqs: BTreeSet<u64> = answers.iter().map(|answer| answer.ledger_seq).collect();
+    assert_eq!(seqs.len(), 1, "every answer names the one record: {seqs:?}");
+    assert_eq!(
+        answers.iter().filter(|answer| !answer.replayed).count(),
+        1,
+        "one attempt ran the model, the others got its answer"
+    );
+
+    let entries = ledger(&mesh).await;
+    let records = entries_for_image(&entries, &image);
+    assert_eq!(
+        records.len(),
+        1,
+        "{ATTEMPTS} attempts with one key wrote {} INFERENCE records",
+        records.len()
+    );
+    let (_, resource, outcome, _) = records[0];
+    assert_eq!(outcome, "SUCCESS");
+    assert_eq!(resource, &format!("result/{}", answers[0].result_id));
+    mesh.stop().await;
+}
+
+fn study_image(tag: &str, image: Vec<u8>, key: &str) -> gw::StudyStreamRequest {
+    gw::StudyStreamRequest {
+        tag: tag.to_owned(),
+        image,
+        format: ImageFormat::Png.into(),
+        model_name: LIGHT.to_owned(),
+        idempotency_key: key.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_study_stream_checks_the_token_for_every_image_and_refuses_a_tag_in_flight() {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let clinician = user_token(&mesh, &admin, "dr.stream", "clinician").await;
+    let mut gateway = mesh.gateway().await;
+
+    // A tag still in flight on the stream is refused; the first image with it is answered.
+    let answers: Vec<gw::StudyStreamResponse> = gateway
+        .study_stream(authorised(
+            tokio_stream::iter([
+                study_image("same", noise_png(256, 51), ""),
+                study_image("same", b"sent while the first is in flight".to_vec(), ""),
+            ]),
+            &clinician,
+        ))
+        .await
+        .expect("stream")
+        .into_inner()
+        .map(|answer| answer.expect("answer"))
+        .collect()
+        .await;
+    let refused: Vec<&gw::ImageError> = answers
+        .iter()
+        .filter_map(|answer| match &answer.outcome {
+            Some(Outcome::Error(error)) => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers.len(), 2);
+    assert_eq!(refused.len(), 1, "{answers:?}");
+    assert_eq!(
+        (refused[0].code, refused[0].reason.as_str()),
+        (Code::InvalidArgument as i32, "TAG_IN_FLIGHT")
+    );
+
+    // The token is revoked mid-stream: the image after it is refused and the stream ends.
+    let (sender, outgoing) = tokio::sync::mpsc::channel::<gw::StudyStreamRequest>(4);
+    let mut answers = gateway
+        .study_stream(authorised(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            &clinician,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    let before = noise_png(64, 52);
+    sender
+        .send(study_image("before", before.clone(), ""))
+        .await
+        .expect("send");
+    let answer = answers.message().await.expect("answer").expect("one");
+    assert!(
+        matches!(answer.outcome, Some(Outcome::Result(_))),
+        "{answer:?}"
+    );
+    gateway
+        .disable_user(authorised(
+            gw::DisableUserRequest {
+                username: "dr.stream".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("disable the user");
+    let after = noise_png(64, 53);
+    sender
+        .send(study_image("after", after.clone(), ""))
+        .await
+        .expect("send");
+    let answer = answers.message().await.expect("answer").expect("a refusal");
+    assert_eq!(answer.tag, "after");
+    match answer.outcome {
+        Some(Outcome::Error(error)) => assert_eq!(
+            (error.code, error.reason.as_str()),
+            (Code::Unauthenticated as i32, "TOKEN_REVOKED")
+        ),
+        other => panic!("an image after the revocation was answered: {other:?}"),
+    }
+    let status = answers.message().await.expect_err("the stream ends");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unauthenticated, Some("TOKEN_REVOKED"))
+    );
+    // Later images are never read: the stream is over for the sender too.
+    let entries = ledger(&mesh).await;
+    assert_eq!(entries_for_image(&entries, &before).len(), 1);
+    assert!(entries_for_image(&entries, &after).is_empty());
+    drop(sender);
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_study_stream_client_that_disconnects_gets_no_delivery_record_and_a_resend_delivers_once()
+{
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    let image = medai_testkit::Assets::locate().dicom("MR_small.dcm");
+    let sha = hex::encode(Sha256::digest(&image));
+    let key = "1.2.826.0.1.3680043.8.498.9001+brain-mri-tumor";
+    let message = gw::StudyStreamRequest {
+        tag: "mr-1".to_owned(),
+        image: image.clone(),
+        format: ImageFormat::Dicom.into(),
+        model_name: "brain-mri-tumor".to_owned(),
+        idempotency_key: key.to_owned(),
+        ..Default::default()
+    };
+    let admin_port = mesh.mesh.admin_address("gateway").expect("admin address");
+    let images_read = || async {
+        let metrics = medai_e2e::http_get(admin_port, "/metrics").await;
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("medai_gateway_study_images_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    // The client sends one image (the brain model takes a while) and goes away once the
+    // gateway has read it, before any answer.
+    let (sender, outgoing) = tokio::sync::mpsc::channel::<gw::StudyStreamRequest>(1);
+    let answers = gateway
+        .study_stream(authorised(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            &admin,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    sender.send(message.clone()).await.expect("send");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while images_read().await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the gateway reads the image");
+    drop(answers);
+    drop(sender);
+
+    // The prediction is made and stored, but never recorded as delivered.
+    let results = Database::connect(mesh.settings.inference_database_url.as_str())
+        .await
+        .expect("results database");
+    let stored_seq = || async {
+        results
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!("SELECT ledger_seq FROM inference_results WHERE image_sha256 = '{sha}'"),
+            ))
+            .await
+            .expect("query")
+            .map(|row| row.try_get::<i64>("", "ledger_seq").expect("ledger_seq"))
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while stored_seq().await.is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the prediction is stored");
+    // Give the gateway the time to (wrongly) record the delivery it could not make.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stored_seq().await,
+        Some(0),
+        "a delivery was noted for a client that was gone"
+    );
+    let entries = ledger(&mesh).await;
+    assert!(
+        entries_for_image(&entries, &image).is_empty(),
+        "the ledger records a delivery no client received: {:?}",
+        entries_for_image(&entries, &image)
+    );
+
+    // Recovery: the same image sent again with its key is answered with the stored result,
+    // recorded as delivered exactly once.
+    let answers: Vec<gw::StudyStreamResponse> = gateway
+        .study_stream(authorised(tokio_stream::iter([message]), &admin))
+        .await
+        .expect("resend")
+        .into_inner()
+        .map(|answer| answer.expect("answer"))
+        .collect()
+        .await;
+    let [
+        gw::StudyStreamResponse {
+            outcome: Some(Outcome::Result(result)),
+            ..
+        },
+    ] = &answers[..]
+    else {
+        panic!("the resend was not answered: {answers:?}");
+    };
+    assert!(result.replayed);
+    assert!(result.ledger_seq > 0);
+    let entries = ledger(&mesh).await;
+    let records = entries_for_image(&entries, &image);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].1, format!("result/{}", result.result_id));
+    assert_eq!(stored_seq().await, Some(result.ledger_seq as i64));
     mesh.stop().await;
 }

@@ -11,6 +11,7 @@ use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
 use medai_runtime::errors::{reason_of, retry_after_of};
 use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 const RATE: u32 = 5;
@@ -334,10 +335,37 @@ async fn reflection_lists_the_gateway_api_and_health_answers() {
         .into_iter()
         .map(|service| service.name)
         .collect();
-    assert!(
-        names.contains(&"medai.gateway.v1.GatewayService".to_owned()),
-        "{names:?}"
-    );
+    // Exactly what the gateway serves: none of the internal services its messages use.
+    let names: std::collections::BTreeSet<String> = names.into_iter().collect();
+    let served: std::collections::BTreeSet<String> = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "medai.gateway.v1.GatewayService",
+    ]
+    .map(str::to_owned)
+    .into();
+    assert_eq!(names, served);
+    // The gateway's schema still resolves, with the types it borrows from other packages.
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "medai.gateway.v1.GatewayService".to_owned(),
+        )),
+    };
+    let answer = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner()
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = answer.message_response else {
+        panic!("no descriptor for the gateway: {answer:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = health
@@ -351,6 +379,116 @@ async fn reflection_lists_the_gateway_api_and_health_answers() {
     assert_eq!(
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    mesh.stop().await;
+}
+
+fn light_image(tag: &str, seed: u8) -> gw::StudyStreamRequest {
+    let side = 64u32;
+    let pixels: Vec<u8> = (0..side * side)
+        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("encode png");
+    gw::StudyStreamRequest {
+        tag: tag.to_owned(),
+        image: png.into_inner(),
+        format: ImageFormat::Png.into(),
+        model_name: "synthetic-light".to_owned(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_study_stream_is_charged_per_image_and_ends_at_its_deadline() {
+    // One image a second per user, three at once: slower than the stream can go.
+    let no_redis: Vec<(String, String)> = [
+        ("MEDAI_GATEWAY_LOAD_CONTROL__PER_USER_PER_SECOND", "1"),
+        ("MEDAI_GATEWAY_LOAD_CONTROL__PER_USER_BURST", "3"),
+        ("MEDAI_GATEWAY_LOAD_CONTROL__REDIS_URL", ""),
+    ]
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .into();
+    let mesh = MeshUnderTest::start_with(
+        Storage::Postgres,
+        BTreeMap::from([("gateway".to_owned(), no_redis)]),
+    )
+    .await;
+    let token = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+
+    // The call's grpc-timeout bounds the stream: an image before it is answered, then the
+    // stream ends with DEADLINE_EXCEEDED although the client keeps it open.
+    let (sender, outgoing) = tokio::sync::mpsc::channel::<gw::StudyStreamRequest>(1);
+    let mut request = authorised(
+        tokio_stream::wrappers::ReceiverStream::new(outgoing),
+        &token,
+    );
+    request.metadata_mut().insert(
+        "grpc-timeout",
+        tonic::metadata::MetadataValue::from_static("3S"),
+    );
+    let mut answers = gateway
+        .study_stream(request)
+        .await
+        .expect("stream")
+        .into_inner();
+    sender.send(light_image("first", 1)).await.expect("send");
+    let answer = answers.message().await.expect("answer").expect("one");
+    assert!(
+        matches!(
+            answer.outcome,
+            Some(gw::study_stream_response::Outcome::Result(_))
+        ),
+        "{answer:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(30), answers.message())
+        .await
+        .expect("the stream outlived its deadline by far");
+    let status = ended.expect_err("the stream ends with its deadline");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::DeadlineExceeded, Some("DEADLINE_EXCEEDED"))
+    );
+    drop(sender);
+
+    // Every image is charged against the user's rate (1 a second, burst 3): of ten images
+    // sent at once on one stream, only a few pass.
+    let images: Vec<gw::StudyStreamRequest> = (0..10u8)
+        .map(|index| light_image(&format!("img-{index}"), index + 10))
+        .collect();
+    let answers: Vec<gw::StudyStreamResponse> = gateway
+        .study_stream(authorised(tokio_stream::iter(images), &token))
+        .await
+        .expect("stream")
+        .into_inner()
+        .map(|answer| answer.expect("answer"))
+        .collect()
+        .await;
+    assert_eq!(answers.len(), 10);
+    let mut passed = 0;
+    let mut limited = 0;
+    for answer in &answers {
+        match &answer.outcome {
+            Some(gw::study_stream_response::Outcome::Result(_)) => passed += 1,
+            Some(gw::study_stream_response::Outcome::Error(error)) => {
+                assert_eq!(
+                    (error.code, error.reason.as_str()),
+                    (Code::ResourceExhausted as i32, "RATE_LIMITED"),
+                    "{}",
+                    answer.tag
+                );
+                limited += 1;
+            }
+            None => panic!("no outcome"),
+        }
+    }
+    assert!(
+        passed >= 1 && limited >= 3,
+        "{passed} images passed and {limited} were limited at 1/s"
     );
     mesh.stop().await;
 }

@@ -21,6 +21,23 @@ pub enum GatewayError {
     UploadIncomplete { received: u64, declared: u64 },
     #[error("every image on a study stream needs a tag")]
     TagMissing,
+    #[error("client_request_id takes 1 to 64 of A-Z a-z 0-9 - _ .")]
+    ClientRequestIdInvalid,
+    /// Answers are matched to images by tag; two images in flight with one tag could not be.
+    #[error("another image with this tag is in flight on this stream")]
+    TagInFlight,
+    /// A retry must be the same request: the key names one image, model and version.
+    #[error("this idempotency key was used for another image, model or version")]
+    IdempotencyKeyReused,
+    /// The caller went away before its answer could be handed over; nothing is recorded.
+    #[error("the caller is gone")]
+    CallerGone,
+    #[error("the access token expired while the stream was open")]
+    TokenExpired,
+    #[error("the token has been revoked")]
+    TokenRevoked,
+    #[error("tokens cannot be checked for revocation right now")]
+    RevocationUnavailable,
     #[error("viewers see signed results only")]
     ViewerSeesSignedOnly,
     #[error("no result has that id")]
@@ -40,11 +57,17 @@ impl ServiceError for GatewayError {
         match self {
             Self::ImageTooLarge { .. } => ErrorKind::InvalidArgument,
             Self::DownstreamUnavailable { .. } | Self::LedgerUnavailable => ErrorKind::Unavailable,
-            Self::CallerMissing => ErrorKind::Unauthenticated,
+            Self::CallerMissing | Self::TokenExpired | Self::TokenRevoked => {
+                ErrorKind::Unauthenticated
+            }
+            Self::RevocationUnavailable | Self::CallerGone => ErrorKind::Unavailable,
+            Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
             Self::IdempotencyKeyTooLong { .. }
             | Self::UploadOutOfOrder
             | Self::UploadIncomplete { .. }
             | Self::TagMissing
+            | Self::TagInFlight
+            | Self::ClientRequestIdInvalid
             | Self::SignatureInvalid(_) => ErrorKind::InvalidArgument,
             Self::DeadlinePassed => ErrorKind::DeadlineExceeded,
             Self::ViewerSeesSignedOnly => ErrorKind::PermissionDenied,
@@ -64,6 +87,13 @@ impl ServiceError for GatewayError {
             Self::UploadOutOfOrder => "UPLOAD_OUT_OF_ORDER",
             Self::UploadIncomplete { .. } => "UPLOAD_INCOMPLETE",
             Self::TagMissing => "TAG_MISSING",
+            Self::TagInFlight => "TAG_IN_FLIGHT",
+            Self::ClientRequestIdInvalid => "CLIENT_REQUEST_ID_INVALID",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Self::CallerGone => "CALLER_GONE",
+            Self::TokenExpired => "TOKEN_EXPIRED",
+            Self::TokenRevoked => "TOKEN_REVOKED",
+            Self::RevocationUnavailable => "REVOCATION_UNAVAILABLE",
             Self::ViewerSeesSignedOnly => "VIEWER_SEES_SIGNED_ONLY",
             Self::ResultNotFound => "RESULT_NOT_FOUND",
             Self::SignatureInvalid(_) => "SIGNATURE_INVALID",

@@ -391,6 +391,7 @@ impl GatewayService for GatewayApi {
             model_version: request.model_version,
             idempotency_key: request.idempotency_key,
             image_sha256: None,
+            client_request_id: String::new(),
         };
         let outcome = self
             .ingest
@@ -428,12 +429,21 @@ impl GatewayService for GatewayApi {
         &self,
         request: Request<tonic::Streaming<gw::StudyStreamRequest>>,
     ) -> Result<Response<Self::StudyStreamStream>, Status> {
+        let received_at = Instant::now();
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
-        let answers = self
-            .ingest
-            .clone()
-            .study(caller, request.into_inner(), correlation.clone());
+        let deadline = caller_deadline(request.metadata(), received_at);
+        let admission = request
+            .extensions()
+            .get::<crate::load_control::MessageAdmission>()
+            .cloned();
+        let answers = self.ingest.clone().study(
+            caller,
+            request.into_inner(),
+            correlation.clone(),
+            deadline,
+            admission,
+        );
         Ok(with_correlation(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(answers))
                 as Self::StudyStreamStream,

@@ -1,6 +1,9 @@
 //! The one path a prediction takes: validate → infer → record in the ledger → answer.
 //! No prediction leaves without its ledger record.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use medai_proto::audit::v1::AppendRequest;
@@ -9,6 +12,7 @@ use medai_proto::inference::v1::{
 };
 use medai_proto::validation::v1::ValidateImageRequest;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::downstream::Downstream;
 use crate::error::{GatewayError, relay_downstream};
@@ -23,11 +27,15 @@ pub struct InferInput {
     pub idempotency_key: String,
     /// Already computed while the bytes arrived (uploads); computed here otherwise.
     pub image_sha256: Option<String>,
+    /// The client's own id for this request (uploads), kept in its delivery record; empty
+    /// for none. Checked like a correlation id before it gets here.
+    pub client_request_id: String,
 }
 
 /// Longest idempotency key accepted from a client.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+#[derive(Clone, Debug)]
 pub struct InferOutcome {
     pub quality: Option<medai_proto::validation::v1::QualityReport>,
     pub result_id: String,
@@ -89,14 +97,131 @@ pub fn prediction_sha256(prediction: &PredictResponse) -> String {
     hex::encode(hasher.finalize())
 }
 
-pub async fn infer(
+/// One logical request per idempotency key in this gateway: the first request with a key
+/// leads, requests with the same key that arrive while it runs follow, and get its answer as a
+/// replay (no ledger record of their own) once it is delivered. If the leader ends without an
+/// answer (refused, cancelled), a follower tries again itself. Across gateway replicas the
+/// results store's unique key decides (see [`infer`]).
+#[derive(Default)]
+pub struct Flights {
+    leaders: Mutex<HashMap<String, watch::Receiver<Option<InferOutcome>>>>,
+}
+
+enum Flight<'a> {
+    Leader(Leader<'a>),
+    Follower(watch::Receiver<Option<InferOutcome>>),
+}
+
+/// The running request for a key; dropping it, with or without an answer, frees the key.
+struct Leader<'a> {
+    flights: &'a Flights,
+    key: String,
+    answer: watch::Sender<Option<InferOutcome>>,
+}
+
+impl Flights {
+    fn join(&self, key: &str) -> Flight<'_> {
+        let mut leaders = self
+            .leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(leader) = leaders.get(key) {
+            return Flight::Follower(leader.clone());
+        }
+        let (answer, watcher) = watch::channel(None);
+        leaders.insert(key.to_owned(), watcher);
+        Flight::Leader(Leader {
+            flights: self,
+            key: key.to_owned(),
+            answer,
+        })
+    }
+
+    /// Keys with a request running now.
+    pub fn in_flight(&self) -> usize {
+        self.leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Leader<'_> {
+    fn finish(self, outcome: &InferOutcome) {
+        self.answer.send_replace(Some(outcome.clone()));
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let mut leaders = self
+            .flights
+            .leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if leaders
+            .get(&self.key)
+            .is_some_and(|watcher| watcher.same_channel(&self.answer.subscribe()))
+        {
+            leaders.remove(&self.key);
+        }
+    }
+}
+
+/// What a retry names, to be matched against what its key answered before: the same image
+/// (by SHA-256), the same model, and the same version if the retry names one.
+struct RetryFacts<'a> {
+    image_sha256: &'a str,
+    model_name: &'a str,
+    model_version: &'a str,
+}
+
+impl RetryFacts<'_> {
+    fn matches(&self, image_sha256: &str, model_name: &str, model_version: &str) -> bool {
+        self.image_sha256 == image_sha256
+            && self.model_name == model_name
+            && (self.model_version.is_empty() || self.model_version == model_version)
+    }
+}
+
+/// A prediction answered, and what the caller's hand-off gave back if the answer needed a
+/// delivery record (see [`infer`]).
+pub struct Delivered<T> {
+    pub outcome: InferOutcome,
+    pub handed_off: Option<T>,
+}
+
+/// The request's context on every step.
+struct Call<'a> {
+    downstream: &'a Downstream,
+    caller: &'a Caller,
+    correlation_id: &'a str,
+    deadline: Option<Instant>,
+    client_request_id: &'a str,
+}
+
+/// Validates, predicts, records and answers one image.
+///
+/// `hand_off` is called right before a delivery is recorded, and the record is written only
+/// if it succeeds: a stream uses it to reserve the answer's place in its response channel, so
+/// that no delivery is recorded for a client that is gone (the answer is then stored, not
+/// delivered, and a resend with the same key delivers it). Answers that need no record (the
+/// stored answer already delivered once) do not call it.
+#[allow(clippy::too_many_arguments)]
+pub async fn infer<T, H, F>(
     downstream: &Downstream,
+    flights: &Flights,
     caller: &Caller,
     input: InferInput,
     correlation_id: &str,
     deadline: Option<Instant>,
     max_image_bytes: usize,
-) -> Result<InferOutcome, tonic::Status> {
+    hand_off: H,
+) -> Result<Delivered<T>, tonic::Status>
+where
+    H: FnOnce() -> F,
+    F: Future<Output = Result<T, tonic::Status>>,
+{
     if input.image.len() > max_image_bytes {
         return Err(GatewayError::ImageTooLarge {
             actual: input.image.len(),
@@ -110,47 +235,135 @@ pub async fn infer(
         }
         .into());
     }
-    let time_left = || deadline.map(|at| at.saturating_duration_since(Instant::now()));
+    let client_request_id = input.client_request_id.clone();
+    let call = Call {
+        downstream,
+        caller,
+        correlation_id,
+        deadline,
+        client_request_id: &client_request_id,
+    };
     let image_sha256 = input
         .image_sha256
         .clone()
         .unwrap_or_else(|| hex::encode(Sha256::digest(&input.image)));
-    let result_id = uuid::Uuid::new_v4().to_string();
-    let idempotency_key = if input.idempotency_key.is_empty() {
-        String::new()
-    } else {
-        scoped_idempotency_key(&caller.subject, &input.idempotency_key)
-    };
-    if !idempotency_key.is_empty() {
-        let stored = downstream
-            .inference
-            .clone()
-            .get_result(downstream.request(
-                GetResultRequest {
-                    result_id: String::new(),
-                    idempotency_key: idempotency_key.clone(),
-                },
-                correlation_id,
-                time_left(),
-            ))
-            .await;
-        match stored {
-            Ok(found) => {
-                let stored = found.into_inner().result.unwrap_or_default();
-                return replay(
-                    downstream,
-                    caller,
-                    prediction_of(&stored),
-                    &stored.image_sha256,
-                    &stored.patient_key,
-                    correlation_id,
-                    deadline,
-                )
-                .await;
-            }
-            Err(status) if status.code() == tonic::Code::NotFound => {}
-            Err(status) => return Err(relay_downstream("inference", status)),
+    if input.idempotency_key.is_empty() {
+        return run(&call, input, image_sha256, String::new(), hand_off).await;
+    }
+    let idempotency_key = scoped_idempotency_key(&caller.subject, &input.idempotency_key);
+    let leader = loop {
+        let mut leader_answer = match flights.join(&idempotency_key) {
+            Flight::Leader(leader) => break leader,
+            Flight::Follower(watcher) => watcher,
+        };
+        // The leader's answer, copied out so no borrow of the channel is held across awaits.
+        let outcome: Option<InferOutcome> = {
+            let waited = leader_answer.wait_for(Option::is_some);
+            let answered = match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), waited)
+                    .await
+                    .map_err(|_| tonic::Status::from(GatewayError::DeadlinePassed))?,
+                None => waited.await,
+            };
+            // Err: the leader ended without an answer, and this request tries again.
+            answered.map_or(None, |answer| answer.clone())
+        };
+        let Some(outcome) = outcome else { continue };
+        let retry = RetryFacts {
+            image_sha256: &image_sha256,
+            model_name: &input.model_name,
+            model_version: &input.model_version,
+        };
+        let prediction = &outcome.prediction;
+        if !retry.matches(
+            &outcome.image_sha256,
+            &prediction.model_name,
+            &prediction.model_version,
+        ) {
+            return Err(refuse_reused_key(&call, &image_sha256).await);
         }
+        metrics::counter!("medai_gateway_idempotent_replays_total").increment(1);
+        return Ok(Delivered {
+            outcome: InferOutcome {
+                quality: None,
+                replayed: true,
+                prediction: PredictResponse {
+                    replayed: true,
+                    ..outcome.prediction
+                },
+                ..outcome
+            },
+            handed_off: None,
+        });
+    };
+    let delivered = run(&call, input, image_sha256, idempotency_key, hand_off).await;
+    if let Ok(delivered) = &delivered {
+        leader.finish(&delivered.outcome);
+    }
+    delivered
+}
+
+/// Refuses a key reused for another request, and records the refusal.
+async fn refuse_reused_key(call: &Call<'_>, image_sha256: &str) -> tonic::Status {
+    let status = tonic::Status::from(GatewayError::IdempotencyKeyReused);
+    metrics::counter!("medai_gateway_idempotency_key_reused_total").increment(1);
+    let refused_id = uuid::Uuid::new_v4().to_string();
+    record_refusal(
+        call.downstream,
+        call.caller,
+        &refused_id,
+        call.correlation_id,
+        image_sha256,
+        &status,
+    )
+    .await;
+    status
+}
+
+async fn run<T, H, F>(
+    call: &Call<'_>,
+    input: InferInput,
+    image_sha256: String,
+    idempotency_key: String,
+    hand_off: H,
+) -> Result<Delivered<T>, tonic::Status>
+where
+    H: FnOnce() -> F,
+    F: Future<Output = Result<T, tonic::Status>>,
+{
+    let Call {
+        downstream,
+        caller,
+        correlation_id,
+        deadline,
+        ..
+    } = *call;
+    let time_left = || deadline.map(|at| at.saturating_duration_since(Instant::now()));
+    let result_id = uuid::Uuid::new_v4().to_string();
+    let retry = RetryFacts {
+        image_sha256: &image_sha256,
+        model_name: &input.model_name,
+        model_version: &input.model_version,
+    };
+    if !idempotency_key.is_empty()
+        && let Some(stored) =
+            stored_for_key(downstream, &idempotency_key, correlation_id, time_left()).await?
+    {
+        if !retry.matches(
+            &stored.image_sha256,
+            &stored.model_name,
+            &stored.model_version,
+        ) {
+            return Err(refuse_reused_key(call, &image_sha256).await);
+        }
+        return replay(
+            call,
+            prediction_of(&stored),
+            &stored.image_sha256,
+            &stored.patient_key,
+            hand_off,
+        )
+        .await;
     }
 
     let quality;
@@ -199,35 +412,37 @@ pub async fn infer(
         .clone()
         .predict(downstream.request(
             PredictRequest {
-                model_name: input.model_name,
-                model_version: input.model_version,
+                model_name: input.model_name.clone(),
+                model_version: input.model_version.clone(),
                 image: canonical,
                 result_id: result_id.clone(),
                 image_sha256: image_sha256.clone(),
                 patient_key: patient_key.clone(),
-                idempotency_key,
+                idempotency_key: idempotency_key.clone(),
             },
             correlation_id,
             time_left(),
         ))
         .await;
     let prediction = match predicted {
-        // The same key arrived twice at once and the other request stored first.
+        // Another gateway replica stored the same key first: the store's unique key decided.
+        // Its delivery is being recorded there; this request answers with that record once it
+        // is noted, and records one itself only if none is noted in time.
         Ok(response) if response.get_ref().replayed => {
-            let prediction = response.into_inner();
-            return replay(
-                downstream,
-                caller,
-                prediction,
-                &image_sha256,
-                &patient_key,
-                correlation_id,
-                deadline,
-            )
-            .await;
+            let mut prediction = response.into_inner();
+            if prediction.ledger_seq == 0 {
+                prediction.ledger_seq =
+                    noted_delivery(downstream, &idempotency_key, correlation_id, deadline).await;
+            }
+            return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
         }
         Ok(response) => response.into_inner(),
         Err(status) => {
+            if medai_runtime::errors::reason_of(&status).as_deref()
+                == Some("IDEMPOTENCY_KEY_REUSED")
+            {
+                return Err(refuse_reused_key(call, &image_sha256).await);
+            }
             record_refusal(
                 downstream,
                 caller,
@@ -241,62 +456,113 @@ pub async fn infer(
         }
     };
 
-    let (ledger_seq, ledger_hash) = record_delivery(
-        downstream,
-        caller,
-        &prediction,
-        &image_sha256,
-        &patient_key,
-        correlation_id,
-        deadline,
-    )
-    .await?;
-    Ok(InferOutcome {
-        quality,
-        result_id,
-        prediction,
-        image_sha256,
-        ledger_seq,
-        ledger_hash,
-        replayed: false,
+    let handed_off = hand_off().await?;
+    let (ledger_seq, ledger_hash) =
+        record_delivery(call, &prediction, &image_sha256, &patient_key).await?;
+    Ok(Delivered {
+        outcome: InferOutcome {
+            quality,
+            result_id,
+            prediction,
+            image_sha256,
+            ledger_seq,
+            ledger_hash,
+            replayed: false,
+        },
+        handed_off: Some(handed_off),
     })
 }
 
-/// The stored answer to a repeated key. Its delivery is recorded only if no earlier delivery
-/// was (the first attempt may have failed to reach the ledger); otherwise nothing is written.
-async fn replay(
+/// The result stored under a (scoped) key, if any.
+async fn stored_for_key(
     downstream: &Downstream,
-    caller: &Caller,
+    idempotency_key: &str,
+    correlation_id: &str,
+    time_left: Option<Duration>,
+) -> Result<Option<StoredResult>, tonic::Status> {
+    let stored = downstream
+        .inference
+        .clone()
+        .get_result(downstream.request(
+            GetResultRequest {
+                result_id: String::new(),
+                idempotency_key: idempotency_key.to_owned(),
+            },
+            correlation_id,
+            time_left,
+        ))
+        .await;
+    match stored {
+        Ok(found) => Ok(Some(found.into_inner().result.unwrap_or_default())),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(relay_downstream("inference", status)),
+    }
+}
+
+/// How long a request that lost the race for its key waits for the winner's delivery record.
+const WINNER_RECORD_WAIT: Duration = Duration::from_secs(5);
+const WINNER_RECORD_POLL: Duration = Duration::from_millis(50);
+
+/// The winner's delivery record as noted on the stored result, waited for until the caller's
+/// deadline or [`WINNER_RECORD_WAIT`]; 0 if none was noted by then (the winner failed or its
+/// caller went away), and this request then records the delivery itself.
+async fn noted_delivery(
+    downstream: &Downstream,
+    idempotency_key: &str,
+    correlation_id: &str,
+    deadline: Option<Instant>,
+) -> u64 {
+    let bound = Instant::now() + WINNER_RECORD_WAIT;
+    let until = deadline.map_or(bound, |at| at.min(bound));
+    loop {
+        let time_left = until.saturating_duration_since(Instant::now());
+        if let Ok(Some(stored)) =
+            stored_for_key(downstream, idempotency_key, correlation_id, Some(time_left)).await
+            && stored.ledger_seq > 0
+        {
+            return stored.ledger_seq;
+        }
+        if Instant::now() + WINNER_RECORD_POLL >= until {
+            return 0;
+        }
+        tokio::time::sleep(WINNER_RECORD_POLL).await;
+    }
+}
+
+/// The stored answer to a repeated key. Its delivery is recorded only if no earlier delivery
+/// was (the first attempt may have failed to reach the ledger, or its caller went away before
+/// the answer was handed over); otherwise nothing is written.
+async fn replay<T, H, F>(
+    call: &Call<'_>,
     mut prediction: PredictResponse,
     image_sha256: &str,
     patient_key: &str,
-    correlation_id: &str,
-    deadline: Option<Instant>,
-) -> Result<InferOutcome, tonic::Status> {
+    hand_off: H,
+) -> Result<Delivered<T>, tonic::Status>
+where
+    H: FnOnce() -> F,
+    F: Future<Output = Result<T, tonic::Status>>,
+{
     prediction.replayed = true;
-    let (ledger_seq, ledger_hash) = if prediction.ledger_seq > 0 {
-        (prediction.ledger_seq, String::new())
+    let (ledger_seq, ledger_hash, handed_off) = if prediction.ledger_seq > 0 {
+        (prediction.ledger_seq, String::new(), None)
     } else {
-        record_delivery(
-            downstream,
-            caller,
-            &prediction,
-            image_sha256,
-            patient_key,
-            correlation_id,
-            deadline,
-        )
-        .await?
+        let handed_off = hand_off().await?;
+        let (seq, hash) = record_delivery(call, &prediction, image_sha256, patient_key).await?;
+        (seq, hash, Some(handed_off))
     };
     metrics::counter!("medai_gateway_idempotent_replays_total").increment(1);
-    Ok(InferOutcome {
-        quality: None,
-        result_id: prediction.result_id.clone(),
-        image_sha256: image_sha256.to_owned(),
-        prediction,
-        ledger_seq,
-        ledger_hash,
-        replayed: true,
+    Ok(Delivered {
+        outcome: InferOutcome {
+            quality: None,
+            result_id: prediction.result_id.clone(),
+            image_sha256: image_sha256.to_owned(),
+            prediction,
+            ledger_seq,
+            ledger_hash,
+            replayed: true,
+        },
+        handed_off,
     })
 }
 
@@ -304,20 +570,24 @@ async fn replay(
 /// No prediction is answered without its ledger record; none is recorded once the caller's
 /// deadline has passed, so no record claims a delivery the caller never got.
 async fn record_delivery(
-    downstream: &Downstream,
-    caller: &Caller,
+    call: &Call<'_>,
     prediction: &PredictResponse,
     image_sha256: &str,
     patient_key: &str,
-    correlation_id: &str,
-    deadline: Option<Instant>,
 ) -> Result<(u64, String), tonic::Status> {
+    let Call {
+        downstream,
+        caller,
+        correlation_id,
+        deadline,
+        client_request_id,
+    } = *call;
     let result_id = prediction.result_id.as_str();
     if deadline.is_some_and(|at| at <= Instant::now()) {
         return Err(GatewayError::DeadlinePassed.into());
     }
     let time_left = deadline.map(|at| at.saturating_duration_since(Instant::now()));
-    let context = serde_json::json!({
+    let mut context = serde_json::json!({
         "correlation_id": correlation_id,
         "image_sha256": image_sha256,
         "patient_key": patient_key,
@@ -327,6 +597,9 @@ async fn record_delivery(
         "prediction_sha256": prediction_sha256(prediction),
         "top_label": prediction.top_label,
     });
+    if !client_request_id.is_empty() {
+        context["client_request_id"] = client_request_id.into();
+    }
     let append = AppendRequest {
         actor: format!("user:{}", caller.subject),
         action: "INFERENCE".to_owned(),

@@ -46,6 +46,14 @@ const SERVICE: &str = "/medai.gateway.v1.GatewayService/";
 const REFLECTION_V1: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 const REFLECTION_V1ALPHA: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
 
+/// The services server reflection lists: exactly those this server answers.
+pub const REFLECTED_SERVICES: [&str; 4] = [
+    "medai.gateway.v1.GatewayService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 const EXTERNAL_METHODS: [&str; 21] = [
     "Login",
     "Refresh",
@@ -169,6 +177,8 @@ pub async fn serve(
             downstream,
             max_image_bytes: config.max_image_bytes,
             default_model: config.default_model.clone(),
+            flights: Arc::default(),
+            revocations: revocations.clone(),
         },
         revocations,
     })
@@ -181,12 +191,26 @@ pub async fn serve(
         if !enabled {
             return Ok((None, None));
         }
-        let v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(medai_proto::FILE_DESCRIPTOR_SET)
+        // Only what this server serves is listed; the other services' files stay registered
+        // because the gateway's messages use their types.
+        let served = || {
+            REFLECTED_SERVICES.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(medai_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                    )
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    ),
+                |builder, service| builder.with_service_name(*service),
+            )
+        };
+        let v1 = served()
             .build_v1()
             .map_err(|error| ServeError::Config(error.to_string()))?;
-        let v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(medai_proto::FILE_DESCRIPTOR_SET)
+        let v1alpha = served()
             .build_v1alpha()
             .map_err(|error| ServeError::Config(error.to_string()))?;
         Ok((Some(v1), Some(v1alpha)))

@@ -17,7 +17,7 @@ use futures::future::{BoxFuture, FutureExt};
 use medai_runtime::config::from_str_or_native;
 use medai_runtime::identity::ServiceIdentity;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
@@ -248,6 +248,46 @@ impl LoadControl {
     }
 }
 
+/// The budgets one call is charged against: (scope, key, budget).
+type Budgets = Vec<(&'static str, String, Budget)>;
+
+/// Charges one call (or one message of a stream) against every budget.
+async fn charge(limiter: &RateLimiter, budgets: &Budgets) -> Result<(), GatewayError> {
+    for (scope, key, budget) in budgets {
+        if let Err(wait) = limiter.check(key, *budget).await {
+            metrics::counter!("medai_gateway_rate_limited_total", "scope" => *scope).increment(1);
+            return Err(GatewayError::RateLimited {
+                retry_after_ms: millis(wait),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Handed to every call's handler, so a stream that carries many requests (a study stream's
+/// images) counts each of them as a call: each is charged against the caller's rate limits
+/// and holds a place in the in-flight bound while it runs.
+#[derive(Clone)]
+pub struct MessageAdmission {
+    control: Arc<LoadControl>,
+    budgets: Arc<Budgets>,
+}
+
+impl MessageAdmission {
+    /// Admits one more message now, or refuses it as a call would be; the permit is its place
+    /// in the in-flight bound until dropped.
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, GatewayError> {
+        let Ok(permit) = self.control.in_flight.clone().try_acquire_owned() else {
+            metrics::counter!("medai_gateway_shed_total").increment(1);
+            return Err(GatewayError::Overloaded {
+                retry_after_ms: 100,
+            });
+        };
+        charge(&self.control.limiter, &self.budgets).await?;
+        Ok(permit)
+    }
+}
+
 #[derive(Clone)]
 pub struct LoadControlLayer {
     control: Arc<LoadControl>,
@@ -361,15 +401,15 @@ where
                     },
                 ));
             }
-            for (scope, key, budget) in budgets {
-                if let Err(wait) = control.limiter.check(&key, budget).await {
-                    metrics::counter!("medai_gateway_rate_limited_total", "scope" => scope)
-                        .increment(1);
-                    return Ok(refusal(GatewayError::RateLimited {
-                        retry_after_ms: millis(wait),
-                    }));
-                }
+            if let Err(error) = charge(&control.limiter, &budgets).await {
+                return Ok(refusal(error));
             }
+            // A streaming call's messages are charged one by one by its handler.
+            let mut request = request;
+            request.extensions_mut().insert(MessageAdmission {
+                control: control.clone(),
+                budgets: Arc::new(budgets),
+            });
             let response = inner.call(request).await;
             drop(permit);
             response
@@ -381,6 +421,53 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn admission(max_in_flight: usize, burst: u32) -> MessageAdmission {
+        let settings = LoadControlSettings {
+            max_in_flight,
+            ..LoadControlSettings::default()
+        };
+        MessageAdmission {
+            control: Arc::new(LoadControl::new(settings).expect("load control")),
+            budgets: Arc::new(vec![(
+                "user",
+                "user:stream".to_owned(),
+                Budget {
+                    per_second: 0.001,
+                    burst,
+                },
+            )]),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_message_of_a_stream_is_charged_like_a_call() {
+        let admission = admission(16, 3);
+        for message in 0..3 {
+            drop(admission.admit().await.unwrap_or_else(|error| {
+                panic!("message {message} refused: {error}");
+            }));
+        }
+        let refused = admission.admit().await.expect_err("fourth message");
+        assert!(
+            matches!(refused, GatewayError::RateLimited { .. }),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_message_in_flight_holds_a_place_in_the_bound() {
+        let admission = admission(2, 100);
+        let first = admission.admit().await.expect("first");
+        let _second = admission.admit().await.expect("second");
+        let refused = admission.admit().await.expect_err("third at once");
+        assert!(
+            matches!(refused, GatewayError::Overloaded { .. }),
+            "{refused:?}"
+        );
+        drop(first);
+        assert!(admission.admit().await.is_ok(), "a place was freed");
+    }
 
     #[test]
     fn the_local_gcra_allows_the_burst_then_the_rate() {

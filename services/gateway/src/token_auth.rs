@@ -27,6 +27,8 @@ pub struct Caller {
     pub role: Role,
     pub token_id: String,
     pub token_expires_at: u64,
+    /// The user's token generation when the token was issued (see `medai_tokens::Claims`).
+    pub token_generation: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -250,6 +252,7 @@ where
                 role: claims.role,
                 token_id: claims.jti,
                 token_expires_at: claims.exp,
+                token_generation: claims.generation,
             });
             inner.call(request).await
         }

@@ -53,6 +53,9 @@ pub enum InferenceError {
     ResultAlreadySigned,
     #[error("the result's content is not what the signer was shown")]
     ResultContentChanged,
+    /// A retry must be the same request as the one its key first named.
+    #[error("this idempotency key was used for another image, model or version")]
+    IdempotencyKeyReused,
     #[error("the results store failed")]
     Store,
 }
@@ -79,7 +82,8 @@ impl ServiceError for InferenceError {
             | Self::NoPreviousVersion { .. }
             | Self::IntegrityMismatch(_)
             | Self::ResultAlreadySigned
-            | Self::ResultContentChanged => ErrorKind::FailedPrecondition,
+            | Self::ResultContentChanged
+            | Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable => ErrorKind::Unavailable,
             Self::Failed(_) | Self::LoadFailed(_) | Self::RepositoryWrite(_) | Self::Store => {
                 ErrorKind::Internal
@@ -111,6 +115,7 @@ impl ServiceError for InferenceError {
             Self::QueryInvalid(_) => "QUERY_INVALID",
             Self::ResultAlreadySigned => "RESULT_ALREADY_SIGNED",
             Self::ResultContentChanged => "RESULT_CONTENT_CHANGED",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Store => "RESULTS_STORE_FAILED",
         }
     }

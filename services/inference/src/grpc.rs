@@ -168,6 +168,12 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
             "idempotency_key must be 64 lowercase hex digits".to_owned(),
         ));
     }
+    // A retry is matched to its first request by the image's hash, so a keyed request names it.
+    if !request.idempotency_key.is_empty() && request.image_sha256.is_empty() {
+        return Err(InferenceError::QueryInvalid(
+            "a request with an idempotency_key needs its image_sha256".to_owned(),
+        ));
+    }
     if !request.result_id.is_empty() && uuid::Uuid::parse_str(&request.result_id).is_err() {
         return Err(InferenceError::QueryInvalid(
             "result_id must be a UUID".to_owned(),
@@ -239,7 +245,14 @@ impl InferenceService for InferenceApi {
         if !request.idempotency_key.is_empty()
             && let Some(stored) = self
                 .results
-                .find_by_idempotency_key(&request.idempotency_key)
+                .find_retry(
+                    &request.idempotency_key,
+                    crate::results::RetryFacts {
+                        image_sha256: &request.image_sha256,
+                        model_name: &request.model_name,
+                        model_version: &request.model_version,
+                    },
+                )
                 .await?
         {
             return Ok(Response::new(replayed_response(stored)?));

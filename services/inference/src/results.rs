@@ -138,6 +138,25 @@ pub fn content_sha256(result: &StoredResult) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// What a retried request names, to be matched against the result its key stored.
+#[derive(Clone, Copy, Debug)]
+pub struct RetryFacts<'a> {
+    pub image_sha256: &'a str,
+    pub model_name: &'a str,
+    /// Empty asks for the active version, which the stored result recorded as it resolved.
+    pub model_version: &'a str,
+}
+
+impl RetryFacts<'_> {
+    /// The same image (by SHA-256), the same model and, if the retry names one, the same
+    /// version: only then is the stored result the answer to this request.
+    pub fn matches(&self, stored: &StoredResult) -> bool {
+        self.image_sha256 == stored.image_sha256
+            && self.model_name == stored.model_name
+            && (self.model_version.is_empty() || self.model_version == stored.model_version)
+    }
+}
+
 pub const PRELIMINARY: &str = "PRELIMINARY";
 pub const SIGNED: &str = "SIGNED";
 const DEFAULT_PAGE: u64 = 50;
@@ -171,7 +190,9 @@ impl ResultsStore {
     }
 
     /// Stores a new result (its content hash is computed here). A result whose idempotency key
-    /// is already stored is not written: the stored one is returned with `true`.
+    /// is already stored is not written (the unique key decides between racing writers, on
+    /// every replica): the stored one is returned with `true` if it answers the same image,
+    /// model and version, and [`InferenceError::IdempotencyKeyReused`] otherwise.
     pub async fn insert(
         &self,
         mut result: StoredResult,
@@ -187,10 +208,31 @@ impl ResultsStore {
                     && let Some(key) = result.idempotency_key.as_deref()
                     && let Some(stored) = self.find_by_idempotency_key(key).await?
                 {
+                    let retry = RetryFacts {
+                        image_sha256: &result.image_sha256,
+                        model_name: &result.model_name,
+                        model_version: &result.model_version,
+                    };
+                    if !retry.matches(&stored) {
+                        return Err(InferenceError::IdempotencyKeyReused);
+                    }
                     return Ok((stored, true));
                 }
                 Err(store_error(error))
             }
+        }
+    }
+
+    /// The stored answer to a retry: the result stored under `key`, if any, provided it
+    /// answered the same request; a key reused for another request is refused.
+    pub async fn find_retry(
+        &self,
+        key: &str,
+        retry: RetryFacts<'_>,
+    ) -> Result<Option<StoredResult>, InferenceError> {
+        match self.find_by_idempotency_key(key).await? {
+            Some(stored) if !retry.matches(&stored) => Err(InferenceError::IdempotencyKeyReused),
+            found => Ok(found),
         }
     }
 

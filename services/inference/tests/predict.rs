@@ -397,19 +397,51 @@ async fn the_embedded_sqlite_results_store_keeps_signed_results_final_too() {
 async fn repeated_key_and_final_signature(harness: &Harness) {
     let mut gateway = harness.client_as("gateway");
     let key = format!("{:064x}", 42);
+    // The gateway names each image by the SHA-256 of its bytes; a stand-in per image here.
     let keyed = |seed: u32| PredictRequest {
         idempotency_key: key.clone(),
+        image_sha256: format!("{seed:064x}"),
         ..support::predict(support::LIGHT, pattern(64, seed))
     };
 
     // The second request with the key is answered from the store: same result, no new run.
     let first = gateway.predict(keyed(1)).await.expect("first").into_inner();
     assert!(!first.replayed);
-    let again = gateway.predict(keyed(2)).await.expect("again").into_inner();
+    let again = gateway.predict(keyed(1)).await.expect("again").into_inner();
     assert!(again.replayed);
     assert_eq!(again.result_id, first.result_id);
     assert_eq!(again.probabilities, first.probabilities);
     assert_eq!(again.model_sha256, first.model_sha256);
+    // The key reused for another image, or for another version, is refused: never another
+    // image's prediction.
+    let status = gateway
+        .predict(keyed(2))
+        .await
+        .expect_err("another image under the key");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::FailedPrecondition, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
+    let status = gateway
+        .predict(PredictRequest {
+            model_version: "2".to_owned(),
+            ..keyed(1)
+        })
+        .await
+        .expect_err("another version under the key");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("IDEMPOTENCY_KEY_REUSED")
+    );
+    // A keyed request without its image's hash could not be matched on retry.
+    let status = gateway
+        .predict(PredictRequest {
+            image_sha256: String::new(),
+            ..keyed(1)
+        })
+        .await
+        .expect_err("key without image hash");
+    assert_eq!(reason_of(&status).as_deref(), Some("QUERY_INVALID"));
     let by_key = gateway
         .get_result(GetResultRequest {
             idempotency_key: key.clone(),
