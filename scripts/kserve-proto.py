@@ -6,7 +6,7 @@ from google.protobuf.descriptor import FieldDescriptor as F
 from tritonclient.grpc import service_pb2, model_config_pb2
 
 METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-           "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics"]
+           "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex"]
 # ModelConfig is large; only the fields this service fills are declared. Protobuf ignores the rest.
 KEEP_FIELDS = {
     "ModelConfig": {"name", "platform", "backend", "version_policy", "max_batch_size", "input",

@@ -28,6 +28,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub const SERVICES: [&str; 5] = ["audit", "auth", "validation", "inference", "gateway"];
 /// The identity the command-line tool and the tests use to reach internal health endpoints.
 pub const OPERATOR_IDENTITY: &str = "operator";
+/// The identity for internal teams' KServe v2 clients (inference and metadata, no lifecycle).
+pub const KSERVE_CLIENT_IDENTITY: &str = "kserve-client";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -323,6 +325,7 @@ impl RunningMesh {
         let pki = settings.pki();
         let mut identities: Vec<&str> = SERVICES.to_vec();
         identities.push(OPERATOR_IDENTITY);
+        identities.push(KSERVE_CLIENT_IDENTITY);
         pki.ensure(&identities)?;
 
         let mut mesh = Self {

@@ -1,8 +1,12 @@
 //! Inference throughput and latency: images/s and p50/p99 through the inference service
 //! (KServe v2 ModelInfer over mTLS, raw tensors, concurrent clients) against ONNX Runtime
 //! called in-process on the same model and the same tensors, for the brain-MRI model and the
-//! synthetic light model, with dynamic batching on and off. One run of this program measures
-//! every figure and prints the ratios; it also writes target/bench/inference_throughput.json.
+//! synthetic light model, with dynamic batching on and off. Every request through the service
+//! is recorded in the ledger before it is answered, as in production, so a real audit service
+//! (on SQLite, the embedded default) runs beside it. It also times preprocessing (a 512×512
+//! 16-bit grey image to each model's input) against the `image` crate's resize, the previous
+//! path. One run of this program measures every figure and prints the ratios; it also writes
+//! target/bench/inference_throughput.json.
 //!
 //! Run with `scripts/bench.sh`, or `cargo bench -p medai-inference --bench throughput`.
 
@@ -13,6 +17,7 @@ use std::time::Instant;
 use medai_inference::config::RuntimeSettings;
 use medai_inference::manifest::ModelManifest;
 use medai_inference::model::{onnx_environment, open_sessions, run_rows};
+use medai_inference::preprocess::{ImageInput, to_input_tensor};
 use medai_proto::kserve::ModelInferRequest;
 use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use medai_proto::kserve::model_infer_request::InferInputTensor;
@@ -77,6 +82,22 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
     let assets = Assets::locate();
     let pki = TestPki::new();
     let state = tempfile::tempdir().expect("tempdir");
+    let audit_config = medai_audit::AuditConfig {
+        process: test_process_config(),
+        tls: pki.files("audit"),
+        database_url: format!(
+            "sqlite://{}?mode=rwc",
+            state.path().join("audit.sqlite").display()
+        ),
+        checkpoint_key_file: state.path().join("audit-checkpoint.key"),
+        checkpoint_interval_seconds: 0,
+        migration_database_url: None,
+    };
+    let audit = TestServer::start(|listener, shutdown| {
+        medai_audit::serve(audit_config, listener, shutdown)
+    })
+    .await;
+    wait_until_serving(&pki, audit.address, "audit").await;
     let repository = state.path().join("models");
     let (manifest, folder) = manifest_of(workload.model);
     let version = repository.join(workload.model).join("1");
@@ -96,8 +117,8 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
             "sqlite://{}?mode=rwc",
             state.path().join("results.sqlite").display()
         ),
-        // No lifecycle change happens here, so no ledger is needed.
-        audit_endpoint: "https://127.0.0.1:9".to_owned(),
+        // Every KServe inference is recorded before it is answered.
+        audit_endpoint: format!("https://{}", audit.address),
         runtime: RuntimeSettings {
             dynamic_batching: batching,
             queue_capacity: 4096,
@@ -153,6 +174,7 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
     }
     let wall = started.elapsed();
     server.stop().await;
+    audit.stop().await;
     Figures::measure(latencies, wall)
 }
 
@@ -166,6 +188,48 @@ fn print_row(label: &str, figures: Figures, baseline: Figures) {
     );
 }
 
+/// Milliseconds per image to turn a 512×512 16-bit grey image into `model`'s input: through
+/// this service's preprocessing, and through the `image` crate's resize (the previous path).
+fn preprocessing(model: &str) -> (f64, f64) {
+    let (manifest, _) = manifest_of(model);
+    let plan = manifest.preprocessing.clone();
+    let side = 512u32;
+    let image = ImageInput {
+        width: side,
+        height: side,
+        channels: 1,
+        bit_depth: 16,
+        pixels: (0..side * side)
+            .flat_map(|index| ((index * 37 % 4096) as u16).to_le_bytes())
+            .collect(),
+    };
+    let rounds = 40;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(to_input_tensor(image.clone(), &plan).expect("tensor"));
+    }
+    let ours = started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    let samples: Vec<u16> = image
+        .pixels
+        .chunks_exact(2)
+        .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+        .collect();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let grey =
+            image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_raw(side, side, samples.clone())
+                .expect("buffer");
+        let resized = image::DynamicImage::ImageLuma16(grey).resize_exact(
+            plan.width,
+            plan.height,
+            image::imageops::FilterType::CatmullRom,
+        );
+        std::hint::black_box(resized.to_rgb8());
+    }
+    let image_crate = started.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds);
+    (ours, image_crate)
+}
+
 #[tokio::main]
 async fn main() {
     let workloads = [
@@ -176,11 +240,27 @@ async fn main() {
         },
         Workload {
             model: "synthetic-light",
+            requests: 2000,
+            concurrency: 1,
+        },
+        Workload {
+            model: "synthetic-light",
             requests: 6000,
             concurrency: 32,
         },
     ];
     let mut report = serde_json::Map::new();
+    for model in ["brain-mri-tumor", "synthetic-light"] {
+        let (ours, image_crate) = preprocessing(model);
+        println!(
+            "{model} preprocessing, 512×512 16-bit grey: {ours:.2} ms/image (image crate resize {image_crate:.2} ms, {:.1}x faster)",
+            image_crate / ours
+        );
+        report.insert(
+            format!("{model}/preprocessing"),
+            serde_json::json!({ "ms_per_image": ours, "image_crate_ms_per_image": image_crate }),
+        );
+    }
     for workload in &workloads {
         let baseline = in_process(workload);
         let batched = through_service(workload, true).await;
@@ -193,7 +273,7 @@ async fn main() {
         print_row("service, dynamic batching", batched, baseline);
         print_row("service, batching off", unbatched, baseline);
         report.insert(
-            workload.model.to_owned(),
+            format!("{}/concurrency-{}", workload.model, workload.concurrency),
             serde_json::json!({
                 "requests": workload.requests,
                 "concurrency": workload.concurrency,

@@ -1,7 +1,10 @@
 //! Dynamic batching for one served model version: requests wait in a bounded queue; one worker
-//! per ONNX Runtime session takes the first waiting request, gathers more for at most the
-//! manifest's queue delay (up to its batch size), drops the ones whose caller has gone or whose
-//! deadline has passed, and runs the rest in one call.
+//! per ONNX Runtime session takes the first waiting request together with everything queued
+//! behind it (up to the batch size), drops the ones whose caller has gone or whose deadline has
+//! passed, and runs the rest in one call. A request that finds the version idle runs at once:
+//! batches form only from what queued while a run was busy, so batching trades latency for
+//! throughput only under load. The manifest's queue delay applies only then too: a worker that
+//! starts while another session's run is in progress may wait that long to fill its batch.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -143,8 +146,38 @@ pub struct ServedVersion {
     pub sessions: usize,
     pub statistics: Arc<VersionStatistics>,
     queue: mpsc::Sender<Job>,
-    depth: Arc<AtomicUsize>,
+    depth: Arc<QueueDepth>,
     metrics: Arc<VersionMetrics>,
+}
+
+/// Requests queued and not yet taken by a worker. A request is counted before it is sent, so a
+/// worker never takes more than was counted; the count still saturates at zero rather than
+/// wrapping (a wrapped gauge reads 1.8e19, and debug builds panic on the subtraction).
+#[derive(Debug, Default)]
+pub struct QueueDepth {
+    count: AtomicUsize,
+}
+
+impl QueueDepth {
+    /// One more request queued; the new depth.
+    pub fn add(&self) -> usize {
+        self.count.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+    }
+
+    /// `taken` requests left the queue (taken by a worker, or never sent); the new depth.
+    pub fn remove(&self, taken: usize) -> usize {
+        let previous = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
+                Some(depth.saturating_sub(taken))
+            })
+            .unwrap_or_else(|depth| depth);
+        previous.saturating_sub(taken)
+    }
+
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
 }
 
 impl ServedVersion {
@@ -168,7 +201,8 @@ impl ServedVersion {
         let (queue, receiver) = mpsc::channel(queue_capacity.max(1));
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         let statistics = Arc::new(VersionStatistics::default());
-        let depth = Arc::new(AtomicUsize::new(0));
+        let depth = Arc::new(QueueDepth::default());
+        let running = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(VersionMetrics::new(&manifest));
         let shared_manifest = Arc::new(manifest.clone());
         let session_count = sessions.len();
@@ -179,6 +213,7 @@ impl ServedVersion {
                 receiver: receiver.clone(),
                 statistics: statistics.clone(),
                 depth: depth.clone(),
+                running: running.clone(),
                 max_batch_rows,
                 max_delay,
                 carried: None,
@@ -232,13 +267,18 @@ impl ServedVersion {
             enqueued,
             reply,
         };
-        self.queue.try_send(job).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => InferenceError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => {
-                InferenceError::Failed("the model version stopped serving".to_owned())
-            }
-        })?;
-        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        // Counted before it is sent: a worker may take it before `try_send` returns.
+        let depth = self.depth.add();
+        if let Err(error) = self.queue.try_send(job) {
+            let depth = self.depth.remove(1);
+            self.metrics.queue_depth.set(depth as f64);
+            return Err(match error {
+                mpsc::error::TrySendError::Full(_) => InferenceError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => {
+                    InferenceError::Failed("the model version stopped serving".to_owned())
+                }
+            });
+        }
         self.metrics.queue_depth.set(depth as f64);
         answer.await.map_err(|_| {
             InferenceError::Failed("the batch worker stopped before answering".to_owned())
@@ -246,7 +286,7 @@ impl ServedVersion {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.depth.get()
     }
 }
 
@@ -255,7 +295,9 @@ struct Worker {
     metrics: Arc<VersionMetrics>,
     receiver: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
     statistics: Arc<VersionStatistics>,
-    depth: Arc<AtomicUsize>,
+    depth: Arc<QueueDepth>,
+    /// Runs in progress across this version's workers.
+    running: Arc<AtomicUsize>,
     max_batch_rows: usize,
     max_delay: Duration,
     /// A job that did not fit the previous batch; it starts the next one.
@@ -276,7 +318,9 @@ impl Worker {
         }
     }
 
-    /// The next batch, or `None` once the queue is closed and empty.
+    /// The next batch, or `None` once the queue is closed and empty: the first waiting request
+    /// and everything queued behind it. Only while another worker's run is in progress does it
+    /// wait (at most the queue delay after the first request was queued) for more.
     async fn gather(&mut self) -> Option<Vec<Job>> {
         let mut receiver = self.receiver.lock().await;
         let first = match self.carried.take() {
@@ -291,6 +335,10 @@ impl Worker {
                 Ok(job) => job,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    let under_load = self.running.load(Ordering::Acquire) > 0;
+                    if !under_load || self.max_delay.is_zero() {
+                        break;
+                    }
                     match tokio::time::timeout_at(until, receiver.recv()).await {
                         Ok(Some(job)) => job,
                         Ok(None) | Err(_) => break,
@@ -306,8 +354,7 @@ impl Worker {
             batch.push(next);
         }
         drop(receiver);
-        let taken = batch.len();
-        let depth = self.depth.fetch_sub(taken, Ordering::Relaxed) - taken;
+        let depth = self.depth.remove(batch.len());
         self.metrics.queue_depth.set(depth as f64);
         Some(batch)
     }
@@ -349,6 +396,7 @@ impl Worker {
         }
         let total_rows: usize = row_counts.iter().sum();
         let manifest = self.manifest.clone();
+        self.running.fetch_add(1, Ordering::AcqRel);
         let outcome = tokio::task::spawn_blocking(move || {
             let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
             let result = concatenate(Axis(0), &views)
@@ -357,6 +405,7 @@ impl Worker {
             (session, result)
         })
         .await;
+        self.running.fetch_sub(1, Ordering::AcqRel);
         let computed = started.elapsed();
         let Ok((session, result)) = outcome else {
             tracing::error!(model = %self.manifest.name, version = %self.manifest.version, "a batch run panicked; this worker stops");
@@ -391,5 +440,23 @@ impl Worker {
             }
         }
         Some(session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QueueDepth;
+
+    #[test]
+    fn queue_depth_counts_and_never_wraps_below_zero() {
+        let depth = QueueDepth::default();
+        assert_eq!(depth.add(), 1);
+        assert_eq!(depth.add(), 2);
+        assert_eq!(depth.remove(2), 0);
+        // A worker that takes more than was counted (the old order: sent, taken, then counted)
+        // leaves the depth at zero instead of wrapping to usize::MAX or panicking.
+        assert_eq!(depth.remove(1), 0);
+        assert_eq!(depth.get(), 0);
+        assert_eq!(depth.add(), 1);
     }
 }

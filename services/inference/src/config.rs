@@ -35,7 +35,9 @@ impl std::fmt::Debug for InferenceConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSettings {
-    /// Threads one run may use; 0 lets ONNX Runtime decide.
+    /// Threads one run may use, for every model; 0 lets each model's manifest decide
+    /// (`execution.intra_op_threads`; absent: 1 for a small model, else the node's cores shared
+    /// among the sessions). ONNX Runtime's threads never spin-wait.
     #[serde(default, deserialize_with = "from_str_or_native")]
     pub intra_op_threads: usize,
     /// Threads across independent graph branches; 0 lets ONNX Runtime decide.

@@ -44,6 +44,12 @@ pub enum InferenceError {
     RepositoryWrite(String),
     #[error("the change could not be recorded in the ledger, so it was not made")]
     LedgerUnavailable,
+    #[error("the inference could not be recorded in the ledger, so no outputs are returned")]
+    InferenceUnrecorded,
+    #[error("the caller presented no service identity")]
+    CallerUnknown,
+    #[error("only the gateway may relay a user's subject")]
+    RelayRefused,
 
     #[error("no result has id {0}")]
     ResultNotFound(String),
@@ -84,7 +90,8 @@ impl ServiceError for InferenceError {
             | Self::ResultAlreadySigned
             | Self::ResultContentChanged
             | Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
-            Self::LedgerUnavailable => ErrorKind::Unavailable,
+            Self::LedgerUnavailable | Self::InferenceUnrecorded => ErrorKind::Unavailable,
+            Self::CallerUnknown | Self::RelayRefused => ErrorKind::PermissionDenied,
             Self::Failed(_) | Self::LoadFailed(_) | Self::RepositoryWrite(_) | Self::Store => {
                 ErrorKind::Internal
             }
@@ -110,7 +117,9 @@ impl ServiceError for InferenceError {
             Self::LoadFailed(_) => "MODEL_LOAD_FAILED",
             Self::ReasonMissing => "REASON_MISSING",
             Self::RepositoryWrite(_) => "REPOSITORY_WRITE_FAILED",
-            Self::LedgerUnavailable => "LEDGER_UNAVAILABLE",
+            Self::LedgerUnavailable | Self::InferenceUnrecorded => "LEDGER_UNAVAILABLE",
+            Self::CallerUnknown => "CALLER_UNKNOWN",
+            Self::RelayRefused => "SUBJECT_RELAY_REFUSED",
             Self::ResultNotFound(_) => "RESULT_NOT_FOUND",
             Self::QueryInvalid(_) => "QUERY_INVALID",
             Self::ResultAlreadySigned => "RESULT_ALREADY_SIGNED",

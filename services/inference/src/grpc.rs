@@ -14,10 +14,10 @@ use medai_proto::inference::v1::{
     RollbackModelResponse, SignResultRequest, SignResultResponse, StageModelVersionRequest,
     StageModelVersionResponse, StoredResult as StoredResultMessage,
 };
-use medai_runtime::ServiceIdentity;
 use medai_runtime::deadline::caller_deadline;
 use tonic::{Request, Response, Status};
 
+use crate::caller::Caller;
 use crate::error::InferenceError;
 use crate::lifecycle::{ChangeKind, ChangeRequest, Lifecycle};
 use crate::predict::{Prediction, Predictor};
@@ -126,10 +126,7 @@ fn change_request<T>(
         )));
     }
     let who = ChangeRequest {
-        peer: ServiceIdentity::of_grpc_peer(request)
-            .map(|peer| peer.name().to_owned())
-            .unwrap_or_default(),
-        requested_by: change.requested_by.clone(),
+        caller: Caller::of(request)?,
         reason: change.reason.clone(),
         correlation_id: medai_runtime::correlation::correlation_id(request.metadata()),
     };

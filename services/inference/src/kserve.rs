@@ -1,7 +1,10 @@
 //! KServe v2 (Open Inference Protocol) as Triton serves it, so Triton's clients and tools work
 //! unchanged: health, metadata, typed and raw tensor inference, streaming, and the Triton
-//! extensions its tools need (model configuration and statistics). Requests go through the same
-//! dynamic batcher as predictions; unknown request parameters are ignored.
+//! extensions its tools need (model configuration, statistics and the repository index).
+//! Requests go through the same dynamic batcher as predictions; unknown request parameters are
+//! ignored. Every inference is recorded in the ledger, with the caller's certificate identity as
+//! its actor, before its outputs are answered: if the ledger cannot record it, the caller gets
+//! UNAVAILABLE and no outputs.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,9 +12,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use medai_ledger_client::LedgerClient;
 use medai_proto::kserve::grpc_inference_service_server::GrpcInferenceService;
 use medai_proto::kserve::model_infer_response::InferOutputTensor;
 use medai_proto::kserve::model_metadata_response::TensorMetadata;
+use medai_proto::kserve::repository_index_response::ModelIndex;
 use medai_proto::kserve::{
     DataType, InferBatchStatistics, InferStatistics, ModelConfig, ModelConfigRequest,
     ModelConfigResponse, ModelDynamicBatching, ModelInferRequest, ModelInferResponse, ModelInput,
@@ -22,25 +27,34 @@ use medai_proto::kserve::{
     ServerReadyResponse, StatisticDuration, model_config, model_input, model_instance_group,
     model_version_policy,
 };
+use medai_proto::kserve::{RepositoryIndexRequest, RepositoryIndexResponse};
 use medai_runtime::deadline::caller_deadline;
 use ndarray::Array4;
+use serde_json::json;
+use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batcher::{ServedVersion, VersionStatistics};
+use crate::caller::Caller;
 use crate::error::InferenceError;
 use crate::repository::ModelRepository;
 
 /// Requests one stream may have running at once.
 const STREAM_CONCURRENCY: usize = 32;
 
+/// The ledger action of one KServe inference.
+pub const KSERVE_INFER_ACTION: &str = "KSERVE_MODEL_INFER";
+
 #[derive(Clone)]
 pub struct KserveApi {
     pub repository: Arc<ModelRepository>,
+    pub ledger: LedgerClient,
 }
 
 impl KserveApi {
     async fn infer(
         &self,
+        caller: &Caller,
         request: ModelInferRequest,
         deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, InferenceError> {
@@ -58,6 +72,7 @@ impl KserveApi {
         }
         let rows = input_rows(&request, &served)?;
         let count = rows.shape()[0];
+        let input_sha256 = tensor_sha256(rows.iter());
         let output = served.infer(rows, deadline).await?;
         let labels = manifest.labels.len();
         let raw: Vec<u8> = output
@@ -66,6 +81,32 @@ impl KserveApi {
             .flatten()
             .flat_map(|score| score.to_le_bytes())
             .collect();
+        // No outputs leave without their record. The request id is the client's free text,
+        // so it is not recorded (it could carry an identifier); the tensors are, as hashes.
+        let context = json!({
+            "door": "kserve",
+            "model_sha256": manifest.sha256,
+            "rows": count,
+            "batch_rows": output.batch_rows,
+            "input_sha256": input_sha256,
+            "output_sha256": hex::encode(Sha256::digest(&raw)),
+            "via": caller.service,
+        });
+        let resource = format!("model/{}/{}", manifest.name, manifest.version);
+        if let Err(status) = self
+            .ledger
+            .record(
+                &caller.actor(),
+                KSERVE_INFER_ACTION,
+                &resource,
+                "SUCCESS",
+                context,
+            )
+            .await
+        {
+            tracing::error!(code = ?status.code(), model = %manifest.name, "kserve inference not recorded; outputs withheld");
+            return Err(InferenceError::InferenceUnrecorded);
+        }
         Ok(ModelInferResponse {
             model_name: manifest.name.clone(),
             model_version: manifest.version.clone(),
@@ -81,6 +122,21 @@ impl KserveApi {
             raw_output_contents: vec![raw],
         })
     }
+}
+
+/// SHA-256 over the tensor's values as little-endian FP32, whichever way they were sent.
+fn tensor_sha256<'a>(values: impl Iterator<Item = &'a f32>) -> String {
+    let mut hasher = Sha256::new();
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    for value in values {
+        buffer.extend_from_slice(&value.to_le_bytes());
+        if buffer.len() >= 64 * 1024 {
+            hasher.update(&buffer);
+            buffer.clear();
+        }
+    }
+    hasher.update(&buffer);
+    hex::encode(hasher.finalize())
 }
 
 /// The request's one input as `[N, H, W, C]`, from raw little-endian bytes or typed contents.
@@ -301,8 +357,9 @@ impl GrpcInferenceService for KserveApi {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
+        let caller = Caller::of(&request)?;
         Ok(Response::new(
-            self.infer(request.into_inner(), deadline).await?,
+            self.infer(&caller, request.into_inner(), deadline).await?,
         ))
     }
 
@@ -313,15 +370,17 @@ impl GrpcInferenceService for KserveApi {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let api = self.clone();
+        let caller = Arc::new(Caller::of(&request)?);
         let answers = request
             .into_inner()
             .take_while(|item| futures::future::ready(item.is_ok()))
             .filter_map(|item| futures::future::ready(item.ok()))
             .map(move |item| {
                 let api = api.clone();
+                let caller = caller.clone();
                 async move {
                     let id = item.id.clone();
-                    Ok(match api.infer(item, None).await {
+                    Ok(match api.infer(&caller, item, None).await {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -411,5 +470,31 @@ impl GrpcInferenceService for KserveApi {
             vec![statistics_message(&served)]
         };
         Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    /// Triton's repository index: every version in the repository, READY when served, else
+    /// UNAVAILABLE with its lifecycle status as the reason (`ready` keeps the served ones).
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        let models = self
+            .repository
+            .list()
+            .into_iter()
+            .filter(|view| view.ready || !request.ready)
+            .map(|view| ModelIndex {
+                state: if view.ready { "READY" } else { "UNAVAILABLE" }.to_owned(),
+                reason: if view.ready {
+                    String::new()
+                } else {
+                    view.status.as_str().to_owned()
+                },
+                name: view.name,
+                version: view.version,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
     }
 }

@@ -3,6 +3,7 @@
 //! its manifest; keeps every prediction's result; speaks KServe v2 beside its own API.
 
 pub mod batcher;
+pub mod caller;
 pub mod config;
 mod error;
 mod grpc;
@@ -46,8 +47,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Predictions and results are the gateway's; the operator tool may also manage models and
-/// call KServe v2 directly, as internal teams do.
+/// The identity of internal teams' KServe v2 clients: they may run inference and read
+/// metadata, never change what is served.
+pub const KSERVE_CLIENT_IDENTITY: &str = "kserve-client";
+
+/// Predictions and results are the gateway's; model lifecycle is the gateway's and the
+/// operator tool's; KServe v2 is open to the gateway, the operator tool and KServe clients.
 pub fn peer_policy() -> PeerPolicy {
     let ours = |method: &str| format!("/medai.inference.v1.InferenceService/{method}");
     let kserve = |method: &str| format!("/inference.GRPCInferenceService/{method}");
@@ -83,10 +88,14 @@ pub fn peer_policy() -> PeerPolicy {
         "ModelStreamInfer",
         "ModelConfig",
         "ModelStatistics",
+        "RepositoryIndex",
     ]
     .iter()
     .fold(management, |policy, method| {
-        policy.allow(&kserve(method), &["gateway", "operator"])
+        policy.allow(
+            &kserve(method),
+            &["gateway", "operator", KSERVE_CLIENT_IDENTITY],
+        )
     })
 }
 
@@ -132,6 +141,7 @@ pub async fn serve(
     health_reporter
         .set_serving::<InferenceServiceServer<grpc::InferenceApi>>()
         .await;
+    let ledger = medai_ledger_client::LedgerClient::new(audit);
     let api = InferenceServiceServer::new(grpc::InferenceApi {
         predictor: Arc::new(predict::Predictor {
             repository: repository.clone(),
@@ -139,11 +149,11 @@ pub async fn serve(
         results,
         lifecycle: Arc::new(lifecycle::Lifecycle {
             repository: repository.clone(),
-            ledger: medai_ledger_client::LedgerClient::new(audit),
+            ledger: ledger.clone(),
         }),
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository })
+    let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     mesh_server(
         &tls,

@@ -7,28 +7,17 @@ use std::sync::Arc;
 use medai_ledger_client::LedgerClient;
 use serde_json::json;
 
+use crate::caller::Caller;
 use crate::error::InferenceError;
 use crate::repository::{ModelRepository, PlannedChange, VersionView};
 
-/// Who asked for a change and why.
+/// Who asked for a change and why. The actor recorded is the authenticated caller (its
+/// certificate, or the user the gateway relays); the reason is free text, kept only as such.
 #[derive(Clone, Debug)]
 pub struct ChangeRequest {
-    /// The service identity that called (the gateway or the operator tool).
-    pub peer: String,
-    /// The person the gateway acts for, if any.
-    pub requested_by: String,
+    pub caller: Caller,
     pub reason: String,
     pub correlation_id: String,
-}
-
-impl ChangeRequest {
-    fn actor(&self) -> &str {
-        if self.requested_by.is_empty() {
-            &self.peer
-        } else {
-            &self.requested_by
-        }
-    }
 }
 
 pub struct Lifecycle {
@@ -77,7 +66,7 @@ impl Lifecycle {
             "model": change.name,
             "version": change.version,
             "previously_served": change.previously_served,
-            "via": request.peer,
+            "via": request.caller.service,
             "reason": request.reason,
             "correlation_id": request.correlation_id,
         });
@@ -85,7 +74,7 @@ impl Lifecycle {
         let seq = match self
             .ledger
             .record(
-                request.actor(),
+                &request.caller.actor(),
                 change.action,
                 &resource,
                 "SUCCESS",

@@ -27,6 +27,19 @@ pub struct ModelManifest {
     pub preprocessing: Preprocessing,
     #[serde(default)]
     pub batching: Batching,
+    #[serde(default)]
+    pub execution: Execution,
+}
+
+/// How ONNX Runtime runs this model.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Execution {
+    /// Threads one run of this model may use. Absent: one for a small model (under 1 MiB),
+    /// else the node's cores shared among the version's sessions. The service's
+    /// `runtime.intra_op_threads`, when set, overrides it.
+    #[serde(default)]
+    pub intra_op_threads: Option<usize>,
 }
 
 fn default_threshold() -> f32 {
@@ -199,6 +212,13 @@ impl ModelManifest {
         }
         if self.batching.max_batch_size == 0 || self.batching.max_batch_size > 1024 {
             return Err("batching.max_batch_size must lie in 1..=1024".to_owned());
+        }
+        if self
+            .execution
+            .intra_op_threads
+            .is_some_and(|threads| threads == 0 || threads > 256)
+        {
+            return Err("execution.intra_op_threads must lie in 1..=256".to_owned());
         }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex digits".to_owned());

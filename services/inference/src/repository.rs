@@ -17,7 +17,7 @@ use crate::batcher::ServedVersion;
 use crate::config::RuntimeSettings;
 use crate::error::InferenceError;
 use crate::manifest::{ManifestError, ModelManifest, ModelStatus};
-use crate::model::{ModelError, open_sessions, verified_model_file};
+use crate::model::{ModelError, VerifiedModel, open_sessions};
 
 const HISTORY_FILE: &str = "activation-history";
 
@@ -236,7 +236,7 @@ impl ModelRepository {
         let file_check_manifest = manifest.clone();
         let file_check_folder = folder.clone();
         tokio::task::spawn_blocking(move || {
-            verified_model_file(&file_check_manifest, &file_check_folder)
+            VerifiedModel::read(&file_check_manifest, &file_check_folder).map(drop)
         })
         .await
         .map_err(|error| InferenceError::LoadFailed(error.to_string()))?

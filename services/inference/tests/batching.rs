@@ -83,6 +83,48 @@ async fn concurrent_requests_share_runs_and_batching_can_be_turned_off() {
     assert_eq!(batch_sizes(&unbatched, LIGHT).await, [(1, 48)]);
 }
 
+/// A request that finds the model idle runs at once: the batching window only applies while
+/// another run is busy. With a 2 s window, lone requests still answer in far less than 2 s.
+#[tokio::test]
+async fn a_lone_request_is_not_delayed_by_the_batching_window() {
+    let repository = light_repository(&[("1", "active")]);
+    let manifest = repository
+        .path()
+        .join(LIGHT)
+        .join("1")
+        .join("manifest.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    assert!(text.contains("max_queue_delay_microseconds = 500\n"));
+    std::fs::write(
+        &manifest,
+        text.replace(
+            "max_queue_delay_microseconds = 500\n",
+            "max_queue_delay_microseconds = 2000000\n",
+        ),
+    )
+    .expect("a 2 s window");
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut client = harness.client_as("gateway");
+    client
+        .predict(support::predict(LIGHT, grey_image(64, 0)))
+        .await
+        .expect("warm-up");
+    for round in 1..=5u32 {
+        let started = Instant::now();
+        client
+            .predict(support::predict(LIGHT, grey_image(64, round)))
+            .await
+            .expect("prediction");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1000),
+            "a lone request waited {took:?} with a 2 s window"
+        );
+    }
+    // They ran one by one, each alone.
+    assert_eq!(batch_sizes(&harness, LIGHT).await, [(1, 6)]);
+}
+
 #[tokio::test]
 async fn a_full_queue_refuses_at_once_and_expired_requests_never_run() {
     let repository = brain_repository();

@@ -7,11 +7,12 @@ mod support;
 use medai_inference::config::RuntimeSettings;
 use medai_proto::kserve::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use medai_proto::kserve::{
-    InferTensorContents, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    RepositoryIndexRequest, ServerLiveRequest,
 };
 use medai_runtime::errors::reason_of;
 use medai_testkit::workspace_root;
-use support::{Harness, LIGHT, light_repository};
+use support::{Harness, LIGHT, add_light_version, light_repository};
 use tonic::Code;
 
 fn pattern(rows: usize) -> Vec<f32> {
@@ -127,7 +128,7 @@ async fn typed_and_raw_tensors_give_the_same_scores_and_bad_tensors_are_refused(
         .expect_err("unknown model");
     assert_eq!(status.code(), Code::NotFound);
 
-    // KServe is for the gateway and the operator tool, no other peer.
+    // KServe is for the gateway, the operator tool and KServe clients, no other peer.
     for identity in ["validation", "audit", "stranger"] {
         let status = harness
             .kserve_as(identity)
@@ -136,6 +137,131 @@ async fn typed_and_raw_tensors_give_the_same_scores_and_bad_tensors_are_refused(
             .expect_err("peer policy");
         assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
     }
+}
+
+/// Every KServe inference is in the ledger under the caller's certificate identity before it is
+/// answered; without the ledger the caller gets UNAVAILABLE and no outputs, unary or streamed.
+/// A KServe-only identity may infer and read metadata, never change what is served.
+#[tokio::test]
+async fn kserve_inference_is_recorded_under_the_caller_and_withheld_without_the_ledger() {
+    use futures::StreamExt;
+    use medai_inference::KSERVE_CLIENT_IDENTITY;
+
+    let repository = light_repository(&[("1", "active")]);
+    add_light_version(repository.path(), "2", "staged");
+    let mut harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    harness
+        .pki
+        .layout
+        .ensure(&[KSERVE_CLIENT_IDENTITY])
+        .expect("kserve-client certificate");
+    let mut client = harness.kserve_as(KSERVE_CLIENT_IDENTITY);
+
+    let answer = client
+        .model_infer(raw_request(2))
+        .await
+        .expect("a kserve client may infer")
+        .into_inner();
+    assert_eq!(scores(&answer).len(), 4);
+    client
+        .model_metadata(ModelMetadataRequest {
+            name: LIGHT.to_owned(),
+            version: String::new(),
+        })
+        .await
+        .expect("and read metadata");
+    let index = client
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: false,
+        })
+        .await
+        .expect("and read the repository index")
+        .into_inner();
+    let listed: Vec<(&str, &str, &str)> = index
+        .models
+        .iter()
+        .map(|model| {
+            (
+                model.version.as_str(),
+                model.state.as_str(),
+                model.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("1", "READY", ""), ("2", "UNAVAILABLE", "STAGED")]);
+    let status = harness
+        .client_as(KSERVE_CLIENT_IDENTITY)
+        .retire_model_version(medai_proto::inference::v1::RetireModelVersionRequest {
+            change: Some(medai_proto::inference::v1::ModelChange {
+                model_name: LIGHT.to_owned(),
+                model_version: "1".to_owned(),
+                reason: "not allowed".to_owned(),
+            }),
+        })
+        .await
+        .expect_err("a kserve client may not change what is served");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // A stream of two requests from the operator tool: two records, under its identity.
+    let requests = futures::stream::iter([typed_request(1), typed_request(1)]);
+    let streamed: Vec<_> = harness
+        .kserve_as("operator")
+        .model_stream_infer(requests)
+        .await
+        .expect("stream")
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(streamed.len(), 2);
+    for answer in &streamed {
+        let answer = answer.as_ref().expect("stream item");
+        assert!(answer.error_message.is_empty(), "{}", answer.error_message);
+    }
+
+    let resource = format!("model/{LIGHT}/1");
+    let record = |actor: &str| {
+        (
+            actor.to_owned(),
+            "KSERVE_MODEL_INFER".to_owned(),
+            resource.clone(),
+            "SUCCESS".to_owned(),
+        )
+    };
+    assert_eq!(
+        harness.ledger().await,
+        [
+            record("service:kserve-client"),
+            record("service:operator"),
+            record("service:operator"),
+        ]
+    );
+
+    // Without the ledger: UNAVAILABLE and no outputs, whatever the door.
+    harness.audit.take().expect("audit").stop().await;
+    let status = client
+        .model_infer(raw_request(1))
+        .await
+        .expect_err("no answer without its record");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::Unavailable, Some("LEDGER_UNAVAILABLE"))
+    );
+    let streamed: Vec<_> = client
+        .model_stream_infer(futures::stream::iter([typed_request(1)]))
+        .await
+        .expect("stream")
+        .into_inner()
+        .collect()
+        .await;
+    let answer = streamed[0].as_ref().expect("stream item");
+    assert!(
+        answer.error_message.starts_with("LEDGER_UNAVAILABLE"),
+        "{}",
+        answer.error_message
+    );
+    let response = answer.infer_response.as_ref().expect("tagged response");
+    assert!(response.outputs.is_empty() && response.raw_output_contents.is_empty());
 }
 
 #[tokio::test]
@@ -216,6 +342,11 @@ async fn tritons_python_client_works_unchanged() {
     }
     assert_eq!(seen["statistics"]["inference_count"], 7);
     assert_eq!(seen["statistics"]["success"], 5);
+    // The repository index answers (Triton's clients call it), not PERMISSION_DENIED.
+    assert_eq!(
+        seen["index"],
+        serde_json::json!([{"name": LIGHT, "version": "1", "state": "READY"}])
+    );
 }
 
 /// The CUDA runtime library perf_analyzer links (loaded, never used: no GPU is asked for).

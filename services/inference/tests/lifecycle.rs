@@ -23,7 +23,6 @@ fn change(version: &str) -> ModelChange {
     ModelChange {
         model_name: LIGHT.to_owned(),
         model_version: version.to_owned(),
-        requested_by: "admin-subject-1".to_owned(),
         reason: "CHG-1234 validated release".to_owned(),
     }
 }
@@ -53,6 +52,16 @@ fn rollback() -> RollbackModelRequest {
             ..change("")
         }),
     }
+}
+
+/// `message` as the gateway sends it for a signed-in user: the user's token subject relayed.
+fn relayed<T>(message: T, subject: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        medai_inference::caller::RELAYED_SUBJECT_HEADER,
+        subject.parse().expect("ascii subject"),
+    );
+    request
 }
 
 async fn served_version(client: &mut InferenceServiceClient<Channel>) -> Result<String, String> {
@@ -176,10 +185,10 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         ]
     );
 
-    // Rollback returns to version 1.
+    // Rollback returns to version 1; the gateway asks on behalf of a signed-in user.
     let rolled_back = changed(
-        operator
-            .rollback_model(rollback())
+        gateway
+            .rollback_model(relayed(rollback(), "admin-subject-1"))
             .await
             .expect("rollback")
             .into_inner()
@@ -234,7 +243,8 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
     assert_eq!(manifest_status(repository.path(), "1"), "retired");
     assert_eq!(manifest_status(repository.path(), "2"), "retired");
 
-    // Every change is in the ledger, in order, under the person the gateway acted for.
+    // Every change is in the ledger, in order, under the authenticated caller: the operator
+    // tool's certificate, or the user whose subject the gateway relayed.
     let ledger = harness.ledger().await;
     let recorded: Vec<(&str, &str, &str)> = ledger
         .iter()
@@ -243,19 +253,27 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
     assert_eq!(
         recorded,
         [
-            ("admin-subject-1", "MODEL_STAGE", "model/synthetic-light/2"),
+            ("service:operator", "MODEL_STAGE", "model/synthetic-light/2"),
             (
-                "admin-subject-1",
+                "service:operator",
                 "MODEL_ACTIVATE",
                 "model/synthetic-light/2"
             ),
             (
-                "admin-subject-1",
+                "user:admin-subject-1",
                 "MODEL_ROLLBACK",
                 "model/synthetic-light/1"
             ),
-            ("admin-subject-1", "MODEL_RETIRE", "model/synthetic-light/2"),
-            ("admin-subject-1", "MODEL_RETIRE", "model/synthetic-light/1"),
+            (
+                "service:operator",
+                "MODEL_RETIRE",
+                "model/synthetic-light/2"
+            ),
+            (
+                "service:operator",
+                "MODEL_RETIRE",
+                "model/synthetic-light/1"
+            ),
         ]
     );
     assert!(ledger.iter().all(|entry| entry.3 == "SUCCESS"));
@@ -312,14 +330,39 @@ async fn refused_changes_change_nothing_and_record_nothing() {
         reason_of(&status).as_deref(),
         Some("MODEL_VERSION_ALREADY_IN_STATE")
     );
-    for identity in ["validation", "audit", "stranger"] {
-        let status = harness
-            .client_as(identity)
+    // A KServe client may run inference, never change what is served.
+    harness
+        .pki
+        .layout
+        .ensure(&[medai_inference::KSERVE_CLIENT_IDENTITY])
+        .expect("kserve-client certificate");
+    for identity in [
+        "validation",
+        "audit",
+        "stranger",
+        medai_inference::KSERVE_CLIENT_IDENTITY,
+    ] {
+        let mut client = harness.client_as(identity);
+        let status = client
             .retire_model_version(retire("1"))
             .await
             .expect_err("peer policy");
         assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
+        let status = client
+            .stage_model_version(stage("2"))
+            .await
+            .expect_err("peer policy");
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
     }
+    // Only the gateway may name a user as the actor; the operator tool cannot.
+    let status = operator
+        .retire_model_version(relayed(retire("1"), "someone-else"))
+        .await
+        .expect_err("relay from a non-gateway peer");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::PermissionDenied, Some("SUBJECT_RELAY_REFUSED"))
+    );
     assert!(harness.ledger().await.is_empty());
 
     // Without the ledger, nothing changes: the manifests are put back.

@@ -551,3 +551,40 @@ async fn repeated_key_and_final_signature(harness: &Harness) {
         unchanged.content_sha256
     );
 }
+
+/// The file is read once: the bytes whose hash matched are the bytes ONNX Runtime loads. A file
+/// replaced between the check and the load (here by a different, valid model) is not served.
+#[test]
+fn a_model_file_swapped_after_its_check_is_never_served() {
+    use medai_inference::manifest::ModelManifest;
+    use medai_inference::model::{VerifiedModel, onnx_environment, run_rows};
+
+    let assets = Assets::locate();
+    let environment = onnx_environment(&assets.onnxruntime_library).expect("onnx runtime");
+    let repository = support::light_repository(&[("1", "active")]);
+    let folder = repository.path().join(support::LIGHT).join("1");
+    let manifest = ModelManifest::load(&folder.join("manifest.toml")).expect("manifest");
+    let verified = VerifiedModel::read(&manifest, &folder).expect("the light model verifies");
+
+    // Swap the file atomically for the brain-MRI model after the check.
+    let brain = std::fs::canonicalize(assets.model_repository.join("brain-mri-tumor/1/model.onnx"))
+        .expect("brain model");
+    let staged = folder.join("swap.onnx");
+    std::os::unix::fs::symlink(brain, &staged).expect("link");
+    std::fs::rename(&staged, folder.join("model.onnx")).expect("swap");
+
+    let mut sessions = verified
+        .open_sessions(&environment, &manifest, &RuntimeSettings::default())
+        .expect("sessions from the verified bytes");
+    // What runs is the light model that was checked: a 64×64 grey row gives its two scores
+    // (the swapped-in VGG16 takes 240×240 RGB and would refuse this row).
+    let row = ndarray::Array4::from_elem((1, 64, 64, 1), 0.5f32);
+    let scores = run_rows(&mut sessions[0], &manifest, row).expect("the checked model runs");
+    assert_eq!(scores.len(), 1);
+    assert_eq!(scores[0].len(), 2);
+    // Reading the file now finds the swap and refuses it.
+    assert!(matches!(
+        VerifiedModel::read(&manifest, &folder),
+        Err(ModelError::IntegrityMismatch { .. })
+    ));
+}

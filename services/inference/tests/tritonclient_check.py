@@ -1,5 +1,6 @@
 """Triton's own Python client (tritonclient[grpc]) against the inference service over mTLS,
-unchanged: health, metadata, model configuration, typed inference, streaming and statistics.
+unchanged: health, metadata, model configuration, typed inference, streaming, statistics and
+the repository index.
 Prints one JSON object of what it saw; the Rust test that runs it asserts on it.
 Usage: tritonclient_check.py <host:port> <ca.pem> <cert.pem> <key.pem> <model>"""
 import json
@@ -69,4 +70,6 @@ statistics = client.get_inference_statistics(model, as_json=True)["model_stats"]
 seen["statistics"] = {"inference_count": int(statistics.get("inference_count", 0)),
                       "execution_count": int(statistics.get("execution_count", 0)),
                       "success": int(statistics["inference_stats"]["success"].get("count", 0))}
+index = client.get_model_repository_index(as_json=True).get("models", [])
+seen["index"] = [{key: entry.get(key) for key in ("name", "version", "state")} for entry in index]
 print(json.dumps(seen))
