@@ -610,7 +610,7 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
     let requests = series(&exposition, "medai_grpc_requests_total");
     let durations = series(&exposition, "medai_grpc_request_duration_seconds_count");
     let denials = series(&exposition, "medai_peer_policy_denials_total");
-    println!(
+    eprintln!(
         "after {PATHS} made-up paths: {} request series, {} duration series, {} denial series",
         requests.len(),
         durations.len(),
@@ -790,7 +790,7 @@ async fn a_terminated_service_reports_not_serving_while_it_drains_before_its_por
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    println!(
+    eprintln!(
         "NOT_SERVING {} ms after SIGTERM, port closed after {} ms",
         not_serving_after.as_millis(),
         closed_after.as_millis()
@@ -843,7 +843,7 @@ async fn the_ledger_s_callers_report_not_serving_while_it_is_gone_and_serving_wh
             std::time::Duration::from_secs(30),
         )
         .await;
-        println!(
+        eprintln!(
             "{service}: NOT_SERVING {} ms after the ledger went",
             waited.as_millis()
         );
@@ -928,7 +928,7 @@ async fn a_killed_service_is_restarted_on_its_port_and_predictions_resume() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let resumed = killed_at.elapsed();
-    println!(
+    eprintln!(
         "prediction succeeded again {} ms after kill -9 ({failures} failed attempts)",
         resumed.as_millis()
     );

@@ -231,8 +231,10 @@ where
 
     let grace = Duration::from_secs(process.shutdown_grace_seconds);
     let drain_deadline = shutdown.clone().then(move |()| tokio::time::sleep(grace));
+    // Boxed: a service's whole server is a large future, and it lives as long as the process.
+    let serving = Box::pin(readiness.scope(serve(config, listener, shutdown)));
     let exit = tokio::select! {
-        result = readiness.scope(serve(config, listener, shutdown)) => match result {
+        result = serving => match result {
             Ok(()) => {
                 tracing::info!(service, "stopped");
                 ExitCode::SUCCESS
