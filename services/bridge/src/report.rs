@@ -289,9 +289,7 @@ pub fn build_report(
     root.push(text_item(
         "CONTAINS",
         code("DISCLAIMER", CODING_SCHEME, "Intended use"),
-        &format!("{DISCLAIMER} {}", outcome.intended_use)
-            .trim_end()
-            .to_owned(),
+        format!("{DISCLAIMER} {}", outcome.intended_use).trim_end(),
     ));
     put_sequence(&mut dataset, tags::CONTENT_SEQUENCE, root);
     Ok(Report {
