@@ -93,13 +93,13 @@ async fn run_writer(
         metrics::histogram!("medai_ledger_group_commit_size").record(group.len() as f64);
         match outcome {
             Ok(receipts) => {
-                if let Some(last) = receipts.last() {
-                    if let Some(hash) = anchor::decode_hash(&last.hash) {
-                        anchor.record_committed(ChainHead {
-                            seq: last.seq,
-                            hash,
-                        });
-                    }
+                if let Some(last) = receipts.last()
+                    && let Some(hash) = anchor::decode_hash(&last.hash)
+                {
+                    anchor.record_committed(ChainHead {
+                        seq: last.seq,
+                        hash,
+                    });
                 }
                 for ((_, reply), receipt) in group.drain(..).zip(receipts) {
                     let _caller_gone = reply.send(Ok(receipt));
