@@ -963,3 +963,84 @@ async fn a_killed_service_is_restarted_on_its_port_and_predictions_resume() {
     );
     mesh.stop().await;
 }
+
+#[tokio::test]
+async fn inference_reports_not_serving_once_no_model_version_is_active() {
+    use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+    use medai_proto::inference::v1::{ModelChange, RetireModelVersionRequest};
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    // A repository of its own holding one model, so retiring it touches nothing shared.
+    let state = tempfile::tempdir().expect("state dir");
+    let assets = Assets::locate();
+    let repository = state.path().join("models");
+    let version = repository.join("synthetic-light").join("1");
+    std::fs::create_dir_all(&version).expect("repository");
+    for file in ["manifest.toml", "model.onnx"] {
+        std::fs::copy(
+            assets
+                .model_repository
+                .join("synthetic-light")
+                .join("1")
+                .join(file),
+            version.join(file),
+        )
+        .expect("copy the light model");
+    }
+    let mut settings = medai_cli::launcher::MeshSettings::embedded(
+        &state.path().join("mesh"),
+        &medai_testkit::binaries_dir(),
+        &repository,
+        &assets.onnxruntime_library,
+    );
+    settings.admin_password = ADMIN_PASSWORD.to_owned();
+    let mesh = medai_cli::launcher::RunningMesh::start(&settings)
+        .await
+        .expect("the mesh starts");
+    let tls = medai_runtime::tls::TlsMaterial::load(&medai_runtime::TlsFiles {
+        ca_cert: mesh.pki_layout().ca_certificate(),
+        cert: mesh.pki_layout().certificate("operator"),
+        key: mesh.pki_layout().key("operator"),
+    })
+    .expect("operator identity");
+    let inference = mesh.address("inference").expect("inference address");
+    assert_eq!(
+        health_of(&tls, inference, "inference")
+            .await
+            .expect("health"),
+        ServingStatus::Serving
+    );
+
+    let channel = tls
+        .channel(
+            &format!("https://{inference}"),
+            &ServiceIdentity::new("inference"),
+        )
+        .expect("channel");
+    InferenceServiceClient::new(channel)
+        .retire_model_version(RetireModelVersionRequest {
+            change: Some(ModelChange {
+                model_name: "synthetic-light".to_owned(),
+                model_version: "1".to_owned(),
+                requested_by: "operator".to_owned(),
+                reason: "CHG-1 retire the only model".to_owned(),
+            }),
+        })
+        .await
+        .expect("retired");
+    wait_for_health(
+        &tls,
+        inference,
+        "inference",
+        ServingStatus::NotServing,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    let probe = mesh
+        .service_command("inference", &["--probe"])
+        .expect("probe command")
+        .status()
+        .expect("run --probe");
+    assert!(!probe.success(), "--probe with no active model: {probe}");
+    mesh.stop(std::time::Duration::from_secs(10)).await;
+}
