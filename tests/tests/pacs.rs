@@ -86,7 +86,6 @@ async fn http_json(
 /// A throwaway Orthanc: its own configuration, storage and ports; killed on drop.
 struct Orthanc {
     http: SocketAddr,
-    dicom_port: u16,
     process: tokio::process::Child,
     directory: tempfile::TempDir,
 }
@@ -132,7 +131,6 @@ impl Orthanc {
             .expect("Orthanc starts (scripts/pacs-tools.sh installs it)");
         let orthanc = Self {
             http: SocketAddr::from(([127, 0, 0, 1], http_port)),
-            dicom_port,
             process,
             directory,
         };
