@@ -9,12 +9,13 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::dimse::{self, status};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// A PDV item's length (4), presentation context id (1) and control header (1).
+const PDV_HEADER: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -110,14 +111,25 @@ impl ReportSender {
             })
             .await
             .map_err(|error| DeliveryError::Transport(error.to_string()))?;
-        {
-            let mut writer = self.association.send_pdata(self.context_id);
-            writer
-                .write_all(&data)
-                .await
-                .map_err(|error| DeliveryError::Transport(error.to_string()))?;
-            writer
-                .finish()
+        // The data set in P-DATA PDUs no larger than the destination accepts (built here rather
+        // than with dicom-ul's PDataWriter, whose drop blocks and so needs a multi-threaded
+        // runtime).
+        let peer_limit = self.association.acceptor_max_pdu_length();
+        let peer_limit = if peer_limit == 0 { 16_384 } else { peer_limit };
+        let fragment = usize::try_from(peer_limit.saturating_sub(PDV_HEADER))
+            .unwrap_or(16_378)
+            .max(1);
+        let mut chunks = data.chunks(fragment).peekable();
+        while let Some(chunk) = chunks.next() {
+            self.association
+                .send(&Pdu::PData {
+                    data: vec![PDataValue {
+                        presentation_context_id: self.context_id,
+                        value_type: PDataValueType::Data,
+                        is_last: chunks.peek().is_none(),
+                        data: chunk.to_vec(),
+                    }],
+                })
                 .await
                 .map_err(|error| DeliveryError::Transport(error.to_string()))?;
         }
