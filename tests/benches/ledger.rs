@@ -104,6 +104,7 @@ async fn audit_service(pki: &TestPki, database_url: &str) -> TestServer {
         database_url: database_url.to_owned(),
         migration_database_url: None,
         checkpoint_key_file: scratch_file("checkpoint.key"),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
     };
     let server =
