@@ -91,6 +91,11 @@ pub struct ClusterObjects {
     pub image_files: BTreeMap<String, PathBuf>,
 }
 
+/// Ready pods behind a Service: each pod's name and its address for each Service port.
+type Endpoints = Arc<Mutex<Vec<(String, Vec<SocketAddr>)>>>;
+/// Every file under a folder with its size and modification time.
+type Snapshot = Vec<(PathBuf, u64, SystemTime)>;
+
 struct ServicePort {
     port: u16,
     name: Option<String>,
@@ -103,7 +108,7 @@ struct ClusterService {
     selector: BTreeMap<String, String>,
     ports: Vec<ServicePort>,
     /// Ready pods and their address for each of `ports` (by index).
-    endpoints: Arc<Mutex<Vec<(String, Vec<SocketAddr>)>>>,
+    endpoints: Endpoints,
     proxies: Vec<JoinHandle<()>>,
 }
 
@@ -123,7 +128,7 @@ pub struct Pod {
     /// Times the container was restarted (restartPolicy Always) before it became ready.
     pub restarts: u32,
     /// Local folders of read-only mounts, and what they held when the pod started.
-    read_only: Vec<(PathBuf, Vec<(PathBuf, u64, SystemTime)>)>,
+    read_only: Vec<(PathBuf, Snapshot)>,
     /// Mount points (local), so writes outside them show up as writes to the root filesystem.
     mount_points: Vec<PathBuf>,
 }
@@ -201,7 +206,7 @@ pub fn service_link_name(service: &str) -> String {
     service.to_ascii_uppercase().replace('-', "_")
 }
 
-fn snapshot(directory: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+fn snapshot(directory: &Path) -> Snapshot {
     let mut entries = Vec::new();
     let mut pending = vec![directory.to_owned()];
     while let Some(current) = pending.pop() {
@@ -227,11 +232,7 @@ fn snapshot(directory: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
     entries
 }
 
-async fn proxy_connections(
-    listener: tokio::net::TcpListener,
-    endpoints: Arc<Mutex<Vec<(String, Vec<SocketAddr>)>>>,
-    index: usize,
-) {
+async fn proxy_connections(listener: tokio::net::TcpListener, endpoints: Endpoints, index: usize) {
     let next = AtomicUsize::new(0);
     loop {
         let Ok((mut inbound, _)) = listener.accept().await else {

@@ -198,7 +198,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         .iter()
         .map(|pod| (pod.name.clone(), pod.restarts))
         .collect();
-    println!(
+    eprintln!(
         "ready after {:.1} s (pod, restarts): {pods:?}",
         began.elapsed().as_secs_f64()
     );
@@ -243,7 +243,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     assert_eq!(prediction.model_name, "brain-mri-tumor");
     assert!(prediction.intended_use.contains("RESEARCH USE ONLY"));
     assert!(answer.ledger_seq > 0, "the prediction is in the ledger");
-    println!(
+    eprintln!(
         "prediction: {} ledger seq {}",
         prediction
             .probabilities
@@ -336,7 +336,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         .output()
         .expect("medai audit verify");
     let verdict = String::from_utf8_lossy(&verified.stdout).into_owned();
-    println!("offline verifier: {}", verdict.trim());
+    eprintln!("offline verifier: {}", verdict.trim());
     assert!(
         verified.status.success(),
         "the offline verifier refused the export: {verdict} {}",
@@ -402,7 +402,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
             assert!(!killed, "{pod} did not drain within its grace period");
             assert!(status.success(), "{pod} ended with {status} after SIGTERM");
         }
-        println!(
+        eprintln!(
             "rolled {deployment} in {:.1} s; calls so far {} made, {} failed",
             restarted.elapsed().as_secs_f64(),
             counts.made.load(Ordering::Relaxed),
@@ -416,7 +416,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let made = counts.made.load(Ordering::Relaxed);
     let failed = counts.failed.load(Ordering::Relaxed);
     let retried = counts.retried.load(Ordering::Relaxed);
-    println!(
+    eprintln!(
         "rolling restart of every Deployment: {made} calls made, {failed} failed, {retried} retried transparently (never sent)"
     );
     assert_eq!(
@@ -441,7 +441,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     assert!(!hooks.is_empty(), "the chart has a helm test hook");
     for hook in &hooks {
         let (status, log) = cluster.run_pod(hook, Duration::from_secs(60)).await;
-        println!(
+        eprintln!(
             "helm test {}: {status}: {}",
             hook["metadata"]["name"],
             log.trim()
@@ -451,7 +451,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
 
     // 6. Nothing was written where the chart mounts read-only or to a root filesystem.
     cluster.assert_read_only_respected();
-    println!(
+    eprintln!(
         "render-and-run test took {:.1} s",
         began.elapsed().as_secs_f64()
     );
