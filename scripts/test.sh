@@ -19,12 +19,8 @@ if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then
   exit 1
 fi
 
-echo "== helm lint, and k8s/ rendered from the chart" >&2
-bash scripts/helm.sh lint helm/medai >/dev/null
-if ! diff -q <(bash scripts/helm.sh template medai helm/medai) k8s/medai.yaml >/dev/null; then
-  echo "k8s/medai.yaml differs from the chart: scripts/helm.sh template medai helm/medai > k8s/medai.yaml" >&2
-  exit 1
-fi
+# helm lint --strict, kubernetes-validate, hadolint, k8s/ rendered from the chart.
+bash scripts/chart-checks.sh
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -3,6 +3,8 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -5,6 +5,11 @@
 //! and `MEDAI_AUDIT_TLS__CA_CERT` sets `tls.ca_cert` for the prefix `MEDAI_AUDIT_`.
 //! Environment values are strings; numeric fields accept them through [`from_str_or_native`].
 //! Unknown fields are refused by each config struct's `deny_unknown_fields`.
+//!
+//! Kubernetes gives every pod service-link variables for every Service in its namespace
+//! (`MEDAI_AUDIT_SERVICE_HOST`, `MEDAI_AUDIT_PORT=tcp://…` for the Service `medai-audit`),
+//! and they fall inside the service's own prefix; [`is_service_link_variable`] recognises their
+//! shapes so the loader skips them instead of refusing them as unknown fields.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -48,6 +53,9 @@ pub fn load_config<T: DeserializeOwned>(
         let Some(path) = variable.strip_prefix(prefix) else {
             continue;
         };
+        if is_service_link_variable(path) {
+            continue;
+        }
         let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
         insert_path(&mut root, &keys, value.clone()).map_err(|()| ConfigError::Conflict {
             variable: variable.clone(),
@@ -55,6 +63,46 @@ pub fn load_config<T: DeserializeOwned>(
     }
     T::deserialize(toml::Value::Table(root))
         .map_err(|error| ConfigError::Invalid(error.to_string()))
+}
+
+/// Whether `path` (a variable name after the service's prefix) has one of the shapes of the
+/// variables Kubernetes injects for a Service named `<X>` (upper-cased, `-` → `_`):
+/// `<X>_SERVICE_HOST`, `<X>_SERVICE_PORT`, `<X>_SERVICE_PORT_<NAME>`, `<X>_PORT`,
+/// `<X>_PORT_<n>_<PROTO>` and `<X>_PORT_<n>_<PROTO>_{PROTO,PORT,ADDR}`, where `<X>` may be
+/// empty after the prefix (the Service `medai-audit` seen from audit's `MEDAI_AUDIT_`). No
+/// config field has these names, and nested keys (`__`) never take these shapes.
+pub fn is_service_link_variable(path: &str) -> bool {
+    if path.contains("__") {
+        return false;
+    }
+    let words: Vec<&str> = path.split('_').collect();
+    let ends_with = |tail: &[&str]| words.len() >= tail.len() && words.ends_with(tail);
+    if ends_with(&["SERVICE", "HOST"]) || ends_with(&["SERVICE", "PORT"]) || ends_with(&["PORT"]) {
+        return true;
+    }
+    // `<X>_SERVICE_PORT_<NAME>`: a named port of the Service (names are lower-case DNS labels,
+    // upper-cased, `-` → `_`, so the name may itself hold underscores).
+    if let Some(position) = words
+        .windows(2)
+        .position(|pair| pair == ["SERVICE", "PORT"])
+        && position + 2 < words.len()
+        && words[position + 2..]
+            .iter()
+            .all(|word| !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric()))
+    {
+        return true;
+    }
+    // `<X>_PORT_<n>_<PROTO>` and its `_PROTO`, `_PORT`, `_ADDR` companions.
+    let is_protocol = |word: &str| matches!(word, "TCP" | "UDP" | "SCTP");
+    let is_number = |word: &str| !word.is_empty() && word.chars().all(|c| c.is_ascii_digit());
+    let shape = |tail: &[&str]| {
+        tail.len() >= 3 && tail[0] == "PORT" && is_number(tail[1]) && is_protocol(tail[2])
+    };
+    let length = words.len();
+    (length >= 3 && shape(&words[length - 3..]))
+        || (length >= 4
+            && matches!(words[length - 1], "PROTO" | "PORT" | "ADDR")
+            && shape(&words[length - 4..length - 1]))
 }
 
 fn insert_path(table: &mut toml::Table, keys: &[String], value: String) -> Result<(), ()> {
@@ -292,6 +340,87 @@ mod tests {
             &env(&[("MEDAI_X_LIMIT", "lots")]),
         );
         assert!(matches!(bad, Err(ConfigError::Invalid(_))));
+    }
+
+    /// Every variable Kubernetes injects for the Services `medai-gateway` and `medai-audit`
+    /// (named ports `grpc` and `admin`), as audit's pod sees them.
+    fn kubernetes_service_links() -> Vec<(String, &'static str)> {
+        let mut links = Vec::new();
+        for service in ["MEDAI_GATEWAY", "MEDAI_AUDIT", "MEDAI_AUDIT_HEADLESS"] {
+            for (suffix, value) in [
+                ("SERVICE_HOST", "10.96.0.12"),
+                ("SERVICE_PORT", "50051"),
+                ("SERVICE_PORT_GRPC", "50051"),
+                ("SERVICE_PORT_ADMIN", "9090"),
+                ("SERVICE_PORT_HTTP_METRICS", "9090"),
+                ("PORT", "tcp://10.96.0.12:50051"),
+                ("PORT_50051_TCP", "tcp://10.96.0.12:50051"),
+                ("PORT_50051_TCP_PROTO", "tcp"),
+                ("PORT_50051_TCP_PORT", "50051"),
+                ("PORT_50051_TCP_ADDR", "10.96.0.12"),
+                ("PORT_9090_UDP", "udp://10.96.0.12:9090"),
+                ("PORT_9090_SCTP_ADDR", "10.96.0.12"),
+            ] {
+                links.push((format!("{service}_{suffix}"), value));
+            }
+        }
+        links
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_ignored_not_refused() {
+        let mut variables = env(&[
+            ("MEDAI_AUDIT_NAME", "n"),
+            ("MEDAI_AUDIT_LIMIT", "3"),
+            ("MEDAI_AUDIT_NESTED__PATH", "p"),
+        ]);
+        for (name, value) in kubernetes_service_links() {
+            variables.insert(name, value.to_owned());
+        }
+        let loaded: Example = load_config("MEDAI_AUDIT_", None, &variables)
+            .expect("service-link variables must not be refused as unknown fields");
+        assert_eq!(
+            loaded,
+            Example {
+                name: "n".to_owned(),
+                limit: 3,
+                nested: Nested {
+                    path: "p".to_owned(),
+                    secret: None
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn only_service_link_shapes_are_skipped() {
+        for (variable, _) in kubernetes_service_links() {
+            let path = variable.strip_prefix("MEDAI_AUDIT_").unwrap_or(&variable);
+            assert!(is_service_link_variable(path), "{variable}");
+        }
+        for path in [
+            "DATABASE_URL",
+            "PROCESS__LISTEN_ADDR",
+            "PROCESS__ADMIN_ADDR",
+            "TLS__CA_CERT",
+            "CHECKPOINT_KEY_FILE",
+            "PORT_NUMBER",
+            "PORT_50051",
+            "PORT_X_TCP",
+            "PORT_50051_TCP_HOST",
+            "REDIS__PORT",
+            "UPSTREAM__SERVICE_HOST",
+            "SERVICE_PORT_",
+        ] {
+            assert!(!is_service_link_variable(path), "{path}");
+        }
+        // A misspelt real setting is still refused.
+        let refused = load_config::<Example>(
+            "MEDAI_AUDIT_",
+            Some("name = \"n\"\nlimit = 1\n[nested]\npath = \"a\"\n"),
+            &env(&[("MEDAI_AUDIT_LIMT", "2"), ("MEDAI_AUDIT_PORT", "tcp://x:1")]),
+        );
+        assert!(refused.expect_err("unknown").to_string().contains("limt"));
     }
 
     #[test]

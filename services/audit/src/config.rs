@@ -16,9 +16,11 @@ pub struct AuditConfig {
     /// insert and select (a member of `medai_ledger_writer`); absent, `database_url` migrates.
     #[serde(default)]
     pub migration_database_url: Option<String>,
-    /// The Ed25519 key that signs checkpoints (base64 PKCS#8), created on first start; its
-    /// public key is written beside it as `<file>.pub`. Keep it outside the database.
+    /// The Ed25519 key that signs checkpoints (base64 PKCS#8). Keep it outside the database.
     pub checkpoint_key_file: std::path::PathBuf,
+    /// What happens when `checkpoint_key_file` does not exist (see [`CheckpointKeyMode`]).
+    #[serde(default)]
+    pub checkpoint_key_mode: CheckpointKeyMode,
     /// A checkpoint is signed this often when entries were added; 0 signs only on demand.
     #[serde(
         default = "default_checkpoint_interval",
@@ -32,6 +34,22 @@ impl std::fmt::Debug for AuditConfig {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         medai_runtime::config::fmt_redacted("AuditConfig", self, formatter)
     }
+}
+
+/// Where the checkpoint key comes from.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKeyMode {
+    /// The embedded default (`medai up`, one replica): a missing key file is created (mode
+    /// 0600) and its public key written beside it as `<file>.pub` for auditors.
+    #[default]
+    Generate,
+    /// Production (the Helm chart): the key must already exist — one key from a Secret,
+    /// mounted read-only and shared by every replica. Nothing is generated or written; the
+    /// public key is derived in memory (and served by `GetCheckpointKey`). Without the file
+    /// the service refuses to start, rather than sign with a key of its own that the other
+    /// replicas' auditors would not know.
+    Required,
 }
 
 fn default_checkpoint_interval() -> u64 {

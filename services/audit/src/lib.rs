@@ -35,6 +35,10 @@ pub enum ServeError {
     CheckpointKey(#[from] CheckpointKeyError),
     #[error("cannot write the checkpoint public key: {0}")]
     PublicKey(std::io::Error),
+    #[error(
+        "the checkpoint key {0} does not exist; with checkpoint_key_mode = \"required\" it must come from the Secret every replica shares"
+    )]
+    MissingCheckpointKey(String),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -66,9 +70,22 @@ pub fn peer_policy() -> PeerPolicy {
     )
 }
 
-/// Loads (or creates) the checkpoint key and writes its public half beside it, for auditors.
+/// Loads the checkpoint key. In `generate` mode a missing key is created and its public half
+/// written beside it, for auditors; in `required` mode (a Secret mounted read-only, shared by
+/// every replica) the key must exist and nothing is written.
 pub fn load_checkpoint_signer(config: &AuditConfig) -> Result<CheckpointSigner, ServeError> {
     use base64::Engine;
+    if config.checkpoint_key_mode == config::CheckpointKeyMode::Required {
+        if !config.checkpoint_key_file.is_file() {
+            return Err(ServeError::MissingCheckpointKey(
+                config.checkpoint_key_file.display().to_string(),
+            ));
+        }
+        // The file exists, so this only reads it.
+        return Ok(CheckpointSigner::load_or_create(
+            &config.checkpoint_key_file,
+        )?);
+    }
     let signer = CheckpointSigner::load_or_create(&config.checkpoint_key_file)?;
     let public_file = config.checkpoint_key_file.with_extension("pub");
     let public_key = base64::engine::general_purpose::STANDARD.encode(signer.public_key());
@@ -125,4 +142,111 @@ pub async fn serve(
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod checkpoint_key_tests {
+    use std::collections::BTreeMap;
+
+    use base64::Engine;
+
+    use super::*;
+
+    fn config(key_file: &std::path::Path, mode: Option<&str>) -> AuditConfig {
+        let mut env: BTreeMap<String, String> = [
+            ("MEDAI_AUDIT_PROCESS__LISTEN_ADDR", "127.0.0.1:0"),
+            ("MEDAI_AUDIT_TLS__CA_CERT", "/ca.crt"),
+            ("MEDAI_AUDIT_TLS__CERT", "/tls.crt"),
+            ("MEDAI_AUDIT_TLS__KEY", "/tls.key"),
+            ("MEDAI_AUDIT_DATABASE_URL", "sqlite::memory:"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+        env.insert(
+            "MEDAI_AUDIT_CHECKPOINT_KEY_FILE".to_owned(),
+            key_file.display().to_string(),
+        );
+        if let Some(mode) = mode {
+            env.insert(
+                "MEDAI_AUDIT_CHECKPOINT_KEY_MODE".to_owned(),
+                mode.to_owned(),
+            );
+        }
+        medai_runtime::config::load_config(config::ENV_PREFIX, None, &env).expect("config")
+    }
+
+    fn entries(directory: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(directory)
+            .expect("list")
+            .map(|entry| {
+                entry
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn required_mode_refuses_to_start_without_the_shared_key() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let key_file = directory.path().join("checkpoint.key");
+        let error = load_checkpoint_signer(&config(&key_file, Some("required")))
+            .err()
+            .expect("a missing key must be refused, not generated");
+        assert!(
+            matches!(error, ServeError::MissingCheckpointKey(_)),
+            "{error}"
+        );
+        assert!(
+            entries(directory.path()).is_empty(),
+            "nothing may be written"
+        );
+    }
+
+    #[test]
+    fn required_mode_reads_the_mounted_key_and_writes_nothing_beside_it() {
+        // The Secret: a key made elsewhere, in a folder this process may not write to.
+        let source = tempfile::tempdir().expect("tempdir");
+        let made = CheckpointSigner::load_or_create(&source.path().join("made.key")).expect("key");
+        let mounted = tempfile::tempdir().expect("tempdir");
+        let key_file = mounted.path().join("checkpoint.key");
+        std::fs::copy(source.path().join("made.key"), &key_file).expect("copy");
+        let read_only = |mode| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(mounted.path(), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+        };
+        read_only(0o555);
+        let replicas: Vec<CheckpointSigner> = (0..2)
+            .map(|_| load_checkpoint_signer(&config(&key_file, Some("required"))).expect("load"))
+            .collect();
+        read_only(0o755);
+        assert_eq!(entries(mounted.path()), vec!["checkpoint.key".to_owned()]);
+        for replica in &replicas {
+            assert_eq!(replica.public_key(), made.public_key());
+        }
+    }
+
+    #[test]
+    fn generate_mode_is_the_default_and_keeps_the_embedded_behaviour() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let key_file = directory.path().join("checkpoint.key");
+        let loaded = config(&key_file, None);
+        assert_eq!(
+            loaded.checkpoint_key_mode,
+            config::CheckpointKeyMode::Generate
+        );
+        let signer = load_checkpoint_signer(&loaded).expect("generated");
+        let public = std::fs::read_to_string(directory.path().join("checkpoint.pub"))
+            .expect("public key beside the key");
+        assert_eq!(
+            public.trim(),
+            base64::engine::general_purpose::STANDARD.encode(signer.public_key())
+        );
+    }
 }

@@ -19,6 +19,7 @@ async fn replica(pki: &TestPki, database_url: &str, key_file: &std::path::Path) 
         tls: pki.files("audit"),
         database_url: database_url.to_owned(),
         checkpoint_key_file: key_file.to_owned(),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

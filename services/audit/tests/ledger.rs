@@ -30,6 +30,7 @@ impl Ledger {
             tls: pki.files("audit"),
             database_url: database_url.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+            checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };

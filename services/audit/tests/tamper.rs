@@ -35,6 +35,7 @@ impl Ledger {
             tls: pki.files("audit"),
             database_url: database_url.clone(),
             checkpoint_key_file: scratch_file("checkpoint.key"),
+            checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };
@@ -469,6 +470,7 @@ async fn the_services_database_role_may_only_insert_and_select() {
         database_url: service_url.clone(),
         migration_database_url: Some(owner_url.clone()),
         checkpoint_key_file: scratch_file("checkpoint.key"),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
     };
     let server =

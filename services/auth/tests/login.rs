@@ -55,6 +55,7 @@ impl AuthUnderTest {
             tls: pki.files("audit"),
             database_url: audit_database.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+            checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };
@@ -435,6 +436,7 @@ async fn an_expired_signing_ticket_is_refused() {
         tls: pki.files("audit"),
         database_url: fresh_postgres_database().await,
         checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

@@ -66,6 +66,7 @@ impl Harness {
             tls: pki.files("audit"),
             database_url: audit_database.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+            checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };

