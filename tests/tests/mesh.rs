@@ -1022,7 +1022,6 @@ async fn inference_reports_not_serving_once_no_model_version_is_active() {
             change: Some(ModelChange {
                 model_name: "synthetic-light".to_owned(),
                 model_version: "1".to_owned(),
-                requested_by: "operator".to_owned(),
                 reason: "CHG-1 retire the only model".to_owned(),
             }),
         })

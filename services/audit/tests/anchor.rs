@@ -38,6 +38,7 @@ async fn serve(pki: &TestPki, database_url: &str, key_file: &std::path::Path) ->
         database_url: database_url.to_owned(),
         migration_database_url: None,
         checkpoint_key_file: key_file.to_path_buf(),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
     };
     let server =

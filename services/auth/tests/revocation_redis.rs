@@ -149,6 +149,7 @@ async fn revocations_survive_a_flushall_of_redis_and_a_restart_of_auth() {
         tls: pki.files("audit"),
         database_url: fresh_postgres_database().await,
         checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };
