@@ -19,3 +19,56 @@ pub async fn connect(database_url: &str) -> Result<DatabaseConnection, DbErr> {
     }
     Ok(connection)
 }
+
+/// Brings a service's schema up to date. Several replicas (or several services on one
+/// PostgreSQL cluster, which share its roles) may migrate at the same moment; PostgreSQL then
+/// refuses the loser's DDL with a catalogue conflict (`pg_type_typname_nsp_index`,
+/// `pg_authid_rolname_index`, "tuple concurrently updated"). Each migration runs in a
+/// transaction on PostgreSQL, so the loser changed nothing: it tries again and finds the work
+/// done. Any other error is returned at once.
+pub async fn migrate<M: sea_orm_migration::MigratorTrait>(
+    connection: &DatabaseConnection,
+) -> Result<(), DbErr> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match M::up(connection, None).await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < ATTEMPTS && is_concurrent_migration_conflict(&error) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+                    .await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Whether `error` is PostgreSQL refusing DDL because another session did the same at once.
+fn is_concurrent_migration_conflict(error: &DbErr) -> bool {
+    let text = error.to_string();
+    text.contains("duplicate key value violates unique constraint \"pg_")
+        || text.contains("tuple concurrently updated")
+        || text.contains("tuple concurrently deleted")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_catalogue_conflicts_count_as_concurrent_migrations() {
+        let conflict = DbErr::Custom(
+            "duplicate key value violates unique constraint \"pg_type_typname_nsp_index\"".into(),
+        );
+        assert!(is_concurrent_migration_conflict(&conflict));
+        let role = DbErr::Custom("ERROR: tuple concurrently updated".into());
+        assert!(is_concurrent_migration_conflict(&role));
+        let own_table =
+            DbErr::Custom("duplicate key value violates unique constraint \"results_pkey\"".into());
+        assert!(!is_concurrent_migration_conflict(&own_table));
+        assert!(!is_concurrent_migration_conflict(&DbErr::Custom(
+            "syntax error".into()
+        )));
+    }
+}

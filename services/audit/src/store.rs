@@ -60,7 +60,7 @@ pub enum StoreError {
 /// Connects to `database_url` (`postgres://…` or `sqlite://…`) and brings the schema up to date.
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, StoreError> {
     let connection = medai_storage::connect(database_url).await?;
-    Migrator::up(&connection, None).await?;
+    medai_storage::migrate::<Migrator>(&connection).await?;
     Ok(connection)
 }
 
@@ -70,7 +70,7 @@ pub async fn migrate_then_connect(
     service_url: &str,
 ) -> Result<DatabaseConnection, StoreError> {
     let owner = medai_storage::connect(owner_url).await?;
-    Migrator::up(&owner, None).await?;
+    medai_storage::migrate::<Migrator>(&owner).await?;
     owner.close().await?;
     Ok(medai_storage::connect(service_url).await?)
 }

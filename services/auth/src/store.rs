@@ -152,7 +152,7 @@ pub mod subject_token_floor {
 
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, DbErr> {
     let connection = medai_storage::connect(database_url).await?;
-    Migrator::up(&connection, None).await?;
+    medai_storage::migrate::<Migrator>(&connection).await?;
     Ok(connection)
 }
 

@@ -7,7 +7,6 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect,
 };
-use sea_orm_migration::MigratorTrait;
 
 /// Where an instance is. Stored as text.
 pub mod state {
@@ -96,7 +95,7 @@ pub fn now_ms() -> i64 {
 impl Outbox {
     pub async fn open(database_url: &str) -> Result<Self, DbErr> {
         let connection = medai_storage::connect(database_url).await?;
-        Migrator::up(&connection, None).await?;
+        medai_storage::migrate::<Migrator>(&connection).await?;
         Ok(Self { connection })
     }
 

@@ -5,7 +5,6 @@ use sea_orm::{
     ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, SqlErr,
 };
-use sea_orm_migration::MigratorTrait;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -185,7 +184,7 @@ pub struct ResultsStore {
 impl ResultsStore {
     pub async fn connect(database_url: &str) -> Result<Self, DbErr> {
         let connection = medai_storage::connect(database_url).await?;
-        Migrator::up(&connection, None).await?;
+        medai_storage::migrate::<Migrator>(&connection).await?;
         Ok(Self { connection })
     }
 
