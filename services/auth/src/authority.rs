@@ -138,6 +138,21 @@ impl Authority {
         }
     }
 
+    /// A login refused because the account is locked: counted, recorded (the refusal stands
+    /// whether or not the ledger takes it), and answered `ACCOUNT_LOCKED`.
+    async fn refuse_locked(&self, actor: &str, user_id: &str, correlation_id: &str) -> AuthError {
+        metrics::counter!("medai_auth_logins_total", "outcome" => "locked").increment(1);
+        self.record_best_effort(
+            actor,
+            "LOGIN",
+            &format!("user/{user_id}"),
+            "FAILURE",
+            serde_json::json!({ "correlation_id": correlation_id, "reason": "ACCOUNT_LOCKED" }),
+        )
+        .await;
+        AuthError::AccountLocked
+    }
+
     async fn user_by_name(
         &self,
         connection: &impl ConnectionTrait,
@@ -243,16 +258,7 @@ impl Authority {
             return Err(AuthError::InvalidCredentials);
         };
         if user.locked_until > now {
-            metrics::counter!("medai_auth_logins_total", "outcome" => "locked").increment(1);
-            self.record_best_effort(
-                &actor,
-                "LOGIN",
-                &format!("user/{}", user.id),
-                "FAILURE",
-                failure("ACCOUNT_LOCKED"),
-            )
-            .await;
-            return Err(AuthError::AccountLocked);
+            return Err(self.refuse_locked(&actor, &user.id, correlation_id).await);
         }
         if !password_matches {
             return match self
@@ -303,16 +309,7 @@ impl Authority {
             .await?;
         if unlocked.rows_affected != 1 {
             drop(transaction);
-            metrics::counter!("medai_auth_logins_total", "outcome" => "locked").increment(1);
-            self.record_best_effort(
-                &actor,
-                "LOGIN",
-                &format!("user/{}", user.id),
-                "FAILURE",
-                failure("ACCOUNT_LOCKED"),
-            )
-            .await;
-            return Err(AuthError::AccountLocked);
+            return Err(self.refuse_locked(&actor, &user.id, correlation_id).await);
         }
         let family_id = uuid::Uuid::new_v4().to_string();
         let (grant, claims) = self.grant(&transaction, &user, &family_id).await?;
