@@ -7,14 +7,16 @@ cd "$root"
 bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 bash scripts/monolith.sh
-cargo build --release --workspace --bins --quiet
+# One build for binaries and benches: `--workspace` everywhere, so cargo unifies features the
+# same way for both and builds each crate once (with -p it rebuilt ~100 crates per bench).
+cargo build --release --workspace --bins --benches --quiet
 # shellcheck source=scripts/test-servers.sh
 source scripts/test-servers.sh
 trap stop_test_servers EXIT
-cargo bench -p medai-e2e --bench prediction_latency
-cargo bench -p medai-e2e --bench token_check
-cargo bench -p medai-e2e --bench ledger
-cargo bench -p medai-inference --bench throughput
-cargo bench -p medai-e2e --bench gateway_throughput
-cargo bench -p medai-e2e --bench versus_monolith
-cargo bench -p medai-validation --bench throughput
+cargo bench --workspace --bench prediction_latency
+cargo bench --workspace --bench token_check
+cargo bench --workspace --bench ledger
+# inference's and validation's `throughput` benches, both
+cargo bench --workspace --bench throughput
+cargo bench --workspace --bench gateway_throughput
+cargo bench --workspace --bench versus_monolith
