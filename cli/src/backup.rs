@@ -158,11 +158,11 @@ pub async fn backup(args: &BackupArgs) -> Result<()> {
             )?;
         }
         let (bytes, sha256) = size_and_digest(&path)?;
-        println!(
+        say(&format!(
             "{role:<10} {bytes:>12} bytes  sha256 {}…  {:.2} s",
             &sha256[..16],
             dump_started.elapsed().as_secs_f64()
-        );
+        ));
         databases.push(DumpedDatabase {
             role: role.to_owned(),
             database: database_name(url),
@@ -186,7 +186,7 @@ pub async fn backup(args: &BackupArgs) -> Result<()> {
         args.out.join(MANIFEST),
         serde_json::to_string_pretty(&manifest)? + "\n",
     )?;
-    println!(
+    say(&format!(
         "backup written to {}: ledger head seq {}, newest checkpoint {}, {:.2} s",
         args.out.display(),
         manifest.ledger.head_seq,
@@ -196,7 +196,7 @@ pub async fn backup(args: &BackupArgs) -> Result<()> {
             .as_ref()
             .map_or_else(|| "none".to_owned(), |c| c.tree_size.to_string()),
         manifest.seconds
-    );
+    ));
     Ok(())
 }
 
@@ -281,7 +281,9 @@ fn dump_roles(urls: &DatabaseUrls, path: &Path) -> Option<String> {
     match dumped {
         Ok(()) => Some(ROLES.to_owned()),
         Err(error) => {
-            eprintln!("medai: roles not backed up (create them before a restore): {error:#}");
+            warn(&format!(
+                "roles not backed up (create them before a restore): {error:#}"
+            ));
             None
         }
     }
@@ -324,25 +326,25 @@ pub async fn restore(args: &RestoreArgs) -> Result<()> {
             ],
         )
         .with_context(|| format!("restoring {}", dumped.role))?;
-        println!(
+        say(&format!(
             "{:<10} restored in {:.2} s",
             dumped.role,
             restore_started.elapsed().as_secs_f64()
-        );
+        ));
     }
     let restored = verify_restored_ledger(urls.url_of("ledger"), &manifest).await?;
-    println!(
+    say(&format!(
         "ledger verified: {} entries recomputed from genesis, head seq {} as in the manifest",
         restored.entries, restored.head_seq
-    );
+    ));
     if let Some(log) = &args.checkpoint_log {
         let public_key = public_key_bytes(args.public_key.as_deref().unwrap_or_default())?;
         check_against_checkpoint_log(&restored, log, &public_key)?;
     }
-    println!(
+    say(&format!(
         "restore complete in {:.2} s",
         started.elapsed().as_secs_f64()
-    );
+    ));
     Ok(())
 }
 
@@ -432,10 +434,10 @@ fn check_against_checkpoint_log(
         .filter(|checkpoint| checkpoint.signature_is_valid(public_key))
         .max_by_key(|checkpoint| checkpoint.tree_size);
     let Some(newest) = newest else {
-        println!(
+        say(&format!(
             "checkpoint log {}: no checkpoint signed by this key",
             log.display()
-        );
+        ));
         return Ok(());
     };
     if restored.head_seq < newest.tree_size {
@@ -463,12 +465,12 @@ fn check_against_checkpoint_log(
             newest.head_hash
         );
     }
-    println!(
+    say(&format!(
         "checkpoint log: the restored ledger passes through the newest signed checkpoint (seq {}, {}); {} entries after it",
         newest.tree_size,
         newest.created_at,
         restored.head_seq - newest.tree_size
-    );
+    ));
     Ok(())
 }
 
@@ -560,6 +562,18 @@ fn database_name(url: &str) -> String {
         .and_then(|tail| tail.split('?').next())
         .unwrap_or_default()
         .to_owned()
+}
+
+/// One line of the command's report on stdout.
+#[allow(clippy::print_stdout)]
+fn say(line: &str) {
+    println!("{line}");
+}
+
+/// A warning on stderr; the command goes on.
+#[allow(clippy::print_stderr)]
+fn warn(line: &str) {
+    eprintln!("medai: {line}");
 }
 
 fn now_rfc3339() -> String {
