@@ -96,10 +96,10 @@ pub fn load_checkpoint_signer(config: &AuditConfig) -> Result<CheckpointSigner, 
     Ok(signer)
 }
 
-/// Opens the checkpoint log beside the key. In `generate` mode it must be writable; in
-/// `required` mode the key is a read-only Secret mount, so where nothing can be written
-/// beside it the service runs without a log (a warning) and an older checkpoint log can
-/// still be read and enforced.
+/// Opens the checkpoint log beside the key (`generate` mode). In `required` mode the key is a
+/// Secret mounted read-only and shared by every replica, where nothing may be written: the
+/// service keeps checkpoints in the database only (the auditor's export is the outside copy)
+/// and still enforces a log that is already there.
 fn open_checkpoint_log(
     config: &AuditConfig,
     public_key: &[u8],
@@ -111,21 +111,19 @@ fn open_checkpoint_log(
     ServeError,
 > {
     let path = checkpoint_log::path_beside_key(&config.checkpoint_key_file);
-    match checkpoint_log::CheckpointLog::open(&path, public_key) {
-        Ok((log, newest)) => {
-            tracing::info!(
-                path = %path.display(),
-                newest_tree_size = newest.as_ref().map(|checkpoint| checkpoint.tree_size),
-                "checkpoint log opened"
-            );
-            Ok((Some(log), newest))
-        }
-        Err(error) if config.checkpoint_key_mode == config::CheckpointKeyMode::Required => {
-            tracing::warn!(error = %error, "no checkpoint log beside the key: checkpoints are kept in the database only");
-            Ok((None, checkpoint_log::newest_signed(&path, public_key)?))
-        }
-        Err(error) => Err(error.into()),
+    if config.checkpoint_key_mode == config::CheckpointKeyMode::Required {
+        tracing::warn!(
+            "checkpoint key from a read-only Secret: no checkpoint log is written beside it; keep the auditor's exports as the copy outside the database"
+        );
+        return Ok((None, checkpoint_log::newest_signed(&path, public_key)?));
     }
+    let (log, newest) = checkpoint_log::CheckpointLog::open(&path, public_key)?;
+    tracing::info!(
+        path = %path.display(),
+        newest_tree_size = newest.as_ref().map(|checkpoint| checkpoint.tree_size),
+        "checkpoint log opened"
+    );
+    Ok((Some(log), newest))
 }
 
 /// Serves the audit API on `listener` until `shutdown` resolves.
