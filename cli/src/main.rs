@@ -1,5 +1,7 @@
 //! `medai`: run the whole mesh on one machine, log in, run a prediction, verify the ledger.
 
+mod backup;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -56,6 +58,10 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Back up the ledger, identities and results databases of a running system (pg_dump).
+    Backup(backup::BackupArgs),
+    /// Restore a backup into empty databases and verify the ledger against the checkpoint log.
+    Restore(backup::RestoreArgs),
     /// Start the mesh, log in, run one prediction on FILE, verify the ledger, stop.
     Demo {
         #[command(flatten)]
@@ -137,6 +143,8 @@ async fn run(cli: Cli) -> Result<()> {
             login(&cli, &cli.gateway, username, &password_file).await
         }
         Command::Infer { file, model } => infer(&cli, &cli.gateway, file, model).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Audit {
             command:
                 AuditCommand::Verify {

@@ -28,10 +28,33 @@ pub struct ChainHead {
     pub hash: Hash,
 }
 
+/// 1 while this process refuses appends because the stored chain ends before a checkpoint it
+/// signed (a restore from an older backup); see [`MISSING_ENTRIES_GAUGE`].
+pub const BEHIND_CHECKPOINT_GAUGE: &str = "medai_audit_ledger_behind_checkpoint";
+/// How many entries a signed checkpoint covers that the stored chain does not hold.
+pub const MISSING_ENTRIES_GAUGE: &str = "medai_audit_ledger_missing_entries";
+/// The readiness dependency that is gone while appends are refused (health NOT_SERVING).
+pub const READINESS_DEPENDENCY: &str = "ledger chain extends its anchor";
+
 /// Why a chain does not extend the anchor; names seqs and hashes only.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct AnchorViolation(pub String);
+#[error("{problem}")]
+pub struct AnchorViolation {
+    pub problem: String,
+    /// Entries `first..=last` that a signed checkpoint covers and the stored chain lacks:
+    /// the chain is behind a checkpoint (restored from an older backup, or cut).
+    pub missing_below_checkpoint: Option<(u64, u64)>,
+}
+
+impl AnchorViolation {
+    /// A chain that does not pass through the anchor (no range can be named).
+    pub fn diverged(problem: String) -> Self {
+        Self {
+            problem,
+            missing_below_checkpoint: None,
+        }
+    }
+}
 
 #[derive(Default)]
 struct AnchorState {
@@ -42,10 +65,24 @@ struct AnchorState {
     violation: Option<AnchorViolation>,
 }
 
-#[derive(Default)]
 pub struct ChainAnchor {
     state: Mutex<AnchorState>,
+    /// The process's readiness, captured where the service started (spawned tasks do not
+    /// inherit it): a violation makes health NOT_SERVING with [`READINESS_DEPENDENCY`].
+    readiness: medai_runtime::health::Readiness,
 }
+
+impl Default for ChainAnchor {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            readiness: medai_runtime::health::Readiness::of_this_process(),
+        }
+    }
+}
+
+const COMMITTED: &str = "the head this process committed,";
+const CHECKPOINT: &str = "the newest signed checkpoint,";
 
 /// Where the anchor came from, for the log line and the refusal.
 fn described(kind: &str, head: ChainHead) -> String {
@@ -83,12 +120,8 @@ impl ChainAnchor {
     /// The furthest point the chain must pass through, and what it is.
     fn furthest(&self) -> Option<(ChainHead, &'static str)> {
         let state = self.state();
-        let committed = state
-            .committed
-            .map(|head| (head, "the head this process committed,"));
-        let checkpoint = state
-            .checkpoint
-            .map(|head| (head, "the newest signed checkpoint,"));
+        let committed = state.committed.map(|head| (head, COMMITTED));
+        let checkpoint = state.checkpoint.map(|head| (head, CHECKPOINT));
         match (committed, checkpoint) {
             (Some(committed), Some(checkpoint)) if checkpoint.0.seq > committed.0.seq => {
                 Some(checkpoint)
@@ -107,6 +140,16 @@ impl ChainAnchor {
                 "LEDGER ANCHOR VIOLATION: the stored chain does not extend what was committed or signed; appends are refused until an operator repairs the ledger and restarts"
             );
             metrics::gauge!(VIOLATION_GAUGE).set(1.0);
+            if let Some((first, last)) = violation.missing_below_checkpoint {
+                tracing::error!(
+                    missing_from_seq = first,
+                    missing_to_seq = last,
+                    "LEDGER BEHIND CHECKPOINT: entries a signed checkpoint covers are not in the database; restore a backup that holds them"
+                );
+                metrics::gauge!(BEHIND_CHECKPOINT_GAUGE).set(1.0);
+                metrics::gauge!(MISSING_ENTRIES_GAUGE).set((last + 1 - first) as f64);
+            }
+            self.readiness.set_dependency(READINESS_DEPENDENCY, false);
             state.violation = Some(violation);
         }
     }
@@ -125,44 +168,53 @@ impl ChainAnchor {
         let Some((anchor, kind)) = self.furthest() else {
             return Ok(());
         };
+        let behind = |first: u64| (kind == CHECKPOINT).then_some((first, anchor.seq));
         let found = match stored {
-            None if anchor.seq > 0 => Some(format!(
-                "the ledger is empty, but {} must still be in it",
-                described(kind, anchor)
-            )),
+            None if anchor.seq > 0 => Some(AnchorViolation {
+                problem: format!(
+                    "the ledger is empty, but {} must still be in it: entries 1..={} are missing",
+                    described(kind, anchor),
+                    anchor.seq
+                ),
+                missing_below_checkpoint: behind(1),
+            }),
             None => None,
-            Some(head) if head.seq < anchor.seq => Some(format!(
-                "the ledger ends at seq {}, shorter than {}",
-                head.seq,
-                described(kind, anchor)
-            )),
+            Some(head) if head.seq < anchor.seq => Some(AnchorViolation {
+                problem: format!(
+                    "the ledger ends at seq {}, shorter than {}: entries {}..={} are missing",
+                    head.seq,
+                    described(kind, anchor),
+                    head.seq + 1,
+                    anchor.seq
+                ),
+                missing_below_checkpoint: behind(head.seq + 1),
+            }),
             Some(head) if head.seq == anchor.seq => (head.hash != anchor.hash).then(|| {
-                format!(
+                AnchorViolation::diverged(format!(
                     "the entry at seq {} has hash {}, not {}",
                     head.seq,
                     hex::encode(head.hash),
                     described(kind, anchor)
-                )
+                ))
             }),
             Some(_) => match stored_hash_at(connection, anchor.seq).await? {
                 Some(hash) if hash == anchor.hash => None,
-                Some(hash) => Some(format!(
+                Some(hash) => Some(AnchorViolation::diverged(format!(
                     "the entry at seq {} has hash {}, not {}",
                     anchor.seq,
                     hex::encode(hash),
                     described(kind, anchor)
-                )),
-                None => Some(format!(
+                ))),
+                None => Some(AnchorViolation::diverged(format!(
                     "the entry at seq {} is gone: {}",
                     anchor.seq,
                     described(kind, anchor)
-                )),
+                ))),
             },
         };
         match found {
             None => Ok(()),
-            Some(problem) => {
-                let violation = AnchorViolation(problem);
+            Some(violation) => {
                 self.raise(violation.clone());
                 Err(CheckError::Violation(violation))
             }

@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 
 use crate::anchor::{ChainAnchor, ChainHead, stored_hash_at};
 use crate::appender::now_rfc3339_micros;
+use crate::checkpoint_log::CheckpointLog;
 use crate::store::{ledger_checkpoint, ledger_entry};
 use crate::verify::{checkpoint_of, for_each_entry_between, stored_entry};
 
@@ -56,6 +57,8 @@ pub struct Checkpointer {
     anchor: Arc<ChainAnchor>,
     /// Held only while one checkpoint (or catch-up) runs; appends never wait for it.
     verified: Mutex<VerifiedPrefix>,
+    /// The copy of every checkpoint kept outside the database, when there is one.
+    log: Option<Arc<CheckpointLog>>,
 }
 
 impl Checkpointer {
@@ -69,7 +72,15 @@ impl Checkpointer {
             signer,
             anchor,
             verified: Mutex::new(VerifiedPrefix::default()),
+            log: None,
         }
+    }
+
+    /// Also appends every checkpoint signed or confirmed from now on to `log`.
+    #[must_use]
+    pub fn with_log(mut self, log: Arc<CheckpointLog>) -> Self {
+        self.log = Some(log);
+        self
     }
 
     /// Verifies the entries appended since the last verified seq, up to the head as it is
@@ -145,6 +156,13 @@ impl Checkpointer {
             seq: size,
             hash: head,
         });
+        if let Some(log) = &self.log
+            && let Err(error) = log.append(&checkpoint)
+        {
+            // The checkpoint is stored and signed; only its outside copy is missing.
+            tracing::error!(error = %error, tree_size = size, "checkpoint not written to the checkpoint log");
+            metrics::counter!(crate::checkpoint_log::LOG_FAILURE_COUNTER).increment(1);
+        }
         Ok(CheckpointOutcome {
             checkpoint,
             entries_read,
@@ -242,31 +260,42 @@ async fn stored_head_seq(connection: &DatabaseConnection) -> Result<u64, DbErr> 
 }
 
 /// At start: the newest signed checkpoint must be in the stored chain (signed by this key,
-/// its entry still there with its hash). Anything else stops appends through the anchor.
+/// its entry still there with its hash), whether it is the newest one stored in the database
+/// or `kept_outside` (the newest from the checkpoint log, which a database restored from an
+/// older backup does not hold). Anything else stops appends through the anchor.
 pub async fn check_head_at_start(
     connection: &DatabaseConnection,
     anchor: &ChainAnchor,
     public_key: &[u8],
+    kept_outside: Option<&Checkpoint>,
 ) -> Result<(), DbErr> {
     let newest = ledger_checkpoint::Entity::find()
         .order_by_desc(ledger_checkpoint::Column::TreeSize)
         .one(connection)
         .await?
         .map(checkpoint_of);
-    let Some(newest) = newest else {
-        return Ok(());
-    };
-    let (Some(head), true) = (newest.head(), newest.signature_is_valid(public_key)) else {
-        anchor.raise(crate::anchor::AnchorViolation(format!(
-            "the newest stored checkpoint (size {}) is not signed by this service's key",
-            newest.tree_size
-        )));
-        return Ok(());
-    };
-    anchor.record_checkpoint(ChainHead {
-        seq: newest.tree_size,
-        hash: head,
-    });
+    if let Some(newest) = newest {
+        let (Some(head), true) = (newest.head(), newest.signature_is_valid(public_key)) else {
+            anchor.raise(crate::anchor::AnchorViolation::diverged(format!(
+                "the newest stored checkpoint (size {}) is not signed by this service's key",
+                newest.tree_size
+            )));
+            return Ok(());
+        };
+        anchor.record_checkpoint(ChainHead {
+            seq: newest.tree_size,
+            hash: head,
+        });
+    }
+    if let Some(outside) = kept_outside
+        && let Some(head) = outside.head()
+        && outside.signature_is_valid(public_key)
+    {
+        anchor.record_checkpoint(ChainHead {
+            seq: outside.tree_size,
+            hash: head,
+        });
+    }
     let stored_seq = stored_head_seq(connection).await?;
     let stored = match stored_seq {
         0 => None,

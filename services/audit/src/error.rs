@@ -18,6 +18,10 @@ pub enum AuditError {
         "the ledger refuses appends: it does not extend its last committed head or signed checkpoint"
     )]
     ChainAnchorViolation,
+    #[error(
+        "the ledger refuses appends: entries {first}..={last}, covered by a signed checkpoint, are missing from the database (restored from an older backup?)"
+    )]
+    BehindCheckpoint { first: u64, last: u64 },
     #[error("the ledger is unavailable")]
     LedgerUnavailable(String),
     #[error("storage failure: {0}")]
@@ -34,7 +38,9 @@ impl ServiceError for AuditError {
             | Self::ContextNotAnObject
             | Self::OutOfRange
             | Self::PageTokenInvalid => ErrorKind::InvalidArgument,
-            Self::ChainBroken { .. } | Self::ChainAnchorViolation => ErrorKind::FailedPrecondition,
+            Self::ChainBroken { .. }
+            | Self::ChainAnchorViolation
+            | Self::BehindCheckpoint { .. } => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable(_) => ErrorKind::Unavailable,
             Self::Storage(_) => ErrorKind::Internal,
         }
@@ -49,6 +55,7 @@ impl ServiceError for AuditError {
             Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
             Self::ChainBroken { .. } => "LEDGER_CHAIN_BROKEN",
             Self::ChainAnchorViolation => "LEDGER_ANCHOR_VIOLATION",
+            Self::BehindCheckpoint { .. } => "LEDGER_BEHIND_CHECKPOINT",
             Self::LedgerUnavailable(_) => "LEDGER_UNAVAILABLE",
             Self::Storage(_) => "INTERNAL",
         }

@@ -54,7 +54,12 @@ impl AuditApi {
             .append(event)
             .await
             .map_err(|error| match error {
-                AppendError::AnchorViolation(_) => AuditError::ChainAnchorViolation,
+                AppendError::AnchorViolation(violation) => {
+                    match violation.missing_below_checkpoint {
+                        Some((first, last)) => AuditError::BehindCheckpoint { first, last },
+                        None => AuditError::ChainAnchorViolation,
+                    }
+                }
                 error => {
                     tracing::error!(error = %error, "append refused: the ledger could not make it durable");
                     AuditError::LedgerUnavailable(error.to_string())

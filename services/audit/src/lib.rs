@@ -3,6 +3,7 @@
 
 pub mod anchor;
 pub mod appender;
+pub mod checkpoint_log;
 pub mod checkpoints;
 pub mod config;
 mod error;
@@ -39,6 +40,8 @@ pub enum ServeError {
         "the checkpoint key {0} does not exist; with checkpoint_key_mode = \"required\" it must come from the Secret every replica shares"
     )]
     MissingCheckpointKey(String),
+    #[error(transparent)]
+    CheckpointLog(#[from] checkpoint_log::CheckpointLogError),
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -93,6 +96,36 @@ pub fn load_checkpoint_signer(config: &AuditConfig) -> Result<CheckpointSigner, 
     Ok(signer)
 }
 
+/// Opens the checkpoint log beside the key (`generate` mode). In `required` mode the key is a
+/// Secret mounted read-only and shared by every replica, where nothing may be written: the
+/// service keeps checkpoints in the database only (the auditor's export is the outside copy)
+/// and still enforces a log that is already there.
+fn open_checkpoint_log(
+    config: &AuditConfig,
+    public_key: &[u8],
+) -> Result<
+    (
+        Option<checkpoint_log::CheckpointLog>,
+        Option<medai_ledger::checkpoint::Checkpoint>,
+    ),
+    ServeError,
+> {
+    let path = checkpoint_log::path_beside_key(&config.checkpoint_key_file);
+    if config.checkpoint_key_mode == config::CheckpointKeyMode::Required {
+        tracing::warn!(
+            "checkpoint key from a read-only Secret: no checkpoint log is written beside it; keep the auditor's exports as the copy outside the database"
+        );
+        return Ok((None, checkpoint_log::newest_signed(&path, public_key)?));
+    }
+    let (log, newest) = checkpoint_log::CheckpointLog::open(&path, public_key)?;
+    tracing::info!(
+        path = %path.display(),
+        newest_tree_size = newest.as_ref().map(|checkpoint| checkpoint.tree_size),
+        "checkpoint log opened"
+    );
+    Ok((Some(log), newest))
+}
+
 /// Serves the audit API on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: AuditConfig,
@@ -105,17 +138,25 @@ pub async fn serve(
         Some(owner_url) => store::migrate_then_connect(owner_url, &config.database_url).await?,
         None => store::connect_and_migrate(&config.database_url).await?,
     };
-    // Appends are refused from the start if the stored chain lost what was signed.
+    let (checkpoint_log, newest_logged) = open_checkpoint_log(&config, signer.public_key())?;
+    // Appends are refused from the start if the stored chain lost what was signed, including
+    // a checkpoint only the log outside the database still holds (a restore from an older
+    // backup).
     let chain_anchor = Arc::new(anchor::ChainAnchor::new());
-    checkpoints::check_head_at_start(&connection, &chain_anchor, signer.public_key())
-        .await
-        .map_err(store::StoreError::from)?;
+    checkpoints::check_head_at_start(
+        &connection,
+        &chain_anchor,
+        signer.public_key(),
+        newest_logged.as_ref(),
+    )
+    .await
+    .map_err(store::StoreError::from)?;
     let appender = appender::LedgerAppender::start(connection.clone(), chain_anchor.clone());
-    let checkpointer = Arc::new(checkpoints::Checkpointer::new(
-        connection.clone(),
-        signer,
-        chain_anchor,
-    ));
+    let mut checkpointer = checkpoints::Checkpointer::new(connection.clone(), signer, chain_anchor);
+    if let Some(log) = checkpoint_log {
+        checkpointer = checkpointer.with_log(Arc::new(log));
+    }
+    let checkpointer = Arc::new(checkpointer);
     let periodic = (config.checkpoint_interval_seconds > 0).then(|| {
         tokio::spawn(
             checkpointer

@@ -243,7 +243,18 @@ async fn a_restart_checks_the_stored_head_against_the_newest_checkpoint() {
         .as_superuser("DELETE FROM ledger_entries WHERE seq >= 4")
         .await;
     audit.restart().await;
-    assert_anchor_refusal(audit.append(8).await);
+    // Shorter than a signed checkpoint: the refusal names the entries it lacks.
+    let status = audit
+        .append(8)
+        .await
+        .expect_err("the append must be refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("LEDGER_BEHIND_CHECKPOINT"),
+        "{status:?}"
+    );
+    assert!(status.message().contains("4..=6"), "{status:?}");
     assert_eq!(audit.stored_seqs().await, vec![1, 2, 3]);
 }
 
