@@ -614,12 +614,10 @@ const CERTIFICATE_SPEC_FIELDS: [&str; 13] = [
 /// and be a client.
 fn development_certificate_names(pem: &[u8]) -> (Vec<String>, Vec<String>, Vec<String>, bool) {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
-    use x509_parser::prelude::X509Certificate;
 
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).expect("a PEM certificate");
     let (_, certificate) =
-        <X509Certificate as x509_parser::prelude::FromDer>::from_der(&pem.contents)
-            .expect("a certificate");
+        x509_parser::parse_x509_certificate(&pem.contents).expect("a certificate");
     let (mut uris, mut dns, mut ips) = (Vec::new(), Vec::new(), Vec::new());
     let san = certificate
         .subject_alternative_name()
