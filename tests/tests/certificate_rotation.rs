@@ -5,6 +5,9 @@
 //! and new connections get the new serial with no failed call; then a replacement whose key is
 //! not the certificate's is refused (counted on the admin port) while the renewal keeps serving.
 
+// The figures (calls made and failed across the rotation) are printed for the report.
+#![allow(clippy::print_stdout)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
