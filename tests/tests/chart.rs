@@ -653,6 +653,9 @@ fn cert_manager_certificates_name_each_identity_as_the_development_ca_does() {
             .collect()
     };
     let pki = TestPki::new();
+    pki.layout
+        .ensure(&["kserve-client"])
+        .expect("the KServe client's development certificate");
 
     // The chart's own CA: a self-signed Issuer signs a CA Certificate; a CA Issuer signs the rest.
     let issuers = of_kind("Issuer");
@@ -753,7 +756,7 @@ fn cert_manager_certificates_name_each_identity_as_the_development_ca_does() {
         assert_eq!(spec["issuerRef"]["name"], ca_issuer["metadata"]["name"]);
         let secret_name = spec["secretName"].as_str().expect("secretName");
         assert_eq!(secret_name, format!("medai-tls-{identity}"));
-        if identity != "operator" {
+        if SERVICES.contains(&identity.as_str()) {
             assert_eq!(
                 mounted.get(&identity).map(String::as_str),
                 Some(secret_name),
@@ -779,10 +782,11 @@ fn cert_manager_certificates_name_each_identity_as_the_development_ca_does() {
             "auth",
             "gateway",
             "inference",
+            "kserve-client",
             "operator",
             "validation"
         ],
-        "a Certificate for every service and the operator"
+        "a Certificate for every service and each client identity"
     );
 
     // Without cert-manager the chart renders none of it.
