@@ -389,3 +389,53 @@ async fn a_rotated_client_certificate_is_presented_on_new_connections() {
     );
     assert_eq!(fresh.failed(), 0, "no call over a new connection failed");
 }
+
+#[test]
+fn a_bad_replacement_is_reported_once_and_an_unreadable_file_keeps_the_old_material() {
+    use medai_runtime::tls::ReloadOutcome;
+
+    let directory = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new();
+    let first = pki.issue("validation");
+    let stray = pki.issue("validation");
+    let renewed = pki.issue("validation");
+    let mut volume = SecretVolume::new(&directory.path().join("validation"));
+    volume.publish(&pki.ca_pem, &first.certificate_pem, &first.private_key_pem);
+    let tls = TlsMaterial::load(&volume.files()).expect("material");
+    let first_serial = serial_of_pem(&first.certificate_pem);
+    assert_eq!(tls.reload_if_changed(), ReloadOutcome::Unchanged);
+
+    // A key that is not the certificate's: refused once, then not reported again.
+    volume.publish(&pki.ca_pem, &first.certificate_pem, &stray.private_key_pem);
+    assert!(matches!(
+        tls.reload_if_changed(),
+        ReloadOutcome::Refused { reason } if reason.contains("not the certificate's")
+    ));
+    assert_eq!(tls.reload_if_changed(), ReloadOutcome::Unchanged);
+    assert_eq!(tls.serial(), first_serial);
+
+    // A file that cannot be read (the key's link gone): refused once, the old material serves.
+    std::fs::remove_file(volume.files().key).expect("remove the key link");
+    assert!(matches!(
+        tls.reload_if_changed(),
+        ReloadOutcome::Refused { reason } if reason.contains("cannot read")
+    ));
+    assert_eq!(tls.reload_if_changed(), ReloadOutcome::Unchanged);
+    assert_eq!(tls.serial(), first_serial);
+
+    // A good renewal is taken.
+    volume.publish(
+        &pki.ca_pem,
+        &renewed.certificate_pem,
+        &renewed.private_key_pem,
+    );
+    let renewed_serial = serial_of_pem(&renewed.certificate_pem);
+    assert_eq!(
+        tls.reload_if_changed(),
+        ReloadOutcome::Reloaded {
+            serial: renewed_serial.clone()
+        }
+    );
+    assert_eq!(tls.serial(), renewed_serial);
+    assert_eq!(tls.reload_if_changed(), ReloadOutcome::Unchanged);
+}
