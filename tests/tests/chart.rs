@@ -591,3 +591,212 @@ fn dockerfile_and_chart_agree_on_user_paths_and_entrypoint() {
         );
     }
 }
+
+/// The fields of a cert-manager v1 `Certificate` spec this chart may use (no CRD schema is
+/// available offline, so a misspelt field is caught here instead of by the API server).
+const CERTIFICATE_SPEC_FIELDS: [&str; 13] = [
+    "secretName",
+    "secretTemplate",
+    "commonName",
+    "uris",
+    "dnsNames",
+    "ipAddresses",
+    "duration",
+    "renewBefore",
+    "privateKey",
+    "usages",
+    "issuerRef",
+    "isCA",
+    "subject",
+];
+
+/// What a development certificate names: URI SANs, DNS SANs, IP SANs and whether it may serve
+/// and be a client.
+fn development_certificate_names(pem: &[u8]) -> (Vec<String>, Vec<String>, Vec<String>, bool) {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).expect("a PEM certificate");
+    let (_, certificate) =
+        x509_parser::parse_x509_certificate(&pem.contents).expect("a certificate");
+    let (mut uris, mut dns, mut ips) = (Vec::new(), Vec::new(), Vec::new());
+    let san = certificate
+        .subject_alternative_name()
+        .expect("SAN extension")
+        .expect("SANs");
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::URI(uri) => uris.push((*uri).to_owned()),
+            GeneralName::DNSName(name) => dns.push((*name).to_owned()),
+            GeneralName::IPAddress(bytes) => ips.push(
+                std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*bytes).expect("IPv4")).to_string(),
+            ),
+            other => panic!("unexpected SAN {other:?}"),
+        }
+    }
+    let serves_and_calls = certificate.extensions().iter().any(|extension| {
+        matches!(extension.parsed_extension(), ParsedExtension::ExtendedKeyUsage(usage)
+            if usage.server_auth && usage.client_auth)
+    });
+    (uris, dns, ips, serves_and_calls)
+}
+
+#[test]
+fn cert_manager_certificates_name_each_identity_as_the_development_ca_does() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let values = scratch.path().join("cert-manager.yaml");
+    std::fs::write(&values, "certManager:\n  enabled: true\n").expect("values");
+    let manifests = render_chart("medai", NAMESPACE, &values);
+    let of_kind = |kind: &str| -> Vec<&Value> {
+        manifests
+            .iter()
+            .filter(|object| object["kind"] == kind)
+            .collect()
+    };
+    let pki = TestPki::new();
+    pki.layout
+        .ensure(&["kserve-client"])
+        .expect("the KServe client's development certificate");
+
+    // The chart's own CA: a self-signed Issuer signs a CA Certificate; a CA Issuer signs the rest.
+    let issuers = of_kind("Issuer");
+    let ca_issuer = issuers
+        .iter()
+        .find(|issuer| issuer.pointer("/spec/ca").is_some())
+        .expect("a CA Issuer");
+    let ca_secret = ca_issuer["spec"]["ca"]["secretName"].clone();
+    let certificates = of_kind("Certificate");
+    let ca_certificate = certificates
+        .iter()
+        .find(|certificate| certificate["spec"]["isCA"] == true)
+        .expect("a CA Certificate");
+    assert_eq!(ca_certificate["spec"]["secretName"], ca_secret);
+    let self_signed = &ca_certificate["spec"]["issuerRef"]["name"];
+    assert!(
+        issuers
+            .iter()
+            .any(|issuer| issuer["metadata"]["name"] == *self_signed
+                && issuer.pointer("/spec/selfSigned").is_some()),
+        "the CA Certificate is signed by the chart's self-signed Issuer"
+    );
+
+    // Which Secret each Deployment mounts at /etc/medai/tls.
+    let mounted: BTreeMap<String, String> = of_kind("Deployment")
+        .iter()
+        .map(|deployment| {
+            let component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+                .as_str()
+                .expect("component")
+                .to_owned();
+            let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .expect("volumes");
+            let secret = volumes
+                .iter()
+                .find(|volume| volume["name"] == "tls")
+                .and_then(|volume| volume["secret"]["secretName"].as_str())
+                .expect("a tls volume")
+                .to_owned();
+            (component, secret)
+        })
+        .collect();
+    let service_names: Vec<String> = of_kind("Service")
+        .iter()
+        .filter_map(|service| service["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+
+    let mut issued = Vec::new();
+    for certificate in certificates
+        .iter()
+        .filter(|certificate| certificate["spec"]["isCA"] != true)
+    {
+        let spec = &certificate["spec"];
+        for field in spec.as_object().expect("spec").keys() {
+            assert!(
+                CERTIFICATE_SPEC_FIELDS.contains(&field.as_str()),
+                "unknown Certificate field {field}"
+            );
+        }
+        let strings = |pointer: &str| -> Vec<String> {
+            spec.pointer(pointer)
+                .and_then(Value::as_array)
+                .map(|items| {
+                    items
+                        .iter()
+                        .map(|item| item.as_str().expect("a string").to_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let uris = strings("/uris");
+        let identity = uris
+            .first()
+            .and_then(|uri| uri.strip_prefix("spiffe://medai/"))
+            .expect("a SPIFFE URI SAN")
+            .to_owned();
+        let (dev_uris, dev_dns, dev_ips, dev_serves_and_calls) = development_certificate_names(
+            &std::fs::read(pki.layout.certificate(&identity)).expect("development certificate"),
+        );
+        assert_eq!(uris, dev_uris, "{identity}: URI SANs");
+        let dns_names = strings("/dnsNames");
+        for name in &dev_dns {
+            assert!(
+                dns_names.contains(name),
+                "{identity}: the DNS name {name} of the development certificate is missing"
+            );
+        }
+        assert_eq!(strings("/ipAddresses"), dev_ips, "{identity}: IP SANs");
+        assert!(dev_serves_and_calls);
+        let usages = strings("/usages");
+        assert!(
+            usages.contains(&"server auth".to_owned())
+                && usages.contains(&"client auth".to_owned()),
+            "{identity}: usable as TLS server and client, as the development certificate is"
+        );
+        assert_eq!(spec["commonName"], format!("medai-{identity}"));
+        assert_eq!(spec["issuerRef"]["name"], ca_issuer["metadata"]["name"]);
+        let secret_name = spec["secretName"].as_str().expect("secretName");
+        assert_eq!(secret_name, format!("medai-tls-{identity}"));
+        if SERVICES.contains(&identity.as_str()) {
+            assert_eq!(
+                mounted.get(&identity).map(String::as_str),
+                Some(secret_name),
+                "{identity}: the Deployment mounts the Secret cert-manager writes"
+            );
+            let service = format!("{RELEASE}-{identity}");
+            assert!(service_names.contains(&service));
+            for name in [
+                service.clone(),
+                format!("{service}.{NAMESPACE}.svc"),
+                format!("{service}.{NAMESPACE}.svc.cluster.local"),
+            ] {
+                assert!(dns_names.contains(&name), "{identity}: dials reach {name}");
+            }
+        }
+        issued.push(identity);
+    }
+    issued.sort();
+    assert_eq!(
+        issued,
+        [
+            "audit",
+            "auth",
+            "gateway",
+            "inference",
+            "kserve-client",
+            "operator",
+            "validation"
+        ],
+        "a Certificate for every service and each client identity"
+    );
+
+    // Without cert-manager the chart renders none of it.
+    assert!(
+        render_chart(
+            "medai",
+            NAMESPACE,
+            &workspace_root().join("tests/chart/values.yaml")
+        )
+        .iter()
+        .all(|object| object["kind"] != "Certificate" && object["kind"] != "Issuer")
+    );
+}

@@ -216,12 +216,16 @@ where
         None
     } else {
         match crate::tls::TlsMaterial::load(config.tls()) {
-            Ok(tls) => Some(tokio::spawn(crate::health::probe_dependencies(
-                dependencies,
-                tls,
-                readiness.clone(),
-                Duration::from_secs(process.dependency_probe_seconds.max(1)),
-            ))),
+            Ok(tls) => {
+                // The probes' reconnections present the rotated certificate too.
+                tls.watch_files(crate::tls::RELOAD_INTERVAL);
+                Some(tokio::spawn(crate::health::probe_dependencies(
+                    dependencies,
+                    tls,
+                    readiness.clone(),
+                    Duration::from_secs(process.dependency_probe_seconds.max(1)),
+                )))
+            }
             Err(error) => {
                 tracing::error!(error = %error, "cannot load the TLS material");
                 return ExitCode::FAILURE;

@@ -1,5 +1,6 @@
-//! The gRPC server every service starts from: TLS with the mesh CA, and the layers every call
-//! passes through, outermost first:
+//! The gRPC server every service starts from: TLS with the mesh CA (accepted by
+//! [`incoming`], reloaded when the certificate files rotate), and the layers every call passes
+//! through, outermost first:
 //! - metrics: every call counted and timed, refusals included (paths the server does not hold
 //!   under one label value);
 //! - peer policy: a peer not named for the method is refused before any handler runs;
@@ -10,14 +11,13 @@
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tower::layer::util::{Identity, Stack};
 
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::health::{HealthLayer, Readiness};
 use crate::peer_policy::{PeerPolicy, PeerPolicyLayer};
-use crate::tls::{ClientCertificates, TlsMaterial};
+use crate::tls::{ClientCertificates, MeshIncoming, RELOAD_INTERVAL, TlsMaterial};
 
 pub type MeshServer = Server<
     Stack<
@@ -26,16 +26,16 @@ pub type MeshServer = Server<
     >,
 >;
 
-/// Call inside a tokio runtime (the health status follows the readiness in a task).
+/// Call inside a tokio runtime (the health status follows the readiness in a task, and the
+/// certificate files are watched from another). Serve it over [`incoming`].
 pub fn mesh_server(
     tls: &TlsMaterial,
-    client_certificates: ClientCertificates,
     service: &'static str,
     policy: PeerPolicy,
 ) -> Result<MeshServer, tonic::transport::Error> {
+    tls.watch_files(RELOAD_INTERVAL);
     let health = HealthLayer::new(Readiness::of_this_process(), policy.services());
     Ok(Server::builder()
-        .tls_config(tls.server_config(client_certificates))?
         .tcp_nodelay(true)
         .layer(GrpcMetricsLayer::new(service, policy.methods()))
         .layer(PeerPolicyLayer::new(policy))
@@ -43,9 +43,14 @@ pub fn mesh_server(
         .layer(health))
 }
 
-/// The connections of a handed-in listener, with Nagle's algorithm off. Without it a response's
-/// HEADERS, DATA and trailer frames wait on the peer's delayed ACK (tens of milliseconds per
-/// call); `Server::tcp_nodelay` only reaches sockets tonic accepts itself.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The TLS connections of a handed-in listener, each with the certificate current when it
+/// arrives, with Nagle's algorithm off. Without it a response's HEADERS, DATA and trailer frames
+/// wait on the peer's delayed ACK (tens of milliseconds per call); `Server::tcp_nodelay` only
+/// reaches sockets tonic accepts itself. See [`TlsMaterial::incoming`].
+pub fn incoming(
+    listener: TcpListener,
+    tls: &TlsMaterial,
+    client_certificates: ClientCertificates,
+) -> MeshIncoming {
+    tls.incoming(listener, client_certificates)
 }

@@ -134,6 +134,84 @@ impl Default for TestPki {
     }
 }
 
+/// A folder laid out as the kubelet lays out a cert-manager Secret's volume: `ca.crt`, `tls.crt`
+/// and `tls.key` are symlinks through `..data`, itself a symlink to the current timestamped
+/// folder, so a new revision replaces all three at once.
+pub struct SecretVolume {
+    root: PathBuf,
+    revision: u32,
+}
+
+impl SecretVolume {
+    pub fn new(root: &Path) -> Self {
+        std::fs::create_dir_all(root).expect("volume folder");
+        Self {
+            root: root.to_owned(),
+            revision: 0,
+        }
+    }
+
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
+            ca_cert: self.root.join("ca.crt"),
+            cert: self.root.join("tls.crt"),
+            key: self.root.join("tls.key"),
+        }
+    }
+
+    /// Writes a new revision and swaps it in atomically, as the kubelet's AtomicWriter does.
+    pub fn publish(&mut self, ca_pem: &str, certificate_pem: &str, key_pem: &str) {
+        self.revision += 1;
+        let folder = format!("..2026_11_29_rev{}", self.revision);
+        let path = self.root.join(&folder);
+        std::fs::create_dir(&path).expect("revision folder");
+        std::fs::write(path.join("ca.crt"), ca_pem).expect("ca.crt");
+        std::fs::write(path.join("tls.crt"), certificate_pem).expect("tls.crt");
+        std::fs::write(path.join("tls.key"), key_pem).expect("tls.key");
+        let previous = std::fs::read_link(self.root.join("..data")).ok();
+        std::os::unix::fs::symlink(&folder, self.root.join("..data_tmp")).expect("..data_tmp");
+        std::fs::rename(self.root.join("..data_tmp"), self.root.join("..data")).expect("swap");
+        for name in ["ca.crt", "tls.crt", "tls.key"] {
+            let link = self.root.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("file link");
+            }
+        }
+        if let Some(previous) = previous {
+            std::fs::remove_dir_all(self.root.join(previous)).expect("old revision");
+        }
+    }
+}
+
+/// Opens a new TLS connection to `service` at `address` with `client`'s current configuration
+/// (the one its channels use) and returns the serial of the certificate the server presented.
+pub async fn served_certificate_serial(
+    client: &TlsMaterial,
+    address: SocketAddr,
+    service: &str,
+) -> Result<String, String> {
+    let connector = tokio_rustls::TlsConnector::from(client.client_config());
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|error| error.to_string())?;
+    let server_name = rustls::pki_types::ServerName::try_from(medai_runtime::tls::server_dns_name(
+        &ServiceIdentity::new(service),
+    ))
+    .map_err(|error| error.to_string())?;
+    let connection = connector
+        .connect(server_name, stream)
+        .await
+        .map_err(|error| error.to_string())?;
+    let leaf = connection
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or("no server certificate")?;
+    medai_runtime::tls::certificate_serial(leaf.as_ref())
+        .ok_or_else(|| "unparsable certificate".to_owned())
+}
+
 /// Process settings for a service started in-process: loopback, port 0, no admin endpoint.
 pub fn test_process_config() -> ProcessConfig {
     ProcessConfig {

@@ -173,10 +173,13 @@ pub async fn serve(
         connection,
         checkpointer,
     };
-    let served = mesh_server(&tls, ClientCertificates::Required, "audit", peer_policy())?
+    let served = mesh_server(&tls, "audit", peer_policy())?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming(listener, &tls, ClientCertificates::Required),
+            shutdown,
+        )
         .await;
     if let Some(task) = periodic {
         task.abort();

@@ -128,10 +128,13 @@ pub async fn serve(
     health_reporter
         .set_serving::<AuthServiceServer<grpc::AuthApi>>()
         .await;
-    mesh_server(&tls, ClientCertificates::Required, "auth", peer_policy())?
+    mesh_server(&tls, "auth", peer_policy())?
         .add_service(health_service)
         .add_service(AuthServiceServer::new(grpc::AuthApi { authority }))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming(listener, &tls, ClientCertificates::Required),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -216,14 +216,17 @@ pub async fn serve(
         Ok((Some(v1), Some(v1alpha)))
     };
     let (reflection_v1, reflection_v1alpha) = reflection(config.reflection)?;
-    let served = mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
+    let served = mesh_server(&tls, "gateway", peer_policy())?
         .layer(TokenAuthLayer::new(checks, role_policy()))
         .layer(load_control::LoadControlLayer::new(load_control))
         .add_service(health_service)
         .add_service(api)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming(listener, &tls, ClientCertificates::Optional),
+            shutdown,
+        )
         .await;
     key_refresher.abort();
     served?;

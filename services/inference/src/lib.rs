@@ -155,16 +155,14 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    mesh_server(
-        &tls,
-        ClientCertificates::Required,
-        "inference",
-        peer_policy(),
-    )?
-    .add_service(health_service)
-    .add_service(api)
-    .add_service(kserve)
-    .serve_with_incoming_shutdown(incoming(listener), shutdown)
-    .await?;
+    mesh_server(&tls, "inference", peer_policy())?
+        .add_service(health_service)
+        .add_service(api)
+        .add_service(kserve)
+        .serve_with_incoming_shutdown(
+            incoming(listener, &tls, ClientCertificates::Required),
+            shutdown,
+        )
+        .await?;
     Ok(())
 }

@@ -75,15 +75,13 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
-    mesh_server(
-        &tls,
-        ClientCertificates::Required,
-        "validation",
-        peer_policy(),
-    )?
-    .add_service(health_service)
-    .add_service(api)
-    .serve_with_incoming_shutdown(incoming(listener), shutdown)
-    .await?;
+    mesh_server(&tls, "validation", peer_policy())?
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(
+            incoming(listener, &tls, ClientCertificates::Required),
+            shutdown,
+        )
+        .await?;
     Ok(())
 }
