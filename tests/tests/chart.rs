@@ -39,6 +39,55 @@ fn secret(pairs: &[(&str, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// One service's database on the suite's PostgreSQL with two roles.
+struct ServiceDatabase {
+    /// The schema owner (the suite's superuser): only the migration Job gets it.
+    owner_url: String,
+    /// The service's own login role: it may read and write rows, never change the schema.
+    service_url: String,
+}
+
+/// A fresh database for `service` and a login role of its own made as a DBA would: audit's
+/// role is a member of `medai_ledger_writer` (insert and read the ledger, nothing else; its
+/// migrations grant that role), auth's and inference's get read and write on the rows of every
+/// table the owner creates (default privileges). None may create or alter a table.
+async fn least_privilege_database(service: &str) -> ServiceDatabase {
+    use sea_orm::ConnectionTrait;
+    let owner_url = fresh_postgres_database().await;
+    let role = format!("{service}_app_{}", uuid::Uuid::new_v4().simple());
+    let grants = if service == "audit" {
+        format!(
+            "DO $$ BEGIN CREATE ROLE medai_ledger_writer NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             GRANT medai_ledger_writer TO {role};"
+        )
+    } else {
+        format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+               GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}; \
+             ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+               GRANT USAGE, SELECT ON SEQUENCES TO {role};"
+        )
+    };
+    let owner = sea_orm::Database::connect(owner_url.as_str())
+        .await
+        .expect("connect as the owner");
+    owner
+        .execute_unprepared(&format!("CREATE ROLE {role} LOGIN; {grants}"))
+        .await
+        .expect("the service's role");
+    owner.close().await.expect("close");
+    let (base, database) = owner_url.rsplit_once('/').expect("a database URL");
+    let service_url = format!(
+        "{}/{database}",
+        base.replacen("postgres@", &format!("{role}@"), 1)
+    );
+    ServiceDatabase {
+        owner_url,
+        service_url,
+    }
+}
+
 /// The Secrets an SRE creates before installing (k8s/README.md), made from the suite's
 /// PostgreSQL and Redis and a throwaway PKI. Returns them and the checkpoint public key.
 async fn cluster_objects(
@@ -58,15 +107,18 @@ async fn cluster_objects(
             ]),
         );
     }
-    for (name, _) in [
-        ("medai-auth-database", ()),
-        ("medai-audit-database", ()),
-        ("medai-inference-database", ()),
-    ] {
-        let url = fresh_postgres_database().await;
-        objects
-            .secrets
-            .insert(name.to_owned(), secret(&[("url", url.into_bytes())]));
+    // Each database as a DBA prepares it: the schema owner's URL for the migration Job only,
+    // and a narrower login role for the service's pods.
+    for service in ["auth", "audit", "inference"] {
+        let database = least_privilege_database(service).await;
+        objects.secrets.insert(
+            format!("medai-{service}-database"),
+            secret(&[("url", database.service_url.into_bytes())]),
+        );
+        objects.secrets.insert(
+            format!("medai-{service}-migration"),
+            secret(&[("url", database.owner_url.into_bytes())]),
+        );
     }
     objects.secrets.insert(
         "medai-redis".to_owned(),
@@ -190,9 +242,21 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let (objects, public_key) = cluster_objects(&pki, &assets, scratch.path()).await;
     let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
 
-    // 1. helm install: every pod of every Deployment at once, each with its pod's environment
-    //    (and Kubernetes' service-link variables unless the chart turns them off).
-    cluster.start_all(READY_TIMEOUT).await;
+    // 1. helm install: the pre-install hook Jobs (each service's migrations, as the schema
+    //    owner) to completion, then every pod of every Deployment at once, each with its pod's
+    //    environment (and Kubernetes' service-link variables unless the chart turns them off).
+    let hooks = cluster.install(READY_TIMEOUT).await;
+    let mut migrated: Vec<&str> = hooks.iter().map(|run| run.job.as_str()).collect();
+    migrated.sort_unstable();
+    assert_eq!(
+        migrated,
+        [
+            "medai-audit-migrations",
+            "medai-auth-migrations",
+            "medai-inference-migrations"
+        ],
+        "one migration Job per service that owns a database"
+    );
     let pods: Vec<(String, u32)> = cluster
         .pods
         .iter()
@@ -455,6 +519,81 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         "render-and-run test took {:.1} s",
         began.elapsed().as_secs_f64()
     );
+    cluster.stop().await;
+}
+
+/// The chart's Deployments run with migrations off (the pre-install Job runs them): a pod
+/// that starts before its schema exists, here even with a role that could create it, must
+/// not create a table. It stops with the stable `schema_not_migrated` error, its readiness
+/// probe never passes, and the database stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_migrations_off_refuses_an_empty_database_and_creates_no_table() {
+    use sea_orm::ConnectionTrait;
+    let root = workspace_root();
+    let manifests = render_chart(RELEASE, NAMESPACE, &root.join("tests/chart/values.yaml"));
+    let pki = TestPki::new();
+    let assets = Assets::locate();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let (mut objects, _) = cluster_objects(&pki, &assets, scratch.path()).await;
+    let mut owner_urls = Vec::new();
+    for service in ["audit", "auth", "inference"] {
+        // The schema owner's own URL in the pod: only the switch keeps it from migrating.
+        let owner_url = fresh_postgres_database().await;
+        objects.secrets.insert(
+            format!("medai-{service}-database"),
+            secret(&[("url", owner_url.clone().into_bytes())]),
+        );
+        owner_urls.push((service, owner_url));
+    }
+    let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    for (service, owner_url) in &owner_urls {
+        let pod = cluster.start_pod(&format!("medai-{service}"));
+        assert!(
+            cluster
+                .pods[pod]
+                .environment()
+                .iter()
+                .any(|(name, value)| name.ends_with("_PROCESS__RUN_MIGRATIONS") && value == "false"),
+            "the chart turns migrations off in the {service} Deployment"
+        );
+        let status = cluster
+            .wait_exit(pod, READY_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("{service} kept running on a schema without migrations"));
+        assert!(
+            !status.success(),
+            "{service} must not succeed on an empty schema"
+        );
+        assert!(
+            !cluster.readiness_passes(pod).await,
+            "{service} must never be ready"
+        );
+        let log = cluster.pods[pod].log_tail();
+        assert!(
+            log.contains("schema_not_migrated"),
+            "{service} names the stable error: {log}"
+        );
+        let database = sea_orm::Database::connect(owner_url.as_str())
+            .await
+            .expect("connect as the owner");
+        let tables = database
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'",
+            ))
+            .await
+            .expect("list tables");
+        assert!(
+            tables.is_empty(),
+            "{service} created {} table(s) with migrations off",
+            tables.len()
+        );
+        database.close().await.expect("close");
+        eprintln!(
+            "{service}: {status}, not ready, no table; {}",
+            log.lines().last().unwrap_or_default()
+        );
+    }
     cluster.stop().await;
 }
 
