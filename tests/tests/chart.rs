@@ -730,3 +730,56 @@ fn dockerfile_and_chart_agree_on_user_paths_and_entrypoint() {
         );
     }
 }
+
+/// checkov runs on the rendered chart in scripts/chart-checks.sh with helm/checkov.yaml; a
+/// finding is never silenced without its reason: each check skipped for the whole chart has
+/// a comment just above it, and each `checkov.io/skip<n>` annotation gives one after `=`.
+#[test]
+fn every_checkov_skip_carries_its_reason() {
+    let root = workspace_root();
+    let settings = std::fs::read_to_string(root.join("helm/checkov.yaml")).expect("checkov.yaml");
+    let lines: Vec<&str> = settings.lines().collect();
+    let start = lines
+        .iter()
+        .position(|line| line.trim() == "skip-check:")
+        .expect("a skip-check list");
+    let mut skipped = 0;
+    for (index, line) in lines.iter().enumerate().skip(start + 1) {
+        let Some(check) = line.trim().strip_prefix("- ") else {
+            if !line.starts_with(' ') {
+                break;
+            }
+            continue;
+        };
+        assert!(check.starts_with("CKV_"), "not a check id: {check}");
+        let above = lines[index - 1].trim();
+        assert!(
+            above.starts_with('#') && above.len() > 20,
+            "{check} is skipped without a reason above it"
+        );
+        skipped += 1;
+    }
+    assert!(skipped > 0, "the skip list was read");
+    let manifests = parse_manifests(
+        &std::fs::read_to_string(root.join("k8s/medai.yaml")).expect("k8s/medai.yaml"),
+    );
+    let mut annotated = 0;
+    for manifest in &manifests {
+        let Some(annotations) = manifest["metadata"]["annotations"].as_object() else {
+            continue;
+        };
+        for (name, value) in annotations {
+            if !name.starts_with("checkov.io/skip") {
+                continue;
+            }
+            let (check, reason) = value
+                .as_str()
+                .and_then(|text| text.split_once('='))
+                .unwrap_or_else(|| panic!("{name} names no check and reason"));
+            assert!(check.starts_with("CKV_"), "{name}: {check}");
+            assert!(reason.trim().len() > 20, "{name}: {check} has no reason");
+            annotated += 1;
+        }
+    }
+    assert!(annotated > 0, "the helm test pod's skips were read");
+}
