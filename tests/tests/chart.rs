@@ -783,3 +783,278 @@ fn every_checkov_skip_carries_its_reason() {
     }
     assert!(annotated > 0, "the helm test pod's skips were read");
 }
+
+/// Whether `selector` (a NetworkPolicy podSelector) selects a pod with `labels`.
+fn selects(selector: &Value, labels: &serde_json::Map<String, Value>) -> bool {
+    assert!(
+        selector.get("matchExpressions").is_none(),
+        "matchExpressions are not evaluated here"
+    );
+    selector["matchLabels"].as_object().is_none_or(|wanted| {
+        wanted
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    })
+}
+
+/// Where a connection goes: a pod of this namespace (its labels) or an address outside it.
+enum Destination<'a> {
+    Pod(&'a serde_json::Map<String, Value>),
+    Outside,
+}
+
+/// Whether the release's NetworkPolicies let a pod with `labels` open a TCP/UDP connection to
+/// `destination` on `port`, as a CNI that enforces them decides: allowed when no policy of type
+/// Egress selects the pod, else when one of their rules names the port and the destination.
+fn egress_allowed(
+    policies: &[&Value],
+    labels: &serde_json::Map<String, Value>,
+    destination: &Destination<'_>,
+    port: u64,
+    protocol: &str,
+) -> bool {
+    let selecting: Vec<&&Value> = policies
+        .iter()
+        .filter(|policy| {
+            policy["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|kind| kind == "Egress"))
+                && selects(&policy["spec"]["podSelector"], labels)
+        })
+        .collect();
+    if selecting.is_empty() {
+        return true;
+    }
+    selecting.iter().any(|policy| {
+        policy["spec"]["egress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                let port_matches = rule["ports"].as_array().is_none_or(|ports| {
+                    ports.iter().any(|entry| {
+                        entry["port"].as_u64() == Some(port)
+                            && entry["protocol"].as_str().unwrap_or("TCP") == protocol
+                    })
+                });
+                let peer_matches = match rule["to"].as_array() {
+                    None => true,
+                    Some(peers) if peers.is_empty() => true,
+                    Some(peers) => peers.iter().any(|peer| match destination {
+                        // A bare podSelector names pods of the policy's own namespace.
+                        Destination::Pod(target) => {
+                            peer.get("namespaceSelector").is_none()
+                                && peer.get("ipBlock").is_none()
+                                && selects(&peer["podSelector"], target)
+                        }
+                        Destination::Outside => peer.get("ipBlock").is_some(),
+                    }),
+                };
+                port_matches && peer_matches
+            })
+    })
+}
+
+/// Egress under the default deny: every pod of the release (Deployments, migration Jobs, the
+/// helm test pod) may reach DNS, and beyond it exactly what its configuration names: the mesh
+/// Services in its environment or arguments (and no other), PostgreSQL when it has a database
+/// URL, Redis when it has a Redis URL, the OTLP collector when one is set; nothing else.
+#[test]
+fn egress_policies_allow_each_pod_exactly_the_peers_and_stores_it_uses() {
+    let root = workspace_root();
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/helm.sh"))
+        .args(["template", RELEASE, "helm/medai", "--namespace", NAMESPACE])
+        .args([
+            "--set",
+            "otlpEndpoint=http://otel-collector.observability:4317",
+        ])
+        .current_dir(&root)
+        .output()
+        .expect("helm template");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifests = parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8"));
+    let policies: Vec<&Value> = manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "NetworkPolicy")
+        .collect();
+    let deny = policies
+        .iter()
+        .find(|policy| {
+            policy["metadata"]["name"]
+                .as_str()
+                .is_some_and(|name| name.ends_with("-default-deny"))
+        })
+        .expect("a default-deny policy");
+    assert!(
+        deny["spec"]["egress"].is_null()
+            && deny["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|kind| kind == "Egress")),
+        "the default deny covers egress"
+    );
+    // Every pod template of the release: (name, labels, all text its container is given).
+    let mut pods: Vec<(String, serde_json::Map<String, Value>, String)> = Vec::new();
+    for manifest in &manifests {
+        let template = match manifest["kind"].as_str() {
+            Some("Deployment" | "Job") => &manifest["spec"]["template"],
+            Some("Pod") => manifest,
+            _ => continue,
+        };
+        let labels = template["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .expect("pod labels");
+        let container = &template["spec"]["containers"][0];
+        let given = format!("{} {}", container["env"], container["args"]);
+        pods.push((
+            manifest["metadata"]["name"]
+                .as_str()
+                .expect("name")
+                .to_owned(),
+            labels,
+            given,
+        ));
+    }
+    assert!(
+        pods.len() >= 9,
+        "Deployments, migration Jobs and the test pod"
+    );
+    let services: Vec<(String, serde_json::Map<String, Value>)> = manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "Deployment")
+        .map(|deployment| {
+            (
+                deployment["metadata"]["name"]
+                    .as_str()
+                    .expect("name")
+                    .to_owned(),
+                deployment["spec"]["template"]["metadata"]["labels"]
+                    .as_object()
+                    .cloned()
+                    .expect("labels"),
+            )
+        })
+        .collect();
+    for (pod, labels, given) in &pods {
+        assert!(
+            selects(&deny["spec"]["podSelector"], labels),
+            "{pod} is under the default deny"
+        );
+        assert!(
+            egress_allowed(&policies, labels, &Destination::Outside, 53, "UDP")
+                || policies.iter().any(|policy| {
+                    selects(&policy["spec"]["podSelector"], labels)
+                        && policy["spec"]["egress"].to_string().contains("\"port\":53")
+                }),
+            "{pod} resolves names"
+        );
+        for (service, target) in &services {
+            let calls = given.contains(&format!("https://{service}:50051"));
+            assert_eq!(
+                egress_allowed(&policies, labels, &Destination::Pod(target), 50051, "TCP"),
+                calls,
+                "{pod} → {service}: allowed exactly when it calls it"
+            );
+            assert!(
+                !egress_allowed(&policies, labels, &Destination::Pod(target), 9090, "TCP"),
+                "{pod} → {service}'s admin port"
+            );
+        }
+        let outside = |port| egress_allowed(&policies, labels, &Destination::Outside, port, "TCP");
+        assert_eq!(
+            outside(5432),
+            given.contains("DATABASE_URL"),
+            "{pod} → PostgreSQL"
+        );
+        assert_eq!(outside(6379), given.contains("REDIS_URL"), "{pod} → Redis");
+        assert_eq!(
+            outside(4317),
+            given.contains("OTLP_ENDPOINT"),
+            "{pod} → OTLP"
+        );
+        assert!(!outside(443), "{pod} may not reach anything else");
+    }
+}
+
+/// k8s/README.md lists every Secret the chart reads (environment references and volumes of
+/// every Deployment, hook Job and test pod, with the optional migration Secrets set), each in
+/// a row of its table that names the keys the chart reads from it.
+#[test]
+fn the_readme_lists_every_secret_and_key_the_chart_reads() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("k8s/README.md")).expect("k8s/README.md");
+    let rows: Vec<&str> = readme.lines().filter(|line| line.starts_with('|')).collect();
+    let mut arguments = vec![
+        "template".to_owned(),
+        RELEASE.to_owned(),
+        "helm/medai".to_owned(),
+    ];
+    for service in ["auth", "audit", "inference"] {
+        arguments.push("--set".to_owned());
+        arguments.push(format!(
+            "databases.{service}.migrationSecretName=medai-{service}-migration"
+        ));
+    }
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/helm.sh"))
+        .args(&arguments)
+        .current_dir(&root)
+        .output()
+        .expect("helm template");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let manifests = parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8"));
+    // Secret name → keys read from it.
+    let mut read: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for manifest in &manifests {
+        let spec = match manifest["kind"].as_str() {
+            Some("Deployment" | "Job") => &manifest["spec"]["template"]["spec"],
+            Some("Pod") => &manifest["spec"],
+            _ => continue,
+        };
+        for container in spec["containers"].as_array().into_iter().flatten() {
+            for entry in container["env"].as_array().into_iter().flatten() {
+                let reference = &entry["valueFrom"]["secretKeyRef"];
+                if let (Some(name), Some(key)) = (reference["name"].as_str(), reference["key"].as_str()) {
+                    read.entry(name.to_owned()).or_default().push(key.to_owned());
+                }
+            }
+        }
+        for volume in spec["volumes"].as_array().into_iter().flatten() {
+            let Some(name) = volume["secret"]["secretName"].as_str() else {
+                continue;
+            };
+            let keys = read.entry(name.to_owned()).or_default();
+            match volume["secret"]["items"].as_array() {
+                Some(items) => keys.extend(
+                    items.iter().filter_map(|item| item["key"].as_str().map(str::to_owned)),
+                ),
+                // The whole Secret: the TLS layout cert-manager writes.
+                None => keys.extend(["ca.crt", "tls.crt", "tls.key"].map(str::to_owned)),
+            }
+        }
+    }
+    assert!(read.len() >= 12, "the chart's Secrets were found: {read:?}");
+    for (name, keys) in &read {
+        // Per-service certificates are one row, `medai-tls-<service>`.
+        let listed = ["gateway", "auth", "validation", "inference", "audit"]
+            .iter()
+            .find_map(|service| name.strip_suffix(service))
+            .filter(|prefix| prefix.ends_with("-tls-"))
+            .map_or_else(|| format!("`{name}`"), |prefix| format!("`{prefix}<service>`"));
+        let row = rows
+            .iter()
+            .find(|row| row.contains(&listed))
+            .unwrap_or_else(|| panic!("k8s/README.md does not list the Secret {name}"));
+        for key in keys {
+            assert!(
+                row.contains(&format!("`{key}`")),
+                "k8s/README.md's row for {name} does not name its key {key}"
+            );
+        }
+    }
+}
