@@ -988,7 +988,10 @@ fn egress_policies_allow_each_pod_exactly_the_peers_and_stores_it_uses() {
 fn the_readme_lists_every_secret_and_key_the_chart_reads() {
     let root = workspace_root();
     let readme = std::fs::read_to_string(root.join("k8s/README.md")).expect("k8s/README.md");
-    let rows: Vec<&str> = readme.lines().filter(|line| line.starts_with('|')).collect();
+    let rows: Vec<&str> = readme
+        .lines()
+        .filter(|line| line.starts_with('|'))
+        .collect();
     let mut arguments = vec![
         "template".to_owned(),
         RELEASE.to_owned(),
@@ -1006,7 +1009,11 @@ fn the_readme_lists_every_secret_and_key_the_chart_reads() {
         .current_dir(&root)
         .output()
         .expect("helm template");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let manifests = parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8"));
     // Secret name → keys read from it.
     let mut read: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1019,22 +1026,44 @@ fn the_readme_lists_every_secret_and_key_the_chart_reads() {
         for container in spec["containers"].as_array().into_iter().flatten() {
             for entry in container["env"].as_array().into_iter().flatten() {
                 let reference = &entry["valueFrom"]["secretKeyRef"];
-                if let (Some(name), Some(key)) = (reference["name"].as_str(), reference["key"].as_str()) {
-                    read.entry(name.to_owned()).or_default().push(key.to_owned());
+                if let (Some(name), Some(key)) =
+                    (reference["name"].as_str(), reference["key"].as_str())
+                {
+                    read.entry(name.to_owned())
+                        .or_default()
+                        .push(key.to_owned());
                 }
             }
         }
+        let container = &spec["containers"][0];
+        let given = format!("{} {}", container["env"], container["args"]);
         for volume in spec["volumes"].as_array().into_iter().flatten() {
             let Some(name) = volume["secret"]["secretName"].as_str() else {
                 continue;
             };
             let keys = read.entry(name.to_owned()).or_default();
-            match volume["secret"]["items"].as_array() {
-                Some(items) => keys.extend(
-                    items.iter().filter_map(|item| item["key"].as_str().map(str::to_owned)),
-                ),
-                // The whole Secret: the TLS layout cert-manager writes.
-                None => keys.extend(["ca.crt", "tls.crt", "tls.key"].map(str::to_owned)),
+            if let Some(items) = volume["secret"]["items"].as_array() {
+                keys.extend(
+                    items
+                        .iter()
+                        .filter_map(|item| item["key"].as_str().map(str::to_owned)),
+                );
+                continue;
+            }
+            // The whole Secret: the keys are the files the container is pointed at under the
+            // mount (`/etc/medai/tls/ca.crt`, `--password-file=/etc/medai/admin/password`).
+            for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+                if mount["name"] != volume["name"] {
+                    continue;
+                }
+                let prefix = format!("{}/", mount["mountPath"].as_str().expect("mountPath"));
+                for (at, _) in given.match_indices(&prefix) {
+                    let file: String = given[at + prefix.len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                        .collect();
+                    keys.push(file);
+                }
             }
         }
     }
@@ -1045,7 +1074,10 @@ fn the_readme_lists_every_secret_and_key_the_chart_reads() {
             .iter()
             .find_map(|service| name.strip_suffix(service))
             .filter(|prefix| prefix.ends_with("-tls-"))
-            .map_or_else(|| format!("`{name}`"), |prefix| format!("`{prefix}<service>`"));
+            .map_or_else(
+                || format!("`{name}`"),
+                |prefix| format!("`{prefix}<service>`"),
+            );
         let row = rows
             .iter()
             .find(|row| row.contains(&listed))
