@@ -21,7 +21,9 @@
 //! - the probes, run as the kubelet runs them (exec commands with the pod's environment, HTTP
 //!   GETs on the named port); a pod joins its Services' endpoints once ready;
 //! - termination as the kubelet does it: leave the endpoints, run the preStop hook, SIGTERM,
-//!   SIGKILL after `terminationGracePeriodSeconds`.
+//!   SIGKILL after `terminationGracePeriodSeconds`;
+//! - Helm's hooks: `install` runs the `pre-install` hook Jobs one at a time, in weight order,
+//!   each to completion (a failed pod replaced until `backoffLimit`), before any Deployment.
 //!
 //! What it cannot show: the processes run as this user, so read-only mounts and the read-only
 //! root filesystem are checked afterwards (nothing changed under them) rather than enforced
