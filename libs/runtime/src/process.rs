@@ -6,7 +6,8 @@
 //! dependencies are probed in the background and the health status follows them.
 //!
 //! `<binary> --print-config` prints the effective config (credentials redacted) and exits;
-//! `<binary> --probe` exits non-zero unless the running service reports SERVING.
+//! `<binary> --probe` exits non-zero unless the running service reports SERVING;
+//! `<binary> --migrate` (services that own a schema) applies the migrations and exits.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -57,6 +58,16 @@ pub struct ProcessConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub dependency_probe_seconds: u64,
+    /// Whether a service that owns a database schema (auth, audit, inference) applies its
+    /// migrations at start. On by default (`medai up`, the tests); the Helm chart turns it off
+    /// and runs them once in a pre-install/pre-upgrade Job (`<binary> --migrate`), so replicas
+    /// connect with a role that cannot change the schema and refuse to start while a migration
+    /// is missing. Services without a database ignore it.
+    #[serde(
+        default = "default_run_migrations",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub run_migrations: bool,
 }
 
 /// What a service writes to its `address_file`.
@@ -80,6 +91,10 @@ fn default_drain_seconds() -> u64 {
 
 fn default_dependency_probe_seconds() -> u64 {
     2
+}
+
+fn default_run_migrations() -> bool {
+    true
 }
 
 /// Implemented by each service's config.
@@ -258,6 +273,57 @@ where
     }
     telemetry.shutdown().await;
     exit
+}
+
+/// What `<binary> --migrate` reads from the service's settings: the URL to migrate with (the
+/// schema owner's `migration_database_url` when the service's own role is narrower, else
+/// `database_url`). Every other setting is ignored, so a migration Job needs no certificates,
+/// keys or listeners.
+#[derive(Deserialize)]
+struct MigrationTarget {
+    database_url: String,
+    #[serde(default)]
+    migration_database_url: Option<String>,
+}
+
+/// Whether the binary was started as `<binary> --migrate`.
+pub fn migrate_requested() -> bool {
+    std::env::args().any(|argument| argument == "--migrate")
+}
+
+/// `<binary> --migrate`: applies the service's migrations with `migrate(database URL)` and
+/// exits 0 when the schema is up to date (the chart's pre-install/pre-upgrade Job).
+pub async fn run_migrations<F, Fut, E>(
+    service: &'static str,
+    env_prefix: &str,
+    migrate: F,
+) -> ExitCode
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let target: MigrationTarget = match load_from_process(env_prefix) {
+        Ok(target) => target,
+        Err(error) => {
+            eprintln!(
+                "medai-{service}: {error} (--migrate reads {env_prefix}DATABASE_URL, or {env_prefix}MIGRATION_DATABASE_URL when set)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init_json_logging("info");
+    let url = target.migration_database_url.unwrap_or(target.database_url);
+    match migrate(url).await {
+        Ok(()) => {
+            tracing::info!(service, "schema migrated");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(service, error = %error, "migrations failed");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `--probe`: asks the running service, over mTLS with its own certificate, whether it is

@@ -3,7 +3,12 @@
 
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DbErr,
+    Statement,
 };
+
+/// The stable code that opens the error of a service started with migrations off against a
+/// schema that lacks some of them (see [`prepare_schema`]).
+pub const SCHEMA_NOT_MIGRATED: &str = "schema_not_migrated";
 
 /// Opens `database_url` (`postgres://…`, or `sqlite://…?mode=rwc` for the embedded default).
 /// SQLite runs in WAL mode with full sync, so an acknowledged write survives a crash.
@@ -42,6 +47,76 @@ pub async fn migrate<M: sea_orm_migration::MigratorTrait>(
             Err(error) => return Err(error),
         }
     }
+}
+
+/// Readies a service's schema at start. With `run_migrations` (the default outside the chart:
+/// `medai up`, the tests) the migrations run here, as [`migrate`]. Without (the chart, where a
+/// pre-install/pre-upgrade Job ran them with the schema owner's role and the service connects
+/// with a narrower one) nothing is created or changed: every migration must already be recorded,
+/// otherwise the service refuses to start with a [`SCHEMA_NOT_MIGRATED`] error naming what is
+/// missing.
+pub async fn prepare_schema<M: sea_orm_migration::MigratorTrait>(
+    connection: &DatabaseConnection,
+    run_migrations: bool,
+) -> Result<(), DbErr> {
+    if run_migrations {
+        return migrate::<M>(connection).await;
+    }
+    let pending = pending_migrations::<M>(connection).await?;
+    match pending.first() {
+        None => Ok(()),
+        Some(first) => Err(DbErr::Migration(format!(
+            "{SCHEMA_NOT_MIGRATED}: {} of {} migrations are not applied (first: {first}); \
+             migrations are off for this service, so run its migration Job (`<binary> --migrate` \
+             with the schema owner's database URL) first",
+            pending.len(),
+            M::migrations().len(),
+        ))),
+    }
+}
+
+/// The names of `M`'s migrations not recorded in its migration table, read without creating
+/// anything (sea-orm-migration's own status query would create the table).
+pub async fn pending_migrations<M: sea_orm_migration::MigratorTrait>(
+    connection: &DatabaseConnection,
+) -> Result<Vec<String>, DbErr> {
+    let backend = connection.get_database_backend();
+    let table = M::migration_table_name().to_string();
+    let exists_query = match backend {
+        DatabaseBackend::Postgres => Statement::from_sql_and_values(
+            backend,
+            "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = current_schema() AND tablename = $1",
+            [table.clone().into()],
+        ),
+        DatabaseBackend::Sqlite => Statement::from_sql_and_values(
+            backend,
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            [table.clone().into()],
+        ),
+        other => {
+            return Err(DbErr::Custom(format!(
+                "unsupported database backend {other:?}"
+            )));
+        }
+    };
+    let applied: Vec<String> = if connection.query_one_raw(exists_query).await?.is_some() {
+        connection
+            .query_all_raw(Statement::from_string(
+                backend,
+                format!("SELECT version FROM \"{table}\""),
+            ))
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String>("", "version"))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    Ok(M::migrations()
+        .iter()
+        .map(|migration| migration.name().to_owned())
+        .filter(|name| !applied.contains(name))
+        .collect())
 }
 
 /// Whether `error` is PostgreSQL refusing DDL because another session did the same at once.

@@ -223,6 +223,7 @@ pub fn test_process_config() -> ProcessConfig {
         otlp_endpoint: None,
         drain_seconds: 0,
         dependency_probe_seconds: 1,
+        run_migrations: true,
     }
 }
 

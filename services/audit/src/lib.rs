@@ -135,8 +135,10 @@ pub async fn serve(
     let tls = TlsMaterial::load(&config.tls)?;
     let signer = Arc::new(load_checkpoint_signer(&config)?);
     let connection = match &config.migration_database_url {
-        Some(owner_url) => store::migrate_then_connect(owner_url, &config.database_url).await?,
-        None => store::connect_and_migrate(&config.database_url).await?,
+        Some(owner_url) if config.process.run_migrations => {
+            store::migrate_then_connect(owner_url, &config.database_url).await?
+        }
+        _ => store::connect(&config.database_url, config.process.run_migrations).await?,
     };
     let (checkpoint_log, newest_logged) = open_checkpoint_log(&config, signer.public_key())?;
     // Appends are refused from the start if the stored chain lost what was signed, including

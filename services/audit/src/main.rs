@@ -4,5 +4,13 @@ use medai_audit::config::ENV_PREFIX;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if medai_runtime::process::migrate_requested() {
+        return medai_runtime::process::run_migrations(
+            "audit",
+            ENV_PREFIX,
+            medai_audit::store::migrate,
+        )
+        .await;
+    }
     medai_runtime::process::run_service("audit", ENV_PREFIX, medai_audit::serve).await
 }

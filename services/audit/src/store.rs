@@ -64,6 +64,23 @@ pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnectio
     Ok(connection)
 }
 
+/// Connects; migrates first when `run_migrations`, else refuses a schema that lacks a
+/// migration (see `medai_storage::prepare_schema`).
+pub async fn connect(
+    database_url: &str,
+    run_migrations: bool,
+) -> Result<DatabaseConnection, StoreError> {
+    let connection = medai_storage::connect(database_url).await?;
+    medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
+    Ok(connection)
+}
+
+/// `medai-audit --migrate`: brings the schema up to date as the schema owner (the migration
+/// Job's role) and closes the connection.
+pub async fn migrate(owner_url: String) -> Result<(), StoreError> {
+    Ok(connect_and_migrate(&owner_url).await?.close().await?)
+}
+
 /// Migrates as the schema owner, then connects as the service's own, narrower role.
 pub async fn migrate_then_connect(
     owner_url: &str,
@@ -84,6 +101,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateLedger),
             Box::new(AddCheckpointsAndGrants),
             Box::new(NameTheTableInRefusals),
+            Box::new(LetTheWriterReadSchemaVersions),
         ]
     }
 
@@ -316,6 +334,40 @@ impl MigrationTrait for NameTheTableInRefusals {
             manager
                 .get_connection()
                 .execute_unprepared(POSTGRES_REFUSAL_NAMES_TABLE)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+struct LetTheWriterReadSchemaVersions;
+
+impl MigrationName for LetTheWriterReadSchemaVersions {
+    fn name(&self) -> &str {
+        "m0004_let_the_writer_read_schema_versions"
+    }
+}
+
+/// A replica started with migrations off (the chart: its migration Job ran them as the schema
+/// owner) checks that every migration is recorded before it serves, as the narrow
+/// `medai_ledger_writer` role; that role may read the record of versions, never change it.
+const POSTGRES_WRITER_READS_VERSIONS: &str = r"
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medai_ledger_writer') THEN
+    GRANT SELECT ON audit_schema_migrations TO medai_ledger_writer;
+  END IF;
+END
+$$;
+";
+
+#[async_trait::async_trait]
+impl MigrationTrait for LetTheWriterReadSchemaVersions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        if manager.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            manager
+                .get_connection()
+                .execute_unprepared(POSTGRES_WRITER_READS_VERSIONS)
                 .await?;
         }
         Ok(())

@@ -90,7 +90,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let tls = TlsMaterial::load(&config.tls)?;
-    let connection = store::connect_and_migrate(&config.database_url).await?;
+    let connection = store::connect(&config.database_url, config.process.run_migrations).await?;
     if let Some(admin) = &config.bootstrap_admin {
         authority::ensure_bootstrap_admin(&connection, admin).await?;
     }

@@ -5,6 +5,14 @@ use medai_runtime::health::Dependency;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if medai_runtime::process::migrate_requested() {
+        return medai_runtime::process::run_migrations(
+            "auth",
+            ENV_PREFIX,
+            medai_auth::store::migrate,
+        )
+        .await;
+    }
     // Logins, refreshes and revocations are recorded before they take effect: no ledger, no auth.
     // Boxed: auth's serve future is large (its stores and authority are built inside it).
     Box::pin(medai_runtime::process::run_service_with_dependencies(

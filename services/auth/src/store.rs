@@ -151,9 +151,23 @@ pub mod subject_token_floor {
 }
 
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, DbErr> {
+    connect(database_url, true).await
+}
+
+/// Connects; migrates first when `run_migrations`, else refuses a schema that lacks a
+/// migration (see `medai_storage::prepare_schema`).
+pub async fn connect(
+    database_url: &str,
+    run_migrations: bool,
+) -> Result<DatabaseConnection, DbErr> {
     let connection = medai_storage::connect(database_url).await?;
-    medai_storage::migrate::<Migrator>(&connection).await?;
+    medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
     Ok(connection)
+}
+
+/// `medai-auth --migrate`: brings the schema up to date and closes the connection.
+pub async fn migrate(database_url: String) -> Result<(), DbErr> {
+    connect_and_migrate(&database_url).await?.close().await
 }
 
 pub struct Migrator;

@@ -120,7 +120,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
-    let results = results::ResultsStore::connect(&config.database_url).await?;
+    let results =
+        results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
+            .await?;
     let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     // Sessions are started inside the runtime: each served version spawns its batch workers.
     let repository = {

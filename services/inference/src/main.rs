@@ -7,6 +7,14 @@ use medai_runtime::health::Dependency;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if medai_runtime::process::migrate_requested() {
+        return medai_runtime::process::run_migrations(
+            "inference",
+            ENV_PREFIX,
+            medai_inference::results::ResultsStore::migrate,
+        )
+        .await;
+    }
     // Lifecycle changes are recorded before they take effect, and a service with no active
     // model has nothing to serve.
     medai_runtime::process::run_service_with_dependencies(

@@ -183,9 +183,20 @@ pub struct ResultsStore {
 
 impl ResultsStore {
     pub async fn connect(database_url: &str) -> Result<Self, DbErr> {
+        Self::connect_with(database_url, true).await
+    }
+
+    /// Connects; migrates first when `run_migrations`, else refuses a schema that lacks a
+    /// migration (see `medai_storage::prepare_schema`).
+    pub async fn connect_with(database_url: &str, run_migrations: bool) -> Result<Self, DbErr> {
         let connection = medai_storage::connect(database_url).await?;
-        medai_storage::migrate::<Migrator>(&connection).await?;
+        medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
         Ok(Self { connection })
+    }
+
+    /// `medai-inference --migrate`: brings the schema up to date and closes the connection.
+    pub async fn migrate(database_url: String) -> Result<(), DbErr> {
+        Self::connect(&database_url).await?.connection.close().await
     }
 
     /// Stores a new result (its content hash is computed here). A result whose idempotency key
