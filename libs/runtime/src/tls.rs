@@ -102,6 +102,20 @@ impl TlsMaterial {
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
     }
+
+    /// [`Self::channel`] with a CLIENT span around every call (see [`crate::rpc_trace`]): what
+    /// services use for their calls to other services.
+    pub fn mesh_channel(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+    ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
+        let channel = self.channel(endpoint, expected_server)?;
+        Ok(tower::Layer::layer(
+            &crate::rpc_trace::RpcClientTraceLayer::new(endpoint),
+            channel,
+        ))
+    }
 }
 
 /// The DNS name every certificate of a mesh service carries, so a client can insist that the

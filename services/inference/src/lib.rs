@@ -121,7 +121,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
     let results = results::ResultsStore::connect(&config.database_url).await?;
-    let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
+    let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     // Sessions are started inside the runtime: each served version spawns its batch workers.
     let repository = {
         let config = config.clone();
