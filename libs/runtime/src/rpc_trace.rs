@@ -93,7 +93,7 @@ fn record_outcome(span: &tracing::Span, code: Code, reason: Option<String>) {
 }
 
 /// The span's outcome, recorded once: from the response headers, the trailers, or, if the
-/// body is dropped before either said, as CANCELLED (the peer went away).
+/// call or its body is dropped before either said, as CANCELLED (the peer went away).
 struct Outcome {
     span: tracing::Span,
     recorded: bool,
@@ -164,12 +164,8 @@ impl<B: Body> Body for TracedBody<B> {
 /// Wraps a response's body in [`TracedBody`], recording at once a status its headers carry.
 fn traced_response<B>(
     response: http::Response<B>,
-    span: tracing::Span,
+    mut outcome: Outcome,
 ) -> http::Response<TracedBody<B>> {
-    let mut outcome = Outcome {
-        span,
-        recorded: false,
-    };
     if let Some((code, reason)) = outcome_in(response.headers()) {
         outcome.record(code, reason);
     }
@@ -306,11 +302,16 @@ where
         );
         crate::telemetry::adopt_remote_parent(&span, request.headers());
         let response = self.inner.call(request).instrument(span.clone());
+        // Dropped before an answer (the caller went away): CANCELLED.
+        let mut outcome = Outcome {
+            span,
+            recorded: false,
+        };
         async move {
             match response.await {
-                Ok(response) => Ok(traced_response(response, span)),
+                Ok(response) => Ok(traced_response(response, outcome)),
                 Err(error) => {
-                    record_outcome(&span, Code::Unavailable, None);
+                    outcome.record(Code::Unavailable, None);
                     Err(error)
                 }
             }
@@ -401,12 +402,17 @@ where
         let span = client_span(request.uri().path(), self.server.as_ref());
         crate::telemetry::inject_span_context(&span, request.headers_mut());
         let response = self.inner.call(request).instrument(span.clone());
+        // Dropped before an answer (the caller gave up): CANCELLED.
+        let mut outcome = Outcome {
+            span,
+            recorded: false,
+        };
         async move {
             match response.await {
-                Ok(response) => Ok(traced_response(response, span)),
+                Ok(response) => Ok(traced_response(response, outcome)),
                 Err(error) => {
                     // The channel could not deliver the call: what tonic answers as UNAVAILABLE.
-                    record_outcome(&span, Code::Unavailable, None);
+                    outcome.record(Code::Unavailable, None);
                     Err(error)
                 }
             }

@@ -251,3 +251,26 @@ async fn an_outgoing_call_is_a_client_span_under_its_caller_whose_context_the_ca
         "the callee's server span hangs under the client span"
     );
 }
+
+#[tokio::test]
+async fn a_call_abandoned_before_its_answer_is_cancelled() {
+    let (exported, _guard) = traced();
+    let never = tower::service_fn(|_request: http::Request<()>| {
+        futures::future::pending::<Result<http::Response<tonic::body::Body>, Infallible>>()
+    });
+    let mut service = RpcServerTraceLayer::new(BTreeSet::from([VALIDATE.to_owned()])).layer(never);
+    let request = http::Request::builder()
+        .uri(VALIDATE)
+        .body(())
+        .expect("request");
+    let call = service.call(request);
+    assert!(futures::FutureExt::now_or_never(call).is_none());
+
+    let spans = exported.named("medai.validation.v1.ValidationService/ValidateImage");
+    assert_eq!(spans.len(), 1, "{:?}", exported.0.lock().expect("spans"));
+    assert_eq!(spans[0].status, Status::error("CANCELLED"));
+    assert_eq!(
+        attribute(&spans[0], "rpc.grpc.status_code").as_deref(),
+        Some("1")
+    );
+}
