@@ -1,6 +1,9 @@
 //! One prediction is one trace: the W3C trace context a PACS integration sends crosses every
 //! gRPC hop between the services (separate processes over mTLS), and each service exports its
-//! spans over OTLP to a real collector.
+//! spans over OTLP to a real collector. The spans follow the OpenTelemetry semantic conventions
+//! for RPC (names, kinds, `rpc.*` and `server.*` attributes, status with the stable reason
+//! code), the work that matters has child spans, and log lines name the trace and span they
+//! were written in.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -19,12 +22,119 @@ const HOPS: [&str; 4] = [
     "medai-inference",
     "medai-audit",
 ];
+const INFER: &str = "medai.gateway.v1.GatewayService/Infer";
+const VALIDATE: &str = "medai.validation.v1.ValidationService/ValidateImage";
+const PREDICT: &str = "medai.inference.v1.InferenceService/Predict";
+const APPEND: &str = "medai.audit.v1.AuditService/Append";
 
-fn in_trace(spans: &[CollectedSpan]) -> Vec<&CollectedSpan> {
+fn in_trace<'a>(spans: &'a [CollectedSpan], trace_id: &str) -> Vec<&'a CollectedSpan> {
     spans
         .iter()
-        .filter(|span| span.trace_id == TRACE_ID)
+        .filter(|span| span.trace_id == trace_id)
         .collect()
+}
+
+fn has(span: &CollectedSpan, attribute: &str) -> bool {
+    span.attributes.iter().any(|a| a == attribute)
+}
+
+/// The one span of `service` named `name` of `kind` in `spans`.
+fn the<'a>(
+    spans: &[&'a CollectedSpan],
+    service: &str,
+    kind: &str,
+    name: &str,
+) -> &'a CollectedSpan {
+    let found: Vec<&CollectedSpan> = spans
+        .iter()
+        .copied()
+        .filter(|span| span.service == service && span.kind == kind && span.name == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {kind} span {name} of {service}; the trace holds: {:#?}",
+        spans
+            .iter()
+            .map(|span| format!("{} {} {}", span.service, span.kind, span.name))
+            .collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// The spans of `service` whose parent is `parent`.
+fn children_of<'a>(
+    spans: &[&'a CollectedSpan],
+    parent: &CollectedSpan,
+    name: &str,
+) -> Vec<&'a CollectedSpan> {
+    spans
+        .iter()
+        .copied()
+        .filter(|span| {
+            span.parent_span_id == parent.span_id
+                && span.service == parent.service
+                && span.name == name
+        })
+        .collect()
+}
+
+/// The RPC attributes both ends of a call carry, the server's address being `port`'s.
+fn assert_rpc_attributes(span: &CollectedSpan, service: &str, method: &str, port: u16) {
+    for attribute in [
+        "rpc.system=grpc".to_owned(),
+        format!("rpc.service={service}"),
+        format!("rpc.method={method}"),
+        format!("server.port={port}"),
+    ] {
+        assert!(has(span, &attribute), "{attribute} on {span:#?}");
+    }
+    assert!(
+        span.attributes
+            .iter()
+            .any(|a| a.starts_with("server.address=") && a.len() > "server.address=".len()),
+        "server.address on {span:#?}"
+    );
+}
+
+/// The JSON log lines `service` wrote inside the trace.
+fn log_lines_in_trace(
+    mesh: &MeshUnderTest,
+    service: &str,
+    trace_id: &str,
+) -> Vec<serde_json::Value> {
+    let path = mesh.mesh.log_file(service).expect("log file");
+    std::fs::read_to_string(path)
+        .expect("log")
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["trace_id"] == trace_id)
+        .collect()
+}
+
+fn infer_request(
+    image: Vec<u8>,
+    format: ImageFormat,
+    token: &str,
+    trace_id: &str,
+) -> tonic::Request<InferRequest> {
+    let mut request = authorised(
+        InferRequest {
+            image,
+            format: format.into(),
+            model_name: String::new(),
+            model_version: String::new(),
+            idempotency_key: String::new(),
+        },
+        token,
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{CALLER_SPAN}-01")
+            .parse()
+            .expect("metadata"),
+    );
+    request
 }
 
 #[tokio::test]
@@ -32,85 +142,249 @@ async fn one_prediction_is_one_trace_across_every_hop() {
     let collector = OtlpCollector::start().await;
     let mesh =
         MeshUnderTest::start_with(Storage::Sqlite, traced_environment(&collector.endpoint)).await;
+    let port = |service: &str| mesh.mesh.address(service).expect("address").port();
     let token = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
-    let mut request = authorised(
-        InferRequest {
-            image: Assets::locate().dicom("MR_small.dcm"),
-            format: ImageFormat::Dicom.into(),
-            model_name: String::new(),
-            model_version: String::new(),
-            idempotency_key: String::new(),
-        },
-        &token,
-    );
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{TRACE_ID}-{CALLER_SPAN}-01")
-            .parse()
-            .expect("metadata"),
-    );
-    gateway.infer(request).await.expect("prediction");
+    gateway
+        .infer(infer_request(
+            Assets::locate().dicom("MR_small.dcm"),
+            ImageFormat::Dicom,
+            &token,
+            TRACE_ID,
+        ))
+        .await
+        .expect("prediction");
 
+    // Every span of the prediction, the ledger's group commit included, has been exported.
+    let expected = [
+        ("medai-gateway", INFER),
+        ("medai-gateway", "gateway.ledger_append_wait"),
+        ("medai-validation", "validation.decode"),
+        ("medai-validation", "validation.quality"),
+        ("medai-inference", "inference.queue_wait"),
+        ("medai-inference", "inference.onnxruntime_run"),
+        ("medai-audit", "audit.group_commit"),
+    ];
     let spans = collector
-        .wait_until(Duration::from_secs(20), |spans| {
-            let services: BTreeSet<&str> = in_trace(spans)
+        .wait_until(Duration::from_secs(30), |spans| {
+            let traced = in_trace(spans, TRACE_ID);
+            let named = |service: &str, name: &str| {
+                traced
+                    .iter()
+                    .any(|span| span.service == service && span.name == name)
+            };
+            // Each process exports in its own batches: wait for every append's commit too.
+            let appends_committed = traced
                 .iter()
-                .map(|span| span.service.as_str())
-                .collect();
-            HOPS.iter().all(|hop| services.contains(hop))
+                .filter(|span| span.service == "medai-audit" && span.kind == "SERVER")
+                .all(|append| {
+                    traced.iter().any(|span| {
+                        span.name == "audit.group_commit" && span.parent_span_id == append.span_id
+                    })
+                });
+            let gateway_append_served = traced
+                .iter()
+                .filter(|span| span.service == "medai-gateway" && span.name == APPEND)
+                .any(|call| {
+                    traced.iter().any(|span| {
+                        span.service == "medai-audit" && span.parent_span_id == call.span_id
+                    })
+                });
+            expected.iter().all(|(service, name)| named(service, name))
+                && gateway_append_served
+                && appends_committed
         })
         .await;
-    let traced = in_trace(&spans);
-    let rpc_of = |service: &str| -> Vec<&CollectedSpan> {
-        traced
-            .iter()
-            .copied()
-            .filter(|span| span.service == service && span.name == "rpc")
-            .collect()
-    };
+    let traced = in_trace(&spans, TRACE_ID);
+    let services: BTreeSet<&str> = traced.iter().map(|span| span.service.as_str()).collect();
     for hop in HOPS {
-        assert!(
-            !rpc_of(hop).is_empty(),
-            "{hop} has a call in the caller's trace; services seen: {:?}",
-            traced
-                .iter()
-                .map(|span| &span.service)
-                .collect::<BTreeSet<_>>()
-        );
+        assert!(services.contains(hop), "{hop} in the trace: {services:?}");
     }
-    // The gateway's call is the PACS caller's child.
-    let gateway_calls = rpc_of("medai-gateway");
-    assert!(
-        gateway_calls
-            .iter()
-            .any(|span| span.parent_span_id == CALLER_SPAN
-                && span.attributes.iter().any(|a| a.ends_with("/Infer"))),
-        "{gateway_calls:?}"
+
+    // The gateway serves the PACS caller's call: a SERVER span, the caller's child.
+    let infer = the(&traced, "medai-gateway", "SERVER", INFER);
+    assert_eq!(infer.parent_span_id, CALLER_SPAN);
+    assert_eq!(infer.status_code, "OK");
+    assert!(has(infer, "rpc.grpc.status_code=0"), "{infer:#?}");
+    assert_rpc_attributes(
+        infer,
+        "medai.gateway.v1.GatewayService",
+        "Infer",
+        port("gateway"),
     );
-    // Every other service's call is the child of a span of the service that made it.
-    let span_ids_of = |services: &[&str]| -> BTreeSet<&str> {
-        traced
-            .iter()
-            .filter(|span| services.contains(&span.service.as_str()))
-            .map(|span| span.span_id.as_str())
-            .collect()
-    };
-    let gateway_spans = span_ids_of(&["medai-gateway"]);
-    for callee in ["medai-validation", "medai-inference"] {
-        for call in rpc_of(callee) {
-            assert!(
-                gateway_spans.contains(call.parent_span_id.as_str()),
-                "{callee}'s call hangs under a gateway span: {call:?}"
-            );
-        }
-    }
-    let callers = span_ids_of(&["medai-gateway", "medai-inference", "medai-auth"]);
-    for call in rpc_of("medai-audit") {
+
+    // Each hop is a CLIENT span in the caller and a SERVER span in the callee, its child.
+    let gateway_span_ids: BTreeSet<&str> = traced
+        .iter()
+        .filter(|span| span.service == "medai-gateway")
+        .map(|span| span.span_id.as_str())
+        .collect();
+    let mut server_spans = Vec::new();
+    for (callee, name, service, method) in [
+        (
+            "validation",
+            VALIDATE,
+            "medai.validation.v1.ValidationService",
+            "ValidateImage",
+        ),
+        (
+            "inference",
+            PREDICT,
+            "medai.inference.v1.InferenceService",
+            "Predict",
+        ),
+    ] {
+        let client = the(&traced, "medai-gateway", "CLIENT", name);
+        let server = the(&traced, &format!("medai-{callee}"), "SERVER", name);
         assert!(
-            callers.contains(call.parent_span_id.as_str()),
-            "each ledger append hangs under its caller's span: {call:?}"
+            gateway_span_ids.contains(client.parent_span_id.as_str()),
+            "the gateway's call to {callee} hangs under a gateway span: {client:#?}"
+        );
+        assert_eq!(server.parent_span_id, client.span_id, "{server:#?}");
+        for span in [client, server] {
+            assert_rpc_attributes(span, service, method, port(callee));
+            assert_eq!(span.status_code, "OK", "{span:#?}");
+            assert!(has(span, "rpc.grpc.status_code=0"), "{span:#?}");
+        }
+        server_spans.push(server);
+    }
+    // The gateway's wait for the ledger is a span of its own, and the append call under it.
+    let append_wait = the(
+        &traced,
+        "medai-gateway",
+        "INTERNAL",
+        "gateway.ledger_append_wait",
+    );
+    assert!(gateway_span_ids.contains(append_wait.parent_span_id.as_str()));
+    let gateway_appends = children_of(&traced, append_wait, APPEND);
+    assert_eq!(gateway_appends.len(), 1, "{append_wait:#?}");
+    assert_eq!(gateway_appends[0].kind, "CLIENT");
+    let audit_append = traced
+        .iter()
+        .find(|span| {
+            span.service == "medai-audit" && span.parent_span_id == gateway_appends[0].span_id
+        })
+        .unwrap_or_else(|| panic!("audit's SERVER span under the gateway's append"));
+    assert_eq!(audit_append.kind, "SERVER");
+    assert_eq!(audit_append.name, APPEND);
+    assert_rpc_attributes(
+        audit_append,
+        "medai.audit.v1.AuditService",
+        "Append",
+        port("audit"),
+    );
+    // Every other ledger append of the prediction (inference records its own) follows the same
+    // pattern: a SERVER span in audit under a CLIENT span of its caller.
+    for append in traced
+        .iter()
+        .filter(|span| span.service == "medai-audit" && span.kind == "SERVER")
+    {
+        let caller = traced
+            .iter()
+            .find(|span| span.span_id == append.parent_span_id)
+            .unwrap_or_else(|| panic!("the caller of {append:#?} is in the trace"));
+        assert_eq!(caller.kind, "CLIENT", "{caller:#?}");
+        assert_eq!(caller.name, append.name);
+    }
+
+    // The work that matters, as children of the call that did it.
+    let (validate, predict) = (server_spans[0], server_spans[1]);
+    for (parent, child) in [
+        (validate, "validation.decode"),
+        (validate, "validation.quality"),
+        (predict, "inference.queue_wait"),
+        (predict, "inference.onnxruntime_run"),
+        (audit_append, "audit.group_commit"),
+    ] {
+        assert_eq!(
+            children_of(&traced, parent, child).len(),
+            1,
+            "{child} under {}: {traced:#?}",
+            parent.name
         );
     }
+
+    // A log line of the call names the trace and the span the collector received.
+    let delivered: Vec<serde_json::Value> = log_lines_in_trace(&mesh, "gateway", TRACE_ID)
+        .into_iter()
+        .filter(|line| line["fields"]["message"] == "prediction delivered")
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        1,
+        "the gateway's delivery line names the trace"
+    );
+    let span_id = delivered[0]["span_id"].as_str().expect("span_id");
+    assert!(
+        gateway_span_ids.contains(span_id),
+        "{span_id} is a gateway span of the trace"
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_prediction_is_an_error_span_with_its_reason_code() {
+    const REFUSED_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let collector = OtlpCollector::start().await;
+    let mesh =
+        MeshUnderTest::start_with(Storage::Sqlite, traced_environment(&collector.endpoint)).await;
+    let token = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    let refused = gateway
+        .infer(infer_request(
+            b"not a PNG at all".to_vec(),
+            ImageFormat::Png,
+            &token,
+            REFUSED_TRACE,
+        ))
+        .await
+        .expect_err("refused");
+    let reason = medai_runtime::errors::reason_of(&refused).expect("a stable reason");
+    assert_eq!(reason, "IMAGE_UNDECODABLE");
+
+    let spans = collector
+        .wait_until(Duration::from_secs(30), |spans| {
+            let traced = in_trace(spans, REFUSED_TRACE);
+            [("medai-gateway", INFER), ("medai-validation", VALIDATE)]
+                .iter()
+                .all(|(service, name)| {
+                    traced.iter().any(|span| {
+                        span.service == *service && span.name == *name && span.kind == "SERVER"
+                    })
+                })
+        })
+        .await;
+    let traced = in_trace(&spans, REFUSED_TRACE);
+    // Both ends of the failing hop and the gateway's own call: ERROR, with the reason code as
+    // the description and the gRPC code as `rpc.grpc.status_code` (3, INVALID_ARGUMENT).
+    let infer = the(&traced, "medai-gateway", "SERVER", INFER);
+    let client = the(&traced, "medai-gateway", "CLIENT", VALIDATE);
+    let validate = the(&traced, "medai-validation", "SERVER", VALIDATE);
+    assert_eq!(validate.parent_span_id, client.span_id);
+    for span in [infer, client, validate] {
+        assert_eq!(span.status_code, "ERROR", "{span:#?}");
+        assert_eq!(span.status_message, reason, "{span:#?}");
+        assert!(has(span, "rpc.grpc.status_code=3"), "{span:#?}");
+    }
+    // No prediction was attempted.
+    assert!(
+        !traced
+            .iter()
+            .any(|span| span.name == PREDICT || span.name == "inference.onnxruntime_run"),
+        "{traced:#?}"
+    );
+    // Validation's refusal line is in the trace, in the span of its call.
+    let refusal_lines: Vec<serde_json::Value> =
+        log_lines_in_trace(&mesh, "validation", REFUSED_TRACE)
+            .into_iter()
+            .filter(|line| line["fields"]["message"] == "image refused")
+            .collect();
+    assert_eq!(
+        refusal_lines.len(),
+        1,
+        "validation's refusal line names the trace"
+    );
+    assert_eq!(refusal_lines[0]["span_id"], validate.span_id);
+    assert_eq!(refusal_lines[0]["fields"]["reason"], reason);
     mesh.stop().await;
 }

@@ -2,15 +2,15 @@
 
 use medai_proto::audit::v1::AppendRequest;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
-use tonic::transport::Channel;
+use medai_runtime::rpc_trace::MeshChannel;
 
 #[derive(Clone)]
 pub struct LedgerClient {
-    client: AuditServiceClient<Channel>,
+    client: AuditServiceClient<MeshChannel>,
 }
 
 impl LedgerClient {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: MeshChannel) -> Self {
         Self {
             client: AuditServiceClient::new(channel),
         }

@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt};
 use tower::{Layer, Service};
-use tracing::Instrument;
 
 use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 
@@ -87,9 +86,7 @@ where
         if let Ok(value) = http::HeaderValue::from_str(&correlation) {
             request.headers_mut().insert(CORRELATION_HEADER, value);
         }
-        let span = tracing::info_span!("rpc", method = %method, correlation_id = %correlation);
-        crate::telemetry::adopt_remote_parent(&span, request.headers());
-        let response = self.inner.call(request).instrument(span);
+        let response = self.inner.call(request);
         async move {
             let result = response.await;
             // Errors answered before any message are "trailers-only": the code is a header.

@@ -13,6 +13,7 @@ pub mod health;
 pub mod identity;
 pub mod peer_policy;
 pub mod process;
+pub mod rpc_trace;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

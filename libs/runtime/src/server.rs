@@ -1,6 +1,8 @@
 //! The gRPC server every service starts from: TLS with the mesh CA (accepted by
 //! [`incoming`], reloaded when the certificate files rotate), and the layers every call passes
 //! through, outermost first:
+//! - trace: a SERVER span per call, named and attributed by the OpenTelemetry RPC conventions,
+//!   child of the caller's trace context, with the call's correlation id (refusals included);
 //! - metrics: every call counted and timed, refusals included (paths the server does not hold
 //!   under one label value);
 //! - peer policy: a peer not named for the method is refused before any handler runs;
@@ -17,12 +19,16 @@ use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::health::{HealthLayer, Readiness};
 use crate::peer_policy::{PeerPolicy, PeerPolicyLayer};
+use crate::rpc_trace::RpcServerTraceLayer;
 use crate::tls::{ClientCertificates, MeshIncoming, RELOAD_INTERVAL, TlsMaterial};
 
 pub type MeshServer = Server<
     Stack<
         HealthLayer,
-        Stack<DeadlineLayer, Stack<PeerPolicyLayer, Stack<GrpcMetricsLayer, Identity>>>,
+        Stack<
+            DeadlineLayer,
+            Stack<PeerPolicyLayer, Stack<GrpcMetricsLayer, Stack<RpcServerTraceLayer, Identity>>>,
+        >,
     >,
 >;
 
@@ -37,6 +43,7 @@ pub fn mesh_server(
     let health = HealthLayer::new(Readiness::of_this_process(), policy.services());
     Ok(Server::builder()
         .tcp_nodelay(true)
+        .layer(RpcServerTraceLayer::new(policy.methods()))
         .layer(GrpcMetricsLayer::new(service, policy.methods()))
         .layer(PeerPolicyLayer::new(policy))
         .layer(DeadlineLayer)

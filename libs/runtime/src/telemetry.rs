@@ -1,14 +1,16 @@
-//! Structured JSON logs through `tracing`, one line per event, and, when a collector is
-//! configured, OpenTelemetry traces exported over OTLP/gRPC. W3C trace context (`traceparent`,
-//! `tracestate`) is taken from every incoming call (see [`crate::grpc_metrics`]) and put on
-//! every outgoing one ([`inject_trace_context`]), so one prediction is one trace across the
-//! gateway, validation, inference and audit. Fields, never interpolated strings, carry values;
-//! none of them may hold PHI, in logs or in span attributes.
+//! Structured JSON logs through `tracing`, one line per event, and OpenTelemetry spans,
+//! exported over OTLP/gRPC when a collector is configured. W3C trace context (`traceparent`,
+//! `tracestate`) is taken from every incoming call and put on every outgoing one (see
+//! [`crate::rpc_trace`]), so one prediction is one trace across the gateway, validation,
+//! inference and audit. Every log line written inside a span names that span's `trace_id` and
+//! `span_id`, so a log line leads to its trace and back; spans are kept (and ids made) even
+//! without a collector, for that and for propagation. Fields, never interpolated strings,
+//! carry values; none of them may hold PHI, in logs or in span attributes.
 
 use std::sync::Arc;
 
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -17,16 +19,25 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::fmt::format::{FmtSpan, Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the JSON log subscriber once for the process. `filter` uses `RUST_LOG` syntax.
-/// A second call (tests that start several services in one process) keeps the first.
+/// Installs the JSON log subscriber once for the process, with spans that are kept in the
+/// process only (their ids name log lines and travel to callees). `filter` uses `RUST_LOG`
+/// syntax. A second call (tests that start several services in one process) keeps the first.
 pub fn init_json_logging(filter: &str) {
+    install(filter, SdkTracerProvider::builder().build());
+}
+
+fn install(filter: &str, provider: SdkTracerProvider) {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let _already_installed = tracing_subscriber::registry()
         .with(env_filter(filter))
-        .with(json_logs())
+        .with(json_logs(std::io::stderr))
+        .with(span_layer(&provider))
         .try_init();
 }
 
@@ -34,16 +45,73 @@ fn env_filter(filter: &str) -> EnvFilter {
     EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-fn json_logs<S>() -> impl tracing_subscriber::Layer<S>
+/// `tracing` spans as OpenTelemetry spans. Their status is what [`crate::rpc_trace`] records
+/// (the stable reason code), not the text of the last error-level log line.
+pub(crate) fn span_layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S>
 where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("medai"))
+        .with_error_events_to_status(false)
+}
+
+fn json_logs<S, W>(writer: W) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    W: for<'writer> MakeWriter<'writer> + 'static,
 {
     tracing_subscriber::fmt::layer()
-        .json()
-        .with_current_span(true)
-        .with_span_list(false)
         .with_span_events(FmtSpan::NONE)
-        .with_writer(std::io::stderr)
+        .fmt_fields(JsonFields::new())
+        .event_format(WithTraceIds(
+            tracing_subscriber::fmt::format()
+                .json()
+                .with_current_span(true)
+                .with_span_list(false),
+        ))
+        .with_writer(writer)
+}
+
+/// The JSON line of an event, opened by `"trace_id"` and `"span_id"` (lowercase hex, as
+/// W3C and the collectors write them) of the span it is written in, if any.
+struct WithTraceIds(Format<Json>);
+
+impl<S, N> FormatEvent<S, N> for WithTraceIds
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    N: for<'writer> FormatFields<'writer> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut line = String::new();
+        self.0
+            .format_event(context, Writer::new(&mut line), event)?;
+        // The OpenTelemetry layer makes an entered span's context the thread's current one
+        // (the dispatcher cannot be asked from inside an event it is dispatching).
+        let ids = context
+            .event_scope()
+            .map(|_| {
+                opentelemetry::Context::current()
+                    .span()
+                    .span_context()
+                    .clone()
+            })
+            .filter(opentelemetry::trace::SpanContext::is_valid);
+        match (ids, line.strip_prefix('{')) {
+            (Some(ids), Some(rest)) => write!(
+                writer,
+                "{{\"trace_id\":\"{}\",\"span_id\":\"{}\",{rest}",
+                ids.trace_id(),
+                ids.span_id()
+            ),
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 /// The process's trace pipeline; [`Telemetry::shutdown`] sends the spans still queued.
@@ -84,13 +152,7 @@ pub fn init(
                 .build(),
         )
         .build();
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let tracer = provider.tracer("medai");
-    let _already_installed = tracing_subscriber::registry()
-        .with(env_filter(log_filter))
-        .with(json_logs())
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .try_init();
+    install(log_filter, provider.clone());
     Ok(Telemetry {
         provider: Some(provider),
     })
@@ -144,6 +206,14 @@ pub fn inject_trace_context(metadata: &mut MetadataMap) {
     });
 }
 
+/// Puts `span`'s W3C trace context on an outgoing request's headers.
+pub fn inject_span_context(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut HeaderInjector(headers));
+    });
+}
+
 /// Makes `span` a child of the trace context an incoming call carries, if any.
 pub fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
@@ -166,6 +236,19 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -180,7 +263,88 @@ impl Extractor for HeaderExtractor<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use opentelemetry_sdk::trace::SpanData;
+
     use super::*;
+
+    #[derive(Clone, Debug, Default)]
+    struct Exported(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Exported {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().expect("spans").extend(batch);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'writer> MakeWriter<'writer> for Lines {
+        type Writer = Self;
+        fn make_writer(&'writer self) -> Self {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn log_lines_inside_a_span_name_the_trace_and_span_the_collector_receives() {
+        let exported = Exported::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exported.clone())
+            .build();
+        let lines = Lines::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(json_logs(lines.clone()))
+            .with(span_layer(&provider));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside any span");
+            let call = tracing::info_span!("rpc", correlation_id = "pacs-7");
+            call.in_scope(|| {
+                tracing::info!(seq = 3, "inside the call");
+                tracing::info_span!("validation.decode")
+                    .in_scope(|| tracing::info!("inside a child span"));
+            });
+        });
+
+        let spans = exported.0.lock().expect("spans").clone();
+        let span_named = |name: &str| {
+            spans
+                .iter()
+                .find(|span| span.name == name)
+                .unwrap_or_else(|| panic!("{name} exported: {spans:?}"))
+                .span_context
+                .clone()
+        };
+        let (call, child) = (span_named("rpc"), span_named("validation.decode"));
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is one JSON object"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].get("trace_id").is_none(), "{}", lines[0]);
+        assert!(lines[0].get("span_id").is_none(), "{}", lines[0]);
+        assert_eq!(lines[1]["trace_id"], call.trace_id().to_string());
+        assert_eq!(lines[1]["span_id"], call.span_id().to_string());
+        // The rest of the line is as before: fields and the current span's fields.
+        assert_eq!(lines[1]["fields"]["seq"], 3);
+        assert_eq!(lines[1]["span"]["correlation_id"], "pacs-7");
+        assert_eq!(lines[2]["trace_id"], call.trace_id().to_string());
+        assert_eq!(lines[2]["span_id"], child.span_id().to_string());
+    }
 
     #[test]
     fn w3c_context_round_trips_through_grpc_metadata() {

@@ -563,6 +563,20 @@ impl tower::Service<http::Uri> for MeshConnector {
             Ok(TokioIo::new(connection))
         })
     }
+
+    /// [`Self::channel`] with a CLIENT span around every call (see [`crate::rpc_trace`]): what
+    /// services use for their calls to other services.
+    pub fn mesh_channel(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+    ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
+        let channel = self.channel(endpoint, expected_server)?;
+        Ok(tower::Layer::layer(
+            &crate::rpc_trace::RpcClientTraceLayer::new(endpoint),
+            channel,
+        ))
+    }
 }
 
 /// The DNS name every certificate of a mesh service carries, so a client can insist that the

@@ -12,6 +12,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tokio::net::TcpListener;
 
 /// One span as the collector received it, ids in lowercase hex.
@@ -24,6 +26,12 @@ pub struct CollectedSpan {
     pub span_id: String,
     /// Empty for a root span.
     pub parent_span_id: String,
+    /// `SERVER`, `CLIENT`, `INTERNAL`, … (OTLP's `SPAN_KIND_*` without the prefix).
+    pub kind: String,
+    /// `OK`, `ERROR` or `UNSET` (OTLP's `STATUS_CODE_*` without the prefix).
+    pub status_code: String,
+    /// The status description (empty unless the status is `ERROR`).
+    pub status_message: String,
     /// Every attribute, as `key=value` text.
     pub attributes: Vec<String>,
     /// Every event (a log line inside the span), as its name and `key=value` attributes.
@@ -44,6 +52,7 @@ struct Receiver {
 fn text(value: Option<&Value>) -> String {
     match value {
         Some(Value::StringValue(text)) => text.clone(),
+        Some(Value::IntValue(number)) => number.to_string(),
         Some(other) => format!("{other:?}"),
         None => String::new(),
     }
@@ -75,6 +84,23 @@ impl TraceService for Receiver {
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
+                    kind: SpanKind::try_from(span.kind)
+                        .map_or("UNKNOWN", |kind| kind.as_str_name())
+                        .trim_start_matches("SPAN_KIND_")
+                        .to_owned(),
+                    status_code: span
+                        .status
+                        .as_ref()
+                        .and_then(|status| StatusCode::try_from(status.code).ok())
+                        .unwrap_or(StatusCode::Unset)
+                        .as_str_name()
+                        .trim_start_matches("STATUS_CODE_")
+                        .to_owned(),
+                    status_message: span
+                        .status
+                        .as_ref()
+                        .map(|status| status.message.clone())
+                        .unwrap_or_default(),
                     attributes: key_values(&span.attributes),
                     events: span
                         .events

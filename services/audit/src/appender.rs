@@ -12,6 +12,7 @@ use sea_orm::{
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::anchor::{self, AnchorViolation, ChainAnchor, ChainHead, CheckError};
 use crate::store::ledger_entry;
@@ -53,9 +54,12 @@ pub enum AppendError {
     AnchorViolation(AnchorViolation),
 }
 
+/// An event, who waits for its receipt, and the span it was appended in (its group commit's
+/// span hangs under the first such span and follows from the others).
 type Pending = (
     NewEvent,
     oneshot::Sender<Result<AppendReceipt, AppendError>>,
+    tracing::Span,
 );
 
 #[derive(Clone)]
@@ -74,7 +78,7 @@ impl LedgerAppender {
     pub async fn append(&self, event: NewEvent) -> Result<AppendReceipt, AppendError> {
         let (reply, receipt) = oneshot::channel();
         self.queue
-            .send((event, reply))
+            .send((event, reply, tracing::Span::current()))
             .await
             .map_err(|_| AppendError::Stopped)?;
         receipt.await.map_err(|_| AppendError::Stopped)?
@@ -88,8 +92,15 @@ async fn run_writer(
 ) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let events: Vec<&NewEvent> = group.iter().map(|(event, _)| event).collect();
-        let outcome = commit_group(&connection, &anchor, &events).await;
+        let events: Vec<&NewEvent> = group.iter().map(|(event, _, _)| event).collect();
+        let commit =
+            tracing::info_span!(parent: &group[0].2, "audit.group_commit", entries = group.len());
+        for (_, _, caller) in &group[1..] {
+            commit.follows_from(caller);
+        }
+        let outcome = commit_group(&connection, &anchor, &events)
+            .instrument(commit)
+            .await;
         metrics::histogram!("medai_ledger_group_commit_size").record(group.len() as f64);
         match outcome {
             Ok(receipts) => {
@@ -101,7 +112,7 @@ async fn run_writer(
                         hash,
                     });
                 }
-                for ((_, reply), receipt) in group.drain(..).zip(receipts) {
+                for ((_, reply, _), receipt) in group.drain(..).zip(receipts) {
                     let _caller_gone = reply.send(Ok(receipt));
                 }
             }
@@ -109,7 +120,7 @@ async fn run_writer(
                 metrics::counter!(anchor::VIOLATION_COUNTER).increment(group.len() as u64);
                 tracing::error!(problem = %violation, entries = group.len(), "ledger append refused: the chain does not extend its anchor");
                 let error = AppendError::AnchorViolation(violation);
-                for (_, reply) in group.drain(..) {
+                for (_, reply, _) in group.drain(..) {
                     let _caller_gone = reply.send(Err(error.clone()));
                 }
             }
@@ -118,7 +129,7 @@ async fn run_writer(
                 metrics::counter!("medai_ledger_append_failures_total")
                     .increment(group.len() as u64);
                 let error = AppendError::Storage(error.to_string());
-                for (_, reply) in group.drain(..) {
+                for (_, reply, _) in group.drain(..) {
                     let _caller_gone = reply.send(Err(error.clone()));
                 }
             }

@@ -99,7 +99,7 @@ pub async fn serve(
         config.tokens.access_token_ttl_seconds,
     ));
     keys.ensure_a_key().await?;
-    let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
+    let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     let decoy_hash = tokio::task::spawn_blocking(passwords::decoy_hash)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;

@@ -8,8 +8,8 @@ use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::ServiceIdentity;
+use medai_runtime::rpc_trace::MeshChannel;
 use medai_runtime::tls::{TlsError, TlsMaterial};
-use tonic::transport::Channel;
 
 use crate::config::GatewayConfig;
 
@@ -18,17 +18,18 @@ pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
 
 #[derive(Clone)]
 pub struct Downstream {
-    pub auth: AuthServiceClient<Channel>,
-    pub validation: ValidationServiceClient<Channel>,
-    pub inference: InferenceServiceClient<Channel>,
-    pub audit: AuditServiceClient<Channel>,
+    pub auth: AuthServiceClient<MeshChannel>,
+    pub validation: ValidationServiceClient<MeshChannel>,
+    pub inference: InferenceServiceClient<MeshChannel>,
+    pub audit: AuditServiceClient<MeshChannel>,
     pub timeout: Duration,
 }
 
 impl Downstream {
     pub fn connect(config: &GatewayConfig, tls: &TlsMaterial) -> Result<Self, TlsError> {
-        let channel =
-            |endpoint: &str, service: &str| tls.channel(endpoint, &ServiceIdentity::new(service));
+        let channel = |endpoint: &str, service: &str| {
+            tls.mesh_channel(endpoint, &ServiceIdentity::new(service))
+        };
         Ok(Self {
             auth: AuthServiceClient::new(channel(&config.auth_endpoint, "auth")?),
             validation: ValidationServiceClient::new(channel(

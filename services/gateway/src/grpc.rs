@@ -55,8 +55,9 @@ impl GatewayApi {
     }
 }
 
-type AuthClient =
-    medai_proto::auth::v1::auth_service_client::AuthServiceClient<tonic::transport::Channel>;
+type AuthClient = medai_proto::auth::v1::auth_service_client::AuthServiceClient<
+    medai_runtime::rpc_trace::MeshChannel,
+>;
 
 impl GatewayApi {
     /// One call to auth with the correlation id and the gateway's deadline; refusals that speak

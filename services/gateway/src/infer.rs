@@ -13,6 +13,7 @@ use medai_proto::inference::v1::{
 use medai_proto::validation::v1::ValidateImageRequest;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::downstream::Downstream;
 use crate::error::{GatewayError, relay_downstream};
@@ -613,6 +614,7 @@ async fn record_delivery(
         .audit
         .clone()
         .append(downstream.request(append, correlation_id, time_left.map(|left| left.max(Duration::from_secs(1)))))
+        .instrument(tracing::info_span!("gateway.ledger_append_wait"))
         .await
         .map_err(|status| {
             tracing::error!(code = ?status.code(), result_id = %result_id, "prediction not recorded; withholding it");
@@ -668,6 +670,7 @@ async fn record_refusal(
         .audit
         .clone()
         .append(downstream.request(append, correlation_id, None))
+        .instrument(tracing::info_span!("gateway.ledger_append_wait"))
         .await
     {
         tracing::error!(code = ?error.code(), "refused inference could not be recorded");

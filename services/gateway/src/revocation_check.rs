@@ -6,11 +6,11 @@ use std::sync::Arc;
 use medai_proto::auth::v1::CheckRevocationRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_revocation::{RevocationStore, TokenFacts};
-use tonic::transport::Channel;
+use medai_runtime::rpc_trace::MeshChannel;
 
 pub enum RevocationSource {
     Shared(Arc<RevocationStore>),
-    ThroughAuth(AuthServiceClient<Channel>),
+    ThroughAuth(AuthServiceClient<MeshChannel>),
 }
 
 /// The check could not be made; the token is not trusted.

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use medai_proto::auth::v1::GetSigningKeysRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
+use medai_runtime::rpc_trace::MeshChannel;
 use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
 use tokio::sync::{Mutex, RwLock};
-use tonic::transport::Channel;
 
 /// At most one fetch per interval when tokens name unknown keys.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -24,7 +24,7 @@ pub async fn refresh_periodically(keys: Arc<SigningKeyCache>, period: Duration) 
 }
 
 pub struct SigningKeyCache {
-    auth: AuthServiceClient<Channel>,
+    auth: AuthServiceClient<MeshChannel>,
     issuer: String,
     audience: String,
     verifier: RwLock<Arc<TokenVerifier>>,
@@ -40,7 +40,7 @@ pub enum VerifyError {
 }
 
 impl SigningKeyCache {
-    pub fn new(auth: AuthServiceClient<Channel>, issuer: String, audience: String) -> Self {
+    pub fn new(auth: AuthServiceClient<MeshChannel>, issuer: String, audience: String) -> Self {
         let verifier = Arc::new(TokenVerifier::new(&issuer, &audience, &[]));
         Self {
             auth,

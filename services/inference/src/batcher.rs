@@ -36,6 +36,10 @@ struct Job {
     deadline: Option<Instant>,
     enqueued: Instant,
     reply: oneshot::Sender<Result<RowsOutput, InferenceError>>,
+    /// The span of the call that queued it: its batch's run is traced under it.
+    caller: tracing::Span,
+    /// Open while the job waits in the queue; closed when a worker takes it.
+    queue_wait: tracing::Span,
 }
 
 /// Counters behind KServe's ModelStatistics (durations in nanoseconds).
@@ -261,11 +265,14 @@ impl ServedVersion {
             });
         }
         let (reply, answer) = oneshot::channel();
+        let caller = tracing::Span::current();
         let job = Job {
             rows,
             deadline,
             enqueued,
             reply,
+            queue_wait: tracing::info_span!(parent: &caller, "inference.queue_wait"),
+            caller,
         };
         // Counted before it is sent: a worker may take it before `try_send` returns.
         let depth = self.depth.add();
@@ -383,7 +390,20 @@ impl Worker {
         let mut row_counts = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         let mut inputs = Vec::with_capacity(batch.len());
-        for job in batch {
+        // One ONNX Runtime run serves the whole batch: its span hangs under the first caller's
+        // call and follows from the others'.
+        let run_span = tracing::info_span!(
+            parent: batch.first().map(|job| &job.caller).and_then(tracing::Span::id),
+            "inference.onnxruntime_run",
+            model = %self.manifest.name,
+            version = %self.manifest.version,
+            batch_requests = batch.len(),
+        );
+        for (position, job) in batch.into_iter().enumerate() {
+            drop(job.queue_wait);
+            if position > 0 {
+                run_span.follows_from(&job.caller);
+            }
             let queued = started.duration_since(job.enqueued);
             self.metrics.queue_seconds.record(queued.as_secs_f64());
             self.statistics.queue_count.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +418,7 @@ impl Worker {
         let manifest = self.manifest.clone();
         self.running.fetch_add(1, Ordering::AcqRel);
         let outcome = tokio::task::spawn_blocking(move || {
+            let _run = run_span.enter();
             let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
             let result = concatenate(Axis(0), &views)
                 .map_err(|error| crate::model::ModelError::Run(error.to_string()))

@@ -123,7 +123,7 @@ pub async fn serve(
     let results =
         results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
             .await?;
-    let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
+    let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     // Sessions are started inside the runtime: each served version spawns its batch workers.
     let repository = {
         let config = config.clone();

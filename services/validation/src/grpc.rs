@@ -99,11 +99,17 @@ impl ValidationService for ValidationApi {
         let model = request.model_name;
         let secret = self.patient_key_secret.clone();
         let image = std::sync::Arc::new(request.image);
+        // The decode and the quality checks run on the blocking pool: each is a child span of
+        // the call, so a trace shows where a slow validation spent its time.
+        let call = tracing::Span::current();
         let outcome = self
             .admit_and_decode(image, declared, limits, move |image, plan| {
                 let image =
-                    decode_planned(&image, &plan, &limits, secret.as_deref().map(Vec::as_slice))?;
-                let report = assess(&image, &policy, &model);
+                    tracing::info_span!(parent: &call, "validation.decode").in_scope(|| {
+                        decode_planned(&image, &plan, &limits, secret.as_deref().map(Vec::as_slice))
+                    })?;
+                let report = tracing::info_span!(parent: &call, "validation.quality")
+                    .in_scope(|| assess(&image, &policy, &model));
                 if report.refuse_on_failure && !report.passed() {
                     return Err(ValidationError::QualityInsufficient {
                         failed: report.failed_codes().join(", "),

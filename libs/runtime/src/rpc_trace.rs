@@ -1,0 +1,425 @@
+//! One span per gRPC call, named and attributed by the OpenTelemetry semantic conventions for
+//! RPC, so Jaeger, Tempo and their service graphs read the mesh's traces without translation:
+//! - the name is `package.Service/Method` (for example `medai.gateway.v1.Gateway/Infer`);
+//! - the kind is SERVER for a call this process serves ([`RpcServerTraceLayer`]) and CLIENT for
+//!   one it makes ([`RpcClientTraceLayer`], on every mesh channel: see [`MeshChannel`]);
+//! - attributes `rpc.system=grpc`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`,
+//!   `server.address` and `server.port`;
+//! - status OK, or ERROR with the stable reason code the status carries (its
+//!   `google.rpc.ErrorInfo` reason, see [`crate::errors`]) as the description, or the code's
+//!   name when it carries none. Nothing else of the status (its message) goes on the span.
+//!
+//! A server span adopts the caller's W3C trace context; a client span is a child of the span
+//! the call is made in and puts its own context on the request, so the callee's server span
+//! hangs under it. Both spans last until the response body ends (for streams, the whole
+//! stream), and the status is read where gRPC puts it: the headers of a trailers-only answer,
+//! else the trailers. The server span also carries the call's correlation id, settled here
+//! (the caller's if well formed, else a new one written back into the request), so every log
+//! line of the call names it.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::{BoxFuture, FutureExt};
+use http_body::{Body, Frame, SizeHint};
+use tonic::Code;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
+
+/// The span name of a call to a path the server does not hold: made-up paths must not become
+/// new span names.
+pub const UNKNOWN_METHOD_SPAN: &str = "grpc unknown method";
+
+/// A mesh channel with a CLIENT span around every call (see [`crate::tls::TlsMaterial::mesh_channel`]).
+pub type MeshChannel = RpcClientTraceService<tonic::transport::Channel>;
+
+/// `package.Service` and `Method` of a gRPC path `/package.Service/Method`.
+fn service_and_method(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    if service.is_empty() || method.is_empty() || method.contains('/') {
+        return None;
+    }
+    Some((service, method))
+}
+
+/// The canonical name of a gRPC code, as the spec and every other implementation spell it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The code and stable reason of a status carried by `headers` (response headers of a
+/// trailers-only answer, or trailers), if they carry one.
+fn outcome_in(headers: &http::HeaderMap) -> Option<(Code, Option<String>)> {
+    headers.get("grpc-status")?;
+    let status = tonic::Status::from_header_map(headers)?;
+    Some((status.code(), crate::errors::reason_of(&status)))
+}
+
+/// Records a call's outcome on its span: `rpc.grpc.status_code`, and status OK or ERROR with
+/// the stable reason (else the code's name) as the description.
+fn record_outcome(span: &tracing::Span, code: Code, reason: Option<String>) {
+    span.record("rpc.grpc.status_code", i64::from(code as i32));
+    if code == Code::Ok {
+        span.record("otel.status_code", "OK");
+    } else {
+        // The description alone sets ERROR; a separate "ERROR" code would first set an
+        // error without one.
+        let description = reason.unwrap_or_else(|| code_name(code).to_owned());
+        span.record("otel.status_description", description.as_str());
+    }
+}
+
+/// The span's outcome, recorded once: from the response headers, the trailers, or, if the
+/// call or its body is dropped before either said, as CANCELLED (the peer went away).
+struct Outcome {
+    span: tracing::Span,
+    recorded: bool,
+}
+
+impl Outcome {
+    fn record(&mut self, code: Code, reason: Option<String>) {
+        if !self.recorded {
+            self.recorded = true;
+            record_outcome(&self.span, code, reason);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.record(Code::Cancelled, None);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps the call's span open until it ends, enters it while it is
+    /// polled (log lines of a streamed answer belong to the call) and records the status the
+    /// trailers carry.
+    pub struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        outcome: Outcome,
+    }
+}
+
+impl<B: Body> Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = {
+            let _entered = this.outcome.span.enter();
+            this.inner.poll_frame(context)
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some((code, reason)) = frame.trailers_ref().and_then(outcome_in) {
+                    this.outcome.record(code, reason);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.outcome.record(Code::Unavailable, None),
+            // gRPC always ends with a status; an answer without one is not a success.
+            Poll::Ready(None) => this.outcome.record(Code::Unknown, None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps a response's body in [`TracedBody`], recording at once a status its headers carry.
+fn traced_response<B>(
+    response: http::Response<B>,
+    mut outcome: Outcome,
+) -> http::Response<TracedBody<B>> {
+    if let Some((code, reason)) = outcome_in(response.headers()) {
+        outcome.record(code, reason);
+    }
+    response.map(|inner| TracedBody { inner, outcome })
+}
+
+/// `host` and `port` of an authority, the port defaulting to HTTPS's.
+fn host_and_port(authority: Option<&http::uri::Authority>) -> Option<(String, u16)> {
+    let authority = authority?;
+    Some((
+        authority.host().to_owned(),
+        authority.port_u16().unwrap_or(443),
+    ))
+}
+
+/// SERVER spans for every call a mesh server answers; outermost, so refusals by the other
+/// layers (peer policy, deadline, load control) are spans too.
+#[derive(Clone, Debug)]
+pub struct RpcServerTraceLayer {
+    methods: Arc<BTreeSet<String>>,
+}
+
+impl RpcServerTraceLayer {
+    /// `methods` are the full paths the server holds (see `PeerPolicy::methods`); others are
+    /// named [`UNKNOWN_METHOD_SPAN`].
+    pub fn new(methods: BTreeSet<String>) -> Self {
+        Self {
+            methods: Arc::new(methods),
+        }
+    }
+}
+
+impl<S> Layer<S> for RpcServerTraceLayer {
+    type Service = RpcServerTraceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcServerTraceService {
+            inner,
+            methods: self.methods.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcServerTraceService<S> {
+    inner: S,
+    methods: Arc<BTreeSet<String>>,
+}
+
+/// The SERVER span of a call to `path`, before its outcome is known.
+fn server_span(
+    path: &str,
+    known: bool,
+    server: Option<(String, u16)>,
+    correlation_id: &str,
+) -> tracing::Span {
+    let named = service_and_method(path).filter(|_| known);
+    let name = named.map_or_else(
+        || UNKNOWN_METHOD_SPAN.to_owned(),
+        |(service, method)| format!("{service}/{method}"),
+    );
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %name,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = Empty,
+        rpc.method = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        correlation_id = %correlation_id,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    if let Some((service, method)) = named {
+        span.record("rpc.service", service);
+        span.record("rpc.method", method);
+    }
+    if let Some((address, port)) = server {
+        span.record("server.address", address.as_str());
+        span.record("server.port", i64::from(port));
+    }
+    span
+}
+
+/// Where the call was addressed: its `:authority`, else the local address it arrived on.
+fn server_of<B>(request: &http::Request<B>) -> Option<(String, u16)> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    host_and_port(request.uri().authority()).or_else(|| {
+        let local = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.get_ref().local_addr())
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<TcpConnectInfo>()
+                    .and_then(TcpConnectInfo::local_addr)
+            })?;
+        Some((local.ip().to_string(), local.port()))
+    })
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for RpcServerTraceService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let correlation = accepted_or_new(
+            request
+                .headers()
+                .get(CORRELATION_HEADER)
+                .and_then(|value| value.to_str().ok()),
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&correlation) {
+            request.headers_mut().insert(CORRELATION_HEADER, value);
+        }
+        let path = request.uri().path();
+        let span = server_span(
+            path,
+            self.methods.contains(path),
+            server_of(&request),
+            &correlation,
+        );
+        crate::telemetry::adopt_remote_parent(&span, request.headers());
+        let response = self.inner.call(request).instrument(span.clone());
+        // Dropped before an answer (the caller went away): CANCELLED.
+        let mut outcome = Outcome {
+            span,
+            recorded: false,
+        };
+        async move {
+            match response.await {
+                Ok(response) => Ok(traced_response(response, outcome)),
+                Err(error) => {
+                    outcome.record(Code::Unavailable, None);
+                    Err(error)
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// CLIENT spans for every call made on a channel to `endpoint`.
+#[derive(Clone, Debug)]
+pub struct RpcClientTraceLayer {
+    server: Option<(String, u16)>,
+}
+
+impl RpcClientTraceLayer {
+    /// `endpoint` as the channel was made for, for example `https://medai-audit:50055`.
+    pub fn new(endpoint: &str) -> Self {
+        let server = endpoint
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| host_and_port(uri.authority()));
+        Self { server }
+    }
+}
+
+impl<S> Layer<S> for RpcClientTraceLayer {
+    type Service = RpcClientTraceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcClientTraceService {
+            inner,
+            server: self.server.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcClientTraceService<S> {
+    inner: S,
+    server: Option<(String, u16)>,
+}
+
+/// The CLIENT span of a call to `path`, a child of the span the call is made in.
+fn client_span(path: &str, server: Option<&(String, u16)>) -> tracing::Span {
+    let named = service_and_method(path);
+    let name = named.map_or_else(
+        || path.to_owned(),
+        |(service, method)| format!("{service}/{method}"),
+    );
+    let span = tracing::info_span!(
+        "rpc.client",
+        otel.name = %name,
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.service = Empty,
+        rpc.method = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    if let Some((service, method)) = named {
+        span.record("rpc.service", service);
+        span.record("rpc.method", method);
+    }
+    if let Some((address, port)) = server {
+        span.record("server.address", address.as_str());
+        span.record("server.port", i64::from(*port));
+    }
+    span
+}
+
+impl<S, B, ResBody> Service<http::Request<B>> for RpcClientTraceService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let span = client_span(request.uri().path(), self.server.as_ref());
+        crate::telemetry::inject_span_context(&span, request.headers_mut());
+        let response = self.inner.call(request).instrument(span.clone());
+        // Dropped before an answer (the caller gave up): CANCELLED.
+        let mut outcome = Outcome {
+            span,
+            recorded: false,
+        };
+        async move {
+            match response.await {
+                Ok(response) => Ok(traced_response(response, outcome)),
+                Err(error) => {
+                    // The channel could not deliver the call: what tonic answers as UNAVAILABLE.
+                    outcome.record(Code::Unavailable, None);
+                    Err(error)
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests;
