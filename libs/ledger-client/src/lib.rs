@@ -2,15 +2,15 @@
 
 use medai_proto::audit::v1::AppendRequest;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
-use tonic::transport::Channel;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 #[derive(Clone)]
 pub struct LedgerClient {
-    client: AuditServiceClient<Channel>,
+    client: AuditServiceClient<MeteredChannel>,
 }
 
 impl LedgerClient {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: MeteredChannel) -> Self {
         Self {
             client: AuditServiceClient::new(channel),
         }

@@ -30,14 +30,13 @@ pub type MeshServer = Server<
 pub fn mesh_server(
     tls: &TlsMaterial,
     client_certificates: ClientCertificates,
-    service: &'static str,
     policy: PeerPolicy,
 ) -> Result<MeshServer, tonic::transport::Error> {
     let health = HealthLayer::new(Readiness::of_this_process(), policy.services());
     Ok(Server::builder()
         .tls_config(tls.server_config(client_certificates))?
         .tcp_nodelay(true)
-        .layer(GrpcMetricsLayer::new(service, policy.methods()))
+        .layer(GrpcMetricsLayer::new(policy.methods()))
         .layer(PeerPolicyLayer::new(policy))
         .layer(DeadlineLayer)
         .layer(health))

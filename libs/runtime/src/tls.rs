@@ -64,6 +64,7 @@ impl TlsMaterial {
     }
 
     pub fn from_pem(ca_pem: Vec<u8>, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Self {
+        crate::certificate_expiry::record(&cert_pem, &ca_pem);
         Self {
             ca: Certificate::from_pem(ca_pem),
             identity: Identity::from_pem(cert_pem, key_pem),
@@ -101,6 +102,17 @@ impl TlsMaterial {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
+    }
+
+    /// [`Self::channel`] with every call counted and timed (`grpc_client_*`): what a service
+    /// uses for its calls to another service.
+    pub fn metered_channel(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+    ) -> Result<crate::grpc_client_metrics::MeteredChannel, TlsError> {
+        self.channel(endpoint, expected_server)
+            .map(crate::grpc_client_metrics::GrpcClientMetrics::new)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod anchor;
 pub mod appender;
 pub mod checkpoints;
 pub mod config;
+pub mod metric_catalog;
 mod error;
 mod grpc;
 pub mod query;
@@ -99,6 +100,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let signer = Arc::new(load_checkpoint_signer(&config)?);
     let connection = match &config.migration_database_url {
@@ -132,7 +134,7 @@ pub async fn serve(
         connection,
         checkpointer,
     };
-    let served = mesh_server(&tls, ClientCertificates::Required, "audit", peer_policy())?
+    let served = mesh_server(&tls, ClientCertificates::Required, peer_policy())?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

@@ -3,6 +3,7 @@
 
 pub mod authority;
 pub mod config;
+pub mod metric_catalog;
 mod error;
 mod grpc;
 pub mod keys;
@@ -88,6 +89,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     config.validate().map_err(ServeError::Config)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let connection = store::connect_and_migrate(&config.database_url).await?;
@@ -99,7 +101,7 @@ pub async fn serve(
         config.tokens.access_token_ttl_seconds,
     ));
     keys.ensure_a_key().await?;
-    let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
+    let audit = tls.metered_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     let decoy_hash = tokio::task::spawn_blocking(passwords::decoy_hash)
         .await
         .map_err(|error| ServeError::Config(error.to_string()))?;
@@ -128,7 +130,7 @@ pub async fn serve(
     health_reporter
         .set_serving::<AuthServiceServer<grpc::AuthApi>>()
         .await;
-    mesh_server(&tls, ClientCertificates::Required, "auth", peer_policy())?
+    mesh_server(&tls, ClientCertificates::Required, peer_policy())?
         .add_service(health_service)
         .add_service(AuthServiceServer::new(grpc::AuthApi { authority }))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)

@@ -9,7 +9,7 @@ use medai_proto::inference::v1::inference_service_client::InferenceServiceClient
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::ServiceIdentity;
 use medai_runtime::tls::{TlsError, TlsMaterial};
-use tonic::transport::Channel;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 use crate::config::GatewayConfig;
 
@@ -18,17 +18,19 @@ pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
 
 #[derive(Clone)]
 pub struct Downstream {
-    pub auth: AuthServiceClient<Channel>,
-    pub validation: ValidationServiceClient<Channel>,
-    pub inference: InferenceServiceClient<Channel>,
-    pub audit: AuditServiceClient<Channel>,
+    pub auth: AuthServiceClient<MeteredChannel>,
+    pub validation: ValidationServiceClient<MeteredChannel>,
+    pub inference: InferenceServiceClient<MeteredChannel>,
+    pub audit: AuditServiceClient<MeteredChannel>,
     pub timeout: Duration,
 }
 
 impl Downstream {
     pub fn connect(config: &GatewayConfig, tls: &TlsMaterial) -> Result<Self, TlsError> {
         let channel =
-            |endpoint: &str, service: &str| tls.channel(endpoint, &ServiceIdentity::new(service));
+            |endpoint: &str, service: &str| {
+            tls.metered_channel(endpoint, &ServiceIdentity::new(service))
+        };
         Ok(Self {
             auth: AuthServiceClient::new(channel(&config.auth_endpoint, "auth")?),
             validation: ValidationServiceClient::new(channel(

@@ -2,6 +2,7 @@
 //! enforces roles, and orchestrates validate → infer → audit.
 
 pub mod config;
+pub mod metric_catalog;
 mod downstream;
 mod error;
 mod grpc;
@@ -144,6 +145,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
     config.revocation.validate().map_err(ServeError::Config)?;
@@ -216,7 +218,7 @@ pub async fn serve(
         Ok((Some(v1), Some(v1alpha)))
     };
     let (reflection_v1, reflection_v1alpha) = reflection(config.reflection)?;
-    let served = mesh_server(&tls, ClientCertificates::Optional, "gateway", peer_policy())?
+    let served = mesh_server(&tls, ClientCertificates::Optional, peer_policy())?
         .layer(TokenAuthLayer::new(checks, role_policy()))
         .layer(load_control::LoadControlLayer::new(load_control))
         .add_service(health_service)

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use medai_proto::auth::v1::CheckRevocationRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_revocation::{RevocationStore, TokenFacts};
-use tonic::transport::Channel;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 pub enum RevocationSource {
     Shared(Arc<RevocationStore>),
-    ThroughAuth(AuthServiceClient<Channel>),
+    ThroughAuth(AuthServiceClient<MeteredChannel>),
 }
 
 /// The check could not be made; the token is not trusted.

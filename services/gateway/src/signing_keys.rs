@@ -8,7 +8,7 @@ use medai_proto::auth::v1::GetSigningKeysRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
 use tokio::sync::{Mutex, RwLock};
-use tonic::transport::Channel;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 /// At most one fetch per interval when tokens name unknown keys.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -24,7 +24,7 @@ pub async fn refresh_periodically(keys: Arc<SigningKeyCache>, period: Duration) 
 }
 
 pub struct SigningKeyCache {
-    auth: AuthServiceClient<Channel>,
+    auth: AuthServiceClient<MeteredChannel>,
     issuer: String,
     audience: String,
     verifier: RwLock<Arc<TokenVerifier>>,
@@ -40,7 +40,7 @@ pub enum VerifyError {
 }
 
 impl SigningKeyCache {
-    pub fn new(auth: AuthServiceClient<Channel>, issuer: String, audience: String) -> Self {
+    pub fn new(auth: AuthServiceClient<MeteredChannel>, issuer: String, audience: String) -> Self {
         let verifier = Arc::new(TokenVerifier::new(&issuer, &audience, &[]));
         Self {
             auth,

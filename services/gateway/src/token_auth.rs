@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use medai_proto::audit::v1::AppendRequest;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
 use medai_revocation::TokenFacts;
-use tonic::transport::Channel;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 use crate::revocation_check::RevocationSource;
 use crate::signing_keys::{SigningKeyCache, VerifyError};
@@ -77,7 +77,7 @@ impl RolePolicy {
 pub struct TokenChecks {
     pub keys: Arc<SigningKeyCache>,
     pub revocations: Arc<RevocationSource>,
-    pub audit: AuditServiceClient<Channel>,
+    pub audit: AuditServiceClient<MeteredChannel>,
 }
 
 #[derive(Clone)]
@@ -117,7 +117,7 @@ pub struct TokenAuthService<S> {
 /// Records a refused call of an authenticated caller. The refusal stands whether or not the
 /// ledger takes it; a failure to record is logged.
 async fn record_denial(
-    audit: &AuditServiceClient<Channel>,
+    audit: &AuditServiceClient<MeteredChannel>,
     subject: &str,
     role: Role,
     method: &str,

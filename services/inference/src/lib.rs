@@ -5,6 +5,7 @@
 pub mod batcher;
 pub mod caller;
 pub mod config;
+pub mod metric_catalog;
 mod error;
 mod grpc;
 pub mod kserve;
@@ -119,9 +120,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let results = results::ResultsStore::connect(&config.database_url).await?;
-    let audit = tls.channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
+    let audit = tls.metered_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
     // Sessions are started inside the runtime: each served version spawns its batch workers.
     let repository = {
         let config = config.clone();
@@ -155,12 +157,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    mesh_server(
-        &tls,
-        ClientCertificates::Required,
-        "inference",
-        peer_policy(),
-    )?
+    mesh_server(&tls, ClientCertificates::Required, peer_policy())?
     .add_service(health_service)
     .add_service(api)
     .add_service(kserve)

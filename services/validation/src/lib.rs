@@ -2,6 +2,7 @@
 //! canonical pixel buffer. It keeps nothing.
 
 pub mod config;
+pub mod metric_catalog;
 pub mod decode;
 mod decode_slots;
 mod dicom_lengths;
@@ -48,6 +49,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     config.limits.validate().map_err(ServeError::Config)?;
     if config.decode_memory_budget_bytes < 1024 * 1024 {
         return Err(ServeError::Config(
@@ -75,12 +77,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
-    mesh_server(
-        &tls,
-        ClientCertificates::Required,
-        "validation",
-        peer_policy(),
-    )?
+    mesh_server(&tls, ClientCertificates::Required, peer_policy())?
     .add_service(health_service)
     .add_service(api)
     .serve_with_incoming_shutdown(incoming(listener), shutdown)
