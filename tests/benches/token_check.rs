@@ -115,7 +115,7 @@ async fn main() {
     let channel_to = |service: &str| {
         let address = mesh.mesh.address(service).expect("address");
         gateway_identity
-            .channel(
+            .metered_channel(
                 &format!("https://{address}"),
                 &ServiceIdentity::new(service),
             )

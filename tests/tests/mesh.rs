@@ -229,6 +229,27 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         "medai_inference_requests_total{{{labels},code=\"OK\"}}"
     )));
     assert!(metrics.contains("medai_inference_queue_depth"));
+    // Triton's families, as Triton names and labels them, moved by the prediction.
+    for family in [
+        "nv_inference_request_success",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{family}{{{labels}}} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{family} missing:\n{metrics}"));
+        let moved = if family == "nv_inference_queue_duration_us" {
+            value >= 0.0
+        } else {
+            value >= 1.0
+        };
+        assert!(moved, "{family} is {value}");
+    }
     assert!(
         !metrics.contains("quantile="),
         "summaries instead of histograms"
@@ -654,8 +675,9 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
         .expect("value");
     assert_eq!(counted, PATHS as f64, "{unknown}");
     assert!(
-        requests.iter().any(|labels| labels
-            .contains("grpc_service=\"medai.validation.v1.ValidationService\",grpc_method=\"ValidateImage\"")),
+        requests.iter().any(|labels| labels.contains(
+            "grpc_service=\"medai.validation.v1.ValidationService\",grpc_method=\"ValidateImage\""
+        )),
         "served methods keep their own label: {requests:#?}"
     );
     mesh.stop().await;

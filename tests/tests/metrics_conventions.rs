@@ -29,12 +29,22 @@ async fn scrape(mesh: &MeshUnderTest, service: &str) -> String {
         .admin_address(service)
         .unwrap_or_else(|| panic!("{service} has no admin port"));
     let response = http_get(address, "/metrics").await;
-    assert!(response.starts_with("HTTP/1.1 200"), "{service}: {response}");
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "{service}: {response}"
+    );
     response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
         .expect("a body")
 }
+
+/// A series alerts watch: (service, family, labels).
+type WatchedSeries = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 /// The families' `# TYPE` and `# HELP` lines, by name.
 struct Exposition {
@@ -140,7 +150,15 @@ fn metric_names_in(expression: &str) -> BTreeSet<String> {
             index += 1;
             continue;
         }
-        if character == '(' && ["by", "without", "on", "ignoring", "group_left", "group_right"]
+        if character == '('
+            && [
+                "by",
+                "without",
+                "on",
+                "ignoring",
+                "group_left",
+                "group_right",
+            ]
             .contains(&previous_word.as_str())
         {
             while index < characters.len() && characters[index] != ')' {
@@ -219,7 +237,9 @@ fn chart_expressions() -> Vec<(String, String)> {
         })
         .expect("the chart renders the dashboard ConfigMap labelled grafana_dashboard: \"1\"");
     assert!(
-        objects.iter().any(|object| object["kind"] == "ServiceMonitor"),
+        objects
+            .iter()
+            .any(|object| object["kind"] == "ServiceMonitor"),
         "the chart renders a ServiceMonitor"
     );
     for text in dashboard["data"].as_object().expect("data").values() {
@@ -248,7 +268,7 @@ async fn every_service_exports_prometheus_conventional_metrics_that_the_chart_al
     for service in services {
         before.insert(service, Exposition::parse(&scrape(&mesh, service).await));
     }
-    let zero_registered: [(&str, &str, &[(&str, &str)]); 12] = [
+    let zero_registered: [WatchedSeries; 12] = [
         ("gateway", "medai_gateway_unrecorded_predictions_total", &[]),
         ("gateway", "medai_gateway_rate_limit_fallback_total", &[]),
         (
@@ -346,9 +366,10 @@ async fn every_service_exports_prometheus_conventional_metrics_that_the_chart_al
             );
         }
         assert!(
-            exposition
-                .value("medai_build_info", &[("version", env!("CARGO_PKG_VERSION"))])
-                == Some(1.0),
+            exposition.value(
+                "medai_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ) == Some(1.0),
             "{service}: medai_build_info{{version,commit}} missing"
         );
         assert!(

@@ -44,8 +44,8 @@ mod tests {
 
     #[test]
     fn the_expiry_of_a_pem_certificate_is_its_not_after() {
-        let mut params = rcgen::CertificateParams::new(vec!["medai-test".to_owned()])
-            .expect("params");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["medai-test".to_owned()]).expect("params");
         params.not_after = rcgen::date_time_ymd(2031, 5, 17);
         let key = rcgen::KeyPair::generate().expect("key");
         let certificate = params.self_signed(&key).expect("certificate");

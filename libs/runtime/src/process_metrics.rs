@@ -48,7 +48,10 @@ impl ProcessFigures {
         };
         let status = std::fs::read_to_string("/proc/self/status").ok();
         let kilobytes = |key: &str| -> Option<f64> {
-            let line = status.as_deref()?.lines().find(|line| line.starts_with(key))?;
+            let line = status
+                .as_deref()?
+                .lines()
+                .find(|line| line.starts_with(key))?;
             let value: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(value * 1024.0)
         };
@@ -174,13 +177,25 @@ mod tests {
             .expect("clock")
             .as_secs_f64();
         assert!(figures.cpu_seconds.is_some_and(|seconds| seconds >= 0.0));
-        assert!(figures.resident_bytes.is_some_and(|bytes| bytes > 1024.0 * 1024.0));
+        assert!(
+            figures
+                .resident_bytes
+                .is_some_and(|bytes| bytes > 1024.0 * 1024.0)
+        );
         assert!(figures.open_fds.is_some_and(|count| count >= 3.0));
         assert!(figures.max_fds.is_some_and(|count| count >= 3.0));
         let started = figures.start_time_seconds.expect("start time");
-        assert!(started <= now + 1.0 && started > now - 86_400.0 * 365.0, "{started} vs {now}");
+        assert!(
+            started <= now + 1.0 && started > now - 86_400.0 * 365.0,
+            "{started} vs {now}"
+        );
         let text = render();
-        for family in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_start_time_seconds"] {
+        for family in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
             assert!(text.contains(&format!("# HELP {family} ")), "{text}");
             assert!(text.contains(&format!("\n{family} ")), "{text}");
         }

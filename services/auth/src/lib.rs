@@ -3,10 +3,10 @@
 
 pub mod authority;
 pub mod config;
-pub mod metric_catalog;
 mod error;
 mod grpc;
 pub mod keys;
+pub mod metric_catalog;
 pub mod passwords;
 pub mod revocation_record;
 pub mod store;

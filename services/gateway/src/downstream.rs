@@ -8,8 +8,8 @@ use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::ServiceIdentity;
-use medai_runtime::tls::{TlsError, TlsMaterial};
 use medai_runtime::grpc_client_metrics::MeteredChannel;
+use medai_runtime::tls::{TlsError, TlsMaterial};
 
 use crate::config::GatewayConfig;
 
@@ -27,8 +27,7 @@ pub struct Downstream {
 
 impl Downstream {
     pub fn connect(config: &GatewayConfig, tls: &TlsMaterial) -> Result<Self, TlsError> {
-        let channel =
-            |endpoint: &str, service: &str| {
+        let channel = |endpoint: &str, service: &str| {
             tls.metered_channel(endpoint, &ServiceIdentity::new(service))
         };
         Ok(Self {

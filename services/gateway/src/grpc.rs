@@ -55,8 +55,9 @@ impl GatewayApi {
     }
 }
 
-type AuthClient =
-    medai_proto::auth::v1::auth_service_client::AuthServiceClient<medai_runtime::grpc_client_metrics::MeteredChannel>;
+type AuthClient = medai_proto::auth::v1::auth_service_client::AuthServiceClient<
+    medai_runtime::grpc_client_metrics::MeteredChannel,
+>;
 
 impl GatewayApi {
     /// One call to auth with the correlation id and the gateway's deadline; refusals that speak

@@ -2,12 +2,12 @@
 //! enforces roles, and orchestrates validate → infer → audit.
 
 pub mod config;
-pub mod metric_catalog;
 mod downstream;
 mod error;
 mod grpc;
 pub mod infer;
 pub mod load_control;
+pub mod metric_catalog;
 mod results;
 pub mod revocation_check;
 pub mod signing_keys;

@@ -57,10 +57,7 @@ pub fn describe() {
         "medai_gateway_uploads_refused_total",
         "Image uploads refused before they were complete, by reason."
     );
-    describe_counter!(
-        "medai_gateway_study_streams_total",
-        "Study streams opened."
-    );
+    describe_counter!("medai_gateway_study_streams_total", "Study streams opened.");
     describe_counter!(
         "medai_gateway_study_images_total",
         "Images received over study streams."

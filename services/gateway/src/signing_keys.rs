@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use medai_proto::auth::v1::GetSigningKeysRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
+use medai_runtime::grpc_client_metrics::MeteredChannel;
 use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
 use tokio::sync::{Mutex, RwLock};
-use medai_runtime::grpc_client_metrics::MeteredChannel;
 
 /// At most one fetch per interval when tokens name unknown keys.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);

@@ -430,7 +430,10 @@ impl Worker {
         for job in batch {
             let queued = started.duration_since(job.enqueued);
             self.metrics.queue_seconds.record(queued.as_secs_f64());
-            self.metrics.triton.queue_duration_us.increment(micros(queued));
+            self.metrics
+                .triton
+                .queue_duration_us
+                .increment(micros(queued));
             self.statistics.queue_count.fetch_add(1, Ordering::Relaxed);
             self.statistics
                 .queue_ns

@@ -5,12 +5,12 @@
 pub mod batcher;
 pub mod caller;
 pub mod config;
-pub mod metric_catalog;
 mod error;
 mod grpc;
 pub mod kserve;
 pub mod lifecycle;
 pub mod manifest;
+pub mod metric_catalog;
 pub mod model;
 pub mod predict;
 pub mod preprocess;
@@ -158,10 +158,10 @@ pub async fn serve(
     let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     mesh_server(&tls, ClientCertificates::Required, peer_policy())?
-    .add_service(health_service)
-    .add_service(api)
-    .add_service(kserve)
-    .serve_with_incoming_shutdown(incoming(listener), shutdown)
-    .await?;
+        .add_service(health_service)
+        .add_service(api)
+        .add_service(kserve)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await?;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! canonical pixel buffer. It keeps nothing.
 
 pub mod config;
-pub mod metric_catalog;
 pub mod decode;
 mod decode_slots;
 mod dicom_lengths;
@@ -10,6 +9,7 @@ pub mod display;
 mod error;
 mod grpc;
 mod jpeg_extended;
+pub mod metric_catalog;
 mod native_colour;
 mod pixel_rewrite;
 pub mod quality;
@@ -78,9 +78,9 @@ pub async fn serve(
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
     mesh_server(&tls, ClientCertificates::Required, peer_policy())?
-    .add_service(health_service)
-    .add_service(api)
-    .serve_with_incoming_shutdown(incoming(listener), shutdown)
-    .await?;
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await?;
     Ok(())
 }
