@@ -2,8 +2,9 @@
 # Static checks of the Helm chart, the plain manifests and the Dockerfile (scripts/test.sh runs
 # this): helm lint --strict, the rendered manifests against Kubernetes' API schemas
 # (kubernetes-validate), checkov (every finding fixed or skipped with its reason in
-# helm/checkov.yaml or a checkov.io/skip annotation), hadolint, and k8s/medai.yaml kept rendered
-# from the chart. The Python tools come from PyPI into .cache/chart-checks-venv and
+# helm/checkov.yaml or a checkov.io/skip annotation), the optional PrometheusRule through
+# `promtool check rules` (promtool from scripts/promtool.sh), hadolint, and k8s/medai.yaml kept
+# rendered from the chart. The Python tools come from PyPI into .cache/chart-checks-venv and
 # .cache/checkov-venv (checkov's many pins apart) on first use.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,6 +55,27 @@ if bash scripts/helm.sh template medai helm/medai --set audit.checkpointKey.secr
   echo "the chart rendered without the checkpoint key Secret" >&2
   exit 1
 fi
+
+echo "== the PrometheusRule's rule groups (promtool check rules), the dashboard's JSON" >&2
+promtool=$(bash scripts/promtool.sh)
+bash scripts/helm.sh lint --strict helm/medai --set monitoring.serviceMonitor.enabled=true \
+  --set monitoring.prometheusRule.enabled=true --set monitoring.grafanaDashboard.enabled=true >/dev/null
+bash scripts/helm.sh template medai helm/medai --show-only templates/monitoring.yaml \
+  --set monitoring.serviceMonitor.enabled=true --set monitoring.prometheusRule.enabled=true \
+  --set monitoring.grafanaDashboard.enabled=true > "$work/monitoring.yaml"
+"$venv/bin/python" - "$work/monitoring.yaml" "$work/rules.yaml" <<'PYTHON'
+import json, sys, yaml
+objects = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o]
+kinds = sorted(o["kind"] for o in objects)
+assert kinds == ["ConfigMap", "PrometheusRule", "ServiceMonitor"], kinds
+rule = next(o for o in objects if o["kind"] == "PrometheusRule")
+yaml.safe_dump(rule["spec"], open(sys.argv[2], "w"))
+dashboard = next(o for o in objects if o["kind"] == "ConfigMap")
+assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+for name, text in dashboard["data"].items():
+    json.loads(text)
+PYTHON
+"$promtool" check rules "$work/rules.yaml" >&2
 
 echo "== hadolint Dockerfile.service" >&2
 "$venv/bin/hadolint" Dockerfile.service

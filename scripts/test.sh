@@ -11,6 +11,8 @@ bash scripts/fetch-assets.sh
 bash scripts/dicom-reference.sh
 bash scripts/kserve-clients.sh
 bash scripts/pacs-tools.sh
+# promtool: tests/tests/metrics_conventions.rs runs `promtool check metrics` on every service.
+bash scripts/promtool.sh >/dev/null
 
 echo "== buf lint" >&2
 if ! buf_output=$(npx --yes @bufbuild/buf@1.75.0 lint 2>&1); then

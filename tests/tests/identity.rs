@@ -602,9 +602,17 @@ async fn a_gateway_in_production_mode_fails_closed_without_redis() {
         "/metrics",
     )
     .await;
+    // Registered at zero from the start: the fallback must have moved it.
     assert!(
-        metrics.contains("medai_revocation_store_fallbacks_total"),
-        "the fallback is counted"
+        metrics.lines().any(|line| {
+            line.starts_with("medai_revocation_store_fallbacks_total")
+                && line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|value| value.trim().parse::<f64>().ok())
+                    .is_some_and(|value| value > 0.0)
+        }),
+        "the fallback is counted: {metrics}"
     );
     mesh.stop().await;
 }

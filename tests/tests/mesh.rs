@@ -197,8 +197,10 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
     )
     .await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    assert!(metrics.contains("medai_grpc_requests_total"), "{metrics}");
-    assert!(metrics.contains("/medai.gateway.v1.GatewayService/Infer"));
+    assert!(metrics.contains("grpc_server_handled_total"), "{metrics}");
+    assert!(metrics.contains(
+        r#"grpc_server_handled_total{grpc_service="medai.gateway.v1.GatewayService",grpc_method="Infer",grpc_code="OK"}"#
+    ));
     // The inference service's figures are histograms (buckets, not quantiles) per model and
     // version, so dashboards can aggregate replicas.
     let metrics = http_get(
@@ -227,6 +229,27 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         "medai_inference_requests_total{{{labels},code=\"OK\"}}"
     )));
     assert!(metrics.contains("medai_inference_queue_depth"));
+    // Triton's families, as Triton names and labels them, moved by the prediction.
+    for family in [
+        "nv_inference_request_success",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_request_duration_us",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{family}{{{labels}}} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{family} missing:\n{metrics}"));
+        let moved = if family == "nv_inference_queue_duration_us" {
+            value >= 0.0
+        } else {
+            value >= 1.0
+        };
+        assert!(moved, "{family} is {value}");
+    }
     assert!(
         !metrics.contains("quantile="),
         "summaries instead of histograms"
@@ -607,23 +630,33 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
     }
 
     let exposition = http_get(admin, "/metrics").await;
-    let requests = series(&exposition, "medai_grpc_requests_total");
-    let durations = series(&exposition, "medai_grpc_request_duration_seconds_count");
+    let requests = series(&exposition, "grpc_server_handled_total");
+    let started = series(&exposition, "grpc_server_started_total");
+    let durations = series(&exposition, "grpc_server_handling_seconds_count");
     let denials = series(&exposition, "medai_peer_policy_denials_total");
     eprintln!(
-        "after {PATHS} made-up paths: {} request series, {} duration series, {} denial series",
+        "after {PATHS} made-up paths: {} handled series, {} started series, {} duration series, {} denial series",
         requests.len(),
+        started.len(),
         durations.len(),
         denials.len()
     );
-    for (name, found) in [
-        ("requests", &requests),
-        ("durations", &durations),
-        ("denials", &denials),
-    ] {
-        // Health checks, the one real call and the made-up paths under one value.
-        assert!(found.len() <= 6, "{name}: {found:#?}");
-    }
+    // Held methods are registered at zero (handled: for every code); the made-up paths add
+    // one value, "unknown", and no more.
+    let held = started
+        .iter()
+        .filter(|labels| !labels.contains("grpc_method=\"unknown\""))
+        .count();
+    assert!(held >= 2, "{started:#?}");
+    assert_eq!(started.len(), held + 1, "started: {started:#?}");
+    assert!(
+        requests.len() <= held * 17 + 2,
+        "handled: {} series for {held} methods",
+        requests.len()
+    );
+    // Health checks, the one real call and the made-up paths under one value.
+    assert!(durations.len() <= 6, "durations: {durations:#?}");
+    assert!(denials.len() <= 6, "denials: {denials:#?}");
     assert!(
         !exposition.contains("made.up"),
         "a made-up path became a label"
@@ -631,20 +664,20 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
     let unknown = exposition
         .lines()
         .find(|line| {
-            line.starts_with("medai_grpc_requests_total{")
-                && line.contains("method=\"unknown\"")
-                && line.contains("code=\"PERMISSION_DENIED\"")
+            line.starts_with("grpc_server_handled_total{")
+                && line.contains("grpc_method=\"unknown\"")
+                && line.contains("grpc_code=\"PermissionDenied\"")
         })
-        .expect("the made-up paths are counted under method=\"unknown\"");
+        .expect("the made-up paths are counted under grpc_method=\"unknown\"");
     let counted: f64 = unknown
         .rsplit_once(' ')
         .and_then(|(_, value)| value.parse().ok())
         .expect("value");
     assert_eq!(counted, PATHS as f64, "{unknown}");
     assert!(
-        requests
-            .iter()
-            .any(|labels| labels.contains("/medai.validation.v1.ValidationService/ValidateImage")),
+        requests.iter().any(|labels| labels.contains(
+            "grpc_service=\"medai.validation.v1.ValidationService\",grpc_method=\"ValidateImage\""
+        )),
         "served methods keep their own label: {requests:#?}"
     );
     mesh.stop().await;

@@ -437,6 +437,26 @@ impl RevocationStore {
     }
 }
 
+/// HELP text for the revocation store's families, and its fallback counter at zero (a
+/// verifier that silently stopped reaching Redis is what an alert must see).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "medai_revocation_store_fallbacks_total",
+        "Revocation-store operations that could not reach Redis (failed closed in production, this process's store in development), by operation."
+    );
+    metrics::describe_counter!(
+        "medai_revocation_store_seeds_total",
+        "Times the auth service seeded Redis with every revocation from its database."
+    );
+    metrics::describe_counter!(
+        "medai_revocation_store_unseeded_total",
+        "Revocation checks that found Redis without its seeded marker (its data lost or not yet seeded)."
+    );
+    metrics::counter!("medai_revocation_store_fallbacks_total", "operation" => "check")
+        .increment(0);
+    metrics::counter!("medai_revocation_store_unseeded_total").increment(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,9 +55,15 @@ pub trait ServiceError: std::error::Error {
     }
 }
 
+/// Errors answered, by `domain` and stable `reason` (both fixed strings of the code, never
+/// request content).
+pub const ERRORS_COUNTER: &str = "medai_errors_total";
+
 /// The single conversion from a service error to a gRPC status. Internal errors are logged
-/// here with their detail and answered with a generic message.
+/// here with their detail and answered with a generic message. Every one is counted.
 pub fn to_status<E: ServiceError>(error: &E) -> Status {
+    metrics::counter!(ERRORS_COUNTER, "domain" => E::DOMAIN, "reason" => error.reason())
+        .increment(1);
     if error.kind() == ErrorKind::Internal {
         tracing::error!(domain = E::DOMAIN, reason = error.reason(), error = %error, "internal error");
     }

@@ -1,7 +1,13 @@
 //! Request counts and latency histograms per gRPC method and status code, as a tower layer so
-//! no handler repeats it. Labels hold method paths and codes only, never request content.
+//! no handler repeats it, under the names and labels the ecosystem's dashboards and alerts
+//! expect (go-grpc-prometheus / grpc-ecosystem): `grpc_server_started_total`,
+//! `grpc_server_handled_total` and `grpc_server_handling_seconds`, labelled `grpc_service`,
+//! `grpc_method` (and `grpc_code`). No `service` label: Prometheus' own target labels use it.
+//! Labels hold method paths and codes only, never request content.
 //! A path the server does not hold is labelled [`UNKNOWN_METHOD`]: anyone who can open a
 //! connection can make up paths, and each would otherwise be a new series for good.
+//! Every method the server holds is registered at zero for every code when the layer is made,
+//! so rates and ratios exist before the first call.
 //!
 //! The same layer settles each call's correlation id (the caller's, if well formed, else a new
 //! one, written back into the request so handlers see the same) and runs the call inside a
@@ -22,15 +28,14 @@ pub const UNKNOWN_METHOD: &str = "unknown";
 
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
-    service: &'static str,
     methods: Arc<BTreeSet<String>>,
 }
 
 impl GrpcMetricsLayer {
     /// `methods` are the full paths the server holds (see `PeerPolicy::methods`).
-    pub fn new(service: &'static str, methods: BTreeSet<String>) -> Self {
+    pub fn new(methods: BTreeSet<String>) -> Self {
+        register_at_zero(&methods);
         Self {
-            service,
             methods: Arc::new(methods),
         }
     }
@@ -42,7 +47,6 @@ impl<S> Layer<S> for GrpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GrpcMetricsService {
             inner,
-            service: self.service,
             methods: self.methods.clone(),
         }
     }
@@ -51,7 +55,6 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsService<S> {
     inner: S,
-    service: &'static str,
     methods: Arc<BTreeSet<String>>,
 }
 
@@ -75,8 +78,12 @@ where
         } else {
             UNKNOWN_METHOD.to_owned()
         };
-        let service = self.service;
         let started = Instant::now();
+        {
+            let (grpc_service, grpc_method) = split_method(&method);
+            metrics::counter!(SERVER_STARTED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
+                .increment(1);
+        }
         let correlation = accepted_or_new(
             request
                 .headers()
@@ -98,12 +105,14 @@ where
                     .and_then(|value| value.to_str().ok())
                     .and_then(|value| value.parse::<i32>().ok())
                     .map_or("OK", |code| tonic::Code::from_i32(code).description_name()),
-                Err(_) => "TRANSPORT_ERROR",
+                // The transport failed under the call: no code was sent.
+                Err(_) => "Unknown",
             };
             let elapsed = started.elapsed().as_secs_f64();
-            metrics::counter!("medai_grpc_requests_total", "service" => service, "method" => method.clone(), "code" => code)
+            let (grpc_service, grpc_method) = split_method(&method);
+            metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code)
                 .increment(1);
-            metrics::histogram!("medai_grpc_request_duration_seconds", "service" => service, "method" => method)
+            metrics::histogram!(SERVER_HANDLING_SECONDS, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
                 .record(elapsed);
             result
         }
@@ -111,31 +120,117 @@ where
     }
 }
 
+pub const SERVER_STARTED: &str = "grpc_server_started_total";
+pub const SERVER_HANDLED: &str = "grpc_server_handled_total";
+pub const SERVER_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+
+/// Every code a call can end with, as the `grpc_code` label spells it.
+pub const GRPC_CODES: [tonic::Code; 17] = [
+    tonic::Code::Ok,
+    tonic::Code::Cancelled,
+    tonic::Code::Unknown,
+    tonic::Code::InvalidArgument,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::NotFound,
+    tonic::Code::AlreadyExists,
+    tonic::Code::PermissionDenied,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Aborted,
+    tonic::Code::OutOfRange,
+    tonic::Code::Unimplemented,
+    tonic::Code::Internal,
+    tonic::Code::Unavailable,
+    tonic::Code::DataLoss,
+    tonic::Code::Unauthenticated,
+];
+
+/// `/medai.gateway.v1.GatewayService/Infer` as (`medai.gateway.v1.GatewayService`, `Infer`);
+/// anything else (the [`UNKNOWN_METHOD`] label) as itself twice.
+pub fn split_method(path: &str) -> (&str, &str) {
+    path.strip_prefix('/')
+        .and_then(|path| path.rsplit_once('/'))
+        .unwrap_or((path, path))
+}
+
+/// The label value of a status code (`OK`, `PermissionDenied`, …).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    code.description_name()
+}
+
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        SERVER_STARTED,
+        "Total number of RPCs started on the server."
+    );
+    metrics::describe_counter!(
+        SERVER_HANDLED,
+        "Total number of RPCs completed on the server, regardless of success or failure."
+    );
+    metrics::describe_histogram!(
+        SERVER_HANDLING_SECONDS,
+        metrics::Unit::Seconds,
+        "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server."
+    );
+}
+
+/// Every held method started and handled at zero (handled for every code), as
+/// go-grpc-prometheus' `InitializeMetrics` does.
+fn register_at_zero(methods: &BTreeSet<String>) {
+    for path in methods {
+        let (grpc_service, grpc_method) = split_method(path);
+        metrics::counter!(SERVER_STARTED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
+            .increment(0);
+        for code in GRPC_CODES {
+            metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code.description_name())
+                .increment(0);
+        }
+    }
+}
+
 trait CodeName {
     fn description_name(self) -> &'static str;
 }
 
+/// gRPC's code names as go-grpc-prometheus (and so most dashboards and alerts) spell them.
 impl CodeName for tonic::Code {
     fn description_name(self) -> &'static str {
         use tonic::Code;
         match self {
             Code::Ok => "OK",
-            Code::Cancelled => "CANCELLED",
-            Code::Unknown => "UNKNOWN",
-            Code::InvalidArgument => "INVALID_ARGUMENT",
-            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Code::NotFound => "NOT_FOUND",
-            Code::AlreadyExists => "ALREADY_EXISTS",
-            Code::PermissionDenied => "PERMISSION_DENIED",
-            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-            Code::FailedPrecondition => "FAILED_PRECONDITION",
-            Code::Aborted => "ABORTED",
-            Code::OutOfRange => "OUT_OF_RANGE",
-            Code::Unimplemented => "UNIMPLEMENTED",
-            Code::Internal => "INTERNAL",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::DataLoss => "DATA_LOSS",
-            Code::Unauthenticated => "UNAUTHENTICATED",
+            Code::Cancelled => "Canceled",
+            Code::Unknown => "Unknown",
+            Code::InvalidArgument => "InvalidArgument",
+            Code::DeadlineExceeded => "DeadlineExceeded",
+            Code::NotFound => "NotFound",
+            Code::AlreadyExists => "AlreadyExists",
+            Code::PermissionDenied => "PermissionDenied",
+            Code::ResourceExhausted => "ResourceExhausted",
+            Code::FailedPrecondition => "FailedPrecondition",
+            Code::Aborted => "Aborted",
+            Code::OutOfRange => "OutOfRange",
+            Code::Unimplemented => "Unimplemented",
+            Code::Internal => "Internal",
+            Code::Unavailable => "Unavailable",
+            Code::DataLoss => "DataLoss",
+            Code::Unauthenticated => "Unauthenticated",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_method_path_splits_into_the_service_and_the_method() {
+        assert_eq!(
+            split_method("/medai.gateway.v1.GatewayService/Infer"),
+            ("medai.gateway.v1.GatewayService", "Infer")
+        );
+        assert_eq!(
+            split_method(UNKNOWN_METHOD),
+            (UNKNOWN_METHOD, UNKNOWN_METHOD)
+        );
     }
 }

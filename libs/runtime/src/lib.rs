@@ -4,15 +4,18 @@
 //! shutdown and the admin (metrics) endpoint.
 
 pub mod admin;
+pub mod certificate_expiry;
 pub mod config;
 pub mod correlation;
 pub mod deadline;
 pub mod errors;
+pub mod grpc_client_metrics;
 pub mod grpc_metrics;
 pub mod health;
 pub mod identity;
 pub mod peer_policy;
 pub mod process;
+pub mod process_metrics;
 pub mod rpc_trace;
 pub mod server;
 pub mod shutdown;

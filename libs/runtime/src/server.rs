@@ -36,7 +36,6 @@ pub type MeshServer = Server<
 /// certificate files are watched from another). Serve it over [`incoming`].
 pub fn mesh_server(
     tls: &TlsMaterial,
-    service: &'static str,
     policy: PeerPolicy,
 ) -> Result<MeshServer, tonic::transport::Error> {
     tls.watch_files(RELOAD_INTERVAL);
@@ -44,7 +43,7 @@ pub fn mesh_server(
     Ok(Server::builder()
         .tcp_nodelay(true)
         .layer(RpcServerTraceLayer::new(policy.methods()))
-        .layer(GrpcMetricsLayer::new(service, policy.methods()))
+        .layer(GrpcMetricsLayer::new(policy.methods()))
         .layer(PeerPolicyLayer::new(policy))
         .layer(DeadlineLayer)
         .layer(health))

@@ -292,6 +292,7 @@ impl TlsMaterial {
     }
 
     fn new(files: Option<TlsFiles>, loaded: LoadedTls) -> Self {
+        crate::certificate_expiry::record(&loaded.contents.cert, &loaded.contents.ca);
         Self {
             shared: Arc::new(Shared {
                 files,
@@ -395,6 +396,7 @@ impl TlsMaterial {
     }
 
     fn take(&self, loaded: LoadedTls) -> ReloadOutcome {
+        crate::certificate_expiry::record(&loaded.contents.cert, &loaded.contents.ca);
         let serial = loaded.serial.clone();
         let previous = std::mem::replace(
             &mut *self
@@ -520,6 +522,20 @@ impl TlsMaterial {
             server_name,
         }))
     }
+
+    /// [`Self::channel`] as services use it for their calls to other services: a CLIENT span
+    /// around every call (see [`crate::rpc_trace`]) over the `grpc_client_*` metrics.
+    pub fn mesh_channel(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+    ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
+        let channel = self.channel(endpoint, expected_server)?;
+        Ok(tower::Layer::layer(
+            &crate::rpc_trace::RpcClientTraceLayer::new(endpoint),
+            crate::grpc_client_metrics::GrpcClientMetrics::new(channel),
+        ))
+    }
 }
 
 /// What [`TlsMaterial::incoming`] yields.
@@ -562,20 +578,6 @@ impl tower::Service<http::Uri> for MeshConnector {
             let connection = connector.connect(server_name, stream).await?;
             Ok(TokioIo::new(connection))
         })
-    }
-
-    /// [`Self::channel`] with a CLIENT span around every call (see [`crate::rpc_trace`]): what
-    /// services use for their calls to other services.
-    pub fn mesh_channel(
-        &self,
-        endpoint: &str,
-        expected_server: &ServiceIdentity,
-    ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
-        let channel = self.channel(endpoint, expected_server)?;
-        Ok(tower::Layer::layer(
-            &crate::rpc_trace::RpcClientTraceLayer::new(endpoint),
-            channel,
-        ))
     }
 }
 

@@ -91,6 +91,18 @@ impl Checkpointer {
     }
 
     async fn extend(&self, verified: &mut VerifiedPrefix) -> Result<u64, CheckpointError> {
+        let extended = self.extend_unmetered(verified).await;
+        if let Err(CheckpointError::BrokenChain { .. }) = &extended {
+            metrics::counter!(crate::metric_catalog::CHAIN_VERIFICATION_FAILURES, "check" => "checkpoint")
+                .increment(1);
+        }
+        extended
+    }
+
+    async fn extend_unmetered(
+        &self,
+        verified: &mut VerifiedPrefix,
+    ) -> Result<u64, CheckpointError> {
         // The prefix verified earlier must still be there as it was.
         let size = verified.size();
         let head = verified.verifier.head();

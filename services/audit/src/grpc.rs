@@ -143,6 +143,8 @@ impl AuditService for AuditApi {
             .await
             .map_err(|error| AuditError::Storage(error.to_string()))?;
         if let Some(seq) = report.first_bad_seq {
+            metrics::counter!(crate::metric_catalog::CHAIN_VERIFICATION_FAILURES, "check" => "verify")
+                .increment(1);
             tracing::error!(first_bad_seq = seq, problem = %report.problem, "ledger verification failed");
         }
         Ok(Response::new(VerifyResponse {

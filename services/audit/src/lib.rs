@@ -8,6 +8,7 @@ pub mod checkpoints;
 pub mod config;
 mod error;
 mod grpc;
+pub mod metric_catalog;
 pub mod query;
 pub mod store;
 pub mod verify;
@@ -132,6 +133,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let signer = Arc::new(load_checkpoint_signer(&config)?);
     let connection = match &config.migration_database_url {
@@ -175,7 +177,7 @@ pub async fn serve(
         connection,
         checkpointer,
     };
-    let served = mesh_server(&tls, "audit", peer_policy())?
+    let served = mesh_server(&tls, peer_policy())?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
         .serve_with_incoming_shutdown(

@@ -523,3 +523,34 @@ async fn the_services_database_role_may_only_insert_and_select() {
         );
     }
 }
+
+/// The process's Prometheus recorder, installed once for this test binary.
+fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| medai_runtime::admin::install_prometheus_recorder().expect("recorder"))
+}
+
+fn verification_failures() -> Option<f64> {
+    metrics().render().lines().find_map(|line| {
+        line.strip_prefix(r#"medai_ledger_chain_verification_failures_total{check="verify"} "#)
+            .and_then(|value| value.trim().parse().ok())
+    })
+}
+
+#[tokio::test]
+async fn a_chain_that_no_longer_verifies_is_counted_for_alerts() {
+    metrics();
+    let mut ledger = Ledger::start().await;
+    ledger.append(3, "user:a").await;
+    // Registered at zero when the service starts, so an alert sees 0 before any failure.
+    let before = verification_failures().expect("registered when the service started");
+    assert!(ledger.verify().await.intact);
+    ledger
+        .as_superuser("UPDATE ledger_entries SET actor = 'user:mallory' WHERE seq = 2;")
+        .await;
+    let report = ledger.verify().await;
+    assert!(!report.intact, "{report:?}");
+    let after = verification_failures().expect("counted");
+    assert!(after >= before + 1.0, "before {before}, after {after}");
+}

@@ -6,6 +6,7 @@ pub mod config;
 mod error;
 mod grpc;
 pub mod keys;
+pub mod metric_catalog;
 pub mod passwords;
 pub mod revocation_record;
 pub mod store;
@@ -88,6 +89,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     config.validate().map_err(ServeError::Config)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let connection = store::connect(&config.database_url, config.process.run_migrations).await?;
@@ -128,7 +130,7 @@ pub async fn serve(
     health_reporter
         .set_serving::<AuthServiceServer<grpc::AuthApi>>()
         .await;
-    mesh_server(&tls, "auth", peer_policy())?
+    mesh_server(&tls, peer_policy())?
         .add_service(health_service)
         .add_service(AuthServiceServer::new(grpc::AuthApi { authority }))
         .serve_with_incoming_shutdown(

@@ -7,6 +7,7 @@ mod error;
 mod grpc;
 pub mod infer;
 pub mod load_control;
+pub mod metric_catalog;
 mod results;
 pub mod revocation_check;
 pub mod signing_keys;
@@ -144,6 +145,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
     config.revocation.validate().map_err(ServeError::Config)?;
@@ -216,7 +218,7 @@ pub async fn serve(
         Ok((Some(v1), Some(v1alpha)))
     };
     let (reflection_v1, reflection_v1alpha) = reflection(config.reflection)?;
-    let served = mesh_server(&tls, "gateway", peer_policy())?
+    let served = mesh_server(&tls, peer_policy())?
         .layer(TokenAuthLayer::new(checks, role_policy()))
         .layer(load_control::LoadControlLayer::new(load_control))
         .add_service(health_service)

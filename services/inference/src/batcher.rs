@@ -108,7 +108,46 @@ struct VersionMetrics {
     batch_size: metrics::Histogram,
     queue_depth: metrics::Gauge,
     succeeded: metrics::Counter,
+    /// Triton's per-model families (cumulative microseconds as counters), so dashboards made
+    /// for Triton work unchanged.
+    triton: TritonMetrics,
     labels: [(&'static str, String); 2],
+}
+
+/// Triton's `nv_inference_*` families for one model version, counted as Triton counts them:
+/// requests by outcome, inferences (rows) and executions (model runs), and cumulative
+/// request, queue and compute microseconds (compute per request: each request of a batch
+/// spent the whole run computing).
+struct TritonMetrics {
+    request_success: metrics::Counter,
+    request_failure: metrics::Counter,
+    inference_count: metrics::Counter,
+    exec_count: metrics::Counter,
+    request_duration_us: metrics::Counter,
+    queue_duration_us: metrics::Counter,
+    compute_infer_duration_us: metrics::Counter,
+}
+
+impl TritonMetrics {
+    fn new(labels: &[(&'static str, String); 2]) -> Self {
+        use crate::metric_catalog as catalog;
+        Self {
+            request_success: metrics::counter!(catalog::NV_REQUEST_SUCCESS, labels),
+            request_failure: metrics::counter!(catalog::NV_REQUEST_FAILURE, labels),
+            inference_count: metrics::counter!(catalog::NV_INFERENCE_COUNT, labels),
+            exec_count: metrics::counter!(catalog::NV_EXEC_COUNT, labels),
+            request_duration_us: metrics::counter!(catalog::NV_REQUEST_DURATION_US, labels),
+            queue_duration_us: metrics::counter!(catalog::NV_QUEUE_DURATION_US, labels),
+            compute_infer_duration_us: metrics::counter!(
+                catalog::NV_COMPUTE_INFER_DURATION_US,
+                labels
+            ),
+        }
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl VersionMetrics {
@@ -124,14 +163,20 @@ impl VersionMetrics {
             batch_size: metrics::histogram!("medai_inference_batch_size", &labels),
             queue_depth: metrics::gauge!("medai_inference_queue_depth", &labels),
             succeeded: metrics::counter!("medai_inference_requests_total", "model" => labels[0].1.clone(), "version" => labels[1].1.clone(), "code" => "OK"),
+            triton: TritonMetrics::new(&labels),
             labels,
         }
     }
 
-    fn count_outcome(&self, outcome: &Result<RowsOutput, InferenceError>) {
+    fn count_outcome(&self, outcome: &Result<RowsOutput, InferenceError>, took: Duration) {
+        self.triton.request_duration_us.increment(micros(took));
         match outcome {
-            Ok(_) => self.succeeded.increment(1),
+            Ok(_) => {
+                self.succeeded.increment(1);
+                self.triton.request_success.increment(1);
+            }
             Err(error) => {
+                self.triton.request_failure.increment(1);
                 let code = medai_runtime::ServiceError::reason(error);
                 metrics::counter!("medai_inference_requests_total", "model" => self.labels[0].1.clone(), "version" => self.labels[1].1.clone(), "code" => code)
                     .increment(1);
@@ -243,11 +288,10 @@ impl ServedVersion {
     ) -> Result<RowsOutput, InferenceError> {
         let started = Instant::now();
         let outcome = self.queue_and_wait(rows, deadline, started).await;
-        self.statistics.record_request(&outcome, started.elapsed());
-        self.metrics
-            .request_seconds
-            .record(started.elapsed().as_secs_f64());
-        self.metrics.count_outcome(&outcome);
+        let took = started.elapsed();
+        self.statistics.record_request(&outcome, took);
+        self.metrics.request_seconds.record(took.as_secs_f64());
+        self.metrics.count_outcome(&outcome, took);
         outcome
     }
 
@@ -406,6 +450,10 @@ impl Worker {
             }
             let queued = started.duration_since(job.enqueued);
             self.metrics.queue_seconds.record(queued.as_secs_f64());
+            self.metrics
+                .triton
+                .queue_duration_us
+                .increment(micros(queued));
             self.statistics.queue_count.fetch_add(1, Ordering::Relaxed);
             self.statistics
                 .queue_ns
@@ -439,6 +487,12 @@ impl Worker {
         };
         self.metrics.compute_seconds.record(computed.as_secs_f64());
         self.metrics.batch_size.record(total_rows as f64);
+        let triton = &self.metrics.triton;
+        triton.exec_count.increment(1);
+        triton.inference_count.increment(total_rows as u64);
+        triton
+            .compute_infer_duration_us
+            .increment(micros(computed).saturating_mul(row_counts.len() as u64));
         self.statistics
             .record_run(total_rows, row_counts.len(), computed);
         match result {

@@ -10,6 +10,7 @@ mod grpc;
 pub mod kserve;
 pub mod lifecycle;
 pub mod manifest;
+pub mod metric_catalog;
 pub mod model;
 pub mod predict;
 pub mod preprocess;
@@ -119,6 +120,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let results =
         results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
@@ -157,7 +159,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    mesh_server(&tls, "inference", peer_policy())?
+    mesh_server(&tls, peer_policy())?
         .add_service(health_service)
         .add_service(api)
         .add_service(kserve)

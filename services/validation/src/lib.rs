@@ -9,6 +9,7 @@ pub mod display;
 mod error;
 mod grpc;
 mod jpeg_extended;
+pub mod metric_catalog;
 mod native_colour;
 mod pixel_rewrite;
 pub mod quality;
@@ -48,6 +49,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    metric_catalog::describe();
     config.limits.validate().map_err(ServeError::Config)?;
     if config.decode_memory_budget_bytes < 1024 * 1024 {
         return Err(ServeError::Config(
@@ -75,7 +77,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
-    mesh_server(&tls, "validation", peer_policy())?
+    mesh_server(&tls, peer_policy())?
         .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(
