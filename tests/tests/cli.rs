@@ -244,6 +244,15 @@ async fn medai_names_a_gateway_that_is_down_a_url_without_scheme_a_certificate_m
     );
     assert!(!state.path().join("token").exists());
 
+    // No password option and no terminal to ask on: a usage error that names the options.
+    let output = cli.run(&["login", "--username", "alice"], None);
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("--password-stdin"),
+        "{}",
+        describe(&output)
+    );
+
     // No saved session: authentication too, with what to do.
     let output = cli.run(&["results", "list"], None);
     assert_eq!(output.status.code(), Some(4), "{}", describe(&output));
@@ -768,6 +777,98 @@ async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_
         describe(&output)
     );
     mesh.stop(std::time::Duration::from_secs(10)).await;
+}
+
+/// Every process below `pid` (Linux /proc).
+fn descendants(pid: u32) -> Vec<u32> {
+    let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|child| child.parse().ok())
+        .collect();
+    let mut all = children.clone();
+    for child in children {
+        all.extend(descendants(child));
+    }
+    all
+}
+
+/// True while the process's main thread is blocked in read(2) (syscall 0 on x86-64 and 63 on
+/// aarch64).
+fn blocked_in_read(pid: u32) -> bool {
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let number = syscall.split_whitespace().next().unwrap_or_default();
+    let read = if cfg!(target_arch = "aarch64") {
+        "63"
+    } else {
+        "0"
+    };
+    number == read
+        && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|name| name.trim() == "medai")
+}
+
+#[test]
+fn medai_asks_for_the_password_on_a_terminal_without_echoing_it() {
+    use std::io::{Read, Write};
+    let state = tempfile::tempdir().expect("state");
+    let down = format!("https://127.0.0.1:{}", closed_port());
+    let pki = TestPki::new();
+    let command_line = format!(
+        "{} --state-dir {} --cacert {} --gateway {down} login --username alice",
+        binaries_dir().join("medai").display(),
+        state.path().display(),
+        pki.layout.ca_certificate().display()
+    );
+    // `script` runs the command on a pseudo-terminal, as a person at a terminal would.
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &command_line, "/dev/null"])
+        .env_remove("MEDAI_GATEWAY")
+        .env_remove("MEDAI_STATE_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run medai under script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut transcript = Vec::new();
+    let mut buffer = [0u8; 256];
+    // Type only once the prompt is shown (echo is off by then).
+    while !String::from_utf8_lossy(&transcript).contains("Password for alice:") {
+        let read = stdout.read(&mut buffer).expect("read the terminal");
+        assert!(
+            read > 0,
+            "no prompt: {}",
+            String::from_utf8_lossy(&transcript)
+        );
+        transcript.extend_from_slice(&buffer[..read]);
+    }
+    // The prompt is written just before echo is turned off: type only once medai (somewhere
+    // under script) is blocked reading the terminal, which it does after turning echo off.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !descendants(child.id()).into_iter().any(blocked_in_read) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "medai never waited for the password"
+        );
+        std::thread::yield_now();
+    }
+    let secret = "a secret typed at the terminal";
+    stdin
+        .write_all(format!("{secret}\n").as_bytes())
+        .expect("type the password");
+    stdout.read_to_end(&mut transcript).expect("read the rest");
+    let status = child.wait().expect("script exits");
+    drop(stdin);
+    let transcript = String::from_utf8_lossy(&transcript).into_owned();
+    // The password was read (the command went on to the gateway, which is down) and never shown.
+    assert_eq!(status.code(), Some(3), "{transcript}");
+    assert!(transcript.contains("cannot reach"), "{transcript}");
+    assert!(
+        !transcript.contains(secret),
+        "the password was echoed: {transcript}"
+    );
 }
 
 #[test]
