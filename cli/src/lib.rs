@@ -2,4 +2,8 @@
 //! start the mesh exactly as `medai up` does.
 
 pub mod client;
+pub mod exit;
+pub mod images;
 pub mod launcher;
+pub mod output;
+pub mod session;

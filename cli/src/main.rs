@@ -1,29 +1,39 @@
-//! `medai`: run the whole mesh on one machine, log in, run a prediction, verify the ledger.
+//! `medai`: the client people use. Runs the whole mesh on one machine (`up`, `demo`), logs in
+//! and keeps the session, sends images and studies, reads and signs results, manages model
+//! versions (operators, straight to the inference service) and audits the ledger.
 
 mod backup;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use medai_cli::client::{authorised, connect_gateway};
+use medai_cli::client::{ConnectOptions, GatewayClient, authorised, connect_gateway_with};
+use medai_cli::exit::{CliError, EXIT_CODES_HELP};
+use medai_cli::images;
 use medai_cli::launcher::{MeshSettings, RunningMesh};
-use medai_proto::common::v1::ImageFormat;
-use medai_proto::gateway::v1::{InferRequest, LoginRequest, VerifyLedgerRequest};
+use medai_cli::output::{self, OutputFormat, line};
+use medai_cli::session::{PasswordSource, SessionFiles, expires_soon, now_unix_seconds};
+use medai_proto::gateway::v1 as gw;
+use medai_proto::inference::v1 as inference;
+use serde_json::json;
+use tonic::Status;
 
 #[derive(Parser)]
 #[command(
     name = "medai",
     about = "MedAI Flow: medical-imaging AI behind a mesh of mTLS services",
-    version
+    version,
+    after_help = EXIT_CODES_HELP
 )]
 struct Cli {
-    /// Certificates, databases, logs and the saved token live here.
+    /// Certificates, databases, logs and the saved session live here.
     #[arg(long, global = true, default_value = ".medai", env = "MEDAI_STATE_DIR")]
     state_dir: PathBuf,
-    /// The gateway to talk to.
+    /// The gateway to talk to (https://HOST:PORT).
     #[arg(
         long,
         global = true,
@@ -31,6 +41,29 @@ struct Cli {
         env = "MEDAI_GATEWAY"
     )]
     gateway: String,
+    /// The CA certificate (PEM) that signed the server's certificate [default: <state-dir>/pki/ca.pem].
+    #[arg(long, global = true, env = "MEDAI_CACERT")]
+    cacert: Option<PathBuf>,
+    /// A client certificate (PEM) for mTLS [default for `models`: <state-dir>/pki/operator.pem].
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name the server's certificate must carry [default: medai-gateway, or
+    /// medai-inference for `models`].
+    #[arg(long, global = true)]
+    servername: Option<String>,
+    /// How results are printed: a table for people, or one JSON document for programs
+    /// (errors then go to stderr as JSON too).
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
+    output: OutputFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,19 +72,46 @@ struct Cli {
 enum Command {
     /// Start all five services on loopback with the embedded defaults and wait for Ctrl-C.
     Up(UpArgs),
-    /// Log in and save the access token in the state folder.
+    /// Log in; the access and refresh tokens are kept (mode 0600) in the state folder and
+    /// refreshed transparently when the access token expires.
     Login {
         #[arg(long, default_value = "admin")]
         username: String,
-        /// Read the password from this file (default: the bootstrap admin's password file).
-        #[arg(long)]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
-    /// Run a prediction on an image (DICOM, PNG or JPEG) with the saved token.
+    /// Revoke the saved session at the gateway and delete its tokens.
+    Logout,
+    /// Run a prediction on an image (DICOM, PNG or JPEG). Files larger than one message are
+    /// streamed in chunks through UploadImage.
     Infer {
         file: PathBuf,
         #[arg(long, default_value = "")]
         model: String,
+        /// A model version (default: the active one).
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Sent again with the same key, the request gets the stored result back.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
+    /// Studies: many images on one stream.
+    Study {
+        #[command(subcommand)]
+        command: StudyCommand,
+    },
+    /// Stored results: list, show, sign.
+    Results {
+        #[command(subcommand)]
+        command: ResultsCommand,
+    },
+    /// Model versions, straight to the inference service with the operator certificate.
+    Models {
+        /// The inference service (https://HOST:PORT; `medai up` prints it).
+        #[arg(long, env = "MEDAI_INFERENCE")]
+        inference: String,
+        #[command(subcommand)]
+        command: ModelsCommand,
     },
     /// Ledger operations.
     Audit {
@@ -70,8 +130,152 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct PasswordArgs {
+    /// Read the password from the first line of standard input.
+    #[arg(long, conflicts_with = "password_file")]
+    password_stdin: bool,
+    /// Read the password from this file (default for admin: the bootstrap password file if
+    /// there is one; otherwise a prompt without echo).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+impl PasswordArgs {
+    fn source(&self, fallback_file: Option<PathBuf>) -> PasswordSource {
+        if self.password_stdin {
+            PasswordSource::Stdin
+        } else if let Some(file) = self.password_file.clone().or(fallback_file) {
+            PasswordSource::File(file)
+        } else {
+            PasswordSource::Prompt
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum StudyCommand {
+    /// Stream files and folders (walked recursively) through StudyStream; DICOM instances
+    /// carry an idempotency key made of their SOP Instance UID and the model, so a study sent
+    /// again gets its stored results back.
+    Send {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long, default_value = "")]
+        version: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ResultsCommand {
+    /// Newest first.
+    List {
+        #[arg(long, default_value = "")]
+        model: String,
+        /// PRELIMINARY or SIGNED.
+        #[arg(long, default_value = "")]
+        status: String,
+        /// RFC 3339 lower bound of created_at.
+        #[arg(long, default_value = "")]
+        from: String,
+        /// RFC 3339 upper bound (exclusive).
+        #[arg(long, default_value = "")]
+        until: String,
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    Show {
+        result_id: String,
+    },
+    /// An electronic signature: asks for the password again (re-authentication), then signs
+    /// the content shown.
+    Sign {
+        result_id: String,
+        #[arg(long, value_enum)]
+        meaning: SignatureMeaning,
+        /// Why (required when rejecting).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SignatureMeaning {
+    Reviewed,
+    Approved,
+    Rejected,
+}
+
+impl SignatureMeaning {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Reviewed => "REVIEWED",
+            Self::Approved => "APPROVED",
+            Self::Rejected => "REJECTED",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every model and version with its status and readiness.
+    List,
+    /// Register a version folder already placed in the repository.
+    Stage {
+        model: String,
+        version: String,
+        /// Why (recorded in the ledger, for example a change-control ticket).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Serve this staged version; the one it replaces returns to staged.
+    Activate {
+        model: String,
+        version: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Withdraw a version for good.
+    Retire {
+        model: String,
+        version: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Serve again the version active before the current one.
+    Rollback {
+        model: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 #[derive(Subcommand)]
 enum AuditCommand {
+    /// Ledger entries by time range, actor, action and resource (auditor).
+    Query {
+        /// RFC 3339 UTC, inclusive.
+        #[arg(long, default_value = "")]
+        from: String,
+        #[arg(long, default_value = "")]
+        to: String,
+        #[arg(long, default_value = "")]
+        actor: String,
+        #[arg(long, default_value = "")]
+        action: String,
+        #[arg(long, default_value = "")]
+        resource: String,
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
     /// Verify the ledger. Online (default): the audit service recomputes the chain and checks
     /// its signed checkpoints (admin or auditor). Offline (--export): this machine verifies an
     /// export with no database and no service, trusting only the public key you give it.
@@ -107,44 +311,67 @@ struct UpArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let format = cli.output;
+    match run(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("medai: {error:#}");
-            ExitCode::FAILURE
+            report_error(format, &error);
+            ExitCode::from(error.exit_code())
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+#[allow(clippy::print_stderr)]
+fn report_error(format: OutputFormat, error: &CliError) {
+    match format {
+        OutputFormat::Json => eprintln!("{}", error.to_json()),
+        OutputFormat::Table => eprintln!("medai: {error:#}"),
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Up(args) => {
-            let mesh = start_mesh(&cli, args).await?;
-            say(&format!(
+            let mesh = start_mesh(cli, args).await?;
+            line(&format!(
                 "mesh is up: gateway {} (Ctrl-C stops it)",
                 gateway_endpoint(&mesh)?
             ));
-            say(&format!(
+            line(&format!(
                 "a service that exits is restarted on its port; see {}",
                 cli.state_dir.join("logs").join("launcher.log").display()
             ));
             medai_runtime::shutdown::termination_signal().await;
             mesh.stop(Duration::from_secs(15)).await;
-            say("mesh stopped");
+            line("mesh stopped");
             Ok(())
         }
-        Command::Login {
-            username,
-            password_file,
-        } => {
-            let password_file = password_file
-                .clone()
-                .unwrap_or_else(|| admin_password_file(&cli.state_dir));
-            login(&cli, &cli.gateway, username, &password_file).await
+        Command::Login { username, password } => {
+            let fallback = (username == "admin")
+                .then(|| admin_password_file(&cli.state_dir))
+                .filter(|file| file.is_file());
+            let source = password.source(fallback);
+            login(cli, &cli.gateway, username, &source).await
         }
-        Command::Infer { file, model } => infer(&cli, &cli.gateway, file, model).await,
         Command::Backup(args) => backup::backup(args).await,
         Command::Restore(args) => backup::restore(args).await,
+        Command::Logout => logout(cli).await,
+        Command::Infer {
+            file,
+            model,
+            version,
+            idempotency_key,
+        } => infer(cli, &cli.gateway, file, model, version, idempotency_key).await,
+        Command::Study {
+            command:
+                StudyCommand::Send {
+                    paths,
+                    model,
+                    version,
+                },
+        } => study_send(cli, paths, model, version).await,
+        Command::Results { command } => results(cli, command).await,
+        Command::Models { inference, command } => models(cli, inference, command).await,
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -153,40 +380,59 @@ async fn run(cli: Cli) -> Result<()> {
                     checkpoints,
                 },
         } => verify_offline(
+            cli,
             export,
             public_key.as_deref().unwrap_or_default(),
             checkpoints.as_deref(),
         ),
         Command::Audit {
             command: AuditCommand::Verify { export: None, .. },
-        } => verify(&cli, &cli.gateway).await,
+        } => verify(cli, &cli.gateway).await,
         Command::Audit {
             command: AuditCommand::Export { out },
-        } => export(&cli, &cli.gateway, out).await,
+        } => export(cli, out).await,
+        Command::Audit {
+            command:
+                AuditCommand::Query {
+                    from,
+                    to,
+                    actor,
+                    action,
+                    resource,
+                    page_size,
+                    page_token,
+                },
+        } => {
+            let query = medai_proto::audit::v1::QueryEventsRequest {
+                recorded_from: from.clone(),
+                recorded_to: to.clone(),
+                actor: actor.clone(),
+                action: action.clone(),
+                resource: resource.clone(),
+                page_size: *page_size,
+                page_token: page_token.clone(),
+            };
+            audit_query(cli, query).await
+        }
         Command::Demo { up, file } => {
-            let mesh = start_mesh(&cli, up).await?;
+            let mesh = start_mesh(cli, up).await?;
             let gateway = gateway_endpoint(&mesh)?;
-            say(&format!("mesh is up: gateway {gateway}"));
+            line(&format!("mesh is up: gateway {gateway}"));
             let outcome = async {
-                login(
-                    &cli,
-                    &gateway,
-                    "admin",
-                    &admin_password_file(&cli.state_dir),
-                )
-                .await?;
-                infer(&cli, &gateway, file, "").await?;
-                verify(&cli, &gateway).await
+                let source = PasswordSource::File(admin_password_file(&cli.state_dir));
+                login(cli, &gateway, "admin", &source).await?;
+                infer(cli, &gateway, file, "", "", "").await?;
+                verify(cli, &gateway).await
             }
             .await;
             mesh.stop(Duration::from_secs(15)).await;
-            say("mesh stopped");
+            line("mesh stopped");
             outcome
         }
     }
 }
 
-fn gateway_endpoint(mesh: &RunningMesh) -> Result<String> {
+fn gateway_endpoint(mesh: &RunningMesh) -> Result<String, CliError> {
     let address = mesh
         .address("gateway")
         .context("the gateway has no address")?;
@@ -194,14 +440,64 @@ fn gateway_endpoint(mesh: &RunningMesh) -> Result<String> {
 }
 
 impl Cli {
-    fn ca_certificate(&self) -> PathBuf {
-        self.state_dir.join("pki").join("ca.pem")
+    fn pki(&self) -> medai_devpki::PkiLayout {
+        medai_devpki::PkiLayout::new(self.state_dir.join("pki"))
     }
-}
 
-#[allow(clippy::print_stdout)]
-fn say(line: &str) {
-    println!("{line}");
+    fn session(&self) -> SessionFiles {
+        SessionFiles::in_state_dir(&self.state_dir)
+    }
+
+    fn ca_certificate(&self) -> PathBuf {
+        self.cacert
+            .clone()
+            .unwrap_or_else(|| self.pki().ca_certificate())
+    }
+
+    fn client_identity(&self) -> Option<(PathBuf, PathBuf)> {
+        self.cert.clone().zip(self.key.clone())
+    }
+
+    fn gateway_options(&self, endpoint: &str) -> ConnectOptions {
+        ConnectOptions {
+            endpoint: endpoint.to_owned(),
+            ca_certificate: self.ca_certificate(),
+            server_name: self
+                .servername
+                .clone()
+                .unwrap_or_else(|| "medai-gateway".to_owned()),
+            identity: self.client_identity(),
+        }
+    }
+
+    /// The inference service, as the operator: the operator certificate of the state folder
+    /// unless --cert/--key name another.
+    fn inference_options(&self, endpoint: &str) -> ConnectOptions {
+        let pki = self.pki();
+        let identity = self.client_identity().unwrap_or_else(|| {
+            (
+                pki.certificate(medai_cli::launcher::OPERATOR_IDENTITY),
+                pki.key(medai_cli::launcher::OPERATOR_IDENTITY),
+            )
+        });
+        ConnectOptions {
+            endpoint: endpoint.to_owned(),
+            ca_certificate: self.ca_certificate(),
+            server_name: self
+                .servername
+                .clone()
+                .unwrap_or_else(|| "medai-inference".to_owned()),
+            identity: Some(identity),
+        }
+    }
+
+    async fn gateway_client(&self, endpoint: &str) -> Result<GatewayClient, CliError> {
+        Ok(connect_gateway_with(&self.gateway_options(endpoint)).await?)
+    }
+
+    fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
 }
 
 fn admin_password_file(state_dir: &Path) -> PathBuf {
@@ -210,7 +506,7 @@ fn admin_password_file(state_dir: &Path) -> PathBuf {
 
 /// The bootstrap admin's password: generated on first run, kept owner-readable in the state
 /// folder, never printed.
-fn ensure_admin_password(state_dir: &Path) -> Result<String> {
+fn ensure_admin_password(state_dir: &Path) -> Result<String, CliError> {
     let path = admin_password_file(state_dir);
     if let Ok(existing) = std::fs::read_to_string(&path) {
         return Ok(existing.trim().to_owned());
@@ -220,34 +516,30 @@ fn ensure_admin_password(state_dir: &Path) -> Result<String> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    std::fs::write(&path, &password).with_context(|| format!("cannot write {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    medai_cli::session::write_private(&path, &password)?;
     Ok(password)
 }
 
-async fn start_mesh(cli: &Cli, args: &UpArgs) -> Result<RunningMesh> {
+async fn start_mesh(cli: &Cli, args: &UpArgs) -> Result<RunningMesh, CliError> {
     std::fs::create_dir_all(&cli.state_dir)
         .with_context(|| format!("cannot create {}", cli.state_dir.display()))?;
-    let state_dir = cli.state_dir.canonicalize()?;
-    let binaries_dir = std::env::current_exe()?
+    let state_dir = cli.state_dir.canonicalize().context("the state folder")?;
+    let binaries_dir = std::env::current_exe()
+        .context("cannot locate the service binaries")?
         .parent()
         .map(Path::to_owned)
         .context("cannot locate the service binaries")?;
-    let model_repository = args.model_repository.canonicalize().with_context(|| {
-        format!(
+    let model_repository = args.model_repository.canonicalize().map_err(|_| {
+        CliError::Usage(format!(
             "model repository {} not found (run scripts/fetch-assets.sh)",
             args.model_repository.display()
-        )
+        ))
     })?;
-    let onnxruntime_library = args.onnxruntime_library.canonicalize().with_context(|| {
-        format!(
+    let onnxruntime_library = args.onnxruntime_library.canonicalize().map_err(|_| {
+        CliError::Usage(format!(
             "ONNX Runtime {} not found (run scripts/fetch-assets.sh)",
             args.onnxruntime_library.display()
-        )
+        ))
     })?;
     let mut settings = MeshSettings::embedded(
         &state_dir,
@@ -258,159 +550,668 @@ async fn start_mesh(cli: &Cli, args: &UpArgs) -> Result<RunningMesh> {
     settings.admin_password = ensure_admin_password(&state_dir)?;
     settings.gateway_port = args.port;
     settings.admin_endpoints = true;
-    let progress = indicatif::ProgressBar::new_spinner();
+    let progress = images::progress_bar(0, "{spinner} {msg}");
     progress.set_message("starting audit, auth, validation, inference and gateway");
-    progress.enable_steady_tick(Duration::from_millis(120));
     let mesh = RunningMesh::start(&settings).await;
     progress.finish_and_clear();
-    let mesh = mesh?;
+    let mesh = mesh.map_err(|error| CliError::Other(error.into()))?;
     for service in medai_cli::launcher::SERVICES {
         if let (Some(grpc), admin) = (mesh.address(service), mesh.admin_address(service)) {
             let metrics = admin
                 .map(|address| format!(", metrics http://{address}/metrics"))
                 .unwrap_or_default();
-            say(&format!("  {service:<10} {grpc}{metrics}"));
+            line(&format!("  {service:<10} {grpc}{metrics}"));
         }
     }
     Ok(mesh)
 }
 
-fn token_file(state_dir: &Path) -> PathBuf {
-    state_dir.join("token")
-}
-
-async fn login(cli: &Cli, gateway: &str, username: &str, password_file: &Path) -> Result<()> {
-    let password = std::fs::read_to_string(password_file)
-        .with_context(|| format!("cannot read the password file {}", password_file.display()))?;
-    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
+async fn login(
+    cli: &Cli,
+    gateway: &str,
+    username: &str,
+    source: &PasswordSource,
+) -> Result<(), CliError> {
+    let password = source.read(&format!("Password for {username}: "))?;
+    let mut client = cli.gateway_client(gateway).await?;
     let grant = client
-        .login(LoginRequest {
+        .login(gw::LoginRequest {
             username: username.to_owned(),
-            password: password.trim().to_owned(),
+            password,
         })
         .await
-        .map_err(|status| {
-            anyhow::anyhow!("login refused: {} ({:?})", status.message(), status.code())
-        })?
+        .map_err(|status| CliError::refused("login", &status))?
         .into_inner()
         .grant
         .context("the gateway answered without tokens")?;
-    let path = token_file(&cli.state_dir);
-    std::fs::write(&path, &grant.access_token)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    say(&format!(
-        "logged in as {username} ({}); token valid for {} s",
-        grant.role, grant.expires_in_seconds
-    ));
-    Ok(())
-}
-
-fn saved_token(cli: &Cli) -> Result<String> {
-    std::fs::read_to_string(token_file(&cli.state_dir))
-        .map(|token| token.trim().to_owned())
-        .context("no saved token: run `medai login` first")
-}
-
-async fn infer(cli: &Cli, gateway: &str, file: &Path, model: &str) -> Result<()> {
-    let image = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let token = saved_token(cli)?;
-    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
-    let request = InferRequest {
-        image,
-        format: ImageFormat::Unspecified.into(),
-        model_name: model.to_owned(),
-        model_version: String::new(),
-        idempotency_key: String::new(),
-    };
-    let response = client
-        .infer(authorised(request, &token))
-        .await
-        .map_err(|status| {
-            let reason = medai_runtime::errors::reason_of(&status).unwrap_or_default();
-            anyhow::anyhow!(
-                "prediction refused: {} ({:?} {reason})",
-                status.message(),
-                status.code()
-            )
-        })?
-        .into_inner();
-    let Some(prediction) = response.prediction else {
-        bail!("the gateway answered without a prediction")
-    };
-    say(&format!("result     {}", response.result_id));
-    say(&format!(
-        "model      {} version {}",
-        prediction.model_name, prediction.model_version
-    ));
-    say(&format!(
-        "label      {} ({:.4})",
-        prediction.top_label, prediction.top_probability
-    ));
-    for entry in &prediction.probabilities {
-        say(&format!("  {:<12} {:.4}", entry.label, entry.probability));
-    }
-    say(&format!(
-        "decision   {} (threshold {:.2}), status PRELIMINARY until signed",
-        prediction.decision, prediction.decision_threshold
-    ));
-    say(&format!(
-        "ledger     seq {} hash {}",
-        response.ledger_seq, response.ledger_hash
-    ));
-    say(&format!("NOTE       {}", prediction.intended_use));
-    Ok(())
-}
-
-async fn verify(cli: &Cli, gateway: &str) -> Result<()> {
-    let token = saved_token(cli)?;
-    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
-    let report = client
-        .verify_ledger(authorised(VerifyLedgerRequest {}, &token))
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!(
-                "verification refused: {} ({:?})",
-                status.message(),
-                status.code()
-            )
-        })?
-        .into_inner()
-        .verification
-        .context("the gateway answered without a report")?;
-    if report.intact {
-        say(&format!(
-            "ledger intact: {} entries, head {}",
-            report.entries_checked, report.head_hash
+    cli.session()
+        .save(&grant.access_token, &grant.refresh_token)?;
+    if cli.json() {
+        output::json_document(&json!({
+            "username": username,
+            "role": grant.role,
+            "expires_in_seconds": grant.expires_in_seconds,
+            "refresh_expires_in_seconds": grant.refresh_expires_in_seconds,
+        }));
+    } else {
+        line(&format!(
+            "logged in as {username} ({}); token valid for {} s, refreshed as needed for {} s",
+            grant.role, grant.expires_in_seconds, grant.refresh_expires_in_seconds
         ));
+    }
+    Ok(())
+}
+
+/// Exchanges the saved refresh token for a new pair (the old one is spent: rotation).
+async fn refresh_session(cli: &Cli, client: &mut GatewayClient) -> Result<String, CliError> {
+    let session = cli.session();
+    let Some(refresh_token) = session.refresh_token() else {
+        return Err(CliError::Authentication(
+            "the session has expired: run `medai login` again".to_owned(),
+        ));
+    };
+    let grant = match client.refresh(gw::RefreshRequest { refresh_token }).await {
+        Ok(response) => response
+            .into_inner()
+            .grant
+            .context("the gateway answered without tokens")?,
+        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+            let reason = medai_runtime::errors::reason_of(&status).unwrap_or_default();
+            return Err(CliError::Authentication(format!(
+                "the saved session has ended ({reason}): run `medai login` again"
+            )));
+        }
+        Err(status) => return Err(CliError::refused("refresh", &status)),
+    };
+    session.save(&grant.access_token, &grant.refresh_token)?;
+    Ok(grant.access_token)
+}
+
+/// The saved access token, refreshed first if it has expired or is about to.
+async fn fresh_token(cli: &Cli, client: &mut GatewayClient) -> Result<String, CliError> {
+    let session = cli.session();
+    let token = session.access_token()?;
+    if expires_soon(&token, now_unix_seconds()) && session.refresh_token().is_some() {
+        return refresh_session(cli, client).await;
+    }
+    Ok(token)
+}
+
+fn token_expired(status: &Status) -> bool {
+    status.code() == tonic::Code::Unauthenticated
+        && medai_runtime::errors::reason_of(status).as_deref() == Some("TOKEN_EXPIRED")
+}
+
+/// Runs `call` with the saved session; if the gateway says the token has expired, refreshes
+/// the session once and runs it again.
+async fn with_session<T, F, Fut>(
+    cli: &Cli,
+    gateway: &str,
+    what: &str,
+    call: F,
+) -> Result<T, CliError>
+where
+    F: Fn(GatewayClient, String) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let mut client = cli.gateway_client(gateway).await?;
+    let token = fresh_token(cli, &mut client).await?;
+    match call(client.clone(), token).await {
+        Ok(value) => Ok(value),
+        Err(status) if token_expired(&status) && cli.session().refresh_token().is_some() => {
+            let token = refresh_session(cli, &mut client).await?;
+            call(client, token)
+                .await
+                .map_err(|status| CliError::refused(what, &status))
+        }
+        Err(status) => Err(CliError::refused(what, &status)),
+    }
+}
+
+async fn logout(cli: &Cli) -> Result<(), CliError> {
+    let session = cli.session();
+    if session.access_token().is_err() && session.refresh_token().is_none() {
+        if cli.json() {
+            output::json_document(&json!({"logged_out": false, "revoked": false}));
+        } else {
+            line("no saved session");
+        }
+        return Ok(());
+    }
+    let revoked = async {
+        let mut client = cli.gateway_client(&cli.gateway).await?;
+        let token = fresh_token(cli, &mut client).await?;
+        let refresh_token = session.refresh_token().unwrap_or_default();
+        client
+            .logout(authorised(gw::LogoutRequest { refresh_token }, &token))
+            .await
+            .map_err(|status| CliError::refused("logout", &status))?;
+        Ok::<(), CliError>(())
+    }
+    .await;
+    session.remove();
+    match revoked {
+        Ok(()) => {
+            if cli.json() {
+                output::json_document(&json!({"logged_out": true, "revoked": true}));
+            } else {
+                line("logged out: the session is revoked and its tokens deleted");
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let code = error.exit_code();
+            let message =
+                format!("the saved tokens are deleted, but the session was not revoked: {error:#}");
+            Err(match code {
+                medai_cli::exit::UNREACHABLE | medai_cli::exit::CERTIFICATE => error,
+                medai_cli::exit::AUTHENTICATION => CliError::Authentication(message),
+                _ => CliError::Other(anyhow::anyhow!(message)),
+            })
+        }
+    }
+}
+
+async fn infer(
+    cli: &Cli,
+    gateway: &str,
+    file: &Path,
+    model: &str,
+    version: &str,
+    idempotency_key: &str,
+) -> Result<(), CliError> {
+    let size = std::fs::metadata(file)
+        .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?
+        .len();
+    let format = images::format_of(file);
+    let mut upload = None;
+    let response = if size <= images::ONE_MESSAGE_BYTES {
+        let image = std::fs::read(file)
+            .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?;
+        let request = gw::InferRequest {
+            image,
+            format: format.into(),
+            model_name: model.to_owned(),
+            model_version: version.to_owned(),
+            idempotency_key: idempotency_key.to_owned(),
+        };
+        with_session(cli, gateway, "prediction", |mut client, token| {
+            let request = request.clone();
+            async move { client.infer(authorised(request, &token)).await }
+        })
+        .await?
+        .into_inner()
+    } else {
+        let client_request_id = format!("medai-cli-{}", uuid::Uuid::new_v4().simple());
+        let header = gw::UploadHeader {
+            model_name: model.to_owned(),
+            model_version: version.to_owned(),
+            format: format.into(),
+            client_request_id: client_request_id.clone(),
+            declared_size: size,
+            idempotency_key: idempotency_key.to_owned(),
+        };
+        let response = with_session(cli, gateway, "prediction", |mut client, token| {
+            let progress = images::progress_bar(
+                size,
+                "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            );
+            let messages = images::upload_messages(file, header.clone(), progress.clone());
+            async move {
+                let answer = client.upload_image(authorised(messages, &token)).await;
+                progress.finish_and_clear();
+                answer
+            }
+        })
+        .await?
+        .into_inner()
+        .result
+        .context("the gateway answered without a prediction")?;
+        upload = Some((client_request_id, size.div_ceil(images::CHUNK_BYTES as u64)));
+        response
+    };
+    if response.prediction.is_none() {
+        return Err(anyhow::anyhow!("the gateway answered without a prediction").into());
+    }
+    if cli.json() {
+        let mut document = output::infer_json(&response);
+        document["upload"] = match &upload {
+            Some((client_request_id, chunks)) => json!({
+                "client_request_id": client_request_id,
+                "bytes": size,
+                "chunks": chunks,
+            }),
+            None => serde_json::Value::Null,
+        };
+        output::json_document(&document);
+    } else {
+        output::infer_table(&response);
+        if let Some((client_request_id, chunks)) = &upload {
+            line(&format!(
+                "upload     {size} bytes in {chunks} chunks through UploadImage (request {client_request_id})"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn study_send(
+    cli: &Cli,
+    paths: &[PathBuf],
+    model: &str,
+    version: &str,
+) -> Result<(), CliError> {
+    let files = images::collect_files(paths)?;
+    let mut client = cli.gateway_client(&cli.gateway).await?;
+    let token = fresh_token(cli, &mut client).await?;
+    let run = images::send_study(&mut client, &token, files, model, version).await?;
+    let predicted = run
+        .outcomes
+        .iter()
+        .filter(|outcome| outcome.result.as_ref().is_ok_and(|result| !result.replayed))
+        .count();
+    let replayed = run
+        .outcomes
+        .iter()
+        .filter(|outcome| outcome.result.as_ref().is_ok_and(|result| result.replayed))
+        .count();
+    let refused = run.outcomes.len() - predicted - replayed;
+    if cli.json() {
+        let images: Vec<serde_json::Value> = run
+            .outcomes
+            .iter()
+            .map(|outcome| match &outcome.result {
+                Ok(result) => json!({
+                    "file": outcome.file.display().to_string(),
+                    "outcome": if result.replayed { "replayed" } else { "predicted" },
+                    "keyed_by_sop_instance_uid": outcome.keyed,
+                    "result": output::infer_json(result),
+                }),
+                Err(refusal) => json!({
+                    "file": outcome.file.display().to_string(),
+                    "outcome": "refused",
+                    "keyed_by_sop_instance_uid": outcome.keyed,
+                    "error": {"code": refusal.code, "reason": refusal.reason, "message": refusal.message},
+                }),
+            })
+            .collect();
+        output::json_document(&json!({
+            "images": images,
+            "predicted": predicted,
+            "replayed": replayed,
+            "refused": refused,
+        }));
+    } else {
+        let rows: Vec<Vec<String>> = run
+            .outcomes
+            .iter()
+            .map(|outcome| {
+                let name = outcome.file.display().to_string();
+                let keyed = if outcome.keyed { "SOP UID" } else { "-" }.to_owned();
+                match &outcome.result {
+                    Ok(result) => {
+                        let prediction = result.prediction.clone().unwrap_or_default();
+                        vec![
+                            name,
+                            if result.replayed {
+                                "replayed"
+                            } else {
+                                "predicted"
+                            }
+                            .to_owned(),
+                            format!(
+                                "{} ({:.4})",
+                                prediction.top_label, prediction.top_probability
+                            ),
+                            result.result_id.clone(),
+                            result.ledger_seq.to_string(),
+                            keyed,
+                        ]
+                    }
+                    Err(refusal) => vec![
+                        name,
+                        "refused".to_owned(),
+                        format!("{} {}", refusal.code, refusal.reason),
+                        refusal.message.clone(),
+                        "-".to_owned(),
+                        keyed,
+                    ],
+                }
+            })
+            .collect();
+        output::table(
+            &[
+                "FILE",
+                "OUTCOME",
+                "LABEL / REASON",
+                "RESULT",
+                "LEDGER",
+                "KEY",
+            ],
+            &rows,
+        );
+        line(&format!(
+            "{} images: {predicted} predicted, {replayed} replayed, {refused} refused",
+            run.outcomes.len()
+        ));
+    }
+    if let Some(status) = run.stream_error {
+        return Err(CliError::refused("the study stream", &status));
+    }
+    if refused > 0 {
+        return Err(CliError::Partial(format!(
+            "{refused} of {} images were refused",
+            run.outcomes.len()
+        )));
+    }
+    Ok(())
+}
+
+async fn results(cli: &Cli, command: &ResultsCommand) -> Result<(), CliError> {
+    match command {
+        ResultsCommand::List {
+            model,
+            status,
+            from,
+            until,
+            page_size,
+            page_token,
+        } => {
+            let request = gw::ListResultsRequest {
+                filter: Some(inference::ListResultsRequest {
+                    model_name: model.clone(),
+                    status: status.clone(),
+                    created_from: from.clone(),
+                    created_until: until.clone(),
+                    page_size: *page_size,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                }),
+            };
+            let page = with_session(cli, &cli.gateway, "listing results", |mut client, token| {
+                let request = request.clone();
+                async move { client.list_results(authorised(request, &token)).await }
+            })
+            .await?
+            .into_inner();
+            if cli.json() {
+                output::json_document(&json!({
+                    "results": page.results.iter().map(output::result_json).collect::<Vec<_>>(),
+                    "next_page_token": page.next_page_token,
+                }));
+            } else {
+                let rows: Vec<Vec<String>> = page.results.iter().map(output::result_row).collect();
+                output::table(&output::RESULT_HEADER, &rows);
+                if !page.next_page_token.is_empty() {
+                    line(&format!("more: --page-token {}", page.next_page_token));
+                }
+            }
+            Ok(())
+        }
+        ResultsCommand::Show { result_id } => {
+            let result = get_result(cli, result_id).await?;
+            if cli.json() {
+                output::json_document(&output::result_json(&result));
+            } else {
+                output::result_details(&result);
+            }
+            Ok(())
+        }
+        ResultsCommand::Sign {
+            result_id,
+            meaning,
+            reason,
+            password,
+        } => {
+            if matches!(meaning, SignatureMeaning::Rejected) && reason.trim().is_empty() {
+                return Err(CliError::Usage("a rejection needs --reason".to_owned()));
+            }
+            // What the signer is shown is what the signature binds to (its content hash).
+            let shown = get_result(cli, result_id).await?;
+            if !cli.json() {
+                output::result_details(&shown);
+                line(&format!(
+                    "signing    {} (21 CFR 11.50): enter your password again",
+                    meaning.as_str()
+                ));
+            }
+            let password = password
+                .source(None)
+                .read("Password (re-authentication for the signature): ")?;
+            let ticket = with_session(
+                cli,
+                &cli.gateway,
+                "re-authentication",
+                |mut client, token| {
+                    let request = gw::ReauthenticateRequest {
+                        password: password.clone(),
+                    };
+                    async move { client.reauthenticate(authorised(request, &token)).await }
+                },
+            )
+            .await?
+            .into_inner()
+            .signing_ticket;
+            let request = gw::SignResultRequest {
+                result_id: result_id.clone(),
+                signing_ticket: ticket,
+                meaning: meaning.as_str().to_owned(),
+                reason: reason.clone(),
+                content_sha256: shown.content_sha256.clone(),
+            };
+            let signed = with_session(cli, &cli.gateway, "signature", |mut client, token| {
+                let request = request.clone();
+                async move { client.sign_result(authorised(request, &token)).await }
+            })
+            .await?
+            .into_inner();
+            let result = signed.result.unwrap_or_default();
+            if cli.json() {
+                let mut document = output::result_json(&result);
+                document["signature_ledger_seq"] = signed.ledger_seq.into();
+                output::json_document(&document);
+            } else {
+                line(&format!(
+                    "signed     {} {} (ledger seq {})",
+                    result.result_id,
+                    meaning.as_str(),
+                    signed.ledger_seq
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn get_result(cli: &Cli, result_id: &str) -> Result<inference::StoredResult, CliError> {
+    let request = gw::GetResultRequest {
+        result_id: result_id.to_owned(),
+    };
+    with_session(
+        cli,
+        &cli.gateway,
+        "reading the result",
+        |mut client, token| {
+            let request = request.clone();
+            async move { client.get_result(authorised(request, &token)).await }
+        },
+    )
+    .await?
+    .into_inner()
+    .result
+    .context("the gateway answered without a result")
+    .map_err(CliError::from)
+}
+
+async fn models(cli: &Cli, endpoint: &str, command: &ModelsCommand) -> Result<(), CliError> {
+    let mut client = medai_cli::client::connect_inference(&cli.inference_options(endpoint)).await?;
+    let change = |model: &str, version: &str, reason: &str| {
+        Some(inference::ModelChange {
+            model_name: model.to_owned(),
+            model_version: version.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    let outcome = match command {
+        ModelsCommand::List => {
+            let versions = client
+                .list_models(inference::ListModelsRequest {})
+                .await
+                .map_err(|status| CliError::refused("listing models", &status))?
+                .into_inner()
+                .versions;
+            if cli.json() {
+                output::json_document(&json!({
+                    "versions": versions.iter().map(output::model_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                let rows: Vec<Vec<String>> = versions.iter().map(output::model_row).collect();
+                output::table(&output::MODEL_HEADER, &rows);
+            }
+            return Ok(());
+        }
+        ModelsCommand::Stage {
+            model,
+            version,
+            reason,
+        } => client
+            .stage_model_version(inference::StageModelVersionRequest {
+                change: change(model, version, reason),
+            })
+            .await
+            .map(|response| response.into_inner().outcome),
+        ModelsCommand::Activate {
+            model,
+            version,
+            reason,
+        } => client
+            .activate_model_version(inference::ActivateModelVersionRequest {
+                change: change(model, version, reason),
+            })
+            .await
+            .map(|response| response.into_inner().outcome),
+        ModelsCommand::Retire {
+            model,
+            version,
+            reason,
+        } => client
+            .retire_model_version(inference::RetireModelVersionRequest {
+                change: change(model, version, reason),
+            })
+            .await
+            .map(|response| response.into_inner().outcome),
+        ModelsCommand::Rollback { model, reason } => client
+            .rollback_model(inference::RollbackModelRequest {
+                change: change(model, "", reason),
+            })
+            .await
+            .map(|response| response.into_inner().outcome),
+    }
+    .map_err(|status| CliError::refused("the model change", &status))?
+    .context("the inference service answered without an outcome")?;
+    let changed = outcome.changed.unwrap_or_default();
+    if cli.json() {
+        output::json_document(&json!({
+            "changed": output::model_json(&changed),
+            "ledger_seq": outcome.ledger_seq,
+        }));
+    } else {
+        output::table(&output::MODEL_HEADER, &[output::model_row(&changed)]);
+        line(&format!(
+            "recorded in the ledger at seq {}",
+            outcome.ledger_seq
+        ));
+    }
+    Ok(())
+}
+
+async fn audit_query(
+    cli: &Cli,
+    query: medai_proto::audit::v1::QueryEventsRequest,
+) -> Result<(), CliError> {
+    let request = gw::QueryLedgerRequest { query: Some(query) };
+    let page = with_session(
+        cli,
+        &cli.gateway,
+        "the ledger query",
+        |mut client, token| {
+            let request = request.clone();
+            async move { client.query_ledger(authorised(request, &token)).await }
+        },
+    )
+    .await?
+    .into_inner()
+    .result
+    .unwrap_or_default();
+    if cli.json() {
+        output::json_document(&json!({
+            "entries": page.entries.iter().map(output::ledger_entry_json).collect::<Vec<_>>(),
+            "next_page_token": page.next_page_token,
+        }));
+    } else {
+        let rows: Vec<Vec<String>> = page.entries.iter().map(output::ledger_entry_row).collect();
+        output::table(&output::LEDGER_HEADER, &rows);
+        if !page.next_page_token.is_empty() {
+            line(&format!("more: --page-token {}", page.next_page_token));
+        }
+    }
+    Ok(())
+}
+
+async fn verify(cli: &Cli, gateway: &str) -> Result<(), CliError> {
+    let report = with_session(
+        cli,
+        gateway,
+        "verification",
+        |mut client, token| async move {
+            client
+                .verify_ledger(authorised(gw::VerifyLedgerRequest {}, &token))
+                .await
+        },
+    )
+    .await?
+    .into_inner()
+    .verification
+    .context("the gateway answered without a report")?;
+    if cli.json() {
+        output::json_document(&json!({
+            "intact": report.intact,
+            "entries_checked": report.entries_checked,
+            "head_hash": report.head_hash,
+            "first_bad_seq": (!report.intact).then_some(report.first_bad_seq),
+            "problem": report.problem,
+        }));
+    }
+    if report.intact {
+        if !cli.json() {
+            line(&format!(
+                "ledger intact: {} entries, head {}",
+                report.entries_checked, report.head_hash
+            ));
+        }
         Ok(())
     } else {
-        bail!(
+        Err(CliError::VerificationFailed(format!(
             "ledger BROKEN at seq {}: {} ({} entries checked before it)",
-            report.first_bad_seq,
-            report.problem,
-            report.entries_checked
-        )
+            report.first_bad_seq, report.problem, report.entries_checked
+        )))
     }
 }
 
-async fn export(cli: &Cli, gateway: &str, out: &Path) -> Result<()> {
+async fn export(cli: &Cli, out: &Path) -> Result<(), CliError> {
     use std::io::Write;
-    let token = saved_token(cli)?;
-    let mut client = connect_gateway(gateway, &cli.ca_certificate()).await?;
-    let mut stream = client
-        .export_ledger(authorised(
-            medai_proto::gateway::v1::ExportLedgerRequest {},
-            &token,
-        ))
-        .await
-        .map_err(|status| {
-            anyhow::anyhow!("export refused: {} ({:?})", status.message(), status.code())
-        })?
-        .into_inner();
+    let mut stream = with_session(
+        cli,
+        &cli.gateway,
+        "export",
+        |mut client, token| async move {
+            client
+                .export_ledger(authorised(gw::ExportLedgerRequest {}, &token))
+                .await
+        },
+    )
+    .await?
+    .into_inner();
     let mut file = std::io::BufWriter::new(
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?,
     );
@@ -418,13 +1219,19 @@ async fn export(cli: &Cli, gateway: &str, out: &Path) -> Result<()> {
     while let Some(chunk) = stream
         .message()
         .await
-        .map_err(|status| anyhow::anyhow!("export failed: {}", status.message()))?
+        .map_err(|status| CliError::refused("export", &status))?
     {
         lines += chunk.lines.lines().count();
-        file.write_all(chunk.lines.as_bytes())?;
+        file.write_all(chunk.lines.as_bytes())
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
-    file.flush()?;
-    say(&format!("exported {lines} records to {}", out.display()));
+    file.flush()
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if cli.json() {
+        output::json_document(&json!({"records": lines, "file": out.display().to_string()}));
+    } else {
+        line(&format!("exported {lines} records to {}", out.display()));
+    }
     Ok(())
 }
 
@@ -434,44 +1241,65 @@ fn verify_export_file(
     export: &Path,
     kept_checkpoints: Option<&Path>,
     key: &[u8],
-) -> Result<medai_ledger::export::OfflineReport> {
+) -> Result<medai_ledger::export::OfflineReport, CliError> {
     let open = |path: &Path| {
         std::fs::File::open(path)
             .map(std::io::BufReader::new)
-            .with_context(|| format!("cannot read {}", path.display()))
+            .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", path.display())))
     };
     let kept = match kept_checkpoints {
-        Some(kept) => medai_ledger::export::read_checkpoints(open(kept)?)?,
+        Some(kept) => {
+            medai_ledger::export::read_checkpoints(open(kept)?).context("the kept checkpoints")?
+        }
         None => Vec::new(),
     };
-    Ok(medai_ledger::export::verify_export_with_kept(
-        open(export)?,
-        kept,
-        key,
-    )?)
+    Ok(
+        medai_ledger::export::verify_export_with_kept(open(export)?, kept, key)
+            .context("the export")?,
+    )
 }
 
 /// Offline verification: no database, no service; every hash and root recomputed here.
-fn verify_offline(export: &Path, public_key: &str, kept_checkpoints: Option<&Path>) -> Result<()> {
+fn verify_offline(
+    cli: &Cli,
+    export: &Path,
+    public_key: &str,
+    kept_checkpoints: Option<&Path>,
+) -> Result<(), CliError> {
     use base64::Engine;
     let key_text = if Path::new(public_key).is_file() {
-        std::fs::read_to_string(public_key)?
+        std::fs::read_to_string(public_key).context("the public key file")?
     } else {
         public_key.to_owned()
     };
     let key = base64::engine::general_purpose::STANDARD
         .decode(key_text.trim())
-        .context("the public key is not base64")?;
+        .map_err(|_| CliError::Usage("the public key is not base64".to_owned()))?;
     let report = verify_export_file(export, kept_checkpoints, &key)?;
+    if cli.json() {
+        output::json_document(&json!({
+            "intact": report.first_bad_seq.is_none(),
+            "entries_verified": report.entries_verified,
+            "checkpoints_verified": report.checkpoints_verified,
+            "head_hash": report.head_hash,
+            "first_bad_seq": report.first_bad_seq,
+            "problem": report.problem,
+        }));
+    }
     match report.first_bad_seq {
         None => {
-            say(&format!(
-                "export intact: {} entries, {} signed checkpoints verified, head {}",
-                report.entries_verified, report.checkpoints_verified, report.head_hash
-            ));
+            if !cli.json() {
+                line(&format!(
+                    "export intact: {} entries, {} signed checkpoints verified, head {}",
+                    report.entries_verified, report.checkpoints_verified, report.head_hash
+                ));
+            }
             Ok(())
         }
-        Some(seq) => bail!("export BROKEN at seq {seq}: {}", report.problem),
+        Some(seq) => Err(CliError::VerificationFailed(format!(
+            "export BROKEN at seq {seq}: {}",
+            report.problem
+        ))),
     }
 }
 

@@ -8,6 +8,8 @@
 //! `<binary> --print-config` prints the effective config (credentials redacted) and exits;
 //! `<binary> --probe` exits non-zero unless the running service reports SERVING;
 //! `<binary> --migrate` (services that own a schema) applies the migrations and exits.
+//! `<binary> --help` and `--version` answer without needing any configuration. Any other
+//! argument is a usage error (exit code 2).
 
 use std::fmt::Display;
 use std::future::Future;
@@ -106,6 +108,69 @@ pub trait ServiceConfig: DeserializeOwned + Serialize {
 /// A shutdown signal that several tasks can await.
 pub type ShutdownSignal = Shared<BoxFuture<'static, ()>>;
 
+/// What the command line asks of a service binary. Settings never come from arguments (only
+/// from the environment and the config file), so the few flags are the whole grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandLine {
+    Serve,
+    PrintConfig,
+    Probe,
+    Help,
+    Version,
+}
+
+impl CommandLine {
+    /// `--help`/`-h` and `--version`/`-V` win over everything else, wherever they stand;
+    /// otherwise an unknown argument is returned as the error.
+    pub fn parse(arguments: &[String]) -> Result<Self, String> {
+        let given = |flags: [&str; 2]| {
+            arguments
+                .iter()
+                .any(|argument| flags.contains(&argument.as_str()))
+        };
+        if given(["--help", "-h"]) {
+            return Ok(Self::Help);
+        }
+        if given(["--version", "-V"]) {
+            return Ok(Self::Version);
+        }
+        let mut request = Self::Serve;
+        for argument in arguments {
+            match argument.as_str() {
+                "--print-config" => request = Self::PrintConfig,
+                "--probe" if request == Self::Serve => request = Self::Probe,
+                "--probe" => {}
+                other => return Err(other.to_owned()),
+            }
+        }
+        Ok(request)
+    }
+}
+
+fn help_text(service: &str, env_prefix: &str) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    [
+        format!("medai-{service} {version}: the MedAI Flow {service} service"),
+        String::new(),
+        format!("Usage: medai-{service} [--print-config | --probe | --help | --version]"),
+        String::new(),
+        "Without arguments it serves until SIGTERM or Ctrl-C, then drains.".to_owned(),
+        String::new(),
+        "Options:".to_owned(),
+        "  --print-config  print the effective configuration (credentials redacted) and exit".to_owned(),
+        "  --probe         exit 0 if the running service reports SERVING, non-zero otherwise".to_owned(),
+        "  --migrate       (audit, auth, inference) apply the database migrations and exit".to_owned(),
+        "  -h, --help      print this help".to_owned(),
+        "  -V, --version   print the version".to_owned(),
+        String::new(),
+        format!("Settings come from {env_prefix}* environment variables (nested keys joined by __,"),
+        format!("for example {env_prefix}PROCESS__LISTEN_ADDR) or the TOML file named by {env_prefix}CONFIG."),
+        String::new(),
+        "Exit codes: 0 success, 1 failure while running, 2 usage or configuration error".to_owned(),
+    ]
+    .join("\n")
+}
+
 /// Runs one service binary to completion and returns its exit code.
 pub async fn run_service<C, F, Fut, E>(
     service: &'static str,
@@ -136,6 +201,28 @@ where
     E: Display,
     D: FnOnce(&C) -> Vec<Dependency>,
 {
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    match CommandLine::parse(&arguments) {
+        Ok(CommandLine::Help) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", help_text(service, env_prefix));
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(CommandLine::Version) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("medai-{service} {}", env!("CARGO_PKG_VERSION"));
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(CommandLine::Serve | CommandLine::PrintConfig | CommandLine::Probe) => {}
+        Err(unknown) => {
+            eprintln!("medai-{service}: unknown argument {unknown:?} (try --help)");
+            return ExitCode::from(2);
+        }
+    }
     let config: C = match load_from_process(env_prefix) {
         Ok(config) => config,
         Err(error) => {
@@ -145,7 +232,7 @@ where
             return ExitCode::from(2);
         }
     };
-    if std::env::args().any(|argument| argument == "--print-config") {
+    if CommandLine::parse(&arguments) == Ok(CommandLine::PrintConfig) {
         let shown = crate::config::redacted_view(&config)
             .and_then(|view| toml::to_string_pretty(&view).map_err(|error| error.to_string()));
         match shown {
@@ -163,7 +250,7 @@ where
         }
     }
     let process = config.process().clone();
-    if std::env::args().any(|argument| argument == "--probe") {
+    if CommandLine::parse(&arguments) == Ok(CommandLine::Probe) {
         return probe_own_health(service, &process, config.tls()).await;
     }
     let telemetry = match crate::telemetry::init(
@@ -391,4 +478,29 @@ fn write_addresses(path: &std::path::Path, addresses: &BoundAddresses) -> std::i
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, text)?;
     std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod command_line_tests {
+    use super::CommandLine;
+
+    fn parse(arguments: &[&str]) -> Result<CommandLine, String> {
+        let arguments: Vec<String> = arguments
+            .iter()
+            .map(|argument| (*argument).to_owned())
+            .collect();
+        CommandLine::parse(&arguments)
+    }
+
+    #[test]
+    fn help_and_version_are_answered_and_unknown_arguments_refused() {
+        assert_eq!(parse(&[]), Ok(CommandLine::Serve));
+        assert_eq!(parse(&["--help"]), Ok(CommandLine::Help));
+        assert_eq!(parse(&["-h"]), Ok(CommandLine::Help));
+        assert_eq!(parse(&["--version"]), Ok(CommandLine::Version));
+        assert_eq!(parse(&["--probe", "--version"]), Ok(CommandLine::Version));
+        assert_eq!(parse(&["--probe"]), Ok(CommandLine::Probe));
+        assert_eq!(parse(&["--print-config"]), Ok(CommandLine::PrintConfig));
+        assert_eq!(parse(&["--listen", "x"]), Err("--listen".to_owned()));
+    }
 }
