@@ -116,10 +116,34 @@ pub fn load_repository(
     )?)
 }
 
+/// Where [`serve_reporting`] puts the repository it serves, so the process's readiness check
+/// can ask whether any model version is served (it is not ready before the repository is).
+#[derive(Clone, Default)]
+pub struct ServedModels(Arc<std::sync::OnceLock<Arc<repository::ModelRepository>>>);
+
+impl ServedModels {
+    /// Whether some version of some model is being served now.
+    pub fn any(&self) -> bool {
+        self.0
+            .get()
+            .is_some_and(|repository| repository.serves_any())
+    }
+}
+
 pub async fn serve(
     config: InferenceConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    serve_reporting(config, listener, shutdown, ServedModels::default()).await
+}
+
+/// [`serve`], telling `served` what this process serves.
+pub async fn serve_reporting(
+    config: InferenceConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    served: ServedModels,
 ) -> Result<(), ServeError> {
     let tls = TlsMaterial::load(&config.tls)?;
     let results = results::ResultsStore::connect(&config.database_url).await?;
@@ -146,6 +170,7 @@ pub async fn serve(
         std::time::Duration::from_millis(config.lifecycle.poll_interval_milliseconds.max(1)),
     ));
     let _stop_following = AbortOnDrop(follower);
+    let _ = served.0.set(repository.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<InferenceServiceServer<grpc::InferenceApi>>()

@@ -274,6 +274,13 @@ impl ModelRepository {
         Ok(())
     }
 
+    /// Whether any model has a version being served.
+    pub fn serves_any(&self) -> bool {
+        self.read_models()
+            .values()
+            .any(|entry| entry.serving.is_some())
+    }
+
     /// The version of `name` being served, if any.
     pub fn served(&self, name: &str) -> Option<Arc<ServedVersion>> {
         self.read_models().get(name)?.serving.clone()
