@@ -4,11 +4,8 @@
 //! the mesh certificates laid out as cert-manager writes them. Through that mesh: a real
 //! prediction via the gateway's Service, signed checkpoints from two audit replicas verified
 //! offline with one public key, a rolling restart of every Deployment with clients calling
-//! throughout, and the chart's `helm test` pod.
-//!
-//! Not covered here: a model lifecycle change with two inference replicas. The chart mounts
-//! the model repository read-only (immutable artifacts) while lifecycle RPCs still rewrite
-//! manifests; until lifecycle state lives in the database the chart documents the limitation.
+//! throughout, and the chart's `helm test` pod. Apart: a model lifecycle change made through
+//! one of two inference replicas, both on the read-only model volume, served by both.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -1298,4 +1295,216 @@ fn the_readme_lists_every_secret_and_key_the_chart_reads() {
             );
         }
     }
+}
+
+/// A model repository for the chart's read-only claim: the light model as version 1 (active)
+/// and version 2 (staged), then every file and folder made read-only.
+fn read_only_light_repository(assets: &Assets, root: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let source = assets.model_repository.join("synthetic-light/1");
+    let manifest = std::fs::read_to_string(source.join("manifest.toml")).expect("manifest");
+    for (version, status) in [("1", "active"), ("2", "staged")] {
+        let folder = root.join("synthetic-light").join(version);
+        std::fs::create_dir_all(&folder).expect("version folder");
+        std::fs::copy(source.join("model.onnx"), folder.join("model.onnx")).expect("model");
+        std::fs::write(
+            folder.join("manifest.toml"),
+            manifest
+                .replace("version = \"1\"", &format!("version = \"{version}\""))
+                .replace("status = \"active\"", &format!("status = \"{status}\"")),
+        )
+        .expect("manifest");
+    }
+    let mut paths = vec![root.to_owned()];
+    for model in ["synthetic-light", "synthetic-light/1", "synthetic-light/2"] {
+        paths.push(root.join(model));
+    }
+    for version in ["1", "2"] {
+        for file in ["manifest.toml", "model.onnx"] {
+            paths.push(root.join("synthetic-light").join(version).join(file));
+        }
+    }
+    for path in paths.into_iter().rev() {
+        let mode = if path.is_dir() { 0o555 } else { 0o444 };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+/// Issue 13: lifecycle state every inference replica agrees on, with no writable model volume.
+/// The chart's two inference replicas share the read-only model claim and the inference
+/// database; a version activated through one is served by the other within the poll bound
+/// (KServe readiness, metadata and ListModels agree on both), a rollback through the other
+/// reaches the first, and nothing is written under the read-only mounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_inference_replicas_on_the_read_only_model_volume_agree_on_a_lifecycle_change() {
+    use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+    use medai_proto::inference::v1::{
+        ActivateModelVersionRequest, ListModelsRequest, ModelChange, RollbackModelRequest,
+        StageModelVersionRequest,
+    };
+    use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use medai_proto::kserve::{ModelMetadataRequest, ModelReadyRequest};
+
+    const MODEL: &str = "synthetic-light";
+    const AGREEMENT_BOUND: Duration = Duration::from_secs(15);
+    let began = Instant::now();
+    let manifests = render_chart(
+        RELEASE,
+        NAMESPACE,
+        &workspace_root().join("tests/chart/values.yaml"),
+    );
+    let inference_deployment = manifests
+        .iter()
+        .find(|manifest| {
+            manifest["kind"] == "Deployment" && manifest["metadata"]["name"] == "medai-inference"
+        })
+        .expect("the inference Deployment");
+    assert_eq!(
+        inference_deployment["spec"]["replicas"], 2,
+        "tests/chart/values.yaml runs two inference replicas"
+    );
+    let pki = TestPki::new();
+    let assets = Assets::locate();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let (mut objects, _) = cluster_objects(&pki, &assets, scratch.path()).await;
+    let models = scratch.path().join("models");
+    read_only_light_repository(&assets, &models);
+    objects.claims.insert("medai-models".to_owned(), models);
+    let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    cluster.start_deployment("medai-audit", READY_TIMEOUT).await;
+    cluster
+        .start_deployment("medai-inference", READY_TIMEOUT)
+        .await;
+    let replicas: Vec<(String, std::net::SocketAddr)> = cluster
+        .pods
+        .iter()
+        .filter(|pod| pod.owner == "medai-inference")
+        .map(|pod| (pod.name.clone(), pod.port("grpc")))
+        .collect();
+    assert_eq!(replicas.len(), 2, "two inference replicas");
+    let operator = |address| pki.channel_as("operator", address, "inference");
+    let mut first = InferenceServiceClient::new(operator(replicas[0].1));
+    let mut second = InferenceServiceClient::new(operator(replicas[1].1));
+    let mut first_kserve = GrpcInferenceServiceClient::new(operator(replicas[0].1));
+    let mut second_kserve = GrpcInferenceServiceClient::new(operator(replicas[1].1));
+    let change = |version: &str| {
+        Some(ModelChange {
+            model_name: MODEL.to_owned(),
+            model_version: version.to_owned(),
+            reason: "CHG-13 render-and-run lifecycle check".to_owned(),
+        })
+    };
+    // What one replica says it serves: ListModels' active-and-ready versions, KServe's
+    // metadata versions and which of 1 and 2 KServe calls ready.
+    async fn served(
+        client: &mut InferenceServiceClient<tonic::transport::Channel>,
+        kserve: &mut GrpcInferenceServiceClient<tonic::transport::Channel>,
+    ) -> (Vec<String>, Vec<String>, Vec<bool>) {
+        let listed = client
+            .list_models(ListModelsRequest {})
+            .await
+            .expect("list models")
+            .into_inner()
+            .versions
+            .into_iter()
+            .filter(|info| info.status == "ACTIVE" && info.ready)
+            .map(|info| info.version)
+            .collect();
+        let metadata = kserve
+            .model_metadata(ModelMetadataRequest {
+                name: MODEL.to_owned(),
+                version: String::new(),
+            })
+            .await
+            .expect("model metadata")
+            .into_inner()
+            .versions;
+        let mut ready = Vec::new();
+        for version in ["1", "2"] {
+            ready.push(
+                kserve
+                    .model_ready(ModelReadyRequest {
+                        name: MODEL.to_owned(),
+                        version: version.to_owned(),
+                    })
+                    .await
+                    .expect("model ready")
+                    .into_inner()
+                    .ready,
+            );
+        }
+        (listed, metadata, ready)
+    }
+    let serving_one = (
+        vec!["1".to_owned()],
+        vec!["1".to_owned()],
+        vec![true, false],
+    );
+    let serving_two = (
+        vec!["2".to_owned()],
+        vec!["2".to_owned()],
+        vec![false, true],
+    );
+    assert_eq!(served(&mut first, &mut first_kserve).await, serving_one);
+    assert_eq!(served(&mut second, &mut second_kserve).await, serving_one);
+
+    // The manifests seeded the inference database once: version 2 is already staged there.
+    let status = first
+        .stage_model_version(StageModelVersionRequest {
+            change: change("2"),
+        })
+        .await
+        .expect_err("version 2 was seeded as staged from its manifest");
+    assert_eq!(
+        medai_runtime::errors::reason_of(&status).as_deref(),
+        Some("MODEL_VERSION_ALREADY_IN_STATE")
+    );
+    let activated = Instant::now();
+    first
+        .activate_model_version(ActivateModelVersionRequest {
+            change: change("2"),
+        })
+        .await
+        .expect("activate 2 through the first replica on a read-only model volume");
+    while served(&mut second, &mut second_kserve).await != serving_two {
+        assert!(
+            activated.elapsed() < AGREEMENT_BOUND,
+            "{} did not serve version 2 within {AGREEMENT_BOUND:?}",
+            replicas[1].0
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "{} served version 2 {:.0} ms after {} activated it",
+        replicas[1].0,
+        activated.elapsed().as_secs_f64() * 1000.0,
+        replicas[0].0
+    );
+    assert_eq!(served(&mut first, &mut first_kserve).await, serving_two);
+
+    let rolled_back = Instant::now();
+    second
+        .rollback_model(RollbackModelRequest { change: change("") })
+        .await
+        .expect("roll back through the second replica");
+    while served(&mut first, &mut first_kserve).await != serving_one {
+        assert!(
+            rolled_back.elapsed() < AGREEMENT_BOUND,
+            "{} did not follow the rollback within {AGREEMENT_BOUND:?}",
+            replicas[0].0
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "{} served version 1 {:.0} ms after {} rolled back",
+        replicas[0].0,
+        rolled_back.elapsed().as_secs_f64() * 1000.0,
+        replicas[1].0
+    );
+    cluster.assert_read_only_respected();
+    eprintln!(
+        "inference lifecycle check took {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    cluster.stop().await;
 }

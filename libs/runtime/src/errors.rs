@@ -14,6 +14,8 @@ pub enum ErrorKind {
     NotFound,
     FailedPrecondition,
     ResourceExhausted,
+    /// A test-and-set lost to a concurrent change; retry from fresh state.
+    Aborted,
     DeadlineExceeded,
     Unavailable,
     Internal,
@@ -28,6 +30,7 @@ impl ErrorKind {
             Self::NotFound => Code::NotFound,
             Self::FailedPrecondition => Code::FailedPrecondition,
             Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::Aborted => Code::Aborted,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Unavailable => Code::Unavailable,
             Self::Internal => Code::Internal,

@@ -125,6 +125,7 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
             queue_capacity: 4096,
             ..RuntimeSettings::default()
         },
+        lifecycle: Default::default(),
     };
     let server =
         TestServer::start(|listener, shutdown| medai_inference::serve(config, listener, shutdown))

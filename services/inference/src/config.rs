@@ -12,17 +12,47 @@ pub const ENV_PREFIX: &str = "MEDAI_INFERENCE_";
 pub struct InferenceConfig {
     pub process: ProcessConfig,
     pub tls: TlsFiles,
-    /// A folder per model, a sub-folder per version, each holding `manifest.toml`. Lifecycle
-    /// changes rewrite the manifests' `status` lines, so the folder must be writable.
+    /// A folder per model, a sub-folder per version, each holding `manifest.toml` and the model
+    /// file. Never written: a read-only mount shared by every replica is enough. Lifecycle state
+    /// lives in the database (the manifests' `status` lines only seed it, the first time a model
+    /// is seen).
     pub model_repository: PathBuf,
     /// The ONNX Runtime shared library (`libonnxruntime.so.1.31.1`), loaded at start.
     pub onnxruntime_library: PathBuf,
-    /// The results store: `postgres://…`, or `sqlite://…?mode=rwc` for the embedded default.
+    /// The results and lifecycle store: `postgres://…` (shared by every replica), or
+    /// `sqlite://…?mode=rwc` for the embedded default.
     pub database_url: String,
     /// The audit service, which records every change to what is served.
     pub audit_endpoint: String,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    #[serde(default)]
+    pub lifecycle: LifecycleSettings,
+}
+
+/// How a replica follows lifecycle changes made through other replicas.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSettings {
+    /// How often the lifecycle store's revisions are read (one small query); a change made
+    /// through another replica is served here within about this long (plus loading the model).
+    #[serde(
+        default = "default_poll_interval",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub poll_interval_milliseconds: u64,
+}
+
+fn default_poll_interval() -> u64 {
+    1000
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_milliseconds: default_poll_interval(),
+        }
+    }
 }
 
 /// Shown with every credential (URL passwords, secrets) redacted.

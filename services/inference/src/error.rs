@@ -40,8 +40,10 @@ pub enum InferenceError {
     LoadFailed(String),
     #[error("a reason for the change is required")]
     ReasonMissing,
-    #[error("the model repository cannot be written: {0}")]
-    RepositoryWrite(String),
+    /// Another change to the model was made (on any replica) since this one was planned, or
+    /// is being made now; nothing of this one was recorded or made.
+    #[error("model {name} was changed concurrently; ask again on the current state")]
+    LifecycleConflict { name: String },
     #[error("the change could not be recorded in the ledger, so it was not made")]
     LedgerUnavailable,
     #[error("the inference could not be recorded in the ledger, so no outputs are returned")]
@@ -90,11 +92,10 @@ impl ServiceError for InferenceError {
             | Self::ResultAlreadySigned
             | Self::ResultContentChanged
             | Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
+            Self::LifecycleConflict { .. } => ErrorKind::Aborted,
             Self::LedgerUnavailable | Self::InferenceUnrecorded => ErrorKind::Unavailable,
             Self::CallerUnknown | Self::RelayRefused => ErrorKind::PermissionDenied,
-            Self::Failed(_) | Self::LoadFailed(_) | Self::RepositoryWrite(_) | Self::Store => {
-                ErrorKind::Internal
-            }
+            Self::Failed(_) | Self::LoadFailed(_) | Self::Store => ErrorKind::Internal,
         }
     }
 
@@ -116,7 +117,7 @@ impl ServiceError for InferenceError {
             Self::IntegrityMismatch(_) => "MODEL_INTEGRITY_MISMATCH",
             Self::LoadFailed(_) => "MODEL_LOAD_FAILED",
             Self::ReasonMissing => "REASON_MISSING",
-            Self::RepositoryWrite(_) => "REPOSITORY_WRITE_FAILED",
+            Self::LifecycleConflict { .. } => "LIFECYCLE_CONFLICT",
             Self::LedgerUnavailable | Self::InferenceUnrecorded => "LEDGER_UNAVAILABLE",
             Self::CallerUnknown => "CALLER_UNKNOWN",
             Self::RelayRefused => "SUBJECT_RELAY_REFUSED",

@@ -9,6 +9,7 @@ mod error;
 mod grpc;
 pub mod kserve;
 pub mod lifecycle;
+pub mod lifecycle_store;
 pub mod manifest;
 pub mod metric_catalog;
 pub mod model;
@@ -100,8 +101,9 @@ pub fn peer_policy() -> PeerPolicy {
     })
 }
 
-/// Loads ONNX Runtime and every active model of the repository. Call inside a tokio runtime:
-/// each served version starts its batch workers.
+/// Loads ONNX Runtime and every model version the repository's manifests name active, with no
+/// lifecycle store (in-process use). Call inside a tokio runtime: each served version starts
+/// its batch workers.
 pub fn load_repository(
     model_repository: &std::path::Path,
     onnxruntime_library: &std::path::Path,
@@ -115,32 +117,63 @@ pub fn load_repository(
     )?)
 }
 
+/// Where [`serve_reporting`] puts the repository it serves, so the process's readiness check
+/// can ask whether any model version is served (it is not ready before the repository is).
+#[derive(Clone, Default)]
+pub struct ServedModels(Arc<std::sync::OnceLock<Arc<repository::ModelRepository>>>);
+
+impl ServedModels {
+    /// Whether some version of some model is being served now.
+    pub fn any(&self) -> bool {
+        self.0
+            .get()
+            .is_some_and(|repository| repository.serves_any())
+    }
+}
+
 pub async fn serve(
     config: InferenceConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    serve_reporting(config, listener, shutdown, ServedModels::default()).await
+}
+
+/// [`serve`], telling `served` what this process serves.
+pub async fn serve_reporting(
+    config: InferenceConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    served: ServedModels,
+) -> Result<(), ServeError> {
     metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
-    let results =
-        results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
+    let results = results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
             .await?;
+    let lifecycle_store = lifecycle_store::LifecycleStore::new(results.connection());
     let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
-    // Sessions are started inside the runtime: each served version spawns its batch workers.
     let repository = {
         let config = config.clone();
-        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let _entered = handle.enter();
-            load_repository(
+            let environment = model::onnx_environment(&config.onnxruntime_library)?;
+            Ok::<_, ServeError>(repository::ModelRepository::open(
                 &config.model_repository,
-                &config.onnxruntime_library,
+                &environment,
                 &config.runtime,
-            )
+            )?)
         })
         .await
         .map_err(|error| model::ModelError::Run(error.to_string()))??
     };
+    // What is served is what the lifecycle store says, and follows it while this runs.
+    lifecycle::adopt_store_state(&repository, &lifecycle_store).await?;
+    let follower = tokio::spawn(lifecycle::follow_store(
+        repository.clone(),
+        lifecycle_store.clone(),
+        std::time::Duration::from_millis(config.lifecycle.poll_interval_milliseconds.max(1)),
+    ));
+    let _stop_following = AbortOnDrop(follower);
+    let _ = served.0.set(repository.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<InferenceServiceServer<grpc::InferenceApi>>()
@@ -154,6 +187,7 @@ pub async fn serve(
         lifecycle: Arc::new(lifecycle::Lifecycle {
             repository: repository.clone(),
             ledger: ledger.clone(),
+            store: lifecycle_store,
         }),
     })
     .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -169,4 +203,13 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// Stops a background task when the server it belongs to returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

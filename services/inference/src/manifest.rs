@@ -15,6 +15,8 @@ pub struct ModelManifest {
     /// Hex SHA-256 of the model file; checked on every load.
     pub sha256: String,
     pub platform: String,
+    /// The version's lifecycle status when its model is first seen; it seeds the lifecycle
+    /// store once and is never read again (nor written: the repository is immutable).
     pub status: ModelStatus,
     /// Shown wherever a result of this model is shown.
     pub intended_use: String,
@@ -91,14 +93,6 @@ impl ModelStatus {
             Self::Retired => "RETIRED",
         }
     }
-
-    fn manifest_value(self) -> &'static str {
-        match self {
-            Self::Staged => "staged",
-            Self::Active => "active",
-            Self::Retired => "retired",
-        }
-    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -150,32 +144,6 @@ impl ModelManifest {
         Ok(manifest)
     }
 
-    /// The manifest text with its `status` line replaced; comments and layout are kept.
-    pub fn with_status(text: &str, status: ModelStatus) -> Result<String, String> {
-        // `status` is a top-level key, so only lines before the first table count.
-        let mut replaced = false;
-        let mut in_table = false;
-        let lines: Vec<String> = text
-            .lines()
-            .map(|line| {
-                in_table |= line.trim_start().starts_with('[');
-                let is_status = line
-                    .split_once('=')
-                    .is_some_and(|(key, _)| key.trim() == "status");
-                if is_status && !replaced && !in_table {
-                    replaced = true;
-                    format!("status = \"{}\"", status.manifest_value())
-                } else {
-                    line.to_owned()
-                }
-            })
-            .collect();
-        if !replaced {
-            return Err("the manifest has no status line".to_owned());
-        }
-        Ok(lines.join("\n") + "\n")
-    }
-
     fn check(&self) -> Result<(), String> {
         if self.input.datatype != "FP32" || self.output.datatype != "FP32" {
             return Err("only FP32 inputs and outputs are supported".to_owned());
@@ -224,24 +192,5 @@ impl ModelManifest {
             return Err("sha256 must be 64 hex digits".to_owned());
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_rewrite_keeps_everything_else() {
-        let text = "# comment\nname = \"m\"\nstatus = \"staged\"\n\n[input]\nname = \"status\"\n";
-        let rewritten = ModelManifest::with_status(text, ModelStatus::Active).expect("rewrite");
-        assert_eq!(
-            rewritten,
-            "# comment\nname = \"m\"\nstatus = \"active\"\n\n[input]\nname = \"status\"\n"
-        );
-        assert!(ModelManifest::with_status("name = 1\n", ModelStatus::Active).is_err());
-        assert!(
-            ModelManifest::with_status("[batching]\nstatus = 1\n", ModelStatus::Active).is_err()
-        );
     }
 }

@@ -1,11 +1,15 @@
-//! The model repository: `<root>/<model>/<version>/manifest.toml`. Every version's manifest
-//! holds its status (staged, active, retired); at start each active version is loaded after its
-//! file hash is checked. Lifecycle changes are planned first (loading a new version happens
-//! then), written to the manifests, recorded by the caller, and only then applied, so a change
-//! the ledger did not record is undone instead of served.
+//! The model repository: `<root>/<model>/<version>/manifest.toml` beside the model file. The
+//! files are immutable artifacts (a read-only mount is enough): nothing here writes to the
+//! repository. Which version is staged, active or retired, and the activation history, live in
+//! the lifecycle store (see [`crate::lifecycle_store`]) that every replica shares; this type
+//! holds what this process serves and follows the store. The manifests' `status` lines and the
+//! optional `<root>/<model>/activation-history` file (versions activated, oldest first) are
+//! read only to seed the store the first time a model is seen, or by an in-process repository
+//! with no store ([`ModelRepository::load`]).
 //!
-//! `<root>/<model>/activation-history` lists the versions activated, oldest first; a rollback
-//! returns to the one before the current.
+//! Lifecycle changes are planned here first (a version to serve is loaded and hash-checked
+//! then), made in the store by the caller once the ledger has recorded them, and only then
+//! applied, so a change the ledger did not record is never served.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use ort::environment::Environment;
 use crate::batcher::ServedVersion;
 use crate::config::RuntimeSettings;
 use crate::error::InferenceError;
+use crate::lifecycle_store::LifecycleState;
 use crate::manifest::{ManifestError, ModelManifest, ModelStatus};
 use crate::model::{ModelError, VerifiedModel, open_sessions};
 
@@ -35,6 +40,7 @@ pub enum RepositoryError {
 
 #[derive(Clone, Debug)]
 struct VersionEntry {
+    /// As read from disk, with `status` the lifecycle status in force.
     manifest: ModelManifest,
     folder: PathBuf,
 }
@@ -44,6 +50,8 @@ struct ModelEntry {
     versions: BTreeMap<String, VersionEntry>,
     serving: Option<Arc<ServedVersion>>,
     history: Vec<String>,
+    /// The lifecycle store's revision this entry shows; 0 until the store was read.
+    revision: i64,
 }
 
 /// One version as listed by ListModels and KServe's readiness calls.
@@ -62,30 +70,32 @@ pub struct ModelRepository {
     environment: Environment,
     settings: RuntimeSettings,
     models: RwLock<BTreeMap<String, ModelEntry>>,
-    /// One lifecycle change at a time.
+    /// One lifecycle change (or catching up with the store) at a time in this process.
     changes: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// A lifecycle change, ready to be written and applied.
+/// A lifecycle change, ready to be made in the store and then applied.
 pub struct PlannedChange {
     pub name: String,
     pub version: String,
     pub action: &'static str,
     /// The version served before the change, if any.
     pub previously_served: Option<String>,
-    /// Manifest files to rewrite: (path, new text, old text).
-    rewrites: Vec<(PathBuf, String, String)>,
-    statuses: Vec<(String, ModelStatus)>,
-    history: Vec<String>,
+    /// The store revision the change was planned from.
+    pub base_revision: i64,
+    /// Every version's status after the change.
+    pub versions: BTreeMap<String, ModelStatus>,
+    /// The activation history after the change.
+    pub history: Vec<String>,
     /// `Some(new)` replaces what is served (`Some(None)` stops serving the model).
     serving: Option<Option<Arc<ServedVersion>>>,
     /// A version staging adds to the listing.
     new_version: Option<VersionEntry>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl ModelRepository {
-    pub fn load(
+    /// Reads every manifest; serves nothing yet (see [`Self::follow`] and [`Self::load`]).
+    pub fn open(
         root: &Path,
         environment: &Environment,
         settings: &RuntimeSettings,
@@ -94,22 +104,15 @@ impl ModelRepository {
         for folder in version_folders(root)? {
             let manifest = ModelManifest::load(&folder.join("manifest.toml"))?;
             let entry = models.entry(manifest.name.clone()).or_default();
-            if manifest.status == ModelStatus::Active {
-                if entry.serving.is_some() {
-                    return Err(RepositoryError::SeveralActive {
-                        name: manifest.name,
-                    });
-                }
-                let sessions = open_sessions(environment, &manifest, &folder, settings)?;
-                tracing::info!(model = %manifest.name, version = %manifest.version, sha256 = %manifest.sha256, "model loaded");
-                entry.serving = Some(ServedVersion::start(
-                    manifest.clone(),
-                    sessions,
-                    settings.dynamic_batching,
-                    settings.queue_capacity,
-                ));
-            } else {
-                tracing::info!(model = %manifest.name, version = %manifest.version, status = manifest.status.as_str(), "listed, not served");
+            if manifest.status == ModelStatus::Active
+                && entry
+                    .versions
+                    .values()
+                    .any(|listed| listed.manifest.status == ModelStatus::Active)
+            {
+                return Err(RepositoryError::SeveralActive {
+                    name: manifest.name,
+                });
             }
             entry
                 .versions
@@ -118,9 +121,10 @@ impl ModelRepository {
         for (name, entry) in &mut models {
             entry.history = read_history(&root.join(name));
             let active = entry
-                .serving
-                .as_ref()
-                .map(|served| served.manifest.version.clone());
+                .versions
+                .values()
+                .find(|version| version.manifest.status == ModelStatus::Active)
+                .map(|version| version.manifest.version.clone());
             if let Some(active) = active
                 && entry.history.last() != Some(&active)
             {
@@ -136,13 +140,150 @@ impl ModelRepository {
         }))
     }
 
+    /// A repository served as its manifests say, with no lifecycle store (in-process use:
+    /// benchmarks, reference predictions). Call inside a tokio runtime.
+    pub fn load(
+        root: &Path,
+        environment: &Environment,
+        settings: &RuntimeSettings,
+    ) -> Result<Arc<Self>, RepositoryError> {
+        let repository = Self::open(root, environment, settings)?;
+        {
+            let mut models = repository.write_models();
+            for entry in models.values_mut() {
+                let Some(active) = entry
+                    .versions
+                    .values()
+                    .find(|version| version.manifest.status == ModelStatus::Active)
+                else {
+                    continue;
+                };
+                let sessions =
+                    open_sessions(environment, &active.manifest, &active.folder, settings)?;
+                tracing::info!(model = %active.manifest.name, version = %active.manifest.version, sha256 = %active.manifest.sha256, "model loaded");
+                entry.serving = Some(repository.start_version(active.manifest.clone(), sessions));
+            }
+        }
+        Ok(repository)
+    }
+
+    /// What the manifests (and activation-history files) say, per model: the state that seeds
+    /// the lifecycle store for a model it has never seen.
+    pub fn manifest_states(&self) -> Vec<(String, BTreeMap<String, ModelStatus>, Vec<String>)> {
+        let models = self.read_models();
+        models
+            .iter()
+            .map(|(name, entry)| {
+                let versions = entry
+                    .versions
+                    .iter()
+                    .map(|(version, listed)| (version.clone(), listed.manifest.status))
+                    .collect();
+                (name.clone(), versions, entry.history.clone())
+            })
+            .collect()
+    }
+
+    /// The store revision this process shows for `name` (0: none read yet).
+    pub fn revision(&self, name: &str) -> i64 {
+        self.read_models()
+            .get(name)
+            .map_or(0, |entry| entry.revision)
+    }
+
+    /// Holds off every other change and catch-up in this process while the guard lives.
+    pub async fn lock_changes(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.changes.clone().lock_owned().await
+    }
+
+    /// Brings `name` to the state the store holds: statuses, history, and the version served
+    /// (loaded and hash-checked here when it changes). Versions the store lists whose folder is
+    /// missing are left out with an error logged. If the active version cannot be loaded the
+    /// model is served by no version (never by one the store no longer names active), the
+    /// error is returned and the revision is left as it was, so the next catch-up tries again.
+    /// Call with [`Self::lock_changes`] held.
+    pub async fn follow(&self, name: &str, state: &LifecycleState) -> Result<(), RepositoryError> {
+        let (known, serving) = {
+            let models = self.read_models();
+            let entry = models.get(name);
+            (
+                entry
+                    .map(|entry| entry.versions.clone())
+                    .unwrap_or_default(),
+                entry.and_then(|entry| entry.serving.clone()),
+            )
+        };
+        let mut versions = BTreeMap::new();
+        for (version, status) in &state.versions {
+            let listed = match known.get(version) {
+                Some(listed) => listed.clone(),
+                None => match self.read_version(name, version) {
+                    Ok(listed) => listed,
+                    Err(error) => {
+                        tracing::error!(model = %name, version = %version, error = %error, "a version the lifecycle store lists cannot be read from the repository");
+                        continue;
+                    }
+                },
+            };
+            let mut listed = listed;
+            listed.manifest.status = *status;
+            versions.insert(version.clone(), listed);
+        }
+        let wanted = state.active().map(str::to_owned);
+        let served_now = serving
+            .as_ref()
+            .map(|served| served.manifest.version.clone());
+        let mut load_error = None;
+        let new_serving = if wanted == served_now {
+            serving
+        } else if let Some(wanted) = wanted {
+            match versions.get(&wanted) {
+                Some(listed) => match self.start_loaded(listed.clone()).await {
+                    Ok(served) => {
+                        tracing::info!(model = %name, version = %wanted, revision = state.revision, "now serving the version the lifecycle store names active");
+                        Some(served)
+                    }
+                    Err(error) => {
+                        load_error = Some(error);
+                        None
+                    }
+                },
+                None => {
+                    load_error = Some(RepositoryError::Read {
+                        path: self.root.join(name).join(&wanted).display().to_string(),
+                        reason: "the active version's folder is missing".to_owned(),
+                    });
+                    None
+                }
+            }
+        } else {
+            tracing::info!(model = %name, revision = state.revision, "no version is active in the lifecycle store; serving none");
+            None
+        };
+        let mut models = self.write_models();
+        let entry = models.entry(name.to_owned()).or_default();
+        // In-flight requests hold the old version's handle and finish on it.
+        entry.serving = new_serving;
+        if let Some(error) = load_error {
+            tracing::error!(model = %name, error = %error, "the active version cannot be served; the model is not served until it can be");
+            return Err(error);
+        }
+        entry.versions = versions;
+        entry.history = state.history.clone();
+        entry.revision = state.revision;
+        Ok(())
+    }
+
+    /// Whether any model has a version being served.
+    pub fn serves_any(&self) -> bool {
+        self.read_models()
+            .values()
+            .any(|entry| entry.serving.is_some())
+    }
+
     /// The version of `name` being served, if any.
     pub fn served(&self, name: &str) -> Option<Arc<ServedVersion>> {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
-        models.get(name)?.serving.clone()
+        self.read_models().get(name)?.serving.clone()
     }
 
     /// The served version of `name`, refusing a named version that is not the served one.
@@ -163,10 +304,7 @@ impl ModelRepository {
 
     /// Every version of every model, in name and version order.
     pub fn list(&self) -> Vec<VersionView> {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let models = self.read_models();
         models
             .values()
             .flat_map(|entry| {
@@ -193,11 +331,7 @@ impl ModelRepository {
     }
 
     pub fn model_names(&self) -> Vec<String> {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
-        models.keys().cloned().collect()
+        self.read_models().keys().cloned().collect()
     }
 
     /// Plans staging: the version folder must exist on disk and its file hash must match.
@@ -206,8 +340,6 @@ impl ModelRepository {
         name: &str,
         version: &str,
     ) -> Result<PlannedChange, InferenceError> {
-        let guard = self.lock_changes().await;
-        let folder = self.root.join(name).join(version);
         let unknown = || InferenceError::VersionUnknown {
             name: name.to_owned(),
             version: version.to_owned(),
@@ -215,6 +347,7 @@ impl ModelRepository {
         if !is_plain_segment(name) || !is_plain_segment(version) {
             return Err(unknown());
         }
+        let folder = self.root.join(name).join(version);
         let manifest_path = folder.join("manifest.toml");
         if !manifest_path.is_file() {
             return Err(unknown());
@@ -241,8 +374,10 @@ impl ModelRepository {
         .await
         .map_err(|error| InferenceError::LoadFailed(error.to_string()))?
         .map_err(model_error)?;
-        let mut change = self.empty_change(name, version, "MODEL_STAGE", guard);
-        change.add_status(&manifest_path, name, version, ModelStatus::Staged)?;
+        let mut change = self.empty_change(name, version, "MODEL_STAGE");
+        change
+            .versions
+            .insert(version.to_owned(), ModelStatus::Staged);
         let mut manifest = manifest;
         manifest.status = ModelStatus::Staged;
         change.new_version = Some(VersionEntry { manifest, folder });
@@ -256,14 +391,13 @@ impl ModelRepository {
         name: &str,
         version: &str,
     ) -> Result<PlannedChange, InferenceError> {
-        let guard = self.lock_changes().await;
         let entry = self.version_entry(name, version)?;
         match entry.manifest.status {
             ModelStatus::Staged => {}
             ModelStatus::Retired => return Err(retired(name, version)),
             ModelStatus::Active => return Err(already(name, version, ModelStatus::Active)),
         }
-        let mut change = self.empty_change(name, version, "MODEL_ACTIVATE", guard);
+        let mut change = self.empty_change(name, version, "MODEL_ACTIVATE");
         change.history.push(version.to_owned());
         self.plan_swap(&mut change, entry).await?;
         Ok(change)
@@ -275,18 +409,14 @@ impl ModelRepository {
         name: &str,
         version: &str,
     ) -> Result<PlannedChange, InferenceError> {
-        let guard = self.lock_changes().await;
         let entry = self.version_entry(name, version)?;
         if entry.manifest.status == ModelStatus::Retired {
             return Err(retired(name, version));
         }
-        let mut change = self.empty_change(name, version, "MODEL_RETIRE", guard);
-        change.add_status(
-            &entry.folder.join("manifest.toml"),
-            name,
-            version,
-            ModelStatus::Retired,
-        )?;
+        let mut change = self.empty_change(name, version, "MODEL_RETIRE");
+        change
+            .versions
+            .insert(version.to_owned(), ModelStatus::Retired);
         change.history.retain(|listed| listed != version);
         if entry.manifest.status == ModelStatus::Active {
             change.serving = Some(None);
@@ -296,12 +426,8 @@ impl ModelRepository {
 
     /// Plans a rollback to the version active before the current one.
     pub async fn plan_rollback(&self, name: &str) -> Result<PlannedChange, InferenceError> {
-        let guard = self.lock_changes().await;
         let (history, versions) = {
-            let models = self
-                .models
-                .read()
-                .unwrap_or_else(|poison| poison.into_inner());
+            let models = self.read_models();
             let entry = models
                 .get(name)
                 .ok_or_else(|| InferenceError::ModelNotFound {
@@ -326,81 +452,40 @@ impl ModelRepository {
             });
         };
         let entry = versions[&target].clone();
-        let mut change = self.empty_change(name, &target, "MODEL_ROLLBACK", guard);
+        let mut change = self.empty_change(name, &target, "MODEL_ROLLBACK");
         change.history = remaining;
         self.plan_swap(&mut change, entry).await?;
         Ok(change)
     }
 
-    /// Writes the planned manifests; on failure restores the ones already written.
-    pub fn write(&self, change: &PlannedChange) -> Result<(), InferenceError> {
-        for (index, (path, new_text, _)) in change.rewrites.iter().enumerate() {
-            if let Err(error) = write_atomically(path, new_text) {
-                for (written, _, old_text) in &change.rewrites[..index] {
-                    let _ = write_atomically(written, old_text);
-                }
-                return Err(InferenceError::RepositoryWrite(error.to_string()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Puts the manifests back as they were before [`Self::write`].
-    pub fn undo_write(&self, change: &PlannedChange) {
-        for (path, _, old_text) in &change.rewrites {
-            if let Err(error) = write_atomically(path, old_text) {
-                tracing::error!(path = %path.display(), error = %error, "cannot restore a manifest");
-            }
-        }
-    }
-
-    /// Makes the written change the one in force.
-    pub fn apply(&self, change: PlannedChange) -> Option<VersionView> {
-        let history_path = self.root.join(&change.name).join(HISTORY_FILE);
-        if let Err(error) = write_atomically(&history_path, &(change.history.join("\n") + "\n")) {
-            tracing::warn!(model = %change.name, error = %error, "activation history not saved");
-        }
+    /// Makes a change the store holds at `revision` the one this process serves.
+    pub fn apply(&self, change: PlannedChange, revision: i64) -> Option<VersionView> {
         {
-            let mut models = self
-                .models
-                .write()
-                .unwrap_or_else(|poison| poison.into_inner());
+            let mut models = self.write_models();
             let entry = models.entry(change.name.clone()).or_default();
             if let Some(new_version) = change.new_version.clone() {
                 entry
                     .versions
                     .insert(new_version.manifest.version.clone(), new_version);
             }
-            for (version, status) in &change.statuses {
+            for (version, status) in &change.versions {
                 if let Some(listed) = entry.versions.get_mut(version) {
                     listed.manifest.status = *status;
                 }
             }
             entry.history = change.history.clone();
+            entry.revision = revision;
             if let Some(serving) = change.serving.clone() {
                 // In-flight requests hold the old version's handle and finish on it.
                 entry.serving = serving;
             }
         }
-        tracing::info!(model = %change.name, version = %change.version, action = change.action, "model lifecycle change applied");
+        tracing::info!(model = %change.name, version = %change.version, action = change.action, revision, "model lifecycle change applied");
         self.view(&change.name, &change.version)
     }
 
-    async fn lock_changes(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.changes.clone().lock_owned().await
-    }
-
-    fn empty_change(
-        &self,
-        name: &str,
-        version: &str,
-        action: &'static str,
-        guard: tokio::sync::OwnedMutexGuard<()>,
-    ) -> PlannedChange {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
+    fn empty_change(&self, name: &str, version: &str, action: &'static str) -> PlannedChange {
+        let models = self.read_models();
         let entry = models.get(name);
         PlannedChange {
             name: name.to_owned(),
@@ -409,37 +494,52 @@ impl ModelRepository {
             previously_served: entry
                 .and_then(|entry| entry.serving.as_ref())
                 .map(|served| served.manifest.version.clone()),
-            rewrites: Vec::new(),
-            statuses: Vec::new(),
+            base_revision: entry.map_or(0, |entry| entry.revision),
+            versions: entry
+                .map(|entry| {
+                    entry
+                        .versions
+                        .iter()
+                        .map(|(version, listed)| (version.clone(), listed.manifest.status))
+                        .collect()
+                })
+                .unwrap_or_default(),
             history: entry.map(|entry| entry.history.clone()).unwrap_or_default(),
             serving: None,
             new_version: None,
-            _guard: guard,
         }
     }
 
-    /// Loads `entry` and plans it in place of the served version (which returns to staged).
+    /// Loads `entry` and plans it in place of the active version (which returns to staged).
     async fn plan_swap(
         &self,
         change: &mut PlannedChange,
         entry: VersionEntry,
     ) -> Result<(), InferenceError> {
-        let (name, version) = (change.name.clone(), change.version.clone());
-        change.add_status(
-            &entry.folder.join("manifest.toml"),
-            &name,
-            &version,
-            ModelStatus::Active,
-        )?;
-        if let Some(previous) = change.previously_served.clone() {
-            let previous_entry = self.version_entry(&name, &previous)?;
-            change.add_status(
-                &previous_entry.folder.join("manifest.toml"),
-                &name,
-                &previous,
-                ModelStatus::Staged,
-            )?;
+        for status in change.versions.values_mut() {
+            if *status == ModelStatus::Active {
+                *status = ModelStatus::Staged;
+            }
         }
+        change
+            .versions
+            .insert(change.version.clone(), ModelStatus::Active);
+        let served = self
+            .start_loaded(entry)
+            .await
+            .map_err(|error| match error {
+                RepositoryError::Model(error) => model_error(error),
+                other => InferenceError::LoadFailed(other.to_string()),
+            })?;
+        change.serving = Some(Some(served));
+        Ok(())
+    }
+
+    /// Loads `entry` (hash checked) off the async threads and starts serving it.
+    async fn start_loaded(
+        &self,
+        entry: VersionEntry,
+    ) -> Result<Arc<ServedVersion>, RepositoryError> {
         let environment = self.environment.clone();
         let settings = self.settings.clone();
         let mut manifest = entry.manifest.clone();
@@ -449,23 +549,37 @@ impl ModelRepository {
             open_sessions(&environment, &load_manifest, &entry.folder, &settings)
         })
         .await
-        .map_err(|error| InferenceError::LoadFailed(error.to_string()))?
-        .map_err(model_error)?;
-        change.serving = Some(Some(ServedVersion::start(
+        .map_err(|error| ModelError::Run(error.to_string()))??;
+        Ok(self.start_version(manifest, sessions))
+    }
+
+    fn start_version(
+        &self,
+        manifest: ModelManifest,
+        sessions: Vec<ort::session::Session>,
+    ) -> Arc<ServedVersion> {
+        ServedVersion::start(
             manifest,
             sessions,
             self.settings.dynamic_batching,
             self.settings.queue_capacity,
-        )));
-        Ok(())
+        )
+    }
+
+    fn read_version(&self, name: &str, version: &str) -> Result<VersionEntry, RepositoryError> {
+        if !is_plain_segment(name) || !is_plain_segment(version) {
+            return Err(RepositoryError::Read {
+                path: format!("{name}/{version}"),
+                reason: "not a plain folder name".to_owned(),
+            });
+        }
+        let folder = self.root.join(name).join(version);
+        let manifest = ModelManifest::load(&folder.join("manifest.toml"))?;
+        Ok(VersionEntry { manifest, folder })
     }
 
     fn known_status(&self, name: &str, version: &str) -> Option<ModelStatus> {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
-        models
+        self.read_models()
             .get(name)?
             .versions
             .get(version)
@@ -473,11 +587,7 @@ impl ModelRepository {
     }
 
     fn version_entry(&self, name: &str, version: &str) -> Result<VersionEntry, InferenceError> {
-        let models = self
-            .models
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner());
-        models
+        self.read_models()
             .get(name)
             .and_then(|entry| entry.versions.get(version))
             .cloned()
@@ -486,24 +596,17 @@ impl ModelRepository {
                 version: version.to_owned(),
             })
     }
-}
 
-impl PlannedChange {
-    fn add_status(
-        &mut self,
-        path: &Path,
-        name: &str,
-        version: &str,
-        status: ModelStatus,
-    ) -> Result<(), InferenceError> {
-        let old_text = std::fs::read_to_string(path)
-            .map_err(|error| InferenceError::RepositoryWrite(error.to_string()))?;
-        let new_text = ModelManifest::with_status(&old_text, status).map_err(|reason| {
-            InferenceError::LoadFailed(format!("{name} version {version}: {reason}"))
-        })?;
-        self.rewrites.push((path.to_owned(), new_text, old_text));
-        self.statuses.push((version.to_owned(), status));
-        Ok(())
+    fn read_models(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.models
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write_models(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ModelEntry>> {
+        self.models
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -539,13 +642,6 @@ fn is_plain_segment(segment: &str) -> bool {
         && segment
             .chars()
             .all(|character| character.is_ascii_alphanumeric() || "-_.".contains(character))
-}
-
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let temporary = path.with_extension("writing");
-    std::fs::write(&temporary, text)?;
-    std::fs::File::open(&temporary)?.sync_all()?;
-    std::fs::rename(&temporary, path)
 }
 
 fn read_history(model_folder: &Path) -> Vec<String> {

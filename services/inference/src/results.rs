@@ -199,6 +199,11 @@ impl ResultsStore {
         Self::connect(&database_url).await?.connection.close().await
     }
 
+    /// The connection, for the lifecycle store that shares this database and its migrations.
+    pub fn connection(&self) -> DatabaseConnection {
+        self.connection.clone()
+    }
+
     /// Stores a new result (its content hash is computed here). A result whose idempotency key
     /// is already stored is not written (the unique key decides between racing writers, on
     /// every replica): the stored one is returned with `true` if it answers the same image,
@@ -443,7 +448,10 @@ mod migration {
     #[async_trait::async_trait]
     impl MigratorTrait for Migrator {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-            vec![Box::new(CreateResults)]
+            vec![
+                Box::new(CreateResults),
+                Box::new(crate::lifecycle_store::migration::CreateModelLifecycle),
+            ]
         }
 
         fn migration_table_name() -> DynIden {

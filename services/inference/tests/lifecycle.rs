@@ -156,8 +156,9 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         "requests ran before and after the swap"
     );
     assert_eq!(served_version(&mut gateway).await.as_deref(), Ok("2"));
-    assert_eq!(manifest_status(repository.path(), "1"), "staged");
-    assert_eq!(manifest_status(repository.path(), "2"), "active");
+    // The manifests are immutable: the lifecycle state is in the database.
+    assert_eq!(manifest_status(repository.path(), "1"), "active");
+    assert_eq!(manifest_status(repository.path(), "2"), "staged");
 
     // Asking for the version no longer served is refused; readiness says the same.
     let mut pinned = support::predict(LIGHT, grey_image(64, 2));
@@ -227,7 +228,7 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         .expect_err("retired");
     assert_eq!(reason_of(&status).as_deref(), Some("MODEL_VERSION_RETIRED"));
 
-    // The state survives a restart: the manifests are the record.
+    // The state survives a restart: the lifecycle store is the record.
     harness.restart_inference().await;
     let mut gateway = harness.client_as("gateway");
     let mut operator = harness.client_as("operator");
@@ -240,8 +241,8 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         served_version(&mut gateway).await,
         Err("MODEL_NOT_FOUND".to_owned())
     );
-    assert_eq!(manifest_status(repository.path(), "1"), "retired");
-    assert_eq!(manifest_status(repository.path(), "2"), "retired");
+    assert_eq!(manifest_status(repository.path(), "1"), "active");
+    assert_eq!(manifest_status(repository.path(), "2"), "staged");
 
     // Every change is in the ledger, in order, under the authenticated caller: the operator
     // tool's certificate, or the user whose subject the gateway relayed.
@@ -365,7 +366,7 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     );
     assert!(harness.ledger().await.is_empty());
 
-    // Without the ledger, nothing changes: the manifests are put back.
+    // Without the ledger, nothing changes: the store's transaction is rolled back.
     add_light_version(repository.path(), "3", "staged");
     operator
         .stage_model_version(stage("3"))
@@ -387,4 +388,21 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     harness.restart_inference().await;
     let mut gateway = harness.client_as("gateway");
     assert_eq!(served_version(&mut gateway).await.as_deref(), Ok("1"));
+    let states: Vec<(String, String, bool)> = harness
+        .client_as("operator")
+        .list_models(ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .versions
+        .into_iter()
+        .map(|info| (info.version, info.status, info.ready))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("1".to_owned(), "ACTIVE".to_owned(), true),
+            ("3".to_owned(), "STAGED".to_owned(), false)
+        ]
+    );
 }

@@ -43,6 +43,7 @@ pub fn inference_config(
         database_url,
         audit_endpoint,
         runtime,
+        lifecycle: Default::default(),
     }
 }
 
