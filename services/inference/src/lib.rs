@@ -148,7 +148,8 @@ pub async fn serve_reporting(
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
-    let results = results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
+    let results =
+        results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
             .await?;
     let lifecycle_store = lifecycle_store::LifecycleStore::new(results.connection());
     let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
