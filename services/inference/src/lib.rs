@@ -5,7 +5,9 @@
 pub mod batcher;
 pub mod caller;
 pub mod config;
+pub mod decision_support;
 mod error;
+pub mod explain;
 mod grpc;
 pub mod kserve;
 pub mod lifecycle;
@@ -62,6 +64,8 @@ pub fn peer_policy() -> PeerPolicy {
         "ListResults",
         "RecordDelivery",
         "SignResult",
+        "ExplainResult",
+        "RecordExplanation",
     ]
     .iter()
     .fold(PeerPolicy::new(), |policy, method| {
@@ -146,6 +150,7 @@ pub async fn serve(
         predictor: Arc::new(predict::Predictor {
             repository: repository.clone(),
         }),
+        explainer: Arc::new(explain::Explainer::new(repository.clone(), &config.runtime)),
         results,
         lifecycle: Arc::new(lifecycle::Lifecycle {
             repository: repository.clone(),
