@@ -267,7 +267,7 @@ fn a_flagged_result_names_its_unusual_case_reasons_in_the_report() {
         study_instance_uid: &stored.study_instance_uid,
         dicom: &stored.dicom,
     };
-    let outcome = InferenceOutcome {
+    let flagged = InferenceOutcome {
         unusual_case: true,
         unusual_case_reasons: vec![
             "MODALITY_OUTSIDE_INTENDED_USE".to_owned(),
@@ -278,7 +278,7 @@ fn a_flagged_result_names_its_unusual_case_reasons_in_the_report() {
     let report = build_report(
         "1.2.826.0.1.3680043.10.1234",
         &source,
-        &outcome,
+        &flagged,
         time::OffsetDateTime::now_utc(),
     )
     .expect("report");
