@@ -353,8 +353,8 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
             let source = password.source(fallback);
             login(cli, &cli.gateway, username, &source).await
         }
-        Command::Backup(args) => backup::backup(args).await,
-        Command::Restore(args) => backup::restore(args).await,
+        Command::Backup(args) => Ok(backup::backup(args).await?),
+        Command::Restore(args) => Ok(backup::restore(args).await?),
         Command::Logout => logout(cli).await,
         Command::Infer {
             file,

@@ -23,6 +23,13 @@ pub struct InferenceOutcome {
     pub decision: String,
     pub intended_use: String,
     pub quality: Option<QualitySummary>,
+    /// The mesh flagged the input as outside the model's domain (issue 18); absent in
+    /// outboxes written before, which read as not flagged.
+    #[serde(default)]
+    pub unusual_case: bool,
+    /// Stable reasons, such as MODALITY_OUTSIDE_INTENDED_USE.
+    #[serde(default)]
+    pub unusual_case_reasons: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,7 +67,10 @@ impl TryFrom<InferResponse> for InferenceOutcome {
                 })
                 .collect(),
         });
+        let unusual_case = prediction.unusual_case.clone().unwrap_or_default();
         Ok(Self {
+            unusual_case: unusual_case.flagged,
+            unusual_case_reasons: unusual_case.reasons,
             result_id: response.result_id,
             ledger_seq: response.ledger_seq,
             ledger_hash: response.ledger_hash,

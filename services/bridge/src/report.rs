@@ -2,8 +2,8 @@
 //! Measurement Report (the structure IHE AI Results uses). It references the source instance,
 //! names the algorithm (name, version, model SHA-256, manufacturer "MedAI Flow"), carries each
 //! class probability as a numeric measurement, the top finding, the decision against the
-//! threshold, the quality report, the result id and ledger seq, and the research-use
-//! disclaimer; it is PRELIMINARY and UNVERIFIED. Patient and study modules are copied from the
+//! threshold, the quality report, the unusual-case flag with its reasons, the result id and
+//! ledger seq, and the research-use disclaimer; it is PRELIMINARY and UNVERIFIED. Patient and study modules are copied from the
 //! source so the PACS files it with the study.
 
 use dicom_core::value::DataSetSequence;
@@ -369,6 +369,19 @@ fn measurement_group(
             outcome.top_probability,
             outcome.decision_threshold
         ),
+    ));
+    // The unusual-case flag (issue 18): an input outside the model's domain, with its reasons.
+    items.push(text_item(
+        "CONTAINS",
+        code("UNUSUAL_CASE", CODING_SCHEME, "Unusual case"),
+        &if outcome.unusual_case {
+            format!(
+                "FLAGGED: input outside the model's domain ({})",
+                outcome.unusual_case_reasons.join(", ")
+            )
+        } else {
+            "not flagged".to_owned()
+        },
     ));
     items.push(text_item(
         "CONTAINS",

@@ -35,6 +35,8 @@ fn outcome() -> InferenceOutcome {
             passed: true,
             checks: vec![("QUALITY_CONTRAST_LOW".to_owned(), 41.5, true)],
         }),
+        unusual_case: false,
+        unusual_case_reasons: Vec::new(),
     }
 }
 
@@ -188,6 +190,7 @@ async fn the_report_for_an_mr_image_parses_cleanly_in_dsrdump_and_carries_the_re
     assert!(text_of(&content, "DECISION").starts_with("ABOVE_THRESHOLD: notumor 0.750000"));
     assert!(text_of(&content, "DISCLAIMER").starts_with(DISCLAIMER));
     assert!(text_of(&content, "QUALITY").contains("QUALITY_CONTRAST_LOW"));
+    assert_eq!(text_of(&content, "UNUSUAL_CASE"), "not flagged");
     let (_, _, image) = content
         .iter()
         .find(|(kind, _, _)| kind == "IMAGE")
@@ -241,4 +244,55 @@ async fn the_report_for_an_mr_image_parses_cleanly_in_dsrdump_and_carries_the_re
     assert!(printed.contains("Comprehensive SR Document"), "{printed}");
     assert!(printed.contains("Imaging Measurement Report"), "{printed}");
     assert!(printed.contains("\"0.750000\""), "{printed}");
+}
+
+/// Issue 18: an input outside the model's domain is flagged in the SR, with its reasons, as an
+/// observation next to the finding.
+#[test]
+fn a_flagged_result_names_its_unusual_case_reasons_in_the_report() {
+    let source_file =
+        dicom_object::open_file(Assets::locate().dicom_dir.join("CT_small.dcm")).expect("source");
+    let mut dataset = Vec::new();
+    source_file
+        .write_dataset_with_ts(
+            &mut dataset,
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .expect("dataset");
+    let stored = part10_instance("1.2.840.10008.1.2.1", dataset, "STORESCU").expect("instance");
+    let source = SourceInstance {
+        sop_class_uid: &stored.sop_class_uid,
+        sop_instance_uid: &stored.sop_instance_uid,
+        series_instance_uid: &stored.series_instance_uid,
+        study_instance_uid: &stored.study_instance_uid,
+        dicom: &stored.dicom,
+    };
+    let flagged = InferenceOutcome {
+        unusual_case: true,
+        unusual_case_reasons: vec![
+            "MODALITY_OUTSIDE_INTENDED_USE".to_owned(),
+            "OUT_OF_DISTRIBUTION".to_owned(),
+        ],
+        ..outcome()
+    };
+    let report = build_report(
+        "1.2.826.0.1.3680043.10.1234",
+        &source,
+        &flagged,
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("report");
+    let mut content = Vec::new();
+    items(&report.dataset, &mut content);
+    assert_eq!(
+        text_of(&content, "UNUSUAL_CASE"),
+        "FLAGGED: input outside the model's domain (MODALITY_OUTSIDE_INTENDED_USE, OUT_OF_DISTRIBUTION)"
+    );
+    // An outbox entry written before the flag existed reads as not flagged.
+    let mut old = serde_json::to_value(outcome()).expect("json");
+    let object = old.as_object_mut().expect("object");
+    object.remove("unusual_case");
+    object.remove("unusual_case_reasons");
+    let read: InferenceOutcome = serde_json::from_value(old).expect("old outbox entry");
+    assert!(!read.unusual_case && read.unusual_case_reasons.is_empty());
 }

@@ -44,6 +44,9 @@ pub enum GatewayError {
     ResultNotFound,
     #[error("{0}")]
     SignatureInvalid(String),
+    /// An explanation is of the result's own image, named by its SHA-256.
+    #[error("the image is not the one this result was predicted from")]
+    ImageNotOfResult,
     #[error("too many requests; retry after {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
     #[error("the gateway is at capacity; retry after {retry_after_ms} ms")]
@@ -68,7 +71,8 @@ impl ServiceError for GatewayError {
             | Self::TagMissing
             | Self::TagInFlight
             | Self::ClientRequestIdInvalid
-            | Self::SignatureInvalid(_) => ErrorKind::InvalidArgument,
+            | Self::SignatureInvalid(_)
+            | Self::ImageNotOfResult => ErrorKind::InvalidArgument,
             Self::DeadlinePassed => ErrorKind::DeadlineExceeded,
             Self::ViewerSeesSignedOnly => ErrorKind::PermissionDenied,
             Self::ResultNotFound => ErrorKind::NotFound,
@@ -97,6 +101,7 @@ impl ServiceError for GatewayError {
             Self::ViewerSeesSignedOnly => "VIEWER_SEES_SIGNED_ONLY",
             Self::ResultNotFound => "RESULT_NOT_FOUND",
             Self::SignatureInvalid(_) => "SIGNATURE_INVALID",
+            Self::ImageNotOfResult => "IMAGE_NOT_OF_RESULT",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::Overloaded { .. } => "OVERLOADED",
         }

@@ -511,6 +511,25 @@ impl GatewayService for GatewayApi {
         Ok(with_correlation(signed, &correlation))
     }
 
+    async fn explain_result(
+        &self,
+        request: Request<gw::ExplainResultRequest>,
+    ) -> Result<Response<gw::ExplainResultResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let deadline = caller_deadline(request.metadata(), Instant::now());
+        let explained = crate::explain::explain_result(
+            &self.ingest.downstream,
+            &caller,
+            request.into_inner(),
+            self.ingest.max_image_bytes,
+            &correlation,
+            deadline,
+        )
+        .await?;
+        Ok(with_correlation(explained, &correlation))
+    }
+
     async fn verify_ledger(
         &self,
         request: Request<VerifyLedgerRequest>,

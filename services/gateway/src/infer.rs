@@ -59,6 +59,23 @@ pub fn scoped_idempotency_key(subject: &str, key: &str) -> String {
     hex::encode(hasher.finalize())
 }
 
+/// Codes of the quality checks validation measured as failing: the image is still predicted
+/// on (unless validation refuses it), and the prediction is flagged IMAGE_QUALITY.
+fn failed_quality_checks(
+    quality: Option<&medai_proto::validation::v1::QualityReport>,
+) -> Vec<String> {
+    quality
+        .map(|report| {
+            report
+                .checks
+                .iter()
+                .filter(|check| check.verdict() == medai_proto::validation::v1::Verdict::Fail)
+                .map(|check| check.code.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A stored result as a prediction answer.
 pub fn prediction_of(result: &StoredResult) -> PredictResponse {
     PredictResponse {
@@ -75,6 +92,8 @@ pub fn prediction_of(result: &StoredResult) -> PredictResponse {
         latency_ms: result.latency_ms,
         replayed: true,
         ledger_seq: result.ledger_seq,
+        uncertainty: result.uncertainty,
+        unusual_case: result.unusual_case.clone(),
     }
 }
 
@@ -420,6 +439,7 @@ where
                 image_sha256: image_sha256.clone(),
                 patient_key: patient_key.clone(),
                 idempotency_key: idempotency_key.clone(),
+                quality_findings: failed_quality_checks(quality.as_ref()),
             },
             correlation_id,
             time_left(),
@@ -598,6 +618,7 @@ async fn record_delivery(
         "prediction_sha256": prediction_sha256(prediction),
         "top_label": prediction.top_label,
     });
+    decision_trail(&mut context, prediction);
     if !client_request_id.is_empty() {
         context["client_request_id"] = client_request_id.into();
     }
@@ -641,6 +662,27 @@ async fn record_delivery(
     }
     tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
     Ok((receipt.seq, receipt.hash))
+}
+
+/// The decision audit trail of a delivery (issue 18): the threshold and decision, the
+/// uncertainty figures and the unusual-case flag with its reasons, beside the model version.
+fn decision_trail(context: &mut serde_json::Value, prediction: &PredictResponse) {
+    context["decision"] = prediction.decision.clone().into();
+    context["decision_threshold"] = f64::from(prediction.decision_threshold).into();
+    if let Some(figures) = &prediction.uncertainty {
+        context["normalized_entropy"] = f64::from(figures.normalized_entropy).into();
+        context["top2_margin"] = f64::from(figures.top2_margin).into();
+        context["temperature"] = f64::from(figures.temperature).into();
+        context["ood_score"] = f64::from(figures.ood_score).into();
+        if let Some(band) = &figures.confidence_band {
+            context["confidence_band"] =
+                serde_json::json!([f64::from(band.lower), f64::from(band.upper)]);
+        }
+    }
+    if let Some(flag) = &prediction.unusual_case {
+        context["unusual_case"] = flag.flagged.into();
+        context["unusual_case_reasons"] = flag.reasons.clone().into();
+    }
 }
 
 /// Refusals are recorded too, best effort: the caller's answer does not wait on it succeeding.

@@ -4,6 +4,7 @@
 pub mod config;
 mod downstream;
 mod error;
+mod explain;
 mod grpc;
 pub mod infer;
 pub mod load_control;
@@ -55,7 +56,7 @@ pub const REFLECTED_SERVICES: [&str; 4] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
-const EXTERNAL_METHODS: [&str; 21] = [
+const EXTERNAL_METHODS: [&str; 22] = [
     "Login",
     "Refresh",
     "Logout",
@@ -67,6 +68,7 @@ const EXTERNAL_METHODS: [&str; 21] = [
     "GetResult",
     "ListResults",
     "SignResult",
+    "ExplainResult",
     "VerifyLedger",
     "QueryLedger",
     "ExportLedger",
@@ -119,6 +121,7 @@ pub fn role_policy() -> RolePolicy {
             &[Role::Admin, Role::Clinician, Role::Viewer],
         )
         .allow(&method("SignResult"), &[Role::Admin, Role::Clinician])
+        .allow(&method("ExplainResult"), &[Role::Admin, Role::Clinician])
         .allow(&method("VerifyLedger"), &[Role::Admin, Role::Auditor])
         .allow(
             &method("CreateLedgerCheckpoint"),

@@ -91,6 +91,21 @@ async fn fetch(
     }
 }
 
+/// A result the caller may see, read without recording a view (the caller records its own).
+pub async fn fetch_visible(
+    downstream: &Downstream,
+    caller: &Caller,
+    result_id: &str,
+    correlation: &str,
+    deadline: Option<Instant>,
+) -> Result<StoredResult, Status> {
+    let result = fetch(downstream, result_id, correlation, deadline).await?;
+    if !visible_to(caller, &result) {
+        return Err(GatewayError::ResultNotFound.into());
+    }
+    Ok(result)
+}
+
 /// One result, if the caller may see it; the read is recorded before it is answered.
 pub async fn get_result(
     downstream: &Downstream,

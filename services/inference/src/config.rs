@@ -88,6 +88,34 @@ pub struct RuntimeSettings {
         deserialize_with = "from_str_or_native"
     )]
     pub queue_capacity: usize,
+    /// Explanations (occlusion maps): the most grid cells one may ask for, how many run at
+    /// once, how many more may wait (beyond: EXPLANATIONS_BUSY), and the longest one may take.
+    #[serde(
+        default = "default_explanation_max_cells",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub explanation_max_cells: u32,
+    #[serde(default = "default_one", deserialize_with = "from_str_or_native")]
+    pub explanation_slots: usize,
+    #[serde(default = "default_one", deserialize_with = "from_str_or_native")]
+    pub explanation_waiting: usize,
+    #[serde(
+        default = "default_explanation_seconds",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub explanation_time_limit_seconds: u64,
+}
+
+fn default_explanation_max_cells() -> u32 {
+    256
+}
+
+fn default_one() -> usize {
+    1
+}
+
+fn default_explanation_seconds() -> u64 {
+    120
 }
 
 fn default_optimization() -> String {
@@ -115,6 +143,10 @@ impl Default for RuntimeSettings {
             sessions_per_model: default_sessions(),
             dynamic_batching: true,
             queue_capacity: default_queue_capacity(),
+            explanation_max_cells: default_explanation_max_cells(),
+            explanation_slots: default_one(),
+            explanation_waiting: default_one(),
+            explanation_time_limit_seconds: default_explanation_seconds(),
         }
     }
 }

@@ -66,6 +66,13 @@ pub enum InferenceError {
     IdempotencyKeyReused,
     #[error("the results store failed")]
     Store,
+
+    #[error("{0}")]
+    ExplanationGridInvalid(String),
+    #[error("every explanation slot is taken; retry later")]
+    ExplanationsBusy,
+    #[error("the explanation did not finish within its time limit")]
+    ExplanationTimeLimit,
 }
 
 impl ServiceError for InferenceError {
@@ -82,9 +89,10 @@ impl ServiceError for InferenceError {
             | Self::TensorInvalid(_)
             | Self::BatchTooLarge { .. }
             | Self::ReasonMissing
+            | Self::ExplanationGridInvalid(_)
             | Self::QueryInvalid(_) => ErrorKind::InvalidArgument,
-            Self::QueueFull => ErrorKind::ResourceExhausted,
-            Self::DeadlinePassed => ErrorKind::DeadlineExceeded,
+            Self::QueueFull | Self::ExplanationsBusy => ErrorKind::ResourceExhausted,
+            Self::DeadlinePassed | Self::ExplanationTimeLimit => ErrorKind::DeadlineExceeded,
             Self::VersionRetired { .. }
             | Self::AlreadyInState { .. }
             | Self::NoPreviousVersion { .. }
@@ -127,6 +135,9 @@ impl ServiceError for InferenceError {
             Self::ResultContentChanged => "RESULT_CONTENT_CHANGED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Store => "RESULTS_STORE_FAILED",
+            Self::ExplanationGridInvalid(_) => "EXPLANATION_GRID_INVALID",
+            Self::ExplanationsBusy => "EXPLANATIONS_BUSY",
+            Self::ExplanationTimeLimit => "EXPLANATION_TIME_LIMIT",
         }
     }
 }

@@ -14,18 +14,25 @@ use medai_proto::inference::v1::{
     RollbackModelResponse, SignResultRequest, SignResultResponse, StageModelVersionRequest,
     StageModelVersionResponse, StoredResult as StoredResultMessage,
 };
+use medai_proto::inference::v1::{
+    ConfidenceBand, ExplainResultRequest, ExplainResultResponse, Explanation, ExplanationRecord,
+    RecordExplanationRequest, RecordExplanationResponse, Uncertainty as UncertaintyMessage,
+    UnusualCase,
+};
 use medai_runtime::deadline::caller_deadline;
 use tonic::{Request, Response, Status};
 
 use crate::caller::Caller;
+use crate::decision_support::{InputDomain, Uncertainty};
 use crate::error::InferenceError;
+use crate::explain::Explainer;
 use crate::lifecycle::{ChangeKind, ChangeRequest, Lifecycle};
 use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
 use crate::repository::VersionView;
 use crate::results::{
-    PRELIMINARY, ResultFilter, ResultsStore, SIGNED, Signature, StoredResult, format_timestamp,
-    now_micros, parse_timestamp,
+    CONTENT_HASH_VERSION, PRELIMINARY, ResultFilter, ResultsStore, SIGNED, Signature,
+    StoredExplanation, StoredResult, format_timestamp, now_micros, parse_timestamp,
 };
 
 /// Longest free-text reason kept with a lifecycle change.
@@ -33,6 +40,7 @@ const MAX_REASON_CHARS: usize = 500;
 
 pub struct InferenceApi {
     pub predictor: Arc<Predictor>,
+    pub explainer: Arc<Explainer>,
     pub results: ResultsStore,
     pub lifecycle: Arc<Lifecycle>,
 }
@@ -47,12 +55,74 @@ fn probabilities_message(probabilities: &[(String, f32)]) -> Vec<LabelProbabilit
         .collect()
 }
 
+fn uncertainty_message(figures: &Uncertainty) -> UncertaintyMessage {
+    UncertaintyMessage {
+        normalized_entropy: figures.normalized_entropy,
+        top2_margin: figures.top2_margin,
+        temperature: figures.temperature,
+        confidence_band: figures
+            .confidence_band
+            .map(|(lower, upper)| ConfidenceBand { lower, upper }),
+        ood_score: figures.ood_score,
+        ood_threshold: figures.ood_threshold,
+    }
+}
+
+fn unusual_case_message(reasons: &[String]) -> UnusualCase {
+    UnusualCase {
+        flagged: !reasons.is_empty(),
+        reasons: reasons.to_vec(),
+    }
+}
+
+/// The decision support figures of a stored result; absent on results stored before they were
+/// kept (content hash rule 1).
+fn stored_decision_support(
+    result: &StoredResult,
+) -> Result<(Option<UncertaintyMessage>, Option<UnusualCase>), InferenceError> {
+    if result.content_hash_version < 2 {
+        return Ok((None, None));
+    }
+    let band = match (result.confidence_band_lower, result.confidence_band_upper) {
+        (Some(lower), Some(upper)) => Some((lower as f32, upper as f32)),
+        _ => None,
+    };
+    let figures = Uncertainty {
+        normalized_entropy: result.normalized_entropy as f32,
+        top2_margin: result.top2_margin as f32,
+        temperature: result.temperature as f32,
+        confidence_band: band,
+        ood_score: result.ood_score as f32,
+        ood_threshold: result.ood_threshold as f32,
+    };
+    let reasons: Vec<String> = serde_json::from_str(&result.unusual_case_reasons_json)
+        .map_err(|_| InferenceError::Store)?;
+    Ok((
+        Some(uncertainty_message(&figures)),
+        Some(UnusualCase {
+            flagged: result.unusual_case,
+            reasons,
+        }),
+    ))
+}
+
+fn explanation_message(explanation: StoredExplanation) -> ExplanationRecord {
+    ExplanationRecord {
+        ledger_seq: u64::try_from(explanation.ledger_seq).unwrap_or_default(),
+        grid_rows: u32::try_from(explanation.grid_rows).unwrap_or_default(),
+        grid_columns: u32::try_from(explanation.grid_columns).unwrap_or_default(),
+        heatmap_sha256: explanation.heatmap_sha256,
+        created_at: format_timestamp(explanation.created_at),
+    }
+}
+
 fn stored_probabilities(result: &StoredResult) -> Result<Vec<(String, f32)>, InferenceError> {
     serde_json::from_str(&result.probabilities_json).map_err(|_| InferenceError::Store)
 }
 
 fn result_message(result: StoredResult) -> Result<StoredResultMessage, InferenceError> {
     let probabilities = stored_probabilities(&result)?;
+    let (uncertainty, unusual_case) = stored_decision_support(&result)?;
     let signature = (result.status == SIGNED).then(|| ResultSignature {
         signer_subject: result.signer_subject.clone(),
         signer_name: result.signer_name.clone(),
@@ -80,12 +150,17 @@ fn result_message(result: StoredResult) -> Result<StoredResultMessage, Inference
         model_sha256: result.model_sha256,
         intended_use: result.intended_use,
         signature,
+        uncertainty,
+        unusual_case,
+        explanations: Vec::new(),
+        content_hash_version: u32::try_from(result.content_hash_version).unwrap_or_default(),
     })
 }
 
 /// A stored result answered again for a repeated idempotency key.
 fn replayed_response(result: StoredResult) -> Result<PredictResponse, InferenceError> {
     let probabilities = stored_probabilities(&result)?;
+    let (uncertainty, unusual_case) = stored_decision_support(&result)?;
     Ok(PredictResponse {
         model_name: result.model_name,
         model_version: result.model_version,
@@ -100,6 +175,8 @@ fn replayed_response(result: StoredResult) -> Result<PredictResponse, InferenceE
         latency_ms: result.latency_ms,
         replayed: true,
         ledger_seq: u64::try_from(result.ledger_seq).unwrap_or_default(),
+        uncertainty,
+        unusual_case,
     })
 }
 
@@ -217,6 +294,23 @@ impl InferenceApi {
                 signature_reason: String::new(),
                 signed_at: 0,
                 signature_ledger_seq: 0,
+                content_hash_version: CONTENT_HASH_VERSION,
+                normalized_entropy: f64::from(prediction.uncertainty.normalized_entropy),
+                top2_margin: f64::from(prediction.uncertainty.top2_margin),
+                temperature: f64::from(prediction.uncertainty.temperature),
+                ood_score: f64::from(prediction.uncertainty.ood_score),
+                ood_threshold: f64::from(prediction.uncertainty.ood_threshold),
+                confidence_band_lower: prediction
+                    .uncertainty
+                    .confidence_band
+                    .map(|(lower, _)| f64::from(lower)),
+                confidence_band_upper: prediction
+                    .uncertainty
+                    .confidence_band
+                    .map(|(_, upper)| f64::from(upper)),
+                unusual_case: !prediction.unusual_case_reasons.is_empty(),
+                unusual_case_reasons_json: serde_json::to_string(&prediction.unusual_case_reasons)
+                    .map_err(|_| InferenceError::Store)?,
             })
             .await
     }
@@ -232,6 +326,12 @@ impl InferenceService for InferenceApi {
         let mut request = request.into_inner();
         check_result_fields(&request)?;
         let image = request.image.take().ok_or(InferenceError::ImageMissing)?;
+        let metadata = image.metadata.clone().unwrap_or_default();
+        let domain = InputDomain {
+            modality: metadata.modality,
+            body_part: metadata.body_part_examined,
+            quality_findings: request.quality_findings.clone(),
+        };
         let input = ImageInput {
             width: image.width,
             height: image.height,
@@ -256,7 +356,13 @@ impl InferenceService for InferenceApi {
         }
         let prediction = self
             .predictor
-            .predict(&request.model_name, &request.model_version, input, deadline)
+            .predict(
+                &request.model_name,
+                &request.model_version,
+                input,
+                &domain,
+                deadline,
+            )
             .await?;
         let result_id = if request.result_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
@@ -269,6 +375,8 @@ impl InferenceService for InferenceApi {
         }
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
         Ok(Response::new(PredictResponse {
+            uncertainty: Some(uncertainty_message(&prediction.uncertainty)),
+            unusual_case: Some(unusual_case_message(&prediction.unusual_case_reasons)),
             probabilities: probabilities_message(&prediction.probabilities),
             decision: prediction.decision().to_owned(),
             latency_ms: prediction.latency.as_secs_f64() * 1000.0,
@@ -298,9 +406,100 @@ impl InferenceService for InferenceApi {
                 .await?
                 .ok_or_else(|| InferenceError::ResultNotFound("for that key".to_owned()))?
         };
+        let explanations = self.results.explanations(&result.result_id).await?;
+        let mut message = result_message(result)?;
+        message.explanations = explanations.into_iter().map(explanation_message).collect();
         Ok(Response::new(GetResultResponse {
-            result: Some(result_message(result)?),
+            result: Some(message),
         }))
+    }
+
+    async fn explain_result(
+        &self,
+        request: Request<ExplainResultRequest>,
+    ) -> Result<Response<ExplainResultResponse>, Status> {
+        let deadline = caller_deadline(request.metadata(), Instant::now());
+        let request = request.into_inner();
+        if uuid::Uuid::parse_str(&request.result_id).is_err() {
+            return Err(InferenceError::ResultNotFound(request.result_id).into());
+        }
+        let result = self.results.get(&request.result_id).await?;
+        let image = request.image.ok_or(InferenceError::ImageMissing)?;
+        let input = ImageInput {
+            width: image.width,
+            height: image.height,
+            channels: image.channels,
+            bit_depth: image.bit_depth,
+            pixels: image.pixels,
+        };
+        // The version that produced the result, and no other, explains it.
+        let map = self
+            .explainer
+            .explain(
+                &result.model_name,
+                &result.model_version,
+                &result.top_label,
+                input,
+                (request.grid_rows, request.grid_columns),
+                deadline,
+            )
+            .await?;
+        tracing::info!(
+            result_id = %result.result_id,
+            grid_rows = map.grid_rows,
+            grid_columns = map.grid_columns,
+            forward_passes = map.forward_passes,
+            compute_ms = map.compute.as_secs_f64() * 1000.0,
+            "explanation computed"
+        );
+        Ok(Response::new(ExplainResultResponse {
+            explanation: Some(Explanation {
+                result_id: result.result_id,
+                model_name: map.model_name,
+                model_version: map.model_version,
+                target_label: map.target_label,
+                baseline_probability: map.baseline_probability,
+                grid_rows: map.grid_rows,
+                grid_columns: map.grid_columns,
+                importance: map.importance,
+                most_important_row: map.most_important.0,
+                most_important_column: map.most_important.1,
+                heatmap_png: map.heatmap_png,
+                heatmap_width: map.heatmap_width,
+                heatmap_height: map.heatmap_height,
+                heatmap_sha256: map.heatmap_sha256,
+                forward_passes: map.forward_passes,
+                compute_ms: map.compute.as_secs_f64() * 1000.0,
+            }),
+        }))
+    }
+
+    async fn record_explanation(
+        &self,
+        request: Request<RecordExplanationRequest>,
+    ) -> Result<Response<RecordExplanationResponse>, Status> {
+        let request = request.into_inner();
+        let seq = i64::try_from(request.ledger_seq)
+            .ok()
+            .filter(|seq| *seq > 0)
+            .ok_or_else(|| InferenceError::QueryInvalid("ledger_seq must be positive".into()))?;
+        if !is_lower_hex(&request.heatmap_sha256, 64) {
+            return Err(InferenceError::QueryInvalid(
+                "heatmap_sha256 must be 64 lowercase hex digits".to_owned(),
+            )
+            .into());
+        }
+        self.results
+            .record_explanation(StoredExplanation {
+                ledger_seq: seq,
+                result_id: request.result_id,
+                grid_rows: i32::try_from(request.grid_rows).unwrap_or(i32::MAX),
+                grid_columns: i32::try_from(request.grid_columns).unwrap_or(i32::MAX),
+                heatmap_sha256: request.heatmap_sha256,
+                created_at: now_micros(),
+            })
+            .await?;
+        Ok(Response::new(RecordExplanationResponse {}))
     }
 
     async fn record_delivery(

@@ -5,7 +5,9 @@
 pub mod batcher;
 pub mod caller;
 pub mod config;
+pub mod decision_support;
 mod error;
+pub mod explain;
 mod grpc;
 pub mod kserve;
 pub mod lifecycle;
@@ -64,6 +66,8 @@ pub fn peer_policy() -> PeerPolicy {
         "ListResults",
         "RecordDelivery",
         "SignResult",
+        "ExplainResult",
+        "RecordExplanation",
     ]
     .iter()
     .fold(PeerPolicy::new(), |policy, method| {
@@ -184,6 +188,7 @@ pub async fn serve_reporting(
         predictor: Arc::new(predict::Predictor {
             repository: repository.clone(),
         }),
+        explainer: Arc::new(explain::Explainer::new(repository.clone(), &config.runtime)),
         results,
         lifecycle: Arc::new(lifecycle::Lifecycle {
             repository: repository.clone(),

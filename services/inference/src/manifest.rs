@@ -31,6 +31,9 @@ pub struct ModelManifest {
     pub batching: Batching,
     #[serde(default)]
     pub execution: Execution,
+    /// Intended use in machine terms and figures from the validation report (issue 18).
+    #[serde(default)]
+    pub decision_support: crate::decision_support::DecisionSupport,
 }
 
 /// How ONNX Runtime runs this model.
@@ -188,6 +191,7 @@ impl ModelManifest {
         {
             return Err("execution.intra_op_threads must lie in 1..=256".to_owned());
         }
+        self.decision_support.check()?;
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex digits".to_owned());
         }

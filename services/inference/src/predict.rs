@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::decision_support::{
+    InputDomain, Uncertainty, calibrate, uncertainty, unusual_case_reasons,
+};
 use crate::error::InferenceError;
 use crate::preprocess::{ImageInput, to_input_tensor};
 use crate::repository::ModelRepository;
@@ -17,8 +20,12 @@ pub struct Prediction {
     pub model_version: String,
     pub model_sha256: String,
     pub intended_use: String,
-    /// (label, probability) in the model's label order.
+    /// (label, probability) in the model's label order, calibrated with the manifest's
+    /// temperature when it names one.
     pub probabilities: Vec<(String, f32)>,
+    pub uncertainty: Uncertainty,
+    /// Stable reasons the input is outside the model's domain; empty when it is not.
+    pub unusual_case_reasons: Vec<String>,
     pub decision_threshold: f32,
     /// Queue plus compute.
     pub latency: Duration,
@@ -48,6 +55,7 @@ impl Predictor {
         name: &str,
         version: &str,
         image: ImageInput,
+        domain: &InputDomain,
         deadline: Option<Instant>,
     ) -> Result<Prediction, InferenceError> {
         let served = self.repository.select(name, version)?;
@@ -60,12 +68,18 @@ impl Predictor {
         let output = served.infer(rows, deadline).await?;
         let manifest = &served.manifest;
         let scores = output.scores.into_iter().next().unwrap_or_default();
+        let support = &manifest.decision_support;
+        let calibrated = calibrate(&scores, support.temperature);
+        let figures = uncertainty(&calibrated, support);
+        let unusual_case_reasons = unusual_case_reasons(domain, &figures, support);
         Ok(Prediction {
             model_name: manifest.name.clone(),
             model_version: manifest.version.clone(),
             model_sha256: manifest.sha256.clone(),
             intended_use: manifest.intended_use.clone(),
-            probabilities: manifest.labels.iter().cloned().zip(scores).collect(),
+            probabilities: manifest.labels.iter().cloned().zip(calibrated).collect(),
+            uncertainty: figures,
+            unusual_case_reasons,
             decision_threshold: manifest.decision_threshold,
             latency: started.elapsed(),
             batch_rows: output.batch_rows,

@@ -51,6 +51,21 @@ pub mod result_row {
         /// Unix microseconds; 0 until signed.
         pub signed_at: i64,
         pub signature_ledger_seq: i64,
+        /// Which content hash rule `content_sha256` follows: 1 before uncertainty and flags
+        /// were kept, 2 since (see [`super::content_sha256`]).
+        pub content_hash_version: i32,
+        /// Uncertainty (issue 18); see [`crate::decision_support`].
+        pub normalized_entropy: f64,
+        pub top2_margin: f64,
+        pub temperature: f64,
+        pub ood_score: f64,
+        pub ood_threshold: f64,
+        pub confidence_band_lower: Option<f64>,
+        pub confidence_band_upper: Option<f64>,
+        /// The unusual-case flag and its reasons (`["MODALITY_OUTSIDE_INTENDED_USE", …]`).
+        pub unusual_case: bool,
+        #[sea_orm(column_type = "Text")]
+        pub unusual_case_reasons_json: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -58,6 +73,35 @@ pub mod result_row {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// One delivered explanation of a result; rows are only ever added.
+pub mod explanation_row {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "inference_explanations")]
+    pub struct Model {
+        /// The ledger entry that recorded the explanation's delivery.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub ledger_seq: i64,
+        pub result_id: String,
+        pub grid_rows: i32,
+        pub grid_columns: i32,
+        pub heatmap_sha256: String,
+        /// Unix microseconds, UTC.
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub use explanation_row::Model as StoredExplanation;
+
+/// The content hash rule results are stored with now.
+pub const CONTENT_HASH_VERSION: i32 = 2;
 
 pub use result_row::Model as StoredResult;
 
@@ -106,6 +150,43 @@ pub fn content_sha256_of_message(result: &medai_proto::inference::v1::StoredResu
         signature_reason: String::new(),
         signed_at: 0,
         signature_ledger_seq: 0,
+        content_hash_version: i32::try_from(result.content_hash_version.max(1)).unwrap_or(1),
+        normalized_entropy: 0.0,
+        top2_margin: 0.0,
+        temperature: 1.0,
+        ood_score: 0.0,
+        ood_threshold: 0.0,
+        confidence_band_lower: None,
+        confidence_band_upper: None,
+        unusual_case: false,
+        unusual_case_reasons_json: String::new(),
+    };
+    let row = StoredResult {
+        unusual_case: result
+            .unusual_case
+            .as_ref()
+            .is_some_and(|flag| flag.flagged),
+        unusual_case_reasons_json: serde_json::to_string(
+            &result
+                .unusual_case
+                .as_ref()
+                .map(|flag| flag.reasons.clone())
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default(),
+        ..match &result.uncertainty {
+            Some(figures) => StoredResult {
+                normalized_entropy: f64::from(figures.normalized_entropy),
+                top2_margin: f64::from(figures.top2_margin),
+                temperature: f64::from(figures.temperature),
+                ood_score: f64::from(figures.ood_score),
+                ood_threshold: f64::from(figures.ood_threshold),
+                confidence_band_lower: figures.confidence_band.map(|band| f64::from(band.lower)),
+                confidence_band_upper: figures.confidence_band.map(|band| f64::from(band.upper)),
+                ..row
+            },
+            None => row,
+        }
     };
     content_sha256(&row)
 }
@@ -114,6 +195,12 @@ pub fn content_sha256_of_message(result: &medai_proto::inference::v1::StoredResu
 /// order: result_id, model_name, model_version, model_sha256, image_sha256, patient_key,
 /// probabilities_json, top_label, decision, then confidence and decision_threshold as f64 and
 /// created_at as i64, big-endian. Status, delivery and signature fields are not content.
+///
+/// Rule 2 (`content_hash_version` 2, every result stored since issue 18) goes on with the
+/// decision support figures: normalized_entropy, top2_margin, temperature, ood_score and
+/// ood_threshold as big-endian f64; one byte 1 and the confidence band's lower and upper as
+/// f64, or one byte 0 when there is no band; one byte 1 or 0 for the unusual-case flag; and
+/// unusual_case_reasons_json (the reasons as a compact JSON array) length-prefixed.
 pub fn content_sha256(result: &StoredResult) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
@@ -134,6 +221,29 @@ pub fn content_sha256(result: &StoredResult) -> String {
     hasher.update(result.confidence.to_be_bytes());
     hasher.update(result.decision_threshold.to_be_bytes());
     hasher.update(result.created_at.to_be_bytes());
+    if result.content_hash_version >= 2 {
+        for figure in [
+            result.normalized_entropy,
+            result.top2_margin,
+            result.temperature,
+            result.ood_score,
+            result.ood_threshold,
+        ] {
+            hasher.update(figure.to_be_bytes());
+        }
+        match (result.confidence_band_lower, result.confidence_band_upper) {
+            (Some(lower), Some(upper)) => {
+                hasher.update([1u8]);
+                hasher.update(lower.to_be_bytes());
+                hasher.update(upper.to_be_bytes());
+            }
+            _ => hasher.update([0u8]),
+        }
+        hasher.update([u8::from(result.unusual_case)]);
+        let reasons = &result.unusual_case_reasons_json;
+        hasher.update((reasons.len() as u64).to_be_bytes());
+        hasher.update(reasons.as_bytes());
+    }
     hex::encode(hasher.finalize())
 }
 
@@ -326,6 +436,38 @@ impl ResultsStore {
         self.get(result_id).await
     }
 
+    /// Notes a delivered explanation; noting the same ledger entry again changes nothing.
+    pub async fn record_explanation(
+        &self,
+        explanation: StoredExplanation,
+    ) -> Result<(), InferenceError> {
+        self.get(&explanation.result_id).await?;
+        let row: explanation_row::ActiveModel = explanation.into();
+        match explanation_row::Entity::insert(row)
+            .exec(&self.connection)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                Ok(())
+            }
+            Err(error) => Err(store_error(error)),
+        }
+    }
+
+    /// The explanations delivered for a result, oldest first.
+    pub async fn explanations(
+        &self,
+        result_id: &str,
+    ) -> Result<Vec<StoredExplanation>, InferenceError> {
+        explanation_row::Entity::find()
+            .filter(explanation_row::Column::ResultId.eq(result_id))
+            .order_by_asc(explanation_row::Column::LedgerSeq)
+            .all(&self.connection)
+            .await
+            .map_err(store_error)
+    }
+
     pub async fn get(&self, result_id: &str) -> Result<StoredResult, InferenceError> {
         result_row::Entity::find_by_id(result_id.to_owned())
             .one(&self.connection)
@@ -451,6 +593,7 @@ mod migration {
             vec![
                 Box::new(CreateResults),
                 Box::new(crate::lifecycle_store::migration::CreateModelLifecycle),
+                Box::new(AddDecisionSupport),
             ]
         }
 
@@ -489,6 +632,137 @@ mod migration {
     }
 
     struct CreateResults;
+
+    #[derive(DeriveIden)]
+    enum DecisionSupportColumns {
+        ContentHashVersion,
+        NormalizedEntropy,
+        Top2Margin,
+        Temperature,
+        OodScore,
+        OodThreshold,
+        ConfidenceBandLower,
+        ConfidenceBandUpper,
+        UnusualCase,
+        UnusualCaseReasonsJson,
+    }
+
+    #[derive(DeriveIden)]
+    enum InferenceExplanations {
+        Table,
+        LedgerSeq,
+        ResultId,
+        GridRows,
+        GridColumns,
+        HeatmapSha256,
+        CreatedAt,
+    }
+
+    /// Uncertainty, the unusual-case flag and delivered explanations (issue 18). Rows stored
+    /// before keep content hash rule 1, so their hashes and signatures still verify.
+    struct AddDecisionSupport;
+
+    impl MigrationName for AddDecisionSupport {
+        fn name(&self) -> &str {
+            "m0003_decision_support"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for AddDecisionSupport {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            use DecisionSupportColumns as C;
+            let columns = [
+                ColumnDef::new(C::ContentHashVersion)
+                    .integer()
+                    .not_null()
+                    .default(1)
+                    .to_owned(),
+                ColumnDef::new(C::NormalizedEntropy)
+                    .double()
+                    .not_null()
+                    .default(0.0)
+                    .to_owned(),
+                ColumnDef::new(C::Top2Margin)
+                    .double()
+                    .not_null()
+                    .default(0.0)
+                    .to_owned(),
+                ColumnDef::new(C::Temperature)
+                    .double()
+                    .not_null()
+                    .default(1.0)
+                    .to_owned(),
+                ColumnDef::new(C::OodScore)
+                    .double()
+                    .not_null()
+                    .default(0.0)
+                    .to_owned(),
+                ColumnDef::new(C::OodThreshold)
+                    .double()
+                    .not_null()
+                    .default(0.0)
+                    .to_owned(),
+                ColumnDef::new(C::ConfidenceBandLower)
+                    .double()
+                    .null()
+                    .to_owned(),
+                ColumnDef::new(C::ConfidenceBandUpper)
+                    .double()
+                    .null()
+                    .to_owned(),
+                ColumnDef::new(C::UnusualCase)
+                    .boolean()
+                    .not_null()
+                    .default(false)
+                    .to_owned(),
+                ColumnDef::new(C::UnusualCaseReasonsJson)
+                    .text()
+                    .not_null()
+                    .default("[]")
+                    .to_owned(),
+            ];
+            // One column per statement: SQLite alters one at a time.
+            for column in columns {
+                manager
+                    .alter_table(
+                        Table::alter()
+                            .table(InferenceResults::Table)
+                            .add_column(column)
+                            .to_owned(),
+                    )
+                    .await?;
+            }
+            use InferenceExplanations as E;
+            manager
+                .create_table(
+                    Table::create()
+                        .table(E::Table)
+                        .col(
+                            ColumnDef::new(E::LedgerSeq)
+                                .big_integer()
+                                .not_null()
+                                .primary_key(),
+                        )
+                        .col(ColumnDef::new(E::ResultId).string().not_null())
+                        .col(ColumnDef::new(E::GridRows).integer().not_null())
+                        .col(ColumnDef::new(E::GridColumns).integer().not_null())
+                        .col(ColumnDef::new(E::HeatmapSha256).string().not_null())
+                        .col(ColumnDef::new(E::CreatedAt).big_integer().not_null())
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("inference_explanations_by_result")
+                        .table(E::Table)
+                        .col(E::ResultId)
+                        .to_owned(),
+                )
+                .await
+        }
+    }
 
     impl MigrationName for CreateResults {
         fn name(&self) -> &str {
@@ -598,4 +872,100 @@ CREATE TRIGGER inference_results_signed_no_delete BEFORE DELETE ON inference_res
   WHEN OLD.status = 'SIGNED'
   BEGIN SELECT RAISE(ABORT, 'signed results are final'); END;
 "#;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(version: i32) -> StoredResult {
+        StoredResult {
+            result_id: "4f7b8a52-2f3c-4c55-9d2e-0a4c1b2d3e4f".to_owned(),
+            model_name: "brain-mri-tumor".to_owned(),
+            model_version: "1".to_owned(),
+            model_sha256: "ab".repeat(32),
+            image_sha256: "cd".repeat(32),
+            patient_key: String::new(),
+            probabilities_json: r#"[["glioma",0.7],["notumor",0.3]]"#.to_owned(),
+            top_label: "glioma".to_owned(),
+            confidence: 0.7,
+            decision_threshold: 0.5,
+            decision: "ABOVE_THRESHOLD".to_owned(),
+            latency_ms: 1.0,
+            created_at: 1_700_000_000_000_000,
+            status: PRELIMINARY.to_owned(),
+            idempotency_key: None,
+            intended_use: String::new(),
+            content_sha256: String::new(),
+            ledger_seq: 0,
+            signer_subject: String::new(),
+            signer_name: String::new(),
+            signature_meaning: String::new(),
+            signature_reason: String::new(),
+            signed_at: 0,
+            signature_ledger_seq: 0,
+            content_hash_version: version,
+            normalized_entropy: 0.6,
+            top2_margin: 0.4,
+            temperature: 1.0,
+            ood_score: 0.3,
+            ood_threshold: 0.6,
+            confidence_band_lower: None,
+            confidence_band_upper: None,
+            unusual_case: true,
+            unusual_case_reasons_json: r#"["MODALITY_OUTSIDE_INTENDED_USE"]"#.to_owned(),
+        }
+    }
+
+    #[test]
+    fn rule_two_binds_uncertainty_and_flags_and_rule_one_hashes_are_unchanged() {
+        // Rule 1 as it was before issue 18, written out: results stored then still verify.
+        let old = row(1);
+        let mut hasher = sha2::Sha256::new();
+        use sha2::Digest;
+        for text in [
+            &old.result_id,
+            &old.model_name,
+            &old.model_version,
+            &old.model_sha256,
+            &old.image_sha256,
+            &old.patient_key,
+            &old.probabilities_json,
+            &old.top_label,
+            &old.decision,
+        ] {
+            hasher.update((text.len() as u64).to_be_bytes());
+            hasher.update(text.as_bytes());
+        }
+        hasher.update(old.confidence.to_be_bytes());
+        hasher.update(old.decision_threshold.to_be_bytes());
+        hasher.update(old.created_at.to_be_bytes());
+        assert_eq!(content_sha256(&old), hex::encode(hasher.finalize()));
+        let unflagged_old = StoredResult {
+            unusual_case: false,
+            ..row(1)
+        };
+        assert_eq!(content_sha256(&unflagged_old), content_sha256(&old));
+
+        // Rule 2: each decision support field is content.
+        let base = content_sha256(&row(2));
+        assert_ne!(base, content_sha256(&old));
+        let changes: [fn(&mut StoredResult); 7] = [
+            |row| row.normalized_entropy = 0.5,
+            |row| row.top2_margin = 0.1,
+            |row| row.temperature = 2.0,
+            |row| row.ood_score = 0.9,
+            |row| row.confidence_band_lower = Some(0.1),
+            |row| row.unusual_case = false,
+            |row| row.unusual_case_reasons_json = "[]".to_owned(),
+        ];
+        for change in changes {
+            let mut changed = row(2);
+            change(&mut changed);
+            if changed.confidence_band_lower.is_some() {
+                changed.confidence_band_upper = Some(0.2);
+            }
+            assert_ne!(content_sha256(&changed), base);
+        }
+    }
 }

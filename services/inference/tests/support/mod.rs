@@ -204,6 +204,7 @@ pub fn predict(model: &str, image: CanonicalImage) -> PredictRequest {
         image_sha256: String::new(),
         patient_key: String::new(),
         idempotency_key: String::new(),
+        quality_findings: Vec::new(),
     }
 }
 

@@ -1,0 +1,403 @@
+//! Clinical decision support with the real brain-MRI model (issue 18): uncertainty figures,
+//! the unusual-case flag and occlusion explanations, through the inference service on port 0
+//! with real mTLS, ONNX Runtime and PostgreSQL; recomputed here with ONNX Runtime directly.
+
+mod support;
+
+use std::path::Path;
+
+use medai_inference::config::RuntimeSettings;
+use medai_inference::manifest::ModelManifest;
+use medai_inference::preprocess::{ImageInput, to_input_tensor};
+use medai_proto::common::v1::{CanonicalImage, SafeMetadata};
+use medai_proto::inference::v1::{
+    ExplainResultRequest, GetResultRequest, PredictResponse, RecordDeliveryRequest,
+};
+use medai_runtime::errors::reason_of;
+use medai_testkit::Assets;
+use ndarray::Array4;
+use support::Harness;
+use tonic::Code;
+
+const BRAIN: &str = "brain-mri-tumor";
+
+/// The brain-MRI model in a temp repository whose `[decision_support]` table is `table`.
+fn brain_repository_with(table: &str) -> tempfile::TempDir {
+    let repository = support::brain_repository();
+    let path = repository
+        .path()
+        .join(BRAIN)
+        .join("1")
+        .join("manifest.toml");
+    let text = std::fs::read_to_string(&path).expect("manifest");
+    let head = text
+        .split("[decision_support]")
+        .next()
+        .expect("manifest head")
+        .to_owned();
+    std::fs::write(&path, format!("{head}[decision_support]\n{table}")).expect("write manifest");
+    repository
+}
+
+/// A real MR slice (pydicom's MR_small.dcm) decoded by the validation service's own decoder,
+/// as the canonical image inference receives.
+fn real_image(file: &str) -> CanonicalImage {
+    let bytes = Assets::locate().dicom(file);
+    let decoded = medai_validation::decode::decode_image(
+        &bytes,
+        None,
+        &medai_validation::config::ImageLimits::default(),
+    )
+    .expect("decode");
+    CanonicalImage {
+        width: decoded.width,
+        height: decoded.height,
+        channels: decoded.channels,
+        bit_depth: decoded.bit_depth,
+        photometric_interpretation: decoded.photometric_interpretation.to_owned(),
+        pixels: decoded.pixels,
+        metadata: Some(SafeMetadata {
+            modality: decoded.metadata.modality,
+            body_part_examined: decoded.metadata.body_part_examined,
+            ..SafeMetadata::default()
+        }),
+    }
+}
+
+fn input_of(image: &CanonicalImage) -> ImageInput {
+    ImageInput {
+        width: image.width,
+        height: image.height,
+        channels: image.channels,
+        bit_depth: image.bit_depth,
+        pixels: image.pixels.clone(),
+    }
+}
+
+/// The model's own output for `tensor`, through an ONNX Runtime session opened here.
+struct DirectModel {
+    session: ort::session::Session,
+    manifest: ModelManifest,
+}
+
+impl DirectModel {
+    fn open(repository: &Path) -> Self {
+        let folder = repository.join(BRAIN).join("1");
+        let manifest = ModelManifest::load(&folder.join("manifest.toml")).expect("manifest");
+        let environment =
+            medai_inference::model::onnx_environment(&Assets::locate().onnxruntime_library)
+                .expect("onnx runtime");
+        let session = medai_inference::model::open_sessions(
+            &environment,
+            &manifest,
+            &folder,
+            &RuntimeSettings::default(),
+        )
+        .expect("session")
+        .remove(0);
+        Self { session, manifest }
+    }
+
+    fn run(&mut self, tensor: Array4<f32>) -> Vec<f32> {
+        medai_inference::model::run_rows(&mut self.session, &self.manifest, tensor)
+            .expect("run")
+            .remove(0)
+    }
+}
+
+fn entropy_of(probabilities: &[f32]) -> f64 {
+    let entropy: f64 = probabilities
+        .iter()
+        .map(|p| f64::from(*p))
+        .filter(|p| *p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
+    entropy / (probabilities.len() as f64).ln()
+}
+
+fn probabilities(response: &PredictResponse) -> Vec<f32> {
+    response
+        .probabilities
+        .iter()
+        .map(|entry| entry.probability)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_image_outside_the_intended_use_is_flagged_and_its_uncertainty_is_bound_by_the_content_hash()
+ {
+    let repository = brain_repository_with(
+        "modalities = [\"MR\"]\nbody_parts = [\"BRAIN\", \"HEAD\"]\ntemperature = 2.0\nood_threshold = 0.6\n\
+         [[decision_support.calibration]]\nconfidence_from = 0.0\nconfidence_to = 0.5\naccuracy_lower = 0.2\naccuracy_upper = 0.45\n\
+         [[decision_support.calibration]]\nconfidence_from = 0.5\nconfidence_to = 1.0\naccuracy_lower = 0.55\naccuracy_upper = 0.9\n",
+    );
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let mut direct = DirectModel::open(repository.path());
+
+    // A real CT slice: outside the model's intended use (MR), flagged with that reason.
+    let ct = real_image("CT_small.dcm");
+    assert_eq!(ct.metadata.as_ref().expect("metadata").modality, "CT");
+    let flagged = gateway
+        .predict(support::predict(BRAIN, ct.clone()))
+        .await
+        .expect("prediction")
+        .into_inner();
+    let flag = flagged.unusual_case.clone().expect("unusual case");
+    assert!(flag.flagged);
+    assert!(
+        flag.reasons
+            .contains(&"MODALITY_OUTSIDE_INTENDED_USE".to_owned()),
+        "{:?}",
+        flag.reasons
+    );
+    assert!(
+        !flag
+            .reasons
+            .contains(&"BODY_PART_OUTSIDE_INTENDED_USE".to_owned())
+    );
+
+    // The returned probabilities are the model's own output calibrated with temperature 2:
+    // p^(1/2), renormalised. Entropy, margin, OOD score and band follow from them.
+    let raw =
+        direct.run(to_input_tensor(input_of(&ct), &direct.manifest.preprocessing).expect("tensor"));
+    let roots: Vec<f64> = raw.iter().map(|p| f64::from(*p).sqrt()).collect();
+    let total: f64 = roots.iter().sum();
+    let returned = probabilities(&flagged);
+    for (root, returned) in roots.iter().zip(&returned) {
+        assert!(
+            (root / total - f64::from(*returned)).abs() < 1e-4,
+            "{raw:?} vs {returned}"
+        );
+    }
+    let figures = flagged.uncertainty.expect("uncertainty");
+    assert_eq!(figures.temperature, 2.0);
+    assert!((entropy_of(&returned) - f64::from(figures.normalized_entropy)).abs() < 1e-5);
+    let mut sorted = returned.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    assert!(((sorted[0] - sorted[1]) - figures.top2_margin).abs() < 1e-6);
+    assert!(((1.0 - sorted[0]) - figures.ood_score).abs() < 1e-6);
+    let band = figures.confidence_band.expect("band from calibration data");
+    let expected_band = if sorted[0] < 0.5 {
+        (0.2, 0.45)
+    } else {
+        (0.55, 0.9)
+    };
+    assert_eq!((band.lower, band.upper), expected_band);
+    assert_eq!(
+        flag.reasons.contains(&"OUT_OF_DISTRIBUTION".to_owned()),
+        figures.ood_score > 0.6
+    );
+
+    // A real MR slice with a quality failure reported by validation: IMAGE_QUALITY, and not
+    // the modality.
+    let mut mr_request = support::predict(BRAIN, real_image("MR_small.dcm"));
+    mr_request.quality_findings = vec!["QUALITY_BLUR".to_owned()];
+    let mr = gateway
+        .predict(mr_request)
+        .await
+        .expect("prediction")
+        .into_inner();
+    let mr_flag = mr.unusual_case.clone().expect("unusual case");
+    assert_eq!(
+        mr_flag.reasons.first().map(String::as_str),
+        Some("IMAGE_QUALITY")
+    );
+    assert!(
+        !mr_flag
+            .reasons
+            .contains(&"MODALITY_OUTSIDE_INTENDED_USE".to_owned())
+    );
+
+    // GetResult shows the same figures and flag; the content hash (rule 2) binds them.
+    gateway
+        .record_delivery(RecordDeliveryRequest {
+            result_id: flagged.result_id.clone(),
+            ledger_seq: 1,
+        })
+        .await
+        .expect("delivery");
+    let stored = gateway
+        .get_result(GetResultRequest {
+            result_id: flagged.result_id.clone(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(stored.content_hash_version, 2);
+    assert_eq!(stored.uncertainty, flagged.uncertainty);
+    assert_eq!(stored.unusual_case, flagged.unusual_case);
+    assert_eq!(stored.decision_threshold, flagged.decision_threshold);
+    assert_eq!(stored.model_version, "1");
+    assert!(stored.explanations.is_empty());
+    assert_eq!(
+        medai_inference::results::content_sha256_of_message(&stored),
+        stored.content_sha256
+    );
+    let mut unflagged = stored.clone();
+    unflagged.unusual_case = Some(Default::default());
+    assert_ne!(
+        medai_inference::results::content_sha256_of_message(&unflagged),
+        stored.content_sha256,
+        "the flag is content"
+    );
+    let mut surer = stored.clone();
+    if let Some(figures) = surer.uncertainty.as_mut() {
+        figures.normalized_entropy /= 2.0;
+    }
+    assert_ne!(
+        medai_inference::results::content_sha256_of_message(&surer),
+        stored.content_sha256,
+        "the uncertainty is content"
+    );
+}
+
+#[tokio::test]
+async fn an_occlusion_map_of_a_real_mr_image_names_the_cell_whose_occlusion_lowers_the_top_probability_most()
+ {
+    let repository = brain_repository_with("modalities = [\"MR\"]\n");
+    // The machine these tests run on is shared: the time limit is not what is tested here.
+    let settings = RuntimeSettings {
+        explanation_time_limit_seconds: 3600,
+        ..RuntimeSettings::default()
+    };
+    let harness = Harness::start(repository.path(), settings).await;
+    let mut gateway = harness.client_as("gateway");
+    let image = real_image("MR_small.dcm");
+    let predicted = gateway
+        .predict(support::predict(BRAIN, image.clone()))
+        .await
+        .expect("prediction")
+        .into_inner();
+    assert_eq!(
+        predicted.unusual_case.as_ref().map(|flag| flag.flagged),
+        Some(false)
+    );
+
+    let explain = |grid_rows: u32, grid_columns: u32, result_id: &str| ExplainResultRequest {
+        result_id: result_id.to_owned(),
+        image: Some(image.clone()),
+        grid_rows,
+        grid_columns,
+    };
+    let started = std::time::Instant::now();
+    let explanation = gateway
+        .explain_result(explain(8, 8, &predicted.result_id))
+        .await
+        .expect("explanation")
+        .into_inner()
+        .explanation
+        .expect("explanation");
+    let wall = started.elapsed();
+    eprintln!(
+        "explanation cost: one 8x8 occlusion map of the brain-MRI model = {} forward passes, {:.0} ms in the service, {:.0} ms end to end, on {} cores (load average {})",
+        explanation.forward_passes,
+        explanation.compute_ms,
+        wall.as_secs_f64() * 1000.0,
+        std::thread::available_parallelism().map_or(1, usize::from),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    assert_eq!((explanation.grid_rows, explanation.grid_columns), (8, 8));
+    assert_eq!(explanation.importance.len(), 64);
+    assert_eq!(explanation.forward_passes, 65);
+    assert_eq!(explanation.target_label, predicted.top_label);
+    let png = image::load_from_memory(&explanation.heatmap_png).expect("png");
+    assert_eq!((png.width(), png.height()), (240, 240));
+    assert_eq!(
+        (explanation.heatmap_width, explanation.heatmap_height),
+        (240, 240)
+    );
+    let best = explanation
+        .importance
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(index, _)| index)
+        .expect("cells");
+    assert_eq!(
+        (
+            explanation.most_important_row,
+            explanation.most_important_column
+        ),
+        ((best / 8) as u32, (best % 8) as u32)
+    );
+    assert!(
+        explanation
+            .importance
+            .iter()
+            .any(|value| value.abs() > 1e-6)
+    );
+
+    // One more forward pass here, through ONNX Runtime directly: the reported cell filled with
+    // the image's per-channel mean lowers the top label's probability by what was reported.
+    let mut direct = DirectModel::open(repository.path());
+    let tensor = to_input_tensor(input_of(&image), &direct.manifest.preprocessing).expect("tensor");
+    let target = direct
+        .manifest
+        .labels
+        .iter()
+        .position(|label| *label == predicted.top_label)
+        .expect("label");
+    let baseline = direct.run(tensor.clone())[target];
+    assert!((baseline - explanation.baseline_probability).abs() < 1e-4);
+    let (height, width, channels) = (tensor.shape()[1], tensor.shape()[2], tensor.shape()[3]);
+    let means: Vec<f32> = (0..channels)
+        .map(|channel| {
+            let mut sum = 0.0f64;
+            for y in 0..height {
+                for x in 0..width {
+                    sum += f64::from(tensor[[0, y, x, channel]]);
+                }
+            }
+            (sum / (height * width) as f64) as f32
+        })
+        .collect();
+    let mut occluded = tensor.clone();
+    let (row, column) = (
+        explanation.most_important_row as usize,
+        explanation.most_important_column as usize,
+    );
+    for y in row * height / 8..(row + 1) * height / 8 {
+        for x in column * width / 8..(column + 1) * width / 8 {
+            for (channel, mean) in means.iter().enumerate() {
+                occluded[[0, y, x, channel]] = *mean;
+            }
+        }
+    }
+    let drop = baseline - direct.run(occluded)[target];
+    assert!(
+        (drop - explanation.importance[best]).abs() < 1e-3,
+        "recomputed drop {drop}, reported {}",
+        explanation.importance[best]
+    );
+
+    // Refusals with stable codes: a grid over the cap, an unknown result, a caller that is not
+    // the gateway.
+    let status = gateway
+        .explain_result(explain(32, 32, &predicted.result_id))
+        .await
+        .expect_err("grid too large");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::InvalidArgument, Some("EXPLANATION_GRID_INVALID"))
+    );
+    let status = gateway
+        .explain_result(explain(8, 8, &uuid::Uuid::new_v4().to_string()))
+        .await
+        .expect_err("unknown result");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::NotFound, Some("RESULT_NOT_FOUND"))
+    );
+    let status = harness
+        .client_as("validation")
+        .explain_result(explain(2, 2, &predicted.result_id))
+        .await
+        .expect_err("not the gateway");
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
