@@ -10,8 +10,8 @@
 //! so rates and ratios exist before the first call.
 //!
 //! The same layer settles each call's correlation id (the caller's, if well formed, else a new
-//! one, written back into the request so handlers see the same) and runs the call inside a
-//! span carrying it, so every log line of the call names it.
+//! one, written back into the request so handlers see the same); the span the call runs in,
+//! which carries it, comes from the outer [`crate::rpc_trace`] layer.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
