@@ -63,7 +63,7 @@ async fn main() {
             pixels: canonical.pixels,
         };
         predictor
-            .predict("brain-mri-tumor", "", input, None)
+            .predict("brain-mri-tumor", "", input, &Default::default(), None)
             .await
             .expect("predict");
         if run >= WARM_UP {

@@ -118,7 +118,7 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         pixels: canonical.pixels,
     };
     let direct = predictor
-        .predict("brain-mri-tumor", "", input, None)
+        .predict("brain-mri-tumor", "", input, &Default::default(), None)
         .await
         .expect("in-process prediction");
     let through_mesh: Vec<(String, f32)> = prediction

@@ -65,7 +65,7 @@ async fn start_mesh_server(tls: &TlsMaterial) -> (SocketAddr, SeenPeers, oneshot
     let address = listener.local_addr().expect("address");
     let seen = SeenPeers::default();
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
-    let server = mesh_server(tls, "validation", PeerPolicy::new())
+    let server = mesh_server(tls, PeerPolicy::new())
         .expect("mesh server")
         .add_service(health_service);
     let (stop, stopped) = oneshot::channel::<()>();
