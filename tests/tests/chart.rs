@@ -1371,6 +1371,8 @@ async fn two_inference_replicas_on_the_read_only_model_volume_agree_on_a_lifecyc
     read_only_light_repository(&assets, &models);
     objects.claims.insert("medai-models".to_owned(), models);
     let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    // As `helm install` would: the migration Jobs first (the pods run with migrations off).
+    cluster.run_hook_jobs("pre-install", READY_TIMEOUT).await;
     cluster.start_deployment("medai-audit", READY_TIMEOUT).await;
     cluster
         .start_deployment("medai-inference", READY_TIMEOUT)
