@@ -913,6 +913,36 @@ fn every_service_binary_answers_help_and_version_and_refuses_unknown_arguments()
             describe(&unknown)
         );
     }
+    // The DICOM bridge is a service binary too (it has no `--probe`: no gRPC health of its own).
+    let bridge = |argument: &str| {
+        Command::new(binaries_dir().join("medai-bridge"))
+            .arg(argument)
+            .env_clear()
+            .output()
+            .expect("run medai-bridge")
+    };
+    let help = bridge("--help");
+    assert!(help.status.success(), "bridge --help: {}", describe(&help));
+    assert!(
+        text(&help.stdout).contains("Usage: medai-bridge")
+            && text(&help.stdout).contains("--print-config"),
+        "{}",
+        describe(&help)
+    );
+    let version = bridge("--version");
+    assert_eq!(
+        text(&version.stdout).trim(),
+        format!("medai-bridge {}", env!("CARGO_PKG_VERSION")),
+        "{}",
+        describe(&version)
+    );
+    let unknown = bridge("--frobnicate");
+    assert_eq!(unknown.status.code(), Some(2), "{}", describe(&unknown));
+    assert!(
+        text(&unknown.stderr).contains("unknown argument \"--frobnicate\""),
+        "{}",
+        describe(&unknown)
+    );
     let version = medai(&["--version"], None);
     assert!(version.status.success());
     assert!(text(&version.stdout).contains(env!("CARGO_PKG_VERSION")));

@@ -3,8 +3,53 @@ use std::process::ExitCode;
 use medai_bridge::config::{BridgeConfig, ENV_PREFIX};
 use medai_bridge::{BridgeListeners, serve};
 
+const HELP: &str = "\
+medai-bridge: the MedAI Flow DICOM bridge (a C-STORE SCP in front of the gateway)
+
+Usage: medai-bridge [--print-config | --help | --version]
+
+Without arguments it serves DICOM until SIGTERM or Ctrl-C.
+
+Options:
+  --print-config  print the effective configuration and exit
+  -h, --help      print this help
+  -V, --version   print the version
+
+Settings come from MEDAI_BRIDGE_* environment variables (nested keys joined by __) or the
+TOML file named by MEDAI_BRIDGE_CONFIG.
+
+Exit codes: 0 success, 1 failure while running, 2 usage or configuration error";
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The same grammar as the other service binaries, less `--probe` (the bridge has no gRPC
+    // health endpoint of its own).
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    match medai_runtime::process::CommandLine::parse(&arguments) {
+        Ok(medai_runtime::process::CommandLine::Help) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{HELP}");
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(medai_runtime::process::CommandLine::Version) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("medai-bridge {}", env!("CARGO_PKG_VERSION"));
+            }
+            return ExitCode::SUCCESS;
+        }
+        Ok(medai_runtime::process::CommandLine::Probe) => {
+            eprintln!("medai-bridge: unknown argument \"--probe\" (try --help)");
+            return ExitCode::from(2);
+        }
+        Ok(_) => {}
+        Err(unknown) => {
+            eprintln!("medai-bridge: unknown argument {unknown:?} (try --help)");
+            return ExitCode::from(2);
+        }
+    }
     let config: BridgeConfig = match medai_runtime::config::load_from_process(ENV_PREFIX) {
         Ok(config) => config,
         Err(error) => {
