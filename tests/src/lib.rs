@@ -109,6 +109,34 @@ impl MeshUnderTest {
             .access_token
     }
 
+    /// Creates a user with `role` (as the admin holding `admin_token`) and logs in as them.
+    pub async fn user_token(&self, admin_token: &str, username: &str, role: &str) -> String {
+        let mut gateway = self.gateway().await;
+        let password = format!("{username} password 123");
+        gateway
+            .create_user(authorised(
+                medai_proto::gateway::v1::CreateUserRequest {
+                    username: username.to_owned(),
+                    password: password.clone(),
+                    role: role.to_owned(),
+                },
+                admin_token,
+            ))
+            .await
+            .expect("create user");
+        gateway
+            .login(LoginRequest {
+                username: username.to_owned(),
+                password,
+            })
+            .await
+            .expect("login")
+            .into_inner()
+            .grant
+            .expect("tokens")
+            .access_token
+    }
+
     /// Every log line the five services wrote so far.
     pub fn all_logs(&self) -> String {
         medai_cli::launcher::SERVICES

@@ -39,33 +39,6 @@ async fn ledger(mesh: &MeshUnderTest) -> Vec<(i64, String, String, serde_json::V
         .collect()
 }
 
-async fn user_token(mesh: &MeshUnderTest, admin_token: &str, username: &str, role: &str) -> String {
-    let mut gateway = mesh.gateway().await;
-    let password = format!("{username} password 123");
-    gateway
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: username.to_owned(),
-                password: password.clone(),
-                role: role.to_owned(),
-            },
-            admin_token,
-        ))
-        .await
-        .expect("create user");
-    gateway
-        .login(gw::LoginRequest {
-            username: username.to_owned(),
-            password,
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("tokens")
-        .access_token
-}
-
 fn infer_dicom(image: Vec<u8>) -> gw::InferRequest {
     gw::InferRequest {
         image,
@@ -81,8 +54,8 @@ async fn a_ct_slice_is_flagged_outside_the_intended_use_and_an_explanation_is_re
  {
     let mesh = MeshUnderTest::start(Storage::Postgres).await;
     let admin = mesh.admin_token().await;
-    let clinician = user_token(&mesh, &admin, "dr.explain", "clinician").await;
-    let auditor = user_token(&mesh, &admin, "auditor.cds", "auditor").await;
+    let clinician = mesh.user_token(&admin, "dr.explain", "clinician").await;
+    let auditor = mesh.user_token(&admin, "auditor.cds", "auditor").await;
     let mut gateway = mesh.gateway().await;
     let assets = Assets::locate();
 

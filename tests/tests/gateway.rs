@@ -74,33 +74,6 @@ async fn ledger(mesh: &MeshUnderTest) -> Vec<(String, String, String, serde_json
         .collect()
 }
 
-async fn user_token(mesh: &MeshUnderTest, admin_token: &str, username: &str, role: &str) -> String {
-    let mut gateway = mesh.gateway().await;
-    let password = format!("{username} password 123");
-    gateway
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: username.to_owned(),
-                password: password.clone(),
-                role: role.to_owned(),
-            },
-            admin_token,
-        ))
-        .await
-        .expect("create user");
-    gateway
-        .login(gw::LoginRequest {
-            username: username.to_owned(),
-            password,
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("tokens")
-        .access_token
-}
-
 /// Peak resident memory of a process (VmHWM), in bytes.
 fn peak_memory(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -469,7 +442,7 @@ async fn uploads_are_hashed_as_they_arrive_and_an_oversized_one_is_refused_befor
 async fn a_retried_request_returns_the_stored_result_and_writes_one_ledger_record() {
     let mesh = MeshUnderTest::start(Storage::Postgres).await;
     let admin = mesh.admin_token().await;
-    let clinician = user_token(&mesh, &admin, "dr.retry", "clinician").await;
+    let clinician = mesh.user_token(&admin, "dr.retry", "clinician").await;
     let mut gateway = mesh.gateway().await;
     let key = "1.2.826.0.1.3680043.8.498.12345+synthetic-light/1";
     let image = noise_png(128, 11);
@@ -563,9 +536,9 @@ async fn a_retried_request_returns_the_stored_result_and_writes_one_ledger_recor
 async fn a_signed_result_cannot_change_and_its_signature_verifies_against_the_ledger() {
     let mesh = MeshUnderTest::start(Storage::Postgres).await;
     let admin = mesh.admin_token().await;
-    let clinician = user_token(&mesh, &admin, "dr.sign", "clinician").await;
-    let viewer = user_token(&mesh, &admin, "viewer.one", "viewer").await;
-    let auditor = user_token(&mesh, &admin, "auditor.one", "auditor").await;
+    let clinician = mesh.user_token(&admin, "dr.sign", "clinician").await;
+    let viewer = mesh.user_token(&admin, "viewer.one", "viewer").await;
+    let auditor = mesh.user_token(&admin, "auditor.one", "auditor").await;
     let mut gateway = mesh.gateway().await;
 
     let delivered = gateway
@@ -990,7 +963,7 @@ fn study_image(tag: &str, image: Vec<u8>, key: &str) -> gw::StudyStreamRequest {
 async fn a_study_stream_checks_the_token_for_every_image_and_refuses_a_tag_in_flight() {
     let mesh = MeshUnderTest::start(Storage::Postgres).await;
     let admin = mesh.admin_token().await;
-    let clinician = user_token(&mesh, &admin, "dr.stream", "clinician").await;
+    let clinician = mesh.user_token(&admin, "dr.stream", "clinician").await;
     let mut gateway = mesh.gateway().await;
 
     // A tag still in flight on the stream is refused; the first image with it is answered.
