@@ -37,5 +37,6 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== cargo build (binaries the whole-mesh tests start)" >&2
 cargo build --workspace --bins --quiet
 
-echo "== cargo test" >&2
-cargo test --workspace --no-fail-fast "$@"
+echo "== cargo nextest run (each test in its own process; .config/nextest.toml)" >&2
+command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked --quiet
+cargo nextest run --workspace --no-fail-fast "$@"

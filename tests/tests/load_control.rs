@@ -102,11 +102,15 @@ async fn rate_limits_trip_at_the_configured_rate_with_redis_without_it_and_with_
         (RATE as usize..=most_allowed(elapsed)).contains(&passed),
         "{passed} passed in {elapsed:?}"
     );
-    let advice = advice.expect("retry advice");
-    assert!(
-        advice <= Duration::from_millis(1000 / u64::from(RATE)),
-        "{advice:?}"
-    );
+    // A refusal advises waiting about 1/RATE s (a machine slow enough for the refill to keep
+    // pace with the calls refuses none, and the bound above is the whole check).
+    assert!(advice.is_some() || passed == 3 * RATE as usize);
+    if let Some(advice) = advice {
+        assert!(
+            advice <= Duration::from_millis(1000 / u64::from(RATE)),
+            "{advice:?}"
+        );
+    }
     // A second replica shares the same budget through Redis.
     let settings = mesh.settings.clone();
     let replica = mesh
@@ -120,10 +124,28 @@ async fn rate_limits_trip_at_the_configured_rate_with_redis_without_it_and_with_
         .await
         .expect("replica");
     let mut replica_client = mesh.gateway_at(replica).await;
-    let (passed, _) = burst(&mut replica_client, &token, 2).await;
+    // Drain the shared budget through the first gateway, then call the replica at once: with
+    // a fresh budget of its own the replica would let RATE through, with the shared one only
+    // what refilled since the drain. A machine too slow to tell the two apart tries again.
+    let mut judged = false;
+    for _ in 0..5 {
+        burst(&mut gateway, &token, 2 * RATE as usize).await;
+        let drained = std::time::Instant::now();
+        let (passed, _) = burst(&mut replica_client, &token, RATE as usize).await;
+        let refilled = most_allowed(drained.elapsed()) - RATE as usize;
+        if refilled + 1 >= RATE as usize {
+            continue;
+        }
+        assert!(
+            passed <= refilled + 1,
+            "the replica saw a fresh budget: {passed} of {RATE} passed, {refilled} refilled"
+        );
+        judged = true;
+        break;
+    }
     assert!(
-        passed <= 1,
-        "the replica saw a fresh budget: {passed} passed"
+        judged,
+        "every replica burst took too long to judge the shared budget"
     );
     // The rate refills: after a second, about RATE more pass.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -191,7 +213,9 @@ async fn rate_limits_trip_at_the_configured_rate_with_redis_without_it_and_with_
             (RATE as usize..=most_allowed(elapsed)).contains(&passed),
             "{address}: {passed} passed in {elapsed:?}"
         );
-        assert!(advice.is_some());
+        // A refusal carries retry advice; on a machine so slow that the refill kept pace
+        // with the calls, none was refused and the bound above is the whole check.
+        assert!(advice.is_some() || passed == 3 * RATE as usize);
     }
     let down_admin = *mesh
         .mesh
@@ -272,20 +296,37 @@ async fn calls_beyond_the_in_flight_bound_are_shed_and_deadlines_leave_no_delive
     };
     let before = deliveries().await;
     let mut client = mesh.gateway().await;
-    for _ in 0..3 {
+    // tonic's client enforces the same header with its own timer; the server answers 20 ms
+    // early, but on a loaded machine the client's timer can still win. Such a call says
+    // nothing about the server and is tried again; every server answer must be the refusal.
+    let mut server_answers = 0;
+    for _ in 0..12 {
         let mut request = authorised(brain(image.clone()), &token);
-        // The header alone, so the answer is the server's, not this client's own timer.
         request.metadata_mut().insert(
             "grpc-timeout",
             tonic::metadata::MetadataValue::from_static("100m"),
         );
         let status = client.infer(request).await.expect_err("too short");
+        let client_timer = status.code() == Code::Cancelled
+            && std::error::Error::source(&status)
+                .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some());
+        if client_timer {
+            continue;
+        }
         assert_eq!(
             (status.code(), reason_of(&status).as_deref()),
             (Code::DeadlineExceeded, Some("DEADLINE_EXCEEDED")),
             "{status:?}"
         );
+        server_answers += 1;
+        if server_answers == 3 {
+            break;
+        }
     }
+    assert!(
+        server_answers >= 1,
+        "no server answer in 12 calls: the client's timer always won"
+    );
     // Give anything still running downstream the time to finish (and, wrongly, record).
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(deliveries().await, before);
