@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use medai_revocation::{RevocationStore, TokenFacts};
 use medai_tokens::{AccessClaims, Role};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
     EntityTrait, IntoActiveModel, QueryFilter, Set, TransactionTrait,
@@ -561,12 +561,21 @@ impl Authority {
         transaction: &DatabaseTransaction,
         user: &user::Model,
     ) -> Result<i64, AuthError> {
-        let generation = user.token_generation + 1;
+        // Incremented in place, not from the value read earlier: the row lock makes concurrent
+        // changes to one user take turns, so each raises the generation past the one before.
         user::Entity::update_many()
-            .col_expr(user::Column::TokenGeneration, Expr::value(generation))
+            .col_expr(
+                user::Column::TokenGeneration,
+                Expr::col(user::Column::TokenGeneration).add(1),
+            )
             .filter(user::Column::Id.eq(user.id.clone()))
             .exec(transaction)
             .await?;
+        let generation = user::Entity::find_by_id(user.id.clone())
+            .one(transaction)
+            .await?
+            .ok_or(AuthError::UserNotFound)?
+            .token_generation;
         refresh_token::Entity::update_many()
             .col_expr(refresh_token::Column::Revoked, Expr::value(true))
             .filter(refresh_token::Column::UserId.eq(user.id.clone()))

@@ -1006,3 +1006,65 @@ async fn with_the_ledger_unreachable_no_recorded_change_of_auth_takes_effect() {
         .revoked;
     assert!(!revoked, "the unrecorded logout did not take effect");
 }
+
+#[tokio::test]
+async fn concurrent_changes_to_one_user_each_raise_the_token_generation() {
+    use medai_proto::auth::v1::{CreateUserRequest, SetUserRoleRequest};
+    const CHANGES: usize = 8;
+    let service = AuthUnderTest::start().await;
+    let mut gateway = service.client_as("gateway");
+    let admin = gateway
+        .login(login("admin", PASSWORD))
+        .await
+        .expect("login")
+        .into_inner()
+        .grant
+        .expect("grant");
+    let actor = subject_of(&mut gateway, &admin.access_token).await;
+    gateway
+        .create_user(CreateUserRequest {
+            actor: actor.clone(),
+            username: "dave".to_owned(),
+            password: "dave password 123".to_owned(),
+            role: "clinician".to_owned(),
+            correlation_id: String::new(),
+        })
+        .await
+        .expect("create");
+    let changes: Vec<_> = (0..CHANGES)
+        .map(|index| {
+            let mut gateway = gateway.clone();
+            let request = SetUserRoleRequest {
+                actor: actor.clone(),
+                username: "dave".to_owned(),
+                role: if index % 2 == 0 {
+                    "viewer"
+                } else {
+                    "clinician"
+                }
+                .to_owned(),
+                correlation_id: String::new(),
+            };
+            tokio::spawn(async move { gateway.set_user_role(request).await })
+        })
+        .collect();
+    for change in changes {
+        change.await.expect("task").expect("role change");
+    }
+    // Two changes computing the same generation would leave tokens issued between them valid.
+    assert_eq!(
+        service
+            .auth_number("SELECT token_generation FROM users WHERE username = 'dave'")
+            .await,
+        CHANGES as i64
+    );
+    assert_eq!(
+        service
+            .auth_number(
+                "SELECT f.lowest_valid_generation FROM subject_token_floors f \
+                 JOIN users u ON u.id = f.subject WHERE u.username = 'dave'"
+            )
+            .await,
+        CHANGES as i64
+    );
+}
