@@ -70,7 +70,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start all five services on loopback with the embedded defaults and wait for Ctrl-C.
+    /// Start all five services on loopback with the embedded defaults and wait for Ctrl-C
+    /// (`-o json`: one line once up, with the endpoints, process ids, CA and password file).
     Up(UpArgs),
     /// Log in; the access and refresh tokens are kept (mode 0600) in the state folder and
     /// refreshed transparently when the access token expires.
@@ -122,7 +123,8 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a backup into empty databases and verify the ledger against the checkpoint log.
     Restore(backup::RestoreArgs),
-    /// Start the mesh, log in, run one prediction on FILE, verify the ledger, stop.
+    /// Start the mesh, log in, run one prediction on FILE, verify the ledger, stop
+    /// (`-o json`: one document with the mesh, the prediction, its decision and the ledger check).
     Demo {
         #[command(flatten)]
         up: UpArgs,
@@ -333,17 +335,25 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Up(args) => {
             let mesh = start_mesh(cli, args).await?;
-            line(&format!(
-                "mesh is up: gateway {} (Ctrl-C stops it)",
-                gateway_endpoint(&mesh)?
-            ));
-            line(&format!(
-                "a service that exits is restarted on its port; see {}",
-                cli.state_dir.join("logs").join("launcher.log").display()
-            ));
+            if cli.json() {
+                // One line, so a program reading stdout line by line gets it whole while the
+                // mesh runs.
+                output::json_line(&mesh_json(cli, &mesh)?);
+            } else {
+                line(&format!(
+                    "mesh is up: gateway {} (Ctrl-C stops it)",
+                    gateway_endpoint(&mesh)?
+                ));
+                line(&format!(
+                    "a service that exits is restarted on its port; see {}",
+                    cli.state_dir.join("logs").join("launcher.log").display()
+                ));
+            }
             medai_runtime::shutdown::termination_signal().await;
             mesh.stop(Duration::from_secs(15)).await;
-            line("mesh stopped");
+            if !cli.json() {
+                line("mesh stopped");
+            }
             Ok(())
         }
         Command::Login { username, password } => {
@@ -361,7 +371,13 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
             model,
             version,
             idempotency_key,
-        } => infer(cli, &cli.gateway, file, model, version, idempotency_key).await,
+        } => {
+            let document = infer(cli, &cli.gateway, file, model, version, idempotency_key).await?;
+            if cli.json() {
+                output::json_document(&document);
+            }
+            Ok(())
+        }
         Command::Study {
             command:
                 StudyCommand::Send {
@@ -417,19 +433,70 @@ async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Demo { up, file } => {
             let mesh = start_mesh(cli, up).await?;
             let gateway = gateway_endpoint(&mesh)?;
-            line(&format!("mesh is up: gateway {gateway}"));
+            let mut document = mesh_json(cli, &mesh)?;
+            if !cli.json() {
+                line(&format!("mesh is up: gateway {gateway}"));
+            }
             let outcome = async {
                 let source = PasswordSource::File(admin_password_file(&cli.state_dir));
-                login(cli, &gateway, "admin", &source).await?;
-                infer(cli, &gateway, file, "", "", "").await?;
-                verify(cli, &gateway).await
+                let grant = sign_in(cli, &gateway, "admin", &source).await?;
+                if !cli.json() {
+                    line(&login_line("admin", &grant));
+                }
+                let prediction = infer(cli, &gateway, file, "", "", "").await?;
+                let report = ledger_report(cli, &gateway).await?;
+                if !cli.json() && report.intact {
+                    line(&intact_line(&report));
+                }
+                Ok::<_, CliError>((grant, prediction, report))
             }
             .await;
             mesh.stop(Duration::from_secs(15)).await;
-            line("mesh stopped");
-            outcome
+            let (grant, prediction, report) = outcome?;
+            if cli.json() {
+                document["login"] = json!({"username": "admin", "role": grant.role});
+                document["prediction"] = prediction;
+                document["ledger"] = verification_json(&report);
+                document["stopped"] = json!(true);
+                output::json_document(&document);
+            } else {
+                line("mesh stopped");
+            }
+            verification_outcome(&report)
         }
     }
+}
+
+/// What `up -o json` prints and `demo -o json` starts from: where each service listens, its
+/// process id and log, the CA to trust and the bootstrap admin's password file.
+fn mesh_json(cli: &Cli, mesh: &RunningMesh) -> Result<serde_json::Value, CliError> {
+    let services: serde_json::Map<String, serde_json::Value> = medai_cli::launcher::SERVICES
+        .iter()
+        .map(|service| {
+            let admin = mesh.admin_address(service);
+            (
+                (*service).to_owned(),
+                json!({
+                    "grpc": mesh.address(service).map(|address| address.to_string()),
+                    "admin": admin.map(|address| address.to_string()),
+                    "metrics": admin.map(|address| format!("http://{address}/metrics")),
+                    "pid": mesh.pid(service),
+                    "log": mesh.log_file(service).map(|path| path.display().to_string()),
+                }),
+            )
+        })
+        .collect();
+    let state_dir = cli.state_dir.canonicalize().context("the state folder")?;
+    Ok(json!({
+        "gateway": gateway_endpoint(mesh)?,
+        "state_dir": state_dir.display().to_string(),
+        "ca_certificate": mesh.pki_layout().ca_certificate().display().to_string(),
+        "operator_certificate": mesh.pki_layout().certificate(medai_cli::launcher::OPERATOR_IDENTITY).display().to_string(),
+        "operator_key": mesh.pki_layout().key(medai_cli::launcher::OPERATOR_IDENTITY).display().to_string(),
+        "admin_password_file": admin_password_file(&state_dir).display().to_string(),
+        "launcher_log": state_dir.join("logs").join("launcher.log").display().to_string(),
+        "services": services,
+    }))
 }
 
 fn gateway_endpoint(mesh: &RunningMesh) -> Result<String, CliError> {
@@ -556,6 +623,9 @@ async fn start_mesh(cli: &Cli, args: &UpArgs) -> Result<RunningMesh, CliError> {
     progress.finish_and_clear();
     let mesh = mesh.map_err(|error| CliError::Other(error.into()))?;
     for service in medai_cli::launcher::SERVICES {
+        if cli.json() {
+            break;
+        }
         if let (Some(grpc), admin) = (mesh.address(service), mesh.admin_address(service)) {
             let metrics = admin
                 .map(|address| format!(", metrics http://{address}/metrics"))
@@ -572,6 +642,27 @@ async fn login(
     username: &str,
     source: &PasswordSource,
 ) -> Result<(), CliError> {
+    let grant = sign_in(cli, gateway, username, source).await?;
+    if cli.json() {
+        output::json_document(&json!({
+            "username": username,
+            "role": grant.role,
+            "expires_in_seconds": grant.expires_in_seconds,
+            "refresh_expires_in_seconds": grant.refresh_expires_in_seconds,
+        }));
+    } else {
+        line(&login_line(username, &grant));
+    }
+    Ok(())
+}
+
+/// Logs in and keeps the session; prints nothing.
+async fn sign_in(
+    cli: &Cli,
+    gateway: &str,
+    username: &str,
+    source: &PasswordSource,
+) -> Result<medai_proto::auth::v1::TokenGrant, CliError> {
     let password = source.read(&format!("Password for {username}: "))?;
     let mut client = cli.gateway_client(gateway).await?;
     let grant = client
@@ -586,20 +677,14 @@ async fn login(
         .context("the gateway answered without tokens")?;
     cli.session()
         .save(&grant.access_token, &grant.refresh_token)?;
-    if cli.json() {
-        output::json_document(&json!({
-            "username": username,
-            "role": grant.role,
-            "expires_in_seconds": grant.expires_in_seconds,
-            "refresh_expires_in_seconds": grant.refresh_expires_in_seconds,
-        }));
-    } else {
-        line(&format!(
-            "logged in as {username} ({}); token valid for {} s, refreshed as needed for {} s",
-            grant.role, grant.expires_in_seconds, grant.refresh_expires_in_seconds
-        ));
-    }
-    Ok(())
+    Ok(grant)
+}
+
+fn login_line(username: &str, grant: &medai_proto::auth::v1::TokenGrant) -> String {
+    format!(
+        "logged in as {username} ({}); token valid for {} s, refreshed as needed for {} s",
+        grant.role, grant.expires_in_seconds, grant.refresh_expires_in_seconds
+    )
 }
 
 /// Exchanges the saved refresh token for a new pair (the old one is spent: rotation).
@@ -719,7 +804,7 @@ async fn infer(
     model: &str,
     version: &str,
     idempotency_key: &str,
-) -> Result<(), CliError> {
+) -> Result<serde_json::Value, CliError> {
     let size = std::fs::metadata(file)
         .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?
         .len();
@@ -773,18 +858,16 @@ async fn infer(
     if response.prediction.is_none() {
         return Err(anyhow::anyhow!("the gateway answered without a prediction").into());
     }
-    if cli.json() {
-        let mut document = output::infer_json(&response);
-        document["upload"] = match &upload {
-            Some((client_request_id, chunks)) => json!({
-                "client_request_id": client_request_id,
-                "bytes": size,
-                "chunks": chunks,
-            }),
-            None => serde_json::Value::Null,
-        };
-        output::json_document(&document);
-    } else {
+    let mut document = output::infer_json(&response);
+    document["upload"] = match &upload {
+        Some((client_request_id, chunks)) => json!({
+            "client_request_id": client_request_id,
+            "bytes": size,
+            "chunks": chunks,
+        }),
+        None => serde_json::Value::Null,
+    };
+    if !cli.json() {
         output::infer_table(&response);
         if let Some((client_request_id, chunks)) = &upload {
             line(&format!(
@@ -792,7 +875,7 @@ async fn infer(
             ));
         }
     }
-    Ok(())
+    Ok(document)
 }
 
 async fn study_send(
@@ -1159,7 +1242,21 @@ async fn audit_query(
 }
 
 async fn verify(cli: &Cli, gateway: &str) -> Result<(), CliError> {
-    let report = with_session(
+    let report = ledger_report(cli, gateway).await?;
+    if cli.json() {
+        output::json_document(&verification_json(&report));
+    } else if report.intact {
+        line(&intact_line(&report));
+    }
+    verification_outcome(&report)
+}
+
+/// The gateway's verification of the whole chain; prints nothing.
+async fn ledger_report(
+    cli: &Cli,
+    gateway: &str,
+) -> Result<medai_proto::audit::v1::VerifyResponse, CliError> {
+    Ok(with_session(
         cli,
         gateway,
         "verification",
@@ -1172,23 +1269,29 @@ async fn verify(cli: &Cli, gateway: &str) -> Result<(), CliError> {
     .await?
     .into_inner()
     .verification
-    .context("the gateway answered without a report")?;
-    if cli.json() {
-        output::json_document(&json!({
-            "intact": report.intact,
-            "entries_checked": report.entries_checked,
-            "head_hash": report.head_hash,
-            "first_bad_seq": (!report.intact).then_some(report.first_bad_seq),
-            "problem": report.problem,
-        }));
-    }
+    .context("the gateway answered without a report")?)
+}
+
+fn verification_json(report: &medai_proto::audit::v1::VerifyResponse) -> serde_json::Value {
+    json!({
+        "intact": report.intact,
+        "entries_checked": report.entries_checked,
+        "head_hash": report.head_hash,
+        "first_bad_seq": (!report.intact).then_some(report.first_bad_seq),
+        "problem": report.problem,
+    })
+}
+
+fn intact_line(report: &medai_proto::audit::v1::VerifyResponse) -> String {
+    format!(
+        "ledger intact: {} entries, head {}",
+        report.entries_checked, report.head_hash
+    )
+}
+
+/// A broken chain is the command's failure (exit code and message), whatever was printed.
+fn verification_outcome(report: &medai_proto::audit::v1::VerifyResponse) -> Result<(), CliError> {
     if report.intact {
-        if !cli.json() {
-            line(&format!(
-                "ledger intact: {} entries, head {}",
-                report.entries_checked, report.head_hash
-            ));
-        }
         Ok(())
     } else {
         Err(CliError::VerificationFailed(format!(

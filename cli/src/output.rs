@@ -26,6 +26,15 @@ pub fn json_document(value: &Value) {
     );
 }
 
+/// One JSON document on one line (for a command that keeps running after printing it, so a
+/// program reading stdout line by line gets it whole).
+#[allow(clippy::print_stdout)]
+pub fn json_line(value: &Value) {
+    use std::io::Write;
+    println!("{value}");
+    let _ = std::io::stdout().flush();
+}
+
 /// Prints rows under a header, each column as wide as its widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|cell| cell.len()).collect();

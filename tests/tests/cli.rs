@@ -947,3 +947,164 @@ fn every_service_binary_answers_help_and_version_and_refuses_unknown_arguments()
     assert!(version.status.success());
     assert!(text(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+/// `medai up` and `medai demo` as a program drives them: `-o json` gives one document each
+/// (`up` on one line while the mesh runs), whose endpoints, paths and process ids are real.
+#[tokio::test]
+async fn medai_up_and_demo_print_one_json_document_a_program_can_use() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+
+    let state = tempfile::tempdir().expect("state dir");
+    let state_dir = state.path().to_str().expect("utf-8").to_owned();
+    let assets = Assets::locate();
+    let model_repository = assets.model_repository.to_str().expect("utf-8").to_owned();
+    let onnxruntime = assets
+        .onnxruntime_library
+        .to_str()
+        .expect("utf-8")
+        .to_owned();
+    let embedded = [
+        "--port",
+        "0",
+        "--model-repository",
+        &model_repository,
+        "--onnxruntime-library",
+        &onnxruntime,
+    ];
+
+    // `up`: the document arrives while the mesh runs.
+    let mut up = Command::new(binaries_dir().join("medai"))
+        .args(["-o", "json", "--state-dir", &state_dir, "up"])
+        .args(embedded)
+        .env_remove("MEDAI_GATEWAY")
+        .env_remove("MEDAI_STATE_DIR")
+        .env_remove("MEDAI_CACERT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run medai up");
+    let mut stdout = std::io::BufReader::new(up.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    stdout.read_line(&mut first).expect("read the document");
+    let document: Value = serde_json::from_str(&first)
+        .unwrap_or_else(|error| panic!("`up -o json` printed no JSON line ({error}): {first:?}"));
+    eprintln!("medai up -o json: {document}");
+    let gateway = document["gateway"].as_str().expect("gateway").to_owned();
+    assert!(gateway.starts_with("https://127.0.0.1:"), "{document}");
+    for service in medai_cli::launcher::SERVICES {
+        let entry = &document["services"][service];
+        let grpc: std::net::SocketAddr = entry["grpc"]
+            .as_str()
+            .and_then(|address| address.parse().ok())
+            .unwrap_or_else(|| panic!("{service}: no gRPC address in {document}"));
+        if service == "gateway" {
+            assert_eq!(gateway, format!("https://{grpc}"));
+        }
+        let pid = entry["pid"].as_u64().expect("pid");
+        let command = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            command.contains(&format!("medai-{service}")),
+            "{service}: pid {pid} runs {command:?}"
+        );
+        let admin: std::net::SocketAddr = entry["admin"]
+            .as_str()
+            .and_then(|address| address.parse().ok())
+            .expect("admin address");
+        assert_eq!(entry["metrics"], format!("http://{admin}/metrics"));
+        assert!(
+            medai_e2e::http_get(admin, "/metrics")
+                .await
+                .starts_with("HTTP/1.1 200"),
+            "{service}: metrics at {admin}"
+        );
+        assert!(Path::new(entry["log"].as_str().expect("log")).is_file());
+    }
+    let ca = document["ca_certificate"].as_str().expect("ca").to_owned();
+    assert!(
+        std::fs::read_to_string(&ca)
+            .expect("the CA file")
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    let password_file = document["admin_password_file"]
+        .as_str()
+        .expect("password file")
+        .to_owned();
+    let mode = std::fs::metadata(&password_file)
+        .expect("the password file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{password_file} is readable by others");
+    // What it names is enough to log in.
+    let login = medai(
+        &[
+            "-o",
+            "json",
+            "--state-dir",
+            &state_dir,
+            "--gateway",
+            &gateway,
+            "--cacert",
+            &ca,
+            "login",
+            "--password-file",
+            &password_file,
+        ],
+        None,
+    );
+    assert!(login.status.success(), "{}", describe(&login));
+    assert_eq!(json_of(&login)["role"], "admin");
+    // Stopped like Ctrl-C would: nothing more on stdout, exit 0.
+    let pid = up.id().to_string();
+    let signal = Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill");
+    assert!(signal.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("the rest of stdout");
+    let ended = up.wait().expect("up exits");
+    assert!(ended.success(), "up exited {ended:?}");
+    assert_eq!(rest, "", "`up -o json` printed more than its document");
+
+    // `demo`: one document with the mesh, the prediction, its decision and the ledger check.
+    let image = assets.dicom_dir.join("MR_small.dcm");
+    let mut arguments = vec!["-o", "json", "--state-dir", &state_dir, "demo"];
+    arguments.extend_from_slice(&embedded);
+    arguments.push(image.to_str().expect("utf-8"));
+    let demo = medai(&arguments, None);
+    assert!(demo.status.success(), "{}", describe(&demo));
+    let document = json_of(&demo);
+    eprintln!("medai demo -o json: {document}");
+    assert!(
+        document["gateway"]
+            .as_str()
+            .is_some_and(|gateway| gateway.starts_with("https://127.0.0.1:")),
+        "{document}"
+    );
+    assert_eq!(document["login"]["role"], "admin");
+    let prediction = &document["prediction"];
+    assert_eq!(prediction["model_name"], "brain-mri-tumor", "{document}");
+    assert!(
+        ["glioma", "meningioma", "notumor", "pituitary"]
+            .contains(&prediction["top_label"].as_str().unwrap_or_default()),
+        "{document}"
+    );
+    assert!(
+        prediction["decision"]
+            .as_str()
+            .is_some_and(|decision| !decision.is_empty()),
+        "{document}"
+    );
+    assert_eq!(prediction["status"], "PRELIMINARY");
+    let ledger = &document["ledger"];
+    assert_eq!(ledger["intact"], true, "{document}");
+    assert_eq!(ledger["head_hash"], prediction["ledger_hash"], "{document}");
+    assert!(
+        ledger["entries_checked"].as_u64().unwrap_or_default()
+            >= prediction["ledger_seq"].as_u64().expect("ledger_seq"),
+        "{document}"
+    );
+    assert_eq!(document["stopped"], true);
+}

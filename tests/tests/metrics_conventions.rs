@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use medai_e2e::cluster::render_chart;
-use medai_e2e::{MeshUnderTest, Storage, http_get};
+use medai_e2e::{MeshUnderTest, Storage, authorised, http_get};
 use serde_json::Value;
 
 /// promtool, installed pinned by scripts/promtool.sh (scripts/test.sh runs it).
@@ -458,5 +458,239 @@ async fn every_service_exports_prometheus_conventional_metrics_that_the_chart_al
         missing.is_empty(),
         "metrics named by the chart but exported by no service: {missing:#?}"
     );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn a_study_stream_that_ends_in_an_error_status_after_its_answers_is_counted_under_that_code()
+{
+    use medai_proto::gateway::v1 as gw;
+    use medai_proto::gateway::v1::study_stream_response::Outcome;
+
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let admin = mesh.admin_token().await;
+    let clinician = mesh.user_token(&admin, "dr.metrics", "clinician").await;
+    let mut gateway = mesh.gateway().await;
+    let handled = |exposition: &Exposition, code: &str| {
+        exposition.value(
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", "medai.gateway.v1.GatewayService"),
+                ("grpc_method", "StudyStream"),
+                ("grpc_code", code),
+            ],
+        )
+    };
+
+    // An image without a tag is answered on the stream (a refusal message, no model run); the
+    // user is then disabled, so the next image ends the stream with UNAUTHENTICATED in the
+    // trailers, after the answers.
+    let (sender, outgoing) = tokio::sync::mpsc::channel::<gw::StudyStreamRequest>(2);
+    let untagged = || gw::StudyStreamRequest {
+        image: b"never decoded".to_vec(),
+        ..Default::default()
+    };
+    let mut answers = gateway
+        .study_stream(authorised(
+            tokio_stream::wrappers::ReceiverStream::new(outgoing),
+            &clinician,
+        ))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    sender.send(untagged()).await.expect("send");
+    let answer = answers.message().await.expect("answer").expect("one");
+    match answer.outcome {
+        Some(Outcome::Error(error)) => assert_eq!(error.reason, "TAG_MISSING"),
+        other => panic!("an untagged image was answered with {other:?}"),
+    }
+    gateway
+        .disable_user(authorised(
+            gw::DisableUserRequest {
+                username: "dr.metrics".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("disable the user");
+    sender.send(untagged()).await.expect("send");
+    let status = loop {
+        match answers.message().await {
+            Ok(Some(_refusal)) => {}
+            Ok(None) => panic!("the stream ended OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    drop(sender);
+
+    let exposition = Exposition::parse(&scrape(&mesh, "gateway").await);
+    assert_eq!(
+        (
+            handled(&exposition, "Unauthenticated"),
+            handled(&exposition, "OK")
+        ),
+        (Some(1.0), Some(0.0)),
+        "the stream's final status (in its trailers) is the counted code:\n{}",
+        exposition.text
+    );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn the_bridge_exports_prometheus_conventional_metrics_and_counts_a_forwarded_study() {
+    use medai_e2e::bridge::BridgeProcess;
+
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let admin = mesh.admin_token().await;
+    mesh.user_token(&admin, "pacs-bridge", "clinician").await;
+    let bridge = BridgeProcess::start(&mesh, "pacs-bridge", "pacs-bridge password 123", &[]).await;
+    let scrape_bridge = || async {
+        let response = http_get(bridge.admin, "/metrics").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .expect("a body");
+        Exposition::parse(&body)
+    };
+
+    // Before any image: the bridge's own families at zero.
+    let before = scrape_bridge().await;
+    for (name, labels) in [
+        ("medai_bridge_instances_received_total", &[][..]),
+        ("medai_bridge_instances_stored_total", &[][..]),
+        (
+            "medai_bridge_instances_forwarded_total",
+            &[("outcome", "result")][..],
+        ),
+        ("medai_bridge_reports_delivered_total", &[][..]),
+        ("medai_bridge_retries_total", &[("stage", "study")][..]),
+        (
+            "medai_bridge_outbox_instances",
+            &[("state", "RECEIVED")][..],
+        ),
+    ] {
+        assert_eq!(
+            before.value(name, labels),
+            Some(0.0),
+            "{name}{labels:?} at zero before any image:\n{}",
+            before.text
+        );
+    }
+
+    // One image by C-STORE: received, stored, forwarded with a result.
+    bridge
+        .store(
+            &medai_testkit::Assets::locate()
+                .dicom_dir
+                .join("CT_small.dcm"),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let after = loop {
+        let exposition = scrape_bridge().await;
+        if exposition.value(
+            "medai_bridge_instances_forwarded_total",
+            &[("outcome", "result")],
+        ) == Some(1.0)
+        {
+            break exposition;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the study was not forwarded: {}\n{}",
+            exposition.text,
+            bridge.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    for (name, labels) in [
+        ("medai_bridge_instances_received_total", &[][..]),
+        ("medai_bridge_instances_stored_total", &[][..]),
+        (
+            "grpc_client_handled_total",
+            &[
+                ("grpc_service", "medai.gateway.v1.GatewayService"),
+                ("grpc_method", "StudyStream"),
+                ("grpc_code", "OK"),
+            ][..],
+        ),
+    ] {
+        assert_eq!(
+            after.value(name, labels),
+            Some(1.0),
+            "{name}:\n{}",
+            after.text
+        );
+    }
+    // The instance is no longer waiting for the gateway: it waits for (or has had) its report.
+    assert_eq!(
+        after.value("medai_bridge_outbox_instances", &[("state", "RECEIVED")]),
+        Some(0.0),
+        "{}",
+        after.text
+    );
+
+    // The conventions every service keeps.
+    let findings = promtool_findings(&after.text);
+    eprintln!(
+        "bridge: {} families, {} sample names, promtool findings {findings:?}",
+        after.types.len(),
+        after.samples.len()
+    );
+    assert!(
+        findings.is_empty(),
+        "bridge: promtool check metrics: {findings:#?}"
+    );
+    for name in after.types.keys() {
+        assert!(
+            after.helps.contains(name),
+            "bridge: {name} has no HELP text"
+        );
+    }
+    assert_eq!(
+        after.value(
+            "medai_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "bridge: medai_build_info{{version,commit}} missing"
+    );
+    for family in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        let value = after
+            .value(family, &[])
+            .unwrap_or_else(|| panic!("bridge: {family} missing"));
+        assert!(value > 0.0, "bridge: {family} is {value}");
+    }
+    // No identifier of the instance in any series.
+    let image = medai_testkit::Assets::locate()
+        .dicom_dir
+        .join("CT_small.dcm");
+    let object = dicom_object::open_file(&image).expect("DICOM file");
+    for tag in [
+        dicom_dictionary_std::tags::STUDY_INSTANCE_UID,
+        dicom_dictionary_std::tags::SOP_INSTANCE_UID,
+        dicom_dictionary_std::tags::PATIENT_ID,
+    ] {
+        let identifier = object
+            .element(tag)
+            .expect("element")
+            .to_str()
+            .expect("text")
+            .trim_end_matches('\0')
+            .trim()
+            .to_owned();
+        assert!(
+            !after.text.contains(&identifier),
+            "{tag} in the bridge's metrics"
+        );
+    }
+    bridge.stop().await;
     mesh.stop().await;
 }

@@ -388,3 +388,132 @@ async fn a_refused_prediction_is_an_error_span_with_its_reason_code() {
     assert_eq!(refusal_lines[0]["fields"]["reason"], reason);
     mesh.stop().await;
 }
+
+/// The text of `tag` in the DICOM file at `path`.
+fn dicom_text(path: &std::path::Path, tag: dicom_core::Tag) -> String {
+    dicom_object::open_file(path)
+        .expect("DICOM file")
+        .element(tag)
+        .expect("element")
+        .to_str()
+        .expect("text")
+        .trim_end_matches('\0')
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_study_the_bridge_forwards_is_a_bridge_client_span_under_which_the_gateway_serves_it() {
+    use dicom_dictionary_std::tags;
+    use medai_e2e::bridge::BridgeProcess;
+
+    const STUDY_STREAM: &str = "medai.gateway.v1.GatewayService/StudyStream";
+    const LOGIN: &str = "medai.gateway.v1.GatewayService/Login";
+    let collector = OtlpCollector::start().await;
+    let mesh =
+        MeshUnderTest::start_with(Storage::Sqlite, traced_environment(&collector.endpoint)).await;
+    let admin = mesh.admin_token().await;
+    mesh.user_token(&admin, "pacs-bridge", "clinician").await;
+    let bridge = BridgeProcess::start(
+        &mesh,
+        "pacs-bridge",
+        "pacs-bridge password 123",
+        &[
+            (
+                "MEDAI_BRIDGE_TELEMETRY__OTLP_ENDPOINT".to_owned(),
+                collector.endpoint.clone(),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+        ],
+    )
+    .await;
+    let image = Assets::locate().dicom_dir.join("CT_small.dcm");
+    bridge.store(&image).await;
+
+    // The bridge's stream and the gateway's service of it, both exported.
+    let served_under = |spans: &[CollectedSpan], client: &CollectedSpan| {
+        spans.iter().any(|span| {
+            span.service == "medai-gateway"
+                && span.kind == "SERVER"
+                && span.parent_span_id == client.span_id
+        })
+    };
+    let spans = collector
+        .wait_until(Duration::from_secs(60), |spans| {
+            spans
+                .iter()
+                .filter(|span| span.service == "medai-bridge" && span.kind == "CLIENT")
+                .filter(|span| span.name == STUDY_STREAM || span.name == LOGIN)
+                .filter(|client| served_under(spans, client))
+                .count()
+                >= 2
+        })
+        .await;
+    let stream = spans
+        .iter()
+        .find(|span| {
+            span.service == "medai-bridge" && span.kind == "CLIENT" && span.name == STUDY_STREAM
+        })
+        .expect("the bridge's StudyStream span");
+    let traced = in_trace(&spans, &stream.trace_id);
+
+    // Under the bridge's span for the study: its login and its stream, CLIENT spans that name
+    // the gateway as the server, each the parent of the gateway's SERVER span.
+    let study = the(&traced, "medai-bridge", "INTERNAL", "bridge.forward_study");
+    let gateway_port = mesh.mesh.address("gateway").expect("gateway").port();
+    for (name, method) in [(STUDY_STREAM, "StudyStream"), (LOGIN, "Login")] {
+        let client = the(&traced, "medai-bridge", "CLIENT", name);
+        assert_eq!(client.parent_span_id, study.span_id, "{client:#?}");
+        assert_rpc_attributes(
+            client,
+            "medai.gateway.v1.GatewayService",
+            method,
+            gateway_port,
+        );
+        assert_eq!(client.status_code, "OK", "{client:#?}");
+        assert!(has(client, "rpc.grpc.status_code=0"), "{client:#?}");
+        let server = the(&traced, "medai-gateway", "SERVER", name);
+        assert_eq!(server.parent_span_id, client.span_id, "{server:#?}");
+    }
+    // The gateway's work for the image is in the same trace.
+    assert!(
+        traced
+            .iter()
+            .any(|span| span.service == "medai-inference" && span.kind == "SERVER"),
+        "inference in the bridge's trace: {traced:#?}"
+    );
+
+    // The bridge's log line for the study names the trace; no identifier of the study is in
+    // its logs or its spans.
+    let log = bridge.log();
+    let forwarded: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["fields"]["message"] == "study forwarded")
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{log}");
+    assert_eq!(forwarded[0]["trace_id"], stream.trace_id.as_str(), "{log}");
+    assert_eq!(forwarded[0]["span_id"], study.span_id.as_str(), "{log}");
+    for tag in [
+        tags::STUDY_INSTANCE_UID,
+        tags::SOP_INSTANCE_UID,
+        tags::PATIENT_ID,
+    ] {
+        let identifier = dicom_text(&image, tag);
+        assert!(!identifier.is_empty());
+        assert!(!log.contains(&identifier), "{tag} in the bridge's log");
+        let bridge_spans = format!(
+            "{:?}",
+            spans
+                .iter()
+                .filter(|span| span.service == "medai-bridge")
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            !bridge_spans.contains(&identifier),
+            "{tag} in the bridge's spans"
+        );
+    }
+    bridge.stop().await;
+    mesh.stop().await;
+}

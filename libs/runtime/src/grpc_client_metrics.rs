@@ -4,6 +4,8 @@
 //! A tower layer over the channel, so every client a service builds on
 //! [`crate::tls::TlsMaterial::metered_channel`] is counted without any handler repeating it.
 //! Paths are the callee's methods, chosen by this code, never by a request.
+//! A call is handled when its final status is known (for a stream, the trailers at its end),
+//! read by the shared [`crate::call_status::StatusBody`].
 
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -12,6 +14,7 @@ use futures::future::{BoxFuture, FutureExt};
 use tonic::transport::Channel;
 use tower::Service;
 
+use crate::call_status::{CallEnd, EndOnce, StatusBody, with_status_body};
 use crate::grpc_metrics::{code_label, split_method};
 
 pub const CLIENT_STARTED: &str = "grpc_client_started_total";
@@ -53,7 +56,7 @@ where
     S: Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<StatusBody<ResBody, ClientHandledCount>>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -70,26 +73,38 @@ where
             .increment(1);
         let started = Instant::now();
         let response = self.inner.call(request);
+        let mut handled = EndOnce::new(ClientHandledCount {
+            grpc_service,
+            grpc_method,
+            started,
+        });
         async move {
-            let result = response.await;
-            // As on the server: a status answered before any message is in the headers;
-            // one in trailers (after messages) counts as OK here.
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<i32>().ok())
-                    .map_or("OK", |code| code_label(tonic::Code::from_i32(code))),
-                // No answer at all: the channel could not reach the server.
-                Err(_) => code_label(tonic::Code::Unavailable),
-            };
-            metrics::counter!(CLIENT_HANDLED, "grpc_service" => grpc_service.clone(), "grpc_method" => grpc_method.clone(), "grpc_code" => code)
-                .increment(1);
-            metrics::histogram!(CLIENT_HANDLING_SECONDS, "grpc_service" => grpc_service, "grpc_method" => grpc_method)
-                .record(started.elapsed().as_secs_f64());
-            result
+            match response.await {
+                Ok(response) => Ok(with_status_body(response, handled)),
+                Err(error) => {
+                    // No answer at all: the channel could not reach the server.
+                    handled.record(tonic::Code::Unavailable, None);
+                    Err(error)
+                }
+            }
         }
         .boxed()
+    }
+}
+
+/// Counts an outgoing call as handled, with the code it ended with (for a stream, the one its
+/// trailers carry when it ends), and times it.
+pub struct ClientHandledCount {
+    grpc_service: String,
+    grpc_method: String,
+    started: Instant,
+}
+
+impl CallEnd for ClientHandledCount {
+    fn ended(&mut self, code: tonic::Code, _reason: Option<String>) {
+        metrics::counter!(CLIENT_HANDLED, "grpc_service" => self.grpc_service.clone(), "grpc_method" => self.grpc_method.clone(), "grpc_code" => code_label(code))
+            .increment(1);
+        metrics::histogram!(CLIENT_HANDLING_SECONDS, "grpc_service" => self.grpc_service.clone(), "grpc_method" => self.grpc_method.clone())
+            .record(self.started.elapsed().as_secs_f64());
     }
 }

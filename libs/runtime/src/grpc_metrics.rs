@@ -4,6 +4,10 @@
 //! `grpc_server_handled_total` and `grpc_server_handling_seconds`, labelled `grpc_service`,
 //! `grpc_method` (and `grpc_code`). No `service` label: Prometheus' own target labels use it.
 //! Labels hold method paths and codes only, never request content.
+//! A call is handled when its final status is known: the headers of an answer refused before
+//! any message, else the trailers after the last one, so a stream (StudyStream, UploadImage…)
+//! that ends in an error is counted under that error's code, read by the same
+//! [`crate::call_status::StatusBody`] the call's span reads it with.
 //! A path the server does not hold is labelled [`UNKNOWN_METHOD`]: anyone who can open a
 //! connection can make up paths, and each would otherwise be a new series for good.
 //! Every method the server holds is registered at zero for every code when the layer is made,
@@ -21,6 +25,7 @@ use std::time::Instant;
 use futures::future::{BoxFuture, FutureExt};
 use tower::{Layer, Service};
 
+use crate::call_status::{CallEnd, EndOnce, StatusBody, with_status_body};
 use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 
 /// The one label value every method path the server does not hold is counted under.
@@ -63,7 +68,7 @@ where
     S: Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<StatusBody<ResBody, HandledCount>>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -94,29 +99,38 @@ where
             request.headers_mut().insert(CORRELATION_HEADER, value);
         }
         let response = self.inner.call(request);
+        // Told once, when the call's final status is known; dropped before that, CANCELLED.
+        let mut handled = EndOnce::new(HandledCount { method, started });
         async move {
-            let result = response.await;
-            // Errors answered before any message are "trailers-only": the code is a header.
-            // Streamed errors report in trailers and count as OK here.
-            let code = match &result {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|value| value.parse::<i32>().ok())
-                    .map_or("OK", |code| tonic::Code::from_i32(code).description_name()),
-                // The transport failed under the call: no code was sent.
-                Err(_) => "Unknown",
-            };
-            let elapsed = started.elapsed().as_secs_f64();
-            let (grpc_service, grpc_method) = split_method(&method);
-            metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code)
-                .increment(1);
-            metrics::histogram!(SERVER_HANDLING_SECONDS, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
-                .record(elapsed);
-            result
+            match response.await {
+                Ok(response) => Ok(with_status_body(response, handled)),
+                Err(error) => {
+                    // The transport failed under the call: no code was sent.
+                    handled.record(tonic::Code::Unknown, None);
+                    Err(error)
+                }
+            }
         }
         .boxed()
+    }
+}
+
+/// Counts a call as handled, with the code it ended with, and times it, when its final status
+/// is known: in the headers of a trailers-only answer, else in the trailers after the last
+/// message (for a stream, when the stream ends).
+pub struct HandledCount {
+    method: String,
+    started: Instant,
+}
+
+impl CallEnd for HandledCount {
+    fn ended(&mut self, code: tonic::Code, _reason: Option<String>) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let (grpc_service, grpc_method) = split_method(&self.method);
+        metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code.description_name())
+            .increment(1);
+        metrics::histogram!(SERVER_HANDLING_SECONDS, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
+            .record(elapsed);
     }
 }
 

@@ -18,17 +18,16 @@
 //! line of the call names it.
 
 use std::collections::BTreeSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{BoxFuture, FutureExt};
-use http_body::{Body, Frame, SizeHint};
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use crate::call_status::{CallEnd, EndOnce, StatusBody, with_status_body};
 use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 
 /// The span name of a call to a path the server does not hold: made-up paths must not become
@@ -38,6 +37,13 @@ pub const UNKNOWN_METHOD_SPAN: &str = "grpc unknown method";
 /// A mesh channel with a CLIENT span around every call (see [`crate::tls::TlsMaterial::mesh_channel`]).
 pub type MeshChannel =
     RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<tonic::transport::Channel>>;
+
+/// `channel` (made for `endpoint`) with the layers every outgoing call passes through: a CLIENT
+/// span, over the `grpc_client_*` metrics.
+pub fn traced_channel(channel: tonic::transport::Channel, endpoint: &str) -> MeshChannel {
+    RpcClientTraceLayer::new(endpoint)
+        .layer(crate::grpc_client_metrics::GrpcClientMetrics::new(channel))
+}
 
 /// `package.Service` and `Method` of a gRPC path `/package.Service/Method`.
 fn service_and_method(path: &str) -> Option<(&str, &str)> {
@@ -71,14 +77,6 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// The code and stable reason of a status carried by `headers` (response headers of a
-/// trailers-only answer, or trailers), if they carry one.
-fn outcome_in(headers: &http::HeaderMap) -> Option<(Code, Option<String>)> {
-    headers.get("grpc-status")?;
-    let status = tonic::Status::from_header_map(headers)?;
-    Some((status.code(), crate::errors::reason_of(&status)))
-}
-
 /// Records a call's outcome on its span: `rpc.grpc.status_code`, and status OK or ERROR with
 /// the stable reason (else the code's name) as the description.
 fn record_outcome(span: &tracing::Span, code: Code, reason: Option<String>) {
@@ -93,84 +91,32 @@ fn record_outcome(span: &tracing::Span, code: Code, reason: Option<String>) {
     }
 }
 
-/// The span's outcome, recorded once: from the response headers, the trailers, or, if the
-/// call or its body is dropped before either said, as CANCELLED (the peer went away).
-struct Outcome {
-    span: tracing::Span,
-    recorded: bool,
-}
+/// The call's span as the [`CallEnd`] of its response: the outcome is recorded on it, and it
+/// is entered while the body is polled (log lines of a streamed answer belong to the call).
+pub struct SpanEnd(tracing::Span);
 
-impl Outcome {
-    fn record(&mut self, code: Code, reason: Option<String>) {
-        if !self.recorded {
-            self.recorded = true;
-            record_outcome(&self.span, code, reason);
-        }
+impl CallEnd for SpanEnd {
+    fn ended(&mut self, code: Code, reason: Option<String>) {
+        record_outcome(&self.0, code, reason);
+    }
+
+    fn polling_scope(&self) -> Option<tracing::span::Entered<'_>> {
+        Some(self.0.enter())
     }
 }
 
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        self.record(Code::Cancelled, None);
-    }
-}
+/// A response body that keeps the call's span open until it ends and records on it the status
+/// the call ended with (the shared [`StatusBody`]).
+pub type TracedBody<B> = StatusBody<B, SpanEnd>;
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps the call's span open until it ends, enters it while it is
-    /// polled (log lines of a streamed answer belong to the call) and records the status the
-    /// trailers carry.
-    pub struct TracedBody<B> {
-        #[pin]
-        inner: B,
-        outcome: Outcome,
-    }
-}
+/// The span's outcome, recorded once (CANCELLED if dropped before the call said).
+type Outcome = EndOnce<SpanEnd>;
 
-impl<B: Body> Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        context: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = {
-            let _entered = this.outcome.span.enter();
-            this.inner.poll_frame(context)
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some((code, reason)) = frame.trailers_ref().and_then(outcome_in) {
-                    this.outcome.record(code, reason);
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.outcome.record(Code::Unavailable, None),
-            // gRPC always ends with a status; an answer without one is not a success.
-            Poll::Ready(None) => this.outcome.record(Code::Unknown, None),
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Wraps a response's body in [`TracedBody`], recording at once a status its headers carry.
 fn traced_response<B>(
     response: http::Response<B>,
-    mut outcome: Outcome,
+    outcome: Outcome,
 ) -> http::Response<TracedBody<B>> {
-    if let Some((code, reason)) = outcome_in(response.headers()) {
-        outcome.record(code, reason);
-    }
-    response.map(|inner| TracedBody { inner, outcome })
+    with_status_body(response, outcome)
 }
 
 /// `host` and `port` of an authority, the port defaulting to HTTPS's.
@@ -304,10 +250,7 @@ where
         crate::telemetry::adopt_remote_parent(&span, request.headers());
         let response = self.inner.call(request).instrument(span.clone());
         // Dropped before an answer (the caller went away): CANCELLED.
-        let mut outcome = Outcome {
-            span,
-            recorded: false,
-        };
+        let mut outcome = Outcome::new(SpanEnd(span));
         async move {
             match response.await {
                 Ok(response) => Ok(traced_response(response, outcome)),
@@ -404,10 +347,7 @@ where
         crate::telemetry::inject_span_context(&span, request.headers_mut());
         let response = self.inner.call(request).instrument(span.clone());
         // Dropped before an answer (the caller gave up): CANCELLED.
-        let mut outcome = Outcome {
-            span,
-            recorded: false,
-        };
+        let mut outcome = Outcome::new(SpanEnd(span));
         async move {
             match response.await {
                 Ok(response) => Ok(traced_response(response, outcome)),

@@ -531,10 +531,7 @@ impl TlsMaterial {
         expected_server: &ServiceIdentity,
     ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
         let channel = self.channel(endpoint, expected_server)?;
-        Ok(tower::Layer::layer(
-            &crate::rpc_trace::RpcClientTraceLayer::new(endpoint),
-            crate::grpc_client_metrics::GrpcClientMetrics::new(channel),
-        ))
+        Ok(crate::rpc_trace::traced_channel(channel, endpoint))
     }
 }
 

@@ -16,7 +16,10 @@ pub struct BridgeConfig {
     pub dicom_listen_addr: SocketAddr,
     #[serde(default = "default_log_filter")]
     pub log_filter: String,
-    /// If set, the bound DICOM address is written here as JSON (`{"dicom": …}`).
+    /// Traces (OTLP) and the admin (metrics) port; see `crate::telemetry`.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetrySettings,
+    /// If set, the bound addresses are written here as JSON (`{"dicom": …, "admin": …}`).
     #[serde(default)]
     pub address_file: Option<PathBuf>,
     /// The outbox and UID mappings: `sqlite://…?mode=rwc` (default) or `postgres://…`.

@@ -10,9 +10,10 @@ use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use medai_proto::gateway::v1::study_stream_response::Outcome;
 use medai_proto::gateway::v1::{LoginRequest, StudyStreamRequest};
+use medai_runtime::rpc_trace::MeshChannel;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::config::GatewaySettings;
 use crate::outbox::{Outbox, PendingStudy};
@@ -56,7 +57,7 @@ pub fn idempotency_key(sop_instance_uid: &str, model_name: &str, model_version: 
 pub struct StudyForwarder {
     settings: GatewaySettings,
     outbox: Outbox,
-    client: Option<GatewayServiceClient<Channel>>,
+    client: Option<GatewayServiceClient<MeshChannel>>,
     token: Option<String>,
 }
 
@@ -70,7 +71,7 @@ impl StudyForwarder {
         }
     }
 
-    async fn client(&mut self) -> Result<GatewayServiceClient<Channel>, ForwardError> {
+    async fn client(&mut self) -> Result<GatewayServiceClient<MeshChannel>, ForwardError> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -87,6 +88,7 @@ impl StudyForwarder {
             .connect()
             .await
             .map_err(|error| ForwardError::Connect(error.to_string()))?;
+        let channel = crate::telemetry::traced_gateway_channel(channel, &self.settings.endpoint);
         let client = GatewayServiceClient::new(channel)
             .max_encoding_message_size(MAX_MESSAGE)
             .max_decoding_message_size(MAX_MESSAGE);

@@ -12,6 +12,7 @@ pub mod outcome;
 pub mod report;
 pub mod scp;
 pub mod scu;
+pub mod telemetry;
 pub mod uids;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use crate::config::BridgeConfig;
 use crate::delivery::ReportDelivery;
@@ -63,21 +65,41 @@ pub async fn serve(
             match forwarding_outbox.quiet_studies(quiet_period_ms).await {
                 Ok(studies) => {
                     for study in studies {
-                        match forwarder.forward(&study).await {
-                            Ok(summary) => tracing::info!(
-                                images = study.instances.len(),
-                                results = summary.results,
-                                refused = summary.refused,
-                                retry_later = summary.retry_later,
-                                "study forwarded"
-                            ),
-                            Err(error) => {
-                                tracing::warn!(error = %error, "study not forwarded; retried later");
-                                break;
+                        // One trace per study: the gateway calls are CLIENT spans under it.
+                        let span = tracing::info_span!(
+                            "bridge.forward_study",
+                            images = study.instances.len()
+                        );
+                        let forwarded = forwarder.forward(&study).instrument(span.clone()).await;
+                        // Its log lines name the study's trace.
+                        let sent = span.in_scope(|| match forwarded {
+                            Ok(summary) => {
+                                count_forwarded(&summary);
+                                tracing::info!(
+                                    images = study.instances.len(),
+                                    results = summary.results,
+                                    refused = summary.refused,
+                                    retry_later = summary.retry_later,
+                                    "study forwarded"
+                                );
+                                true
                             }
+                            Err(error) => {
+                                metrics::counter!(telemetry::RETRIES, "stage" => telemetry::stage::STUDY)
+                                    .increment(1);
+                                tracing::warn!(error = %error, "study not forwarded; retried later");
+                                false
+                            }
+                        });
+                        if !sent {
+                            break;
                         }
                     }
                 }
+                Err(error) => tracing::error!(error = %error, "the outbox cannot be read"),
+            }
+            match forwarding_outbox.counts_by_state().await {
+                Ok(counts) => telemetry::record_outbox_depth(&counts),
                 Err(error) => tracing::error!(error = %error, "the outbox cannot be read"),
             }
             tokio::time::sleep(poll).await;
@@ -93,11 +115,15 @@ pub async fn serve(
     let delivering = async move {
         loop {
             match delivery.deliver_due().await {
-                Ok(summary) if summary.delivered + summary.failed > 0 => tracing::info!(
-                    delivered = summary.delivered,
-                    failed = summary.failed,
-                    "reports sent"
-                ),
+                Ok(summary) if summary.delivered + summary.failed > 0 => {
+                    metrics::counter!(telemetry::RETRIES, "stage" => telemetry::stage::REPORT)
+                        .increment(u64::try_from(summary.failed).unwrap_or(u64::MAX));
+                    tracing::info!(
+                        delivered = summary.delivered,
+                        failed = summary.failed,
+                        "reports sent"
+                    );
+                }
                 Ok(_) => {}
                 Err(error) => tracing::error!(error = %error, "the outbox cannot be read"),
             }
@@ -113,4 +139,15 @@ pub async fn serve(
     let _ = scp_task.await;
     tracing::info!("bridge stopped");
     Ok(())
+}
+
+/// A study's answers as counted by the bridge's metrics (see [`telemetry`]).
+fn count_forwarded(summary: &forwarder::ForwardSummary) {
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    metrics::counter!(telemetry::INSTANCES_FORWARDED, "outcome" => "result")
+        .increment(count(summary.results));
+    metrics::counter!(telemetry::INSTANCES_FORWARDED, "outcome" => "refused")
+        .increment(count(summary.refused));
+    metrics::counter!(telemetry::RETRIES, "stage" => telemetry::stage::IMAGE)
+        .increment(count(summary.retry_later));
 }

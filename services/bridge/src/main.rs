@@ -1,5 +1,6 @@
 use std::process::ExitCode;
 
+use futures::future::{BoxFuture, FutureExt, Shared};
 use medai_bridge::config::{BridgeConfig, ENV_PREFIX};
 use medai_bridge::{BridgeListeners, serve};
 
@@ -16,7 +17,8 @@ Options:
   -V, --version   print the version
 
 Settings come from MEDAI_BRIDGE_* environment variables (nested keys joined by __) or the
-TOML file named by MEDAI_BRIDGE_CONFIG.
+TOML file named by MEDAI_BRIDGE_CONFIG. MEDAI_BRIDGE_TELEMETRY__ADMIN_ADDR opens Prometheus
+/metrics and /livez; MEDAI_BRIDGE_TELEMETRY__OTLP_ENDPOINT exports traces over OTLP/gRPC.
 
 Exit codes: 0 success, 1 failure while running, 2 usage or configuration error";
 
@@ -67,7 +69,27 @@ async fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    medai_runtime::telemetry::init_json_logging(&config.log_filter);
+    let telemetry = match medai_runtime::telemetry::init(
+        "bridge",
+        &config.log_filter,
+        config.telemetry.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("medai-bridge: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = medai_runtime::shutdown::termination_signal()
+        .boxed()
+        .shared();
+    let exit = run(config, shutdown).await;
+    telemetry.shutdown().await;
+    exit
+}
+
+/// Binds the listeners, writes their addresses, serves until `shutdown`.
+async fn run(config: BridgeConfig, shutdown: Shared<BoxFuture<'static, ()>>) -> ExitCode {
     let dicom = match tokio::net::TcpListener::bind(config.dicom_listen_addr).await {
         Ok(listener) => listener,
         Err(error) => {
@@ -75,25 +97,27 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut admin = None;
+    if let Some(address) = config.telemetry.admin_addr {
+        match medai_bridge::telemetry::start_admin(address, shutdown.clone()).await {
+            Ok(bound) => admin = Some(bound),
+            Err(error) => {
+                tracing::error!(address = %address, error = %error, "cannot start the admin endpoint");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let (Some(path), Ok(address)) = (&config.address_file, dicom.local_addr()) {
-        let written = std::fs::write(
-            path.with_extension("tmp"),
-            format!("{{\"dicom\":\"{address}\"}}"),
-        )
-        .and_then(|()| std::fs::rename(path.with_extension("tmp"), path));
+        let addresses = serde_json::json!({ "dicom": address, "admin": admin });
+        let written = std::fs::write(path.with_extension("tmp"), addresses.to_string())
+            .and_then(|()| std::fs::rename(path.with_extension("tmp"), path));
         if let Err(error) = written {
             tracing::error!(error = %error, "cannot write the address file");
             return ExitCode::FAILURE;
         }
     }
-    tracing::info!(address = ?dicom.local_addr().ok(), "bridge serving DICOM");
-    match serve(
-        config,
-        BridgeListeners { dicom },
-        medai_runtime::shutdown::termination_signal(),
-    )
-    .await
-    {
+    tracing::info!(address = ?dicom.local_addr().ok(), admin = ?admin, "bridge serving DICOM");
+    match serve(config, BridgeListeners { dicom }, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error, "bridge failed");

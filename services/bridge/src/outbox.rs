@@ -126,7 +126,10 @@ impl Outbox {
             reported_at_ms: Set(None),
         };
         match instance::Entity::insert(row).exec(&self.connection).await {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                metrics::counter!(crate::telemetry::INSTANCES_STORED).increment(1);
+                Ok(true)
+            }
             // Two associations racing with the same instance: the other one stored it.
             Err(error) if is_unique_violation(&error) => Ok(false),
             Err(error) => Err(error),
@@ -252,6 +255,23 @@ impl Outbox {
             .exec(&self.connection)
             .await?;
         Ok(())
+    }
+
+    /// How many instances are in each state (states without rows are absent).
+    pub async fn counts_by_state(&self) -> Result<Vec<(String, i64)>, DbErr> {
+        instance::Entity::find()
+            .select_only()
+            .column(instance::Column::State)
+            .column_as(
+                Expr::from(sea_orm::sea_query::Func::count(Expr::col(
+                    instance::Column::SopInstanceUid,
+                ))),
+                "count",
+            )
+            .group_by(instance::Column::State)
+            .into_tuple()
+            .all(&self.connection)
+            .await
     }
 
     pub async fn all(&self) -> Result<Vec<StoredInstance>, DbErr> {

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use http_body::{Body, Frame};
 use opentelemetry::trace::{SpanKind, Status};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
