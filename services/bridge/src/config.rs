@@ -72,6 +72,9 @@ pub struct ScpSettings {
         deserialize_with = "from_str_or_native"
     )]
     pub idle_timeout_seconds: u64,
+    /// DICOM TLS on the listener (absent: plain TCP).
+    #[serde(default)]
+    pub tls: Option<crate::dicom_tls::ScpTls>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -114,6 +117,9 @@ pub struct ResultDestination {
         deserialize_with = "from_str_or_native"
     )]
     pub max_backoff_ms: u64,
+    /// DICOM TLS to the destination (absent: plain TCP).
+    #[serde(default)]
+    pub tls: Option<crate::dicom_tls::DestinationTls>,
 }
 
 fn default_log_filter() -> String {

@@ -37,28 +37,60 @@ impl ReportDelivery {
     /// Sends every report that is due; returns what happened.
     pub async fn deliver_due(&self) -> Result<DeliverySummary, sea_orm::DbErr> {
         let due = self.outbox.due_reports(BATCH).await?;
-        let mut summary = DeliverySummary::default();
         if due.is_empty() {
-            return Ok(summary);
+            return Ok(DeliverySummary::default());
         }
-        let mut sender = match ReportSender::connect(
-            &self.destination.address,
-            &self.destination.ae_title,
-            &self.calling_ae_title,
-        )
-        .await
-        {
+        match &self.destination.tls {
+            None => {
+                let connected = ReportSender::connect(
+                    &self.destination.address,
+                    &self.destination.ae_title,
+                    &self.calling_ae_title,
+                )
+                .await;
+                self.deliver_on(connected, &due).await
+            }
+            Some(tls) => {
+                let connected = match tls.client_config() {
+                    Ok(config) => {
+                        ReportSender::connect_tls(
+                            &self.destination.address,
+                            &self.destination.ae_title,
+                            &self.calling_ae_title,
+                            config,
+                            &tls.server_name,
+                        )
+                        .await
+                    }
+                    Err(error) => Err(DeliveryError::Associate(error.to_string())),
+                };
+                self.deliver_on(connected, &due).await
+            }
+        }
+    }
+
+    /// Sends `due` on one association (plain or TLS), or counts each as failed when there is none.
+    async fn deliver_on<S>(
+        &self,
+        connected: Result<ReportSender<S>, DeliveryError>,
+        due: &[StoredInstance],
+    ) -> Result<DeliverySummary, sea_orm::DbErr>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let mut summary = DeliverySummary::default();
+        let mut sender = match connected {
             Ok(sender) => sender,
             Err(error) => {
                 tracing::warn!(error = %error, reports = due.len(), "report destination unreachable; retried with back-off");
-                for row in &due {
+                for row in due {
                     self.failed(row).await?;
                     summary.failed += 1;
                 }
                 return Ok(summary);
             }
         };
-        for row in &due {
+        for row in due {
             match self.send_one(&mut sender, row).await {
                 Ok(report_uid) => {
                     self.outbox.record_reported(&row.tag, &report_uid).await?;
@@ -94,11 +126,14 @@ impl ReportDelivery {
             .await
     }
 
-    async fn send_one(
+    async fn send_one<S>(
         &self,
-        sender: &mut ReportSender,
+        sender: &mut ReportSender<S>,
         row: &StoredInstance,
-    ) -> Result<String, DeliveryError> {
+    ) -> Result<String, DeliveryError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
         let outcome: InferenceOutcome =
             serde_json::from_str(row.result_json.as_deref().unwrap_or("")).map_err(|error| {
                 DeliveryError::Encode(format!("stored result unreadable: {error}"))

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod dicom_tls;
 pub mod dimse;
 pub mod forwarder;
 pub mod outbox;
@@ -32,6 +33,8 @@ pub enum BridgeError {
     Config(#[from] config::ConfigProblem),
     #[error("the outbox cannot be opened: {0}")]
     Outbox(#[from] sea_orm::DbErr),
+    #[error("the DICOM TLS material cannot be used: {0}")]
+    Tls(#[from] medai_runtime::tls::TlsError),
 }
 
 /// The listeners the bridge serves on, bound by the caller (tests bind port 0).
@@ -51,7 +54,11 @@ pub async fn serve(
     let outbox = Outbox::open(&config.database_url).await?;
     let shutdown = shutdown.boxed().shared();
 
-    let scp = Arc::new(StorageScp::new(config.scp.clone(), outbox.clone()));
+    let mut scp = StorageScp::new(config.scp.clone(), outbox.clone());
+    if let Some(tls) = &config.scp.tls {
+        scp = scp.with_tls(tls.server_config()?);
+    }
+    let scp = Arc::new(scp);
     let scp_task = tokio::spawn(scp.run(listeners.dicom, shutdown.clone()));
 
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
