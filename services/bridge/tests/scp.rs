@@ -292,7 +292,11 @@ async fn the_tls_listener_serves_dcmtk_over_tls_with_a_client_certificate_and_re
     let tls = dcmtk_tls(&pki, "operator");
 
     let echoed = echo_with(&bridge, &tls).await;
-    assert!(echoed.status.success(), "C-ECHO over TLS: {}", text(&echoed));
+    assert!(
+        echoed.status.success(),
+        "C-ECHO over TLS: {}",
+        text(&echoed)
+    );
 
     let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
     let port = bridge.address.port().to_string();
