@@ -1114,3 +1114,185 @@ async fn study_throughput_with_the_light_model() {
 async fn study_throughput_with_the_brain_mri_model() {
     study_throughput("brain-mri-tumor", 16).await;
 }
+
+// --- Amended report after SignResult (issue 15) ---
+
+fn element_text(object: &InMemDicomObject, tag: dicom_core::Tag) -> String {
+    object
+        .element(tag)
+        .map(|element| {
+            element
+                .to_str()
+                .expect("text")
+                .trim_end_matches(['\0', ' '])
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn first_item(object: &InMemDicomObject, tag: dicom_core::Tag) -> InMemDicomObject {
+    object
+        .element(tag)
+        .unwrap_or_else(|_| panic!("{tag} present"))
+        .items()
+        .expect("a sequence")[0]
+        .clone()
+}
+
+fn open_report(bytes: &[u8]) -> InMemDicomObject {
+    OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .from_reader(bytes)
+        .expect("SR parses")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_report_referencing_it()
+ {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .create_user(authorised(
+            gw::CreateUserRequest {
+                username: BRIDGE_USER.to_owned(),
+                password: BRIDGE_PASSWORD.to_owned(),
+                role: "clinician".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create the bridge's user");
+    let orthanc_dicom_port = free_port();
+    let state = tempfile::tempdir().expect("bridge state");
+    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bridge_address = dicom.local_addr().expect("address");
+    let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
+    config.signature_poll_interval_ms = 200;
+    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
+    let bridge = tokio::spawn(serve(config, BridgeListeners { dicom }, async move {
+        let _ = bridge_stopped.await;
+    }));
+    let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
+
+    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
+    let ct_study = uid_of(&ct, tags::STUDY_INSTANCE_UID);
+    assert_eq!(
+        store_as_modality(bridge_address, std::slice::from_ref(&ct)).await,
+        1
+    );
+    let preliminary_id = orthanc.wait_for_reports(&ct_study, 1).await[0].clone();
+    let preliminary = open_report(&orthanc.file(&preliminary_id).await);
+    assert_eq!(
+        element_text(&preliminary, tags::PRELIMINARY_FLAG),
+        "PRELIMINARY"
+    );
+    assert_eq!(
+        element_text(&preliminary, tags::VERIFICATION_FLAG),
+        "UNVERIFIED"
+    );
+    let preliminary_uid = element_text(&preliminary, tags::SOP_INSTANCE_UID);
+    let result_id = read_report(&orthanc.file(&preliminary_id).await).result_id;
+
+    // A clinician signs the result after the preliminary report was filed.
+    let signer = mesh.user_token(&admin, "dr-signer", "clinician").await;
+    let stored = gateway
+        .get_result(authorised(
+            gw::GetResultRequest {
+                result_id: result_id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("result")
+        .into_inner()
+        .result
+        .expect("result");
+    let ticket = gateway
+        .reauthenticate(authorised(
+            gw::ReauthenticateRequest {
+                password: "dr-signer password 123".to_owned(),
+            },
+            &signer,
+        ))
+        .await
+        .expect("reauthenticate")
+        .into_inner()
+        .signing_ticket;
+    let signed = gateway
+        .sign_result(authorised(
+            gw::SignResultRequest {
+                result_id: result_id.clone(),
+                signing_ticket: ticket,
+                meaning: "APPROVED".to_owned(),
+                reason: String::new(),
+                content_sha256: stored.content_sha256,
+            },
+            &signer,
+        ))
+        .await
+        .expect("sign")
+        .into_inner();
+
+    // The amended report: a new instance in the same series, verified by the signer, naming
+    // the preliminary one as its predecessor; the preliminary one stays.
+    let reports = orthanc.wait_for_reports(&ct_study, 2).await;
+    let amended_id = reports
+        .iter()
+        .find(|id| **id != preliminary_id)
+        .expect("a second report")
+        .clone();
+    let bytes = orthanc.file(&amended_id).await;
+    dsrdump_is_clean(&bytes).await;
+    let amended = open_report(&bytes);
+    assert_ne!(
+        element_text(&amended, tags::SOP_INSTANCE_UID),
+        preliminary_uid
+    );
+    assert_eq!(
+        element_text(&amended, tags::SERIES_INSTANCE_UID),
+        element_text(&preliminary, tags::SERIES_INSTANCE_UID)
+    );
+    assert_eq!(element_text(&amended, tags::PRELIMINARY_FLAG), "FINAL");
+    assert_eq!(element_text(&amended, tags::VERIFICATION_FLAG), "VERIFIED");
+    let observer = first_item(&amended, tags::VERIFYING_OBSERVER_SEQUENCE);
+    assert_eq!(
+        element_text(&observer, tags::VERIFYING_OBSERVER_NAME),
+        "dr-signer"
+    );
+    let signed_at = signed
+        .result
+        .expect("signed")
+        .signature
+        .expect("signature")
+        .signed_at;
+    let compact: String = signed_at
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(14)
+        .collect();
+    assert_eq!(
+        element_text(&observer, tags::VERIFICATION_DATE_TIME),
+        compact
+    );
+    let predecessor = first_item(
+        &first_item(
+            &first_item(&amended, tags::PREDECESSOR_DOCUMENTS_SEQUENCE),
+            tags::REFERENCED_SERIES_SEQUENCE,
+        ),
+        tags::REFERENCED_SOP_SEQUENCE,
+    );
+    assert_eq!(
+        element_text(&predecessor, tags::REFERENCED_SOP_INSTANCE_UID),
+        preliminary_uid
+    );
+    assert_eq!(read_report(&bytes).result_id, result_id);
+
+    let _ = stop_bridge.send(());
+    bridge.await.expect("bridge task").expect("bridge stopped");
+    orthanc.process.kill().await.expect("stop Orthanc");
+    mesh.stop().await;
+}

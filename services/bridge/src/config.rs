@@ -38,6 +38,13 @@ pub struct BridgeConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub poll_interval_ms: u64,
+    /// How often the gateway's results are looked at for signatures of reported results (each
+    /// look is one recorded ListResults read; only made while some reported result is unsigned).
+    #[serde(
+        default = "default_signature_poll_interval_ms",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub signature_poll_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -130,6 +137,9 @@ fn default_quiet_period_ms() -> u64 {
 }
 fn default_poll_interval_ms() -> u64 {
     500
+}
+fn default_signature_poll_interval_ms() -> u64 {
+    60_000
 }
 fn default_max_pdu_length() -> u32 {
     65_536

@@ -2,6 +2,7 @@
 //! exponential back-off. A report's UID is derived from its source and result, so a report
 //! sent again (after a crash between sending and recording) replaces, never duplicates.
 
+use crate::amendment::{SignatureOutcome, build_amended_report};
 use crate::config::ResultDestination;
 use crate::outbox::{Outbox, StoredInstance, now_ms};
 use crate::outcome::InferenceOutcome;
@@ -37,7 +38,8 @@ impl ReportDelivery {
     /// Sends every report that is due; returns what happened.
     pub async fn deliver_due(&self) -> Result<DeliverySummary, sea_orm::DbErr> {
         let due = self.outbox.due_reports(BATCH).await?;
-        if due.is_empty() {
+        let amendments = self.outbox.due_amendments(BATCH).await?;
+        if due.is_empty() && amendments.is_empty() {
             return Ok(DeliverySummary::default());
         }
         match &self.destination.tls {
@@ -48,7 +50,7 @@ impl ReportDelivery {
                     &self.calling_ae_title,
                 )
                 .await;
-                self.deliver_on(connected, &due).await
+                self.deliver_on(connected, &due, &amendments).await
             }
             Some(tls) => {
                 let connected = match tls.client_config() {
@@ -64,7 +66,7 @@ impl ReportDelivery {
                     }
                     Err(error) => Err(DeliveryError::Associate(error.to_string())),
                 };
-                self.deliver_on(connected, &due).await
+                self.deliver_on(connected, &due, &amendments).await
             }
         }
     }
@@ -74,6 +76,7 @@ impl ReportDelivery {
         &self,
         connected: Result<ReportSender<S>, DeliveryError>,
         due: &[StoredInstance],
+        amendments: &[StoredInstance],
     ) -> Result<DeliverySummary, sea_orm::DbErr>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
@@ -111,8 +114,62 @@ impl ReportDelivery {
                 }
             }
         }
+        // Amended reports of results signed since: retried at the next round when refused.
+        for row in amendments {
+            match self.send_amended(&mut sender, row).await {
+                Ok(report_uid) => {
+                    self.outbox.record_amended(&row.tag, &report_uid).await?;
+                    metrics::counter!("medai_bridge_amended_reports_delivered_total").increment(1);
+                    summary.delivered += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "amended report not delivered; retried later");
+                    summary.failed += 1;
+                    break;
+                }
+            }
+        }
         sender.release().await;
         Ok(summary)
+    }
+
+    async fn send_amended<S>(
+        &self,
+        sender: &mut ReportSender<S>,
+        row: &StoredInstance,
+    ) -> Result<String, DeliveryError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let unreadable = |error: serde_json::Error| {
+            DeliveryError::Encode(format!("stored record unreadable: {error}"))
+        };
+        let outcome: InferenceOutcome =
+            serde_json::from_str(row.result_json.as_deref().unwrap_or("")).map_err(unreadable)?;
+        let signature: SignatureOutcome =
+            serde_json::from_str(row.signature_json.as_deref().unwrap_or(""))
+                .map_err(unreadable)?;
+        let preliminary = row.report_sop_instance_uid.as_deref().unwrap_or_default();
+        let source = SourceInstance {
+            sop_class_uid: &row.sop_class_uid,
+            sop_instance_uid: &row.sop_instance_uid,
+            series_instance_uid: &row.series_instance_uid,
+            study_instance_uid: &row.study_instance_uid,
+            dicom: &row.dicom,
+        };
+        let report = build_amended_report(
+            &self.uid_root,
+            &source,
+            &outcome,
+            &signature,
+            preliminary,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|error| DeliveryError::Encode(error.to_string()))?;
+        sender
+            .store(&report.sop_instance_uid, &report.dataset)
+            .await?;
+        Ok(report.sop_instance_uid)
     }
 
     async fn failed(&self, row: &StoredInstance) -> Result<(), sea_orm::DbErr> {

@@ -3,6 +3,7 @@
 //! own outbox, streams each complete study to the gateway, and returns each result to the PACS
 //! as a DICOM Structured Report.
 
+pub mod amendment;
 pub mod config;
 pub mod delivery;
 pub mod dicom_tls;
@@ -13,6 +14,7 @@ pub mod outcome;
 pub mod report;
 pub mod scp;
 pub mod scu;
+pub mod signatures;
 pub mod uids;
 
 use std::sync::Arc;
@@ -63,10 +65,16 @@ pub async fn serve(
 
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
     let quiet_period_ms = config.study_quiet_period_ms;
+    let signature_poll = Duration::from_millis(config.signature_poll_interval_ms.max(100));
     let mut forwarder = StudyForwarder::new(config.gateway.clone(), outbox.clone());
     let forwarding_outbox = outbox.clone();
     let forwarding = async move {
+        let mut signatures_looked_at = std::time::Instant::now();
         loop {
+            if signatures_looked_at.elapsed() >= signature_poll {
+                signatures_looked_at = std::time::Instant::now();
+                crate::signatures::record_new_signatures(&mut forwarder, &forwarding_outbox).await;
+            }
             match forwarding_outbox.quiet_studies(quiet_period_ms).await {
                 Ok(studies) => {
                     for study in studies {
