@@ -1085,7 +1085,7 @@ async fn study_throughput(model: &str, images: u32) {
     let elapsed = started.elapsed();
     assert_eq!(reports.len(), images as usize);
     let figure = f64::from(images) / elapsed.as_secs_f64();
-    println!(
+    eprintln!(
         "study throughput ({model}, {} build): {images} images, C-STORE to the bridge done after {:.2} s, last SR stored in Orthanc after {:.2} s: {figure:.2} images/s",
         if cfg!(debug_assertions) {
             "debug"

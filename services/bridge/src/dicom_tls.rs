@@ -2,7 +2,7 @@
 //! Storage SCP and for the SCU that sends reports: rustls over certificates read from PEM
 //! files as the mesh's are (`medai_runtime::tls`), so the same cert-manager Secret layout works.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use medai_runtime::tls::{ClientCertificates, TlsError, TlsFiles, TlsMaterial};
@@ -34,14 +34,14 @@ pub struct DestinationTls {
 }
 
 fn material(
-    ca_certificate: &PathBuf,
-    certificate: &PathBuf,
-    key: &PathBuf,
+    ca_certificate: &Path,
+    certificate: &Path,
+    key: &Path,
 ) -> Result<TlsMaterial, TlsError> {
     TlsMaterial::load(&TlsFiles {
-        ca_cert: ca_certificate.clone(),
-        cert: certificate.clone(),
-        key: key.clone(),
+        ca_cert: ca_certificate.to_owned(),
+        cert: certificate.to_owned(),
+        key: key.to_owned(),
     })
 }
 

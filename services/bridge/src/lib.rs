@@ -68,7 +68,8 @@ pub async fn serve(
     let signature_poll = Duration::from_millis(config.signature_poll_interval_ms.max(100));
     let mut forwarder = StudyForwarder::new(config.gateway.clone(), outbox.clone());
     let forwarding_outbox = outbox.clone();
-    let forwarding = async move {
+    // Boxed: the loops' state is large and would otherwise sit in every caller's future.
+    let forwarding = Box::pin(async move {
         let mut signatures_looked_at = std::time::Instant::now();
         loop {
             if signatures_looked_at.elapsed() >= signature_poll {
@@ -97,7 +98,7 @@ pub async fn serve(
             }
             tokio::time::sleep(poll).await;
         }
-    };
+    });
 
     let delivery = ReportDelivery {
         destination: config.results.clone(),
@@ -105,7 +106,7 @@ pub async fn serve(
         uid_root: config.uid_root.clone(),
         outbox,
     };
-    let delivering = async move {
+    let delivering = Box::pin(async move {
         loop {
             match delivery.deliver_due().await {
                 Ok(summary) if summary.delivered + summary.failed > 0 => tracing::info!(
@@ -118,7 +119,7 @@ pub async fn serve(
             }
             tokio::time::sleep(poll).await;
         }
-    };
+    });
 
     tokio::select! {
         () = shutdown.clone() => {}

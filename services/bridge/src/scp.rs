@@ -388,7 +388,7 @@ impl StorageScp {
 fn refused_at_negotiation(error: dicom_ul::association::Error) -> AssociationError {
     let reason = match &error {
         dicom_ul::association::Error::TlsHandshake { .. }
-        | dicom_ul::association::Error::TlsNotSupported { .. } => "tls",
+        | dicom_ul::association::Error::TlsNotSupported => "tls",
         _ => "negotiation",
     };
     metrics::counter!("medai_bridge_associations_refused_total", "reason" => reason).increment(1);

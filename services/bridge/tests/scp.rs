@@ -683,6 +683,42 @@ async fn keeps_its_promises(outbox: Outbox) {
     );
     assert!(reported.reported_at_ms.is_some());
     assert!(outbox.due_reports(10).await.expect("read").is_empty());
+
+    // A signature after the report: kept once, then one amended report is due until sent.
+    let unsigned = outbox.reported_unsigned().await.expect("read");
+    assert_eq!(unsigned.len(), 1);
+    assert_eq!(
+        (unsigned[0].0.as_str(), unsigned[0].1.as_str()),
+        (other.tag.as_str(), "{}")
+    );
+    assert!(outbox.due_amendments(10).await.expect("read").is_empty());
+    outbox
+        .record_signature(&other.tag, "{\"meaning\":\"APPROVED\"}".to_owned())
+        .await
+        .expect("signature");
+    outbox
+        .record_signature(&other.tag, "{\"meaning\":\"REJECTED\"}".to_owned())
+        .await
+        .expect("a later signature");
+    assert!(outbox.reported_unsigned().await.expect("read").is_empty());
+    let amendments = outbox.due_amendments(10).await.expect("read");
+    assert_eq!(amendments.len(), 1);
+    assert_eq!(
+        amendments[0].signature_json.as_deref(),
+        Some("{\"meaning\":\"APPROVED\"}")
+    );
+    outbox
+        .record_amended(&other.tag, "1.2.826.0.1.3680043.10.1234.10")
+        .await
+        .expect("amended");
+    assert!(outbox.due_amendments(10).await.expect("read").is_empty());
+    assert_eq!(
+        row(&outbox, "1.2.4.1")
+            .await
+            .amended_report_sop_instance_uid
+            .as_deref(),
+        Some("1.2.826.0.1.3680043.10.1234.10")
+    );
     assert_eq!(outbox.all().await.expect("read").len(), 3);
 }
 
