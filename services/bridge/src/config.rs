@@ -41,6 +41,13 @@ pub struct BridgeConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub poll_interval_ms: u64,
+    /// How often the gateway's results are looked at for signatures of reported results (each
+    /// look is one recorded ListResults read; only made while some reported result is unsigned).
+    #[serde(
+        default = "default_signature_poll_interval_ms",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub signature_poll_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -75,6 +82,9 @@ pub struct ScpSettings {
         deserialize_with = "from_str_or_native"
     )]
     pub idle_timeout_seconds: u64,
+    /// DICOM TLS on the listener (absent: plain TCP).
+    #[serde(default)]
+    pub tls: Option<crate::dicom_tls::ScpTls>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -117,6 +127,9 @@ pub struct ResultDestination {
         deserialize_with = "from_str_or_native"
     )]
     pub max_backoff_ms: u64,
+    /// DICOM TLS to the destination (absent: plain TCP).
+    #[serde(default)]
+    pub tls: Option<crate::dicom_tls::DestinationTls>,
 }
 
 fn default_log_filter() -> String {
@@ -127,6 +140,9 @@ fn default_quiet_period_ms() -> u64 {
 }
 fn default_poll_interval_ms() -> u64 {
     500
+}
+fn default_signature_poll_interval_ms() -> u64 {
+    60_000
 }
 fn default_max_pdu_length() -> u32 {
     65_536

@@ -2,6 +2,7 @@
 //! exponential back-off. A report's UID is derived from its source and result, so a report
 //! sent again (after a crash between sending and recording) replaces, never duplicates.
 
+use crate::amendment::{SignatureOutcome, build_amended_report};
 use crate::config::ResultDestination;
 use crate::outbox::{Outbox, StoredInstance, now_ms};
 use crate::outcome::InferenceOutcome;
@@ -37,28 +38,62 @@ impl ReportDelivery {
     /// Sends every report that is due; returns what happened.
     pub async fn deliver_due(&self) -> Result<DeliverySummary, sea_orm::DbErr> {
         let due = self.outbox.due_reports(BATCH).await?;
-        let mut summary = DeliverySummary::default();
-        if due.is_empty() {
-            return Ok(summary);
+        let amendments = self.outbox.due_amendments(BATCH).await?;
+        if due.is_empty() && amendments.is_empty() {
+            return Ok(DeliverySummary::default());
         }
-        let mut sender = match ReportSender::connect(
-            &self.destination.address,
-            &self.destination.ae_title,
-            &self.calling_ae_title,
-        )
-        .await
-        {
+        match &self.destination.tls {
+            None => {
+                let connected = ReportSender::connect(
+                    &self.destination.address,
+                    &self.destination.ae_title,
+                    &self.calling_ae_title,
+                )
+                .await;
+                self.deliver_on(connected, &due, &amendments).await
+            }
+            Some(tls) => {
+                let connected = match tls.client_config() {
+                    Ok(config) => {
+                        ReportSender::connect_tls(
+                            &self.destination.address,
+                            &self.destination.ae_title,
+                            &self.calling_ae_title,
+                            config,
+                            &tls.server_name,
+                        )
+                        .await
+                    }
+                    Err(error) => Err(DeliveryError::Associate(error.to_string())),
+                };
+                self.deliver_on(connected, &due, &amendments).await
+            }
+        }
+    }
+
+    /// Sends `due` on one association (plain or TLS), or counts each as failed when there is none.
+    async fn deliver_on<S>(
+        &self,
+        connected: Result<ReportSender<S>, DeliveryError>,
+        due: &[StoredInstance],
+        amendments: &[StoredInstance],
+    ) -> Result<DeliverySummary, sea_orm::DbErr>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let mut summary = DeliverySummary::default();
+        let mut sender = match connected {
             Ok(sender) => sender,
             Err(error) => {
                 tracing::warn!(error = %error, reports = due.len(), "report destination unreachable; retried with back-off");
-                for row in &due {
+                for row in due {
                     self.failed(row).await?;
                     summary.failed += 1;
                 }
                 return Ok(summary);
             }
         };
-        for row in &due {
+        for row in due {
             match self.send_one(&mut sender, row).await {
                 Ok(report_uid) => {
                     self.outbox.record_reported(&row.tag, &report_uid).await?;
@@ -79,8 +114,62 @@ impl ReportDelivery {
                 }
             }
         }
+        // Amended reports of results signed since: retried at the next round when refused.
+        for row in amendments {
+            match self.send_amended(&mut sender, row).await {
+                Ok(report_uid) => {
+                    self.outbox.record_amended(&row.tag, &report_uid).await?;
+                    metrics::counter!("medai_bridge_amended_reports_delivered_total").increment(1);
+                    summary.delivered += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "amended report not delivered; retried later");
+                    summary.failed += 1;
+                    break;
+                }
+            }
+        }
         sender.release().await;
         Ok(summary)
+    }
+
+    async fn send_amended<S>(
+        &self,
+        sender: &mut ReportSender<S>,
+        row: &StoredInstance,
+    ) -> Result<String, DeliveryError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let unreadable = |error: serde_json::Error| {
+            DeliveryError::Encode(format!("stored record unreadable: {error}"))
+        };
+        let outcome: InferenceOutcome =
+            serde_json::from_str(row.result_json.as_deref().unwrap_or("")).map_err(unreadable)?;
+        let signature: SignatureOutcome =
+            serde_json::from_str(row.signature_json.as_deref().unwrap_or(""))
+                .map_err(unreadable)?;
+        let preliminary = row.report_sop_instance_uid.as_deref().unwrap_or_default();
+        let source = SourceInstance {
+            sop_class_uid: &row.sop_class_uid,
+            sop_instance_uid: &row.sop_instance_uid,
+            series_instance_uid: &row.series_instance_uid,
+            study_instance_uid: &row.study_instance_uid,
+            dicom: &row.dicom,
+        };
+        let report = build_amended_report(
+            &self.uid_root,
+            &source,
+            &outcome,
+            &signature,
+            preliminary,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|error| DeliveryError::Encode(error.to_string()))?;
+        sender
+            .store(&report.sop_instance_uid, &report.dataset)
+            .await?;
+        Ok(report.sop_instance_uid)
     }
 
     async fn failed(&self, row: &StoredInstance) -> Result<(), sea_orm::DbErr> {
@@ -94,11 +183,14 @@ impl ReportDelivery {
             .await
     }
 
-    async fn send_one(
+    async fn send_one<S>(
         &self,
-        sender: &mut ReportSender,
+        sender: &mut ReportSender<S>,
         row: &StoredInstance,
-    ) -> Result<String, DeliveryError> {
+    ) -> Result<String, DeliveryError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
         let outcome: InferenceOutcome =
             serde_json::from_str(row.result_json.as_deref().unwrap_or("")).map_err(|error| {
                 DeliveryError::Encode(format!("stored result unreadable: {error}"))

@@ -9,12 +9,13 @@ use std::time::Duration;
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use medai_proto::gateway::v1::study_stream_response::Outcome;
-use medai_proto::gateway::v1::{LoginRequest, StudyStreamRequest};
+use medai_proto::gateway::v1::{ListResultsRequest, LoginRequest, StudyStreamRequest};
 use medai_runtime::rpc_trace::MeshChannel;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
+use crate::amendment::SignatureOutcome;
 use crate::config::GatewaySettings;
 use crate::outbox::{Outbox, PendingStudy};
 use crate::outcome::InferenceOutcome;
@@ -204,6 +205,59 @@ impl StudyForwarder {
             Err(_) => {}
         }
         Ok(summary)
+    }
+
+    /// Signed results of the configured model created since `created_from` (RFC 3339), with
+    /// their signatures: how the bridge learns that a reported result was signed. One
+    /// ListResults call per page (each is a recorded read in the ledger).
+    pub async fn signed_results(
+        &mut self,
+        created_from: &str,
+    ) -> Result<Vec<(String, SignatureOutcome)>, ForwardError> {
+        let token = self.token().await?;
+        let mut client = self.client().await?;
+        let mut signed = Vec::new();
+        let mut page_token = String::new();
+        // Bounded: at most this many pages per look.
+        for _ in 0..20 {
+            let mut request = tonic::Request::new(ListResultsRequest {
+                filter: Some(medai_proto::inference::v1::ListResultsRequest {
+                    model_name: self.settings.model_name.clone(),
+                    status: "SIGNED".to_owned(),
+                    created_from: created_from.to_owned(),
+                    page_size: 500,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                }),
+            });
+            request.set_timeout(Duration::from_secs(30));
+            if let Ok(value) = MetadataValue::try_from(format!("Bearer {token}")) {
+                request.metadata_mut().insert("authorization", value);
+            }
+            let page = match client.list_results(request).await {
+                Ok(page) => page.into_inner(),
+                Err(status) => return Err(self.stream_failed(status.code())),
+            };
+            for result in page.results {
+                if let Some(signature) = result.signature {
+                    signed.push((
+                        result.result_id,
+                        SignatureOutcome {
+                            signer_name: signature.signer_name,
+                            meaning: signature.meaning,
+                            reason: signature.reason,
+                            signed_at: signature.signed_at,
+                            ledger_seq: signature.ledger_seq,
+                        },
+                    ));
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        Ok(signed)
     }
 
     fn stream_failed(&mut self, code: tonic::Code) -> ForwardError {

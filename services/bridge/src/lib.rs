@@ -3,8 +3,10 @@
 //! own outbox, streams each complete study to the gateway, and returns each result to the PACS
 //! as a DICOM Structured Report.
 
+pub mod amendment;
 pub mod config;
 pub mod delivery;
+pub mod dicom_tls;
 pub mod dimse;
 pub mod forwarder;
 pub mod outbox;
@@ -13,6 +15,7 @@ pub mod report;
 pub mod scp;
 pub mod scu;
 pub mod telemetry;
+pub mod signatures;
 pub mod uids;
 
 use std::sync::Arc;
@@ -34,6 +37,8 @@ pub enum BridgeError {
     Config(#[from] config::ConfigProblem),
     #[error("the outbox cannot be opened: {0}")]
     Outbox(#[from] sea_orm::DbErr),
+    #[error("the DICOM TLS material cannot be used: {0}")]
+    Tls(#[from] medai_runtime::tls::TlsError),
 }
 
 /// The listeners the bridge serves on, bound by the caller (tests bind port 0).
@@ -53,15 +58,26 @@ pub async fn serve(
     let outbox = Outbox::open(&config.database_url).await?;
     let shutdown = shutdown.boxed().shared();
 
-    let scp = Arc::new(StorageScp::new(config.scp.clone(), outbox.clone()));
+    let mut scp = StorageScp::new(config.scp.clone(), outbox.clone());
+    if let Some(tls) = &config.scp.tls {
+        scp = scp.with_tls(tls.server_config()?);
+    }
+    let scp = Arc::new(scp);
     let scp_task = tokio::spawn(scp.run(listeners.dicom, shutdown.clone()));
 
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
     let quiet_period_ms = config.study_quiet_period_ms;
+    let signature_poll = Duration::from_millis(config.signature_poll_interval_ms.max(100));
     let mut forwarder = StudyForwarder::new(config.gateway.clone(), outbox.clone());
     let forwarding_outbox = outbox.clone();
-    let forwarding = async move {
+    // Boxed: the loops' state is large and would otherwise sit in every caller's future.
+    let forwarding = Box::pin(async move {
+        let mut signatures_looked_at = std::time::Instant::now();
         loop {
+            if signatures_looked_at.elapsed() >= signature_poll {
+                signatures_looked_at = std::time::Instant::now();
+                crate::signatures::record_new_signatures(&mut forwarder, &forwarding_outbox).await;
+            }
             match forwarding_outbox.quiet_studies(quiet_period_ms).await {
                 Ok(studies) => {
                     for study in studies {
@@ -104,7 +120,7 @@ pub async fn serve(
             }
             tokio::time::sleep(poll).await;
         }
-    };
+    });
 
     let delivery = ReportDelivery {
         destination: config.results.clone(),
@@ -112,7 +128,7 @@ pub async fn serve(
         uid_root: config.uid_root.clone(),
         outbox,
     };
-    let delivering = async move {
+    let delivering = Box::pin(async move {
         loop {
             match delivery.deliver_due().await {
                 Ok(summary) if summary.delivered + summary.failed > 0 => {
@@ -129,7 +145,7 @@ pub async fn serve(
             }
             tokio::time::sleep(poll).await;
         }
-    };
+    });
 
     tokio::select! {
         () = shutdown.clone() => {}

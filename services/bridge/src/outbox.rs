@@ -54,6 +54,13 @@ pub mod instance {
         pub report_sop_instance_uid: Option<String>,
         #[sea_orm(nullable)]
         pub reported_at_ms: Option<i64>,
+        /// The signature the gateway reported after the preliminary report went out, JSON
+        /// (see `crate::amendment::SignatureOutcome`).
+        #[sea_orm(column_type = "Text", nullable)]
+        pub signature_json: Option<String>,
+        /// The amended (signed) report once the destination accepted it.
+        #[sea_orm(nullable)]
+        pub amended_report_sop_instance_uid: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -124,6 +131,8 @@ impl Outbox {
             next_report_at_ms: Set(0),
             report_sop_instance_uid: Set(None),
             reported_at_ms: Set(None),
+            signature_json: Set(None),
+            amended_report_sop_instance_uid: Set(None),
         };
         match instance::Entity::insert(row).exec(&self.connection).await {
             Ok(_) => {
@@ -274,6 +283,60 @@ impl Outbox {
             .await
     }
 
+    /// Reported instances whose result is not known to be signed yet: (tag, stored result JSON,
+    /// received at).
+    pub async fn reported_unsigned(&self) -> Result<Vec<(String, String, i64)>, DbErr> {
+        let rows: Vec<(String, Option<String>, i64)> = instance::Entity::find()
+            .select_only()
+            .column(instance::Column::Tag)
+            .column(instance::Column::ResultJson)
+            .column(instance::Column::ReceivedAtMs)
+            .filter(instance::Column::State.eq(state::REPORTED))
+            .filter(instance::Column::SignatureJson.is_null())
+            .into_tuple()
+            .all(&self.connection)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(tag, result, received)| result.map(|result| (tag, result, received)))
+            .collect())
+    }
+
+    /// Keeps the signature of a reported instance's result (once; a later one changes nothing).
+    pub async fn record_signature(&self, tag: &str, signature_json: String) -> Result<(), DbErr> {
+        instance::Entity::update_many()
+            .col_expr(instance::Column::SignatureJson, Expr::value(signature_json))
+            .filter(instance::Column::Tag.eq(tag))
+            .filter(instance::Column::SignatureJson.is_null())
+            .exec(&self.connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Signed instances whose amended report is not yet delivered, oldest first.
+    pub async fn due_amendments(&self, limit: u64) -> Result<Vec<StoredInstance>, DbErr> {
+        instance::Entity::find()
+            .filter(instance::Column::State.eq(state::REPORTED))
+            .filter(instance::Column::SignatureJson.is_not_null())
+            .filter(instance::Column::AmendedReportSopInstanceUid.is_null())
+            .order_by_asc(instance::Column::ReceivedAtMs)
+            .limit(limit)
+            .all(&self.connection)
+            .await
+    }
+
+    pub async fn record_amended(&self, tag: &str, report_uid: &str) -> Result<(), DbErr> {
+        instance::Entity::update_many()
+            .col_expr(
+                instance::Column::AmendedReportSopInstanceUid,
+                Expr::value(report_uid),
+            )
+            .filter(instance::Column::Tag.eq(tag))
+            .exec(&self.connection)
+            .await?;
+        Ok(())
+    }
+
     pub async fn all(&self) -> Result<Vec<StoredInstance>, DbErr> {
         instance::Entity::find()
             .order_by_asc(instance::Column::ReceivedAtMs)
@@ -299,7 +362,7 @@ mod migration {
     #[async_trait::async_trait]
     impl MigratorTrait for Migrator {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-            vec![Box::new(CreateInstances)]
+            vec![Box::new(CreateInstances), Box::new(AddAmendments)]
         }
 
         fn migration_table_name() -> DynIden {
@@ -328,6 +391,48 @@ mod migration {
     }
 
     struct CreateInstances;
+
+    /// Issue 15: a signature after the preliminary report sends an amended one.
+    struct AddAmendments;
+
+    impl MigrationName for AddAmendments {
+        fn name(&self) -> &str {
+            "m0002_add_bridge_amendments"
+        }
+    }
+
+    #[derive(DeriveIden)]
+    enum Amendments {
+        SignatureJson,
+        AmendedReportSopInstanceUid,
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for AddAmendments {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            // One column per statement: SQLite adds one at a time.
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(BridgeInstances::Table)
+                        .add_column(ColumnDef::new(Amendments::SignatureJson).text().null())
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(BridgeInstances::Table)
+                        .add_column(
+                            ColumnDef::new(Amendments::AmendedReportSopInstanceUid)
+                                .string_len(64)
+                                .null(),
+                        )
+                        .to_owned(),
+                )
+                .await
+        }
+    }
 
     impl MigrationName for CreateInstances {
         fn name(&self) -> &str {

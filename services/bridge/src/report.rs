@@ -457,19 +457,19 @@ fn evidence(source: &SourceInstance<'_>) -> InMemDicomObject {
     study
 }
 
-fn truncate(text: &str, limit: usize) -> String {
+pub(crate) fn truncate(text: &str, limit: usize) -> String {
     text.chars().take(limit).collect()
 }
 
-fn put_str(object: &mut InMemDicomObject, tag: Tag, vr: VR, value: &str) {
+pub(crate) fn put_str(object: &mut InMemDicomObject, tag: Tag, vr: VR, value: &str) {
     object.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
 }
 
-fn put_sequence(object: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
+pub(crate) fn put_sequence(object: &mut InMemDicomObject, tag: Tag, items: Vec<InMemDicomObject>) {
     object.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
 }
 
-fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
     let mut code = InMemDicomObject::new_empty();
     put_str(&mut code, tags::CODE_VALUE, VR::SH, &truncate(value, 16));
     put_str(&mut code, tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme);
@@ -505,7 +505,11 @@ fn container_item(
     item
 }
 
-fn text_item(relationship: &str, concept: InMemDicomObject, text: &str) -> InMemDicomObject {
+pub(crate) fn text_item(
+    relationship: &str,
+    concept: InMemDicomObject,
+    text: &str,
+) -> InMemDicomObject {
     let mut item = content_item(relationship, "TEXT", concept);
     put_str(&mut item, tags::TEXT_VALUE, VR::UT, text);
     item

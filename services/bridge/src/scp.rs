@@ -1,7 +1,8 @@
 //! The DICOM Storage SCP: C-ECHO and C-STORE over the DICOM upper layer (dicom-ul). Calling AE
 //! titles outside the allow-list are rejected at association; PDU size, instance size, the
 //! number of associations and their idle time are bounded. A C-STORE is answered with success
-//! only once the instance is committed to the outbox.
+//! only once the instance is committed to the outbox. With TLS configured (DICOM TLS, PS3.15
+//! Annex B) every association on the listener is TLS; a plain one is refused at its handshake.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use dicom_ul::association::server::{AccessControl, DefaultNegotiation};
 use dicom_ul::association::{AsyncServerAssociation, ServerAssociationOptions};
 use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValue, PDataValueType, UserIdentity};
 use dicom_ul::prelude::*;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -67,6 +69,8 @@ const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub enum AssociationError {
     #[error("the association could not be established: {0}")]
     Establish(String),
+    #[error("the TLS handshake did not complete in time")]
+    HandshakeTimeout,
     #[error("the association failed: {0}")]
     Transport(String),
     #[error("the peer broke the protocol: {0}")]
@@ -109,6 +113,7 @@ pub struct StorageScp {
     settings: ScpSettings,
     outbox: Outbox,
     associations: Arc<Semaphore>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl StorageScp {
@@ -118,7 +123,15 @@ impl StorageScp {
             settings,
             outbox,
             associations,
+            tls: None,
         }
+    }
+
+    /// Serves DICOM TLS only on this SCP's listener.
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// Accepts associations until `shutdown` completes; each is served on its own task.
@@ -177,14 +190,35 @@ impl StorageScp {
     }
 
     async fn serve_association(&self, socket: TcpStream) -> Result<(), AssociationError> {
-        let association = match self.options().establish_async(socket).await {
-            Ok(association) => association,
-            Err(error) => {
-                metrics::counter!("medai_bridge_associations_refused_total", "reason" => "negotiation")
-                    .increment(1);
-                return Err(AssociationError::Establish(error.to_string()));
-            }
+        let Some(tls) = &self.tls else {
+            let association = self
+                .options()
+                .establish_async(socket)
+                .await
+                .map_err(refused_at_negotiation)?;
+            return self.serve_established(association).await;
         };
+        // The handshake is bounded like any silence on an association.
+        let idle = Duration::from_secs(self.settings.idle_timeout_seconds);
+        let establishing = self.options().tls_config(tls.clone());
+        let association = tokio::time::timeout(idle, establishing.establish_tls_async(socket))
+            .await
+            .map_err(|_| {
+                metrics::counter!("medai_bridge_associations_refused_total", "reason" => "tls")
+                    .increment(1);
+                AssociationError::HandshakeTimeout
+            })?
+            .map_err(refused_at_negotiation)?;
+        self.serve_established(association).await
+    }
+
+    async fn serve_established<S>(
+        &self,
+        association: AsyncServerAssociation<S>,
+    ) -> Result<(), AssociationError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         let calling_ae_title = association.peer_ae_title().trim().to_owned();
         tracing::info!(calling_ae_title = %calling_ae_title, "association accepted");
         let mut session = Session {
@@ -201,7 +235,10 @@ impl StorageScp {
         outcome
     }
 
-    async fn run_session(&self, session: &mut Session) -> Result<(), AssociationError> {
+    async fn run_session<S>(&self, session: &mut Session<S>) -> Result<(), AssociationError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         loop {
             let pdu = session
                 .association
@@ -233,11 +270,14 @@ impl StorageScp {
         }
     }
 
-    async fn take_value(
+    async fn take_value<S>(
         &self,
-        session: &mut Session,
+        session: &mut Session<S>,
         value: PDataValue,
-    ) -> Result<(), AssociationError> {
+    ) -> Result<(), AssociationError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         match value.value_type {
             PDataValueType::Command => {
                 if session.command.len() + value.data.len() > MAX_COMMAND_BYTES {
@@ -344,15 +384,29 @@ impl StorageScp {
     }
 }
 
-struct Session {
-    association: AsyncServerAssociation<TcpStream>,
+/// An association refused while negotiating (AE titles, contexts, or TLS), counted by reason.
+fn refused_at_negotiation(error: dicom_ul::association::Error) -> AssociationError {
+    let reason = match &error {
+        dicom_ul::association::Error::TlsHandshake { .. }
+        | dicom_ul::association::Error::TlsNotSupported => "tls",
+        _ => "negotiation",
+    };
+    metrics::counter!("medai_bridge_associations_refused_total", "reason" => reason).increment(1);
+    AssociationError::Establish(error.to_string())
+}
+
+struct Session<S> {
+    association: AsyncServerAssociation<S>,
     calling_ae_title: String,
     command: Vec<u8>,
     data: Vec<u8>,
     pending_store: Option<(Command, u8)>,
 }
 
-impl Session {
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     async fn send_command(
         &mut self,
         context_id: u8,

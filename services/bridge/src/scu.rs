@@ -1,4 +1,5 @@
-//! Sends Structured Reports to the destination AE by C-STORE (dicom-ul as SCU).
+//! Sends Structured Reports to the destination AE by C-STORE (dicom-ul as SCU), over plain
+//! TCP or DICOM TLS.
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::{ClientAssociationOptions, Pdu};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::dimse::{self, status};
@@ -36,35 +38,70 @@ pub enum DeliveryError {
 }
 
 /// One association to the destination, for sending a batch of reports.
-pub struct ReportSender {
-    association: AsyncClientAssociation<TcpStream>,
+pub struct ReportSender<S = TcpStream> {
+    association: AsyncClientAssociation<S>,
     context_id: u8,
     transfer_syntax: String,
     next_message_id: u16,
 }
 
-impl ReportSender {
+fn association_options(
+    called_ae_title: &str,
+    calling_ae_title: &str,
+) -> ClientAssociationOptions<'static> {
+    ClientAssociationOptions::new()
+        .calling_ae_title(calling_ae_title.to_owned())
+        .called_ae_title(called_ae_title.to_owned())
+        .with_presentation_context(
+            uids::COMPREHENSIVE_SR_STORAGE,
+            vec![
+                uids::EXPLICIT_VR_LITTLE_ENDIAN,
+                uids::IMPLICIT_VR_LITTLE_ENDIAN,
+            ],
+        )
+        .connection_timeout(TIMEOUT)
+        .read_timeout(TIMEOUT)
+        .write_timeout(TIMEOUT)
+}
+
+impl ReportSender<TcpStream> {
     pub async fn connect(
         address: &str,
         called_ae_title: &str,
         calling_ae_title: &str,
     ) -> Result<Self, DeliveryError> {
-        let association = ClientAssociationOptions::new()
-            .calling_ae_title(calling_ae_title.to_owned())
-            .called_ae_title(called_ae_title.to_owned())
-            .with_presentation_context(
-                uids::COMPREHENSIVE_SR_STORAGE,
-                vec![
-                    uids::EXPLICIT_VR_LITTLE_ENDIAN,
-                    uids::IMPLICIT_VR_LITTLE_ENDIAN,
-                ],
-            )
-            .connection_timeout(TIMEOUT)
-            .read_timeout(TIMEOUT)
-            .write_timeout(TIMEOUT)
+        let association = association_options(called_ae_title, calling_ae_title)
             .establish_async(address)
             .await
             .map_err(|error| DeliveryError::Associate(error.to_string()))?;
+        Self::accepted(association).await
+    }
+}
+
+impl ReportSender<dicom_ul::association::client::AsyncTlsStream> {
+    /// The same over DICOM TLS: the destination's certificate is checked for `server_name`.
+    pub async fn connect_tls(
+        address: &str,
+        called_ae_title: &str,
+        calling_ae_title: &str,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<Self, DeliveryError> {
+        let association = association_options(called_ae_title, calling_ae_title)
+            .tls_config(tls)
+            .server_name(server_name)
+            .establish_tls_async(address)
+            .await
+            .map_err(|error| DeliveryError::Associate(error.to_string()))?;
+        Self::accepted(association).await
+    }
+}
+
+impl<S> ReportSender<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn accepted(association: AsyncClientAssociation<S>) -> Result<Self, DeliveryError> {
         let Some(context) = association
             .presentation_contexts()
             .iter()

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use medai_proto::audit::v1::AppendRequest;
+use medai_proto::audit::v1::{AppendRequest, QueryEventsRequest};
 use medai_proto::inference::v1::{
     GetResultRequest, PredictRequest, PredictResponse, RecordDeliveryRequest, StoredResult,
 };
@@ -567,6 +567,11 @@ where
     prediction.replayed = true;
     let (ledger_seq, ledger_hash, handed_off) = if prediction.ledger_seq > 0 {
         (prediction.ledger_seq, String::new(), None)
+    } else if let Some((seq, hash)) = recorded_before(call, &prediction.result_id).await? {
+        // The first attempt's record reached the ledger but the gateway died before noting it
+        // on the stored result: that record is the delivery's, noted now, and none is added.
+        note_delivery(call, &prediction.result_id, seq).await;
+        (seq, hash, None)
     } else {
         let handed_off = hand_off().await?;
         let (seq, hash) = record_delivery(call, &prediction, image_sha256, patient_key).await?;
@@ -643,15 +648,23 @@ async fn record_delivery(
             tonic::Status::from(GatewayError::LedgerUnavailable)
         })?
         .into_inner();
-    let noted = downstream
+    note_delivery(call, result_id, receipt.seq).await;
+    tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
+    Ok((receipt.seq, receipt.hash))
+}
+
+/// Notes a delivery's ledger entry on the stored result (what a replay looks at first).
+async fn note_delivery(call: &Call<'_>, result_id: &str, ledger_seq: u64) {
+    let noted = call
+        .downstream
         .inference
         .clone()
-        .record_delivery(downstream.request(
+        .record_delivery(call.downstream.request(
             RecordDeliveryRequest {
                 result_id: result_id.to_owned(),
-                ledger_seq: receipt.seq,
+                ledger_seq,
             },
-            correlation_id,
+            call.correlation_id,
             None,
         ))
         .await;
@@ -660,8 +673,41 @@ async fn record_delivery(
         tracing::error!(code = ?status.code(), result_id = %result_id, "delivery not noted on the stored result");
         metrics::counter!("medai_gateway_unnoted_deliveries_total").increment(1);
     }
-    tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
-    Ok((receipt.seq, receipt.hash))
+}
+
+/// The ledger's record of an earlier delivery of `result_id` that was never noted on the
+/// stored result (a gateway killed between the two writes). Looked up before a replay records
+/// a delivery, so a crash there cannot leave two INFERENCE records for one result. A ledger
+/// that cannot be asked withholds the answer, as one that cannot record does.
+async fn recorded_before(
+    call: &Call<'_>,
+    result_id: &str,
+) -> Result<Option<(u64, String)>, tonic::Status> {
+    let found = call
+        .downstream
+        .audit
+        .clone()
+        .query_events(call.downstream.request(
+            QueryEventsRequest {
+                action: "INFERENCE".to_owned(),
+                resource: format!("result/{result_id}"),
+                page_size: 10,
+                ..Default::default()
+            },
+            call.correlation_id,
+            Some(Duration::from_secs(5)),
+        ))
+        .await
+        .map_err(|status| {
+            tracing::error!(code = ?status.code(), result_id = %result_id, "earlier delivery cannot be looked up; withholding the replay");
+            tonic::Status::from(GatewayError::LedgerUnavailable)
+        })?
+        .into_inner();
+    Ok(found
+        .entries
+        .into_iter()
+        .find(|entry| entry.outcome == "SUCCESS")
+        .map(|entry| (entry.seq, entry.hash)))
 }
 
 /// The decision audit trail of a delivery (issue 18): the threshold and decision, the
