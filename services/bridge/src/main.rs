@@ -75,10 +75,25 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let stow = match &config.stow {
+        Some(settings) => match tokio::net::TcpListener::bind(settings.listen_addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::error!(address = %settings.listen_addr, error = %error, "cannot bind the STOW-RS listener");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     if let (Some(path), Ok(address)) = (&config.address_file, dicom.local_addr()) {
+        let stow_address = stow
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+            .map(|address| format!(",\"stow\":\"{address}\""))
+            .unwrap_or_default();
         let written = std::fs::write(
             path.with_extension("tmp"),
-            format!("{{\"dicom\":\"{address}\"}}"),
+            format!("{{\"dicom\":\"{address}\"{stow_address}}}"),
         )
         .and_then(|()| std::fs::rename(path.with_extension("tmp"), path));
         if let Err(error) = written {
@@ -89,7 +104,7 @@ async fn main() -> ExitCode {
     tracing::info!(address = ?dicom.local_addr().ok(), "bridge serving DICOM");
     match serve(
         config,
-        BridgeListeners { dicom },
+        BridgeListeners { dicom, stow },
         medai_runtime::shutdown::termination_signal(),
     )
     .await
