@@ -627,3 +627,108 @@ async fn stow_rs_refuses_strangers_and_malformed_or_oversized_requests_with_stab
     );
     bridge.stop().await;
 }
+
+/// STOW-RS out: an unreachable DICOMweb endpoint defers the report with back-off, and an endpoint
+/// that refuses it (here the bridge's own STOW-RS, which takes no SR class) is answered with its
+/// failure reason and counted as a failed attempt, as a C-STORE refusal is.
+#[tokio::test]
+async fn reports_sent_by_stow_rs_are_retried_with_back_off_when_unreachable_or_refused() {
+    use medai_bridge::delivery::ReportDelivery;
+    use medai_bridge::outcome::InferenceOutcome;
+
+    let receiver = StowBridge::start(64 * 1024 * 1024, 16).await;
+    let state = tempfile::tempdir().expect("state");
+    let outbox = Outbox::open(&sqlite_url(state.path(), "sender.db"))
+        .await
+        .expect("outbox");
+    let ct = std::fs::read(Assets::locate().dicom_dir.join("CT_small.dcm")).expect("ct");
+    let mut data_set = &ct[128..];
+    let meta = dicom_object::meta::FileMetaTable::from_reader(&mut data_set).expect("meta");
+    let instance =
+        medai_bridge::scp::part10_instance(meta.transfer_syntax(), data_set.to_vec(), "STORESCU")
+            .expect("instance");
+    outbox.store(instance).await.expect("stored");
+    let tag = outbox.all().await.expect("rows")[0].tag.clone();
+    let result = InferenceOutcome {
+        result_id: "result-1".to_owned(),
+        ledger_seq: 7,
+        ledger_hash: "ab".repeat(32),
+        image_sha256: "cd".repeat(32),
+        replayed: false,
+        model_name: "synthetic-light".to_owned(),
+        model_version: "1".to_owned(),
+        model_sha256: String::new(),
+        probabilities: vec![
+            ("synthetic-a".to_owned(), 0.75),
+            ("synthetic-b".to_owned(), 0.25),
+        ],
+        top_label: "synthetic-a".to_owned(),
+        top_probability: 0.75,
+        decision_threshold: 0.5,
+        decision: "ABOVE_THRESHOLD".to_owned(),
+        intended_use: "tests".to_owned(),
+        quality: None,
+        unusual_case: false,
+        unusual_case_reasons: Vec::new(),
+    };
+    outbox
+        .record_result(&tag, serde_json::to_string(&result).expect("json"))
+        .await
+        .expect("result");
+
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let delivery = |url: String| {
+        ReportDelivery {
+        destination: toml::from_str(&format!(
+            "initial_backoff_ms = 60000\nmax_backoff_ms = 600000\n[dicomweb]\nurl = \"{url}\"\nbearer_token = \"{STOW_TOKEN}\"\n"
+        ))
+        .expect("destination"),
+        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
+        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
+        outbox: outbox.clone(),
+    }
+    };
+
+    let unreachable = delivery(format!("http://127.0.0.1:{closed_port}"));
+    let summary = unreachable.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    let row = &outbox.all().await.expect("rows")[0];
+    assert_eq!(
+        (row.state.as_str(), row.report_attempts),
+        (state::INFERRED, 1)
+    );
+    let backoff = row.next_report_at_ms - medai_bridge::outbox::now_ms();
+    assert!(
+        (50_000..=60_000).contains(&backoff),
+        "retried after the initial back-off, not at once: {backoff} ms"
+    );
+    // Not due again before its back-off.
+    let summary = unreachable.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 0));
+
+    // Due again (as if the back-off had passed): the bridge's own STOW-RS refuses an SR.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &sea_orm::Database::connect(sqlite_url(state.path(), "sender.db"))
+            .await
+            .expect("connect"),
+        "UPDATE bridge_instances SET next_report_at_ms = 0",
+    )
+    .await
+    .expect("make due");
+    let refusing = delivery(format!("http://{}/", receiver.http));
+    let summary = refusing.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    let row = &outbox.all().await.expect("rows")[0];
+    assert_eq!(
+        (row.state.as_str(), row.report_attempts),
+        (state::INFERRED, 2)
+    );
+    assert!(
+        receiver.outbox.all().await.expect("rows").is_empty(),
+        "the refused SR is not stored"
+    );
+    receiver.stop().await;
+}
