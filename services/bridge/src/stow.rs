@@ -37,8 +37,9 @@ use crate::scp::{ABSTRACT_SYNTAXES, TRANSFER_SYNTAXES, part10_instance};
 pub const PART_OVERHEAD_BYTES: usize = 64 * 1024;
 /// A part's headers larger than this are not headers.
 const MAX_PART_HEADER_BYTES: usize = 16 * 1024;
-/// RFC 2046: a boundary is 1 to 70 characters.
-const MAX_BOUNDARY_LENGTH: usize = 70;
+/// RFC 2046 says 1 to 70 characters, but Orthanc's DICOMweb plugin sends 73 (two UUIDs); a
+/// boundary is taken up to this length.
+const MAX_BOUNDARY_LENGTH: usize = 200;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -863,6 +864,14 @@ mod tests {
             boundary_of("Multipart/Related; boundary=xyz"),
             Ok("xyz".to_owned())
         );
+        // What Orthanc's DICOMweb plugin sends: two UUIDs, 73 characters.
+        let orthanc = "51f5d282-7e22-4d47-bb3e-8f4e42e69545-51f5d282-7e22-4d47-bb3e-8f4e42e69545";
+        assert_eq!(
+            boundary_of(&format!(
+                "multipart/related; type=\"application/dicom\"; boundary={orthanc}"
+            )),
+            Ok(orthanc.to_owned())
+        );
         assert_eq!(
             boundary_of("application/dicom"),
             Err(StowRefusal::UnsupportedMediaType)
@@ -876,7 +885,7 @@ mod tests {
             Err(StowRefusal::BoundaryMissing)
         );
         assert_eq!(
-            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(71))),
+            boundary_of(&format!("multipart/related; boundary={}", "x".repeat(201))),
             Err(StowRefusal::BoundaryMissing)
         );
     }
