@@ -93,9 +93,19 @@ struct Orthanc {
 impl Orthanc {
     /// Orthanc's DICOM port is chosen before it starts, since the bridge's config names it.
     async fn start(bridge: SocketAddr, dicom_port: u16) -> Self {
+        Self::start_with(bridge, dicom_port, free_port(), serde_json::json!({})).await
+    }
+
+    /// Orthanc with its HTTP port chosen by the caller and `extra` merged into its configuration
+    /// (the DICOMweb plugin for STOW-RS, issue 15).
+    async fn start_with(
+        bridge: SocketAddr,
+        dicom_port: u16,
+        http_port: u16,
+        extra: serde_json::Value,
+    ) -> Self {
         let directory = tempfile::tempdir().expect("orthanc dir");
-        let http_port = free_port();
-        let configuration = serde_json::json!({
+        let mut configuration = serde_json::json!({
             "Name": "medai-test-pacs",
             "StorageDirectory": directory.path().join("storage"),
             "IndexDirectory": directory.path().join("index"),
@@ -114,6 +124,11 @@ impl Orthanc {
             "DicomScuTimeout": 60,
             "StableAge": 60,
         });
+        if let (Some(configuration), Some(extra)) =
+            (configuration.as_object_mut(), extra.as_object())
+        {
+            configuration.extend(extra.clone());
+        }
         let path = directory.path().join("orthanc.json");
         std::fs::write(&path, configuration.to_string()).expect("write configuration");
         let log = std::fs::File::create(directory.path().join("orthanc.log")).expect("log");
@@ -487,9 +502,13 @@ async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_r
     let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
     config.scp.max_associations = 4;
-    let bridge = tokio::spawn(serve(config, BridgeListeners { dicom }, async move {
-        let _ = bridge_stopped.await;
-    }));
+    let bridge = tokio::spawn(serve(
+        config,
+        BridgeListeners { dicom, stow: None },
+        async move {
+            let _ = bridge_stopped.await;
+        },
+    ));
 
     let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
     // Orthanc's own check that the bridge answers C-ECHO as the declared modality.
@@ -1058,9 +1077,13 @@ async fn study_throughput(model: &str, images: u32) {
     config.gateway.model_name = model.to_owned();
     config.study_quiet_period_ms = 200;
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let bridge = tokio::spawn(serve(config, BridgeListeners { dicom }, async move {
-        let _ = bridge_stopped.await;
-    }));
+    let bridge = tokio::spawn(serve(
+        config,
+        BridgeListeners { dicom, stow: None },
+        async move {
+            let _ = bridge_stopped.await;
+        },
+    ));
     let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
 
     let mr = Assets::locate().dicom_dir.join("MR_small.dcm");
@@ -1173,9 +1196,13 @@ async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_r
     let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
     config.signature_poll_interval_ms = 200;
     let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let bridge = tokio::spawn(serve(config, BridgeListeners { dicom }, async move {
-        let _ = bridge_stopped.await;
-    }));
+    let bridge = tokio::spawn(serve(
+        config,
+        BridgeListeners { dicom, stow: None },
+        async move {
+            let _ = bridge_stopped.await;
+        },
+    ));
     let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
 
     let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
@@ -1293,6 +1320,239 @@ async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_r
 
     let _ = stop_bridge.send(());
     bridge.await.expect("bridge task").expect("bridge stopped");
+    orthanc.process.kill().await.expect("stop Orthanc");
+    mesh.stop().await;
+}
+
+// --- PACS STOW-RS (issue 15): Orthanc pushes over DICOMweb and gets its reports the same way ---
+
+const STOW_CLIENT: &str = "ORTHANC_WEB";
+const STOW_TOKEN: &str = "the token orthanc presents to the bridge over stow-rs";
+
+/// The bridge taking STOW-RS from Orthanc and sending its reports to Orthanc's DICOMweb root.
+fn bridge_stow_config(mesh: &MeshUnderTest, state: &Path, orthanc_http_port: u16) -> BridgeConfig {
+    let text = format!(
+        r#"
+dicom_listen_addr = "127.0.0.1:0"
+database_url = "{database}"
+uid_root = "{UID_ROOT}"
+study_quiet_period_ms = 500
+poll_interval_ms = 100
+[scp]
+ae_title = "{BRIDGE_AE}"
+allowed_calling_ae_titles = ["{ORTHANC_AE}"]
+[stow]
+listen_addr = "127.0.0.1:0"
+client_name = "{STOW_CLIENT}"
+bearer_token = "{STOW_TOKEN}"
+[gateway]
+endpoint = "{endpoint}"
+ca_certificate = "{ca}"
+username = "{BRIDGE_USER}"
+password = "{BRIDGE_PASSWORD}"
+model_name = "{LIGHT}"
+model_version = "1"
+[results.dicomweb]
+url = "http://127.0.0.1:{orthanc_http_port}/dicom-web"
+"#,
+        database = sqlite_url(state, "bridge.db"),
+        endpoint = mesh.gateway_endpoint(),
+        ca = mesh.mesh.pki_layout().ca_certificate().display(),
+    );
+    medai_runtime::config::load_config("MEDAI_BRIDGE_", Some(&text), &Default::default())
+        .expect("valid bridge config")
+}
+
+#[tokio::test]
+async fn orthanc_pushes_a_study_over_stow_rs_and_gets_each_report_back_over_stow_rs_readable_by_highdicom()
+ {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .create_user(authorised(
+            gw::CreateUserRequest {
+                username: BRIDGE_USER.to_owned(),
+                password: BRIDGE_PASSWORD.to_owned(),
+                role: "clinician".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create the bridge's user");
+
+    // The bridge: DIMSE and STOW-RS listeners bound here; reports go to Orthanc by STOW-RS only
+    // (no C-STORE destination is configured).
+    let orthanc_http_port = free_port();
+    let state = tempfile::tempdir().expect("bridge state");
+    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bridge_dicom = dicom.local_addr().expect("address");
+    let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let bridge_stow = stow.local_addr().expect("address");
+    let config = bridge_stow_config(&mesh, state.path(), orthanc_http_port);
+    let database_url = config.database_url.clone();
+    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
+    let listeners = BridgeListeners {
+        dicom,
+        stow: Some(stow),
+    };
+    let bridge = tokio::spawn(serve(config, listeners, async move {
+        let _ = bridge_stopped.await;
+    }));
+
+    // Orthanc with its DICOMweb plugin, the bridge declared as a DICOMweb server with its token.
+    let dicomweb = serde_json::json!({
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": {
+            "Enable": true,
+            "Root": "/dicom-web/",
+            "Servers": {
+                "bridge": {
+                    "Url": format!("http://{bridge_stow}/"),
+                    "HttpHeaders": { "Authorization": format!("Bearer {STOW_TOKEN}") },
+                },
+            },
+        },
+    });
+    let mut orthanc =
+        Orthanc::start_with(bridge_dicom, free_port(), orthanc_http_port, dicomweb).await;
+
+    const IMAGES: u32 = 3;
+    let assets = Assets::locate();
+    let mr = assets.dicom_dir.join("MR_small.dcm");
+    let mr_study = uid_of(&mr, tags::STUDY_INSTANCE_UID);
+    let mut sent_instances = BTreeSet::new();
+    let mut orthanc_study = String::new();
+    for index in 0..IMAGES {
+        let (bytes, uid) = copy_as_instance(&mr, index);
+        orthanc_study = orthanc.upload(&bytes).await;
+        sent_instances.insert(uid);
+    }
+
+    // Orthanc's own STOW-RS client sends the study to the bridge.
+    let started = Instant::now();
+    let push = serde_json::json!({ "Resources": [orthanc_study], "Synchronous": true });
+    let (status, body) = http(
+        orthanc.http,
+        "POST",
+        "/dicom-web/servers/bridge/stow",
+        push.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        status,
+        200,
+        "Orthanc's STOW-RS to the bridge: {}\n{}",
+        String::from_utf8_lossy(&body),
+        orthanc.log()
+    );
+    // Acknowledged only once stored: every instance is in the bridge's outbox, recorded as
+    // coming from the STOW-RS client.
+    let outbox = medai_bridge::outbox::Outbox::open(&database_url)
+        .await
+        .expect("the bridge's outbox");
+    let received: BTreeSet<String> = outbox
+        .all()
+        .await
+        .expect("rows")
+        .into_iter()
+        .inspect(|row| assert_eq!(row.calling_ae_title, STOW_CLIENT))
+        .map(|row| row.sop_instance_uid)
+        .collect();
+    assert_eq!(received, sent_instances);
+
+    let reports = orthanc.wait_for_reports(&mr_study, IMAGES as usize).await;
+    eprintln!(
+        "PACS round trip over STOW-RS ({LIGHT}): {IMAGES} images, last SR stored in Orthanc after {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let ledger = inference_entries(&mesh).await;
+    let mut referenced = BTreeSet::new();
+    let directory = tempfile::tempdir().expect("dir");
+    for report in &reports {
+        // Filed by Orthanc's DICOMweb plugin, not by its DICOM server.
+        let (status, origin) = http(
+            orthanc.http,
+            "GET",
+            &format!("/instances/{report}/metadata/Origin"),
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_ne!(String::from_utf8_lossy(&origin), "DicomProtocol");
+
+        let bytes = orthanc.file(report).await;
+        dsrdump_is_clean(&bytes).await;
+        let content = read_report(&bytes);
+        assert_eq!(content.study_instance_uid, mr_study);
+        assert!(referenced.insert(content.referenced_sop_instance_uid.clone()));
+        let stored = gateway
+            .get_result(authorised(
+                gw::GetResultRequest {
+                    result_id: content.result_id.clone(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("the SR's result id names a stored result")
+            .into_inner()
+            .result
+            .expect("result");
+        assert_eq!(stored.model_name, LIGHT);
+        assert_eq!(stored.ledger_seq, content.ledger_seq);
+        assert_eq!(stored.top_label, content.finding);
+        for entry in &stored.probabilities {
+            let reported = content.probabilities[&entry.label];
+            assert!((reported - f64::from(entry.probability)).abs() < 1e-6);
+        }
+        assert_eq!(
+            ledger
+                .iter()
+                .filter(|(resource, _)| resource == &format!("result/{}", content.result_id))
+                .count(),
+            1
+        );
+
+        // highdicom reads Orthanc's copy as an SR document: the algorithm and the source.
+        let path = directory.path().join(format!("{report}.dcm"));
+        std::fs::write(&path, &bytes).expect("write");
+        let read = &medai_testkit::highdicom_readback(&[path])[0];
+        assert_eq!(read["document_class"], "ComprehensiveSR", "{read}");
+        assert_eq!(
+            read["algorithm_names"],
+            serde_json::json!([LIGHT]),
+            "{read}"
+        );
+        assert_eq!(
+            read["algorithm_versions"],
+            serde_json::json!([stored.model_version])
+        );
+        assert_eq!(
+            read["image_references"][0]["sop_instance_uid"],
+            content.referenced_sop_instance_uid.as_str()
+        );
+        assert_eq!(
+            read["evidence"][0]["sop_instance_uid"],
+            content.referenced_sop_instance_uid.as_str()
+        );
+        assert_eq!(read["evidence"][0]["study_instance_uid"], mr_study.as_str());
+    }
+    assert_eq!(
+        referenced, sent_instances,
+        "every image has its report, none twice"
+    );
+    assert_eq!(ledger.len(), IMAGES as usize, "{ledger:?}");
+
+    let _ = stop_bridge.send(());
+    bridge
+        .await
+        .expect("bridge task")
+        .expect("bridge stopped cleanly");
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }

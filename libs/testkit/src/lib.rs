@@ -536,3 +536,29 @@ pub fn tls_refusal_without_client_certificate(
         .and_then(|inner| inner.downcast::<rustls::Error>().ok())
         .unwrap_or_else(|| panic!("not a TLS refusal: {description}"))
 }
+
+/// Structured Reports read back by highdicom (PyPI, pinned in `.cache/pacs-venv` by
+/// scripts/pacs-tools.sh) through scripts/sr-readback.py: the document class, the algorithm
+/// identification, the referenced source instances and the coded findings, as JSON, one per
+/// file (one Python process for all). Panics with highdicom's own message when it cannot read
+/// a file as an SR document.
+pub fn highdicom_readback(reports: &[PathBuf]) -> Vec<serde_json::Value> {
+    let root = workspace_root();
+    let python = root.join(".cache/pacs-venv/bin/python");
+    let output = std::process::Command::new(&python)
+        .arg(root.join("scripts/sr-readback.py"))
+        .args(reports)
+        .output()
+        .unwrap_or_else(|error| {
+            panic!(
+                "{} cannot run ({error}): run scripts/pacs-tools.sh",
+                python.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "highdicom cannot read the report: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the read-back prints a JSON list")
+}

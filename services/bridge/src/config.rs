@@ -27,6 +27,9 @@ pub struct BridgeConfig {
     pub scp: ScpSettings,
     pub gateway: GatewaySettings,
     pub results: ResultDestination,
+    /// DICOMweb STOW-RS in (`POST /studies`); absent means the bridge takes DIMSE only.
+    #[serde(default)]
+    pub stow: Option<crate::stow::StowSettings>,
     /// The root under which the bridge makes new UIDs for its Structured Reports.
     pub uid_root: String,
     /// How long a study must receive nothing before it is judged complete and sent.
@@ -109,9 +112,16 @@ pub struct GatewaySettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResultDestination {
-    /// `host:port` of the AE that receives the Structured Reports (usually the PACS).
+    /// `host:port` of the AE that receives the Structured Reports (usually the PACS); not
+    /// needed when the reports go by STOW-RS (`dicomweb`).
+    #[serde(default)]
     pub address: String,
+    #[serde(default)]
     pub ae_title: String,
+    /// Send the reports by DICOMweb STOW-RS to this endpoint instead of by C-STORE, with the
+    /// same attempts and back-off.
+    #[serde(default)]
+    pub dicomweb: Option<crate::dicomweb::DicomWebDestination>,
     #[serde(
         default = "default_max_attempts",
         deserialize_with = "from_str_or_native"
@@ -197,6 +207,8 @@ pub enum ConfigProblem {
     AeTitle,
     #[error("max_pdu_length must be between 4096 and 131072")]
     MaxPduLength,
+    #[error("{0}")]
+    DicomWeb(&'static str),
 }
 
 impl BridgeConfig {
@@ -205,9 +217,20 @@ impl BridgeConfig {
         if !crate::uids::is_valid_root(&self.uid_root) {
             return Err(ConfigProblem::UidRoot);
         }
+        // A C-STORE destination needs its title; STOW-RS (issue 15) needs a URL instead.
+        let destination_title = match &self.results.dicomweb {
+            Some(destination) => {
+                destination.validate().map_err(ConfigProblem::DicomWeb)?;
+                None
+            }
+            None => Some(&self.results.ae_title),
+        };
+        if let Some(stow) = &self.stow {
+            stow.validate().map_err(ConfigProblem::DicomWeb)?;
+        }
         let titles = std::iter::once(&self.scp.ae_title)
             .chain(&self.scp.allowed_calling_ae_titles)
-            .chain(std::iter::once(&self.results.ae_title));
+            .chain(destination_title);
         for title in titles {
             if !is_valid_ae_title(title) {
                 return Err(ConfigProblem::AeTitle);

@@ -6,7 +6,7 @@ use crate::amendment::{SignatureOutcome, build_amended_report};
 use crate::config::ResultDestination;
 use crate::outbox::{Outbox, StoredInstance, now_ms};
 use crate::outcome::InferenceOutcome;
-use crate::report::{SourceInstance, build_report};
+use crate::report::{Report, SourceInstance, build_report};
 use crate::scu::{DeliveryError, ReportSender};
 
 /// Reports sent per association.
@@ -41,6 +41,9 @@ impl ReportDelivery {
         let amendments = self.outbox.due_amendments(BATCH).await?;
         if due.is_empty() && amendments.is_empty() {
             return Ok(DeliverySummary::default());
+        }
+        if let Some(destination) = &self.destination.dicomweb {
+            return self.deliver_over_dicomweb(&due, destination).await;
         }
         match &self.destination.tls {
             None => {
@@ -172,7 +175,7 @@ impl ReportDelivery {
         Ok(report.sop_instance_uid)
     }
 
-    async fn failed(&self, row: &StoredInstance) -> Result<(), sea_orm::DbErr> {
+    pub(crate) async fn failed(&self, row: &StoredInstance) -> Result<(), sea_orm::DbErr> {
         let delay = i64::try_from(self.backoff_ms(row.report_attempts)).unwrap_or(i64::MAX);
         self.outbox
             .record_delivery_failure(
@@ -191,6 +194,15 @@ impl ReportDelivery {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     {
+        let report = self.report_of(row)?;
+        sender
+            .store(&report.sop_instance_uid, &report.dataset)
+            .await?;
+        Ok(report.sop_instance_uid)
+    }
+
+    /// The Structured Report for an answered instance.
+    pub(crate) fn report_of(&self, row: &StoredInstance) -> Result<Report, DeliveryError> {
         let outcome: InferenceOutcome =
             serde_json::from_str(row.result_json.as_deref().unwrap_or("")).map_err(|error| {
                 DeliveryError::Encode(format!("stored result unreadable: {error}"))
@@ -202,16 +214,12 @@ impl ReportDelivery {
             study_instance_uid: &row.study_instance_uid,
             dicom: &row.dicom,
         };
-        let report = build_report(
+        build_report(
             &self.uid_root,
             &source,
             &outcome,
             time::OffsetDateTime::now_utc(),
         )
-        .map_err(|error| DeliveryError::Encode(error.to_string()))?;
-        sender
-            .store(&report.sop_instance_uid, &report.dataset)
-            .await?;
-        Ok(report.sop_instance_uid)
+        .map_err(|error| DeliveryError::Encode(error.to_string()))
     }
 }

@@ -7,6 +7,7 @@ pub mod amendment;
 pub mod config;
 pub mod delivery;
 pub mod dicom_tls;
+pub mod dicomweb;
 pub mod dimse;
 pub mod forwarder;
 pub mod outbox;
@@ -14,8 +15,9 @@ pub mod outcome;
 pub mod report;
 pub mod scp;
 pub mod scu;
-pub mod telemetry;
 pub mod signatures;
+pub mod stow;
+pub mod telemetry;
 pub mod uids;
 
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use crate::delivery::ReportDelivery;
 use crate::forwarder::StudyForwarder;
 use crate::outbox::Outbox;
 use crate::scp::StorageScp;
+use crate::stow::StowServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -45,6 +48,8 @@ pub enum BridgeError {
 pub struct BridgeListeners {
     /// DIMSE (C-ECHO, C-STORE).
     pub dicom: TcpListener,
+    /// DICOMweb STOW-RS (`POST /studies`), when `stow` is configured.
+    pub stow: Option<TcpListener>,
 }
 
 /// Serves until `shutdown` completes: the Storage SCP, the study forwarder and the report
@@ -64,6 +69,17 @@ pub async fn serve(
     }
     let scp = Arc::new(scp);
     let scp_task = tokio::spawn(scp.run(listeners.dicom, shutdown.clone()));
+    let stow_task = match (config.stow.clone(), listeners.stow) {
+        (Some(settings), Some(listener)) => {
+            let server = StowServer::new(settings, config.scp.max_instance_bytes, outbox.clone());
+            Some(tokio::spawn(server.run(listener, shutdown.clone())))
+        }
+        (Some(_), None) => {
+            tracing::warn!("stow is configured but no listener was handed in; STOW-RS is off");
+            None
+        }
+        (None, _) => None,
+    };
 
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
     let quiet_period_ms = config.study_quiet_period_ms;
@@ -153,6 +169,11 @@ pub async fn serve(
         () = delivering => {}
     }
     let _ = scp_task.await;
+    if let Some(stow_task) = stow_task
+        && let Ok(Err(error)) = stow_task.await
+    {
+        tracing::warn!(error = %error, "the STOW-RS server ended with an error");
+    }
     tracing::info!("bridge stopped");
     Ok(())
 }

@@ -107,8 +107,22 @@ async fn run(config: BridgeConfig, shutdown: Shared<BoxFuture<'static, ()>>) -> 
             }
         }
     }
+    let stow = match &config.stow {
+        Some(settings) => match tokio::net::TcpListener::bind(settings.listen_addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                tracing::error!(address = %settings.listen_addr, error = %error, "cannot bind the STOW-RS listener");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     if let (Some(path), Ok(address)) = (&config.address_file, dicom.local_addr()) {
-        let addresses = serde_json::json!({ "dicom": address, "admin": admin });
+        let stow_address = stow
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
+        let addresses =
+            serde_json::json!({ "dicom": address, "admin": admin, "stow": stow_address });
         let written = std::fs::write(path.with_extension("tmp"), addresses.to_string())
             .and_then(|()| std::fs::rename(path.with_extension("tmp"), path));
         if let Err(error) = written {
@@ -117,7 +131,7 @@ async fn run(config: BridgeConfig, shutdown: Shared<BoxFuture<'static, ()>>) -> 
         }
     }
     tracing::info!(address = ?dicom.local_addr().ok(), admin = ?admin, "bridge serving DICOM");
-    match serve(config, BridgeListeners { dicom }, shutdown).await {
+    match serve(config, BridgeListeners { dicom, stow }, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = %error, "bridge failed");

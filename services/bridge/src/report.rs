@@ -332,14 +332,11 @@ fn measurement_group(
         source.sop_class_uid,
         source.sop_instance_uid,
     ));
+    let (finding_value, finding_scheme, finding_meaning) = finding_concept(&outcome.top_label);
     items.push(code_item(
         "CONTAINS",
         code("121071", "DCM", "Finding"),
-        code(
-            &truncate(&outcome.top_label, 16),
-            CODING_SCHEME,
-            &outcome.top_label,
-        ),
+        code(&finding_value, finding_scheme, &finding_meaning),
     ));
     for (label, probability) in &outcome.probabilities {
         items.push(num_item(
@@ -422,6 +419,25 @@ fn measurement_group(
         ));
     }
     items
+}
+
+/// The top finding as a coded concept: a SNOMED CT concept where one names the label with
+/// certainty, the private scheme (the label itself) otherwise. For the brain-MRI model:
+/// meningioma is 393566004 |Meningioma (disorder)| and pituitary is 254956000 |Pituitary adenoma
+/// (disorder)| (the dataset's pituitary class holds pituitary adenomas). Glioma stays private:
+/// the concept ids published for it disagree (393564001 is given both as glioma and as
+/// glioblastoma), so none is asserted; notumor stays private: SNOMED CT has no concept for
+/// "no brain tumour seen on this image" narrower than a generic "no abnormality".
+pub fn finding_concept(label: &str) -> (String, &'static str, String) {
+    match label {
+        "meningioma" => ("393566004".to_owned(), "SCT", "Meningioma".to_owned()),
+        "pituitary" => (
+            "254956000".to_owned(),
+            "SCT",
+            "Pituitary adenoma".to_owned(),
+        ),
+        _ => (truncate(label, 16), CODING_SCHEME, label.to_owned()),
+    }
 }
 
 fn evidence(source: &SourceInstance<'_>) -> InMemDicomObject {

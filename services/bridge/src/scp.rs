@@ -25,7 +25,7 @@ use crate::dimse::{self, Command, status};
 use crate::outbox::{NewInstance, Outbox};
 
 /// Storage SOP classes the bridge accepts (images a model may read), plus Verification.
-const ABSTRACT_SYNTAXES: &[&str] = &[
+pub(crate) const ABSTRACT_SYNTAXES: &[&str] = &[
     uids::VERIFICATION,
     uids::CT_IMAGE_STORAGE,
     uids::ENHANCED_CT_IMAGE_STORAGE,
@@ -46,7 +46,7 @@ const ABSTRACT_SYNTAXES: &[&str] = &[
 ];
 
 /// Transfer syntaxes the bridge stores as they come (the validation service decodes them).
-const TRANSFER_SYNTAXES: &[&str] = &[
+pub(crate) const TRANSFER_SYNTAXES: &[&str] = &[
     uids::EXPLICIT_VR_LITTLE_ENDIAN,
     uids::IMPLICIT_VR_LITTLE_ENDIAN,
     // Explicit VR Big Endian: retired, but old modalities still send it.

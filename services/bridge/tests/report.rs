@@ -296,3 +296,95 @@ fn a_flagged_result_names_its_unusual_case_reasons_in_the_report() {
     let read: InferenceOutcome = serde_json::from_value(old).expect("old outbox entry");
     assert!(!read.unusual_case && read.unusual_case_reasons.is_empty());
 }
+
+/// Issue 15: highdicom, the toolkit AI result producers use, reads the report as an SR document
+/// and finds the algorithm identification, the references to the source instance and the top
+/// finding as a coded concept: SNOMED CT where a standard concept names the label, the private
+/// scheme where none is asserted (glioma).
+#[test]
+fn highdicom_reads_the_report_with_its_algorithm_its_source_and_a_snomed_coded_finding() {
+    let source_file =
+        dicom_object::open_file(Assets::locate().dicom_dir.join("MR_small.dcm")).expect("source");
+    let mut dataset = Vec::new();
+    source_file
+        .write_dataset_with_ts(
+            &mut dataset,
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .expect("dataset");
+    let stored = part10_instance("1.2.840.10008.1.2.1", dataset, "STORESCU").expect("instance");
+    let source = SourceInstance {
+        sop_class_uid: &stored.sop_class_uid,
+        sop_instance_uid: &stored.sop_instance_uid,
+        series_instance_uid: &stored.series_instance_uid,
+        study_instance_uid: &stored.study_instance_uid,
+        dicom: &stored.dicom,
+    };
+    let directory = tempfile::tempdir().expect("dir");
+    let cases = [
+        ("meningioma", ("393566004", "SCT", "Meningioma")),
+        ("pituitary", ("254956000", "SCT", "Pituitary adenoma")),
+        ("glioma", ("glioma", "99MEDAI", "glioma")),
+    ];
+    let mut paths = Vec::new();
+    for (top_label, _) in &cases {
+        let result = InferenceOutcome {
+            top_label: (*top_label).to_owned(),
+            ..outcome()
+        };
+        let report = build_report(
+            "1.2.826.0.1.3680043.10.1234",
+            &source,
+            &result,
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("report");
+        let path = directory.path().join(format!("{top_label}.dcm"));
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.88.33")
+            .media_storage_sop_instance_uid(report.sop_instance_uid.as_str())
+            .transfer_syntax("1.2.840.10008.1.2.1")
+            .build()
+            .expect("meta");
+        report
+            .dataset
+            .with_exact_meta(meta)
+            .write_to_file(&path)
+            .expect("write");
+        paths.push(path);
+    }
+
+    let read_back = medai_testkit::highdicom_readback(&paths);
+    assert_eq!(read_back.len(), cases.len());
+    for (read, (top_label, (value, scheme, meaning))) in read_back.iter().zip(cases) {
+        assert_eq!(read["document_class"], "ComprehensiveSR", "{read}");
+        assert_eq!(read["template"], "1500", "{read}");
+        assert_eq!(
+            read["algorithm_names"],
+            serde_json::json!(["brain-mri-tumor"])
+        );
+        assert_eq!(read["algorithm_versions"], serde_json::json!(["1"]));
+        let evidence = &read["evidence"][0];
+        assert_eq!(
+            evidence["sop_instance_uid"],
+            stored.sop_instance_uid.as_str()
+        );
+        assert_eq!(evidence["sop_class_uid"], stored.sop_class_uid.as_str());
+        assert_eq!(
+            evidence["study_instance_uid"],
+            stored.study_instance_uid.as_str()
+        );
+        assert_eq!(
+            read["image_references"],
+            serde_json::json!([{
+                "sop_class_uid": stored.sop_class_uid,
+                "sop_instance_uid": stored.sop_instance_uid,
+            }])
+        );
+        assert_eq!(
+            read["findings"],
+            serde_json::json!([{ "value": value, "scheme": scheme, "meaning": meaning }]),
+            "{top_label}"
+        );
+    }
+}

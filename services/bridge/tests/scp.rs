@@ -69,7 +69,7 @@ impl BridgeUnderTest {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let outbox = Outbox::open(&config.database_url).await.expect("outbox");
         let task = tokio::spawn(async move {
-            serve(config, BridgeListeners { dicom }, async move {
+            serve(config, BridgeListeners { dicom, stow: None }, async move {
                 let _ = stopped.await;
             })
             .await
@@ -498,6 +498,7 @@ async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and
             initial_backoff_ms: 0,
             max_backoff_ms: 0,
             tls,
+            dicomweb: None,
         },
         calling_ae_title: "MEDAI_BRIDGE".to_owned(),
         uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
@@ -756,4 +757,501 @@ async fn the_outbox_and_uid_mapping_behave_on_postgresql() {
             .map(|bytes| bytes.len()),
         Some(8 * 1024 * 1024)
     );
+}
+
+// --- DICOMweb STOW-RS in (issue 15): the same outbox behind `POST /studies` ---
+
+const STOW_TOKEN: &str = "a stow bearer token of forty characters!";
+
+struct StowBridge {
+    http: SocketAddr,
+    outbox: Outbox,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _state: tempfile::TempDir,
+}
+
+impl StowBridge {
+    async fn start(max_instance_bytes: usize, max_parts: usize) -> Self {
+        let state = tempfile::tempdir().expect("state dir");
+        let mut config = bridge_config(state.path(), max_instance_bytes);
+        let stow_settings = format!(
+            r#"
+listen_addr = "127.0.0.1:0"
+client_name = "ORTHANC_WEB"
+bearer_token = "{STOW_TOKEN}"
+max_parts = {max_parts}
+max_request_bytes = 4194304
+"#
+        );
+        config.stow = Some(toml::from_str(&stow_settings).expect("stow settings"));
+        config.validate().expect("valid config");
+        let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let http = stow.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let outbox = Outbox::open(&config.database_url).await.expect("outbox");
+        let task = tokio::spawn(async move {
+            let listeners = BridgeListeners {
+                dicom,
+                stow: Some(stow),
+            };
+            serve(config, listeners, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("bridge serves");
+        });
+        Self {
+            http,
+            outbox,
+            stop: Some(stop),
+            task,
+            _state: state,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("bridge task");
+    }
+
+    /// One HTTP/1.1 exchange on its own connection: status and body.
+    async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect");
+        let mut head = format!(
+            "POST {path} HTTP/1.1\r\nHost: bridge\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let (mut reader, mut writer) = stream.into_split();
+        writer.write_all(head.as_bytes()).await.expect("head");
+        // The body is written while the answer is read: a refusal may come before the body is
+        // taken, and the server then closes without reading the rest.
+        let body = body.to_vec();
+        let writing = tokio::spawn(async move {
+            let _ = writer.write_all(&body).await;
+            writer
+        });
+        let mut answer = Vec::new();
+        let _ = reader.read_to_end(&mut answer).await;
+        writing.abort();
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("HTTP answer");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("status");
+        (status, body.to_owned())
+    }
+}
+
+fn multipart(boundary: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for part in parts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(part);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+fn stow_headers(boundary: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("Authorization", format!("Bearer {STOW_TOKEN}")),
+        (
+            "Content-Type",
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        ),
+    ]
+}
+
+fn uid_of(file: &Path, tag: dicom_core::Tag) -> String {
+    dicom_object::open_file(file)
+        .expect("file")
+        .element(tag)
+        .expect("uid")
+        .to_str()
+        .expect("text")
+        .trim_end_matches('\0')
+        .to_owned()
+}
+
+/// A real file with its SOP Class changed (file meta and data set) to one the bridge does not take.
+fn as_basic_text_sr(file: &Path) -> Vec<u8> {
+    let basic_text_sr = "1.2.840.10008.5.1.4.1.1.88.11";
+    let source = dicom_object::open_file(file).expect("file");
+    let transfer_syntax = source.meta().transfer_syntax().to_owned();
+    let mut object = source.into_inner();
+    object.put(dicom_core::DataElement::new(
+        tags::SOP_CLASS_UID,
+        dicom_core::VR::UI,
+        dicom_core::PrimitiveValue::from(basic_text_sr),
+    ));
+    let mut bytes = Vec::new();
+    object
+        .with_meta(dicom_object::FileMetaTableBuilder::new().transfer_syntax(transfer_syntax))
+        .expect("meta")
+        .write_all(&mut bytes)
+        .expect("write");
+    bytes
+}
+
+#[tokio::test]
+async fn stow_rs_commits_every_part_to_the_outbox_before_answering_with_the_referenced_sop_sequence()
+ {
+    let bridge = StowBridge::start(64 * 1024 * 1024, 16).await;
+    let assets = Assets::locate();
+    let ct = assets.dicom_dir.join("CT_small.dcm");
+    let mr = assets.dicom_dir.join("MR_small.dcm");
+    let body = multipart(
+        "stow-boundary",
+        &[
+            &std::fs::read(&ct).expect("ct"),
+            &std::fs::read(&mr).expect("mr"),
+        ],
+    );
+
+    let (status, answer) = bridge
+        .post("/studies", &stow_headers("stow-boundary"), &body)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("DICOM JSON");
+    let referenced: Vec<&str> = answer["00081199"]["Value"]
+        .as_array()
+        .expect("Referenced SOP Sequence")
+        .iter()
+        .map(|item| item["00081155"]["Value"][0].as_str().expect("uid"))
+        .collect();
+    let expected = [
+        uid_of(&ct, tags::SOP_INSTANCE_UID),
+        uid_of(&mr, tags::SOP_INSTANCE_UID),
+    ];
+    assert_eq!(referenced, expected);
+    assert!(answer.get("00081198").is_none(), "{answer}");
+
+    // Read at once: the answer came only after both rows were committed.
+    let rows = bridge.outbox.all().await.expect("rows");
+    assert_eq!(rows.len(), 2);
+    for (file, uid) in [&ct, &mr].iter().zip(&expected) {
+        let row = rows
+            .iter()
+            .find(|row| &row.sop_instance_uid == uid)
+            .expect("stored");
+        assert_eq!(
+            row.study_instance_uid,
+            uid_of(file, tags::STUDY_INSTANCE_UID)
+        );
+        assert_eq!(row.sop_class_uid, uid_of(file, tags::SOP_CLASS_UID));
+        assert_eq!(row.calling_ae_title, "ORTHANC_WEB");
+        assert_eq!(row.state, state::RECEIVED);
+    }
+
+    // A resend into the right study is answered as stored and kept once.
+    let study = uid_of(&ct, tags::STUDY_INSTANCE_UID);
+    let again = multipart("b2", &[&std::fs::read(&ct).expect("ct")]);
+    let (status, answer) = bridge
+        .post(&format!("/studies/{study}"), &stow_headers("b2"), &again)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(bridge.outbox.all().await.expect("rows").len(), 2);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn stow_rs_answers_202_or_409_with_a_failure_reason_for_each_instance_it_cannot_take() {
+    let bridge = StowBridge::start(64 * 1024 * 1024, 16).await;
+    let assets = Assets::locate();
+    let ct = assets.dicom_dir.join("CT_small.dcm");
+    let mr = assets.dicom_dir.join("MR_small.dcm");
+    let mut not_dicom = vec![0u8; 128];
+    not_dicom.extend_from_slice(b"DICMthis is no meta group");
+    let body = multipart(
+        "mixed",
+        &[
+            &std::fs::read(&ct).expect("ct"),
+            &not_dicom,
+            &as_basic_text_sr(&mr),
+        ],
+    );
+    let (status, answer) = bridge.post("/studies", &stow_headers("mixed"), &body).await;
+    assert_eq!(status, 202, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("DICOM JSON");
+    assert_eq!(
+        answer["00081199"]["Value"]
+            .as_array()
+            .expect("referenced")
+            .len(),
+        1
+    );
+    let reasons: Vec<(String, u64)> = answer["00081198"]["Value"]
+        .as_array()
+        .expect("Failed SOP Sequence")
+        .iter()
+        .map(|item| {
+            (
+                item["00081155"]["Value"][0]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                item["00081197"]["Value"][0].as_u64().expect("reason"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            (String::new(), 0xC000),
+            (uid_of(&mr, tags::SOP_INSTANCE_UID), 0x0122)
+        ]
+    );
+    let rows = bridge.outbox.all().await.expect("rows");
+    assert_eq!(rows.len(), 1, "only the instance it could take is stored");
+
+    // Into a study the instance does not belong to: nothing stored, 409, 0xA900.
+    let (status, answer) = bridge
+        .post(
+            "/studies/1.2.3.4.5",
+            &stow_headers("other"),
+            &multipart("other", &[&std::fs::read(&mr).expect("mr")]),
+        )
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("DICOM JSON");
+    assert_eq!(
+        answer["00081198"]["Value"][0]["00081197"]["Value"][0],
+        0xA900
+    );
+    assert_eq!(bridge.outbox.all().await.expect("rows").len(), 1);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn stow_rs_refuses_strangers_and_malformed_or_oversized_requests_with_stable_codes_storing_nothing()
+ {
+    let bridge = StowBridge::start(8 * 1024, 2).await;
+    let ct = std::fs::read(Assets::locate().dicom_dir.join("CT_small.dcm")).expect("ct");
+    let small = {
+        let mut part = vec![0u8; 128];
+        part.extend_from_slice(b"DICM");
+        part
+    };
+    let good = multipart("b", &[&small]);
+    let code = |answer: &str| -> String {
+        serde_json::from_str::<serde_json::Value>(answer).expect("JSON")["code"]
+            .as_str()
+            .expect("code")
+            .to_owned()
+    };
+    /// What is sent (a name, headers, body) and the status and code expected.
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<u8>, u16, &'a str);
+    let mut cases: Vec<Case<'_>> = Vec::new();
+    let content_type = stow_headers("b")[1].clone();
+    cases.push((
+        "no token",
+        vec![content_type.clone()],
+        good.clone(),
+        401,
+        "STOW_UNAUTHENTICATED",
+    ));
+    cases.push((
+        "a wrong token",
+        vec![
+            ("Authorization", "Bearer not the token".to_owned()),
+            content_type.clone(),
+        ],
+        good.clone(),
+        401,
+        "STOW_UNAUTHENTICATED",
+    ));
+    let mut wrong_type = stow_headers("b");
+    wrong_type[1].1 = "application/dicom".to_owned();
+    cases.push((
+        "not multipart",
+        wrong_type,
+        ct.clone(),
+        415,
+        "STOW_UNSUPPORTED_MEDIA_TYPE",
+    ));
+    let mut no_boundary = stow_headers("b");
+    no_boundary[1].1 = "multipart/related; type=\"application/dicom\"".to_owned();
+    cases.push((
+        "no boundary",
+        no_boundary,
+        good.clone(),
+        400,
+        "STOW_MULTIPART_BOUNDARY_MISSING",
+    ));
+    let mut unterminated = good.clone();
+    unterminated.truncate(unterminated.len() - 8);
+    cases.push((
+        "unterminated",
+        stow_headers("b"),
+        unterminated,
+        400,
+        "STOW_MULTIPART_UNTERMINATED",
+    ));
+    cases.push((
+        "three parts against a limit of two",
+        stow_headers("b"),
+        multipart("b", &[&small, &small, &small]),
+        413,
+        "STOW_TOO_MANY_PARTS",
+    ));
+    // CT_small is about 39 KB against an instance limit of 8 KiB (+ 64 KiB part overhead):
+    // a part of 100 KB is refused as it arrives.
+    let mut large = ct.clone();
+    large.resize(100 * 1024, 0);
+    cases.push((
+        "a part over the instance limit",
+        stow_headers("b"),
+        multipart("b", &[&large]),
+        413,
+        "STOW_PART_TOO_LARGE",
+    ));
+    cases.push((
+        "a body over the request limit",
+        stow_headers("b"),
+        vec![b'x'; 4 * 1024 * 1024 + 1],
+        413,
+        "STOW_REQUEST_TOO_LARGE",
+    ));
+    for (what, headers, body, status, expected) in cases {
+        let (answered, answer) = bridge.post("/studies", &headers, &body).await;
+        assert_eq!(answered, status, "{what}: {answer}");
+        assert_eq!(code(&answer), expected, "{what}");
+    }
+    let (status, answer) = bridge
+        .post("/studies/not-a-uid", &stow_headers("b"), &good)
+        .await;
+    assert_eq!(
+        (status, code(&answer).as_str()),
+        (400, "STOW_STUDY_UID_INVALID")
+    );
+    assert!(
+        bridge.outbox.all().await.expect("rows").is_empty(),
+        "nothing of a refused request is stored"
+    );
+    bridge.stop().await;
+}
+
+/// STOW-RS out: an unreachable DICOMweb endpoint defers the report with back-off, and an endpoint
+/// that refuses it (here the bridge's own STOW-RS, which takes no SR class) is answered with its
+/// failure reason and counted as a failed attempt, as a C-STORE refusal is.
+#[tokio::test]
+async fn reports_sent_by_stow_rs_are_retried_with_back_off_when_unreachable_or_refused() {
+    use medai_bridge::delivery::ReportDelivery;
+    use medai_bridge::outcome::InferenceOutcome;
+
+    let receiver = StowBridge::start(64 * 1024 * 1024, 16).await;
+    let state = tempfile::tempdir().expect("state");
+    let outbox = Outbox::open(&sqlite_url(state.path(), "sender.db"))
+        .await
+        .expect("outbox");
+    let ct = std::fs::read(Assets::locate().dicom_dir.join("CT_small.dcm")).expect("ct");
+    let mut data_set = &ct[128..];
+    let meta = dicom_object::meta::FileMetaTable::from_reader(&mut data_set).expect("meta");
+    let instance =
+        medai_bridge::scp::part10_instance(meta.transfer_syntax(), data_set.to_vec(), "STORESCU")
+            .expect("instance");
+    outbox.store(instance).await.expect("stored");
+    let tag = outbox.all().await.expect("rows")[0].tag.clone();
+    let result = InferenceOutcome {
+        result_id: "result-1".to_owned(),
+        ledger_seq: 7,
+        ledger_hash: "ab".repeat(32),
+        image_sha256: "cd".repeat(32),
+        replayed: false,
+        model_name: "synthetic-light".to_owned(),
+        model_version: "1".to_owned(),
+        model_sha256: String::new(),
+        probabilities: vec![
+            ("synthetic-a".to_owned(), 0.75),
+            ("synthetic-b".to_owned(), 0.25),
+        ],
+        top_label: "synthetic-a".to_owned(),
+        top_probability: 0.75,
+        decision_threshold: 0.5,
+        decision: "ABOVE_THRESHOLD".to_owned(),
+        intended_use: "tests".to_owned(),
+        quality: None,
+        unusual_case: false,
+        unusual_case_reasons: Vec::new(),
+    };
+    outbox
+        .record_result(&tag, serde_json::to_string(&result).expect("json"))
+        .await
+        .expect("result");
+
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let delivery = |url: String| {
+        ReportDelivery {
+        destination: toml::from_str(&format!(
+            "initial_backoff_ms = 60000\nmax_backoff_ms = 600000\n[dicomweb]\nurl = \"{url}\"\nbearer_token = \"{STOW_TOKEN}\"\n"
+        ))
+        .expect("destination"),
+        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
+        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
+        outbox: outbox.clone(),
+    }
+    };
+
+    let unreachable = delivery(format!("http://127.0.0.1:{closed_port}"));
+    let summary = unreachable.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    let row = &outbox.all().await.expect("rows")[0];
+    assert_eq!(
+        (row.state.as_str(), row.report_attempts),
+        (state::INFERRED, 1)
+    );
+    let backoff = row.next_report_at_ms - medai_bridge::outbox::now_ms();
+    assert!(
+        (50_000..=60_000).contains(&backoff),
+        "retried after the initial back-off, not at once: {backoff} ms"
+    );
+    // Not due again before its back-off.
+    let summary = unreachable.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 0));
+
+    // Due again (as if the back-off had passed): the bridge's own STOW-RS refuses an SR.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &sea_orm::Database::connect(sqlite_url(state.path(), "sender.db"))
+            .await
+            .expect("connect"),
+        "UPDATE bridge_instances SET next_report_at_ms = 0",
+    )
+    .await
+    .expect("make due");
+    let refusing = delivery(format!("http://{}/", receiver.http));
+    let summary = refusing.deliver_due().await.expect("delivery");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    let row = &outbox.all().await.expect("rows")[0];
+    assert_eq!(
+        (row.state.as_str(), row.report_attempts),
+        (state::INFERRED, 2)
+    );
+    assert!(
+        receiver.outbox.all().await.expect("rows").is_empty(),
+        "the refused SR is not stored"
+    );
+    receiver.stop().await;
 }
