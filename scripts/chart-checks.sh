@@ -37,14 +37,20 @@ bash scripts/helm.sh template other helm/medai --set autoscaling.enabled=true \
   --set-json 'extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' > "$work/variant.yaml"
 # cert-manager's kinds have no schema here (a warning); tests/tests/chart.rs checks their fields.
 bash scripts/helm.sh template medai helm/medai --set certManager.enabled=true > "$work/cert-manager.yaml"
-for manifest in "$work/default.yaml" "$work/variant.yaml" "$work/cert-manager.yaml"; do
+# The optional PACS bridge (templates/bridge.yaml), with its outbox on a claim.
+bridge_values=(--set bridge.enabled=true --set bridge.uidRoot=1.2.826.0.1.3680043.10.1234
+  --set bridge.results.address=pacs.example.org:104 --set 'bridge.pacsCidrs={10.20.0.0/16}'
+  --set bridge.stow.enabled=true --set bridge.stow.tokenSecretName=medai-bridge-stow)
+bash scripts/helm.sh lint --strict helm/medai "${bridge_values[@]}" >/dev/null
+bash scripts/helm.sh template medai helm/medai "${bridge_values[@]}" > "$work/bridge.yaml"
+for manifest in "$work/default.yaml" "$work/variant.yaml" "$work/cert-manager.yaml" "$work/bridge.yaml"; do
   # Through the venv's interpreter: .cache is shared by worktrees, so an entry point's #! line
   # may name the worktree that made the venv.
   "$venv/bin/python3" "$venv/bin/kubernetes-validate" --quiet --strict -k "$kubernetes_version" "$manifest"
 done
 
-echo "== checkov on the rendered chart (default values and the variant)" >&2
-for manifest in "$work/default.yaml" "$work/variant.yaml"; do
+echo "== checkov on the rendered chart (default values, the variant and the bridge)" >&2
+for manifest in "$work/default.yaml" "$work/variant.yaml" "$work/bridge.yaml"; do
   "$checkov_venv/bin/python3" "$checkov_venv/bin/checkov" --config-file helm/checkov.yaml \
     --file "$manifest" >"$work/checkov.log" 2>&1 || { cat "$work/checkov.log" >&2; exit 1; }
   grep -E "^(Passed|Failed) checks" "$work/checkov.log" | tail -n1 >&2

@@ -50,9 +50,25 @@ pub fn progress_bar(length: u64, template: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// The messages of an upload: the header, then the file in chunks as it is read. A file that
-/// cannot be read (checked before) ends the stream early; the gateway then refuses the upload
-/// as incomplete against its declared size.
+/// Times `medai infer` resumes an upload whose stream broke before it gives up.
+pub const MAX_UPLOAD_RESUMES: u32 = 5;
+
+/// A call that broke in transit (the connection or stream went away, or the gateway had not
+/// yet noticed the last one had), as opposed to an answer about the request: worth resuming.
+pub fn upload_stream_broke(status: &tonic::Status) -> bool {
+    let reason = medai_runtime::errors::reason_of(status);
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            reason.is_none()
+        }
+        tonic::Code::Aborted => reason.as_deref() == Some("UPLOAD_IN_USE"),
+        _ => false,
+    }
+}
+
+/// The messages of an upload: the header, then the file in chunks as it is read from the
+/// header's offset (a resumed upload). A file that cannot be read (checked before) ends the
+/// stream early; the gateway then refuses the upload as incomplete against its declared size.
 pub fn upload_messages(
     file: &Path,
     header: gw::UploadHeader,
@@ -60,6 +76,7 @@ pub fn upload_messages(
 ) -> ReceiverStream<gw::UploadImageRequest> {
     let file = file.to_owned();
     let (sender, receiver) = mpsc::channel(2);
+    let offset = header.offset;
     tokio::task::spawn_blocking(move || {
         let first = gw::UploadImageRequest {
             part: Some(gw::upload_image_request::Part::Header(header)),
@@ -70,6 +87,9 @@ pub fn upload_messages(
         let Ok(mut reader) = std::fs::File::open(&file) else {
             return;
         };
+        if std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(offset)).is_err() {
+            return;
+        }
         let mut buffer = vec![0u8; CHUNK_BYTES];
         loop {
             let read = match reader.read(&mut buffer) {
@@ -337,6 +357,35 @@ pub async fn send_study(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_broken_stream_is_resumed() {
+        use medai_runtime::errors::{ErrorKind, status_with_reason};
+        assert!(upload_stream_broke(&tonic::Status::unavailable(
+            "connection reset"
+        )));
+        assert!(upload_stream_broke(&tonic::Status::unknown(
+            "h2 protocol error"
+        )));
+        assert!(upload_stream_broke(&status_with_reason(
+            ErrorKind::Aborted,
+            "medai.gateway",
+            "UPLOAD_IN_USE",
+            "in use"
+        )));
+        assert!(!upload_stream_broke(&status_with_reason(
+            ErrorKind::InvalidArgument,
+            "medai.gateway",
+            "IMAGE_TOO_LARGE",
+            "too large"
+        )));
+        assert!(!upload_stream_broke(&status_with_reason(
+            ErrorKind::Unavailable,
+            "medai.gateway",
+            "LEDGER_UNAVAILABLE",
+            "no ledger"
+        )));
+    }
 
     #[test]
     fn the_study_key_names_the_instance_and_the_model() {

@@ -835,17 +835,50 @@ async fn infer(
             client_request_id: client_request_id.clone(),
             declared_size: size,
             idempotency_key: idempotency_key.to_owned(),
+            // Resumable: a broken stream continues from what the gateway holds.
+            upload_id: client_request_id.clone(),
+            offset: 0,
         };
         let response = with_session(cli, gateway, "prediction", |mut client, token| {
-            let progress = images::progress_bar(
-                size,
-                "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-            );
-            let messages = images::upload_messages(file, header.clone(), progress.clone());
+            let header = header.clone();
+            let file = file.to_owned();
+            let upload_id = client_request_id.clone();
             async move {
-                let answer = client.upload_image(authorised(messages, &token)).await;
-                progress.finish_and_clear();
-                answer
+                let mut resumes = 0;
+                let mut offset = 0;
+                loop {
+                    let progress = images::progress_bar(
+                        size,
+                        "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    );
+                    progress.set_position(offset);
+                    let header = gw::UploadHeader {
+                        offset,
+                        ..header.clone()
+                    };
+                    let messages = images::upload_messages(&file, header, progress.clone());
+                    let answer = client.upload_image(authorised(messages, &token)).await;
+                    progress.finish_and_clear();
+                    match answer {
+                        Err(status)
+                            if resumes < images::MAX_UPLOAD_RESUMES
+                                && images::upload_stream_broke(&status) =>
+                        {
+                            resumes += 1;
+                            tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes)))
+                                .await;
+                            let request = gw::GetUploadStatusRequest {
+                                upload_id: upload_id.clone(),
+                            };
+                            // Unknown (another replica, expired, finished): from the start.
+                            offset = client
+                                .get_upload_status(authorised(request, &token))
+                                .await
+                                .map_or(0, |status| status.into_inner().received_bytes);
+                        }
+                        answer => return answer,
+                    }
+                }
             }
         })
         .await?

@@ -72,6 +72,33 @@ pub fn render_chart(release: &str, namespace: &str, values: &Path) -> Vec<Value>
     parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8 manifests"))
 }
 
+/// As [`render_chart`], with several values files (later ones override earlier ones, as
+/// `helm template -f a -f b` does).
+pub fn render_chart_with(release: &str, namespace: &str, values: &[&Path]) -> Vec<Value> {
+    let root = medai_testkit::workspace_root();
+    let mut command = std::process::Command::new("bash");
+    command.arg(root.join("scripts/helm.sh")).args([
+        "template",
+        release,
+        "helm/medai",
+        "--namespace",
+        namespace,
+    ]);
+    for file in values {
+        command.arg("--values").arg(file);
+    }
+    let output = command
+        .current_dir(&root)
+        .output()
+        .expect("run scripts/helm.sh");
+    assert!(
+        output.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_manifests(&String::from_utf8(output.stdout).expect("UTF-8 manifests"))
+}
+
 /// Every YAML document of a multi-document stream, as JSON values (empty documents skipped).
 pub fn parse_manifests(text: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(text)
@@ -750,6 +777,15 @@ impl LocalCluster {
         if let Some(local) = self.objects.image_files.get(&value) {
             return local.display().to_string();
         }
+        // A SQLite URL names a file by its absolute path: inside the pod's root too.
+        if let Some(path) = value.strip_prefix("sqlite://")
+            && path.starts_with('/')
+        {
+            return format!(
+                "sqlite://{}",
+                root.join(path.trim_start_matches('/')).display()
+            );
+        }
         // An absolute path, alone or after `--flag=`: inside the pod's root.
         let (head, path) = match value.split_once('=') {
             Some((flag, path)) if flag.starts_with('-') => (format!("{flag}="), path.to_owned()),
@@ -808,6 +844,24 @@ impl LocalCluster {
             };
             let answer = tokio::time::timeout(timeout, http_status(address, &path)).await;
             return matches!(answer, Ok(Some(status)) if (200..400).contains(&status));
+        }
+        if let Some(socket) = probe.pointer("/tcpSocket") {
+            // The kubelet's TCP probe: the port accepts a connection.
+            let address = match socket.pointer("/port") {
+                Some(Value::String(name)) => pod.port(name),
+                Some(number) => {
+                    let number = number.as_u64().unwrap_or_default();
+                    pod.ports
+                        .iter()
+                        .find(|(_, port, _)| u64::from(*port) == number)
+                        .map(|(_, _, local)| *local)
+                        .expect("probe port")
+                }
+                None => panic!("tcpSocket probe without a port"),
+            };
+            let connected =
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await;
+            return matches!(connected, Ok(Ok(_)));
         }
         panic!("probe kind not simulated: {probe}");
     }

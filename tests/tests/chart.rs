@@ -1510,3 +1510,267 @@ async fn two_inference_replicas_on_the_read_only_model_volume_agree_on_a_lifecyc
     );
     cluster.stop().await;
 }
+
+/// A port free now, for dcmtk's `storescp` (which binds its own listener from its argument).
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+async fn dcmtk(tool: &str, arguments: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(tool)
+        .args(arguments)
+        .output()
+        .await
+        .unwrap_or_else(|error| panic!("{tool} cannot run ({error}): run scripts/pacs-tools.sh"))
+}
+
+/// Issue 15: the PACS bridge as the chart deploys it (bridge.enabled). The chart is rendered
+/// with tests/chart/bridge-values.yaml over the test values; the mesh is installed, the bridge's
+/// gateway user made by the admin, and the bridge pod started from its Deployment with exactly
+/// its pod's environment: its outbox on the claim (SQLite), the gateway reached by the Service
+/// name, the mesh CA from its certificate Secret, its TCP probes. Through the bridge's Service
+/// (the DICOM port 104): dcmtk's `echoscu` is answered, and a C-STORE of a real MR image from
+/// `storescu` comes back as a Structured Report at the configured destination (a dcmtk
+/// `storescp`), which `dsrdump` parses, naming the source instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_structured_report() {
+    let began = Instant::now();
+    let root = workspace_root();
+    let scratch = tempfile::tempdir().expect("scratch");
+
+    // The result destination: a storescp that files what it receives.
+    let received = scratch.path().join("received");
+    std::fs::create_dir_all(&received).expect("received folder");
+    let results_port = free_tcp_port();
+    let mut storescp = tokio::process::Command::new("storescp")
+        .args(["-aet", "RESULTS", "-od"])
+        .arg(&received)
+        .arg(results_port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("storescp runs (scripts/pacs-tools.sh installs dcmtk)");
+    let destination = scratch.path().join("destination.yaml");
+    std::fs::write(
+        &destination,
+        format!("bridge:\n  results:\n    address: \"127.0.0.1:{results_port}\"\n"),
+    )
+    .expect("destination values");
+
+    let manifests = medai_e2e::cluster::render_chart_with(
+        RELEASE,
+        NAMESPACE,
+        &[
+            &root.join("tests/chart/values.yaml"),
+            &root.join("tests/chart/bridge-values.yaml"),
+            &destination,
+        ],
+    );
+    let bridge_deployment = format!("{RELEASE}-bridge");
+    let bridge_service = manifests
+        .iter()
+        .find(|manifest| {
+            manifest["kind"] == "Service" && manifest["metadata"]["name"] == bridge_deployment
+        })
+        .expect("the bridge's Service");
+    assert_eq!(bridge_service["spec"]["ports"][0]["port"], 104);
+    assert!(
+        manifests
+            .iter()
+            .any(|manifest| manifest["kind"] == "PersistentVolumeClaim"
+                && manifest["metadata"]["name"] == "medai-bridge-outbox"),
+        "the outbox claim is part of the release"
+    );
+
+    let pki = TestPki::new();
+    pki.layout
+        .ensure(&["bridge"])
+        .expect("the bridge's certificate");
+    let assets = Assets::locate();
+    let (mut objects, _) = cluster_objects(&pki, &assets, scratch.path()).await;
+    let read = |path: std::path::PathBuf| std::fs::read(path).expect("PKI file");
+    objects.secrets.insert(
+        "medai-tls-bridge".to_owned(),
+        secret(&[
+            ("ca.crt", read(pki.layout.ca_certificate())),
+            ("tls.crt", read(pki.layout.certificate("bridge"))),
+            ("tls.key", read(pki.layout.key("bridge"))),
+        ]),
+    );
+    let bridge_password = "the pacs bridge of the render-and-run test";
+    objects.secrets.insert(
+        "medai-bridge-gateway".to_owned(),
+        secret(&[("password", bridge_password.as_bytes().to_vec())]),
+    );
+    let outbox = scratch.path().join("outbox-volume");
+    std::fs::create_dir_all(&outbox).expect("outbox volume");
+    objects
+        .claims
+        .insert("medai-bridge-outbox".to_owned(), outbox.clone());
+    objects.image_files.insert(
+        "/usr/local/bin/medai-bridge".to_owned(),
+        binaries_dir().join("medai-bridge"),
+    );
+    let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    cluster.run_hook_jobs("pre-install", READY_TIMEOUT).await;
+    for service in SERVICES {
+        cluster
+            .start_deployment(&format!("{RELEASE}-{service}"), READY_TIMEOUT)
+            .await;
+    }
+
+    // The bridge's own user, as an admin makes it before installing the bridge.
+    let gateway_endpoint = format!(
+        "https://{}",
+        cluster.service_address("medai-gateway", 50051)
+    );
+    let mut gateway = connect_gateway(&gateway_endpoint, &pki.layout.ca_certificate())
+        .await
+        .expect("gateway");
+    let admin = gateway
+        .login(LoginRequest {
+            username: "admin".to_owned(),
+            password: ADMIN_PASSWORD.to_owned(),
+        })
+        .await
+        .expect("admin login")
+        .into_inner()
+        .grant
+        .expect("tokens")
+        .access_token;
+    gateway
+        .create_user(authorised(
+            CreateUserRequest {
+                username: "pacs-bridge".to_owned(),
+                password: bridge_password.to_owned(),
+                role: "clinician".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("the bridge's user");
+
+    cluster
+        .start_deployment(&bridge_deployment, READY_TIMEOUT)
+        .await;
+    let bridge_pod = cluster
+        .pods
+        .iter()
+        .find(|pod| pod.owner == bridge_deployment)
+        .expect("the bridge pod");
+    let environment = bridge_pod.environment();
+    assert!(
+        !environment
+            .iter()
+            .any(|(name, _)| name.ends_with("_SERVICE_HOST")),
+        "service links are off for the bridge"
+    );
+    let dicom = cluster.service_address(&bridge_deployment, 104);
+    let (host, port) = (dicom.ip().to_string(), dicom.port().to_string());
+
+    let echo = dcmtk(
+        "echoscu",
+        &["-aet", "ECHOSCU", "-aec", "MEDAI_BRIDGE", &host, &port],
+    )
+    .await;
+    assert!(
+        echo.status.success(),
+        "C-ECHO through the bridge's Service: {}",
+        String::from_utf8_lossy(&echo.stderr)
+    );
+    let stranger = dcmtk(
+        "echoscu",
+        &["-aet", "STRANGER", "-aec", "MEDAI_BRIDGE", &host, &port],
+    )
+    .await;
+    assert!(
+        !stranger.status.success(),
+        "a calling AE title outside bridge.allowedCallingAeTitles is rejected"
+    );
+
+    let mr = assets.dicom_dir.join("MR_small.dcm");
+    let stored = dcmtk(
+        "storescu",
+        &[
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDAI_BRIDGE",
+            &host,
+            &port,
+            mr.to_str().expect("path"),
+        ],
+    )
+    .await;
+    assert!(
+        stored.status.success(),
+        "C-STORE through the bridge's Service: {}",
+        String::from_utf8_lossy(&stored.stderr)
+    );
+
+    // The report arrives at the destination: a Structured Report on the source instance.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let report = loop {
+        let files: Vec<std::path::PathBuf> = std::fs::read_dir(&received)
+            .expect("received")
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        if let Some(file) = files.first() {
+            // storescp writes the file completely before the C-STORE response; give the
+            // rename a moment by reading until it parses.
+            let dump = dcmtk("dsrdump", &[file.to_str().expect("path")]).await;
+            if dump.status.success() {
+                break (file.clone(), dump);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report reached the destination; the bridge's log ends:\n{}",
+            cluster
+                .pods
+                .iter()
+                .find(|pod| pod.owner == bridge_deployment)
+                .map(medai_e2e::cluster::Pod::log_tail)
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let printed = String::from_utf8_lossy(&report.1.stdout).to_string();
+    assert!(
+        printed.contains("RESEARCH USE ONLY"),
+        "the SR carries the disclaimer:\n{printed}"
+    );
+    let source = dcmtk("dcmdump", &["+P", "0008,0018", mr.to_str().expect("path")]).await;
+    let source_uid = String::from_utf8_lossy(&source.stdout)
+        .split('[')
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("the source's SOP Instance UID")
+        .to_owned();
+    let report_dump = dcmtk("dcmdump", &[report.0.to_str().expect("path")]).await;
+    assert!(
+        String::from_utf8_lossy(&report_dump.stdout).contains(&source_uid),
+        "the report references the stored instance"
+    );
+    // The outbox lives on the claim, nothing outside the pod's mounts changed.
+    assert!(
+        std::fs::read_dir(&outbox)
+            .expect("outbox")
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with("outbox.db")),
+        "the outbox is on the claim"
+    );
+    cluster.assert_read_only_respected();
+    eprintln!(
+        "bridge from the chart: C-ECHO, C-STORE and its SR in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let _ = storescp.kill().await;
+    cluster.stop().await;
+}

@@ -1163,3 +1163,260 @@ async fn a_study_stream_client_that_disconnects_gets_no_delivery_record_and_a_re
     assert_eq!(stored_seq().await, Some(result.ledger_seq as i64));
     mesh.stop().await;
 }
+
+async fn upload_status(
+    gateway: &mut medai_cli::client::GatewayClient,
+    token: &str,
+    upload_id: &str,
+) -> Result<gw::GetUploadStatusResponse, tonic::Status> {
+    gateway
+        .get_upload_status(authorised(
+            gw::GetUploadStatusRequest {
+                upload_id: upload_id.to_owned(),
+            },
+            token,
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Waits until `done` holds for the upload's status (the gateway notices a cut stream within
+/// moments); a bounded poll on the gateway's own answer, not a sleep standing in for it.
+async fn until_status(
+    gateway: &mut medai_cli::client::GatewayClient,
+    token: &str,
+    upload_id: &str,
+    done: impl Fn(&gw::GetUploadStatusResponse) -> bool,
+) -> gw::GetUploadStatusResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(status) = upload_status(gateway, token, upload_id).await
+            && done(&status)
+        {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never reached the expected state"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 15: `UploadImage` is resumable. A stream cut after three chunks (its client and
+/// connection dropped mid-call) leaves exactly those bytes held under the caller's upload id;
+/// a new stream resumes from GetUploadStatus' offset, and its prediction equals a one-shot
+/// upload of the same file, with exactly one ledger record however often the upload id is
+/// sent again. Refused with stable codes, and changing nothing held: a wrong offset
+/// (UPLOAD_OFFSET_MISMATCH), a different header (UPLOAD_HEADER_MISMATCH), an unknown id
+/// (UPLOAD_UNKNOWN), and another identity's upload id (UPLOAD_UNKNOWN: it is not theirs to
+/// see or continue).
+#[tokio::test]
+async fn a_resumable_upload_cut_mid_stream_resumes_from_the_held_offset_and_is_recorded_once() {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let token = mesh.admin_token().await;
+    let other = mesh
+        .user_token(&token, "another-clinician", "clinician")
+        .await;
+    let mut gateway = mesh.gateway().await;
+    let image = noise_png(256, 15);
+    let chunks: Vec<Vec<u8>> = image.chunks(8 * 1024).map(<[u8]>::to_vec).collect();
+    assert!(chunks.len() >= 6, "{} chunks", chunks.len());
+    let upload_id = "pacs-resume-0015";
+    let header = |offset: u64| gw::UploadHeader {
+        model_name: LIGHT.to_owned(),
+        declared_size: image.len() as u64,
+        upload_id: upload_id.to_owned(),
+        offset,
+        ..Default::default()
+    };
+    let refusal = |result: Result<tonic::Response<gw::UploadImageResponse>, tonic::Status>| {
+        let status = result.expect_err("refused");
+        (status.code(), reason_of(&status).unwrap_or_default())
+    };
+
+    // 1. Header and three chunks on a connection of its own, then the client is dropped
+    //    mid-call: no end of stream, the call and its connection are simply gone.
+    let sent: u64 = chunks[..3].iter().map(|chunk| chunk.len() as u64).sum();
+    let (feed, fed) = tokio::sync::mpsc::channel(8);
+    feed.send(gw::UploadImageRequest {
+        part: Some(Part::Header(header(0))),
+    })
+    .await
+    .expect("header");
+    for chunk in &chunks[..3] {
+        feed.send(gw::UploadImageRequest {
+            part: Some(Part::Chunk(chunk.clone())),
+        })
+        .await
+        .expect("chunk");
+    }
+    let mut doomed = mesh.gateway().await;
+    let doomed_token = token.clone();
+    let call = tokio::spawn(async move {
+        doomed
+            .upload_image(authorised(
+                tokio_stream::wrappers::ReceiverStream::new(fed),
+                &doomed_token,
+            ))
+            .await
+    });
+    let receiving = until_status(&mut gateway, &token, upload_id, |status| {
+        status.received_bytes == sent
+    })
+    .await;
+    assert!(receiving.in_use, "the first stream is still writing");
+    assert_eq!(receiving.declared_size, image.len() as u64);
+    call.abort();
+    assert!(call.await.expect_err("cut").is_cancelled());
+    drop(feed);
+    let held = until_status(&mut gateway, &token, upload_id, |status| !status.in_use).await;
+    assert_eq!(
+        held.received_bytes, sent,
+        "exactly the chunks received are held"
+    );
+    assert!(held.expires_in_seconds > 0);
+
+    // 2. Refusals, each leaving the held upload as it was.
+    let rest = || chunks[3..].to_vec().into_iter();
+    let wrong_offset = gateway
+        .upload_image(authorised(
+            upload_stream(header(sent - 1), rest(), Arc::default()),
+            &token,
+        ))
+        .await;
+    assert_eq!(
+        refusal(wrong_offset),
+        (
+            Code::FailedPrecondition,
+            "UPLOAD_OFFSET_MISMATCH".to_owned()
+        )
+    );
+    let other_model = gateway
+        .upload_image(authorised(
+            upload_stream(
+                gw::UploadHeader {
+                    model_name: "brain-mri-tumor".to_owned(),
+                    ..header(sent)
+                },
+                rest(),
+                Arc::default(),
+            ),
+            &token,
+        ))
+        .await;
+    assert_eq!(
+        refusal(other_model),
+        (
+            Code::FailedPrecondition,
+            "UPLOAD_HEADER_MISMATCH".to_owned()
+        )
+    );
+    let unknown = gateway
+        .upload_image(authorised(
+            upload_stream(
+                gw::UploadHeader {
+                    upload_id: "never-started".to_owned(),
+                    ..header(sent)
+                },
+                rest(),
+                Arc::default(),
+            ),
+            &token,
+        ))
+        .await;
+    assert_eq!(
+        refusal(unknown),
+        (Code::NotFound, "UPLOAD_UNKNOWN".to_owned())
+    );
+    let theirs = gateway
+        .upload_image(authorised(
+            upload_stream(header(sent), rest(), Arc::default()),
+            &other,
+        ))
+        .await;
+    assert_eq!(
+        refusal(theirs),
+        (Code::NotFound, "UPLOAD_UNKNOWN".to_owned())
+    );
+    let peek = upload_status(&mut gateway, &other, upload_id)
+        .await
+        .expect_err("not another identity's to see");
+    assert_eq!(reason_of(&peek).as_deref(), Some("UPLOAD_UNKNOWN"));
+    let still = upload_status(&mut gateway, &token, upload_id)
+        .await
+        .expect("still held");
+    assert_eq!((still.received_bytes, still.in_use), (sent, false));
+
+    // 3. The resume: the rest from the held offset.
+    let resumed = gateway
+        .upload_image(authorised(
+            upload_stream(header(held.received_bytes), rest(), Arc::default()),
+            &token,
+        ))
+        .await
+        .expect("resumed upload")
+        .into_inner()
+        .result
+        .expect("result");
+    assert!(!resumed.replayed);
+    assert_eq!(resumed.image_sha256, hex::encode(Sha256::digest(&image)));
+    let finished = upload_status(&mut gateway, &token, upload_id)
+        .await
+        .expect_err("a finished upload is no longer held");
+    assert_eq!(reason_of(&finished).as_deref(), Some("UPLOAD_UNKNOWN"));
+
+    // 4. The same file in one go, without an upload id: the same prediction.
+    let one_shot = gateway
+        .upload_image(authorised(
+            upload_stream(
+                gw::UploadHeader {
+                    model_name: LIGHT.to_owned(),
+                    declared_size: image.len() as u64,
+                    ..Default::default()
+                },
+                chunks.clone().into_iter(),
+                Arc::default(),
+            ),
+            &token,
+        ))
+        .await
+        .expect("one-shot upload")
+        .into_inner()
+        .result
+        .expect("result");
+    let resumed_prediction = resumed.prediction.clone().expect("prediction");
+    let one_shot_prediction = one_shot.prediction.clone().expect("prediction");
+    assert_eq!(
+        resumed_prediction.probabilities,
+        one_shot_prediction.probabilities
+    );
+    assert_eq!(resumed_prediction.top_label, one_shot_prediction.top_label);
+    assert_eq!(resumed.image_sha256, one_shot.image_sha256);
+
+    // 5. The upload id sent again in full (a client that lost the answer): the stored result,
+    //    and still one ledger record of the resumed upload's prediction.
+    let resent = gateway
+        .upload_image(authorised(
+            upload_stream(header(0), chunks.clone().into_iter(), Arc::default()),
+            &token,
+        ))
+        .await
+        .expect("resent upload")
+        .into_inner()
+        .result
+        .expect("result");
+    assert!(resent.replayed);
+    assert_eq!(resent.result_id, resumed.result_id);
+    let records = ledger(&mesh)
+        .await
+        .into_iter()
+        .filter(|(action, resource, outcome, _)| {
+            action == "INFERENCE"
+                && outcome == "SUCCESS"
+                && *resource == format!("result/{}", resumed.result_id)
+        })
+        .count();
+    assert_eq!(records, 1, "one ledger record for the resumed upload");
+    mesh.stop().await;
+}

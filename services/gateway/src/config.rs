@@ -36,6 +36,9 @@ pub struct GatewayConfig {
     /// Rate limits and load shedding.
     #[serde(default)]
     pub load_control: crate::load_control::LoadControlSettings,
+    /// Unfinished resumable uploads held for a resume (count, bytes, idle time).
+    #[serde(default)]
+    pub uploads: crate::uploads::UploadSettings,
     /// Server reflection, so grpcurl and similar tools can list and call the API.
     #[serde(
         default = "default_reflection",

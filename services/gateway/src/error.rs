@@ -47,6 +47,24 @@ pub enum GatewayError {
     /// An explanation is of the result's own image, named by its SHA-256.
     #[error("the image is not the one this result was predicted from")]
     ImageNotOfResult,
+    #[error("upload_id takes 1 to 64 of A-Z a-z 0-9 - _ .")]
+    UploadIdInvalid,
+    /// A resumable upload is complete when its declared size has arrived.
+    #[error("a resumable upload needs its declared_size")]
+    UploadSizeRequired,
+    /// Unknown, expired, finished, or another identity's: the same answer for each.
+    #[error("the gateway holds no such upload of yours; start it again from offset 0")]
+    UploadUnknown,
+    #[error("the upload holds {expected} bytes; resume from offset {expected}, not {given}")]
+    UploadOffsetMismatch { expected: u64, given: u64 },
+    #[error(
+        "a resumed upload repeats its first header (model, version, format, size, idempotency key)"
+    )]
+    UploadHeaderMismatch,
+    #[error("another stream is writing to this upload")]
+    UploadInUse,
+    #[error("the gateway holds as many unfinished uploads as it may; retry later")]
+    UploadsFull,
     #[error("too many requests; retry after {retry_after_ms} ms")]
     RateLimited { retry_after_ms: u64 },
     #[error("the gateway is at capacity; retry after {retry_after_ms} ms")]
@@ -64,7 +82,13 @@ impl ServiceError for GatewayError {
                 ErrorKind::Unauthenticated
             }
             Self::RevocationUnavailable | Self::CallerGone => ErrorKind::Unavailable,
-            Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
+            Self::IdempotencyKeyReused
+            | Self::UploadOffsetMismatch { .. }
+            | Self::UploadHeaderMismatch => ErrorKind::FailedPrecondition,
+            Self::UploadIdInvalid | Self::UploadSizeRequired => ErrorKind::InvalidArgument,
+            Self::UploadUnknown => ErrorKind::NotFound,
+            Self::UploadInUse => ErrorKind::Aborted,
+            Self::UploadsFull => ErrorKind::ResourceExhausted,
             Self::IdempotencyKeyTooLong { .. }
             | Self::UploadOutOfOrder
             | Self::UploadIncomplete { .. }
@@ -102,6 +126,13 @@ impl ServiceError for GatewayError {
             Self::ResultNotFound => "RESULT_NOT_FOUND",
             Self::SignatureInvalid(_) => "SIGNATURE_INVALID",
             Self::ImageNotOfResult => "IMAGE_NOT_OF_RESULT",
+            Self::UploadIdInvalid => "UPLOAD_ID_INVALID",
+            Self::UploadSizeRequired => "UPLOAD_SIZE_REQUIRED",
+            Self::UploadUnknown => "UPLOAD_UNKNOWN",
+            Self::UploadOffsetMismatch { .. } => "UPLOAD_OFFSET_MISMATCH",
+            Self::UploadHeaderMismatch => "UPLOAD_HEADER_MISMATCH",
+            Self::UploadInUse => "UPLOAD_IN_USE",
+            Self::UploadsFull => "UPLOADS_FULL",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::Overloaded { .. } => "OVERLOADED",
         }

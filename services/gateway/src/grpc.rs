@@ -409,7 +409,10 @@ impl GatewayService for GatewayApi {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
         let deadline = caller_deadline(request.metadata(), received_at);
-        let input = self.ingest.receive_upload(request.into_inner()).await?;
+        let input = self
+            .ingest
+            .receive_upload(&caller, request.into_inner())
+            .await?;
         let outcome = self
             .ingest
             .predict(&caller, input, &correlation, deadline)
@@ -420,6 +423,18 @@ impl GatewayService for GatewayApi {
             },
             &correlation,
         ))
+    }
+
+    async fn get_upload_status(
+        &self,
+        request: Request<gw::GetUploadStatusRequest>,
+    ) -> Result<Response<gw::GetUploadStatusResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let correlation = correlation_id(request.metadata());
+        let status = self
+            .ingest
+            .upload_status(&caller, &request.into_inner().upload_id)?;
+        Ok(with_correlation(status, &correlation))
     }
 
     type StudyStreamStream = std::pin::Pin<

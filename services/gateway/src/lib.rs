@@ -14,6 +14,7 @@ pub mod revocation_check;
 pub mod signing_keys;
 pub mod streams;
 pub mod token_auth;
+pub mod uploads;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -56,7 +57,7 @@ pub const REFLECTED_SERVICES: [&str; 4] = [
     "grpc.reflection.v1alpha.ServerReflection",
 ];
 
-const EXTERNAL_METHODS: [&str; 22] = [
+const EXTERNAL_METHODS: [&str; 23] = [
     "Login",
     "Refresh",
     "Logout",
@@ -64,6 +65,7 @@ const EXTERNAL_METHODS: [&str; 22] = [
     "Reauthenticate",
     "Infer",
     "UploadImage",
+    "GetUploadStatus",
     "StudyStream",
     "GetResult",
     "ListResults",
@@ -111,6 +113,7 @@ pub fn role_policy() -> RolePolicy {
         .allow(&method("Reauthenticate"), &[Role::Admin, Role::Clinician])
         .allow(&method("Infer"), &[Role::Admin, Role::Clinician])
         .allow(&method("UploadImage"), &[Role::Admin, Role::Clinician])
+        .allow(&method("GetUploadStatus"), &[Role::Admin, Role::Clinician])
         .allow(&method("StudyStream"), &[Role::Admin, Role::Clinician])
         .allow(
             &method("GetResult"),
@@ -184,6 +187,7 @@ pub async fn serve(
             default_model: config.default_model.clone(),
             flights: Arc::default(),
             revocations: revocations.clone(),
+            uploads: uploads::PartialUploads::new(config.uploads.clone()),
         },
         revocations,
     })

@@ -57,6 +57,10 @@ pub fn describe() {
         "medai_gateway_uploads_refused_total",
         "Image uploads refused before they were complete, by reason."
     );
+    describe_counter!(
+        "medai_gateway_uploads_resumed_total",
+        "Resumable uploads continued from a held offset on a new stream."
+    );
     describe_counter!("medai_gateway_study_streams_total", "Study streams opened.");
     describe_counter!(
         "medai_gateway_study_images_total",

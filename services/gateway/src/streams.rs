@@ -20,6 +20,7 @@ use crate::infer::{Delivered, Flights, InferInput, InferOutcome, infer};
 use crate::load_control::MessageAdmission;
 use crate::revocation_check::RevocationSource;
 use crate::token_auth::Caller;
+use crate::uploads::{PartialUploads, UploadTerms};
 use medai_revocation::TokenFacts;
 use medai_runtime::errors::reason_of;
 
@@ -38,6 +39,8 @@ pub struct Ingest {
     pub flights: Arc<Flights>,
     /// Consulted again for every image of a stream: a token revoked mid-stream stops it.
     pub revocations: Arc<RevocationSource>,
+    /// Unfinished resumable uploads.
+    pub uploads: Arc<PartialUploads>,
 }
 
 impl Ingest {
@@ -107,9 +110,11 @@ impl Ingest {
     }
 
     /// Reads an upload: the header, then chunks, refusing as soon as the bytes pass the limit
-    /// or the declared size.
+    /// or the declared size. With an upload id the bytes are held for a resume (see
+    /// [`crate::uploads`]) until the whole image has arrived.
     pub async fn receive_upload(
         &self,
+        caller: &Caller,
         mut upload: Streaming<gw::UploadImageRequest>,
     ) -> Result<InferInput, Status> {
         let header = match upload.message().await? {
@@ -132,6 +137,13 @@ impl Ingest {
                 limit: self.max_image_bytes,
             }
             .into());
+        }
+        if !header.upload_id.is_empty() {
+            return self.receive_resumable(caller, header, upload).await;
+        }
+        if header.offset != 0 {
+            // An offset names a place in a held upload; without an id there is none.
+            return Err(GatewayError::UploadUnknown.into());
         }
         let allowed = if header.declared_size > 0 {
             header.declared_size
@@ -172,6 +184,93 @@ impl Ingest {
             idempotency_key: header.idempotency_key,
             image_sha256: Some(hex::encode(hasher.finalize())),
             client_request_id: header.client_request_id,
+        })
+    }
+
+    /// A resumable upload: the chunks go into the caller's held upload as they arrive, so a
+    /// stream that breaks (or is refused, or cancelled) leaves them for a resume at exactly
+    /// that offset; the image is predicted once all declared bytes are there.
+    async fn receive_resumable(
+        &self,
+        caller: &Caller,
+        header: gw::UploadHeader,
+        mut upload: Streaming<gw::UploadImageRequest>,
+    ) -> Result<InferInput, Status> {
+        let upload_id = header.upload_id.as_str();
+        if medai_runtime::correlation::accepted_or_new(Some(upload_id)) != upload_id {
+            return Err(GatewayError::UploadIdInvalid.into());
+        }
+        if header.declared_size == 0 {
+            return Err(GatewayError::UploadSizeRequired.into());
+        }
+        let terms = UploadTerms {
+            model_name: header.model_name.clone(),
+            model_version: header.model_version.clone(),
+            format: header.format,
+            declared_size: header.declared_size,
+            idempotency_key: header.idempotency_key.clone(),
+        };
+        let mut lease = self
+            .uploads
+            .open(&caller.subject, upload_id, header.offset, terms)?;
+        if header.offset > 0 {
+            metrics::counter!("medai_gateway_uploads_resumed_total").increment(1);
+        }
+        while let Some(message) = upload.message().await? {
+            let Some(Part::Chunk(chunk)) = message.part else {
+                return Err(GatewayError::UploadOutOfOrder.into());
+            };
+            let received = lease.received_bytes() + chunk.len() as u64;
+            if received > header.declared_size {
+                metrics::counter!("medai_gateway_uploads_refused_total", "reason" => "size")
+                    .increment(1);
+                return Err(GatewayError::ImageTooLarge {
+                    actual: received as usize,
+                    limit: header.declared_size as usize,
+                }
+                .into());
+            }
+            lease.append(&chunk)?;
+        }
+        if lease.received_bytes() != header.declared_size {
+            // Held as it is: the client may resume it.
+            return Err(GatewayError::UploadIncomplete {
+                received: lease.received_bytes(),
+                declared: header.declared_size,
+            }
+            .into());
+        }
+        let whole = lease.finish();
+        // One upload id is one logical request: resumed or resent, one prediction, one record.
+        let idempotency_key = if header.idempotency_key.is_empty() {
+            format!("upload:{}", header.upload_id)
+        } else {
+            header.idempotency_key
+        };
+        Ok(InferInput {
+            image: whole.bytes,
+            format: header.format,
+            model_name: header.model_name,
+            model_version: header.model_version,
+            idempotency_key,
+            image_sha256: Some(hex::encode(whole.hasher.finalize())),
+            client_request_id: header.client_request_id,
+        })
+    }
+
+    /// GetUploadStatus: what the gateway holds of the caller's upload.
+    pub fn upload_status(
+        &self,
+        caller: &Caller,
+        upload_id: &str,
+    ) -> Result<gw::GetUploadStatusResponse, Status> {
+        let status = self.uploads.status(&caller.subject, upload_id)?;
+        Ok(gw::GetUploadStatusResponse {
+            upload_id: upload_id.to_owned(),
+            received_bytes: status.received_bytes,
+            declared_size: status.declared_size,
+            in_use: status.in_use,
+            expires_in_seconds: u32::try_from(status.expires_in.as_secs()).unwrap_or(u32::MAX),
         })
     }
 
