@@ -185,7 +185,7 @@ async fn a_ct_slice_is_flagged_outside_the_intended_use_and_an_explanation_is_re
     assert_eq!(context["grid_rows"], serde_json::json!(2));
     assert_eq!(result.explanations.len(), 1);
     assert_eq!(result.explanations[0].ledger_seq, explained.ledger_seq);
-    assert_eq!(result.content_hash_version, 2);
+    assert_eq!(result.content_hash_version, 3);
     assert_eq!(
         medai_inference::results::content_sha256_of_message(&result),
         result.content_sha256
