@@ -111,6 +111,8 @@ async fn a_ct_slice_is_flagged_outside_the_intended_use_and_an_explanation_is_re
     assert_eq!(delivery["decision"], serde_json::json!(prediction.decision));
     assert!(delivery["normalized_entropy"].is_number());
     assert!(delivery["top2_margin"].is_number());
+    // The routing decision (issue 18, rollout): no canary, so the active version answered.
+    assert_eq!(delivery["route"], serde_json::json!("ACTIVE"));
 
     // A real MR slice: not flagged for its modality. Then its explanation.
     let mr_bytes = assets.dicom("MR_small.dcm");

@@ -240,7 +240,7 @@ pub fn population_stability_index(counts: &[u64], expected: &[f64]) -> f64 {
 }
 
 pub fn confidence_bin(confidence: f64) -> usize {
-    if !(confidence > 0.0) {
+    if confidence.is_nan() || confidence <= 0.0 {
         return 0;
     }
     ((confidence * CONFIDENCE_BINS as f64).floor() as usize).min(CONFIDENCE_BINS - 1)
