@@ -111,6 +111,8 @@ async fn a_ct_slice_is_flagged_outside_the_intended_use_and_an_explanation_is_re
     assert_eq!(delivery["decision"], serde_json::json!(prediction.decision));
     assert!(delivery["normalized_entropy"].is_number());
     assert!(delivery["top2_margin"].is_number());
+    // The routing decision (issue 18, rollout): no canary, so the active version answered.
+    assert_eq!(delivery["route"], serde_json::json!("ACTIVE"));
 
     // A real MR slice: not flagged for its modality. Then its explanation.
     let mr_bytes = assets.dicom("MR_small.dcm");
@@ -185,7 +187,7 @@ async fn a_ct_slice_is_flagged_outside_the_intended_use_and_an_explanation_is_re
     assert_eq!(context["grid_rows"], serde_json::json!(2));
     assert_eq!(result.explanations.len(), 1);
     assert_eq!(result.explanations[0].ledger_seq, explained.ledger_seq);
-    assert_eq!(result.content_hash_version, 2);
+    assert_eq!(result.content_hash_version, 3);
     assert_eq!(
         medai_inference::results::content_sha256_of_message(&result),
         result.content_sha256

@@ -94,6 +94,7 @@ pub fn prediction_of(result: &StoredResult) -> PredictResponse {
         ledger_seq: result.ledger_seq,
         uncertainty: result.uncertainty,
         unusual_case: result.unusual_case.clone(),
+        route: result.route.clone(),
     }
 }
 
@@ -714,6 +715,8 @@ async fn recorded_before(
 /// uncertainty figures and the unusual-case flag with its reasons, beside the model version.
 fn decision_trail(context: &mut serde_json::Value, prediction: &PredictResponse) {
     context["decision"] = prediction.decision.clone().into();
+    // Which role of the model answered (ACTIVE or CANARY), as the result's content hash binds.
+    context["route"] = prediction.route.clone().into();
     context["decision_threshold"] = f64::from(prediction.decision_threshold).into();
     if let Some(figures) = &prediction.uncertainty {
         context["normalized_entropy"] = f64::from(figures.normalized_entropy).into();

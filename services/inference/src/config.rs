@@ -104,6 +104,17 @@ pub struct RuntimeSettings {
         deserialize_with = "from_str_or_native"
     )]
     pub explanation_time_limit_seconds: u64,
+    /// Request copies waiting for the shadow version (issue 18); beyond this a copy is
+    /// dropped and counted (`medai_model_shadow_dropped_total`), never the request.
+    #[serde(
+        default = "default_shadow_queue_capacity",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub shadow_queue_capacity: usize,
+}
+
+fn default_shadow_queue_capacity() -> usize {
+    16
 }
 
 fn default_explanation_max_cells() -> u32 {
@@ -147,6 +158,7 @@ impl Default for RuntimeSettings {
             explanation_slots: default_one(),
             explanation_waiting: default_one(),
             explanation_time_limit_seconds: default_explanation_seconds(),
+            shadow_queue_capacity: default_shadow_queue_capacity(),
         }
     }
 }

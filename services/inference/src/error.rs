@@ -67,6 +67,17 @@ pub enum InferenceError {
     #[error("the results store failed")]
     Store,
 
+    #[error("model {name} version {version} has no validation report and is not research use only")]
+    ValidationReportMissing { name: String, version: String },
+    #[error("the validation report of {name} version {version} does not match its SHA-256")]
+    ValidationReportMismatch { name: String, version: String },
+    #[error("{0}")]
+    ValidationReportInvalid(String),
+    #[error("{0}")]
+    RolloutStateInvalid(String),
+    #[error("share_percent must lie in 1..=99")]
+    CanaryShareInvalid,
+
     #[error("{0}")]
     ExplanationGridInvalid(String),
     #[error("every explanation slot is taken; retry later")]
@@ -90,6 +101,7 @@ impl ServiceError for InferenceError {
             | Self::BatchTooLarge { .. }
             | Self::ReasonMissing
             | Self::ExplanationGridInvalid(_)
+            | Self::CanaryShareInvalid
             | Self::QueryInvalid(_) => ErrorKind::InvalidArgument,
             Self::QueueFull | Self::ExplanationsBusy => ErrorKind::ResourceExhausted,
             Self::DeadlinePassed | Self::ExplanationTimeLimit => ErrorKind::DeadlineExceeded,
@@ -99,7 +111,11 @@ impl ServiceError for InferenceError {
             | Self::IntegrityMismatch(_)
             | Self::ResultAlreadySigned
             | Self::ResultContentChanged
-            | Self::IdempotencyKeyReused => ErrorKind::FailedPrecondition,
+            | Self::IdempotencyKeyReused
+            | Self::ValidationReportMissing { .. }
+            | Self::ValidationReportMismatch { .. }
+            | Self::ValidationReportInvalid(_)
+            | Self::RolloutStateInvalid(_) => ErrorKind::FailedPrecondition,
             Self::LifecycleConflict { .. } => ErrorKind::Aborted,
             Self::LedgerUnavailable | Self::InferenceUnrecorded => ErrorKind::Unavailable,
             Self::CallerUnknown | Self::RelayRefused => ErrorKind::PermissionDenied,
@@ -135,6 +151,11 @@ impl ServiceError for InferenceError {
             Self::ResultContentChanged => "RESULT_CONTENT_CHANGED",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::Store => "RESULTS_STORE_FAILED",
+            Self::ValidationReportMissing { .. } => "VALIDATION_REPORT_MISSING",
+            Self::ValidationReportMismatch { .. } => "VALIDATION_REPORT_MISMATCH",
+            Self::ValidationReportInvalid(_) => "VALIDATION_REPORT_INVALID",
+            Self::RolloutStateInvalid(_) => "ROLLOUT_STATE_INVALID",
+            Self::CanaryShareInvalid => "CANARY_SHARE_INVALID",
             Self::ExplanationGridInvalid(_) => "EXPLANATION_GRID_INVALID",
             Self::ExplanationsBusy => "EXPLANATIONS_BUSY",
             Self::ExplanationTimeLimit => "EXPLANATION_TIME_LIMIT",

@@ -147,7 +147,7 @@ impl Explainer {
         grid: (u32, u32),
         caller_deadline: Option<Instant>,
     ) -> Result<OcclusionMap, InferenceError> {
-        let served = self.repository.select(name, version)?;
+        let served = self.repository.select_any(name, version)?;
         let manifest = served.manifest.clone();
         let plan = manifest.preprocessing.clone();
         let (rows, columns) = self.grid(grid.0, grid.1, plan.height, plan.width)?;

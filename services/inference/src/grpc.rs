@@ -6,13 +6,16 @@ use std::time::Instant;
 
 use medai_proto::inference::v1::inference_service_server::InferenceService;
 use medai_proto::inference::v1::{
-    ActivateModelVersionRequest, ActivateModelVersionResponse, GetResultRequest, GetResultResponse,
-    LabelProbability, ListModelsRequest, ListModelsResponse, ListResultsRequest,
-    ListResultsResponse, ModelChange, ModelChangeOutcome, ModelVersionInfo, PredictRequest,
-    PredictResponse, RecordDeliveryRequest, RecordDeliveryResponse, ResultSignature,
-    RetireModelVersionRequest, RetireModelVersionResponse, RollbackModelRequest,
-    RollbackModelResponse, SignResultRequest, SignResultResponse, StageModelVersionRequest,
-    StageModelVersionResponse, StoredResult as StoredResultMessage,
+    AbortCanaryRequest, AbortCanaryResponse, ActivateModelVersionRequest,
+    ActivateModelVersionResponse, GetModelReportRequest, GetModelReportResponse, GetResultRequest,
+    GetResultResponse, LabelCount, LabelProbability, ListModelsRequest, ListModelsResponse,
+    ListResultsRequest, ListResultsResponse, ModelChange, ModelChangeOutcome, ModelReport,
+    ModelVersionInfo, PredictRequest, PredictResponse, PromoteCanaryRequest, PromoteCanaryResponse,
+    RecordDeliveryRequest, RecordDeliveryResponse, ResultSignature, RetireModelVersionRequest,
+    RetireModelVersionResponse, RollbackModelRequest, RollbackModelResponse, SignResultRequest,
+    SignResultResponse, StageModelVersionRequest, StageModelVersionResponse, StartCanaryRequest,
+    StartCanaryResponse, StartShadowRequest, StartShadowResponse, StopShadowRequest,
+    StopShadowResponse, StoredResult as StoredResultMessage,
 };
 use medai_proto::inference::v1::{
     ConfidenceBand, ExplainResultRequest, ExplainResultResponse, Explanation, ExplanationRecord,
@@ -31,9 +34,14 @@ use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
 use crate::repository::VersionView;
 use crate::results::{
-    CONTENT_HASH_VERSION, PRELIMINARY, ResultFilter, ResultsStore, SIGNED, Signature,
-    StoredExplanation, StoredResult, format_timestamp, now_micros, parse_timestamp,
+    ResultFilter, ResultsStore, SIGNED, Signature, StoredExplanation, StoredResult,
+    format_timestamp, now_micros, parse_timestamp,
 };
+use crate::rollout::{Route, summarize};
+use crate::shadow::{ShadowJob, ShadowQueue};
+
+/// Results a model report is computed over: the version's most recent ones.
+const REPORT_WINDOW: u64 = 10_000;
 
 /// Longest free-text reason kept with a lifecycle change.
 const MAX_REASON_CHARS: usize = 500;
@@ -43,6 +51,7 @@ pub struct InferenceApi {
     pub explainer: Arc<Explainer>,
     pub results: ResultsStore,
     pub lifecycle: Arc<Lifecycle>,
+    pub shadow: ShadowQueue,
 }
 
 fn probabilities_message(probabilities: &[(String, f32)]) -> Vec<LabelProbability> {
@@ -154,6 +163,9 @@ fn result_message(result: StoredResult) -> Result<StoredResultMessage, Inference
         unusual_case,
         explanations: Vec::new(),
         content_hash_version: u32::try_from(result.content_hash_version).unwrap_or_default(),
+        route: result.route,
+        shadow_of_result_id: result.shadow_of_result_id,
+        shadow_agreement: result.shadow_agreement,
     })
 }
 
@@ -177,6 +189,7 @@ fn replayed_response(result: StoredResult) -> Result<PredictResponse, InferenceE
         ledger_seq: u64::try_from(result.ledger_seq).unwrap_or_default(),
         uncertainty,
         unusual_case,
+        route: result.route,
     })
 }
 
@@ -188,6 +201,11 @@ fn version_message(view: VersionView) -> ModelVersionInfo {
         ready: view.ready,
         sha256: view.sha256,
         intended_use: view.intended_use,
+        rollout_role: view
+            .rollout_role
+            .map(|role| role.as_str().to_owned())
+            .unwrap_or_default(),
+        share_percent: view.share_percent,
     }
 }
 
@@ -264,56 +282,42 @@ impl InferenceApi {
         prediction: &Prediction,
         result_id: String,
     ) -> Result<(StoredResult, bool), InferenceError> {
-        let (top_label, confidence) = prediction.top().cloned().unwrap_or_default();
-        let probabilities_json =
-            serde_json::to_string(&prediction.probabilities).map_err(|_| InferenceError::Store)?;
-        self.results
-            .insert(StoredResult {
-                result_id,
-                model_name: prediction.model_name.clone(),
-                model_version: prediction.model_version.clone(),
-                model_sha256: prediction.model_sha256.clone(),
-                image_sha256: request.image_sha256.clone(),
-                patient_key: request.patient_key.clone(),
-                probabilities_json,
-                top_label,
-                confidence: f64::from(confidence),
-                decision_threshold: f64::from(prediction.decision_threshold),
-                decision: prediction.decision().to_owned(),
-                latency_ms: prediction.latency.as_secs_f64() * 1000.0,
-                created_at: now_micros(),
-                status: PRELIMINARY.to_owned(),
-                idempotency_key: (!request.idempotency_key.is_empty())
-                    .then(|| request.idempotency_key.clone()),
-                intended_use: prediction.intended_use.clone(),
-                content_sha256: String::new(),
-                ledger_seq: 0,
-                signer_subject: String::new(),
-                signer_name: String::new(),
-                signature_meaning: String::new(),
-                signature_reason: String::new(),
-                signed_at: 0,
-                signature_ledger_seq: 0,
-                content_hash_version: CONTENT_HASH_VERSION,
-                normalized_entropy: f64::from(prediction.uncertainty.normalized_entropy),
-                top2_margin: f64::from(prediction.uncertainty.top2_margin),
-                temperature: f64::from(prediction.uncertainty.temperature),
-                ood_score: f64::from(prediction.uncertainty.ood_score),
-                ood_threshold: f64::from(prediction.uncertainty.ood_threshold),
-                confidence_band_lower: prediction
-                    .uncertainty
-                    .confidence_band
-                    .map(|(lower, _)| f64::from(lower)),
-                confidence_band_upper: prediction
-                    .uncertainty
-                    .confidence_band
-                    .map(|(_, upper)| f64::from(upper)),
-                unusual_case: !prediction.unusual_case_reasons.is_empty(),
-                unusual_case_reasons_json: serde_json::to_string(&prediction.unusual_case_reasons)
-                    .map_err(|_| InferenceError::Store)?,
-            })
-            .await
+        let row = prediction.to_row(
+            result_id,
+            &request.image_sha256,
+            &request.patient_key,
+            (!request.idempotency_key.is_empty()).then(|| request.idempotency_key.clone()),
+        )?;
+        self.results.insert(row).await
     }
+
+    /// One lifecycle change asked for by `request`.
+    async fn change<T>(
+        &self,
+        request: &Request<T>,
+        change: Option<&ModelChange>,
+        kind: ChangeKind,
+    ) -> Result<Option<ModelChangeOutcome>, InferenceError> {
+        let (change, who) = change_request(request, change)?;
+        let done = self
+            .lifecycle
+            .change(kind, &change.model_name, &change.model_version, &who)
+            .await?;
+        Ok(outcome(done))
+    }
+}
+
+/// What a request is routed by: its idempotency key, else its image's SHA-256 (computed from
+/// the pixels when the caller sent none), so a resend routes the same way.
+fn routing_key(request: &PredictRequest, pixels: &[u8]) -> Vec<u8> {
+    if !request.idempotency_key.is_empty() {
+        return request.idempotency_key.as_bytes().to_vec();
+    }
+    if !request.image_sha256.is_empty() {
+        return request.image_sha256.as_bytes().to_vec();
+    }
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(pixels)).into_bytes()
 }
 
 #[tonic::async_trait]
@@ -323,6 +327,10 @@ impl InferenceService for InferenceApi {
         request: Request<PredictRequest>,
     ) -> Result<Response<PredictResponse>, Status> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
+        let actor = Caller::of(&request)
+            .map(|caller| caller.actor())
+            .unwrap_or_default();
+        let correlation_id = medai_runtime::correlation::correlation_id(request.metadata());
         let mut request = request.into_inner();
         check_result_fields(&request)?;
         let image = request.image.take().ok_or(InferenceError::ImageMissing)?;
@@ -354,11 +362,19 @@ impl InferenceService for InferenceApi {
         {
             return Ok(Response::new(replayed_response(stored)?));
         }
+        let key = routing_key(&request, &input.pixels);
+        // A copy for the shadow, taken only when the model has one.
+        let shadow = self
+            .lifecycle
+            .repository
+            .shadow(&request.model_name)
+            .map(|served| (served, input.clone(), domain.clone()));
         let prediction = self
             .predictor
             .predict(
                 &request.model_name,
                 &request.model_version,
+                &key,
                 input,
                 &domain,
                 deadline,
@@ -374,7 +390,24 @@ impl InferenceService for InferenceApi {
             return Ok(Response::new(replayed_response(stored)?));
         }
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
+        // The shadow runs beside the active version only; a canary's answer is not compared.
+        if let Some((served, image, domain)) = shadow
+            && prediction.route == Route::Active
+        {
+            self.shadow.offer(ShadowJob {
+                served,
+                image,
+                domain,
+                active_result_id: result_id.clone(),
+                active_top_label: top_label.clone(),
+                image_sha256: request.image_sha256.clone(),
+                patient_key: request.patient_key.clone(),
+                actor,
+                correlation_id,
+            });
+        }
         Ok(Response::new(PredictResponse {
+            route: prediction.route.as_str().to_owned(),
             uncertainty: Some(uncertainty_message(&prediction.uncertainty)),
             unusual_case: Some(unusual_case_message(&prediction.unusual_case_reasons)),
             probabilities: probabilities_message(&prediction.probabilities),
@@ -608,70 +641,182 @@ impl InferenceService for InferenceApi {
         &self,
         request: Request<StageModelVersionRequest>,
     ) -> Result<Response<StageModelVersionResponse>, Status> {
-        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
-        let done = self
-            .lifecycle
+        let outcome = self
             .change(
+                &request,
+                request.get_ref().change.as_ref(),
                 ChangeKind::Stage,
-                &change.model_name,
-                &change.model_version,
-                &who,
             )
             .await?;
-        Ok(Response::new(StageModelVersionResponse {
-            outcome: outcome(done),
-        }))
+        Ok(Response::new(StageModelVersionResponse { outcome }))
     }
 
     async fn activate_model_version(
         &self,
         request: Request<ActivateModelVersionRequest>,
     ) -> Result<Response<ActivateModelVersionResponse>, Status> {
-        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
-        let done = self
-            .lifecycle
+        let outcome = self
             .change(
+                &request,
+                request.get_ref().change.as_ref(),
                 ChangeKind::Activate,
-                &change.model_name,
-                &change.model_version,
-                &who,
             )
             .await?;
-        Ok(Response::new(ActivateModelVersionResponse {
-            outcome: outcome(done),
-        }))
+        Ok(Response::new(ActivateModelVersionResponse { outcome }))
     }
 
     async fn retire_model_version(
         &self,
         request: Request<RetireModelVersionRequest>,
     ) -> Result<Response<RetireModelVersionResponse>, Status> {
-        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
-        let done = self
-            .lifecycle
+        let outcome = self
             .change(
+                &request,
+                request.get_ref().change.as_ref(),
                 ChangeKind::Retire,
-                &change.model_name,
-                &change.model_version,
-                &who,
             )
             .await?;
-        Ok(Response::new(RetireModelVersionResponse {
-            outcome: outcome(done),
-        }))
+        Ok(Response::new(RetireModelVersionResponse { outcome }))
     }
 
     async fn rollback_model(
         &self,
         request: Request<RollbackModelRequest>,
     ) -> Result<Response<RollbackModelResponse>, Status> {
-        let (change, who) = change_request(&request, request.get_ref().change.as_ref())?;
-        let done = self
-            .lifecycle
-            .change(ChangeKind::Rollback, &change.model_name, "", &who)
+        let mut change = request.get_ref().change.clone().unwrap_or_default();
+        change.model_version.clear();
+        let outcome = self
+            .change(&request, Some(&change), ChangeKind::Rollback)
             .await?;
-        Ok(Response::new(RollbackModelResponse {
-            outcome: outcome(done),
+        Ok(Response::new(RollbackModelResponse { outcome }))
+    }
+
+    async fn start_canary(
+        &self,
+        request: Request<StartCanaryRequest>,
+    ) -> Result<Response<StartCanaryResponse>, Status> {
+        let kind = ChangeKind::StartCanary {
+            share_percent: request.get_ref().share_percent,
+        };
+        let outcome = self
+            .change(&request, request.get_ref().change.as_ref(), kind)
+            .await?;
+        Ok(Response::new(StartCanaryResponse { outcome }))
+    }
+
+    async fn promote_canary(
+        &self,
+        request: Request<PromoteCanaryRequest>,
+    ) -> Result<Response<PromoteCanaryResponse>, Status> {
+        let outcome = self
+            .change(
+                &request,
+                request.get_ref().change.as_ref(),
+                ChangeKind::PromoteCanary,
+            )
+            .await?;
+        Ok(Response::new(PromoteCanaryResponse { outcome }))
+    }
+
+    async fn abort_canary(
+        &self,
+        request: Request<AbortCanaryRequest>,
+    ) -> Result<Response<AbortCanaryResponse>, Status> {
+        let outcome = self
+            .change(
+                &request,
+                request.get_ref().change.as_ref(),
+                ChangeKind::AbortCanary,
+            )
+            .await?;
+        Ok(Response::new(AbortCanaryResponse { outcome }))
+    }
+
+    async fn start_shadow(
+        &self,
+        request: Request<StartShadowRequest>,
+    ) -> Result<Response<StartShadowResponse>, Status> {
+        let outcome = self
+            .change(
+                &request,
+                request.get_ref().change.as_ref(),
+                ChangeKind::StartShadow,
+            )
+            .await?;
+        Ok(Response::new(StartShadowResponse { outcome }))
+    }
+
+    async fn stop_shadow(
+        &self,
+        request: Request<StopShadowRequest>,
+    ) -> Result<Response<StopShadowResponse>, Status> {
+        let outcome = self
+            .change(
+                &request,
+                request.get_ref().change.as_ref(),
+                ChangeKind::StopShadow,
+            )
+            .await?;
+        Ok(Response::new(StopShadowResponse { outcome }))
+    }
+
+    async fn get_model_report(
+        &self,
+        request: Request<GetModelReportRequest>,
+    ) -> Result<Response<GetModelReportResponse>, Status> {
+        let request = request.into_inner();
+        let repository = &self.lifecycle.repository;
+        let view = repository
+            .view(&request.model_name, &request.model_version)
+            .ok_or_else(|| InferenceError::VersionUnknown {
+                name: request.model_name.clone(),
+                version: request.model_version.clone(),
+            })?;
+        let (report, research_use_only, labels) =
+            repository.validation_report(&request.model_name, &request.model_version)?;
+        let rows = self
+            .results
+            .version_figures(&request.model_name, &request.model_version, REPORT_WINDOW)
+            .await?;
+        let summary = summarize(
+            &rows,
+            &labels,
+            report.as_ref().map(|checked| &checked.report.reference),
+        );
+        let role = if view.ready && view.rollout_role.is_none() {
+            Route::Active.as_str().to_owned()
+        } else {
+            view.rollout_role
+                .map(|role| role.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let counts = |pairs: Vec<(String, u64)>| {
+            pairs
+                .into_iter()
+                .map(|(label, count)| LabelCount { label, count })
+                .collect()
+        };
+        Ok(Response::new(GetModelReportResponse {
+            report: Some(ModelReport {
+                model_name: view.name,
+                model_version: view.version,
+                role,
+                share_percent: view.share_percent,
+                predictions: summary.predictions,
+                window: u32::try_from(REPORT_WINDOW).unwrap_or(u32::MAX),
+                routes: counts(summary.routes),
+                labels: counts(summary.labels),
+                mean_confidence: summary.mean_confidence,
+                latency_p50_ms: summary.latency_p50_ms,
+                latency_p99_ms: summary.latency_p99_ms,
+                shadow_compared: summary.shadow_compared,
+                shadow_agreements: summary.shadow_agreements,
+                validation_report_sha256: report.map(|checked| checked.sha256).unwrap_or_default(),
+                research_use_only,
+                has_reference: summary.psi.is_some(),
+                label_psi: summary.psi.map_or(0.0, |psi| psi.0),
+                confidence_psi: summary.psi.map_or(0.0, |psi| psi.1),
+            }),
         }))
     }
 }

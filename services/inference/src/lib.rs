@@ -19,6 +19,8 @@ pub mod predict;
 pub mod preprocess;
 pub mod repository;
 pub mod results;
+pub mod rollout;
+pub mod shadow;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -79,6 +81,12 @@ pub fn peer_policy() -> PeerPolicy {
         "ActivateModelVersion",
         "RetireModelVersion",
         "RollbackModel",
+        "StartCanary",
+        "PromoteCanary",
+        "AbortCanary",
+        "StartShadow",
+        "StopShadow",
+        "GetModelReport",
     ]
     .iter()
     .fold(gateway_only, |policy, method| {
@@ -151,6 +159,7 @@ pub async fn serve_reporting(
     served: ServedModels,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    rollout::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let results =
         results::ResultsStore::connect_with(&config.database_url, config.process.run_migrations)
@@ -184,11 +193,25 @@ pub async fn serve_reporting(
         .set_serving::<InferenceServiceServer<grpc::InferenceApi>>()
         .await;
     let ledger = medai_ledger_client::LedgerClient::new(audit);
+    let figures = Arc::new(rollout::RolloutFigures::default());
+    let predictor = Arc::new(predict::Predictor {
+        repository: repository.clone(),
+        figures: figures.clone(),
+    });
+    let (shadow, shadow_worker) = shadow::start(
+        config.runtime.shadow_queue_capacity,
+        shadow::ShadowRunner {
+            predictor: predictor.clone(),
+            results: results.clone(),
+            ledger: ledger.clone(),
+            figures,
+        },
+    );
+    let _stop_shadow = AbortOnDrop(shadow_worker);
     let api = InferenceServiceServer::new(grpc::InferenceApi {
-        predictor: Arc::new(predict::Predictor {
-            repository: repository.clone(),
-        }),
+        predictor,
         explainer: Arc::new(explain::Explainer::new(repository.clone(), &config.runtime)),
+        shadow,
         results,
         lifecycle: Arc::new(lifecycle::Lifecycle {
             repository: repository.clone(),

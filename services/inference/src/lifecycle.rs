@@ -33,7 +33,7 @@ pub struct Lifecycle {
     pub store: LifecycleStore,
 }
 
-/// The four changes to what is served.
+/// The changes to what is served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
     Stage,
@@ -41,6 +41,14 @@ pub enum ChangeKind {
     Retire,
     /// Back to the version active before the current one (the version named is ignored).
     Rollback,
+    /// A canary answering this percent of the requests that name no version.
+    StartCanary {
+        share_percent: u32,
+    },
+    PromoteCanary,
+    AbortCanary,
+    StartShadow,
+    StopShadow,
 }
 
 impl Lifecycle {
@@ -64,6 +72,15 @@ impl Lifecycle {
             ChangeKind::Activate => repository.plan_activate(name, version).await?,
             ChangeKind::Retire => repository.plan_retire(name, version).await?,
             ChangeKind::Rollback => repository.plan_rollback(name).await?,
+            ChangeKind::StartCanary { share_percent } => {
+                repository
+                    .plan_start_canary(name, version, share_percent)
+                    .await?
+            }
+            ChangeKind::PromoteCanary => repository.plan_promote_canary(name, version).await?,
+            ChangeKind::AbortCanary => repository.plan_abort_canary(name, version).await?,
+            ChangeKind::StartShadow => repository.plan_start_shadow(name, version).await?,
+            ChangeKind::StopShadow => repository.plan_stop_shadow(name, version).await?,
         };
         self.commit(change, request).await
     }
@@ -95,6 +112,7 @@ impl Lifecycle {
                 change.base_revision,
                 &change.versions,
                 &change.history,
+                &change.rollout,
             )
             .await
             .map_err(store_error)?;
@@ -102,6 +120,7 @@ impl Lifecycle {
             "model": change.name,
             "version": change.version,
             "previously_served": change.previously_served,
+            "rollout": change.rollout,
             "via": request.caller.service,
             "reason": request.reason,
             "correlation_id": request.correlation_id,

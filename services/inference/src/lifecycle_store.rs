@@ -27,6 +27,7 @@ use sea_orm::{
 };
 
 use crate::manifest::ModelStatus;
+use crate::rollout::Rollout;
 
 pub mod lifecycle_row {
     use sea_orm::entity::prelude::*;
@@ -48,6 +49,10 @@ pub mod lifecycle_row {
         pub ledger_seq: i64,
         /// Unix microseconds, UTC.
         pub updated_at: i64,
+        /// The canary and shadow roles (issue 18): `{"canary": {"version": …,
+        /// "share_percent": …}, "shadow": …}`, `{}` when none (m0004).
+        #[sea_orm(column_type = "Text")]
+        pub rollout_json: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -62,6 +67,7 @@ pub struct LifecycleState {
     pub revision: i64,
     pub versions: BTreeMap<String, ModelStatus>,
     pub history: Vec<String>,
+    pub rollout: Rollout,
 }
 
 impl LifecycleState {
@@ -119,6 +125,7 @@ impl LifecycleStore {
             history_json: ActiveValue::Set(encode(history)),
             ledger_seq: ActiveValue::Set(0),
             updated_at: ActiveValue::Set(crate::results::now_micros()),
+            rollout_json: ActiveValue::Set(encode(&Rollout::default())),
         };
         match lifecycle_row::Entity::insert(row)
             .exec(&self.connection)
@@ -161,6 +168,7 @@ impl LifecycleStore {
         base_revision: i64,
         versions: &BTreeMap<String, ModelStatus>,
         history: &[String],
+        rollout: &Rollout,
     ) -> Result<PendingChange, LifecycleStoreError> {
         use lifecycle_row::Column;
         let conflict = || LifecycleStoreError::Conflict {
@@ -176,6 +184,7 @@ impl LifecycleStore {
                 history_json: ActiveValue::Set(encode(history)),
                 ledger_seq: ActiveValue::Set(0),
                 updated_at: ActiveValue::Set(now),
+                rollout_json: ActiveValue::Set(encode(rollout)),
             };
             return match lifecycle_row::Entity::insert(row).exec(&transaction).await {
                 Ok(_) => Ok(PendingChange {
@@ -205,6 +214,7 @@ impl LifecycleStore {
             .col_expr(Column::Revision, Expr::value(base_revision + 1))
             .col_expr(Column::VersionsJson, Expr::value(encode(versions)))
             .col_expr(Column::HistoryJson, Expr::value(encode(history)))
+            .col_expr(Column::RolloutJson, Expr::value(encode(rollout)))
             .col_expr(Column::UpdatedAt, Expr::value(now))
             .filter(Column::ModelName.eq(name))
             .filter(Column::Revision.eq(base_revision))
@@ -260,6 +270,7 @@ fn decode_row(row: lifecycle_row::Model) -> Result<LifecycleState, LifecycleStor
         revision: row.revision,
         versions: serde_json::from_str(&row.versions_json).map_err(corrupt)?,
         history: serde_json::from_str(&row.history_json).map_err(corrupt)?,
+        rollout: serde_json::from_str(&row.rollout_json).map_err(corrupt)?,
     })
 }
 
@@ -291,6 +302,15 @@ pub(crate) mod migration {
     }
 
     pub struct CreateModelLifecycle;
+
+    /// The canary and shadow roles of each model (issue 18); `{}` for rows written before.
+    pub(crate) fn rollout_column() -> ColumnDef {
+        ColumnDef::new(Alias::new("rollout_json"))
+            .text()
+            .not_null()
+            .default("{}")
+            .to_owned()
+    }
 
     impl MigrationName for CreateModelLifecycle {
         fn name(&self) -> &str {

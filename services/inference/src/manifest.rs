@@ -34,6 +34,27 @@ pub struct ModelManifest {
     /// Intended use in machine terms and figures from the validation report (issue 18).
     #[serde(default)]
     pub decision_support: crate::decision_support::DecisionSupport,
+    /// True when the version may only be used for research: it may then be activated without
+    /// a validation report (issue 18).
+    #[serde(default)]
+    pub research_use_only: bool,
+    /// The version's validation report (dataset, metrics, intended use, reference
+    /// distributions), checked against its SHA-256 before activation or a canary.
+    #[serde(default)]
+    pub validation_report: Option<ValidationReportFile>,
+    /// The report itself, read and checked when the version is loaded to be served.
+    #[serde(skip)]
+    pub validation: Option<crate::rollout::CheckedReport>,
+}
+
+/// Where a version's validation report is, and its hash.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationReportFile {
+    /// Relative to the manifest's folder.
+    pub file: String,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
 }
 
 /// How ONNX Runtime runs this model.
@@ -192,6 +213,21 @@ impl ModelManifest {
             return Err("execution.intra_op_threads must lie in 1..=256".to_owned());
         }
         self.decision_support.check()?;
+        if let Some(report) = &self.validation_report {
+            let plain = !report.file.is_empty()
+                && !report.file.contains('/')
+                && !report.file.starts_with('.');
+            if !plain {
+                return Err(
+                    "validation_report.file must be a file name in the version folder".to_owned(),
+                );
+            }
+            if report.sha256.len() != 64
+                || !report.sha256.bytes().all(|byte| byte.is_ascii_hexdigit())
+            {
+                return Err("validation_report.sha256 must be 64 hex digits".to_owned());
+            }
+        }
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|byte| byte.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex digits".to_owned());
         }

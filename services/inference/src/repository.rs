@@ -23,6 +23,10 @@ use crate::error::InferenceError;
 use crate::lifecycle_store::LifecycleState;
 use crate::manifest::{ManifestError, ModelManifest, ModelStatus};
 use crate::model::{ModelError, VerifiedModel, open_sessions};
+use crate::rollout::{
+    Canary, CheckedReport, Rollout, Route, read_validation_report, require_validation_report,
+    routes_to_canary,
+};
 
 const HISTORY_FILE: &str = "activation-history";
 
@@ -52,6 +56,10 @@ struct ModelEntry {
     history: Vec<String>,
     /// The lifecycle store's revision this entry shows; 0 until the store was read.
     revision: i64,
+    /// The canary and shadow roles, and the versions serving them.
+    rollout: Rollout,
+    canary: Option<Arc<ServedVersion>>,
+    shadow: Option<Arc<ServedVersion>>,
 }
 
 /// One version as listed by ListModels and KServe's readiness calls.
@@ -63,6 +71,10 @@ pub struct VersionView {
     pub ready: bool,
     pub sha256: String,
     pub intended_use: String,
+    /// CANARY or SHADOW while the version holds that role.
+    pub rollout_role: Option<Route>,
+    /// The canary's share, percent; 0 otherwise.
+    pub share_percent: u32,
 }
 
 pub struct ModelRepository {
@@ -91,6 +103,11 @@ pub struct PlannedChange {
     serving: Option<Option<Arc<ServedVersion>>>,
     /// A version staging adds to the listing.
     new_version: Option<VersionEntry>,
+    /// The canary and shadow roles after the change.
+    pub rollout: Rollout,
+    /// `Some(new)` replaces the version serving the canary or shadow role.
+    canary_serving: Option<Option<Arc<ServedVersion>>>,
+    shadow_serving: Option<Option<Arc<ServedVersion>>>,
 }
 
 impl ModelRepository {
@@ -161,7 +178,9 @@ impl ModelRepository {
                 let sessions =
                     open_sessions(environment, &active.manifest, &active.folder, settings)?;
                 tracing::info!(model = %active.manifest.name, version = %active.manifest.version, sha256 = %active.manifest.sha256, "model loaded");
-                entry.serving = Some(repository.start_version(active.manifest.clone(), sessions));
+                let mut manifest = active.manifest.clone();
+                manifest.validation = validation_of(&manifest, &active.folder);
+                entry.serving = Some(repository.start_version(manifest, sessions));
             }
         }
         Ok(repository)
@@ -203,7 +222,7 @@ impl ModelRepository {
     /// error is returned and the revision is left as it was, so the next catch-up tries again.
     /// Call with [`Self::lock_changes`] held.
     pub async fn follow(&self, name: &str, state: &LifecycleState) -> Result<(), RepositoryError> {
-        let (known, serving) = {
+        let (known, serving, canary, shadow) = {
             let models = self.read_models();
             let entry = models.get(name);
             (
@@ -211,7 +230,17 @@ impl ModelRepository {
                     .map(|entry| entry.versions.clone())
                     .unwrap_or_default(),
                 entry.and_then(|entry| entry.serving.clone()),
+                entry.and_then(|entry| entry.canary.clone()),
+                entry.and_then(|entry| entry.shadow.clone()),
             )
+        };
+        // A version already loaded in some role (a promoted canary) is not loaded again.
+        let loaded = |version: &str| {
+            [&serving, &canary, &shadow]
+                .into_iter()
+                .flatten()
+                .find(|served| served.manifest.version == version)
+                .cloned()
         };
         let mut versions = BTreeMap::new();
         for (version, status) in &state.versions {
@@ -235,7 +264,9 @@ impl ModelRepository {
             .map(|served| served.manifest.version.clone());
         let mut load_error = None;
         let new_serving = if wanted == served_now {
-            serving
+            serving.clone()
+        } else if let Some(already) = wanted.as_deref().and_then(loaded) {
+            Some(already)
         } else if let Some(wanted) = wanted {
             match versions.get(&wanted) {
                 Some(listed) => match self.start_loaded(listed.clone()).await {
@@ -260,10 +291,24 @@ impl ModelRepository {
             tracing::info!(model = %name, revision = state.revision, "no version is active in the lifecycle store; serving none");
             None
         };
+        let wanted_canary = state
+            .rollout
+            .canary
+            .as_ref()
+            .map(|canary| canary.version.clone());
+        let new_canary = self
+            .follow_role(name, wanted_canary.as_deref(), &versions, &loaded)
+            .await;
+        let new_shadow = self
+            .follow_role(name, state.rollout.shadow.as_deref(), &versions, &loaded)
+            .await;
         let mut models = self.write_models();
         let entry = models.entry(name.to_owned()).or_default();
         // In-flight requests hold the old version's handle and finish on it.
         entry.serving = new_serving;
+        entry.canary = new_canary;
+        entry.shadow = new_shadow;
+        entry.rollout = state.rollout.clone();
         if let Some(error) = load_error {
             tracing::error!(model = %name, error = %error, "the active version cannot be served; the model is not served until it can be");
             return Err(error);
@@ -272,6 +317,33 @@ impl ModelRepository {
         entry.history = state.history.clone();
         entry.revision = state.revision;
         Ok(())
+    }
+
+    /// The version to serve in a canary or shadow role: the one loaded already, else loaded
+    /// now. A role whose version cannot be loaded is served by none (logged); the active
+    /// version keeps answering everything.
+    async fn follow_role(
+        &self,
+        name: &str,
+        wanted: Option<&str>,
+        versions: &BTreeMap<String, VersionEntry>,
+        loaded: &impl Fn(&str) -> Option<Arc<ServedVersion>>,
+    ) -> Option<Arc<ServedVersion>> {
+        let wanted = wanted?;
+        if let Some(already) = loaded(wanted) {
+            return Some(already);
+        }
+        let Some(listed) = versions.get(wanted) else {
+            tracing::error!(model = %name, version = %wanted, "a rollout role names a version the repository does not have; the role is not served");
+            return None;
+        };
+        match self.start_loaded(listed.clone()).await {
+            Ok(served) => Some(served),
+            Err(error) => {
+                tracing::error!(model = %name, version = %wanted, error = %error, "a rollout role's version cannot be loaded; the role is not served");
+                None
+            }
+        }
     }
 
     /// Whether any model has a version being served.
@@ -302,6 +374,98 @@ impl ModelRepository {
         Ok(served)
     }
 
+    /// Which version answers a request for `name`: the named one if it is the active version or
+    /// the canary; else the canary when the routing key falls in its share, else the active
+    /// version.
+    pub fn route(
+        &self,
+        name: &str,
+        version: &str,
+        routing_key: &[u8],
+    ) -> Result<(Arc<ServedVersion>, Route), InferenceError> {
+        let models = self.read_models();
+        let entry = models
+            .get(name)
+            .filter(|entry| entry.serving.is_some())
+            .ok_or_else(|| InferenceError::ModelNotFound {
+                name: name.to_owned(),
+            })?;
+        let active = entry
+            .serving
+            .clone()
+            .ok_or_else(|| InferenceError::ModelNotFound {
+                name: name.to_owned(),
+            })?;
+        let canary = entry.canary.clone().zip(entry.rollout.canary.clone());
+        if !version.is_empty() {
+            if active.manifest.version == version {
+                return Ok((active, Route::Active));
+            }
+            if let Some((served, _)) =
+                canary.filter(|(served, _)| served.manifest.version == version)
+            {
+                return Ok((served, Route::Canary));
+            }
+            return Err(InferenceError::VersionNotServed {
+                name: name.to_owned(),
+                version: version.to_owned(),
+            });
+        }
+        match canary {
+            Some((served, Canary { share_percent, .. }))
+                if routes_to_canary(name, routing_key, share_percent) =>
+            {
+                Ok((served, Route::Canary))
+            }
+            _ => Ok((active, Route::Active)),
+        }
+    }
+
+    /// The version shadowing `name`, if any.
+    pub fn shadow(&self, name: &str) -> Option<Arc<ServedVersion>> {
+        self.read_models().get(name)?.shadow.clone()
+    }
+
+    /// A version of `name` serving in any role (active, canary or shadow): what explains one
+    /// of its results.
+    pub fn select_any(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<ServedVersion>, InferenceError> {
+        let models = self.read_models();
+        let entry = models
+            .get(name)
+            .ok_or_else(|| InferenceError::ModelNotFound {
+                name: name.to_owned(),
+            })?;
+        [&entry.serving, &entry.canary, &entry.shadow]
+            .into_iter()
+            .flatten()
+            .find(|served| version.is_empty() || served.manifest.version == version)
+            .cloned()
+            .ok_or_else(|| InferenceError::VersionNotServed {
+                name: name.to_owned(),
+                version: version.to_owned(),
+            })
+    }
+
+    /// The validation report `version` of `name` names, checked, and whether its manifest
+    /// says research use only; and the model's labels.
+    pub fn validation_report(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<(Option<CheckedReport>, bool, Vec<String>), InferenceError> {
+        let entry = self.version_entry(name, version)?;
+        let report = read_validation_report(&entry.manifest, &entry.folder)?;
+        Ok((
+            report,
+            entry.manifest.research_use_only,
+            entry.manifest.labels.clone(),
+        ))
+    }
+
     /// Every version of every model, in name and version order.
     pub fn list(&self) -> Vec<VersionView> {
         let models = self.read_models();
@@ -312,13 +476,31 @@ impl ModelRepository {
                     .serving
                     .as_ref()
                     .map(|served| served.manifest.version.clone());
-                entry.versions.values().map(move |version| VersionView {
-                    name: version.manifest.name.clone(),
-                    version: version.manifest.version.clone(),
-                    status: version.manifest.status,
-                    ready: serving.as_deref() == Some(version.manifest.version.as_str()),
-                    sha256: version.manifest.sha256.clone(),
-                    intended_use: version.manifest.intended_use.clone(),
+                let rollout = &entry.rollout;
+                let loaded = [&entry.canary, &entry.shadow]
+                    .into_iter()
+                    .flatten()
+                    .map(|served| served.manifest.version.clone())
+                    .collect::<Vec<_>>();
+                entry.versions.values().map(move |version| {
+                    let role = rollout.role_of(&version.manifest.version);
+                    VersionView {
+                        name: version.manifest.name.clone(),
+                        version: version.manifest.version.clone(),
+                        status: version.manifest.status,
+                        ready: serving.as_deref() == Some(version.manifest.version.as_str())
+                            || (role.is_some() && loaded.contains(&version.manifest.version)),
+                        sha256: version.manifest.sha256.clone(),
+                        intended_use: version.manifest.intended_use.clone(),
+                        rollout_role: role,
+                        share_percent: match role {
+                            Some(Route::Canary) => rollout
+                                .canary
+                                .as_ref()
+                                .map_or(0, |canary| canary.share_percent),
+                            _ => 0,
+                        },
+                    }
                 })
             })
             .collect()
@@ -397,8 +579,10 @@ impl ModelRepository {
             ModelStatus::Retired => return Err(retired(name, version)),
             ModelStatus::Active => return Err(already(name, version, ModelStatus::Active)),
         }
+        require_validation_report(&entry.manifest, &entry.folder)?;
         let mut change = self.empty_change(name, version, "MODEL_ACTIVATE");
         change.history.push(version.to_owned());
+        change.leave_role(version);
         self.plan_swap(&mut change, entry).await?;
         Ok(change)
     }
@@ -418,6 +602,7 @@ impl ModelRepository {
             .versions
             .insert(version.to_owned(), ModelStatus::Retired);
         change.history.retain(|listed| listed != version);
+        change.leave_role(version);
         if entry.manifest.status == ModelStatus::Active {
             change.serving = Some(None);
         }
@@ -454,8 +639,174 @@ impl ModelRepository {
         let entry = versions[&target].clone();
         let mut change = self.empty_change(name, &target, "MODEL_ROLLBACK");
         change.history = remaining;
+        change.leave_role(&target);
         self.plan_swap(&mut change, entry).await?;
         Ok(change)
+    }
+
+    /// Plans a canary: a staged version, with a validation report (or research use only),
+    /// answering `share_percent` of the requests beside the active version.
+    pub async fn plan_start_canary(
+        &self,
+        name: &str,
+        version: &str,
+        share_percent: u32,
+    ) -> Result<PlannedChange, InferenceError> {
+        if !(1..=99).contains(&share_percent) {
+            return Err(InferenceError::CanaryShareInvalid);
+        }
+        let entry = self.version_entry(name, version)?;
+        require_validation_report(&entry.manifest, &entry.folder)?;
+        let mut change = self.plan_role_start(name, version, &entry, "MODEL_CANARY_START")?;
+        if change.rollout.canary.is_some() {
+            return Err(InferenceError::RolloutStateInvalid(format!(
+                "model {name} already has a canary; promote or abort it first"
+            )));
+        }
+        change.rollout.canary = Some(Canary {
+            version: version.to_owned(),
+            share_percent,
+        });
+        change.canary_serving = Some(Some(self.load_planned(entry).await?));
+        Ok(change)
+    }
+
+    /// Plans a shadow: a staged version run on a copy of every request, never delivered.
+    pub async fn plan_start_shadow(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<PlannedChange, InferenceError> {
+        let entry = self.version_entry(name, version)?;
+        let mut change = self.plan_role_start(name, version, &entry, "MODEL_SHADOW_START")?;
+        if change.rollout.shadow.is_some() {
+            return Err(InferenceError::RolloutStateInvalid(format!(
+                "model {name} already has a shadow; stop it first"
+            )));
+        }
+        change.rollout.shadow = Some(version.to_owned());
+        change.shadow_serving = Some(Some(self.load_planned(entry).await?));
+        Ok(change)
+    }
+
+    /// Plans the canary `version` becoming the active version (the active one returns to
+    /// staged); the canary's loaded sessions serve on, nothing is loaded again.
+    pub async fn plan_promote_canary(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<PlannedChange, InferenceError> {
+        let entry = self.version_entry(name, version)?;
+        let mut change = self.empty_change(name, version, "MODEL_CANARY_PROMOTE");
+        self.require_role(&change, name, version, Route::Canary)?;
+        require_validation_report(&entry.manifest, &entry.folder)?;
+        for status in change.versions.values_mut() {
+            if *status == ModelStatus::Active {
+                *status = ModelStatus::Staged;
+            }
+        }
+        change
+            .versions
+            .insert(version.to_owned(), ModelStatus::Active);
+        change.history.push(version.to_owned());
+        change.rollout.canary = None;
+        let loaded = self
+            .read_models()
+            .get(name)
+            .and_then(|model| model.canary.clone())
+            .filter(|served| served.manifest.version == version);
+        let served = match loaded {
+            Some(served) => served,
+            None => self.load_planned(entry).await?,
+        };
+        change.serving = Some(Some(served));
+        change.canary_serving = Some(None);
+        Ok(change)
+    }
+
+    /// Plans the end of the canary `version`: the active version answers everything again.
+    pub async fn plan_abort_canary(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<PlannedChange, InferenceError> {
+        let mut change = self.empty_change(name, version, "MODEL_CANARY_ABORT");
+        self.require_role(&change, name, version, Route::Canary)?;
+        change.rollout.canary = None;
+        change.canary_serving = Some(None);
+        Ok(change)
+    }
+
+    /// Plans the end of the shadow `version`.
+    pub async fn plan_stop_shadow(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<PlannedChange, InferenceError> {
+        let mut change = self.empty_change(name, version, "MODEL_SHADOW_STOP");
+        self.require_role(&change, name, version, Route::Shadow)?;
+        change.rollout.shadow = None;
+        change.shadow_serving = Some(None);
+        Ok(change)
+    }
+
+    fn require_role(
+        &self,
+        change: &PlannedChange,
+        name: &str,
+        version: &str,
+        role: Route,
+    ) -> Result<(), InferenceError> {
+        if change.rollout.role_of(version) == Some(role) {
+            return Ok(());
+        }
+        Err(InferenceError::RolloutStateInvalid(format!(
+            "version {version} is not the {} of model {name}",
+            role.as_str().to_lowercase()
+        )))
+    }
+
+    /// What starting a canary or shadow of `version` needs: a staged version holding no role,
+    /// beside an active version.
+    fn plan_role_start(
+        &self,
+        name: &str,
+        version: &str,
+        entry: &VersionEntry,
+        action: &'static str,
+    ) -> Result<PlannedChange, InferenceError> {
+        match entry.manifest.status {
+            ModelStatus::Staged => {}
+            ModelStatus::Retired => return Err(retired(name, version)),
+            ModelStatus::Active => {
+                return Err(InferenceError::RolloutStateInvalid(format!(
+                    "version {version} of model {name} is the active version"
+                )));
+            }
+        }
+        let change = self.empty_change(name, version, action);
+        if change.previously_served.is_none() {
+            return Err(InferenceError::RolloutStateInvalid(format!(
+                "model {name} has no active version to run beside"
+            )));
+        }
+        if let Some(role) = change.rollout.role_of(version) {
+            return Err(InferenceError::RolloutStateInvalid(format!(
+                "version {version} of model {name} is already the {}",
+                role.as_str().to_lowercase()
+            )));
+        }
+        Ok(change)
+    }
+
+    async fn load_planned(
+        &self,
+        entry: VersionEntry,
+    ) -> Result<Arc<ServedVersion>, InferenceError> {
+        self.start_loaded(entry).await.map_err(|error| match error {
+            RepositoryError::Model(error) => model_error(error),
+            other => InferenceError::LoadFailed(other.to_string()),
+        })
     }
 
     /// Makes a change the store holds at `revision` the one this process serves.
@@ -475,9 +826,16 @@ impl ModelRepository {
             }
             entry.history = change.history.clone();
             entry.revision = revision;
+            entry.rollout = change.rollout.clone();
             if let Some(serving) = change.serving.clone() {
                 // In-flight requests hold the old version's handle and finish on it.
                 entry.serving = serving;
+            }
+            if let Some(canary) = change.canary_serving.clone() {
+                entry.canary = canary;
+            }
+            if let Some(shadow) = change.shadow_serving.clone() {
+                entry.shadow = shadow;
             }
         }
         tracing::info!(model = %change.name, version = %change.version, action = change.action, revision, "model lifecycle change applied");
@@ -507,6 +865,9 @@ impl ModelRepository {
             history: entry.map(|entry| entry.history.clone()).unwrap_or_default(),
             serving: None,
             new_version: None,
+            rollout: entry.map(|entry| entry.rollout.clone()).unwrap_or_default(),
+            canary_serving: None,
+            shadow_serving: None,
         }
     }
 
@@ -524,13 +885,7 @@ impl ModelRepository {
         change
             .versions
             .insert(change.version.clone(), ModelStatus::Active);
-        let served = self
-            .start_loaded(entry)
-            .await
-            .map_err(|error| match error {
-                RepositoryError::Model(error) => model_error(error),
-                other => InferenceError::LoadFailed(other.to_string()),
-            })?;
+        let served = self.load_planned(entry).await?;
         change.serving = Some(Some(served));
         Ok(())
     }
@@ -544,6 +899,7 @@ impl ModelRepository {
         let settings = self.settings.clone();
         let mut manifest = entry.manifest.clone();
         manifest.status = ModelStatus::Active;
+        manifest.validation = validation_of(&manifest, &entry.folder);
         let load_manifest = manifest.clone();
         let sessions = tokio::task::spawn_blocking(move || {
             open_sessions(&environment, &load_manifest, &entry.folder, &settings)
@@ -607,6 +963,31 @@ impl ModelRepository {
         self.models
             .write()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl PlannedChange {
+    /// The version leaves whatever canary or shadow role it held (it is becoming active, or
+    /// retired); the role's sessions stop with it.
+    fn leave_role(&mut self, version: &str) {
+        match self.rollout.role_of(version) {
+            Some(Route::Canary) => self.canary_serving = Some(None),
+            Some(Route::Shadow) => self.shadow_serving = Some(None),
+            _ => return,
+        }
+        self.rollout = std::mem::take(&mut self.rollout).without(version);
+    }
+}
+
+/// The version's validation report for drift figures; a report that cannot be read is logged
+/// and leaves the version without a reference (activation refused it already if it mattered).
+fn validation_of(manifest: &ModelManifest, folder: &Path) -> Option<CheckedReport> {
+    match read_validation_report(manifest, folder) {
+        Ok(report) => report,
+        Err(error) => {
+            tracing::warn!(model = %manifest.name, version = %manifest.version, error = %error, "validation report not usable; no drift reference");
+            None
+        }
     }
 }
 

@@ -66,6 +66,12 @@ pub mod result_row {
         pub unusual_case: bool,
         #[sea_orm(column_type = "Text")]
         pub unusual_case_reasons_json: String,
+        /// ACTIVE, CANARY or SHADOW: which role of the model produced the row (rule 3).
+        pub route: String,
+        /// For a SHADOW row: the delivered result it ran beside, and AGREES or DISAGREES on the
+        /// top label; empty otherwise.
+        pub shadow_of_result_id: String,
+        pub shadow_agreement: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -101,7 +107,7 @@ pub mod explanation_row {
 pub use explanation_row::Model as StoredExplanation;
 
 /// The content hash rule results are stored with now.
-pub const CONTENT_HASH_VERSION: i32 = 2;
+pub const CONTENT_HASH_VERSION: i32 = 3;
 
 pub use result_row::Model as StoredResult;
 
@@ -160,6 +166,9 @@ pub fn content_sha256_of_message(result: &medai_proto::inference::v1::StoredResu
         confidence_band_upper: None,
         unusual_case: false,
         unusual_case_reasons_json: String::new(),
+        route: result.route.clone(),
+        shadow_of_result_id: result.shadow_of_result_id.clone(),
+        shadow_agreement: result.shadow_agreement.clone(),
     };
     let row = StoredResult {
         unusual_case: result
@@ -201,6 +210,10 @@ pub fn content_sha256_of_message(result: &medai_proto::inference::v1::StoredResu
 /// ood_threshold as big-endian f64; one byte 1 and the confidence band's lower and upper as
 /// f64, or one byte 0 when there is no band; one byte 1 or 0 for the unusual-case flag; and
 /// unusual_case_reasons_json (the reasons as a compact JSON array) length-prefixed.
+///
+/// Rule 3 (`content_hash_version` 3, every result stored since model rollout) goes on with the
+/// routing decision: route (ACTIVE, CANARY or SHADOW), shadow_of_result_id and
+/// shadow_agreement, each length-prefixed (empty for a delivered result).
 pub fn content_sha256(result: &StoredResult) -> String {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
@@ -243,6 +256,16 @@ pub fn content_sha256(result: &StoredResult) -> String {
         let reasons = &result.unusual_case_reasons_json;
         hasher.update((reasons.len() as u64).to_be_bytes());
         hasher.update(reasons.as_bytes());
+    }
+    if result.content_hash_version >= 3 {
+        for text in [
+            &result.route,
+            &result.shadow_of_result_id,
+            &result.shadow_agreement,
+        ] {
+            hasher.update((text.len() as u64).to_be_bytes());
+            hasher.update(text.as_bytes());
+        }
     }
     hex::encode(hasher.finalize())
 }
@@ -476,6 +499,32 @@ impl ResultsStore {
             .ok_or_else(|| InferenceError::ResultNotFound(result_id.to_owned()))
     }
 
+    /// The most recent `window` results of one version, newest first, as (route, top label,
+    /// confidence, latency ms, shadow agreement): what a model report is computed from.
+    pub async fn version_figures(
+        &self,
+        model_name: &str,
+        model_version: &str,
+        window: u64,
+    ) -> Result<Vec<(String, String, f64, f64, String)>, InferenceError> {
+        use result_row::Column;
+        result_row::Entity::find()
+            .select_only()
+            .column(Column::Route)
+            .column(Column::TopLabel)
+            .column(Column::Confidence)
+            .column(Column::LatencyMs)
+            .column(Column::ShadowAgreement)
+            .filter(Column::ModelName.eq(model_name))
+            .filter(Column::ModelVersion.eq(model_version))
+            .order_by_desc(Column::CreatedAt)
+            .limit(window)
+            .into_tuple()
+            .all(&self.connection)
+            .await
+            .map_err(store_error)
+    }
+
     /// Newest first; returns the page and the token of the next one (empty on the last).
     pub async fn list(
         &self,
@@ -594,6 +643,7 @@ mod migration {
                 Box::new(CreateResults),
                 Box::new(crate::lifecycle_store::migration::CreateModelLifecycle),
                 Box::new(AddDecisionSupport),
+                Box::new(AddModelRollout),
             ]
         }
 
@@ -656,6 +706,77 @@ mod migration {
         GridColumns,
         HeatmapSha256,
         CreatedAt,
+    }
+
+    #[derive(DeriveIden)]
+    enum RolloutColumns {
+        Route,
+        ShadowOfResultId,
+        ShadowAgreement,
+    }
+
+    /// Canary and shadow (issue 18, rollout): the routing decision of each result, and the
+    /// rollout roles in the lifecycle table. Rows stored before keep their content hash rule.
+    struct AddModelRollout;
+
+    impl MigrationName for AddModelRollout {
+        fn name(&self) -> &str {
+            "m0004_model_rollout"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for AddModelRollout {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            use RolloutColumns as C;
+            let columns = [
+                ColumnDef::new(C::Route)
+                    .string()
+                    .not_null()
+                    .default("ACTIVE")
+                    .to_owned(),
+                ColumnDef::new(C::ShadowOfResultId)
+                    .string()
+                    .not_null()
+                    .default("")
+                    .to_owned(),
+                ColumnDef::new(C::ShadowAgreement)
+                    .string()
+                    .not_null()
+                    .default("")
+                    .to_owned(),
+            ];
+            // One column per statement: SQLite alters one at a time.
+            for column in columns {
+                manager
+                    .alter_table(
+                        Table::alter()
+                            .table(InferenceResults::Table)
+                            .add_column(column)
+                            .to_owned(),
+                    )
+                    .await?;
+            }
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Alias::new("model_lifecycle"))
+                        .add_column(crate::lifecycle_store::migration::rollout_column())
+                        .to_owned(),
+                )
+                .await?;
+            manager
+                .create_index(
+                    Index::create()
+                        .name("inference_results_by_version")
+                        .table(InferenceResults::Table)
+                        .col(InferenceResults::ModelName)
+                        .col(InferenceResults::ModelVersion)
+                        .col(InferenceResults::CreatedAt)
+                        .to_owned(),
+                )
+                .await
+        }
     }
 
     /// Uncertainty, the unusual-case flag and delivered explanations (issue 18). Rows stored
@@ -914,7 +1035,47 @@ mod tests {
             confidence_band_upper: None,
             unusual_case: true,
             unusual_case_reasons_json: r#"["MODALITY_OUTSIDE_INTENDED_USE"]"#.to_owned(),
+            route: "ACTIVE".to_owned(),
+            shadow_of_result_id: String::new(),
+            shadow_agreement: String::new(),
         }
+    }
+
+    #[test]
+    fn rule_three_binds_the_routing_decision_and_earlier_rules_ignore_it() {
+        // Under rules 1 and 2 the routing columns (defaulted by m0004) are not content, so
+        // results stored before keep their hashes.
+        for version in [1, 2] {
+            let canary = StoredResult {
+                route: "CANARY".to_owned(),
+                ..row(version)
+            };
+            assert_eq!(content_sha256(&canary), content_sha256(&row(version)));
+        }
+        let base = content_sha256(&row(3));
+        assert_ne!(base, content_sha256(&row(2)));
+        let changes: [fn(&mut StoredResult); 3] = [
+            |row| row.route = "CANARY".to_owned(),
+            |row| row.shadow_of_result_id = "x".to_owned(),
+            |row| row.shadow_agreement = "AGREES".to_owned(),
+        ];
+        for change in changes {
+            let mut changed = row(3);
+            change(&mut changed);
+            assert_ne!(content_sha256(&changed), base);
+        }
+        // Length prefixes: moving text between the routing fields changes the hash.
+        let shifted = StoredResult {
+            route: "ACTIVEA".to_owned(),
+            shadow_of_result_id: "GREES".to_owned(),
+            ..row(3)
+        };
+        let split = StoredResult {
+            route: "ACTIVE".to_owned(),
+            shadow_of_result_id: "AGREES".to_owned(),
+            ..row(3)
+        };
+        assert_ne!(content_sha256(&shifted), content_sha256(&split));
     }
 
     #[test]

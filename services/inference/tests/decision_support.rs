@@ -227,7 +227,7 @@ async fn an_image_outside_the_intended_use_is_flagged_and_its_uncertainty_is_bou
         .into_inner()
         .result
         .expect("result");
-    assert_eq!(stored.content_hash_version, 2);
+    assert_eq!(stored.content_hash_version, 3);
     assert_eq!(stored.uncertainty, flagged.uncertainty);
     assert_eq!(stored.unusual_case, flagged.unusual_case);
     assert_eq!(stored.decision_threshold, flagged.decision_threshold);
@@ -400,4 +400,306 @@ async fn an_occlusion_map_of_a_real_mr_image_names_the_cell_whose_occlusion_lowe
         .await
         .expect_err("not the gateway");
     assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+// --- model rollout (issue 18): shadow, validation report, explanation slots ---
+
+/// Adds version `version` of the brain-MRI model (same file, linked) with `status`; with
+/// `research_use_only` false its manifest names no validation report, as a clinical version
+/// missing its report would.
+fn add_brain_version(root: &Path, version: &str, status: &str, research_use_only: bool) {
+    let first = root.join(BRAIN).join("1");
+    let folder = root.join(BRAIN).join(version);
+    std::fs::create_dir_all(&folder).expect("version folder");
+    let manifest = std::fs::read_to_string(first.join("manifest.toml"))
+        .expect("manifest")
+        .replace("version = \"1\"", &format!("version = \"{version}\""))
+        .replace("status = \"active\"", &format!("status = \"{status}\""))
+        .replace(
+            "research_use_only = true",
+            &format!("research_use_only = {research_use_only}"),
+        );
+    std::fs::write(folder.join("manifest.toml"), manifest).expect("manifest");
+    let model = std::fs::canonicalize(first.join("model.onnx")).expect("model");
+    std::os::unix::fs::symlink(model, folder.join("model.onnx")).expect("link the model");
+}
+
+fn brain_change(version: &str) -> medai_proto::inference::v1::ModelChange {
+    medai_proto::inference::v1::ModelChange {
+        model_name: BRAIN.to_owned(),
+        model_version: version.to_owned(),
+        reason: "CHG-77 shadow evaluation".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_shadow_brain_mri_version_answers_every_request_copy_into_the_store_and_ledger_and_is_never_delivered()
+ {
+    use medai_proto::inference::v1::{ListResultsRequest, StartShadowRequest, StopShadowRequest};
+    let repository = support::brain_repository();
+    add_brain_version(repository.path(), "2", "staged", true);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let mut operator = harness.client_as("operator");
+    let started = operator
+        .start_shadow(StartShadowRequest {
+            change: Some(brain_change("2")),
+        })
+        .await
+        .expect("start the shadow")
+        .into_inner()
+        .outcome
+        .expect("outcome")
+        .changed
+        .expect("changed");
+    assert_eq!(started.rollout_role, "SHADOW");
+
+    let image = real_image("MR_small.dcm");
+    let mut delivered = Vec::new();
+    for round in 0..3u32 {
+        let request = medai_proto::inference::v1::PredictRequest {
+            image_sha256: format!("{:064x}", round + 1),
+            ..support::predict(BRAIN, image.clone())
+        };
+        let answer = gateway
+            .predict(request)
+            .await
+            .expect("prediction")
+            .into_inner();
+        // Only the active version ever answers.
+        assert_eq!(
+            (answer.model_version.as_str(), answer.route.as_str()),
+            ("1", "ACTIVE")
+        );
+        delivered.push((answer.result_id, answer.top_label));
+    }
+
+    // The shadow runs off the answer's path: wait (bounded) for its three ledger entries.
+    let waited = std::time::Instant::now();
+    let shadow_entries = loop {
+        let entries: Vec<_> = harness
+            .ledger()
+            .await
+            .into_iter()
+            .filter(|(_, action, _, _)| action == "SHADOW_INFERENCE")
+            .collect();
+        if entries.len() == 3 {
+            break entries;
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(120),
+            "shadow entries: {entries:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let listed = gateway
+        .list_results(ListResultsRequest {
+            model_name: BRAIN.to_owned(),
+            ..ListResultsRequest::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .results;
+    let shadows: Vec<_> = listed
+        .iter()
+        .filter(|result| result.route == "SHADOW")
+        .collect();
+    assert_eq!(shadows.len(), 3);
+    for shadow in &shadows {
+        assert_eq!(shadow.model_version, "2");
+        assert_eq!(shadow.ledger_seq, 0, "a shadow result is never delivered");
+        let (_, active_label) = delivered
+            .iter()
+            .find(|(id, _)| *id == shadow.shadow_of_result_id)
+            .expect("the shadow names the delivered result it ran beside");
+        // The same weights: the shadow agrees with the active answer.
+        assert_eq!(&shadow.top_label, active_label);
+        assert_eq!(shadow.shadow_agreement, "AGREES");
+        assert_eq!(shadow.content_hash_version, 3);
+        assert_eq!(
+            medai_inference::results::content_sha256_of_message(shadow),
+            shadow.content_sha256
+        );
+        assert!(
+            shadow_entries
+                .iter()
+                .any(|(_, _, resource, _)| *resource == format!("result/{}", shadow.result_id)),
+            "the shadow result is in the ledger"
+        );
+    }
+    // People see delivered results only: no shadow is among them.
+    let delivered_only = gateway
+        .list_results(ListResultsRequest {
+            model_name: BRAIN.to_owned(),
+            delivered_only: true,
+            ..ListResultsRequest::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .results;
+    assert!(delivered_only.iter().all(|result| result.route != "SHADOW"));
+
+    let report = operator
+        .get_model_report(medai_proto::inference::v1::GetModelReportRequest {
+            model_name: BRAIN.to_owned(),
+            model_version: "2".to_owned(),
+        })
+        .await
+        .expect("report")
+        .into_inner()
+        .report
+        .expect("report");
+    assert_eq!(report.role, "SHADOW");
+    assert_eq!((report.shadow_compared, report.shadow_agreements), (3, 3));
+    assert!(report.research_use_only && !report.has_reference);
+
+    operator
+        .stop_shadow(StopShadowRequest {
+            change: Some(brain_change("2")),
+        })
+        .await
+        .expect("stop the shadow");
+    let actions: Vec<String> = harness
+        .ledger()
+        .await
+        .into_iter()
+        .map(|(_, action, _, _)| action)
+        .filter(|action| action.starts_with("MODEL_"))
+        .collect();
+    assert_eq!(actions, ["MODEL_SHADOW_START", "MODEL_SHADOW_STOP"]);
+}
+
+#[tokio::test]
+async fn a_brain_mri_version_without_a_validation_report_cannot_be_activated() {
+    use medai_proto::inference::v1::{ActivateModelVersionRequest, StageModelVersionRequest};
+    let repository = support::brain_repository();
+    add_brain_version(repository.path(), "2", "staged", false);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut operator = harness.client_as("operator");
+    let status = operator
+        .activate_model_version(ActivateModelVersionRequest {
+            change: Some(brain_change("2")),
+        })
+        .await
+        .expect_err("no validation report");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("VALIDATION_REPORT_MISSING")
+    );
+    assert!(harness.ledger().await.is_empty(), "nothing recorded");
+    // Staging stays possible (it serves nothing); activation stays refused.
+    operator
+        .stage_model_version(StageModelVersionRequest {
+            change: Some(brain_change("2")),
+        })
+        .await
+        .expect_err("already staged");
+    let versions = operator
+        .list_models(medai_proto::inference::v1::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .versions;
+    let active: Vec<_> = versions
+        .iter()
+        .filter(|version| version.status == "ACTIVE")
+        .map(|version| version.version.as_str())
+        .collect();
+    assert_eq!(active, ["1"]);
+}
+
+#[tokio::test]
+async fn explanations_refuse_with_explanations_busy_when_full_while_predictions_go_through() {
+    // One slot, no waiting place: a second explanation is refused while one runs.
+    let settings = RuntimeSettings {
+        explanation_slots: 1,
+        explanation_waiting: 0,
+        explanation_time_limit_seconds: 3600,
+        ..RuntimeSettings::default()
+    };
+    let harness = Harness::start(support::brain_repository().path(), settings).await;
+    let mut gateway = harness.client_as("gateway");
+    let image = real_image("MR_small.dcm");
+    let predicted = gateway
+        .predict(support::predict(BRAIN, image.clone()))
+        .await
+        .expect("prediction")
+        .into_inner();
+    let explain = |grid: u32| ExplainResultRequest {
+        result_id: predicted.result_id.clone(),
+        image: Some(image.clone()),
+        grid_rows: grid,
+        grid_columns: grid,
+    };
+    // Rows the version has run so far (KServe statistics count every forward pass, the
+    // explanation's included).
+    let mut kserve = harness.kserve_as("operator");
+    let mut rows_run = async || {
+        kserve
+            .model_statistics(medai_proto::kserve::ModelStatisticsRequest {
+                name: BRAIN.to_owned(),
+                version: String::new(),
+            })
+            .await
+            .expect("statistics")
+            .into_inner()
+            .model_stats[0]
+            .inference_count
+    };
+    let before = rows_run().await;
+    // A long explanation (6×6 cells: 37 forward passes of the VGG16, seconds on 2 cores)
+    // takes the only slot; once its first passes have run it holds it for the rest.
+    let mut long_client = harness.client_as("gateway");
+    let long_request = explain(6);
+    let long = tokio::spawn(async move { long_client.explain_result(long_request).await });
+    let waited = std::time::Instant::now();
+    while rows_run().await == before {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "the long explanation never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let busy = gateway
+        .explain_result(explain(1))
+        .await
+        .expect_err("every slot is taken");
+    assert_eq!(busy.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(&busy).as_deref(), Some("EXPLANATIONS_BUSY"));
+    assert!(!long.is_finished(), "the long explanation is still running");
+    // Predictions go through meanwhile.
+    let during = gateway
+        .predict(support::predict(BRAIN, image.clone()))
+        .await
+        .expect("a prediction while explanations are full")
+        .into_inner();
+    assert_eq!(during.top_label, predicted.top_label);
+    assert!(
+        !long.is_finished(),
+        "the slot was still taken during the prediction"
+    );
+    eprintln!(
+        "EXPLANATIONS_BUSY observed after {:.1} s; a prediction went through meanwhile",
+        waited.elapsed().as_secs_f64()
+    );
+    // The long one completes on its own; the slot is free again afterwards.
+    let finished = long
+        .await
+        .expect("task")
+        .expect("the long explanation completes");
+    assert_eq!(
+        finished
+            .into_inner()
+            .explanation
+            .expect("map")
+            .forward_passes,
+        37
+    );
+    gateway
+        .explain_result(explain(1))
+        .await
+        .expect("a free slot explains again");
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -405,4 +406,366 @@ async fn refused_changes_change_nothing_and_record_nothing() {
             ("3".to_owned(), "STAGED".to_owned(), false)
         ]
     );
+}
+
+// --- model rollout (issue 18): canary, validation reports, model report ---
+
+fn start_canary(
+    version: &str,
+    share_percent: u32,
+) -> medai_proto::inference::v1::StartCanaryRequest {
+    medai_proto::inference::v1::StartCanaryRequest {
+        change: Some(change(version)),
+        share_percent,
+    }
+}
+
+/// A request routed by its image hash alone (no idempotency key), so it can be sent again
+/// without being answered from the results store.
+fn hashed_predict(index: u32) -> medai_proto::inference::v1::PredictRequest {
+    medai_proto::inference::v1::PredictRequest {
+        image_sha256: format!("{:064x}", u64::from(index) * 7919 + 1),
+        ..support::predict(LIGHT, grey_image(64, index))
+    }
+}
+
+#[tokio::test]
+async fn a_canary_at_20_percent_answers_about_a_fifth_of_500_requests_and_a_key_always_routes_the_same_way()
+ {
+    let repository = light_repository(&[("1", "active"), ("2", "staged")]);
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let mut operator = harness.client_as("operator");
+
+    let status = operator
+        .start_canary(start_canary("2", 0))
+        .await
+        .expect_err("no share");
+    assert_eq!(reason_of(&status).as_deref(), Some("CANARY_SHARE_INVALID"));
+    let started = operator
+        .start_canary(start_canary("2", 20))
+        .await
+        .expect("start the canary")
+        .into_inner()
+        .outcome
+        .expect("outcome");
+    let info = started.changed.expect("changed");
+    assert_eq!(
+        (info.rollout_role.as_str(), info.share_percent, info.ready),
+        ("CANARY", 20, true)
+    );
+    assert!(started.ledger_seq > 0);
+    let status = operator
+        .start_canary(start_canary("2", 30))
+        .await
+        .expect_err("one canary at a time");
+    assert_eq!(reason_of(&status).as_deref(), Some("ROLLOUT_STATE_INVALID"));
+
+    // 500 requests, each with its own image hash: about a fifth go to the canary, and each
+    // answer names the version of its route.
+    let mut routes = Vec::new();
+    for index in 0..500u32 {
+        let answer = gateway
+            .predict(hashed_predict(index))
+            .await
+            .expect("prediction")
+            .into_inner();
+        let expected_version = match answer.route.as_str() {
+            "CANARY" => "2",
+            "ACTIVE" => "1",
+            other => panic!("unexpected route {other}"),
+        };
+        assert_eq!(answer.model_version, expected_version);
+        routes.push((answer.route, answer.result_id));
+    }
+    let canary = routes.iter().filter(|(route, _)| route == "CANARY").count();
+    eprintln!(
+        "canary at 20 %: {canary} of 500 requests ({:.1} %)",
+        canary as f64 / 5.0
+    );
+    assert!(
+        (75..=125).contains(&canary),
+        "{canary} of 500 went to the canary"
+    );
+
+    // The same request sent again goes the same way, every time.
+    for index in 0..40u32 {
+        let again = gateway
+            .predict(hashed_predict(index))
+            .await
+            .expect("prediction")
+            .into_inner();
+        assert_eq!(again.route, routes[index as usize].0, "request {index}");
+    }
+    // With an idempotency key the key decides, as anyone can recompute from the rule.
+    for index in 0..40u32 {
+        let key = format!("{:064x}", u64::from(index) * 104_729 + 3);
+        let request = medai_proto::inference::v1::PredictRequest {
+            idempotency_key: key.clone(),
+            image_sha256: format!("{:064x}", 5_000 + index),
+            ..support::predict(LIGHT, grey_image(64, 5_000 + index))
+        };
+        let answer = gateway
+            .predict(request)
+            .await
+            .expect("prediction")
+            .into_inner();
+        let expected = if medai_inference::rollout::routes_to_canary(LIGHT, key.as_bytes(), 20) {
+            "CANARY"
+        } else {
+            "ACTIVE"
+        };
+        assert_eq!(answer.route, expected, "key {index}");
+    }
+
+    // The route is stored and bound by the content hash (rule 3).
+    let (route, result_id) = routes
+        .iter()
+        .find(|(route, _)| route == "CANARY")
+        .cloned()
+        .expect("a canary answer");
+    let stored = gateway
+        .get_result(medai_proto::inference::v1::GetResultRequest {
+            result_id,
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("result")
+        .into_inner()
+        .result
+        .expect("result");
+    assert_eq!(
+        (stored.route.as_str(), stored.model_version.as_str()),
+        (route.as_str(), "2")
+    );
+    assert_eq!(stored.content_hash_version, 3);
+    assert_eq!(
+        medai_inference::results::content_sha256_of_message(&stored),
+        stored.content_sha256
+    );
+    let rerouted = medai_proto::inference::v1::StoredResult {
+        route: "ACTIVE".to_owned(),
+        ..stored.clone()
+    };
+    assert_ne!(
+        medai_inference::results::content_sha256_of_message(&rerouted),
+        stored.content_sha256,
+        "the route is content"
+    );
+
+    // The model report counts the canary's answers per route.
+    let report = operator
+        .get_model_report(medai_proto::inference::v1::GetModelReportRequest {
+            model_name: LIGHT.to_owned(),
+            model_version: "2".to_owned(),
+        })
+        .await
+        .expect("report")
+        .into_inner()
+        .report
+        .expect("report");
+    assert_eq!(report.role, "CANARY");
+    assert_eq!(report.routes.len(), 1);
+    assert_eq!(report.routes[0].label, "CANARY");
+    assert_eq!(report.predictions, report.routes[0].count);
+    assert!(report.predictions >= canary as u64);
+    assert_eq!(
+        report.labels.iter().map(|label| label.count).sum::<u64>(),
+        report.predictions
+    );
+    assert!(report.research_use_only && !report.has_reference);
+
+    // Promotion: the canary becomes the active version for every request; recorded first.
+    let promoted = operator
+        .promote_canary(medai_proto::inference::v1::PromoteCanaryRequest {
+            change: Some(change("2")),
+        })
+        .await
+        .expect("promote")
+        .into_inner()
+        .outcome
+        .expect("outcome");
+    let info = promoted.changed.expect("changed");
+    assert_eq!(
+        (info.status.as_str(), info.rollout_role.as_str()),
+        ("ACTIVE", "")
+    );
+    for index in 0..20u32 {
+        let answer = gateway
+            .predict(hashed_predict(index))
+            .await
+            .expect("prediction")
+            .into_inner();
+        assert_eq!(
+            (answer.route.as_str(), answer.model_version.as_str()),
+            ("ACTIVE", "2")
+        );
+    }
+
+    // A canary of the former version, then aborted: everything back on the active version.
+    operator
+        .start_canary(start_canary("1", 50))
+        .await
+        .expect("start a canary of 1");
+    let status = operator
+        .abort_canary(medai_proto::inference::v1::AbortCanaryRequest {
+            change: Some(change("2")),
+        })
+        .await
+        .expect_err("2 is not the canary");
+    assert_eq!(reason_of(&status).as_deref(), Some("ROLLOUT_STATE_INVALID"));
+    operator
+        .abort_canary(medai_proto::inference::v1::AbortCanaryRequest {
+            change: Some(change("1")),
+        })
+        .await
+        .expect("abort");
+    for index in 0..20u32 {
+        let answer = gateway
+            .predict(hashed_predict(index))
+            .await
+            .expect("prediction")
+            .into_inner();
+        assert_eq!(
+            (answer.route.as_str(), answer.model_version.as_str()),
+            ("ACTIVE", "2")
+        );
+    }
+
+    let actions: Vec<(String, String)> = harness
+        .ledger()
+        .await
+        .into_iter()
+        .map(|(_, action, resource, outcome)| {
+            assert_eq!(outcome, "SUCCESS");
+            (action, resource)
+        })
+        .collect();
+    let model = |version: &str| format!("model/{LIGHT}/{version}");
+    assert_eq!(
+        actions,
+        vec![
+            ("MODEL_CANARY_START".to_owned(), model("2")),
+            ("MODEL_CANARY_PROMOTE".to_owned(), model("2")),
+            ("MODEL_CANARY_START".to_owned(), model("1")),
+            ("MODEL_CANARY_ABORT".to_owned(), model("1")),
+        ]
+    );
+}
+
+/// A light version whose manifest is not research use only, with `report` (its text, and the
+/// SHA-256 the manifest claims for it) when given.
+fn add_clinical_light_version(root: &Path, version: &str, report: Option<(&str, String)>) {
+    let folder = add_light_version(root, version, "staged");
+    let manifest_path = folder.join("manifest.toml");
+    let mut manifest = std::fs::read_to_string(&manifest_path)
+        .expect("manifest")
+        .replace("research_use_only = true", "research_use_only = false");
+    if let Some((text, sha256)) = report {
+        std::fs::write(folder.join("validation-report.json"), text).expect("report");
+        manifest.push_str(&format!(
+            "\n[validation_report]\nfile = \"validation-report.json\"\nsha256 = \"{sha256}\"\n"
+        ));
+    }
+    std::fs::write(manifest_path, manifest).expect("manifest");
+}
+
+/// A validation report of the light model. Its figures describe synthetic weights on a
+/// synthetic set: they exist to exercise the association, not to claim anything.
+const LIGHT_REPORT: &str = r#"{
+  "dataset": "SYNTHETIC: 1000 generated grey test patterns (tests only)",
+  "metrics": {"accuracy": 0.5},
+  "intended_use": "SYNTHETIC WEIGHTS: tests only",
+  "reference": {
+    "labels": {"synthetic-a": 0.5, "synthetic-b": 0.5},
+    "confidence": [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 0.0]
+  }
+}"#;
+
+#[tokio::test]
+async fn a_version_without_its_validation_report_is_neither_activated_nor_canaried() {
+    use sha2::{Digest, Sha256};
+    let repository = light_repository(&[("1", "active")]);
+    let report_sha256 = hex::encode(Sha256::digest(LIGHT_REPORT.as_bytes()));
+    add_clinical_light_version(repository.path(), "2", None);
+    add_clinical_light_version(
+        repository.path(),
+        "3",
+        Some((LIGHT_REPORT, "ab".repeat(32))),
+    );
+    add_clinical_light_version(
+        repository.path(),
+        "4",
+        Some((LIGHT_REPORT, report_sha256.clone())),
+    );
+    let harness = Harness::start(repository.path(), RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let mut operator = harness.client_as("operator");
+    // Seeded as staged from their manifests: staging needs no report.
+    let staged_seqs = harness.ledger().await.len();
+
+    for (version, reason) in [
+        ("2", "VALIDATION_REPORT_MISSING"),
+        ("3", "VALIDATION_REPORT_MISMATCH"),
+    ] {
+        let status = operator
+            .activate_model_version(activate(version))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            reason_of(&status).as_deref(),
+            Some(reason),
+            "version {version}"
+        );
+        let status = operator
+            .start_canary(start_canary(version, 10))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            reason_of(&status).as_deref(),
+            Some(reason),
+            "version {version}"
+        );
+    }
+    assert_eq!(
+        harness.ledger().await.len(),
+        staged_seqs,
+        "refusals record nothing"
+    );
+    assert_eq!(served_version(&mut gateway).await.as_deref(), Ok("1"));
+
+    // With its report, the version is activated, and its figures are measured against the
+    // report's reference distributions.
+    operator
+        .activate_model_version(activate("4"))
+        .await
+        .expect("activate with a report");
+    for index in 0..30u32 {
+        gateway
+            .predict(hashed_predict(index))
+            .await
+            .expect("prediction");
+    }
+    let report = operator
+        .get_model_report(medai_proto::inference::v1::GetModelReportRequest {
+            model_name: LIGHT.to_owned(),
+            model_version: "4".to_owned(),
+        })
+        .await
+        .expect("report")
+        .into_inner()
+        .report
+        .expect("report");
+    assert_eq!(report.role, "ACTIVE");
+    assert_eq!(report.predictions, 30);
+    assert_eq!(report.validation_report_sha256, report_sha256);
+    assert!(report.has_reference && !report.research_use_only);
+    assert!(report.mean_confidence > 0.0 && report.mean_confidence <= 1.0);
+    // Recomputed here from the counts the report gives and the reference it was given.
+    let observed: Vec<u64> = report.labels.iter().map(|label| label.count).collect();
+    let expected_label_psi =
+        medai_inference::rollout::population_stability_index(&observed, &[0.5, 0.5]);
+    assert!((report.label_psi - expected_label_psi).abs() < 1e-9);
+    assert!(report.confidence_psi.is_finite() && report.confidence_psi >= 0.0);
 }

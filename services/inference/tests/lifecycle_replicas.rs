@@ -425,13 +425,19 @@ async fn the_store_refuses_a_change_planned_from_a_stale_revision_on_postgres_an
         activated.insert("2".to_owned(), ModelStatus::Active);
         let history = ["1".to_owned(), "2".to_owned()];
         let pending = first
-            .begin_change(LIGHT, base.revision, &activated, &history)
+            .begin_change(
+                LIGHT,
+                base.revision,
+                &activated,
+                &history,
+                &Default::default(),
+            )
             .await
             .expect("first change");
         if url.starts_with("postgres") {
             // In flight: the second writer is refused at once rather than made to wait.
             let refused = second
-                .begin_change(LIGHT, base.revision, &seeded, &[])
+                .begin_change(LIGHT, base.revision, &seeded, &[], &Default::default())
                 .await;
             assert!(
                 matches!(refused, Err(LifecycleStoreError::Conflict { .. })),
@@ -445,7 +451,7 @@ async fn the_store_refuses_a_change_planned_from_a_stale_revision_on_postgres_an
 
         // Planned from revision 1, which is gone.
         let stale = second
-            .begin_change(LIGHT, base.revision, &seeded, &[])
+            .begin_change(LIGHT, base.revision, &seeded, &[], &Default::default())
             .await;
         assert!(
             matches!(stale, Err(LifecycleStoreError::Conflict { .. })),
@@ -454,7 +460,7 @@ async fn the_store_refuses_a_change_planned_from_a_stale_revision_on_postgres_an
         );
         // A rolled-back change (the ledger did not record it) leaves nothing behind.
         let pending = second
-            .begin_change(LIGHT, now.revision, &seeded, &[])
+            .begin_change(LIGHT, now.revision, &seeded, &[], &Default::default())
             .await
             .expect("change from the current revision");
         pending.roll_back().await;
