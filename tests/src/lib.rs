@@ -3,6 +3,7 @@
 
 #![allow(clippy::missing_panics_doc)]
 
+pub mod chaos;
 pub mod cluster;
 
 use std::collections::BTreeMap;
