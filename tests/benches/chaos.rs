@@ -6,6 +6,8 @@
 //! that for `<minutes>`, printing RSS and open descriptors of every service, database
 //! connections and prediction p99 at the start and the end; writes target/bench/soak.json.
 //! Run both through `scripts/chaos.sh` (it starts nothing on the network but loopback).
+// A program that reports figures on standard output, as the other benches.
+#![allow(clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
 
