@@ -4,6 +4,7 @@
 #![allow(clippy::missing_panics_doc)]
 
 pub mod bridge;
+pub mod chaos;
 pub mod cluster;
 
 use std::collections::BTreeMap;

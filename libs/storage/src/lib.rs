@@ -10,9 +10,16 @@ use sea_orm::{
 /// schema that lacks some of them (see [`prepare_schema`]).
 pub const SCHEMA_NOT_MIGRATED: &str = "schema_not_migrated";
 
+pub mod failover;
+
 /// Opens `database_url` (`postgres://…`, or `sqlite://…?mode=rwc` for the embedded default).
-/// SQLite runs in WAL mode with full sync, so an acknowledged write survives a crash.
+/// SQLite runs in WAL mode with full sync, so an acknowledged write survives a crash. A
+/// PostgreSQL URL may name several servers (`postgres://u@h1:p1,h2:p2/db?target_session_attrs=
+/// read-write`): the pool then follows the read-write one across a failover ([`failover`]).
 pub async fn connect(database_url: &str) -> Result<DatabaseConnection, DbErr> {
+    if let Some(hosts) = failover::HostList::parse(database_url)? {
+        return failover::connect_to_one_of(hosts).await;
+    }
     let mut options = ConnectOptions::new(database_url.to_owned());
     // Statement logging could carry request values into logs; the services log what they mean.
     options.sqlx_logging(false).max_connections(8);

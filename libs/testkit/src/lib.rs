@@ -342,10 +342,31 @@ pub struct PrivatePostgres {
     pub port: u16,
     bin: PathBuf,
     as_postgres: bool,
+    /// Server settings beyond the port, socket folder and listen address (`-c name=value …`).
+    settings: String,
 }
+
+/// What a primary needs so that a standby streams from it and every commit waits for that
+/// standby (`synchronous_standby_names = '*'`, `synchronous_commit = on`): an acknowledged
+/// commit is then on both servers.
+const SYNCHRONOUS_PRIMARY_SETTINGS: &str = "-c wal_level=replica -c max_wal_senders=5 \
+     -c synchronous_standby_names=* -c synchronous_commit=on -c max_connections=200";
+
+/// A standby's settings: hot standby (reads) and, once promoted, a primary that commits alone.
+const STANDBY_SETTINGS: &str = "-c wal_level=replica -c max_wal_senders=5 -c max_connections=200";
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::start_with_settings("")
+    }
+
+    /// A primary whose commits wait for a synchronous standby ([`PrivatePostgres::start_standby_of`]).
+    /// Until a standby is connected, commits on it wait.
+    pub fn start_synchronous_primary() -> Self {
+        Self::start_with_settings(SYNCHRONOUS_PRIMARY_SETTINGS)
+    }
+
+    fn new_unstarted(settings: &str) -> Self {
         let bin = PathBuf::from(std::env::var("MEDAI_TEST_PG_BIN").unwrap_or_else(|_| {
             panic!("MEDAI_TEST_PG_BIN is not set: run the suite with scripts/test.sh")
         }));
@@ -367,12 +388,17 @@ impl PrivatePostgres {
             .local_addr()
             .expect("address")
             .port();
-        let cluster = Self {
+        Self {
             directory,
             port,
             bin,
             as_postgres,
-        };
+            settings: settings.to_owned(),
+        }
+    }
+
+    fn start_with_settings(settings: &str) -> Self {
+        let cluster = Self::new_unstarted(settings);
         cluster.run(
             "initdb",
             &[
@@ -415,10 +441,135 @@ impl PrivatePostgres {
 
     fn options(&self) -> String {
         format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
             self.port,
-            self.directory.path().display()
+            self.directory.path().display(),
+            self.settings
         )
+    }
+
+    /// A streaming-replication standby of `primary`, made with `pg_basebackup -R` and started
+    /// on a port of its own; returns once it streams (the primary's synchronous commits then
+    /// wait for it). It serves reads only until [`PrivatePostgres::promote`].
+    pub fn start_standby_of(primary: &PrivatePostgres) -> Self {
+        // Without synchronous_standby_names: once promoted it runs alone, and its commits must
+        // not wait for a standby it does not have.
+        let standby = Self::new_unstarted(STANDBY_SETTINGS);
+        let port = primary.port.to_string();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        );
+        standby.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &standby.data(),
+                "-l",
+                &standby.log(),
+                "-w",
+                "-o",
+                &standby.options(),
+                "start",
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while primary.query("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'") != "1" {
+            assert!(Instant::now() < deadline, "the standby never streamed synchronously");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        standby
+    }
+
+    /// One value from `sql` run with `psql` (empty when the server does not answer).
+    pub fn query(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let arguments = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-tAc",
+            sql,
+        ];
+        let binary = self.bin.join("psql");
+        let output = if self.as_postgres {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&binary)
+                .args(arguments)
+                .output()
+        } else {
+            std::process::Command::new(&binary).args(arguments).output()
+        }
+        .expect("run psql");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// The server dies as in a crash: `kill -9` of the postmaster and of every process it
+    /// started, with no shutdown checkpoint. Returns once none of them runs.
+    pub fn kill_hard(&self) {
+        let pid_file = std::fs::read_to_string(self.directory.path().join("data/postmaster.pid"))
+            .expect("postmaster.pid");
+        let postmaster: u32 = pid_file
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .expect("a postmaster pid");
+        let mut victims = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // The parent pid is the second field after the parenthesised command name.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|field| field.parse::<u32>().ok());
+            if parent == Some(postmaster) {
+                victims.push(pid);
+            }
+        }
+        for pid in &victims {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while victims.iter().any(|pid| {
+            Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|stat| stat.contains(") Z "))
+        }) {
+            assert!(Instant::now() < deadline, "the killed server still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote -w`): returns once it takes writes.
+    pub fn promote(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-w", "promote"]);
     }
 
     fn run(&self, program: &str, arguments: &[&str]) {
@@ -478,6 +629,71 @@ impl Drop for PrivatePostgres {
         } else {
             std::process::Command::new(&binary).args(arguments).output()
         };
+    }
+}
+
+/// A Redis server of this test's own, without persistence (as the suite runs it), for tests
+/// that kill it and start it again empty on the same port.
+pub struct PrivateRedis {
+    pub port: u16,
+    server: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("address")
+            .port();
+        let mut redis = Self { port, server: None };
+        redis.start_again();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`: every key is lost (nothing is saved). Returns once the process is gone.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Starts the server again, empty, on the same port; returns once it answers PING.
+    pub fn start_again(&mut self) {
+        self.kill_hard();
+        let server = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (scripts/test-servers.sh installs it)");
+        self.server = Some(server);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A `redis-cli` command's output, trimmed (empty when the server does not answer).
+    pub fn cli(&self, arguments: &[&str]) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(arguments)
+            .output()
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill_hard();
     }
 }
 
