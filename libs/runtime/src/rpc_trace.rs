@@ -36,8 +36,9 @@ use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 pub const UNKNOWN_METHOD_SPAN: &str = "grpc unknown method";
 
 /// A mesh channel with a CLIENT span around every call (see [`crate::tls::TlsMaterial::mesh_channel`]).
-pub type MeshChannel =
-    RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<tonic::transport::Channel>>;
+pub type MeshChannel = RpcClientTraceService<
+    crate::grpc_client_metrics::GrpcClientMetrics<crate::balance::BalancedChannel>,
+>;
 
 /// `package.Service` and `Method` of a gRPC path `/package.Service/Method`.
 fn service_and_method(path: &str) -> Option<(&str, &str)> {
