@@ -1584,6 +1584,7 @@ async fn audit_pods_write_their_signed_checkpoints_to_the_shared_log_volume() {
     cluster.run_hook_jobs("pre-install", READY_TIMEOUT).await;
     cluster.start_deployment("medai-audit", READY_TIMEOUT).await;
 
+    let pki = &pki;
     let sign_on = |address| async move {
         let mut audit = AuditServiceClient::new(pki.channel_as("gateway", address, "audit"));
         audit
