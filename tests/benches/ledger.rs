@@ -119,6 +119,7 @@ async fn audit_service(
         migration_database_url: None,
         checkpoint_key_file: key_file.to_path_buf(),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: CHECKPOINT_INTERVAL_SECONDS,
     };
     let server =

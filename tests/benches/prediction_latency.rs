@@ -45,7 +45,10 @@ async fn main() {
         &Default::default(),
     )
     .expect("load the model in-process");
-    let predictor = medai_inference::predict::Predictor { repository };
+    let predictor = medai_inference::predict::Predictor {
+        repository,
+        figures: std::sync::Arc::default(),
+    };
     let mut in_process = Vec::with_capacity(RUNS);
     for run in 0..WARM_UP + RUNS {
         let started = Instant::now();
@@ -63,7 +66,7 @@ async fn main() {
             pixels: canonical.pixels,
         };
         predictor
-            .predict("brain-mri-tumor", "", input, &Default::default(), None)
+            .predict("brain-mri-tumor", "", b"", input, &Default::default(), None)
             .await
             .expect("predict");
         if run >= WARM_UP {

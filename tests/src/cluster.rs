@@ -141,6 +141,8 @@ struct ServicePort {
 
 struct ClusterService {
     name: String,
+    /// `clusterIP: None`: no service-link variables.
+    headless: bool,
     selector: BTreeMap<String, String>,
     ports: Vec<ServicePort>,
     /// Ready pods and their address for each of `ports` (by index).
@@ -237,6 +239,33 @@ fn file_mode(value: Option<&Value>, default: u32) -> u32 {
     }
 }
 
+/// A literal env value with `$(NAME)` replaced by the value of a variable defined before it,
+/// as the kubelet expands it (`$$` escapes a `$`; an unknown reference stays as written).
+fn expand_dependent_variables(value: &str, defined: &[(String, String)]) -> String {
+    let mut expanded = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        expanded.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            expanded.push('$');
+            rest = tail;
+        } else if let Some((name, tail)) = after
+            .strip_prefix('(')
+            .and_then(|inner| inner.split_once(')'))
+            && let Some((_, found)) = defined.iter().rev().find(|(known, _)| known == name)
+        {
+            expanded.push_str(found);
+            rest = tail;
+        } else {
+            expanded.push('$');
+            rest = after;
+        }
+    }
+    expanded.push_str(rest);
+    expanded
+}
+
 /// The environment-variable form of a Service name (`medai-audit` → `MEDAI_AUDIT`).
 pub fn service_link_name(service: &str) -> String {
     service.to_ascii_uppercase().replace('-', "_")
@@ -307,10 +336,12 @@ impl LocalCluster {
             .filter(|manifest| text(manifest, "/kind").as_deref() == Some("Service"))
         {
             let name = text(manifest, "/metadata/name").expect("Service name");
-            if text(manifest, "/spec/clusterIP").as_deref() == Some("None") {
-                // Headless: DNS names the pods themselves; no proxy, no service links.
-                continue;
-            }
+            // Headless: DNS names the pods themselves and Kubernetes gives no service links.
+            // A process here cannot be handed a name that resolves to several pods (each pod
+            // is 127.0.0.1 with ports of its own), so the name stands for one address: the
+            // proxy, spreading connections over the ready pods. Balancing across the addresses
+            // of one name is proven by libs/runtime's balance tests.
+            let headless = text(manifest, "/spec/clusterIP").as_deref() == Some("None");
             let endpoints = Arc::new(Mutex::new(Vec::new()));
             let mut ports = Vec::new();
             let mut proxies = Vec::new();
@@ -342,6 +373,7 @@ impl LocalCluster {
             }
             services.push(ClusterService {
                 name,
+                headless,
                 selector: labels(manifest.pointer("/spec/selector")),
                 ports,
                 endpoints,
@@ -415,7 +447,7 @@ impl LocalCluster {
     /// The service-link variables Kubernetes gives a pod for every Service of the namespace.
     fn service_links(&self) -> Vec<(String, String)> {
         let mut links = Vec::new();
-        for service in &self.services {
+        for service in self.services.iter().filter(|service| !service.headless) {
             let Some(first) = service.ports.first() else {
                 continue;
             };
@@ -587,7 +619,10 @@ impl LocalCluster {
             .unwrap_or_default()
         {
             let variable = text(&entry, "/name").expect("env name");
-            let value = self.env_value(name, &entry);
+            let mut value = self.env_value(name, &entry);
+            if entry.pointer("/value").is_some() {
+                value = expand_dependent_variables(&value, &environment);
+            }
             environment.retain(|(existing, _)| *existing != variable);
             environment.push((variable, rewrite(&value)));
         }

@@ -147,6 +147,12 @@ async fn cluster_objects(
     objects
         .claims
         .insert("medai-models".to_owned(), assets.model_repository.clone());
+    // The audit checkpoint log's shared volume (audit.checkpointLogClaim).
+    let checkpoint_logs = scratch.join("audit-checkpoints");
+    std::fs::create_dir_all(&checkpoint_logs).expect("checkpoint log volume");
+    objects
+        .claims
+        .insert("medai-audit-checkpoints".to_owned(), checkpoint_logs);
     let binaries = binaries_dir();
     for service in SERVICES {
         objects.image_files.insert(
@@ -1160,7 +1166,9 @@ fn egress_policies_allow_each_pod_exactly_the_peers_and_stores_it_uses() {
             "{pod} resolves names"
         );
         for (service, target) in &services {
-            let calls = given.contains(&format!("https://{service}:50051"));
+            // Through the Service or its headless twin (the mesh's own calls, issue 13).
+            let calls = given.contains(&format!("https://{service}:50051"))
+                || given.contains(&format!("https://{service}-headless:50051"));
             assert_eq!(
                 egress_allowed(&policies, labels, &Destination::Pod(target), 50051, "TCP"),
                 calls,
@@ -1772,5 +1780,156 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
         began.elapsed().as_secs_f64()
     );
     let _ = storescp.kill().await;
+    cluster.stop().await;
+}
+
+/// With autoscaling on, every service that scales freely gets a HorizontalPodAutoscaler
+/// (inference included, issue 13) and leaves its replica count to it; audit keeps its own.
+#[test]
+fn autoscaling_covers_gateway_auth_validation_and_inference() {
+    let scratch = tempfile::tempdir().expect("scratch");
+    let values = scratch.path().join("values.yaml");
+    std::fs::write(&values, "autoscaling:\n  enabled: true\n").expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    let mut scaled: Vec<&str> = manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "HorizontalPodAutoscaler")
+        .map(|hpa| {
+            assert_eq!(
+                hpa["spec"]["scaleTargetRef"]["name"], hpa["metadata"]["name"],
+                "each autoscaler scales its own Deployment"
+            );
+            hpa["metadata"]["name"].as_str().expect("name")
+        })
+        .collect();
+    scaled.sort_unstable();
+    assert_eq!(
+        scaled,
+        [
+            "medai-auth",
+            "medai-gateway",
+            "medai-inference",
+            "medai-validation"
+        ]
+    );
+    for deployment in manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "Deployment")
+    {
+        let name = deployment["metadata"]["name"].as_str().expect("name");
+        assert_eq!(
+            deployment["spec"]["replicas"].is_null(),
+            scaled.contains(&name),
+            "{name}: the replica count is the autoscaler's exactly when one scales it"
+        );
+    }
+}
+
+/// Audit's checkpoint log (every signed checkpoint, outside the database) lives on the
+/// chart's shared volume (audit.checkpointLogClaim), one file per pod: each of two replicas
+/// appends the checkpoint it signed to its own file, signed by the one key; the files outlive
+/// their pods, and a pod started later writes a file of its own beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_pods_write_their_signed_checkpoints_to_the_shared_log_volume() {
+    use medai_proto::audit::v1::AppendRequest;
+
+    let began = Instant::now();
+    let root = workspace_root();
+    let manifests = render_chart(RELEASE, NAMESPACE, &root.join("tests/chart/values.yaml"));
+    let pki = TestPki::new();
+    let assets = Assets::locate();
+    let scratch = tempfile::tempdir().expect("scratch");
+    let (objects, public_key) = cluster_objects(&pki, &assets, scratch.path()).await;
+    let public_key = base64::engine::general_purpose::STANDARD
+        .decode(public_key)
+        .expect("public key");
+    let volume = scratch.path().join("audit-checkpoints");
+    let mut cluster = LocalCluster::new(NAMESPACE, manifests, objects).await;
+    cluster.run_hook_jobs("pre-install", READY_TIMEOUT).await;
+    cluster.start_deployment("medai-audit", READY_TIMEOUT).await;
+
+    let pki = &pki;
+    let sign_on = |address| async move {
+        let mut audit = AuditServiceClient::new(pki.channel_as("gateway", address, "audit"));
+        audit
+            .append(AppendRequest {
+                actor: "spiffe://medai/gateway".to_owned(),
+                action: "CHART_CHECK".to_owned(),
+                resource: "chart/checkpoint-log".to_owned(),
+                outcome: "SUCCESS".to_owned(),
+                context_json: "{}".to_owned(),
+            })
+            .await
+            .expect("append");
+        audit
+            .create_checkpoint(CreateCheckpointRequest {})
+            .await
+            .expect("a signed checkpoint")
+            .into_inner()
+            .checkpoint
+            .expect("checkpoint")
+            .tree_size
+    };
+    let logged = |pod: &str| {
+        medai_audit::checkpoint_log::newest_signed(
+            &volume.join(format!("{pod}.checkpoints.jsonl")),
+            &public_key,
+        )
+        .expect("read the log")
+        .map(|checkpoint| checkpoint.tree_size)
+    };
+    let audit_pods: Vec<(usize, String, std::net::SocketAddr)> = cluster
+        .pods
+        .iter()
+        .enumerate()
+        .filter(|(_, pod)| pod.owner == "medai-audit")
+        .map(|(index, pod)| (index, pod.name.clone(), pod.port("grpc")))
+        .collect();
+    assert_eq!(audit_pods.len(), 2, "two audit replicas");
+    for (_, name, address) in &audit_pods {
+        let signed = sign_on(*address).await;
+        assert_eq!(
+            logged(name),
+            Some(signed),
+            "{name} logged the checkpoint it signed in its own file on the volume"
+        );
+    }
+
+    // The pods go (as a rollout or an eviction ends them); their logs stay on the volume, and
+    // the pod that replaces them logs beside them.
+    for (index, name, _) in &audit_pods {
+        cluster.terminate(*index).await;
+        assert!(logged(name).is_some(), "{name}'s log outlives the pod");
+    }
+    let index = cluster.start_pod("medai-audit");
+    cluster.wait_ready(index, READY_TIMEOUT).await;
+    let (name, address) = (
+        cluster.pods[index].name.clone(),
+        cluster.pods[index].port("grpc"),
+    );
+    let signed = sign_on(address).await;
+    assert_eq!(
+        logged(&name),
+        Some(signed),
+        "the new pod logs in a file of its own"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&volume)
+        .expect("the volume")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    eprintln!("checkpoint logs on the shared volume: {files:?}");
+    assert_eq!(files.len(), 3, "one log per pod that ran: {files:?}");
+    cluster.assert_read_only_respected();
+    eprintln!(
+        "audit checkpoint log check took {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
     cluster.stop().await;
 }

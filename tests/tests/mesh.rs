@@ -109,7 +109,10 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         &Default::default(),
     )
     .expect("in-process model");
-    let predictor = medai_inference::predict::Predictor { repository };
+    let predictor = medai_inference::predict::Predictor {
+        repository,
+        figures: std::sync::Arc::default(),
+    };
     let input = medai_inference::preprocess::ImageInput {
         width: canonical.width,
         height: canonical.height,
@@ -118,7 +121,7 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         pixels: canonical.pixels,
     };
     let direct = predictor
-        .predict("brain-mri-tumor", "", input, &Default::default(), None)
+        .predict("brain-mri-tumor", "", b"", input, &Default::default(), None)
         .await
         .expect("in-process prediction");
     let through_mesh: Vec<(String, f32)> = prediction

@@ -4,6 +4,7 @@
 //! shutdown and the admin (metrics) endpoint.
 
 pub mod admin;
+pub mod balance;
 pub mod call_status;
 pub mod certificate_expiry;
 pub mod config;

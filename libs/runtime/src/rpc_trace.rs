@@ -35,15 +35,24 @@ use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
 pub const UNKNOWN_METHOD_SPAN: &str = "grpc unknown method";
 
 /// A mesh channel with a CLIENT span around every call (see [`crate::tls::TlsMaterial::mesh_channel`]).
-pub type MeshChannel =
-    RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<tonic::transport::Channel>>;
+pub type MeshChannel = RpcClientTraceService<
+    crate::grpc_client_metrics::GrpcClientMetrics<crate::balance::BalancedChannel>,
+>;
 
 /// `channel` (made for `endpoint`) with the layers every outgoing call passes through: a CLIENT
 /// span, over the `grpc_client_*` metrics.
-pub fn traced_channel(channel: tonic::transport::Channel, endpoint: &str) -> MeshChannel {
+pub fn traced_channel<C>(
+    channel: C,
+    endpoint: &str,
+) -> RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<C>> {
     RpcClientTraceLayer::new(endpoint)
         .layer(crate::grpc_client_metrics::GrpcClientMetrics::new(channel))
 }
+
+/// A channel to one address outside the mesh (the bridge's gateway endpoint) with the same
+/// layers as [`MeshChannel`].
+pub type TracedChannel =
+    RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<tonic::transport::Channel>>;
 
 /// `package.Service` and `Method` of a gRPC path `/package.Service/Method`.
 fn service_and_method(path: &str) -> Option<(&str, &str)> {

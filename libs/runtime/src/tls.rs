@@ -42,6 +42,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::balance::{BalancedChannel, Resolve, SystemResolver};
 use crate::identity::ServiceIdentity;
 
 /// How often services look at their certificate files. cert-manager renews well before expiry
@@ -500,6 +501,20 @@ impl TlsMaterial {
         endpoint: &str,
         expected_server: &ServiceIdentity,
     ) -> Result<Channel, TlsError> {
+        let (endpoint, server_name) = self.endpoint(endpoint, expected_server)?;
+        Ok(endpoint.connect_with_connector_lazy(MeshConnector {
+            material: self.clone(),
+            server_name,
+        }))
+    }
+
+    /// The tonic endpoint for `endpoint` (TLS left to the connector) and the server name its
+    /// certificate must carry.
+    fn endpoint(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+    ) -> Result<(Endpoint, ServerName<'static>), TlsError> {
         let invalid_endpoint = |reason: String| TlsError::Endpoint {
             endpoint: endpoint.to_owned(),
             reason,
@@ -517,21 +532,57 @@ impl TlsMaterial {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
-        Ok(endpoint.connect_with_connector_lazy(MeshConnector {
-            material: self.clone(),
-            server_name,
-        }))
+        Ok((endpoint, server_name))
     }
 
-    /// [`Self::channel`] as services use it for their calls to other services: a CLIENT span
-    /// around every call (see [`crate::rpc_trace`]) over the `grpc_client_*` metrics.
+    /// What services use for their calls to other services: a [`BalancedChannel`] over every
+    /// address the endpoint's name resolves to (the system resolver, again every
+    /// [`crate::balance::RESOLVE_INTERVAL`]), each connection checked as [`Self::channel`]'s, with
+    /// a CLIENT span around every call (see [`crate::rpc_trace`]) over the `grpc_client_*`
+    /// metrics. Call inside a tokio runtime.
     pub fn mesh_channel(
         &self,
         endpoint: &str,
         expected_server: &ServiceIdentity,
     ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
-        let channel = self.channel(endpoint, expected_server)?;
+        self.mesh_channel_resolved_by(
+            endpoint,
+            expected_server,
+            Arc::new(SystemResolver),
+            crate::balance::RESOLVE_INTERVAL,
+        )
+    }
+
+    /// [`Self::mesh_channel`] with the name resolved by `resolver` every `interval`: tests stand
+    /// in for a headless Service's DNS with it (production resolves through the system).
+    pub fn mesh_channel_resolved_by(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+        resolver: Arc<dyn Resolve>,
+        interval: Duration,
+    ) -> Result<crate::rpc_trace::MeshChannel, TlsError> {
+        let channel = self.balanced_channel(endpoint, expected_server, resolver, interval)?;
         Ok(crate::rpc_trace::traced_channel(channel, endpoint))
+    }
+
+    /// A [`BalancedChannel`] to every address of `endpoint`'s name, accepting only servers
+    /// whose certificate names `expected_server`.
+    pub fn balanced_channel(
+        &self,
+        endpoint: &str,
+        expected_server: &ServiceIdentity,
+        resolver: Arc<dyn Resolve>,
+        interval: Duration,
+    ) -> Result<BalancedChannel, TlsError> {
+        let (endpoint, server_name) = self.endpoint(endpoint, expected_server)?;
+        Ok(BalancedChannel::new(
+            self.clone(),
+            server_name,
+            endpoint,
+            resolver,
+            interval,
+        ))
     }
 }
 

@@ -7,6 +7,9 @@
 // The figures (calls made and failed across the rotation) are printed for the report.
 #![allow(clippy::print_stdout)]
 
+/// Replicas behind one name (issue 13): the balanced mesh channel, over the same real mTLS.
+mod balance;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -122,6 +122,42 @@ fn open_for_append(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
+/// The newest checkpoint `public_key` signed in any checkpoint log (`*.checkpoints.jsonl`) of
+/// the folder holding `path`: replicas that share one volume each write their own file, and
+/// what any of them logged is what the ledger must not fall behind.
+pub fn newest_signed_in_folder(
+    path: &Path,
+    public_key: &[u8],
+) -> Result<Option<Checkpoint>, CheckpointLogError> {
+    let folder = match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder,
+        _ => Path::new("."),
+    };
+    let read_failed = |source| CheckpointLogError::Read {
+        path: folder.display().to_string(),
+        source,
+    };
+    let mut newest: Option<Checkpoint> = None;
+    for entry in std::fs::read_dir(folder).map_err(read_failed)? {
+        let entry = entry.map_err(read_failed)?;
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".checkpoints.jsonl")
+        {
+            continue;
+        }
+        if let Some(checkpoint) = newest_signed(&entry.path(), public_key)?
+            && newest
+                .as_ref()
+                .is_none_or(|known| checkpoint.tree_size > known.tree_size)
+        {
+            newest = Some(checkpoint);
+        }
+    }
+    Ok(newest)
+}
+
 /// The newest checkpoint in the log at `path` whose signature `public_key` verifies (`None`
 /// when the file is absent or holds none). Unreadable lines are skipped with a warning.
 pub fn newest_signed(
@@ -216,5 +252,44 @@ mod tests {
         log.append(&at(11, &signer)).expect("append");
         let newest = newest_signed(&path, signer.public_key()).expect("read");
         assert_eq!(newest.map(|c| c.tree_size), Some(11));
+    }
+
+    /// Replicas on one shared volume each write their own file; the newest checkpoint any of
+    /// them logged (signed by the key) is what a replica starting there is held to, whatever
+    /// file it writes itself. Files of another kind and forged lines are not read as logs.
+    #[test]
+    fn the_newest_checkpoint_of_every_replica_file_in_the_folder_counts() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let signer =
+            CheckpointSigner::load_or_create(&directory.path().join("k.key")).expect("key");
+        let stranger =
+            CheckpointSigner::load_or_create(&directory.path().join("other.key")).expect("key");
+        let shared = directory.path().join("shared");
+        std::fs::create_dir(&shared).expect("folder");
+        let at = |size: u64, by: &CheckpointSigner| {
+            by.sign(size, &[size as u8; 32], &[1; 32], "2026-01-01T00:00:00Z")
+        };
+        let first = shared.join("medai-audit-7d9f-a.checkpoints.jsonl");
+        let second = shared.join("medai-audit-7d9f-b.checkpoints.jsonl");
+        let (log, _) = CheckpointLog::open(&first, signer.public_key()).expect("open");
+        log.append(&at(4, &signer)).expect("append");
+        let (log, _) = CheckpointLog::open(&second, signer.public_key()).expect("open");
+        log.append(&at(9, &signer)).expect("append");
+        log.append(&at(30, &stranger)).expect("a forged record");
+        std::fs::write(
+            shared.join("notes.jsonl"),
+            serde_json::to_string(&ExportRecord::Checkpoint(at(40, &signer))).expect("json"),
+        )
+        .expect("another file");
+        let third = shared.join("medai-audit-7d9f-c.checkpoints.jsonl");
+        let newest = newest_signed_in_folder(&third, signer.public_key())
+            .expect("read")
+            .expect("one");
+        assert_eq!(newest.tree_size, 9);
+        assert!(
+            newest_signed_in_folder(&third, stranger.public_key())
+                .expect("read")
+                .is_some_and(|checkpoint| checkpoint.tree_size == 30)
+        );
     }
 }

@@ -21,6 +21,13 @@ pub struct AuditConfig {
     /// What happens when `checkpoint_key_file` does not exist (see [`CheckpointKeyMode`]).
     #[serde(default)]
     pub checkpoint_key_mode: CheckpointKeyMode,
+    /// The checkpoint log (every signed checkpoint, kept outside the database; see
+    /// `checkpoint_log`). Absent: beside the key in `generate` mode, none in `required` mode,
+    /// where the key's folder is a read-only Secret. The chart names one file per pod on a
+    /// shared volume; the newest checkpoint in any `*.checkpoints.jsonl` of that folder holds
+    /// the ledger back at start.
+    #[serde(default)]
+    pub checkpoint_log_file: Option<std::path::PathBuf>,
     /// A checkpoint is signed this often when entries were added; 0 signs only on demand.
     #[serde(
         default = "default_checkpoint_interval",

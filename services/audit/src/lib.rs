@@ -97,10 +97,12 @@ pub fn load_checkpoint_signer(config: &AuditConfig) -> Result<CheckpointSigner, 
     Ok(signer)
 }
 
-/// Opens the checkpoint log beside the key (`generate` mode). In `required` mode the key is a
-/// Secret mounted read-only and shared by every replica, where nothing may be written: the
-/// service keeps checkpoints in the database only (the auditor's export is the outside copy)
-/// and still enforces a log that is already there.
+/// Opens the checkpoint log: `checkpoint_log_file` when set (the chart: one file per pod on a
+/// shared volume, so the newest checkpoint any replica logged there holds the ledger back),
+/// else beside the key (`generate` mode). In `required` mode without `checkpoint_log_file` the
+/// key is a Secret mounted read-only, where nothing may be written: the service keeps
+/// checkpoints in the database only (the auditor's export is the outside copy) and still
+/// enforces a log that is already there.
 fn open_checkpoint_log(
     config: &AuditConfig,
     public_key: &[u8],
@@ -111,6 +113,19 @@ fn open_checkpoint_log(
     ),
     ServeError,
 > {
+    if let Some(path) = &config.checkpoint_log_file {
+        let (log, own_newest) = checkpoint_log::CheckpointLog::open(path, public_key)?;
+        let newest = checkpoint_log::newest_signed_in_folder(path, public_key)?
+            .into_iter()
+            .chain(own_newest)
+            .max_by_key(|checkpoint| checkpoint.tree_size);
+        tracing::info!(
+            path = %path.display(),
+            newest_tree_size = newest.as_ref().map(|checkpoint| checkpoint.tree_size),
+            "checkpoint log opened"
+        );
+        return Ok((Some(log), newest));
+    }
     let path = checkpoint_log::path_beside_key(&config.checkpoint_key_file);
     if config.checkpoint_key_mode == config::CheckpointKeyMode::Required {
         tracing::warn!(

@@ -39,6 +39,7 @@ async fn serve(pki: &TestPki, database_url: &str, key_file: &std::path::Path) ->
         migration_database_url: None,
         checkpoint_key_file: key_file.to_path_buf(),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
     };
     let server =

@@ -20,6 +20,7 @@ async fn replica(pki: &TestPki, database_url: &str, key_file: &std::path::Path) 
         database_url: database_url.to_owned(),
         checkpoint_key_file: key_file.to_owned(),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

@@ -31,6 +31,7 @@ impl Ledger {
             database_url: database_url.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
             checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+            checkpoint_log_file: None,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };

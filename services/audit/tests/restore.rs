@@ -59,6 +59,7 @@ async fn start_audit(pki: &TestPki, database_url: &str, key_file: &Path, serving
         migration_database_url: None,
         checkpoint_key_file: key_file.to_path_buf(),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
     };
     // The readiness the process would report on its health check.

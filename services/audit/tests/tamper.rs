@@ -36,6 +36,7 @@ impl Ledger {
             database_url: database_url.clone(),
             checkpoint_key_file: scratch_file("checkpoint.key"),
             checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+            checkpoint_log_file: None,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };
@@ -471,6 +472,7 @@ async fn the_services_database_role_may_only_insert_and_select() {
         migration_database_url: Some(owner_url.clone()),
         checkpoint_key_file: scratch_file("checkpoint.key"),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
     };
     let server =

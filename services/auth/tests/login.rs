@@ -56,6 +56,7 @@ impl AuthUnderTest {
             database_url: audit_database.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
             checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+            checkpoint_log_file: None,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };
@@ -437,6 +438,7 @@ async fn an_expired_signing_ticket_is_refused() {
         database_url: fresh_postgres_database().await,
         checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

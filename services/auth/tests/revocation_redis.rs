@@ -150,6 +150,7 @@ async fn revocations_survive_a_flushall_of_redis_and_a_restart_of_auth() {
         database_url: fresh_postgres_database().await,
         checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

@@ -10,7 +10,7 @@ use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use medai_proto::gateway::v1::study_stream_response::Outcome;
 use medai_proto::gateway::v1::{ListResultsRequest, LoginRequest, StudyStreamRequest};
-use medai_runtime::rpc_trace::MeshChannel;
+use medai_runtime::rpc_trace::TracedChannel;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -58,7 +58,7 @@ pub fn idempotency_key(sop_instance_uid: &str, model_name: &str, model_version: 
 pub struct StudyForwarder {
     settings: GatewaySettings,
     outbox: Outbox,
-    client: Option<GatewayServiceClient<MeshChannel>>,
+    client: Option<GatewayServiceClient<TracedChannel>>,
     token: Option<String>,
 }
 
@@ -72,7 +72,7 @@ impl StudyForwarder {
         }
     }
 
-    async fn client(&mut self) -> Result<GatewayServiceClient<MeshChannel>, ForwardError> {
+    async fn client(&mut self) -> Result<GatewayServiceClient<TracedChannel>, ForwardError> {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }

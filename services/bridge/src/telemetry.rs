@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use medai_runtime::rpc_trace::MeshChannel;
+use medai_runtime::rpc_trace::TracedChannel;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
@@ -131,7 +131,7 @@ pub fn record_outbox_depth(counts: &[(String, i64)]) {
 
 /// The channel to the gateway with a CLIENT span around every call (its W3C context sent
 /// along) over the `grpc_client_*` metrics: the same layers the mesh services' channels have.
-pub fn traced_gateway_channel(channel: tonic::transport::Channel, endpoint: &str) -> MeshChannel {
+pub fn traced_gateway_channel(channel: tonic::transport::Channel, endpoint: &str) -> TracedChannel {
     medai_runtime::rpc_trace::traced_channel(channel, endpoint)
 }
 

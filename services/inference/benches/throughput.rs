@@ -91,6 +91,7 @@ async fn through_service(workload: &Workload, batching: bool) -> Figures {
         ),
         checkpoint_key_file: state.path().join("audit-checkpoint.key"),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
         checkpoint_interval_seconds: 0,
         migration_database_url: None,
     };

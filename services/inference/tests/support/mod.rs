@@ -68,6 +68,7 @@ impl Harness {
             database_url: audit_database.clone(),
             checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
             checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+            checkpoint_log_file: None,
             checkpoint_interval_seconds: 0,
             migration_database_url: None,
         };
