@@ -20,7 +20,7 @@ pub enum RevocationSource {
     Shared(Arc<RevocationStore>),
     ThroughAuth {
         auth: AuthServiceClient<MeshChannel>,
-        recently_valid: NotRevokedCache,
+        recently_valid: Box<NotRevokedCache>,
     },
 }
 
@@ -130,7 +130,7 @@ impl RevocationSource {
     pub fn through_auth(auth: AuthServiceClient<MeshChannel>, window: Duration) -> Self {
         Self::ThroughAuth {
             auth,
-            recently_valid: NotRevokedCache::new(window),
+            recently_valid: Box::new(NotRevokedCache::new(window)),
         }
     }
 
