@@ -3,6 +3,8 @@
 //! registered claim, and looks keys up by `kid` only among the published keys.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -11,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 pub const ALGORITHM: Algorithm = Algorithm::EdDSA;
 pub const JWT_ALGORITHM_NAME: &str = "EdDSA";
+/// Clock skew allowed on `exp` and `nbf`.
+const LEEWAY_SECONDS: u64 = 5;
 
 /// What a user may do in the mesh. Each external RPC names the roles it allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -128,7 +132,7 @@ impl TokenVerifier {
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub", "jti"]);
         validation.validate_nbf = true;
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECONDS;
         let keys = keys
             .iter()
             .filter(|key| key.kty == "OKP" && key.crv == "Ed25519" && key.alg == JWT_ALGORITHM_NAME)
@@ -165,6 +169,130 @@ impl TokenVerifier {
         decode::<AccessClaims>(token, key, &self.validation)
             .map(|data| data.claims)
             .map_err(|error| classify(&error))
+    }
+}
+
+/// Tokens whose signature was checked, with their claims, so a client sending many requests
+/// with one token pays for one signature check, not one per request.
+///
+/// What a cached answer still checks on every use: the token is byte-for-byte the one
+/// verified (the whole token is the key, signature included), its key is still published by
+/// the verifier in use (a key withdrawn from the published set invalidates its tokens at
+/// once), and it has not expired (the same leeway as a full verification). Revocation is not
+/// this cache's business: callers check it after every verification, cached or not.
+pub struct VerifiedTokens {
+    capacity: usize,
+    entries: Mutex<HashMap<String, VerifiedToken>>,
+    signature_checks: AtomicU64,
+}
+
+struct VerifiedToken {
+    kid: String,
+    claims: AccessClaims,
+}
+
+/// Whether a verification needed the signature check or was answered from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verification {
+    SignatureChecked,
+    Cached,
+}
+
+impl Verification {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SignatureChecked => "signature_checked",
+            Self::Cached => "cached",
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+impl VerifiedTokens {
+    /// Keeps at most `capacity` tokens; past it, expired ones are dropped first, then all.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Mutex::default(),
+            signature_checks: AtomicU64::new(0),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, VerifiedToken>> {
+        // A panic while holding the lock cannot leave the map inconsistent; keep serving.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Verifies `token` with `verifier`: from the cache when it was verified before and is
+    /// still in force, otherwise in full (and then cached if valid).
+    pub fn verify(
+        &self,
+        verifier: &TokenVerifier,
+        token: &str,
+    ) -> Result<(AccessClaims, Verification), TokenError> {
+        self.verify_at(verifier, token, unix_now())
+    }
+
+    fn verify_at(
+        &self,
+        verifier: &TokenVerifier,
+        token: &str,
+        now: u64,
+    ) -> Result<(AccessClaims, Verification), TokenError> {
+        {
+            let mut entries = self.entries();
+            if let Some(entry) = entries.get(token) {
+                if !verifier.knows_key(&entry.kid) {
+                    entries.remove(token);
+                    return Err(TokenError::UnknownKey);
+                }
+                if entry.claims.exp.saturating_add(LEEWAY_SECONDS) < now {
+                    entries.remove(token);
+                    return Err(TokenError::Expired);
+                }
+                return Ok((entry.claims.clone(), Verification::Cached));
+            }
+        }
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
+        let claims = verifier.verify(token)?;
+        let kid = TokenVerifier::key_id(token)?;
+        let mut entries = self.entries();
+        if entries.len() >= self.capacity {
+            entries.retain(|_, entry| entry.claims.exp.saturating_add(LEEWAY_SECONDS) >= now);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        if self.capacity > 0 {
+            entries.insert(
+                token.to_owned(),
+                VerifiedToken {
+                    kid,
+                    claims: claims.clone(),
+                },
+            );
+        }
+        Ok((claims, Verification::SignatureChecked))
+    }
+
+    /// Full verifications (signature checks) made so far.
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -385,5 +513,88 @@ mod tests {
             Err(TokenError::Malformed)
         );
         assert_eq!(verifier(&signer).verify(""), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_cached_token_is_checked_once_yet_refused_once_expired_or_its_key_withdrawn() {
+        let signer = signer("k1");
+        let verifier = verifier(&signer);
+        let cache = VerifiedTokens::new(16);
+        let short = AccessClaims {
+            exp: now() + 30,
+            ..claims()
+        };
+        let token = sign(&signer, &short);
+        for _ in 0..100 {
+            let (verified, _) = cache.verify(&verifier, &token).expect("valid");
+            assert_eq!(verified.jti, "jti-1");
+        }
+        assert_eq!(cache.signature_checks(), 1, "one signature check per token");
+        assert_eq!(
+            cache.verify(&verifier, &token).expect("valid").1,
+            Verification::Cached
+        );
+
+        // Past its expiry (and the leeway) the cached token is refused like any expired one.
+        assert_eq!(
+            cache.verify_at(&verifier, &token, short.exp + LEEWAY_SECONDS + 1),
+            Err(TokenError::Expired)
+        );
+        assert!(cache.is_empty(), "an expired token leaves the cache");
+
+        // A key no longer published takes its cached tokens with it.
+        cache.verify(&verifier, &token).expect("valid again");
+        let rotated = TokenVerifier::new("medai-auth", "medai", &[signer_of_other_key().public]);
+        assert_eq!(cache.verify(&rotated, &token), Err(TokenError::UnknownKey));
+    }
+
+    fn signer_of_other_key() -> Signer {
+        signer("k2")
+    }
+
+    #[test]
+    fn a_forged_variant_of_a_cached_token_is_verified_in_full_and_refused() {
+        let trusted = signer("k1");
+        let verifier = verifier(&trusted);
+        let cache = VerifiedTokens::new(16);
+        let token = sign(&trusted, &claims());
+        cache.verify(&verifier, &token).expect("valid");
+        // Same header and claims, another key's signature: another cache key, a full check.
+        let impostor = signer("k1");
+        let forged = sign(&impostor, &claims());
+        assert_eq!(
+            cache.verify(&verifier, &forged),
+            Err(TokenError::BadSignature)
+        );
+        let expired = AccessClaims {
+            exp: now() - 120,
+            iat: now() - 900,
+            nbf: now() - 900,
+            ..claims()
+        };
+        assert_eq!(
+            cache.verify(&verifier, &sign(&trusted, &expired)),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(cache.len(), 1, "refused tokens are never cached");
+        assert_eq!(cache.signature_checks(), 3);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity() {
+        let signer = signer("k1");
+        let verifier = verifier(&signer);
+        let cache = VerifiedTokens::new(4);
+        for index in 0..10 {
+            let token = sign(
+                &signer,
+                &AccessClaims {
+                    jti: format!("jti-{index}"),
+                    ..claims()
+                },
+            );
+            cache.verify(&verifier, &token).expect("valid");
+            assert!(cache.len() <= 4);
+        }
     }
 }

@@ -159,7 +159,10 @@ pub async fn serve(
         Some(_) => {
             RevocationSource::Shared(Arc::new(RevocationStore::connect(&config.revocation)?))
         }
-        None => RevocationSource::ThroughAuth(downstream.auth.clone()),
+        None => RevocationSource::through_auth(
+            downstream.auth.clone(),
+            std::time::Duration::from_millis(config.revocation.not_revoked_cache_ms),
+        ),
     });
     let keys = Arc::new(signing_keys::SigningKeyCache::new(
         downstream.auth.clone(),

@@ -6,6 +6,8 @@ pub const UNRECORDED_PREDICTIONS: &str = "medai_gateway_unrecorded_predictions_t
 /// Rate-limit checks decided by this process because Redis did not answer.
 pub const RATE_LIMIT_FALLBACK: &str = "medai_gateway_rate_limit_fallback_total";
 pub const TOKEN_CHECKS: &str = "medai_gateway_token_checks_total";
+/// Verified tokens, by whether the signature was checked or the token was verified before.
+pub const TOKEN_VERIFICATIONS: &str = "medai_gateway_token_verifications_total";
 
 /// Token-check outcomes that refuse a call, registered at zero (the reason-coded ones appear
 /// on first use).
@@ -24,6 +26,10 @@ pub fn describe() {
     describe_counter!(
         TOKEN_CHECKS,
         "Access-token checks by outcome: ok, or why the call was refused (missing, a token error code, keys_unavailable, TOKEN_REVOKED, revocation_unavailable, role_denied)."
+    );
+    describe_counter!(
+        TOKEN_VERIFICATIONS,
+        "Tokens that verified, by verification: signature_checked (first use of a token) or cached (verified before; expiry and key checked again)."
     );
     describe_counter!(
         RATE_LIMIT_FALLBACK,

@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 use medai_proto::auth::v1::GetSigningKeysRequest;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_runtime::rpc_trace::MeshChannel;
-use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier};
+use medai_tokens::{AccessClaims, PublishedKey, TokenError, TokenVerifier, VerifiedTokens};
 use tokio::sync::{Mutex, RwLock};
 
 /// At most one fetch per interval when tokens name unknown keys.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most verified tokens kept (each a few hundred bytes): far more than the callers one gateway
+/// serves within a token's lifetime.
+const VERIFIED_TOKENS_KEPT: usize = 50_000;
 /// Refetches the published keys every `period` until the task is aborted, so a new key is
 /// known here during auth's publication lead, before it signs.
 pub async fn refresh_periodically(keys: Arc<SigningKeyCache>, period: Duration) {
@@ -29,6 +32,8 @@ pub struct SigningKeyCache {
     audience: String,
     verifier: RwLock<Arc<TokenVerifier>>,
     last_fetch: Mutex<Option<Instant>>,
+    /// A token's signature is checked once; later uses check expiry and key only.
+    verified: VerifiedTokens,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,7 @@ impl SigningKeyCache {
             audience,
             verifier: RwLock::new(verifier),
             last_fetch: Mutex::new(None),
+            verified: VerifiedTokens::new(VERIFIED_TOKENS_KEPT),
         }
     }
 
@@ -57,7 +63,10 @@ impl SigningKeyCache {
         if !verifier.knows_key(&kid) {
             verifier = self.refetch().await?;
         }
-        Ok(verifier.verify(token)?)
+        let (claims, verification) = self.verified.verify(&verifier, token)?;
+        metrics::counter!(crate::metric_catalog::TOKEN_VERIFICATIONS, "verification" => verification.as_str())
+            .increment(1);
+        Ok(claims)
     }
 
     async fn refetch(&self) -> Result<Arc<TokenVerifier>, VerifyError> {

@@ -29,6 +29,14 @@ pub const TRITON_FAMILIES: [&str; 7] = [
 /// does nothing.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "medai_inference_results_commits_total",
+        "Transactions the results store committed on the prediction path, by write: result (one stored prediction) or delivery_notes (one group commit of delivery notes)."
+    );
+    describe_counter!(
+        "medai_inference_delivery_notes_total",
+        "Delivery notes (a prediction's ledger entry noted on its stored result) written; divided by the delivery_notes commits, the notes per commit."
+    );
     describe_histogram!(
         "medai_inference_request_seconds",
         Unit::Seconds,

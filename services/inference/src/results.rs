@@ -1,12 +1,16 @@
 //! The results store: one row per prediction made for the gateway, preliminary until a
 //! clinician signs it. PostgreSQL in production, SQLite as the embedded default.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use sea_orm::{
-    ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqlErr, TransactionTrait,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::InferenceError;
 
@@ -312,6 +316,94 @@ pub struct ResultFilter {
 #[derive(Clone)]
 pub struct ResultsStore {
     connection: DatabaseConnection,
+    delivery_notes: mpsc::Sender<PendingNote>,
+    note_commits: Arc<AtomicU64>,
+}
+
+/// A delivery note waiting for the writer's next commit, and where its answer goes.
+struct PendingNote {
+    result_id: String,
+    seq: i64,
+    answer: oneshot::Sender<Result<i64, InferenceError>>,
+}
+
+/// Most notes one commit takes.
+const MAX_NOTES_PER_COMMIT: usize = 256;
+
+/// Writes delivery notes as a group commit: a note that finds the writer idle is committed at
+/// once, on its own; notes that arrive while a commit runs wait for it and are committed
+/// together by the next one (one transaction, one durable commit). Every caller is answered
+/// only after the commit that holds its note, so a note answered is a note kept.
+async fn write_delivery_notes(
+    connection: DatabaseConnection,
+    mut pending: mpsc::Receiver<PendingNote>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_NOTES_PER_COMMIT);
+    while pending.recv_many(&mut batch, MAX_NOTES_PER_COMMIT).await > 0 {
+        let notes: Vec<(&str, i64)> = batch
+            .iter()
+            .map(|note| (note.result_id.as_str(), note.seq))
+            .collect();
+        let written = note_deliveries(&connection, &notes).await;
+        commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("medai_inference_results_commits_total", "write" => "delivery_notes")
+            .increment(1);
+        metrics::counter!("medai_inference_delivery_notes_total").increment(notes.len() as u64);
+        drop(notes);
+        match written {
+            Ok(answers) => {
+                for (note, answer) in batch.drain(..).zip(answers) {
+                    let _gone = note.answer.send(answer);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, notes = batch.len(), "delivery notes not written");
+                for note in batch.drain(..) {
+                    let _gone = note.answer.send(Err(InferenceError::Store));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction noting every delivery of `notes` (each unless one is noted already);
+/// returns, per note, the seq that stands.
+async fn note_deliveries(
+    connection: &DatabaseConnection,
+    notes: &[(&str, i64)],
+) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
+    use result_row::Column;
+    let transaction = connection.begin().await?;
+    let mut answers = Vec::with_capacity(notes.len());
+    for (result_id, seq) in notes {
+        let updated = result_row::Entity::update_many()
+            .col_expr(Column::LedgerSeq, sea_orm::sea_query::Expr::value(*seq))
+            .filter(Column::ResultId.eq(*result_id))
+            .filter(Column::LedgerSeq.eq(0))
+            .filter(Column::Status.eq(PRELIMINARY))
+            .exec(&transaction)
+            .await?;
+        if updated.rows_affected == 1 {
+            answers.push(Ok(*seq));
+            continue;
+        }
+        let standing = stored_delivery(&transaction, result_id).await?;
+        answers
+            .push(standing.ok_or_else(|| InferenceError::ResultNotFound((*result_id).to_owned())));
+    }
+    transaction.commit().await?;
+    Ok(answers)
+}
+
+async fn stored_delivery(
+    connection: &impl ConnectionTrait,
+    result_id: &str,
+) -> Result<Option<i64>, DbErr> {
+    Ok(result_row::Entity::find_by_id(result_id.to_owned())
+        .one(connection)
+        .await?
+        .map(|row| row.ledger_seq))
 }
 
 impl ResultsStore {
@@ -324,7 +416,24 @@ impl ResultsStore {
     pub async fn connect_with(database_url: &str, run_migrations: bool) -> Result<Self, DbErr> {
         let connection = medai_storage::connect(database_url).await?;
         medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
-        Ok(Self { connection })
+        let (delivery_notes, pending) = mpsc::channel(4 * MAX_NOTES_PER_COMMIT);
+        let note_commits = Arc::new(AtomicU64::new(0));
+        // Ends when the last clone of this store is dropped.
+        tokio::spawn(write_delivery_notes(
+            connection.clone(),
+            pending,
+            note_commits.clone(),
+        ));
+        Ok(Self {
+            connection,
+            delivery_notes,
+            note_commits,
+        })
+    }
+
+    /// Commits the delivery-note writer made so far (each holds one or more notes).
+    pub fn delivery_note_commits(&self) -> u64 {
+        self.note_commits.load(Ordering::Relaxed)
     }
 
     /// `medai-inference --migrate`: brings the schema up to date and closes the connection.
@@ -347,7 +456,10 @@ impl ResultsStore {
     ) -> Result<(StoredResult, bool), InferenceError> {
         result.content_sha256 = content_sha256(&result);
         let row: result_row::ActiveModel = result.clone().into();
-        match result_row::Entity::insert(row).exec(&self.connection).await {
+        let inserted = result_row::Entity::insert(row).exec(&self.connection).await;
+        metrics::counter!("medai_inference_results_commits_total", "write" => "result")
+            .increment(1);
+        match inserted {
             Ok(_) => Ok((result, false)),
             Err(error) => {
                 let duplicate =
@@ -396,21 +508,20 @@ impl ResultsStore {
     }
 
     /// Notes the ledger entry of the delivery, unless one is noted already; returns the seq
-    /// that stands.
+    /// that stands, once it is committed. Notes made at the same time share a commit (see
+    /// [`write_delivery_notes`]).
     pub async fn record_delivery(&self, result_id: &str, seq: i64) -> Result<i64, InferenceError> {
-        use result_row::Column;
-        let updated = result_row::Entity::update_many()
-            .col_expr(Column::LedgerSeq, sea_orm::sea_query::Expr::value(seq))
-            .filter(Column::ResultId.eq(result_id))
-            .filter(Column::LedgerSeq.eq(0))
-            .filter(Column::Status.eq(PRELIMINARY))
-            .exec(&self.connection)
-            .await
-            .map_err(store_error)?;
-        if updated.rows_affected == 1 {
-            return Ok(seq);
+        let (answer, answered) = oneshot::channel();
+        let note = PendingNote {
+            result_id: result_id.to_owned(),
+            seq,
+            answer,
+        };
+        if self.delivery_notes.send(note).await.is_err() {
+            tracing::error!("the delivery-note writer has stopped");
+            return Err(InferenceError::Store);
         }
-        Ok(self.get(result_id).await?.ledger_seq)
+        answered.await.unwrap_or(Err(InferenceError::Store))
     }
 
     /// Signs a delivered, preliminary result whose content is still what `expected_content`

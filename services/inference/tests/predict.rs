@@ -588,3 +588,95 @@ fn a_model_file_swapped_after_its_check_is_never_served() {
         Err(ModelError::IntegrityMismatch { .. })
     ));
 }
+
+/// A stored, undelivered result for the store-level tests.
+fn undelivered_result(index: u32) -> medai_inference::results::StoredResult {
+    medai_inference::results::StoredResult {
+        result_id: uuid::Uuid::new_v4().to_string(),
+        model_name: support::LIGHT.to_owned(),
+        model_version: "1".to_owned(),
+        model_sha256: format!("{:064x}", 1),
+        image_sha256: format!("{index:064x}"),
+        patient_key: String::new(),
+        probabilities_json: r#"[["bright",0.75],["dark",0.25]]"#.to_owned(),
+        top_label: "bright".to_owned(),
+        confidence: 0.75,
+        decision_threshold: 0.5,
+        decision: "ABOVE_THRESHOLD".to_owned(),
+        latency_ms: 1.0,
+        created_at: medai_inference::results::now_micros(),
+        status: "PRELIMINARY".to_owned(),
+        idempotency_key: None,
+        intended_use: "synthetic".to_owned(),
+        content_sha256: String::new(),
+        ledger_seq: 0,
+        signer_subject: String::new(),
+        signer_name: String::new(),
+        signature_meaning: String::new(),
+        signature_reason: String::new(),
+        signed_at: 0,
+        signature_ledger_seq: 0,
+        content_hash_version: medai_inference::results::CONTENT_HASH_VERSION,
+        normalized_entropy: 0.8,
+        top2_margin: 0.5,
+        temperature: 1.0,
+        ood_score: 0.0,
+        ood_threshold: 1.0,
+        confidence_band_lower: None,
+        confidence_band_upper: None,
+        unusual_case: false,
+        unusual_case_reasons_json: "[]".to_owned(),
+        route: "ACTIVE".to_owned(),
+        shadow_of_result_id: String::new(),
+        shadow_agreement: String::new(),
+    }
+}
+
+/// Issue 14: delivery notes made at the same time share one durable commit (PostgreSQL), each
+/// answered only once its commit is done, and the first note of a result still stands.
+#[tokio::test]
+async fn delivery_notes_made_together_share_a_commit_and_each_is_kept() {
+    const NOTES: u32 = 64;
+    let store = medai_inference::results::ResultsStore::connect(
+        &medai_testkit::fresh_postgres_database().await,
+    )
+    .await
+    .expect("results store");
+    let mut ids = Vec::new();
+    for index in 0..NOTES {
+        let (stored, replayed) = store
+            .insert(undelivered_result(index))
+            .await
+            .expect("insert");
+        assert!(!replayed);
+        ids.push(stored.result_id);
+    }
+    let commits_before = store.delivery_note_commits();
+    let notes = ids.iter().enumerate().map(|(index, id)| {
+        let store = store.clone();
+        let id = id.clone();
+        tokio::spawn(async move { store.record_delivery(&id, 100 + index as i64).await })
+    });
+    let answers = futures::future::join_all(notes).await;
+    let commits = store.delivery_note_commits() - commits_before;
+    eprintln!("{NOTES} concurrent delivery notes in {commits} commits");
+    for (index, answer) in answers.into_iter().enumerate() {
+        let seq = answer.expect("task").expect("noted");
+        assert_eq!(seq, 100 + index as i64);
+        assert_eq!(
+            store.get(&ids[index]).await.expect("stored").ledger_seq,
+            seq,
+            "an answered note is in the store"
+        );
+    }
+    assert!(
+        commits < u64::from(NOTES) / 2,
+        "{NOTES} notes took {commits} commits: not grouped"
+    );
+    // A second note for a delivered result changes nothing; an unknown result is refused.
+    assert_eq!(
+        store.record_delivery(&ids[0], 999).await.expect("noted"),
+        100
+    );
+    assert!(store.record_delivery("no-such-result", 5).await.is_err());
+}
