@@ -1278,6 +1278,8 @@ async fn a_resumable_upload_cut_mid_stream_resumes_from_the_held_offset_and_is_r
     assert!(held.expires_in_seconds > 0);
 
     // 2. Refusals, each leaving the held upload as it was.
+    // The request stream must own its chunks ('static), so they are copied for each call.
+    #[allow(clippy::unnecessary_to_owned)]
     let rest = || chunks[3..].to_vec().into_iter();
     let wrong_offset = gateway
         .upload_image(authorised(
