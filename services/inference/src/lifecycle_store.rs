@@ -205,7 +205,10 @@ impl LifecycleStore {
                 .await;
             match locked {
                 Ok(Some(row)) if row.revision == base_revision => {}
-                Ok(_) => return Err(conflict()),
+                Ok(_) => {
+                    transaction.rollback().await?;
+                    return Err(conflict());
+                }
                 Err(error) if is_lock_refused(&error) => return Err(conflict()),
                 Err(error) => return Err(error.into()),
             }
@@ -226,7 +229,12 @@ impl LifecycleStore {
                 name: name.to_owned(),
                 revision: base_revision + 1,
             }),
-            Ok(_) => Err(conflict()),
+            // Rolled back now, not when the dropped transaction gets round to it: on SQLite
+            // the refused UPDATE holds the write lock, and the caller's retry would find it.
+            Ok(_) => {
+                transaction.rollback().await?;
+                Err(conflict())
+            }
             Err(error) if is_lock_refused(&error) => Err(conflict()),
             Err(error) => Err(error.into()),
         }
