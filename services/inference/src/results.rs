@@ -747,6 +747,24 @@ mod migration {
 
     pub struct Migrator;
 
+    /// Adds `columns` to the results table, one statement each: SQLite alters one at a time.
+    async fn add_result_columns(
+        manager: &SchemaManager<'_>,
+        columns: impl IntoIterator<Item = ColumnDef>,
+    ) -> Result<(), DbErr> {
+        for column in columns {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(InferenceResults::Table)
+                        .add_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     #[async_trait::async_trait]
     impl MigratorTrait for Migrator {
         fn migrations() -> Vec<Box<dyn MigrationTrait>> {
@@ -857,17 +875,7 @@ mod migration {
                     .default("")
                     .to_owned(),
             ];
-            // One column per statement: SQLite alters one at a time.
-            for column in columns {
-                manager
-                    .alter_table(
-                        Table::alter()
-                            .table(InferenceResults::Table)
-                            .add_column(column)
-                            .to_owned(),
-                    )
-                    .await?;
-            }
+            add_result_columns(manager, columns).await?;
             manager
                 .alter_table(
                     Table::alter()
@@ -954,17 +962,7 @@ mod migration {
                     .default("[]")
                     .to_owned(),
             ];
-            // One column per statement: SQLite alters one at a time.
-            for column in columns {
-                manager
-                    .alter_table(
-                        Table::alter()
-                            .table(InferenceResults::Table)
-                            .add_column(column)
-                            .to_owned(),
-                    )
-                    .await?;
-            }
+            add_result_columns(manager, columns).await?;
             use InferenceExplanations as E;
             manager
                 .create_table(
