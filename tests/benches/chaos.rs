@@ -100,6 +100,14 @@ fn describe(window: &Window, seconds: f64) -> String {
     )
 }
 
+/// The one-minute load average of the machine, as /proc/loadavg gives it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
 async fn soak(duration: Duration) {
     let rig = ChaosRig::start().await;
     const KINDS: f64 = 4.0;
@@ -121,10 +129,12 @@ async fn soak(duration: Duration) {
     while started.elapsed() < duration {
         tokio::time::sleep(minute).await;
         let window = load.take_window();
+        // The machine's load beside each window: a p99 that moves with it is the machine's.
         println!(
-            "soak {:>5.1} min: {}",
+            "soak {:>5.1} min: {} (load average {})",
             started.elapsed().as_secs_f64() / 60.0,
-            describe(&window, minute.as_secs_f64())
+            describe(&window, minute.as_secs_f64()),
+            load_average()
         );
         windows.push(window);
     }

@@ -440,7 +440,6 @@ impl ChaosRig {
                     window: load.window.clone(),
                     stop: load.stop.clone(),
                     target: load.target.clone(),
-                    admin: self.admin_token.clone(),
                     dicom: dicom.clone(),
                     pace,
                 };
@@ -754,6 +753,14 @@ async fn login(
     username: &str,
     password: &str,
 ) -> Result<String, tonic::Status> {
+    Ok(grant(client, username, password).await?.access_token)
+}
+
+async fn grant(
+    client: &mut GatewayClient,
+    username: &str,
+    password: &str,
+) -> Result<medai_proto::auth::v1::TokenGrant, tonic::Status> {
     Ok(client
         .login(with_deadline(tonic::Request::new(gw::LoginRequest {
             username: username.to_owned(),
@@ -762,8 +769,45 @@ async fn login(
         .await?
         .into_inner()
         .grant
-        .map(|grant| grant.access_token)
         .unwrap_or_default())
+}
+
+/// A user's access token, renewed by logging in again once half its lifetime has passed, as a
+/// long-running client does (a soak outlives the 10-minute tokens).
+struct Session {
+    username: &'static str,
+    password: &'static str,
+    token: String,
+    renew_at: Option<Instant>,
+}
+
+impl Session {
+    fn new(username: &'static str, password: &'static str) -> Self {
+        Self {
+            username,
+            password,
+            token: String::new(),
+            renew_at: None,
+        }
+    }
+
+    async fn token(&mut self, client: &mut GatewayClient) -> Result<String, tonic::Status> {
+        if self
+            .renew_at
+            .is_none_or(|renew_at| Instant::now() >= renew_at)
+        {
+            let grant = grant(client, self.username, self.password).await?;
+            self.token = grant.access_token;
+            self.renew_at =
+                Some(Instant::now() + Duration::from_secs(u64::from(grant.expires_in_seconds) / 2));
+        }
+        Ok(self.token.clone())
+    }
+
+    /// A token refused (auth's keys restarted): log in again before the next call.
+    fn forget(&mut self) {
+        self.renew_at = None;
+    }
 }
 
 /// A 64×64 greyscale PNG (synthetic) for the light model.
@@ -838,14 +882,14 @@ struct Worker {
     window: Arc<Mutex<Window>>,
     stop: Arc<AtomicBool>,
     target: Arc<Mutex<GatewayClient>>,
-    admin: String,
     dicom: Vec<u8>,
     pace: Option<Duration>,
 }
 
 impl Worker {
     async fn run(self) {
-        let mut clinician = String::new();
+        let mut admin = Session::new("admin", ADMIN_PASSWORD);
+        let mut clinician = Session::new(CLINICIAN, CLINICIAN_PASSWORD);
         let mut seed = 0u8;
         while !self.stop.load(Ordering::Relaxed) {
             let started = Instant::now();
@@ -855,8 +899,10 @@ impl Worker {
             let mut client = client;
             seed = seed.wrapping_add(1);
             let outcome = match self.kind {
-                LoadKind::Predict => outcome_of(self.predict(&mut client, started).await),
-                LoadKind::Stream => self.stream(&mut client, seed).await,
+                LoadKind::Predict => {
+                    outcome_of(self.predict(&mut client, &mut admin, started).await)
+                }
+                LoadKind::Stream => self.stream(&mut client, &mut admin, seed).await,
                 LoadKind::Login => outcome_of(
                     login(&mut client, CLINICIAN, CLINICIAN_PASSWORD)
                         .await
@@ -894,8 +940,10 @@ impl Worker {
     async fn predict(
         &self,
         client: &mut GatewayClient,
+        admin: &mut Session,
         started: Instant,
     ) -> Result<(), tonic::Status> {
+        let token = admin.token(client).await?;
         let answer = client
             .infer(with_deadline(authorised(
                 gw::InferRequest {
@@ -905,9 +953,14 @@ impl Worker {
                     model_version: String::new(),
                     idempotency_key: String::new(),
                 },
-                &self.admin,
+                &token,
             )))
-            .await?
+            .await
+            .inspect_err(|status| {
+                if status.code() == tonic::Code::Unauthenticated {
+                    admin.forget();
+                }
+            })?
             .into_inner();
         self.acknowledged(&answer, Some(started));
         Ok(())
@@ -915,16 +968,26 @@ impl Worker {
 
     /// A study stream of two light images; an image refused inside the stream counts as a
     /// refusal with its reason.
-    async fn stream(&self, client: &mut GatewayClient, seed: u8) -> Outcome {
-        match self.stream_images(client, seed).await {
+    async fn stream(&self, client: &mut GatewayClient, admin: &mut Session, seed: u8) -> Outcome {
+        let token = match admin.token(client).await {
+            Ok(token) => token,
+            Err(status) => return status.into(),
+        };
+        match self.stream_images(client, &token, seed).await {
             Ok(outcome) => outcome,
-            Err(status) => status.into(),
+            Err(status) => {
+                if status.code() == tonic::Code::Unauthenticated {
+                    admin.forget();
+                }
+                status.into()
+            }
         }
     }
 
     async fn stream_images(
         &self,
         client: &mut GatewayClient,
+        token: &str,
         seed: u8,
     ) -> Result<Outcome, tonic::Status> {
         let images: Vec<gw::StudyStreamRequest> = (0..2u8)
@@ -937,10 +1000,7 @@ impl Worker {
             })
             .collect();
         let mut answers = client
-            .study_stream(with_deadline(authorised(
-                tokio_stream::iter(images),
-                &self.admin,
-            )))
+            .study_stream(with_deadline(authorised(tokio_stream::iter(images), token)))
             .await?
             .into_inner();
         let mut answered = 0;
@@ -970,12 +1030,11 @@ impl Worker {
     async fn sign(
         &self,
         client: &mut GatewayClient,
-        clinician: &mut String,
+        session: &mut Session,
         seed: u8,
     ) -> Result<(), tonic::Status> {
-        if clinician.is_empty() {
-            *clinician = login(client, CLINICIAN, CLINICIAN_PASSWORD).await?;
-        }
+        let token = session.token(client).await?;
+        let clinician = token.as_str();
         let predicted = client
             .infer(with_deadline(authorised(
                 light_infer_request(seed),
@@ -985,9 +1044,8 @@ impl Worker {
         let predicted = match predicted {
             Ok(answer) => answer.into_inner(),
             Err(status) => {
-                // A token refused after a restart of auth's keys: log in again next time.
                 if status.code() == tonic::Code::Unauthenticated {
-                    clinician.clear();
+                    session.forget();
                 }
                 return Err(status);
             }

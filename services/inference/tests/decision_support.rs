@@ -46,7 +46,7 @@ fn real_image(file: &str) -> CanonicalImage {
     let decoded = medai_validation::decode::decode_image(
         &bytes,
         None,
-        &medai_validation::config::ImageLimits::default(),
+        &medai_validation::ImageLimits::default(),
     )
     .expect("decode");
     CanonicalImage {

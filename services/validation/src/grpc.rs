@@ -6,11 +6,13 @@ use medai_proto::validation::v1::validation_service_server::ValidationService;
 use medai_proto::validation::v1::{ValidateImageRequest, ValidateImageResponse};
 use tonic::{Request, Response, Status};
 
-use crate::config::ImageLimits;
-use crate::decode::{CanonicalImage, DecodePlan, SourceFormat, decode_planned, plan_decode};
 use crate::decode_slots::SlotError;
 use crate::error::ValidationError;
 use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
+use medai_imaging::decode::{
+    CanonicalImage, DecodePlan, SourceFormat, decode_planned, plan_decode,
+};
+use medai_imaging::{ImageError, ImageLimits};
 
 pub struct ValidationApi {
     pub decode_slots: crate::decode_slots::DecodeSlots,
@@ -59,14 +61,15 @@ fn declared_format(format: i32) -> Option<SourceFormat> {
     }
 }
 
-impl From<CanonicalImage> for common::CanonicalImage {
-    fn from(image: CanonicalImage) -> Self {
+/// The decoded image as the mesh carries it.
+fn canonical_message(image: CanonicalImage) -> common::CanonicalImage {
+    {
         let source_format = match image.source_format {
             SourceFormat::Png => common::ImageFormat::Png,
             SourceFormat::Jpeg => common::ImageFormat::Jpeg,
             SourceFormat::Dicom => common::ImageFormat::Dicom,
         };
-        Self {
+        common::CanonicalImage {
             width: image.width,
             height: image.height,
             channels: image.channels,
@@ -127,7 +130,7 @@ impl ValidationService for ValidationApi {
                         .increment(1);
                 }
                 Ok(Response::new(ValidateImageResponse {
-                    image: Some(image.into()),
+                    image: Some(canonical_message(image)),
                     quality: Some(report.into()),
                 }))
             }
@@ -154,24 +157,29 @@ impl ValidationApi {
         + Send
         + 'static,
     ) -> Result<T, ValidationError> {
-        let panicked = |_| ValidationError::Undecodable {
-            format: "the declared format",
+        let panicked = |_| {
+            ValidationError::from(ImageError::Undecodable {
+                format: "the declared format",
+            })
         };
         let plan = {
             let image = image.clone();
             self.decode_slots
                 .run(0, move || plan_decode(&image, declared, &limits))
                 .await
-                .map_err(panicked)??
+                .map_err(panicked)?
+                .map_err(ValidationError::from)?
         };
         self.decode_slots
             .run(plan.memory_bytes(), move || decode(image, plan))
             .await
             .map_err(|error| match error {
-                SlotError::OverBudget { needed, budget } => ValidationError::DecodedSizeTooLarge {
-                    declared: needed,
-                    limit: budget,
-                },
+                SlotError::OverBudget { needed, budget } => {
+                    ValidationError::from(ImageError::DecodedSizeTooLarge {
+                        declared: needed,
+                        limit: budget,
+                    })
+                }
                 SlotError::Panicked => panicked(error),
             })?
     }

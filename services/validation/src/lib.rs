@@ -2,18 +2,11 @@
 //! canonical pixel buffer. It keeps nothing.
 
 pub mod config;
-pub mod decode;
 mod decode_slots;
-mod dicom_lengths;
-pub mod display;
 mod error;
 mod grpc;
-mod jpeg_extended;
 pub mod metric_catalog;
-mod native_colour;
-mod pixel_rewrite;
 pub mod quality;
-mod rle_check;
 
 use std::future::Future;
 
@@ -23,8 +16,10 @@ use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
 use tokio::net::TcpListener;
 
-pub use config::{ImageLimits, ValidationConfig};
+pub use config::ValidationConfig;
+// The decoders live in medai-imaging; re-exported so callers keep one name for what validation runs.
 pub use error::ValidationError;
+pub use medai_imaging::{ImageError, ImageLimits, decode, display};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

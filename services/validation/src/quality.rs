@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use medai_runtime::config::from_str_or_native;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::CanonicalImage;
+use medai_imaging::decode::CanonicalImage;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -324,7 +324,7 @@ pub fn assess(image: &CanonicalImage, policy: &QualityPolicy, model: &str) -> Qu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{SafeMetadata, SourceFormat};
+    use medai_imaging::decode::{SafeMetadata, SourceFormat};
 
     fn grey(width: u32, height: u32, pixel: impl Fn(u32, u32) -> u8) -> CanonicalImage {
         let pixels = (0..height)

@@ -8,7 +8,6 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use medai_runtime::errors::ServiceError;
 use medai_testkit::workspace_root;
 use medai_validation::ImageLimits;
 use medai_validation::decode::{decode_image, decode_stored_samples};

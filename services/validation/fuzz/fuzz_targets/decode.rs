@@ -13,8 +13,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
-use medai_validation::ImageLimits;
-use medai_validation::decode::{
+use medai_imaging::ImageLimits;
+use medai_imaging::decode::{
     SourceFormat, decode_image, decode_planned, decode_stored_samples, plan_decode,
 };
 

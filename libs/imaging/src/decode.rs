@@ -17,9 +17,9 @@ use image::{
     DynamicImage, GrayImage, ImageDecoder, ImageFormat as RasterFormat, ImageReader, Limits,
 };
 
-use crate::config::ImageLimits;
 use crate::display::{GreyTransform, VoiFunction, Window, normalise_stored};
-use crate::error::ValidationError;
+use crate::error::ImageError;
+use crate::limits::ImageLimits;
 use crate::pixel_rewrite::PixelHeader;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub fn decode_image(
     bytes: &[u8],
     declared: Option<SourceFormat>,
     limits: &ImageLimits,
-) -> Result<CanonicalImage, ValidationError> {
+) -> Result<CanonicalImage, ImageError> {
     decode_image_with_key(bytes, declared, limits, None)
 }
 
@@ -110,7 +110,7 @@ pub fn decode_image_with_key(
     declared: Option<SourceFormat>,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
-) -> Result<CanonicalImage, ValidationError> {
+) -> Result<CanonicalImage, ImageError> {
     let plan = plan_decode(bytes, declared, limits)?;
     decode_planned(bytes, &plan, limits, patient_key_secret)
 }
@@ -145,19 +145,19 @@ pub fn plan_decode(
     bytes: &[u8],
     declared: Option<SourceFormat>,
     limits: &ImageLimits,
-) -> Result<DecodePlan, ValidationError> {
+) -> Result<DecodePlan, ImageError> {
     if bytes.is_empty() {
-        return Err(ValidationError::Empty);
+        return Err(ImageError::Empty);
     }
     if bytes.len() > limits.max_bytes {
-        return Err(ValidationError::TooLarge {
+        return Err(ImageError::TooLarge {
             actual: bytes.len(),
             limit: limits.max_bytes,
         });
     }
     let format = sniff_format(bytes)
         .or(declared)
-        .ok_or(ValidationError::Undecodable {
+        .ok_or(ImageError::Undecodable {
             format: "a known format",
         })?;
     match format {
@@ -195,7 +195,7 @@ pub fn decode_planned(
     plan: &DecodePlan,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
-) -> Result<CanonicalImage, ValidationError> {
+) -> Result<CanonicalImage, ImageError> {
     match plan.format {
         SourceFormat::Png => decode_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
         SourceFormat::Jpeg => decode_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
@@ -210,8 +210,8 @@ fn plan_raster(
     raster_format: RasterFormat,
     format: SourceFormat,
     limits: &ImageLimits,
-) -> Result<DecodePlan, ValidationError> {
-    let undecodable = || ValidationError::Undecodable {
+) -> Result<DecodePlan, ImageError> {
+    let undecodable = || ImageError::Undecodable {
         format: format.name(),
     };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), raster_format);
@@ -231,12 +231,12 @@ fn plan_raster(
     })
 }
 
-fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), ValidationError> {
+fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), ImageError> {
     let in_range = |side: u32| (limits.min_side..=limits.max_side).contains(&side);
     if in_range(width) && in_range(height) {
         return Ok(());
     }
-    Err(ValidationError::DimensionsOutOfRange {
+    Err(ImageError::DimensionsOutOfRange {
         width,
         height,
         min: limits.min_side,
@@ -249,8 +249,8 @@ fn decode_raster(
     raster_format: RasterFormat,
     format: SourceFormat,
     limits: &ImageLimits,
-) -> Result<CanonicalImage, ValidationError> {
-    let undecodable = || ValidationError::Undecodable {
+) -> Result<CanonicalImage, ImageError> {
+    let undecodable = || ImageError::Undecodable {
         format: format.name(),
     };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), raster_format);
@@ -304,10 +304,10 @@ fn open_checked_dicom(
     bytes: &[u8],
     plan: &DecodePlan,
     limits: &ImageLimits,
-) -> Result<CheckedDicom, ValidationError> {
+) -> Result<CheckedDicom, ImageError> {
     // The structure walk of `plan_decode` ran before any parser reserved memory for what the
     // header promises; the parser below reads what it walked.
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let mut object: DefaultDicomObject = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)
         .from_reader(Cursor::new(bytes))
@@ -324,11 +324,11 @@ fn open_checked_dicom(
         .flatten()
         .is_none()
     {
-        return Err(ValidationError::DicomNoPixelData);
+        return Err(ImageError::DicomNoPixelData);
     }
     // Pixels that carry identifying text cannot be de-identified by dropping attributes.
     if read_text(&object, tags::BURNED_IN_ANNOTATION).eq_ignore_ascii_case("YES") {
-        return Err(ValidationError::DicomBurnedInAnnotation);
+        return Err(ImageError::DicomBurnedInAnnotation);
     }
     let declared_pixels = crate::dicom_lengths::DeclaredPixels {
         rows: read_u32(&object, tags::ROWS),
@@ -357,7 +357,7 @@ fn open_checked_dicom(
         .get(&transfer_syntax_uid)
         .filter(|syntax| syntax.can_decode_all())
     else {
-        return Err(ValidationError::DicomUnsupportedTransferSyntax {
+        return Err(ImageError::DicomUnsupportedTransferSyntax {
             uid: transfer_syntax_uid,
         });
     };
@@ -405,14 +405,14 @@ fn open_checked_dicom(
 pub(crate) fn check_declared_pixels(
     declared: &crate::dicom_lengths::DeclaredPixels,
     limits: &ImageLimits,
-) -> Result<u64, ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+) -> Result<u64, ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let rows = declared.rows.ok_or_else(undecodable)?;
     let columns = declared.columns.ok_or_else(undecodable)?;
     check_dimensions(columns, rows, limits)?;
     let frames = declared.frames.unwrap_or(1).max(1);
     if frames > limits.max_frames {
-        return Err(ValidationError::TooManyFrames {
+        return Err(ImageError::TooManyFrames {
             frames,
             limit: limits.max_frames,
         });
@@ -422,7 +422,7 @@ pub(crate) fn check_declared_pixels(
     let size =
         u64::from(rows) * u64::from(columns) * samples * bits.div_ceil(8) * u64::from(frames);
     if size > limits.max_decoded_bytes {
-        return Err(ValidationError::DecodedSizeTooLarge {
+        return Err(ImageError::DecodedSizeTooLarge {
             declared: size,
             limit: limits.max_decoded_bytes,
         });
@@ -437,14 +437,14 @@ fn check_pixel_format(
     bits: u64,
     bits_stored: u64,
     photometric: &str,
-) -> Result<(), ValidationError> {
-    let unsupported = |what| Err(ValidationError::DicomUnsupportedPixelFormat { what });
+) -> Result<(), ImageError> {
+    let unsupported = |what| Err(ImageError::DicomUnsupportedPixelFormat { what });
     if !matches!(bits, 8 | 16) {
         return unsupported("bits allocated other than 8 or 16");
     }
     // More significant bits than allocated, or none, is a broken header, not a format.
     if !(1..=bits).contains(&bits_stored) {
-        return Err(ValidationError::Undecodable { format: "DICOM" });
+        return Err(ImageError::Undecodable { format: "DICOM" });
     }
     match (samples, photometric) {
         (1, "MONOCHROME1" | "MONOCHROME2") => Ok(()),
@@ -457,11 +457,11 @@ fn check_pixel_format(
 }
 
 /// The first frame's stored values as the header defines them (see [`normalise_stored`]).
-fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ValidationError> {
+fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ImageError> {
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let mut values = decoded
         .to_vec_frame_with_options::<i32>(0, &options)
-        .map_err(|_| ValidationError::Undecodable { format: "DICOM" })?;
+        .map_err(|_| ImageError::Undecodable { format: "DICOM" })?;
     normalise_stored(
         &mut values,
         decoded.bits_stored(),
@@ -471,8 +471,8 @@ fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ValidationE
 }
 
 /// The 8-bit display image of a grey frame (see [`crate::display`]).
-fn grey_display(decoded: &DecodedPixelData<'_>) -> Result<DynamicImage, ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+fn grey_display(decoded: &DecodedPixelData<'_>) -> Result<DynamicImage, ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let rescale = decoded
         .rescale()
         .ok()
@@ -516,8 +516,8 @@ fn decode_dicom(
     plan: &DecodePlan,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
-) -> Result<CanonicalImage, ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+) -> Result<CanonicalImage, ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let CheckedDicom {
         object,
         transfer_syntax_uid,
@@ -569,8 +569,8 @@ pub struct StoredSamples {
 pub fn decode_stored_samples(
     bytes: &[u8],
     limits: &ImageLimits,
-) -> Result<StoredSamples, ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+) -> Result<StoredSamples, ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let plan = plan_decode(bytes, Some(SourceFormat::Dicom), limits)?;
     if plan.format != SourceFormat::Dicom {
         return Err(undecodable());
@@ -684,13 +684,10 @@ mod tests {
             max_bytes: 100,
             ..ImageLimits::default()
         };
-        assert_eq!(
-            decode_image(&[], None, &limits),
-            Err(ValidationError::Empty)
-        );
+        assert_eq!(decode_image(&[], None, &limits), Err(ImageError::Empty));
         assert!(matches!(
             decode_image(&[0; 101], None, &limits),
-            Err(ValidationError::TooLarge {
+            Err(ImageError::TooLarge {
                 actual: 101,
                 limit: 100
             })
@@ -698,10 +695,10 @@ mod tests {
         let small = decode_image(&png_of(32, 100), None, &ImageLimits::default());
         assert!(matches!(
             small,
-            Err(ValidationError::DimensionsOutOfRange { width: 32, .. })
+            Err(ImageError::DimensionsOutOfRange { width: 32, .. })
         ));
         let garbage = decode_image(b"definitely not an image", None, &ImageLimits::default());
-        assert!(matches!(garbage, Err(ValidationError::Undecodable { .. })));
+        assert!(matches!(garbage, Err(ImageError::Undecodable { .. })));
     }
 
     #[test]
@@ -718,7 +715,7 @@ mod tests {
             assert!(
                 matches!(
                     check_pixel_format(samples, bits, stored, photometric),
-                    Err(ValidationError::DicomUnsupportedPixelFormat { .. })
+                    Err(ImageError::DicomUnsupportedPixelFormat { .. })
                 ),
                 "{samples} × {bits} bits {photometric}"
             );
@@ -726,7 +723,7 @@ mod tests {
         for stored in [0, 17] {
             assert_eq!(
                 check_pixel_format(1, 16, stored, "MONOCHROME2"),
-                Err(ValidationError::Undecodable { format: "DICOM" }),
+                Err(ImageError::Undecodable { format: "DICOM" }),
                 "{stored} bits stored of 16"
             );
         }
@@ -738,7 +735,7 @@ mod tests {
         let truncated = &bytes[..bytes.len() / 2];
         assert!(matches!(
             decode_image(truncated, None, &ImageLimits::default()),
-            Err(ValidationError::Undecodable { .. })
+            Err(ImageError::Undecodable { .. })
         ));
     }
 }

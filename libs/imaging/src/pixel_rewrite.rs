@@ -12,7 +12,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::DefaultDicomObject;
 use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
 
-use crate::error::ValidationError;
+use crate::error::ImageError;
 use crate::jpeg_extended::{self, JpegError};
 use crate::native_colour::{ColourLayout, to_interleaved_rgb};
 
@@ -36,12 +36,12 @@ pub struct PixelHeader<'a> {
 pub fn prepare(
     object: &mut DefaultDicomObject,
     header: &PixelHeader<'_>,
-) -> Result<(), ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+) -> Result<(), ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let is_jpeg = matches!(header.transfer_syntax_uid, JPEG_BASELINE | JPEG_EXTENDED);
     if header.codec_free && header.samples == 3 && header.bits_allocated == 8 {
         let layout = ColourLayout::of(header.photometric, header.planar_configuration).ok_or(
-            ValidationError::DicomUnsupportedPixelFormat {
+            ImageError::DicomUnsupportedPixelFormat {
                 what: "this colour photometric interpretation",
             },
         )?;
@@ -56,7 +56,7 @@ pub fn prepare(
             put_native_rgb(object, rgb);
         }
     } else if is_jpeg && header.bits_stored > 8 {
-        let unsupported = || ValidationError::DicomUnsupportedTransferSyntax {
+        let unsupported = || ImageError::DicomUnsupportedTransferSyntax {
             uid: header.transfer_syntax_uid.to_owned(),
         };
         if header.samples != 1 || header.bits_allocated != 16 {
@@ -120,8 +120,8 @@ fn declares_colour_transform(stream: &[u8]) -> bool {
 fn decode_untransformed_rgb(
     stream: &[u8],
     header: &PixelHeader<'_>,
-) -> Result<Vec<u8>, ValidationError> {
-    let undecodable = || ValidationError::Undecodable { format: "DICOM" };
+) -> Result<Vec<u8>, ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let mut decoder = jpeg_decoder::Decoder::new(stream);
     decoder.set_color_transform(jpeg_decoder::ColorTransform::RGB);
     let pixels = header.rows as usize * header.columns as usize;

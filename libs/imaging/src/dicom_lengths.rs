@@ -25,8 +25,8 @@ use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
 
-use crate::config::ImageLimits;
-use crate::error::ValidationError;
+use crate::error::ImageError;
+use crate::limits::ImageLimits;
 
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
@@ -59,26 +59,22 @@ pub enum LengthProblem {
     /// runs past the one holding it, a fragment of undefined length.
     Malformed,
     /// The image attributes, read before the pixel data, break a limit.
-    Refused(ValidationError),
+    Refused(ImageError),
 }
 
-impl From<LengthProblem> for ValidationError {
+impl From<LengthProblem> for ImageError {
     fn from(problem: LengthProblem) -> Self {
         match problem {
-            LengthProblem::InflatesTooLarge { cap } => ValidationError::DecodedSizeTooLarge {
+            LengthProblem::InflatesTooLarge { cap } => ImageError::DecodedSizeTooLarge {
                 declared: cap.saturating_add(1),
                 limit: cap,
             },
             LengthProblem::BadDeflate | LengthProblem::Malformed => {
-                ValidationError::Undecodable { format: "DICOM" }
+                ImageError::Undecodable { format: "DICOM" }
             }
-            LengthProblem::Overrun { .. } => ValidationError::DicomDeclaredLengthExceedsInput,
-            LengthProblem::NestingTooDeep { limit } => {
-                ValidationError::DicomNestingTooDeep { limit }
-            }
-            LengthProblem::TooManyElements { limit } => {
-                ValidationError::DicomTooManyElements { limit }
-            }
+            LengthProblem::Overrun { .. } => ImageError::DicomDeclaredLengthExceedsInput,
+            LengthProblem::NestingTooDeep { limit } => ImageError::DicomNestingTooDeep { limit },
+            LengthProblem::TooManyElements { limit } => ImageError::DicomTooManyElements { limit },
             LengthProblem::Refused(error) => error,
         }
     }
@@ -676,7 +672,9 @@ mod tests {
         // A fuzzer finding: an element of group 0003 inside the meta group. Ending the group
         // there inflated garbage (and passed); dicom-rs inflates from the group length's end,
         // where this deflate stream is corrupt (and, read lazily, declares a 2.5 GB value).
-        let bytes = include_bytes!("../tests/data/fuzz-deflate-after-meta-group-length.dcm");
+        let bytes = include_bytes!(
+            "../../../services/validation/tests/data/fuzz-deflate-after-meta-group-length.dcm"
+        );
         assert_eq!(
             check_declared_lengths(bytes, &limits()),
             Err(LengthProblem::BadDeflate)
@@ -874,7 +872,7 @@ mod tests {
         assert!(matches!(
             walk_explicit(&huge),
             Err(LengthProblem::Refused(
-                ValidationError::DimensionsOutOfRange { .. }
+                ImageError::DimensionsOutOfRange { .. }
             ))
         ));
     }
@@ -891,7 +889,7 @@ mod tests {
         assert!(matches!(
             walk_data_set(&mut source, true, true, &limits()),
             Err(LengthProblem::Refused(
-                ValidationError::DimensionsOutOfRange { .. }
+                ImageError::DimensionsOutOfRange { .. }
             ))
         ));
         // The walk read up to the pixel data's header and stopped there.

@@ -129,15 +129,16 @@ mod tests {
 
     #[test]
     fn the_fuzzers_reproducer_is_refused_without_a_panic() {
-        let bytes = include_bytes!("../tests/data/fuzz-rle-decoder-panic.dcm");
-        let limits = crate::config::ImageLimits {
+        let bytes =
+            include_bytes!("../../../services/validation/tests/data/fuzz-rle-decoder-panic.dcm");
+        let limits = crate::limits::ImageLimits {
             min_side: 1,
-            ..crate::config::ImageLimits::default()
+            ..crate::limits::ImageLimits::default()
         };
         // Called directly, not on the blocking pool: a panic would fail this test.
         assert!(matches!(
             crate::decode::decode_image(bytes, None, &limits),
-            Err(crate::error::ValidationError::Undecodable { .. })
+            Err(crate::error::ImageError::Undecodable { .. })
         ));
     }
 }
