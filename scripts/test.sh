@@ -34,8 +34,10 @@ trap stop_test_servers EXIT
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== cargo build (binaries the whole-mesh tests start)" >&2
-cargo build --workspace --bins --quiet
+# The binaries the whole-mesh tests start and the test binaries, in one build so both cores stay
+# busy across the boundary; nextest then finds every test binary fresh.
+echo "== cargo build (the binaries the whole-mesh tests start, and every test binary)" >&2
+cargo build --workspace --bins --tests --quiet
 
 echo "== cargo nextest run (each test in its own process; .config/nextest.toml)" >&2
 command -v cargo-nextest >/dev/null 2>&1 || cargo install cargo-nextest --locked --quiet

@@ -208,4 +208,36 @@ async fn soak(duration: Duration) {
     )
     .expect("write soak.json");
     rig.stop().await;
+    // Issue 17's bar: memory growth under 10 % in every service, descriptors and database
+    // connections not growing (a few more, as a pool opens one, is not a leak), no error, nothing unrecorded, the chain intact.
+    let mut failures = Vec::new();
+    for (service, (rss_start, fds_start)) in &processes_at_start {
+        let (rss_end, fds_end) = processes_at_end.get(service).copied().unwrap_or((0, 0));
+        if rss_end as f64 > *rss_start as f64 * 1.10 {
+            failures.push(format!("{service} RSS grew over 10 %"));
+        }
+        if fds_end > fds_start + 4 {
+            failures.push(format!("{service} holds more file descriptors"));
+        }
+    }
+    let connections =
+        |figures: &std::collections::BTreeMap<String, i64>| figures.values().sum::<i64>();
+    if connections(&connections_at_end) > connections(&connections_at_start) + 4 {
+        failures.push("more database connections at the end".to_owned());
+    }
+    if errors > 0 {
+        failures.push(format!("{errors} calls refused or failed"));
+    }
+    if unrecorded > 0 {
+        failures.push(format!("{unrecorded} predictions without a ledger record"));
+    }
+    if !chain_intact {
+        failures.push("the chain does not verify".to_owned());
+    }
+    if failures.is_empty() {
+        println!("soak verdict: PASS");
+    } else {
+        println!("soak verdict: FAIL ({})", failures.join("; "));
+        std::process::exit(1);
+    }
 }

@@ -269,7 +269,6 @@ pub struct ChaosRig {
     /// A size-limited tmpfs holding the ledger table's tablespace, when one could be mounted.
     ledger_volume: Option<PathBuf>,
     pub admin_token: String,
-    pub auditor_token: String,
     _state: tempfile::TempDir,
 }
 
@@ -371,7 +370,6 @@ impl ChaosRig {
             impairment,
             ledger_volume: None,
             admin_token: String::new(),
-            auditor_token: String::new(),
             _state: state,
         };
         let mut client = rig.gateway().await;
@@ -394,9 +392,6 @@ impl ChaosRig {
                 .await
                 .expect("create user");
         }
-        rig.auditor_token = login(&mut client, AUDITOR, AUDITOR_PASSWORD)
-            .await
-            .expect("auditor login");
         rig
     }
 
@@ -680,16 +675,34 @@ impl ChaosRig {
 
     /// The auditor's verification of the whole chain (with its signed checkpoints).
     pub async fn chain_intact(&self) -> bool {
+        // A fresh auditor login each time: a soak outlives any one token, and a verification
+        // that could not run must not read as a broken chain (nor as an intact one).
         let mut client = self.gateway().await;
-        client
-            .verify_ledger(with_deadline(authorised(
-                gw::VerifyLedgerRequest {},
-                &self.auditor_token,
-            )))
-            .await
-            .ok()
-            .and_then(|answer| answer.into_inner().verification)
-            .is_some_and(|verification| verification.intact)
+        let mut last_refusal = None;
+        for _ in 0..10 {
+            let verified = match login(&mut client, AUDITOR, AUDITOR_PASSWORD).await {
+                Ok(token) => {
+                    client
+                        .verify_ledger(with_deadline(authorised(
+                            gw::VerifyLedgerRequest {},
+                            &token,
+                        )))
+                        .await
+                }
+                Err(status) => Err(status),
+            };
+            match verified {
+                Ok(answer) => {
+                    return answer
+                        .into_inner()
+                        .verification
+                        .is_some_and(|verification| verification.intact);
+                }
+                Err(status) => last_refusal = Some(status),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        panic!("the chain could not be verified: {last_refusal:?}");
     }
 
     /// Resident memory (kB) and open file descriptors of each running service.
