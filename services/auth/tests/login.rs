@@ -6,13 +6,16 @@ use medai_audit::AuditConfig;
 use medai_auth::AuthConfig;
 use medai_auth::config::{BootstrapAdmin, TokenSettings};
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
-use medai_proto::auth::v1::{GetSigningKeysRequest, LoginRequest};
+use medai_proto::auth::v1::{
+    ConsumeSigningTicketRequest, CreateUserRequest, DisableUserRequest, GetSigningKeysRequest,
+    LoginRequest, LogoutRequest, ReauthenticateRequest, SetUserRoleRequest, TokenGrant,
+};
 use medai_runtime::config::Secret;
 use medai_runtime::errors::reason_of;
 use medai_testkit::{
     TestPki, TestServer, fresh_postgres_database, test_process_config, wait_until_serving,
 };
-use medai_tokens::{PublishedKey, Role, TokenVerifier};
+use medai_tokens::{AccessClaims, PublishedKey, Role, TokenVerifier};
 use sea_orm::{ConnectionTrait, Database};
 use tonic::Code;
 
@@ -72,10 +75,7 @@ impl AuthUnderTest {
             format!("https://{}", audit.address),
         );
         configure(&mut config);
-        let auth =
-            TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown))
-                .await;
-        wait_until_serving(&pki, auth.address, "auth").await;
+        let auth = start_auth(&pki, config).await;
         Self {
             pki,
             auth,
@@ -94,18 +94,11 @@ impl AuthUnderTest {
 
     /// One number from auth's own database.
     async fn auth_number(&self, sql: &str) -> i64 {
-        let database = Database::connect(self.auth_database.as_str())
-            .await
-            .expect("connect");
-        let row = database
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DatabaseBackend::Postgres,
-                sql.to_owned(),
-            ))
-            .await
-            .expect("query")
-            .expect("row");
-        row.try_get_by_index::<i64>(0).expect("number")
+        first_number(
+            &self.auth_database,
+            sea_orm::Statement::from_string(sea_orm::DatabaseBackend::Postgres, sql.to_owned()),
+        )
+        .await
     }
 
     /// How many ledger entries there are of each (action, outcome).
@@ -135,53 +128,56 @@ impl AuthUnderTest {
 
     /// How many ledger entries have `action` and `outcome`.
     async fn recorded(&self, action: &str, outcome: &str) -> i64 {
-        let database = Database::connect(self.audit_database.as_str())
-            .await
-            .expect("connect");
-        let row = database
-            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+        first_number(
+            &self.audit_database,
+            sea_orm::Statement::from_sql_and_values(
                 sea_orm::DatabaseBackend::Postgres,
                 "SELECT count(*) AS n FROM ledger_entries WHERE action = $1 AND outcome = $2",
                 [action.into(), outcome.into()],
-            ))
-            .await
-            .expect("query")
-            .expect("row");
-        row.try_get("", "n").expect("count")
+            ),
+        )
+        .await
     }
 
     fn client_as(&self, identity: &str) -> AuthServiceClient<tonic::transport::Channel> {
         AuthServiceClient::new(self.pki.channel_as(identity, self.auth.address, "auth"))
     }
 
+    /// How many LOGIN entries with `outcome` the ledger holds.
     async fn ledger_count(&self, outcome: &str) -> i64 {
-        let database = Database::connect(self.audit_database.as_str())
-            .await
-            .expect("connect");
-        let row = database
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DatabaseBackend::Postgres,
-                format!("SELECT count(*) AS n FROM ledger_entries WHERE action = 'LOGIN' AND outcome = '{outcome}'"),
-            ))
-            .await
-            .expect("query")
-            .expect("row");
-        row.try_get("", "n").expect("count")
+        self.recorded("LOGIN", outcome).await
     }
 }
 
-/// The subject of an access token, verified against the keys auth publishes.
-async fn subject_of(
-    gateway: &mut AuthServiceClient<tonic::transport::Channel>,
-    access_token: &str,
-) -> String {
-    let keys = gateway
+/// The first column of the one row `statement` answers in the database at `url`, as a number.
+async fn first_number(url: &str, statement: sea_orm::Statement) -> i64 {
+    let database = Database::connect(url).await.expect("connect");
+    let row = database
+        .query_one_raw(statement)
+        .await
+        .expect("query")
+        .expect("row");
+    row.try_get_by_index::<i64>(0).expect("number")
+}
+
+/// Starts auth with `config` and waits until it answers SERVING.
+async fn start_auth(pki: &TestPki, config: AuthConfig) -> TestServer {
+    let auth =
+        TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown)).await;
+    wait_until_serving(pki, auth.address, "auth").await;
+    auth
+}
+
+type AuthClient = AuthServiceClient<tonic::transport::Channel>;
+
+/// The signing keys auth publishes, as a verifier takes them.
+async fn published_keys(gateway: &mut AuthClient) -> Vec<PublishedKey> {
+    gateway
         .get_signing_keys(GetSigningKeysRequest {})
         .await
         .expect("keys")
         .into_inner()
-        .keys;
-    let published: Vec<PublishedKey> = keys
+        .keys
         .into_iter()
         .map(|key| PublishedKey {
             kid: key.kid,
@@ -190,11 +186,19 @@ async fn subject_of(
             alg: key.alg,
             x: key.x,
         })
-        .collect();
-    TokenVerifier::new("medai-auth", "medai", &published)
+        .collect()
+}
+
+/// The claims of an access token, verified against the keys auth publishes.
+async fn claims_of(gateway: &mut AuthClient, access_token: &str) -> AccessClaims {
+    TokenVerifier::new("medai-auth", "medai", &published_keys(gateway).await)
         .verify(access_token)
         .expect("claims")
-        .sub
+}
+
+/// The subject of an access token, verified against the keys auth publishes.
+async fn subject_of(gateway: &mut AuthClient, access_token: &str) -> String {
+    claims_of(gateway, access_token).await.sub
 }
 
 fn login(username: &str, password: &str) -> LoginRequest {
@@ -205,45 +209,96 @@ fn login(username: &str, password: &str) -> LoginRequest {
     }
 }
 
-#[tokio::test]
-async fn the_bootstrap_admin_gets_a_token_that_verifies_against_the_published_keys() {
-    let service = AuthUnderTest::start().await;
-    let mut gateway = service.client_as("gateway");
-    let response = gateway
-        .login(login("admin", PASSWORD))
+/// The tokens of a successful login.
+async fn grant_of(gateway: &mut AuthClient, username: &str, password: &str) -> TokenGrant {
+    gateway
+        .login(login(username, password))
         .await
         .expect("login")
         .into_inner()
         .grant
-        .expect("grant");
+        .expect("grant")
+}
+
+fn create_user(actor: &str, username: &str, password: &str, role: &str) -> CreateUserRequest {
+    CreateUserRequest {
+        actor: actor.to_owned(),
+        username: username.to_owned(),
+        password: password.to_owned(),
+        role: role.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+fn set_user_role(actor: &str, username: &str, role: &str) -> SetUserRoleRequest {
+    SetUserRoleRequest {
+        actor: actor.to_owned(),
+        username: username.to_owned(),
+        role: role.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+fn disable_user(actor: &str, username: &str) -> DisableUserRequest {
+    DisableUserRequest {
+        actor: actor.to_owned(),
+        username: username.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+fn reauthenticate(actor: &str, password: &str) -> ReauthenticateRequest {
+    ReauthenticateRequest {
+        actor: actor.to_owned(),
+        password: password.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+fn consume_ticket(actor: &str, signing_ticket: &str) -> ConsumeSigningTicketRequest {
+    ConsumeSigningTicketRequest {
+        actor: actor.to_owned(),
+        signing_ticket: signing_ticket.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+/// The logout of the session whose access token has `claims`, by its own user.
+fn logout(claims: &AccessClaims, refresh_token: &str) -> LogoutRequest {
+    LogoutRequest {
+        actor: claims.sub.clone(),
+        access_token_id: claims.jti.clone(),
+        access_token_expires_at: claims.exp,
+        refresh_token: refresh_token.to_owned(),
+        correlation_id: String::new(),
+    }
+}
+
+/// The bootstrap admin logged in: its tokens and the verified claims of its access token.
+async fn admin_session(gateway: &mut AuthClient) -> (TokenGrant, AccessClaims) {
+    let grant = grant_of(gateway, "admin", PASSWORD).await;
+    let claims = claims_of(gateway, &grant.access_token).await;
+    (grant, claims)
+}
+
+#[tokio::test]
+async fn the_bootstrap_admin_gets_a_token_that_verifies_against_the_published_keys() {
+    let service = AuthUnderTest::start().await;
+    let mut gateway = service.client_as("gateway");
+    let response = grant_of(&mut gateway, "admin", PASSWORD).await;
     assert_eq!(response.role, "admin");
     assert_eq!(response.expires_in_seconds, 600);
 
-    let keys = gateway
-        .get_signing_keys(GetSigningKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys;
-    assert_eq!(keys.len(), 1);
+    let published = published_keys(&mut gateway).await;
+    assert_eq!(published.len(), 1);
     assert_eq!(
         (
-            keys[0].kty.as_str(),
-            keys[0].crv.as_str(),
-            keys[0].alg.as_str()
+            published[0].kty.as_str(),
+            published[0].crv.as_str(),
+            published[0].alg.as_str()
         ),
         ("OKP", "Ed25519", "EdDSA")
     );
-    let published: Vec<PublishedKey> = keys
-        .into_iter()
-        .map(|key| PublishedKey {
-            kid: key.kid,
-            kty: key.kty,
-            crv: key.crv,
-            alg: key.alg,
-            x: key.x,
-        })
-        .collect();
     let claims = TokenVerifier::new("medai-auth", "medai", &published)
         .verify(&response.access_token)
         .expect("verifies");
@@ -288,9 +343,7 @@ async fn no_token_is_issued_when_the_login_cannot_be_recorded() {
     let dead_endpoint = format!("https://{}", unused.local_addr().expect("address"));
     drop(unused);
     let config = auth_config(&pki, fresh_postgres_database().await, dead_endpoint);
-    let auth =
-        TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown)).await;
-    wait_until_serving(&pki, auth.address, "auth").await;
+    let auth = start_auth(&pki, config).await;
     let mut gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.address, "auth"));
     let status = gateway
         .login(login("admin", PASSWORD))
@@ -318,86 +371,63 @@ async fn only_the_gateway_may_call_auth() {
     );
 }
 
+/// Why auth refuses to start with the test settings changed by `configure`.
+async fn refused_settings(pki: &TestPki, configure: impl FnOnce(&mut AuthConfig)) -> String {
+    let mut config = auth_config(
+        pki,
+        "sqlite::memory:".to_owned(),
+        "https://127.0.0.1:1".to_owned(),
+    );
+    configure(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    medai_auth::serve(config, listener, std::future::pending())
+        .await
+        .expect_err("refused")
+        .to_string()
+}
+
 #[tokio::test]
 async fn invalid_settings_stop_the_service_with_a_clear_message() {
     let pki = TestPki::new();
-    let mut config = auth_config(
-        &pki,
-        "sqlite::memory:".to_owned(),
-        "https://127.0.0.1:1".to_owned(),
-    );
-    config.tokens.access_token_ttl_seconds = 3600;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let error = medai_auth::serve(config, listener, std::future::pending())
-        .await
-        .expect_err("refused");
-    assert!(
-        error.to_string().contains("access_token_ttl_seconds"),
-        "{error}"
-    );
+    let error = refused_settings(&pki, |config| {
+        config.tokens.access_token_ttl_seconds = 3600;
+    })
+    .await;
+    assert!(error.contains("access_token_ttl_seconds"), "{error}");
 
-    let mut config = auth_config(
-        &pki,
-        "sqlite::memory:".to_owned(),
-        "https://127.0.0.1:1".to_owned(),
-    );
-    config.bootstrap_admin = Some(BootstrapAdmin {
-        username: "admin".to_owned(),
-        password: Secret::new("short"),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let error = medai_auth::serve(config, listener, std::future::pending())
-        .await
-        .expect_err("refused");
-    assert!(error.to_string().contains("at least 12"), "{error}");
-    assert!(
-        !error.to_string().contains("short"),
-        "the password is not echoed"
-    );
+    let error = refused_settings(&pki, |config| {
+        config.bootstrap_admin = Some(BootstrapAdmin {
+            username: "admin".to_owned(),
+            password: Secret::new("short"),
+        });
+    })
+    .await;
+    assert!(error.contains("at least 12"), "{error}");
+    assert!(!error.contains("short"), "the password is not echoed");
 }
 
 #[tokio::test]
 async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
-    use medai_proto::auth::v1::{ConsumeSigningTicketRequest, ReauthenticateRequest};
     let service = AuthUnderTest::start().await;
     let mut gateway = service.client_as("gateway");
-    let grant = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
-    let subject = subject_of(&mut gateway, &grant.access_token).await;
+    let subject = admin_session(&mut gateway).await.1.sub;
 
-    let reauthenticate = |password: &str| ReauthenticateRequest {
-        actor: subject.clone(),
-        password: password.to_owned(),
-        correlation_id: String::new(),
-    };
     let status = gateway
-        .reauthenticate(reauthenticate("wrong password"))
+        .reauthenticate(reauthenticate(&subject, "wrong password"))
         .await
         .expect_err("refused");
     assert_eq!(reason_of(&status).as_deref(), Some("INVALID_CREDENTIALS"));
     let ticket = gateway
-        .reauthenticate(reauthenticate(PASSWORD))
+        .reauthenticate(reauthenticate(&subject, PASSWORD))
         .await
         .expect("ticket")
         .into_inner();
     assert_eq!(ticket.expires_in_seconds, 300);
 
-    let consume = |actor: &str, ticket: &str| ConsumeSigningTicketRequest {
-        actor: actor.to_owned(),
-        signing_ticket: ticket.to_owned(),
-        correlation_id: String::new(),
-    };
     let status = gateway
-        .consume_signing_ticket(consume("someone-else", &ticket.signing_ticket))
+        .consume_signing_ticket(consume_ticket("someone-else", &ticket.signing_ticket))
         .await
         .expect_err("not theirs");
     assert_eq!(
@@ -405,7 +435,7 @@ async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
         Some("SIGNING_TICKET_INVALID")
     );
     let signer = gateway
-        .consume_signing_ticket(consume(&subject, &ticket.signing_ticket))
+        .consume_signing_ticket(consume_ticket(&subject, &ticket.signing_ticket))
         .await
         .expect("first use")
         .into_inner();
@@ -414,7 +444,7 @@ async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
         ("admin", "admin")
     );
     let status = gateway
-        .consume_signing_ticket(consume(&subject, &ticket.signing_ticket))
+        .consume_signing_ticket(consume_ticket(&subject, &ticket.signing_ticket))
         .await
         .expect_err("second use");
     assert_eq!(
@@ -430,59 +460,21 @@ async fn a_signing_ticket_is_single_use_short_lived_and_bound_to_its_user() {
 
 #[tokio::test]
 async fn an_expired_signing_ticket_is_refused() {
-    use medai_proto::auth::v1::{ConsumeSigningTicketRequest, ReauthenticateRequest};
-    let pki = TestPki::new();
-    let audit_config = AuditConfig {
-        process: test_process_config(),
-        tls: pki.files("audit"),
-        database_url: fresh_postgres_database().await,
-        checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
-        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
-        checkpoint_log_file: None,
-        checkpoint_interval_seconds: 0,
-        migration_database_url: None,
-    };
-    let audit = TestServer::start(|listener, shutdown| {
-        medai_audit::serve(audit_config, listener, shutdown)
+    let service = AuthUnderTest::start_with(|config| {
+        config.tokens.signing_ticket_ttl_seconds = 1;
     })
     .await;
-    wait_until_serving(&pki, audit.address, "audit").await;
-    let mut config = auth_config(
-        &pki,
-        fresh_postgres_database().await,
-        format!("https://{}", audit.address),
-    );
-    config.tokens.signing_ticket_ttl_seconds = 1;
-    let auth =
-        TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown)).await;
-    wait_until_serving(&pki, auth.address, "auth").await;
-    let mut gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.address, "auth"));
-
-    let grant = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
-    let subject = subject_of(&mut gateway, &grant.access_token).await;
+    let mut gateway = service.client_as("gateway");
+    let subject = admin_session(&mut gateway).await.1.sub;
     let ticket = gateway
-        .reauthenticate(ReauthenticateRequest {
-            actor: subject.clone(),
-            password: PASSWORD.to_owned(),
-            correlation_id: String::new(),
-        })
+        .reauthenticate(reauthenticate(&subject, PASSWORD))
         .await
         .expect("ticket")
         .into_inner()
         .signing_ticket;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let status = gateway
-        .consume_signing_ticket(ConsumeSigningTicketRequest {
-            actor: subject,
-            signing_ticket: ticket,
-            correlation_id: String::new(),
-        })
+        .consume_signing_ticket(consume_ticket(&subject, &ticket))
         .await
         .expect_err("expired");
     assert_eq!(
@@ -551,8 +543,12 @@ async fn twenty_concurrent_wrong_passwords_lock_the_account_after_exactly_the_li
     assert_eq!(reason_of(&status).as_deref(), Some("ACCOUNT_LOCKED"));
 }
 
-fn published_kids(keys: Vec<medai_proto::auth::v1::JsonWebKey>) -> BTreeSet<String> {
-    keys.into_iter().map(|key| key.kid).collect()
+async fn published_kids(gateway: &mut AuthClient) -> BTreeSet<String> {
+    published_keys(gateway)
+        .await
+        .into_iter()
+        .map(|key| key.kid)
+        .collect()
 }
 
 #[tokio::test]
@@ -560,22 +556,8 @@ async fn a_key_rotated_while_the_ledger_is_unreachable_is_not_published() {
     use medai_proto::auth::v1::RotateSigningKeyRequest;
     let mut service = AuthUnderTest::start().await;
     let mut gateway = service.client_as("gateway");
-    let grant = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
-    let subject = subject_of(&mut gateway, &grant.access_token).await;
-    let before = published_kids(
-        gateway
-            .get_signing_keys(GetSigningKeysRequest {})
-            .await
-            .expect("keys")
-            .into_inner()
-            .keys,
-    );
+    let subject = admin_session(&mut gateway).await.1.sub;
+    let before = published_kids(&mut gateway).await;
     let rotate = || RotateSigningKeyRequest {
         actor: subject.clone(),
         correlation_id: String::new(),
@@ -590,14 +572,7 @@ async fn a_key_rotated_while_the_ledger_is_unreachable_is_not_published() {
         (status.code(), reason_of(&status).as_deref()),
         (Code::Unavailable, Some("LEDGER_UNAVAILABLE"))
     );
-    let after = published_kids(
-        gateway
-            .get_signing_keys(GetSigningKeysRequest {})
-            .await
-            .expect("keys")
-            .into_inner()
-            .keys,
-    );
+    let after = published_kids(&mut gateway).await;
     assert_eq!(after, before, "an unrecorded key is not published");
     assert_eq!(
         service
@@ -636,9 +611,8 @@ fn documented_auth_records() -> BTreeSet<(String, String)> {
 #[tokio::test]
 async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance() {
     use medai_proto::auth::v1::{
-        ChangePasswordRequest, ConsumeSigningTicketRequest, CreateUserRequest, DeleteUserRequest,
-        DisableUserRequest, LogoutRequest, ReauthenticateRequest, RefreshRequest,
-        ResetUserPasswordRequest, RotateSigningKeyRequest, SetUserRoleRequest,
+        ChangePasswordRequest, DeleteUserRequest, RefreshRequest, ResetUserPasswordRequest,
+        RotateSigningKeyRequest,
     };
     const LIMIT: u32 = 3;
     let service = AuthUnderTest::start_with(|config| {
@@ -664,36 +638,22 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         .await
         .expect_err("wrong password");
     step!("Login, wrong password", [("LOGIN", "FAILURE", 1)]);
-    let admin = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
+    let admin = grant_of(&mut gateway, "admin", PASSWORD).await;
     step!("Login", [("LOGIN", "SUCCESS", 1)]);
-    let admin_subject = subject_of(&mut gateway, &admin.access_token).await;
-    let actor = admin_subject.clone();
+    let actor = subject_of(&mut gateway, &admin.access_token).await;
 
     gateway
-        .create_user(CreateUserRequest {
-            actor: actor.clone(),
-            username: "carol".to_owned(),
-            password: "carol password 123".to_owned(),
-            role: "clinician".to_owned(),
-            correlation_id: String::new(),
-        })
+        .create_user(create_user(
+            &actor,
+            "carol",
+            "carol password 123",
+            "clinician",
+        ))
         .await
         .expect("create");
     step!("CreateUser", [("USER_CREATE", "SUCCESS", 1)]);
 
-    let carol = gateway
-        .login(login("carol", "carol password 123"))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
+    let carol = grant_of(&mut gateway, "carol", "carol password 123").await;
     step!("Login carol", [("LOGIN", "SUCCESS", 1)]);
     let refresh = |token: &str| RefreshRequest {
         refresh_token: token.to_owned(),
@@ -711,12 +671,7 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
     step!("Refresh, reused", [("REFRESH_TOKEN_REUSE", "DENIED", 1)]);
 
     gateway
-        .set_user_role(SetUserRoleRequest {
-            actor: actor.clone(),
-            username: "carol".to_owned(),
-            role: "viewer".to_owned(),
-            correlation_id: String::new(),
-        })
+        .set_user_role(set_user_role(&actor, "carol", "viewer"))
         .await
         .expect("role");
     step!("SetUserRole", [("USER_ROLE_SET", "SUCCESS", 1)]);
@@ -730,13 +685,7 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         .await
         .expect("reset");
     step!("ResetUserPassword", [("USER_PASSWORD_RESET", "SUCCESS", 1)]);
-    let carol = gateway
-        .login(login("carol", "carol's new password"))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
+    let carol = grant_of(&mut gateway, "carol", "carol's new password").await;
     step!("Login carol again", [("LOGIN", "SUCCESS", 1)]);
     let carol_subject = subject_of(&mut gateway, &carol.access_token).await;
     let change = |current: &str| ChangePasswordRequest {
@@ -757,22 +706,14 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
     step!("ChangePassword", [("PASSWORD_CHANGE", "SUCCESS", 1)]);
 
     let ticket = gateway
-        .reauthenticate(ReauthenticateRequest {
-            actor: actor.clone(),
-            password: PASSWORD.to_owned(),
-            correlation_id: String::new(),
-        })
+        .reauthenticate(reauthenticate(&actor, PASSWORD))
         .await
         .expect("reauthenticate")
         .into_inner()
         .signing_ticket;
     step!("Reauthenticate", [("REAUTHENTICATION", "SUCCESS", 1)]);
     gateway
-        .consume_signing_ticket(ConsumeSigningTicketRequest {
-            actor: actor.clone(),
-            signing_ticket: ticket,
-            correlation_id: String::new(),
-        })
+        .consume_signing_ticket(consume_ticket(&actor, &ticket))
         .await
         .expect("consume");
     step!(
@@ -789,23 +730,13 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
     step!("RotateSigningKey", [("SIGNING_KEY_ROTATE", "SUCCESS", 1)]);
 
     gateway
-        .disable_user(DisableUserRequest {
-            actor: actor.clone(),
-            username: "carol".to_owned(),
-            correlation_id: String::new(),
-        })
+        .disable_user(disable_user(&actor, "carol"))
         .await
         .expect("disable");
     step!("DisableUser", [("USER_DISABLE", "SUCCESS", 1)]);
 
     gateway
-        .create_user(CreateUserRequest {
-            actor: actor.clone(),
-            username: "dan".to_owned(),
-            password: "dan password 1234".to_owned(),
-            role: "viewer".to_owned(),
-            correlation_id: String::new(),
-        })
+        .create_user(create_user(&actor, "dan", "dan password 1234", "viewer"))
         .await
         .expect("create");
     step!("CreateUser dan", [("USER_CREATE", "SUCCESS", 1)]);
@@ -832,34 +763,9 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         .expect("delete");
     step!("DeleteUser", [("USER_DELETE", "SUCCESS", 1)]);
 
-    let claims = {
-        let keys = gateway
-            .get_signing_keys(GetSigningKeysRequest {})
-            .await
-            .expect("keys")
-            .into_inner()
-            .keys
-            .into_iter()
-            .map(|key| PublishedKey {
-                kid: key.kid,
-                kty: key.kty,
-                crv: key.crv,
-                alg: key.alg,
-                x: key.x,
-            })
-            .collect::<Vec<_>>();
-        TokenVerifier::new("medai-auth", "medai", &keys)
-            .verify(&admin.access_token)
-            .expect("claims")
-    };
+    let claims = claims_of(&mut gateway, &admin.access_token).await;
     gateway
-        .logout(LogoutRequest {
-            actor: admin_subject,
-            access_token_id: claims.jti,
-            access_token_expires_at: claims.exp,
-            refresh_token: admin.refresh_token,
-            correlation_id: String::new(),
-        })
+        .logout(logout(&claims, &admin.refresh_token))
         .await
         .expect("logout");
     step!("Logout", [("LOGOUT", "SUCCESS", 1)]);
@@ -873,46 +779,18 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
 
 #[tokio::test]
 async fn with_the_ledger_unreachable_no_recorded_change_of_auth_takes_effect() {
-    use medai_proto::auth::v1::{
-        CheckRevocationRequest, CreateUserRequest, DisableUserRequest, LogoutRequest,
-        SetUserRoleRequest,
-    };
+    use medai_proto::auth::v1::CheckRevocationRequest;
     let mut service = AuthUnderTest::start().await;
     let mut gateway = service.client_as("gateway");
-    let admin = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
-    let keys = gateway
-        .get_signing_keys(GetSigningKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys
-        .into_iter()
-        .map(|key| PublishedKey {
-            kid: key.kid,
-            kty: key.kty,
-            crv: key.crv,
-            alg: key.alg,
-            x: key.x,
-        })
-        .collect::<Vec<_>>();
-    let claims = TokenVerifier::new("medai-auth", "medai", &keys)
-        .verify(&admin.access_token)
-        .expect("claims");
+    let (admin, claims) = admin_session(&mut gateway).await;
     let actor = claims.sub.clone();
     gateway
-        .create_user(CreateUserRequest {
-            actor: actor.clone(),
-            username: "carol".to_owned(),
-            password: "carol password 123".to_owned(),
-            role: "clinician".to_owned(),
-            correlation_id: String::new(),
-        })
+        .create_user(create_user(
+            &actor,
+            "carol",
+            "carol password 123",
+            "clinician",
+        ))
         .await
         .expect("create");
     service.stop_the_ledger().await;
@@ -926,46 +804,25 @@ async fn with_the_ledger_unreachable_no_recorded_change_of_auth_takes_effect() {
     };
     refused(
         gateway
-            .create_user(CreateUserRequest {
-                actor: actor.clone(),
-                username: "eve".to_owned(),
-                password: "eve password 1234".to_owned(),
-                role: "admin".to_owned(),
-                correlation_id: String::new(),
-            })
+            .create_user(create_user(&actor, "eve", "eve password 1234", "admin"))
             .await
             .map(|_| ()),
     );
     refused(
         gateway
-            .set_user_role(SetUserRoleRequest {
-                actor: actor.clone(),
-                username: "carol".to_owned(),
-                role: "admin".to_owned(),
-                correlation_id: String::new(),
-            })
+            .set_user_role(set_user_role(&actor, "carol", "admin"))
             .await
             .map(|_| ()),
     );
     refused(
         gateway
-            .disable_user(DisableUserRequest {
-                actor: actor.clone(),
-                username: "carol".to_owned(),
-                correlation_id: String::new(),
-            })
+            .disable_user(disable_user(&actor, "carol"))
             .await
             .map(|_| ()),
     );
     refused(
         gateway
-            .logout(LogoutRequest {
-                actor: actor.clone(),
-                access_token_id: claims.jti.clone(),
-                access_token_expires_at: claims.exp,
-                refresh_token: admin.refresh_token.clone(),
-                correlation_id: String::new(),
-            })
+            .logout(logout(&claims, &admin.refresh_token))
             .await
             .map(|_| ()),
     );
@@ -1011,42 +868,28 @@ async fn with_the_ledger_unreachable_no_recorded_change_of_auth_takes_effect() {
 
 #[tokio::test]
 async fn concurrent_changes_to_one_user_each_raise_the_token_generation() {
-    use medai_proto::auth::v1::{CreateUserRequest, SetUserRoleRequest};
     const CHANGES: usize = 8;
     let service = AuthUnderTest::start().await;
     let mut gateway = service.client_as("gateway");
-    let admin = gateway
-        .login(login("admin", PASSWORD))
-        .await
-        .expect("login")
-        .into_inner()
-        .grant
-        .expect("grant");
-    let actor = subject_of(&mut gateway, &admin.access_token).await;
+    let actor = admin_session(&mut gateway).await.1.sub;
     gateway
-        .create_user(CreateUserRequest {
-            actor: actor.clone(),
-            username: "dave".to_owned(),
-            password: "dave password 123".to_owned(),
-            role: "clinician".to_owned(),
-            correlation_id: String::new(),
-        })
+        .create_user(create_user(
+            &actor,
+            "dave",
+            "dave password 123",
+            "clinician",
+        ))
         .await
         .expect("create");
     let changes: Vec<_> = (0..CHANGES)
         .map(|index| {
             let mut gateway = gateway.clone();
-            let request = SetUserRoleRequest {
-                actor: actor.clone(),
-                username: "dave".to_owned(),
-                role: if index % 2 == 0 {
-                    "viewer"
-                } else {
-                    "clinician"
-                }
-                .to_owned(),
-                correlation_id: String::new(),
+            let role = if index % 2 == 0 {
+                "viewer"
+            } else {
+                "clinician"
             };
+            let request = set_user_role(&actor, "dave", role);
             tokio::spawn(async move { gateway.set_user_role(request).await })
         })
         .collect();

@@ -12,8 +12,10 @@ use std::time::Duration;
 use medai_inference::config::RuntimeSettings;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::inference::v1::{
-    ActivateModelVersionRequest, ListModelsRequest, ModelChange, ModelChangeOutcome,
-    RetireModelVersionRequest, RollbackModelRequest, StageModelVersionRequest,
+    AbortCanaryRequest, ActivateModelVersionRequest, GetModelReportRequest, ListModelsRequest,
+    ModelChange, ModelChangeOutcome, ModelReport, ModelVersionInfo, PredictRequest,
+    PredictResponse, PromoteCanaryRequest, RetireModelVersionRequest, RollbackModelRequest,
+    StageModelVersionRequest, StartCanaryRequest,
 };
 use medai_runtime::errors::reason_of;
 use support::{Harness, LIGHT, add_light_version, grey_image, light_repository, manifest_status};
@@ -28,23 +30,24 @@ fn change(version: &str) -> ModelChange {
     }
 }
 
-fn stage(version: &str) -> StageModelVersionRequest {
-    StageModelVersionRequest {
-        change: Some(change(version)),
-    }
+/// `fn name(version) -> Request`: for each request that carries only a change of `version`.
+macro_rules! change_requests {
+    ($($name:ident -> $request:ident),+ $(,)?) => {$(
+        fn $name(version: &str) -> $request {
+            $request {
+                change: Some(change(version)),
+            }
+        }
+    )+};
 }
 
-fn activate(version: &str) -> ActivateModelVersionRequest {
-    ActivateModelVersionRequest {
-        change: Some(change(version)),
-    }
-}
-
-fn retire(version: &str) -> RetireModelVersionRequest {
-    RetireModelVersionRequest {
-        change: Some(change(version)),
-    }
-}
+change_requests!(
+    stage -> StageModelVersionRequest,
+    activate -> ActivateModelVersionRequest,
+    retire -> RetireModelVersionRequest,
+    promote_canary -> PromoteCanaryRequest,
+    abort_canary -> AbortCanaryRequest,
+);
 
 fn rollback() -> RollbackModelRequest {
     RollbackModelRequest {
@@ -73,10 +76,33 @@ async fn served_version(client: &mut InferenceServiceClient<Channel>) -> Result<
         .map_err(|status| reason_of(&status).unwrap_or_default())
 }
 
-fn changed(outcome: Option<ModelChangeOutcome>) -> (String, String, bool, u64) {
+/// The version a change left behind, and the ledger seq that records the change.
+fn changed_version(outcome: Option<ModelChangeOutcome>) -> (ModelVersionInfo, u64) {
     let outcome = outcome.expect("outcome");
-    let info = outcome.changed.expect("changed version");
-    (info.version, info.status, info.ready, outcome.ledger_seq)
+    (
+        outcome.changed.expect("changed version"),
+        outcome.ledger_seq,
+    )
+}
+
+fn changed(outcome: Option<ModelChangeOutcome>) -> (String, String, bool, u64) {
+    let (info, seq) = changed_version(outcome);
+    (info.version, info.status, info.ready, seq)
+}
+
+/// Every version of the light model as the operator lists it: (version, status, ready).
+async fn version_states(
+    operator: &mut InferenceServiceClient<Channel>,
+) -> Vec<(String, String, bool)> {
+    operator
+        .list_models(ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .versions
+        .into_iter()
+        .map(|info| (info.version, info.status, info.ready))
+        .collect()
 }
 
 #[tokio::test]
@@ -169,18 +195,8 @@ async fn activate_roll_back_and_retire_change_what_is_served_and_are_recorded() 
         reason_of(&status).as_deref(),
         Some("MODEL_VERSION_NOT_SERVED")
     );
-    let listed = operator
-        .list_models(ListModelsRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .versions;
-    let states: Vec<(String, String, bool)> = listed
-        .into_iter()
-        .map(|info| (info.version, info.status, info.ready))
-        .collect();
     assert_eq!(
-        states,
+        version_states(&mut operator).await,
         [
             ("1".to_owned(), "STAGED".to_owned(), false),
             ("2".to_owned(), "ACTIVE".to_owned(), true)
@@ -389,18 +405,8 @@ async fn refused_changes_change_nothing_and_record_nothing() {
     harness.restart_inference().await;
     let mut gateway = harness.client_as("gateway");
     assert_eq!(served_version(&mut gateway).await.as_deref(), Ok("1"));
-    let states: Vec<(String, String, bool)> = harness
-        .client_as("operator")
-        .list_models(ListModelsRequest {})
-        .await
-        .expect("list")
-        .into_inner()
-        .versions
-        .into_iter()
-        .map(|info| (info.version, info.status, info.ready))
-        .collect();
     assert_eq!(
-        states,
+        version_states(&mut harness.client_as("operator")).await,
         [
             ("1".to_owned(), "ACTIVE".to_owned(), true),
             ("3".to_owned(), "STAGED".to_owned(), false)
@@ -410,22 +416,69 @@ async fn refused_changes_change_nothing_and_record_nothing() {
 
 // --- model rollout (issue 18): canary, validation reports, model report ---
 
-fn start_canary(
-    version: &str,
-    share_percent: u32,
-) -> medai_proto::inference::v1::StartCanaryRequest {
-    medai_proto::inference::v1::StartCanaryRequest {
+fn start_canary(version: &str, share_percent: u32) -> StartCanaryRequest {
+    StartCanaryRequest {
         change: Some(change(version)),
         share_percent,
     }
 }
 
+/// The stable reason code of a refused change.
+fn refusal<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Option<String> {
+    reason_of(&result.expect_err("refused"))
+}
+
+/// The model report of one version of the light model.
+async fn model_report(
+    operator: &mut InferenceServiceClient<Channel>,
+    version: &str,
+) -> ModelReport {
+    operator
+        .get_model_report(GetModelReportRequest {
+            model_name: LIGHT.to_owned(),
+            model_version: version.to_owned(),
+        })
+        .await
+        .expect("report")
+        .into_inner()
+        .report
+        .expect("report")
+}
+
 /// A request routed by its image hash alone (no idempotency key), so it can be sent again
 /// without being answered from the results store.
-fn hashed_predict(index: u32) -> medai_proto::inference::v1::PredictRequest {
-    medai_proto::inference::v1::PredictRequest {
+fn hashed_predict(index: u32) -> PredictRequest {
+    PredictRequest {
         image_sha256: format!("{:064x}", u64::from(index) * 7919 + 1),
         ..support::predict(LIGHT, grey_image(64, index))
+    }
+}
+
+/// The answer to `request`, which must succeed.
+async fn prediction(
+    gateway: &mut InferenceServiceClient<Channel>,
+    request: PredictRequest,
+) -> PredictResponse {
+    gateway
+        .predict(request)
+        .await
+        .expect("prediction")
+        .into_inner()
+}
+
+/// Sends the hashed requests `0..count`; each must be answered by `version` on `route`.
+async fn assert_all_routed(
+    gateway: &mut InferenceServiceClient<Channel>,
+    count: u32,
+    (route, version): (&str, &str),
+) {
+    for index in 0..count {
+        let answer = prediction(gateway, hashed_predict(index)).await;
+        assert_eq!(
+            (answer.route.as_str(), answer.model_version.as_str()),
+            (route, version),
+            "request {index}"
+        );
     }
 }
 
@@ -437,39 +490,35 @@ async fn a_canary_at_20_percent_answers_about_a_fifth_of_500_requests_and_a_key_
     let mut gateway = harness.client_as("gateway");
     let mut operator = harness.client_as("operator");
 
-    let status = operator
-        .start_canary(start_canary("2", 0))
-        .await
-        .expect_err("no share");
-    assert_eq!(reason_of(&status).as_deref(), Some("CANARY_SHARE_INVALID"));
-    let started = operator
-        .start_canary(start_canary("2", 20))
-        .await
-        .expect("start the canary")
-        .into_inner()
-        .outcome
-        .expect("outcome");
-    let info = started.changed.expect("changed");
+    assert_eq!(
+        refusal(operator.start_canary(start_canary("2", 0)).await).as_deref(),
+        Some("CANARY_SHARE_INVALID"),
+        "no share"
+    );
+    let (info, seq) = changed_version(
+        operator
+            .start_canary(start_canary("2", 20))
+            .await
+            .expect("start the canary")
+            .into_inner()
+            .outcome,
+    );
     assert_eq!(
         (info.rollout_role.as_str(), info.share_percent, info.ready),
         ("CANARY", 20, true)
     );
-    assert!(started.ledger_seq > 0);
-    let status = operator
-        .start_canary(start_canary("2", 30))
-        .await
-        .expect_err("one canary at a time");
-    assert_eq!(reason_of(&status).as_deref(), Some("ROLLOUT_STATE_INVALID"));
+    assert!(seq > 0);
+    assert_eq!(
+        refusal(operator.start_canary(start_canary("2", 30)).await).as_deref(),
+        Some("ROLLOUT_STATE_INVALID"),
+        "one canary at a time"
+    );
 
     // 500 requests, each with its own image hash: about a fifth go to the canary, and each
     // answer names the version of its route.
     let mut routes = Vec::new();
     for index in 0..500u32 {
-        let answer = gateway
-            .predict(hashed_predict(index))
-            .await
-            .expect("prediction")
-            .into_inner();
+        let answer = prediction(&mut gateway, hashed_predict(index)).await;
         let expected_version = match answer.route.as_str() {
             "CANARY" => "2",
             "ACTIVE" => "1",
@@ -490,26 +539,18 @@ async fn a_canary_at_20_percent_answers_about_a_fifth_of_500_requests_and_a_key_
 
     // The same request sent again goes the same way, every time.
     for index in 0..40u32 {
-        let again = gateway
-            .predict(hashed_predict(index))
-            .await
-            .expect("prediction")
-            .into_inner();
+        let again = prediction(&mut gateway, hashed_predict(index)).await;
         assert_eq!(again.route, routes[index as usize].0, "request {index}");
     }
     // With an idempotency key the key decides, as anyone can recompute from the rule.
     for index in 0..40u32 {
         let key = format!("{:064x}", u64::from(index) * 104_729 + 3);
-        let request = medai_proto::inference::v1::PredictRequest {
+        let request = PredictRequest {
             idempotency_key: key.clone(),
             image_sha256: format!("{:064x}", 5_000 + index),
             ..support::predict(LIGHT, grey_image(64, 5_000 + index))
         };
-        let answer = gateway
-            .predict(request)
-            .await
-            .expect("prediction")
-            .into_inner();
+        let answer = prediction(&mut gateway, request).await;
         let expected = if medai_inference::rollout::routes_to_canary(LIGHT, key.as_bytes(), 20) {
             "CANARY"
         } else {
@@ -554,16 +595,7 @@ async fn a_canary_at_20_percent_answers_about_a_fifth_of_500_requests_and_a_key_
     );
 
     // The model report counts the canary's answers per route.
-    let report = operator
-        .get_model_report(medai_proto::inference::v1::GetModelReportRequest {
-            model_name: LIGHT.to_owned(),
-            model_version: "2".to_owned(),
-        })
-        .await
-        .expect("report")
-        .into_inner()
-        .report
-        .expect("report");
+    let report = model_report(&mut operator, "2").await;
     assert_eq!(report.role, "CANARY");
     assert_eq!(report.routes.len(), 1);
     assert_eq!(report.routes[0].label, "CANARY");
@@ -576,61 +608,35 @@ async fn a_canary_at_20_percent_answers_about_a_fifth_of_500_requests_and_a_key_
     assert!(report.research_use_only && !report.has_reference);
 
     // Promotion: the canary becomes the active version for every request; recorded first.
-    let promoted = operator
-        .promote_canary(medai_proto::inference::v1::PromoteCanaryRequest {
-            change: Some(change("2")),
-        })
-        .await
-        .expect("promote")
-        .into_inner()
-        .outcome
-        .expect("outcome");
-    let info = promoted.changed.expect("changed");
+    let (info, _) = changed_version(
+        operator
+            .promote_canary(promote_canary("2"))
+            .await
+            .expect("promote")
+            .into_inner()
+            .outcome,
+    );
     assert_eq!(
         (info.status.as_str(), info.rollout_role.as_str()),
         ("ACTIVE", "")
     );
-    for index in 0..20u32 {
-        let answer = gateway
-            .predict(hashed_predict(index))
-            .await
-            .expect("prediction")
-            .into_inner();
-        assert_eq!(
-            (answer.route.as_str(), answer.model_version.as_str()),
-            ("ACTIVE", "2")
-        );
-    }
+    assert_all_routed(&mut gateway, 20, ("ACTIVE", "2")).await;
 
     // A canary of the former version, then aborted: everything back on the active version.
     operator
         .start_canary(start_canary("1", 50))
         .await
         .expect("start a canary of 1");
-    let status = operator
-        .abort_canary(medai_proto::inference::v1::AbortCanaryRequest {
-            change: Some(change("2")),
-        })
-        .await
-        .expect_err("2 is not the canary");
-    assert_eq!(reason_of(&status).as_deref(), Some("ROLLOUT_STATE_INVALID"));
+    assert_eq!(
+        refusal(operator.abort_canary(abort_canary("2")).await).as_deref(),
+        Some("ROLLOUT_STATE_INVALID"),
+        "2 is not the canary"
+    );
     operator
-        .abort_canary(medai_proto::inference::v1::AbortCanaryRequest {
-            change: Some(change("1")),
-        })
+        .abort_canary(abort_canary("1"))
         .await
         .expect("abort");
-    for index in 0..20u32 {
-        let answer = gateway
-            .predict(hashed_predict(index))
-            .await
-            .expect("prediction")
-            .into_inner();
-        assert_eq!(
-            (answer.route.as_str(), answer.model_version.as_str()),
-            ("ACTIVE", "2")
-        );
-    }
+    assert_all_routed(&mut gateway, 20, ("ACTIVE", "2")).await;
 
     let actions: Vec<(String, String)> = harness
         .ledger()
@@ -718,12 +724,8 @@ async fn a_version_without_its_validation_report_is_neither_activated_nor_canari
             Some(reason),
             "version {version}"
         );
-        let status = operator
-            .start_canary(start_canary(version, 10))
-            .await
-            .expect_err("refused");
         assert_eq!(
-            reason_of(&status).as_deref(),
+            refusal(operator.start_canary(start_canary(version, 10)).await).as_deref(),
             Some(reason),
             "version {version}"
         );
@@ -742,21 +744,9 @@ async fn a_version_without_its_validation_report_is_neither_activated_nor_canari
         .await
         .expect("activate with a report");
     for index in 0..30u32 {
-        gateway
-            .predict(hashed_predict(index))
-            .await
-            .expect("prediction");
+        prediction(&mut gateway, hashed_predict(index)).await;
     }
-    let report = operator
-        .get_model_report(medai_proto::inference::v1::GetModelReportRequest {
-            model_name: LIGHT.to_owned(),
-            model_version: "4".to_owned(),
-        })
-        .await
-        .expect("report")
-        .into_inner()
-        .report
-        .expect("report");
+    let report = model_report(&mut operator, "4").await;
     assert_eq!(report.role, "ACTIVE");
     assert_eq!(report.predictions, 30);
     assert_eq!(report.validation_report_sha256, report_sha256);
