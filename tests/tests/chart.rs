@@ -1540,10 +1540,11 @@ async fn dcmtk(tool: &str, arguments: &[&str]) -> std::process::Output {
 /// with tests/chart/bridge-values.yaml over the test values; the mesh is installed, the bridge's
 /// gateway user made by the admin, and the bridge pod started from its Deployment with exactly
 /// its pod's environment: its outbox on the claim (SQLite), the gateway reached by the Service
-/// name, the mesh CA from its certificate Secret, its TCP probes. Through the bridge's Service
+/// name, the mesh CA from its certificate Secret, its probes. Through the bridge's Service
 /// (the DICOM port 104): dcmtk's `echoscu` is answered, and a C-STORE of a real MR image from
 /// `storescu` comes back as a Structured Report at the configured destination (a dcmtk
-/// `storescp`), which `dsrdump` parses, naming the source instance.
+/// `storescp`), which `dsrdump` parses, naming the source instance. Then its metrics are
+/// scraped as the ServiceMonitor leads (the -metrics Service's admin port) and count both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_structured_report() {
     let began = Instant::now();

@@ -1695,3 +1695,74 @@ async fn reports_and_amended_reports_go_by_stow_rs_over_https_only_to_the_config
     );
     assert_eq!(orthanc.instances().await.len(), 2, "nothing duplicated");
 }
+
+/// The https settings are checked at start: an https url needs its CA bundle, a client
+/// certificate needs its key, TLS files need an https url; unusable files are a delivery error
+/// (the reports stay due), never a panic.
+#[test]
+fn https_needs_its_ca_bundle_and_tls_files_need_an_https_url() {
+    use medai_bridge::dicomweb::DicomWebDestination;
+    use medai_bridge::scu::DeliveryError;
+
+    let problem = |text: &str| {
+        toml::from_str::<DicomWebDestination>(text)
+            .expect("destination")
+            .validate()
+            .err()
+    };
+    assert_eq!(problem("url = \"http://pacs:8042/dicom-web\""), None);
+    assert!(
+        problem("url = \"https://pacs:8443/dicom-web\"")
+            .is_some_and(|problem| problem.contains("ca_certificate"))
+    );
+    assert_eq!(
+        problem("url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\""),
+        None
+    );
+    assert_eq!(
+        problem(
+            "url = \"https://[::1]:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\ncertificate = \"/tls.crt\"\nkey = \"/tls.key\""
+        ),
+        None
+    );
+    assert!(
+        problem(
+            "url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\ncertificate = \"/tls.crt\""
+        )
+        .is_some_and(|problem| problem.contains("together"))
+    );
+    assert!(
+        problem("url = \"http://pacs:8042/dicom-web\"\nca_certificate = \"/ca.pem\"")
+            .is_some_and(|problem| problem.contains("https url only"))
+    );
+    assert!(
+        problem(
+            "url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\nserver_name = \"not a name!\""
+        )
+        .is_some_and(|problem| problem.contains("server_name"))
+    );
+    for url in [
+        "ftp://pacs/dicom-web",
+        "https:///dicom-web",
+        "http://pacs/x?y=1",
+    ] {
+        assert!(
+            problem(&format!("url = \"{url}\"")).is_some_and(|problem| problem.contains("url")),
+            "{url}"
+        );
+    }
+    let directory = tempfile::tempdir().expect("dir");
+    let empty = directory.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate").expect("write");
+    for ca in [directory.path().join("absent.pem"), empty] {
+        let destination: DicomWebDestination = toml::from_str(&format!(
+            "url = \"https://127.0.0.1:9/dicom-web\"\nca_certificate = \"{}\"",
+            ca.display()
+        ))
+        .expect("destination");
+        assert!(matches!(
+            destination.tls_client_config(),
+            Err(DeliveryError::Associate(_))
+        ));
+    }
+}
