@@ -2,13 +2,15 @@
 # Installs what the PACS tests (tests/tests/pacs.rs) drive the bridge with, from Debian's
 # packages, if missing: Orthanc (a real PACS, run by the tests as a throwaway process with its
 # own configuration; the system service is never started) with its DICOMweb plugin (STOW-RS both
-# ways, issue 15), and dcmtk (storescu as a modality, dsrdump to check the Structured Reports);
+# ways, issue 15), stunnel (Orthanc's https front in the STOW-RS-over-https test), and dcmtk (storescu as a modality, dsrdump to check the Structured Reports);
 # and from PyPI, pinned, highdicom in .cache/pacs-venv (reads the reports back as an AI result
 # producer's toolkit would). Idempotent.
 set -euo pipefail
 missing=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+# stunnel: the https front of Orthanc in services/bridge/tests/scp.rs (STOW-RS out over https).
+command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 for tool in storescu echoscu dsrdump dcmdump; do
   if ! command -v "$tool" >/dev/null 2>&1; then missing+=(dcmtk); break; fi
 done

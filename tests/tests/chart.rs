@@ -1540,10 +1540,11 @@ async fn dcmtk(tool: &str, arguments: &[&str]) -> std::process::Output {
 /// with tests/chart/bridge-values.yaml over the test values; the mesh is installed, the bridge's
 /// gateway user made by the admin, and the bridge pod started from its Deployment with exactly
 /// its pod's environment: its outbox on the claim (SQLite), the gateway reached by the Service
-/// name, the mesh CA from its certificate Secret, its TCP probes. Through the bridge's Service
+/// name, the mesh CA from its certificate Secret, its probes. Through the bridge's Service
 /// (the DICOM port 104): dcmtk's `echoscu` is answered, and a C-STORE of a real MR image from
 /// `storescu` comes back as a Structured Report at the configured destination (a dcmtk
-/// `storescp`), which `dsrdump` parses, naming the source instance.
+/// `storescp`), which `dsrdump` parses, naming the source instance. Then its metrics are
+/// scraped as the ServiceMonitor leads (the -metrics Service's admin port) and count both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_structured_report() {
     let began = Instant::now();
@@ -1566,7 +1567,9 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
     let destination = scratch.path().join("destination.yaml");
     std::fs::write(
         &destination,
-        format!("bridge:\n  results:\n    address: \"127.0.0.1:{results_port}\"\n"),
+        format!(
+            "bridge:\n  results:\n    address: \"127.0.0.1:{results_port}\"\nmonitoring:\n  serviceMonitor:\n    enabled: true\n"
+        ),
     )
     .expect("destination values");
 
@@ -1774,6 +1777,67 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
             .any(|entry| entry.file_name().to_string_lossy().starts_with("outbox.db")),
         "the outbox is on the claim"
     );
+    // Prometheus finds the bridge as it finds every service: the ServiceMonitor selects the
+    // bridge's -metrics Service, whose admin port leads to the pod's /metrics, which counts the
+    // C-STORE and the report just made; the NetworkPolicy lets the scraper in on that port.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pages = scrape_as_the_service_monitor(&cluster, &bridge_deployment).await;
+        assert_eq!(pages.len(), 1, "one bridge pod scraped");
+        let page = &pages[0];
+        assert!(
+            page.contains("# TYPE medai_bridge_outbox_instances gauge"),
+            "the bridge's own families:\n{page}"
+        );
+        let received = metric_sum(page, "medai_bridge_instances_received_total");
+        let delivered = metric_sum(page, "medai_bridge_reports_delivered_total");
+        let refused = metric_sum(page, "medai_bridge_associations_refused_total");
+        if received >= 1.0 && delivered >= 1.0 {
+            assert!(
+                refused >= 1.0,
+                "the stranger's association is counted:\n{page}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge's metrics never counted the C-STORE and its report:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let admin_port = cluster.manifests().iter().find_map(|manifest| {
+        (manifest["kind"] == "Deployment" && manifest["metadata"]["name"] == bridge_deployment)
+            .then(|| manifest["spec"]["template"]["spec"]["containers"][0]["ports"].clone())
+    });
+    let admin_port = admin_port
+        .and_then(|ports| {
+            ports.as_array().and_then(|ports| {
+                ports
+                    .iter()
+                    .find(|port| port["name"] == "admin")
+                    .and_then(|port| port["containerPort"].as_u64())
+            })
+        })
+        .expect("the bridge container's admin port");
+    assert!(
+        cluster.manifests().iter().any(|manifest| {
+            manifest["kind"] == "NetworkPolicy"
+                && manifest["metadata"]["name"] == format!("{RELEASE}-bridge-ingress")
+                && manifest["spec"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|rule| {
+                        rule.get("from").is_none()
+                            && rule["ports"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .any(|port| port["port"].as_u64() == Some(admin_port))
+                    })
+        }),
+        "the bridge's ingress policy admits the scraper on the admin port"
+    );
     cluster.assert_read_only_respected();
     eprintln!(
         "bridge from the chart: C-ECHO, C-STORE and its SR in {:.1} s",
@@ -1781,6 +1845,109 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
     );
     let _ = storescp.kill().await;
     cluster.stop().await;
+}
+
+/// What a Prometheus Operator does with the release's ServiceMonitor (issue 15): the Services of
+/// the namespace its selector picks (matchLabels and `In` matchExpressions), on each the port its
+/// endpoint names, then every ready pod behind that Service on the port's targetPort at the
+/// endpoint's path. Returns the pages of the pods that `owner` (a Deployment) runs.
+async fn scrape_as_the_service_monitor(cluster: &LocalCluster, owner: &str) -> Vec<String> {
+    let manifests = cluster.manifests();
+    let monitor = manifests
+        .iter()
+        .find(|manifest| manifest["kind"] == "ServiceMonitor")
+        .expect("the release's ServiceMonitor (monitoring.serviceMonitor.enabled)");
+    assert!(
+        monitor["spec"]["namespaceSelector"]["matchNames"]
+            .as_array()
+            .is_some_and(|names| names.iter().any(|name| name == NAMESPACE)),
+        "the ServiceMonitor looks in the release's namespace"
+    );
+    let selector = &monitor["spec"]["selector"];
+    let picks = |labels: &Value| {
+        let labels_match = selector["matchLabels"]
+            .as_object()
+            .is_none_or(|wanted| wanted.iter().all(|(key, value)| &labels[key] == value));
+        let expressions_match = selector["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|expression| {
+                assert_eq!(expression["operator"], "In", "only In is evaluated here");
+                expression["values"].as_array().is_some_and(|values| {
+                    values.contains(&labels[expression["key"].as_str().unwrap_or_default()])
+                })
+            });
+        labels_match && expressions_match
+    };
+    let mut pages = Vec::new();
+    for service in manifests
+        .iter()
+        .filter(|manifest| manifest["kind"] == "Service" && picks(&manifest["metadata"]["labels"]))
+    {
+        let service_name = service["metadata"]["name"].as_str().expect("name");
+        for endpoint in monitor["spec"]["endpoints"].as_array().expect("endpoints") {
+            assert_eq!(endpoint["scheme"], "http");
+            let Some(port) = service["spec"]["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|port| port["name"] == endpoint["port"])
+            else {
+                continue;
+            };
+            let target = port["targetPort"].as_str().expect("a named targetPort");
+            let path = endpoint["path"].as_str().unwrap_or("/metrics");
+            for pod_name in cluster.endpoints(service_name) {
+                let Some(pod) = cluster
+                    .pods
+                    .iter()
+                    .find(|pod| pod.name == pod_name && pod.owner == owner)
+                else {
+                    continue;
+                };
+                pages.push(http_get(pod.port(target), path).await);
+            }
+        }
+    }
+    pages
+}
+
+/// One HTTP/1.0 GET (so the answer is never chunked); the body of a 200 answer.
+async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the admin port");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .await
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert_eq!(
+        head.split_whitespace().nth(1),
+        Some("200"),
+        "GET {path}: {head}"
+    );
+    body.to_owned()
+}
+
+/// The sum of a family's samples on a Prometheus text page (0 when absent).
+fn metric_sum(page: &str, family: &str) -> f64 {
+    page.lines()
+        .filter(|line| {
+            line.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// With autoscaling on, every service that scales freely gets a HorizontalPodAutoscaler

@@ -1556,3 +1556,186 @@ async fn orthanc_pushes_a_study_over_stow_rs_and_gets_each_report_back_over_stow
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }
+
+// --- The amended report over STOW-RS (issue 15) ---
+
+/// The bridge sends its reports to Orthanc by STOW-RS only (no C-STORE destination). A modality
+/// stores a CT image; its preliminary report is filed in Orthanc by the DICOMweb plugin. A
+/// clinician signs the result (SignResult); the amended report follows by STOW-RS, filed under
+/// the same study: FINAL, VERIFIED by the signer, the preliminary report as its predecessor.
+/// The bridge is then restarted on the same outbox: nothing is sent again.
+#[tokio::test]
+async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_amended_report_by_stow_rs_under_the_study()
+ {
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .create_user(authorised(
+            gw::CreateUserRequest {
+                username: BRIDGE_USER.to_owned(),
+                password: BRIDGE_PASSWORD.to_owned(),
+                role: "clinician".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("create the bridge's user");
+    let orthanc_http_port = free_port();
+    let state = tempfile::tempdir().expect("bridge state");
+    let start_bridge = |state: &Path| {
+        let mut config = bridge_stow_config(&mesh, state, orthanc_http_port);
+        config.signature_poll_interval_ms = 200;
+        config
+            .scp
+            .allowed_calling_ae_titles
+            .push("STORESCU".to_owned());
+        async move {
+            let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = dicom.local_addr().expect("address");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let listeners = BridgeListeners {
+                dicom,
+                stow: Some(stow),
+            };
+            let task = tokio::spawn(serve(config, listeners, async move {
+                let _ = stopped.await;
+            }));
+            (address, stop, task)
+        }
+    };
+    let (bridge_address, stop_bridge, bridge) = start_bridge(state.path()).await;
+    let dicomweb = serde_json::json!({
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": { "Enable": true, "Root": "/dicom-web/" },
+    });
+    let mut orthanc =
+        Orthanc::start_with(bridge_address, free_port(), orthanc_http_port, dicomweb).await;
+
+    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
+    let ct_study = uid_of(&ct, tags::STUDY_INSTANCE_UID);
+    assert_eq!(
+        store_as_modality(bridge_address, std::slice::from_ref(&ct)).await,
+        1
+    );
+    let preliminary_id = orthanc.wait_for_reports(&ct_study, 1).await[0].clone();
+    let preliminary_bytes = orthanc.file(&preliminary_id).await;
+    let preliminary = open_report(&preliminary_bytes);
+    assert_eq!(
+        element_text(&preliminary, tags::PRELIMINARY_FLAG),
+        "PRELIMINARY"
+    );
+    let preliminary_uid = element_text(&preliminary, tags::SOP_INSTANCE_UID);
+    let result_id = read_report(&preliminary_bytes).result_id;
+
+    // A clinician signs the result after the preliminary report was filed.
+    let signer = mesh.user_token(&admin, "dr-signer", "clinician").await;
+    let stored = gateway
+        .get_result(authorised(
+            gw::GetResultRequest {
+                result_id: result_id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("result")
+        .into_inner()
+        .result
+        .expect("result");
+    let ticket = gateway
+        .reauthenticate(authorised(
+            gw::ReauthenticateRequest {
+                password: "dr-signer password 123".to_owned(),
+            },
+            &signer,
+        ))
+        .await
+        .expect("reauthenticate")
+        .into_inner()
+        .signing_ticket;
+    gateway
+        .sign_result(authorised(
+            gw::SignResultRequest {
+                result_id: result_id.clone(),
+                signing_ticket: ticket,
+                meaning: "APPROVED".to_owned(),
+                reason: String::new(),
+                content_sha256: stored.content_sha256,
+            },
+            &signer,
+        ))
+        .await
+        .expect("sign");
+
+    // The amended report, filed under the study by the DICOMweb plugin.
+    let reports = orthanc.wait_for_reports(&ct_study, 2).await;
+    let amended_id = reports
+        .iter()
+        .find(|id| **id != preliminary_id)
+        .expect("a second report")
+        .clone();
+    let (status, origin) = http(
+        orthanc.http,
+        "GET",
+        &format!("/instances/{amended_id}/metadata/Origin"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_ne!(
+        String::from_utf8_lossy(&origin),
+        "DicomProtocol",
+        "filed by STOW-RS, not by C-STORE"
+    );
+    let bytes = orthanc.file(&amended_id).await;
+    dsrdump_is_clean(&bytes).await;
+    let amended = open_report(&bytes);
+    assert_eq!(element_text(&amended, tags::STUDY_INSTANCE_UID), ct_study);
+    assert_eq!(element_text(&amended, tags::PRELIMINARY_FLAG), "FINAL");
+    assert_eq!(element_text(&amended, tags::VERIFICATION_FLAG), "VERIFIED");
+    assert_eq!(
+        element_text(
+            &first_item(&amended, tags::VERIFYING_OBSERVER_SEQUENCE),
+            tags::VERIFYING_OBSERVER_NAME
+        ),
+        "dr-signer"
+    );
+    let predecessor = first_item(
+        &first_item(
+            &first_item(&amended, tags::PREDECESSOR_DOCUMENTS_SEQUENCE),
+            tags::REFERENCED_SERIES_SEQUENCE,
+        ),
+        tags::REFERENCED_SOP_SEQUENCE,
+    );
+    assert_eq!(
+        element_text(&predecessor, tags::REFERENCED_SOP_INSTANCE_UID),
+        preliminary_uid
+    );
+    assert_eq!(read_report(&bytes).result_id, result_id);
+
+    // A restart on the same outbox sends nothing again: both reports are recorded as delivered.
+    let _ = stop_bridge.send(());
+    bridge.await.expect("bridge task").expect("bridge stopped");
+    let (_, stop_bridge, bridge) = start_bridge(state.path()).await;
+    let outbox = medai_bridge::outbox::Outbox::open(&sqlite_url(state.path(), "bridge.db"))
+        .await
+        .expect("the bridge's outbox");
+    let rows = outbox.all().await.expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].amended_report_sop_instance_uid.as_deref(),
+        Some(element_text(&amended, tags::SOP_INSTANCE_UID).as_str())
+    );
+    assert!(outbox.due_amendments(10).await.expect("read").is_empty());
+    let _ = stop_bridge.send(());
+    bridge.await.expect("bridge task").expect("bridge stopped");
+    let study = orthanc.study_id(&ct_study).await.expect("study");
+    assert_eq!(orthanc.reports_in(&study).await.len(), 2);
+    orthanc.process.kill().await.expect("stop Orthanc");
+    mesh.stop().await;
+}

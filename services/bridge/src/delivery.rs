@@ -43,7 +43,9 @@ impl ReportDelivery {
             return Ok(DeliverySummary::default());
         }
         if let Some(destination) = &self.destination.dicomweb {
-            return self.deliver_over_dicomweb(&due, destination).await;
+            return self
+                .deliver_over_dicomweb(&due, &amendments, destination)
+                .await;
         }
         match &self.destination.tls {
             None => {
@@ -126,7 +128,8 @@ impl ReportDelivery {
                     summary.delivered += 1;
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, "amended report not delivered; retried later");
+                    tracing::warn!(error = %error, attempts = row.report_attempts + 1, "amended report not delivered; retried with back-off");
+                    self.amendment_failed(row).await?;
                     summary.failed += 1;
                     break;
                 }
@@ -144,6 +147,17 @@ impl ReportDelivery {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     {
+        let report = self.amended_report_of(row)?;
+        sender
+            .store(&report.sop_instance_uid, &report.dataset)
+            .await?;
+        Ok(report.sop_instance_uid)
+    }
+
+    /// The amended (signed) report of a reported instance. Its UID is derived from the source,
+    /// the result and the signature, so sending it again (after a crash between the
+    /// destination's answer and the record) replaces, never duplicates.
+    pub(crate) fn amended_report_of(&self, row: &StoredInstance) -> Result<Report, DeliveryError> {
         let unreadable = |error: serde_json::Error| {
             DeliveryError::Encode(format!("stored record unreadable: {error}"))
         };
@@ -160,7 +174,7 @@ impl ReportDelivery {
             study_instance_uid: &row.study_instance_uid,
             dicom: &row.dicom,
         };
-        let report = build_amended_report(
+        build_amended_report(
             &self.uid_root,
             &source,
             &outcome,
@@ -168,11 +182,18 @@ impl ReportDelivery {
             preliminary,
             time::OffsetDateTime::now_utc(),
         )
-        .map_err(|error| DeliveryError::Encode(error.to_string()))?;
-        sender
-            .store(&report.sop_instance_uid, &report.dataset)
-            .await?;
-        Ok(report.sop_instance_uid)
+        .map_err(|error| DeliveryError::Encode(error.to_string()))
+    }
+
+    /// An amended report not delivered waits for the back-off of its attempt count.
+    pub(crate) async fn amendment_failed(
+        &self,
+        row: &StoredInstance,
+    ) -> Result<(), sea_orm::DbErr> {
+        let delay = i64::try_from(self.backoff_ms(row.report_attempts)).unwrap_or(i64::MAX);
+        self.outbox
+            .record_amendment_failure(row, now_ms().saturating_add(delay))
+            .await
     }
 
     pub(crate) async fn failed(&self, row: &StoredInstance) -> Result<(), sea_orm::DbErr> {

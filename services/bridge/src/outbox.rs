@@ -237,6 +237,9 @@ impl Outbox {
                 Expr::value(report_uid),
             )
             .col_expr(instance::Column::ReportedAtMs, Expr::value(now_ms()))
+            // The attempts and back-off start again for the amended report, if one follows.
+            .col_expr(instance::Column::ReportAttempts, Expr::value(0))
+            .col_expr(instance::Column::NextReportAtMs, Expr::value(0i64))
             .filter(instance::Column::Tag.eq(tag))
             .exec(&self.connection)
             .await?;
@@ -313,16 +316,38 @@ impl Outbox {
         Ok(())
     }
 
-    /// Signed instances whose amended report is not yet delivered, oldest first.
+    /// Signed instances whose amended report is not yet delivered and whose back-off (after a
+    /// failed attempt) has passed, oldest first.
     pub async fn due_amendments(&self, limit: u64) -> Result<Vec<StoredInstance>, DbErr> {
         instance::Entity::find()
             .filter(instance::Column::State.eq(state::REPORTED))
             .filter(instance::Column::SignatureJson.is_not_null())
             .filter(instance::Column::AmendedReportSopInstanceUid.is_null())
+            .filter(instance::Column::NextReportAtMs.lte(now_ms()))
             .order_by_asc(instance::Column::ReceivedAtMs)
             .limit(limit)
             .all(&self.connection)
             .await
+    }
+
+    /// Counts a failed delivery of an amended report: it stays due (an amended report is never
+    /// given up, the signature must reach the PACS) and waits until `retry_at_ms`.
+    pub async fn record_amendment_failure(
+        &self,
+        row: &StoredInstance,
+        retry_at_ms: i64,
+    ) -> Result<(), DbErr> {
+        instance::Entity::update_many()
+            .col_expr(
+                instance::Column::ReportAttempts,
+                Expr::value(row.report_attempts.saturating_add(1)),
+            )
+            .col_expr(instance::Column::NextReportAtMs, Expr::value(retry_at_ms))
+            .filter(instance::Column::Tag.eq(row.tag.as_str()))
+            .filter(instance::Column::AmendedReportSopInstanceUid.is_null())
+            .exec(&self.connection)
+            .await?;
+        Ok(())
     }
 
     pub async fn record_amended(&self, tag: &str, report_uid: &str) -> Result<(), DbErr> {

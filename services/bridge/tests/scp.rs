@@ -1255,3 +1255,514 @@ async fn reports_sent_by_stow_rs_are_retried_with_back_off_when_unreachable_or_r
     );
     receiver.stop().await;
 }
+
+// --- STOW-RS out over https, and the amended report by STOW-RS (issue 15) ---
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// Waits until something accepts connections on `port` (a process that binds its own port).
+async fn listening(port: u16, what: &str) {
+    let started = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{what} never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A throwaway Orthanc (Debian `orthanc`) with its DICOMweb plugin, on plain HTTP on loopback,
+/// behind stunnel (Debian `stunnel4`, OpenSSL) as its HTTPS front: a server certificate from
+/// `server` and a client certificate demanded and checked against `server`'s CA. (Orthanc
+/// 1.10.1's own `SslEnabled` crashes its web server at the first TLS connection with Debian
+/// 12's OpenSSL 3, so a TLS front is how this Orthanc serves https, as many sites run it.)
+/// Both are killed on drop.
+struct HttpsOrthanc {
+    http: SocketAddr,
+    https_port: u16,
+    directory: tempfile::TempDir,
+    _orthanc: tokio::process::Child,
+    _stunnel: tokio::process::Child,
+}
+
+impl HttpsOrthanc {
+    async fn start(server: &medai_testkit::TestPki) -> Self {
+        let directory = tempfile::tempdir().expect("orthanc dir");
+        let http_port = free_port();
+        let configuration = serde_json::json!({
+            "Name": "medai-test-pacs-https",
+            "StorageDirectory": directory.path().join("storage"),
+            "IndexDirectory": directory.path().join("index"),
+            "HttpPort": http_port,
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "DicomServerEnabled": false,
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "DicomWeb": { "Enable": true, "Root": "/dicom-web/" },
+        });
+        let path = directory.path().join("orthanc.json");
+        std::fs::write(&path, configuration.to_string()).expect("orthanc configuration");
+        let log = std::fs::File::create(directory.path().join("orthanc.log")).expect("log");
+        let orthanc = tokio::process::Command::new(if Path::new("/usr/sbin/Orthanc").exists() {
+            "/usr/sbin/Orthanc"
+        } else {
+            "Orthanc"
+        })
+        .arg(&path)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("Orthanc starts (scripts/pacs-tools.sh installs it)");
+        let https_port = free_port();
+        let files = server.files("audit");
+        let stunnel_configuration = format!(
+            "foreground = yes\npid =\ndebug = notice\n[dicomweb]\naccept = 127.0.0.1:{https_port}\nconnect = 127.0.0.1:{http_port}\ncert = {cert}\nkey = {key}\nCAfile = {ca}\nverifyChain = yes\n",
+            cert = files.cert.display(),
+            key = files.key.display(),
+            ca = files.ca_cert.display(),
+        );
+        let stunnel_path = directory.path().join("stunnel.conf");
+        std::fs::write(&stunnel_path, stunnel_configuration).expect("stunnel configuration");
+        let log = std::fs::File::create(directory.path().join("stunnel.log")).expect("log");
+        let stunnel = tokio::process::Command::new("stunnel4")
+            .arg(&stunnel_path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("stunnel4 starts (scripts/pacs-tools.sh installs it)");
+        let orthanc = Self {
+            http: SocketAddr::from(([127, 0, 0, 1], http_port)),
+            https_port,
+            directory,
+            _orthanc: orthanc,
+            _stunnel: stunnel,
+        };
+        listening(http_port, "Orthanc").await;
+        listening(https_port, "stunnel").await;
+        orthanc
+    }
+
+    fn logs(&self) -> String {
+        ["orthanc.log", "stunnel.log"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(self.directory.path().join(name)).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// One request to Orthanc's REST API on its own (plain, loopback) port: what the test looks
+    /// at, not the way the bridge goes.
+    async fn rest(&self, method: &str, path: &str, body: &str) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect to Orthanc");
+        let head = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            self.http,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.write_all(body.as_bytes()).await.expect("body");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("answer");
+        let split = answer
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("HTTP head");
+        let head = String::from_utf8_lossy(&answer[..split]).to_string();
+        assert!(head.contains(" 200 "), "{method} {path}: {head}");
+        answer[split + 4..].to_vec()
+    }
+
+    /// (Orthanc id, SOP Instance UID) of every instance Orthanc holds.
+    async fn instances(&self) -> Vec<(String, String)> {
+        let ids: Vec<String> =
+            serde_json::from_slice(&self.rest("GET", "/instances", "").await).expect("ids");
+        let mut instances = Vec::new();
+        for id in ids {
+            let tags: serde_json::Value = serde_json::from_slice(
+                &self
+                    .rest("GET", &format!("/instances/{id}/simplified-tags"), "")
+                    .await,
+            )
+            .expect("tags");
+            let uid = tags["SOPInstanceUID"].as_str().expect("uid").to_owned();
+            instances.push((id, uid));
+        }
+        instances
+    }
+}
+
+fn element_text(object: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> String {
+    object
+        .element(tag)
+        .map(|element| {
+            element
+                .to_str()
+                .expect("text")
+                .trim_end_matches(['\0', ' '])
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn first_item(
+    object: &dicom_object::InMemDicomObject,
+    tag: dicom_core::Tag,
+) -> dicom_object::InMemDicomObject {
+    object
+        .element(tag)
+        .unwrap_or_else(|_| panic!("{tag} present"))
+        .items()
+        .expect("a sequence")[0]
+        .clone()
+}
+
+/// The report destination is an https DICOMweb endpoint (Orthanc behind an OpenSSL TLS front
+/// that demands a client certificate). An endpoint whose certificate the configured CA bundle
+/// does not vouch for gets nothing, and a bridge without its client certificate gets nothing
+/// through: each time the report stays in the outbox with back-off. With the right CA and
+/// certificate the preliminary report, then (after the signature) the amended report reach
+/// Orthanc over https, the amended one FINAL, VERIFIED, by the signer, naming the preliminary
+/// one as its predecessor. An amended report already accepted but not recorded (the bridge
+/// stopped in between) is sent again after a restart under the same UID: Orthanc keeps one.
+#[tokio::test]
+async fn reports_and_amended_reports_go_by_stow_rs_over_https_only_to_the_configured_ca_with_back_off_and_no_duplicate()
+ {
+    use medai_bridge::amendment::SignatureOutcome;
+    use medai_bridge::outcome::InferenceOutcome;
+
+    let trusted = medai_testkit::TestPki::new();
+    let stranger = medai_testkit::TestPki::new();
+    let orthanc = HttpsOrthanc::start(&trusted).await;
+    let state = tempfile::tempdir().expect("state");
+    let database_url = sqlite_url(state.path(), "bridge.db");
+    let outbox = Outbox::open(&database_url).await.expect("outbox");
+    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
+    let study_instance_uid = uid_of(&ct, tags::STUDY_INSTANCE_UID);
+    outbox
+        .store(NewInstance {
+            sop_instance_uid: uid_of(&ct, tags::SOP_INSTANCE_UID),
+            sop_class_uid: uid_of(&ct, tags::SOP_CLASS_UID),
+            series_instance_uid: uid_of(&ct, tags::SERIES_INSTANCE_UID),
+            study_instance_uid: study_instance_uid.clone(),
+            calling_ae_title: "STORESCU".to_owned(),
+            dicom: std::fs::read(&ct).expect("file"),
+        })
+        .await
+        .expect("store");
+    let tag = outbox.all().await.expect("rows")[0].tag.clone();
+    let outcome = InferenceOutcome {
+        result_id: "result-https-1".to_owned(),
+        ledger_seq: 7,
+        ledger_hash: "ab".repeat(32),
+        image_sha256: "cd".repeat(32),
+        replayed: false,
+        model_name: "synthetic-light".to_owned(),
+        model_version: "1".to_owned(),
+        model_sha256: "ef".repeat(32),
+        probabilities: vec![("normal".to_owned(), 0.75), ("abnormal".to_owned(), 0.25)],
+        top_label: "normal".to_owned(),
+        top_probability: 0.75,
+        decision_threshold: 0.5,
+        decision: "NEGATIVE".to_owned(),
+        intended_use: "research use only".to_owned(),
+        quality: None,
+        unusual_case: false,
+        unusual_case_reasons: Vec::new(),
+    };
+    outbox
+        .record_result(&tag, serde_json::to_string(&outcome).expect("json"))
+        .await
+        .expect("result");
+
+    let bridge_files = trusted.files("gateway");
+    let destination = |ca: &Path, client_certificate: bool| {
+        let mut text = format!(
+            "initial_backoff_ms = 60000\nmax_backoff_ms = 600000\n[dicomweb]\nurl = \"https://127.0.0.1:{}/dicom-web\"\nca_certificate = \"{}\"\n",
+            orthanc.https_port,
+            ca.display()
+        );
+        if client_certificate {
+            text.push_str(&format!(
+                "certificate = \"{}\"\nkey = \"{}\"\n",
+                bridge_files.cert.display(),
+                bridge_files.key.display()
+            ));
+        }
+        let destination: ResultDestination = toml::from_str(&text).expect("destination");
+        destination
+            .dicomweb
+            .as_ref()
+            .expect("dicomweb")
+            .validate()
+            .expect("valid destination");
+        destination
+    };
+    let delivery = |outbox: &Outbox, destination: ResultDestination| ReportDelivery {
+        destination,
+        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
+        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
+        outbox: outbox.clone(),
+    };
+    let trusted_ca = trusted.layout.ca_certificate();
+    let stranger_ca = stranger.layout.ca_certificate();
+    let writer = sea_orm::Database::connect(&database_url)
+        .await
+        .expect("connect");
+    let make_due = || async {
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &writer,
+            "UPDATE bridge_instances SET next_report_at_ms = 0",
+        )
+        .await
+        .expect("make due");
+    };
+    let row = || async { outbox.all().await.expect("rows")[0].clone() };
+
+    // A CA bundle that does not vouch for the endpoint: refused at the handshake, kept, backed off.
+    let summary = delivery(&outbox, destination(stranger_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    let waiting = row().await;
+    assert_eq!(
+        (waiting.state.as_str(), waiting.report_attempts),
+        (state::INFERRED, 1)
+    );
+    assert!(
+        waiting.next_report_at_ms - now_ms() > 50_000,
+        "retried after the back-off"
+    );
+    // Not due again before its back-off.
+    let summary = delivery(&outbox, destination(trusted_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!((summary.delivered, summary.failed), (0, 0));
+    // Without the client certificate the endpoint lets nothing through.
+    make_due().await;
+    let summary = delivery(&outbox, destination(trusted_ca.as_path(), false))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    assert_eq!(row().await.report_attempts, 2);
+    assert!(orthanc.instances().await.is_empty(), "{}", orthanc.logs());
+
+    // The configured CA and client certificate: the preliminary report arrives over https.
+    make_due().await;
+    let summary = delivery(&outbox, destination(trusted_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!(
+        (summary.delivered, summary.failed),
+        (1, 0),
+        "{}",
+        orthanc.logs()
+    );
+    let reported = row().await;
+    assert_eq!(reported.state, state::REPORTED);
+    let preliminary_uid = reported.report_sop_instance_uid.clone().expect("uid");
+    let instances = orthanc.instances().await;
+    assert_eq!(
+        instances
+            .iter()
+            .map(|(_, uid)| uid.as_str())
+            .collect::<Vec<_>>(),
+        [preliminary_uid.as_str()]
+    );
+
+    // Signed: the amended report, first to the stranger (kept, backed off), then delivered.
+    let signature = SignatureOutcome {
+        signer_name: "dr-signer".to_owned(),
+        meaning: "APPROVED".to_owned(),
+        reason: String::new(),
+        signed_at: "2026-11-29T21:45:30Z".to_owned(),
+        ledger_seq: 8,
+    };
+    outbox
+        .record_signature(&tag, serde_json::to_string(&signature).expect("json"))
+        .await
+        .expect("signature");
+    let summary = delivery(&outbox, destination(stranger_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!((summary.delivered, summary.failed), (0, 1));
+    assert!(outbox.due_amendments(10).await.expect("read").is_empty());
+    let waiting = row().await;
+    assert_eq!(
+        (
+            waiting.report_attempts,
+            waiting.amended_report_sop_instance_uid
+        ),
+        (1, None)
+    );
+    assert!(waiting.next_report_at_ms - now_ms() > 50_000);
+    make_due().await;
+    let summary = delivery(&outbox, destination(trusted_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!(
+        (summary.delivered, summary.failed),
+        (1, 0),
+        "{}",
+        orthanc.logs()
+    );
+    let amended_uid = row()
+        .await
+        .amended_report_sop_instance_uid
+        .expect("amended report recorded");
+    assert_ne!(amended_uid, preliminary_uid);
+    let instances = orthanc.instances().await;
+    assert_eq!(instances.len(), 2);
+    let (amended_id, _) = instances
+        .iter()
+        .find(|(_, uid)| *uid == amended_uid)
+        .expect("the amended report in Orthanc");
+    let bytes = orthanc
+        .rest("GET", &format!("/instances/{amended_id}/file"), "")
+        .await;
+    let amended = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(bytes.as_slice())
+        .expect("the amended report parses")
+        .into_inner();
+    assert_eq!(
+        element_text(&amended, tags::STUDY_INSTANCE_UID),
+        study_instance_uid
+    );
+    assert_eq!(element_text(&amended, tags::PRELIMINARY_FLAG), "FINAL");
+    assert_eq!(element_text(&amended, tags::VERIFICATION_FLAG), "VERIFIED");
+    assert_eq!(
+        element_text(
+            &first_item(&amended, tags::VERIFYING_OBSERVER_SEQUENCE),
+            tags::VERIFYING_OBSERVER_NAME
+        ),
+        "dr-signer"
+    );
+    let predecessor = first_item(
+        &first_item(
+            &first_item(&amended, tags::PREDECESSOR_DOCUMENTS_SEQUENCE),
+            tags::REFERENCED_SERIES_SEQUENCE,
+        ),
+        tags::REFERENCED_SOP_SEQUENCE,
+    );
+    assert_eq!(
+        element_text(&predecessor, tags::REFERENCED_SOP_INSTANCE_UID),
+        preliminary_uid
+    );
+
+    // Accepted but not recorded (the bridge stopped in between): after a restart (the outbox
+    // opened again) it is sent again under the same UID, and Orthanc keeps one copy.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &writer,
+        "UPDATE bridge_instances SET amended_report_sop_instance_uid = NULL",
+    )
+    .await
+    .expect("forget the record");
+    drop(outbox);
+    let restarted = Outbox::open(&database_url).await.expect("reopen");
+    let summary = delivery(&restarted, destination(trusted_ca.as_path(), true))
+        .deliver_due()
+        .await
+        .expect("outbox");
+    assert_eq!((summary.delivered, summary.failed), (1, 0));
+    assert_eq!(
+        restarted.all().await.expect("rows")[0]
+            .amended_report_sop_instance_uid
+            .as_deref(),
+        Some(amended_uid.as_str())
+    );
+    assert_eq!(orthanc.instances().await.len(), 2, "nothing duplicated");
+}
+
+/// The https settings are checked at start: an https url needs its CA bundle, a client
+/// certificate needs its key, TLS files need an https url; unusable files are a delivery error
+/// (the reports stay due), never a panic.
+#[test]
+fn https_needs_its_ca_bundle_and_tls_files_need_an_https_url() {
+    use medai_bridge::dicomweb::DicomWebDestination;
+    use medai_bridge::scu::DeliveryError;
+
+    let problem = |text: &str| {
+        toml::from_str::<DicomWebDestination>(text)
+            .expect("destination")
+            .validate()
+            .err()
+    };
+    assert_eq!(problem("url = \"http://pacs:8042/dicom-web\""), None);
+    assert!(
+        problem("url = \"https://pacs:8443/dicom-web\"")
+            .is_some_and(|problem| problem.contains("ca_certificate"))
+    );
+    assert_eq!(
+        problem("url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\""),
+        None
+    );
+    assert_eq!(
+        problem(
+            "url = \"https://[::1]:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\ncertificate = \"/tls.crt\"\nkey = \"/tls.key\""
+        ),
+        None
+    );
+    assert!(
+        problem(
+            "url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\ncertificate = \"/tls.crt\""
+        )
+        .is_some_and(|problem| problem.contains("together"))
+    );
+    assert!(
+        problem("url = \"http://pacs:8042/dicom-web\"\nca_certificate = \"/ca.pem\"")
+            .is_some_and(|problem| problem.contains("https url only"))
+    );
+    assert!(
+        problem(
+            "url = \"https://pacs:8443/dicom-web\"\nca_certificate = \"/ca.pem\"\nserver_name = \"not a name!\""
+        )
+        .is_some_and(|problem| problem.contains("server_name"))
+    );
+    for url in [
+        "ftp://pacs/dicom-web",
+        "https:///dicom-web",
+        "http://pacs/x?y=1",
+    ] {
+        assert!(
+            problem(&format!("url = \"{url}\"")).is_some_and(|problem| problem.contains("url")),
+            "{url}"
+        );
+    }
+    let directory = tempfile::tempdir().expect("dir");
+    let empty = directory.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate").expect("write");
+    for ca in [directory.path().join("absent.pem"), empty] {
+        let destination: DicomWebDestination = toml::from_str(&format!(
+            "url = \"https://127.0.0.1:9/dicom-web\"\nca_certificate = \"{}\"",
+            ca.display()
+        ))
+        .expect("destination");
+        assert!(matches!(
+            destination.tls_client_config(),
+            Err(DeliveryError::Associate(_))
+        ));
+    }
+}
