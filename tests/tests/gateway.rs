@@ -438,6 +438,93 @@ async fn uploads_are_hashed_as_they_arrive_and_an_oversized_one_is_refused_befor
     mesh.stop().await;
 }
 
+/// Issue 15: a multi-frame DICOM object (pydicom's examples_ybr_color.dcm, a 30-frame
+/// ultrasound loop) through the whole mesh. The light model's frame policy, set in validation's
+/// environment as the chart sets it, is middle_frame: the answer and the prediction's ledger
+/// record say frame 16 of 30 was judged. The brain model has no policy, so the default refuses
+/// the object with DICOM_MULTI_FRAME_NOT_SUPPORTED, and the refusal is recorded.
+#[tokio::test]
+async fn a_multi_frame_dicom_is_judged_on_its_model_s_stated_frame_or_refused_and_recorded() {
+    let validation_settings = vec![(
+        "MEDAI_VALIDATION_FRAMES__BY_MODEL__SYNTHETIC-LIGHT".to_owned(),
+        "middle_frame".to_owned(),
+    )];
+    let mesh = MeshUnderTest::start_with(
+        Storage::Postgres,
+        BTreeMap::from([("validation".to_owned(), validation_settings)]),
+    )
+    .await;
+    let token = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    let ultrasound_loop = medai_testkit::Assets::locate().dicom("examples_ybr_color.dcm");
+
+    let answer = gateway
+        .infer(authorised(infer(ultrasound_loop.clone(), ""), &token))
+        .await
+        .expect("judged on the middle frame")
+        .into_inner();
+    let frame = answer.frame.clone().expect("the answer names the frame");
+    assert_eq!(
+        (
+            frame.frame_number,
+            frame.number_of_frames,
+            frame.policy.as_str()
+        ),
+        (16, 30, "MIDDLE_FRAME")
+    );
+    let refused = gateway
+        .infer(authorised(
+            gw::InferRequest {
+                model_name: "brain-mri-tumor".to_owned(),
+                ..infer(ultrasound_loop.clone(), "")
+            },
+            &token,
+        ))
+        .await
+        .expect_err("no policy: refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(
+        reason_of(&refused).as_deref(),
+        Some("DICOM_MULTI_FRAME_NOT_SUPPORTED")
+    );
+    let png = gateway
+        .infer(authorised(infer(noise_png(128, 3), ""), &token))
+        .await
+        .expect("a PNG")
+        .into_inner();
+    assert!(png.frame.is_none(), "a PNG has no frames to name");
+
+    let ledger = ledger(&mesh).await;
+    let delivered = ledger
+        .iter()
+        .find(|(action, resource, outcome, _)| {
+            action == "INFERENCE"
+                && outcome == "SUCCESS"
+                && *resource == format!("result/{}", answer.result_id)
+        })
+        .expect("the prediction is recorded");
+    assert_eq!(delivered.3["frame_number"], 16, "{}", delivered.3);
+    assert_eq!(delivered.3["number_of_frames"], 30);
+    assert_eq!(delivered.3["frame_policy"], "MIDDLE_FRAME");
+    let image_sha256 = hex::encode(Sha256::digest(&ultrasound_loop));
+    assert!(
+        ledger.iter().any(|(action, _, outcome, context)| {
+            action == "INFERENCE"
+                && outcome == "REFUSED"
+                && context["reason"] == "DICOM_MULTI_FRAME_NOT_SUPPORTED"
+                && context["image_sha256"] == image_sha256.as_str()
+        }),
+        "the refusal is recorded with its code"
+    );
+    let png_record = ledger
+        .iter()
+        .find(|(_, resource, outcome, _)| {
+            outcome == "SUCCESS" && *resource == format!("result/{}", png.result_id)
+        })
+        .expect("the PNG's prediction is recorded");
+    assert!(png_record.3.get("frame_number").is_none());
+}
+
 #[tokio::test]
 async fn a_retried_request_returns_the_stored_result_and_writes_one_ledger_record() {
     let mesh = MeshUnderTest::start(Storage::Postgres).await;

@@ -19,6 +19,7 @@ use image::{
 
 use crate::display::{GreyTransform, VoiFunction, Window, normalise_stored};
 use crate::error::ImageError;
+use crate::frames::{FramePolicy, JudgedFrame};
 use crate::limits::ImageLimits;
 use crate::pixel_rewrite::PixelHeader;
 
@@ -50,6 +51,8 @@ pub struct SafeMetadata {
     pub transfer_syntax_uid: String,
     pub rows: u32,
     pub columns: u32,
+    /// DICOM only: which frame of how many the pixels are, and the policy that chose it.
+    pub frame: Option<JudgedFrame>,
 }
 
 /// The canonical pixel buffer: row-major, channels interleaved, 16-bit samples little-endian.
@@ -104,7 +107,10 @@ pub fn decode_image(
     decode_image_with_key(bytes, declared, limits, None)
 }
 
-/// As [`decode_image`], deriving the patient key under `patient_key_secret` when given.
+/// As [`decode_image`], deriving the patient key under `patient_key_secret` when given. A
+/// multi-frame DICOM object is judged on its first frame ([`FramePolicy::FirstFrame`]), and the
+/// image says so ([`SafeMetadata::frame`]); the service applies each model's own policy through
+/// [`decode_planned`].
 pub fn decode_image_with_key(
     bytes: &[u8],
     declared: Option<SourceFormat>,
@@ -112,7 +118,13 @@ pub fn decode_image_with_key(
     patient_key_secret: Option<&[u8]>,
 ) -> Result<CanonicalImage, ImageError> {
     let plan = plan_decode(bytes, declared, limits)?;
-    decode_planned(bytes, &plan, limits, patient_key_secret)
+    decode_planned(
+        bytes,
+        &plan,
+        limits,
+        patient_key_secret,
+        FramePolicy::FirstFrame,
+    )
 }
 
 /// What decoding an image will cost, known from its header alone: every check that needs no
@@ -124,11 +136,18 @@ pub struct DecodePlan {
     /// The bytes the (top-level) pixel data decodes to as declared, for DICOM.
     pixel_bytes: Option<u64>,
     memory_bytes: u64,
+    /// The frames the header declares (1 for PNG and JPEG).
+    frames: u32,
 }
 
 impl DecodePlan {
     pub fn format(&self) -> SourceFormat {
         self.format
+    }
+
+    /// The frames the header declares, checked against the frame limit (1 for PNG and JPEG).
+    pub fn frames(&self) -> u32 {
+        self.frames
     }
 
     /// The memory the decode may hold at its peak: the declared pixel data (or the parsed data
@@ -178,6 +197,7 @@ pub fn plan_decode(
             let working = frame_values * (2 + 4 + 1 + 1);
             Ok(DecodePlan {
                 format,
+                frames: declared.frames.unwrap_or(1).max(1),
                 pixel_bytes: walk.pixel_bytes,
                 memory_bytes: walk
                     .pixel_bytes
@@ -189,17 +209,27 @@ pub fn plan_decode(
     }
 }
 
-/// Decodes an image whose [`plan_decode`] passed, with that plan.
+/// Decodes an image whose [`plan_decode`] passed, with that plan; of a multi-frame DICOM
+/// object, the frame `frame_policy` names, or its refusal before anything is parsed.
 pub fn decode_planned(
     bytes: &[u8],
     plan: &DecodePlan,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
+    frame_policy: FramePolicy,
 ) -> Result<CanonicalImage, ImageError> {
     match plan.format {
         SourceFormat::Png => decode_raster(bytes, RasterFormat::Png, SourceFormat::Png, limits),
         SourceFormat::Jpeg => decode_raster(bytes, RasterFormat::Jpeg, SourceFormat::Jpeg, limits),
-        SourceFormat::Dicom => decode_dicom(bytes, plan, limits, patient_key_secret),
+        SourceFormat::Dicom => {
+            let frame_index = frame_policy.frame_index(plan.frames)?;
+            let frame = JudgedFrame {
+                frame_number: frame_index + 1,
+                number_of_frames: plan.frames,
+                policy: frame_policy,
+            };
+            decode_dicom(bytes, plan, limits, patient_key_secret, frame)
+        }
     }
 }
 
@@ -228,6 +258,7 @@ fn plan_raster(
         format,
         pixel_bytes: None,
         memory_bytes,
+        frames: 1,
     })
 }
 
@@ -275,6 +306,9 @@ struct CheckedDicom {
     transfer_syntax_uid: String,
     rows: u32,
     columns: u32,
+    /// The frame to decode from `object`: the chosen one, or 0 when it was rewritten as the
+    /// object's only frame.
+    decode_index: u32,
 }
 
 fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
@@ -299,11 +333,13 @@ const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
 /// Parses the object and checks, from its header alone, everything that can be checked before
 /// decompression: pixel data present, no burned-in annotation, dimensions, frames, declared
-/// decoded size, a transfer syntax this build decodes.
+/// decoded size, a transfer syntax this build decodes, pixel data holding the declared frames.
+/// `frame_index` (0-based, below the declared frames) is the frame that will be decoded.
 fn open_checked_dicom(
     bytes: &[u8],
     plan: &DecodePlan,
     limits: &ImageLimits,
+    frame_index: u32,
 ) -> Result<CheckedDicom, ImageError> {
     // The structure walk of `plan_decode` ran before any parser reserved memory for what the
     // header promises; the parser below reads what it walked.
@@ -362,15 +398,22 @@ fn open_checked_dicom(
         });
     };
     let codec_free = syntax.is_codec_free();
+    // The frame's plan was made from the walk's reading of Number of Frames; the parser's
+    // reading must agree, and the frame must lie within it.
+    if frames != plan.frames || frame_index >= frames {
+        return Err(undecodable());
+    }
+    check_frames_held(&object, &photometric, planar_configuration(&object), frames)?;
     if transfer_syntax_uid == RLE_LOSSLESS {
-        let first_frame = object
+        // Each RLE frame is one fragment (PS3.5 G.2), checked above for a multi-frame object.
+        let fragment = object
             .element(tags::PIXEL_DATA)
             .ok()
             .and_then(|element| element.value().fragments())
-            .and_then(|fragments| fragments.first());
+            .and_then(|fragments| fragments.get(frame_index as usize));
         let segments = (samples * bits.div_ceil(8)) as usize;
         let pixels = rows as usize * columns as usize;
-        let sound = first_frame.is_some_and(|fragment| {
+        let sound = fragment.is_some_and(|fragment| {
             crate::rle_check::rle_frame_is_sound(fragment, segments, pixels)
         });
         if !sound {
@@ -387,15 +430,63 @@ fn open_checked_dicom(
         bits_allocated: bits,
         bits_stored,
         photometric: &photometric,
-        planar_configuration: read_u32(&object, tags::PLANAR_CONFIGURATION).unwrap_or(0),
+        planar_configuration: planar_configuration(&object),
+        frame_index,
     };
-    crate::pixel_rewrite::prepare(&mut object, &header)?;
+    let rewritten = crate::pixel_rewrite::prepare(&mut object, &header)?;
     Ok(CheckedDicom {
         object,
         transfer_syntax_uid,
         rows,
         columns,
+        decode_index: if rewritten { 0 } else { frame_index },
     })
+}
+
+fn planar_configuration(object: &DefaultDicomObject) -> u32 {
+    read_u32(object, tags::PLANAR_CONFIGURATION).unwrap_or(0)
+}
+
+/// Refuses pixel data that does not hold the frames the header declares (see
+/// [`crate::frames`]), before a frame is located in it: a decoder given a frame number past the
+/// data must never be asked for it.
+fn check_frames_held(
+    object: &DefaultDicomObject,
+    photometric: &str,
+    planar_configuration: u32,
+    frames: u32,
+) -> Result<(), ImageError> {
+    let undecodable = || ImageError::Undecodable { format: "DICOM" };
+    let element = object
+        .element(tags::PIXEL_DATA)
+        .map_err(|_| undecodable())?;
+    let value = element.value();
+    if let Some(fragments) = value.fragments() {
+        let offsets = value.offset_table().map_or(0, <[u32]>::len);
+        return crate::frames::check_encapsulated_frames(fragments.len(), offsets, frames);
+    }
+    let byte_length = value
+        .primitive()
+        .map(|primitive| primitive.calculate_byte_len() as u64)
+        .ok_or_else(undecodable)?;
+    let rows = read_u32(object, tags::ROWS).unwrap_or(0);
+    let columns = read_u32(object, tags::COLUMNS).unwrap_or(0);
+    let samples = read_u32(object, tags::SAMPLES_PER_PIXEL)
+        .unwrap_or(1)
+        .max(1);
+    let bits = read_u32(object, tags::BITS_ALLOCATED).unwrap_or(8).max(1);
+    let stored_as_is =
+        u64::from(rows) * u64::from(columns) * u64::from(samples) * u64::from(bits.div_ceil(8));
+    // Colour as stored: 4:2:2 holds two samples a pixel. A layout the rewrite does not know is
+    // refused there, with its own code.
+    let layout = (samples == 3 && bits == 8)
+        .then(|| crate::native_colour::ColourLayout::of(photometric, planar_configuration))
+        .flatten();
+    let frame_bytes = match layout {
+        Some(layout) => layout.frame_bytes(rows, columns).ok_or_else(undecodable)? as u64,
+        None => stored_as_is,
+    };
+    crate::frames::check_native_frames(byte_length, frame_bytes, frames)
 }
 
 /// Checks the image attributes a DICOM header declares against the limits, in this order:
@@ -516,6 +607,7 @@ fn decode_dicom(
     plan: &DecodePlan,
     limits: &ImageLimits,
     patient_key_secret: Option<&[u8]>,
+    frame: JudgedFrame,
 ) -> Result<CanonicalImage, ImageError> {
     let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let CheckedDicom {
@@ -523,7 +615,8 @@ fn decode_dicom(
         transfer_syntax_uid,
         rows,
         columns,
-    } = open_checked_dicom(bytes, plan, limits)?;
+        decode_index,
+    } = open_checked_dicom(bytes, plan, limits, frame.frame_number - 1)?;
     let patient_key = patient_key_secret
         .map(|secret| {
             patient_key(
@@ -540,10 +633,11 @@ fn decode_dicom(
         transfer_syntax_uid,
         rows,
         columns,
+        frame: Some(frame),
     };
-    // Frame policy: the first frame is the image; multi-frame objects are judged on it.
+    // The frame the model's policy chose (see crate::frames); it is named in the metadata.
     let decoded = object
-        .decode_pixel_data_frame(0)
+        .decode_pixel_data_frame(decode_index)
         .map_err(|_| undecodable())?;
     let image = if decoded.samples_per_pixel() == 1 {
         grey_display(&decoded)?
@@ -579,10 +673,11 @@ pub fn decode_stored_samples(
         object,
         rows,
         columns,
+        decode_index,
         ..
-    } = open_checked_dicom(bytes, &plan, limits)?;
+    } = open_checked_dicom(bytes, &plan, limits, 0)?;
     let decoded = object
-        .decode_pixel_data_frame(0)
+        .decode_pixel_data_frame(decode_index)
         .map_err(|_| undecodable())?;
     Ok(StoredSamples {
         rows,

@@ -19,6 +19,14 @@ pub enum ImageError {
     DicomNoPixelData,
     #[error("the DICOM object declares {frames} frames; the limit is {limit}")]
     TooManyFrames { frames: u32, limit: u32 },
+    /// The model's frame policy refuses objects of more than one frame.
+    #[error(
+        "the DICOM object has {frames} frames; this model's frame policy refuses multi-frame objects"
+    )]
+    DicomMultiFrameNotSupported { frames: u32 },
+    /// The pixel data does not hold the frames the header declares.
+    #[error("the DICOM object declares {declared} frames; its pixel data holds {held}")]
+    DicomFrameCountMismatch { declared: u32, held: u32 },
     #[error("the pixel data would decode to {declared} bytes; the limit is {limit}")]
     DecodedSizeTooLarge { declared: u64, limit: u64 },
     #[error("the DICOM transfer syntax {uid} cannot be decoded by this service")]
@@ -46,6 +54,8 @@ impl ImageError {
             Self::DimensionsOutOfRange { .. } => "IMAGE_DIMENSIONS_OUT_OF_RANGE",
             Self::DicomNoPixelData => "DICOM_NO_PIXEL_DATA",
             Self::TooManyFrames { .. } => "DICOM_TOO_MANY_FRAMES",
+            Self::DicomMultiFrameNotSupported { .. } => "DICOM_MULTI_FRAME_NOT_SUPPORTED",
+            Self::DicomFrameCountMismatch { .. } => "DICOM_FRAME_COUNT_MISMATCH",
             Self::DecodedSizeTooLarge { .. } => "IMAGE_DECODED_SIZE_TOO_LARGE",
             Self::DicomUnsupportedTransferSyntax { .. } => "DICOM_UNSUPPORTED_TRANSFER_SYNTAX",
             Self::DicomBurnedInAnnotation => "DICOM_BURNED_IN_ANNOTATION",

@@ -9,6 +9,7 @@ pub mod decode;
 mod dicom_lengths;
 pub mod display;
 mod error;
+mod frames;
 mod jpeg_extended;
 mod limits;
 mod native_colour;
@@ -16,4 +17,5 @@ mod pixel_rewrite;
 mod rle_check;
 
 pub use error::ImageError;
+pub use frames::{FramePolicy, JudgedFrame};
 pub use limits::ImageLimits;

@@ -1,5 +1,6 @@
 //! Pixel data that dicom-pixeldata cannot take as stored is decoded or rearranged here and put
-//! back into the object as native pixel data of the first frame (explicit VR little endian),
+//! back into the object as native pixel data of the chosen frame alone (explicit VR little
+//! endian),
 //! so that one path turns every object into stored values and display pixels:
 //! - uncompressed colour by plane, or in YBR (full or 4:2:2), becomes interleaved RGB;
 //! - 12-bit JPEG (process 4) is decoded by [`crate::jpeg_extended`];
@@ -31,12 +32,16 @@ pub struct PixelHeader<'a> {
     pub bits_stored: u64,
     pub photometric: &'a str,
     pub planar_configuration: u32,
+    /// The frame to be decoded (0-based); the frame count was checked against the pixel data.
+    pub frame_index: u32,
 }
 
+/// Rewrites the chosen frame where needed; answers whether it did (the object then holds that
+/// frame alone, as frame 0).
 pub fn prepare(
     object: &mut DefaultDicomObject,
     header: &PixelHeader<'_>,
-) -> Result<(), ImageError> {
+) -> Result<bool, ImageError> {
     let undecodable = || ImageError::Undecodable { format: "DICOM" };
     let is_jpeg = matches!(header.transfer_syntax_uid, JPEG_BASELINE | JPEG_EXTENDED);
     if header.codec_free && header.samples == 3 && header.bits_allocated == 8 {
@@ -51,9 +56,16 @@ pub fn prepare(
                 .ok()
                 .and_then(|element| element.to_bytes().ok())
                 .ok_or_else(undecodable)?;
-            let rgb = to_interleaved_rgb(&stored, layout, header.rows, header.columns)
+            let frame_bytes = layout
+                .frame_bytes(header.rows, header.columns)
+                .ok_or_else(undecodable)?;
+            let frame = stored
+                .get(frame_bytes * header.frame_index as usize..)
+                .ok_or_else(undecodable)?;
+            let rgb = to_interleaved_rgb(frame, layout, header.rows, header.columns)
                 .ok_or_else(undecodable)?;
             put_native_rgb(object, rgb);
+            return Ok(true);
         }
     } else if is_jpeg && header.bits_stored > 8 {
         let unsupported = || ImageError::DicomUnsupportedTransferSyntax {
@@ -62,7 +74,7 @@ pub fn prepare(
         if header.samples != 1 || header.bits_allocated != 16 {
             return Err(unsupported());
         }
-        let stream = first_frame_stream(object, header.frames).ok_or_else(undecodable)?;
+        let stream = frame_stream(object, header).ok_or_else(undecodable)?;
         let pixels = u64::from(header.rows) * u64::from(header.columns);
         let image = jpeg_extended::decode(&stream, pixels).map_err(|error| match error {
             JpegError::Unsupported(_) => unsupported(),
@@ -79,21 +91,23 @@ pub fn prepare(
                 PrimitiveValue::U16(image.samples.into()),
             ),
         );
+        return Ok(true);
     } else if is_jpeg && header.samples == 3 && header.photometric == "RGB" {
-        let stream = first_frame_stream(object, header.frames).ok_or_else(undecodable)?;
+        let stream = frame_stream(object, header).ok_or_else(undecodable)?;
         if !declares_colour_transform(&stream) {
             put_native_rgb(object, decode_untransformed_rgb(&stream, header)?);
+            return Ok(true);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
-/// The first frame's JPEG stream: its one fragment when each frame has one, otherwise the
-/// fragments joined (the first frame's stream comes first, and the decoders stop at its end).
-fn first_frame_stream(object: &DefaultDicomObject, frames: u32) -> Option<Vec<u8>> {
+/// The chosen frame's JPEG stream: its one fragment in a multi-frame object (each frame is one
+/// fragment there, checked before), otherwise the single frame's fragments joined.
+fn frame_stream(object: &DefaultDicomObject, header: &PixelHeader<'_>) -> Option<Vec<u8>> {
     let fragments = object.element(tags::PIXEL_DATA).ok()?.value().fragments()?;
-    if frames > 1 && fragments.len() == frames as usize {
-        return fragments.first().cloned();
+    if header.frames > 1 {
+        return fragments.get(header.frame_index as usize).cloned();
     }
     Some(fragments.concat())
 }

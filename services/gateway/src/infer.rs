@@ -46,6 +46,8 @@ pub struct InferOutcome {
     pub ledger_hash: String,
     /// The stored answer to an earlier request with the same idempotency key.
     pub replayed: bool,
+    /// Which frame of a DICOM object was judged (absent for PNG/JPEG and on a replay).
+    pub frame: Option<medai_proto::common::v1::JudgedFrame>,
 }
 
 /// The key the results store keeps: a hash of the user and the client's key, so one user's
@@ -307,6 +309,7 @@ where
         return Ok(Delivered {
             outcome: InferOutcome {
                 quality: None,
+                frame: None,
                 replayed: true,
                 prediction: PredictResponse {
                     replayed: true,
@@ -389,6 +392,7 @@ where
 
     let quality;
     let patient_key;
+    let frame;
     let validated = downstream
         .validation
         .clone()
@@ -412,6 +416,11 @@ where
                 .and_then(|image| image.metadata.as_ref())
                 .map(|metadata| metadata.patient_key.clone())
                 .unwrap_or_default();
+            frame = response
+                .image
+                .as_ref()
+                .and_then(|image| image.metadata.as_ref())
+                .and_then(|metadata| metadata.frame.clone());
             response.image
         }
         Err(status) => {
@@ -479,8 +488,14 @@ where
     };
 
     let handed_off = hand_off().await?;
-    let (ledger_seq, ledger_hash) =
-        record_delivery(call, &prediction, &image_sha256, &patient_key).await?;
+    let (ledger_seq, ledger_hash) = record_delivery(
+        call,
+        &prediction,
+        &image_sha256,
+        &patient_key,
+        frame.as_ref(),
+    )
+    .await?;
     Ok(Delivered {
         outcome: InferOutcome {
             quality,
@@ -490,6 +505,7 @@ where
             ledger_seq,
             ledger_hash,
             replayed: false,
+            frame,
         },
         handed_off: Some(handed_off),
     })
@@ -575,7 +591,8 @@ where
         (seq, hash, None)
     } else {
         let handed_off = hand_off().await?;
-        let (seq, hash) = record_delivery(call, &prediction, image_sha256, patient_key).await?;
+        let (seq, hash) =
+            record_delivery(call, &prediction, image_sha256, patient_key, None).await?;
         (seq, hash, Some(handed_off))
     };
     metrics::counter!("medai_gateway_idempotent_replays_total").increment(1);
@@ -588,6 +605,7 @@ where
             ledger_seq,
             ledger_hash,
             replayed: true,
+            frame: None,
         },
         handed_off,
     })
@@ -595,12 +613,14 @@ where
 
 /// Records a prediction's delivery in the ledger, then notes the entry on the stored result.
 /// No prediction is answered without its ledger record; none is recorded once the caller's
-/// deadline has passed, so no record claims a delivery the caller never got.
+/// deadline has passed, so no record claims a delivery the caller never got. `frame` names the
+/// frame of a DICOM object the model judged, under which policy (issue 15).
 async fn record_delivery(
     call: &Call<'_>,
     prediction: &PredictResponse,
     image_sha256: &str,
     patient_key: &str,
+    frame: Option<&medai_proto::common::v1::JudgedFrame>,
 ) -> Result<(u64, String), tonic::Status> {
     let Call {
         downstream,
@@ -625,6 +645,11 @@ async fn record_delivery(
         "top_label": prediction.top_label,
     });
     decision_trail(&mut context, prediction);
+    if let Some(frame) = frame {
+        context["frame_number"] = frame.frame_number.into();
+        context["number_of_frames"] = frame.number_of_frames.into();
+        context["frame_policy"] = frame.policy.clone().into();
+    }
     if !client_request_id.is_empty() {
         context["client_request_id"] = client_request_id.into();
     }

@@ -556,5 +556,6 @@ pub fn infer_response(outcome: InferOutcome) -> gw::InferResponse {
         ledger_hash: outcome.ledger_hash,
         quality: outcome.quality,
         replayed: outcome.replayed,
+        frame: outcome.frame,
     }
 }

@@ -14,6 +14,9 @@ pub struct ValidationConfig {
     pub limits: medai_imaging::ImageLimits,
     #[serde(default)]
     pub quality: crate::quality::QualityPolicy,
+    /// What each model does with a multi-frame DICOM object (default: refuse).
+    #[serde(default)]
+    pub frames: crate::frame_policy::FramePolicies,
     /// The key of the keyed hash that turns a DICOM patient identifier into the pseudonymous
     /// `patient_key` results are grouped by. Without it no patient key is produced.
     #[serde(default)]

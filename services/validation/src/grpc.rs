@@ -12,12 +12,13 @@ use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 use medai_imaging::decode::{
     CanonicalImage, DecodePlan, SourceFormat, decode_planned, plan_decode,
 };
-use medai_imaging::{ImageError, ImageLimits};
+use medai_imaging::{FramePolicy, ImageError, ImageLimits};
 
 pub struct ValidationApi {
     pub decode_slots: crate::decode_slots::DecodeSlots,
     pub limits: ImageLimits,
     pub quality: QualityPolicy,
+    pub frames: crate::frame_policy::FramePolicies,
     pub patient_key_secret: Option<std::sync::Arc<Vec<u8>>>,
 }
 
@@ -84,6 +85,11 @@ fn canonical_message(image: CanonicalImage) -> common::CanonicalImage {
                 transfer_syntax_uid: image.metadata.transfer_syntax_uid,
                 rows: image.metadata.rows,
                 columns: image.metadata.columns,
+                frame: image.metadata.frame.map(|frame| common::JudgedFrame {
+                    frame_number: frame.frame_number,
+                    number_of_frames: frame.number_of_frames,
+                    policy: frame.policy.code().to_owned(),
+                }),
             }),
         }
     }
@@ -99,6 +105,7 @@ impl ValidationService for ValidationApi {
         let limits = self.limits;
         let declared = declared_format(request.format);
         let policy = self.quality.clone();
+        let frame_policy = self.frames.for_model(&request.model_name);
         let model = request.model_name;
         let secret = self.patient_key_secret.clone();
         let image = std::sync::Arc::new(request.image);
@@ -106,10 +113,16 @@ impl ValidationService for ValidationApi {
         // the call, so a trace shows where a slow validation spent its time.
         let call = tracing::Span::current();
         let outcome = self
-            .admit_and_decode(image, declared, limits, move |image, plan| {
+            .admit_and_decode(image, declared, limits, frame_policy, move |image, plan| {
                 let image =
                     tracing::info_span!(parent: &call, "validation.decode").in_scope(|| {
-                        decode_planned(&image, &plan, &limits, secret.as_deref().map(Vec::as_slice))
+                        decode_planned(
+                            &image,
+                            &plan,
+                            &limits,
+                            secret.as_deref().map(Vec::as_slice),
+                            frame_policy,
+                        )
                     })?;
                 let report = tracing::info_span!(parent: &call, "validation.quality")
                     .in_scope(|| assess(&image, &policy, &model));
@@ -147,12 +160,15 @@ impl ValidationApi {
     /// Decoding and measuring are CPU-bound and run third-party codecs: they run on the
     /// blocking pool, where a codec panic becomes a refusal rather than a crash. First the
     /// headers are read (the plan: every check that needs no pixel), then the decode is admitted
-    /// against the memory budget for what its header declares, and only then does it run.
+    /// against the memory budget for what its header declares, and only then does it run. A
+    /// multi-frame object the model's frame policy refuses is refused from the plan, without
+    /// waiting for memory.
     async fn admit_and_decode<T: Send + 'static>(
         &self,
         image: std::sync::Arc<Vec<u8>>,
         declared: Option<SourceFormat>,
         limits: ImageLimits,
+        frame_policy: FramePolicy,
         decode: impl FnOnce(std::sync::Arc<Vec<u8>>, DecodePlan) -> Result<T, ValidationError>
         + Send
         + 'static,
@@ -170,6 +186,7 @@ impl ValidationApi {
                 .map_err(panicked)?
                 .map_err(ValidationError::from)?
         };
+        frame_policy.frame_index(plan.frames())?;
         self.decode_slots
             .run(plan.memory_bytes(), move || decode(image, plan))
             .await

@@ -4,6 +4,7 @@
 pub mod config;
 mod decode_slots;
 mod error;
+pub mod frame_policy;
 mod grpc;
 pub mod metric_catalog;
 pub mod quality;
@@ -19,7 +20,7 @@ use tokio::net::TcpListener;
 pub use config::ValidationConfig;
 // The decoders live in medai-imaging; re-exported so callers keep one name for what validation runs.
 pub use error::ValidationError;
-pub use medai_imaging::{ImageError, ImageLimits, decode, display};
+pub use medai_imaging::{FramePolicy, ImageError, ImageLimits, decode, display};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -65,6 +66,7 @@ pub async fn serve(
         ),
         limits: config.limits,
         quality: config.quality.clone(),
+        frames: config.frames.clone(),
         patient_key_secret: config
             .patient_key_secret
             .as_ref()

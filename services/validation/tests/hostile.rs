@@ -11,7 +11,8 @@ use medai_proto::validation::v1::ValidateImageRequest;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::errors::reason_of;
 use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
-use medai_validation::{ImageLimits, ValidationConfig};
+use medai_validation::frame_policy::FramePolicies;
+use medai_validation::{FramePolicy, ImageLimits, ValidationConfig};
 use tonic::Code;
 
 /// Builds DICOM files byte by byte, so a test can say exactly what is hostile about one.
@@ -247,12 +248,25 @@ impl Validation {
     }
 
     async fn start_with_budget(limits: ImageLimits, decode_memory_budget_bytes: u64) -> Self {
+        Self::start_with_frames(limits, decode_memory_budget_bytes, FramePolicy::Refuse).await
+    }
+
+    /// With `frames` as every model's frame policy.
+    async fn start_with_frames(
+        limits: ImageLimits,
+        decode_memory_budget_bytes: u64,
+        frames: FramePolicy,
+    ) -> Self {
         let pki = TestPki::new();
         let config = ValidationConfig {
             process: test_process_config(),
             tls: pki.files("validation"),
             limits,
             quality: Default::default(),
+            frames: FramePolicies {
+                default: frames,
+                ..FramePolicies::default()
+            },
             patient_key_secret: None,
             max_concurrent_decodes: 2,
             decode_memory_budget_bytes,
@@ -415,6 +429,111 @@ async fn deflate_bombs_and_huge_declared_sides_are_refused_from_the_header() {
         .validate_image(request(Assets::locate().dicom("MR_small.dcm")))
         .await
         .expect("still serving");
+}
+
+/// pydicom's SC_rgb_rle_2frame.dcm (two RLE fragments, an offset table of two) declaring
+/// `frames` frames instead.
+fn two_rle_frames_declared_as(frames: &str) -> Vec<u8> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let mut object = dicom_object::OpenFileOptions::new()
+        .from_reader(std::io::Cursor::new(
+            Assets::locate().dicom("SC_rgb_rle_2frame.dcm"),
+        ))
+        .expect("SC_rgb_rle_2frame");
+    object.put(DataElement::new(
+        tags::NUMBER_OF_FRAMES,
+        VR::IS,
+        PrimitiveValue::from(frames),
+    ));
+    let mut bytes = Vec::new();
+    object.write_all(&mut bytes).expect("write");
+    bytes
+}
+
+/// Issue 15: a Number of Frames the pixel data does not hold is refused with its own code
+/// before any frame is looked for, under the policy that looks furthest into the data (the
+/// middle frame): nothing is read past the data, nothing panics, nothing is allocated for
+/// frames that are not there, and the service answers the next call.
+#[tokio::test]
+async fn a_declared_frame_count_the_pixel_data_does_not_hold_is_refused_with_its_code() {
+    let service = Validation::start_with_frames(
+        ImageLimits::default(),
+        medai_validation::config::default_decode_memory_budget_bytes(),
+        FramePolicy::MiddleFrame,
+    )
+    .await;
+    let mut gateway = service.gateway();
+    // A 64 × 64 grey object declaring `frames` and holding `held` frames of native pixels.
+    let grey = |frames: Option<u32>, held: usize| {
+        let mut bytes = build::file_meta(build::EXPLICIT_LITTLE);
+        bytes.extend(build::grey_header(64, 64, frames));
+        let pixels: Vec<u8> = (0..64 * 64 * held)
+            .map(|index| (index % 251) as u8)
+            .collect();
+        bytes.extend(build::explicit(0x7FE0, 0x0010, b"OB", &pixels));
+        bytes
+    };
+    let hostile = [
+        ("3 frames declared, 1 held", grey(Some(3), 1)),
+        ("the frame limit declared, 1 held", grey(Some(1000), 1)),
+        ("2 frames declared, 1 and a half held", {
+            let mut bytes = build::file_meta(build::EXPLICIT_LITTLE);
+            bytes.extend(build::grey_header(64, 64, Some(2)));
+            bytes.extend(build::explicit(0x7FE0, 0x0010, b"OB", &vec![7; 64 * 96]));
+            bytes
+        }),
+        ("none declared (one), 4 held", grey(None, 4)),
+        (
+            "RLE: 3 frames declared, 2 fragments",
+            two_rle_frames_declared_as("3"),
+        ),
+        (
+            "RLE: 1 frame declared, an offset table of 2",
+            two_rle_frames_declared_as("1"),
+        ),
+    ];
+    for (shape, bytes) in hostile {
+        assert_eq!(
+            refusal(&mut gateway, bytes).await,
+            "DICOM_FRAME_COUNT_MISMATCH",
+            "{shape}"
+        );
+    }
+    // Over the frame limit: refused from the header, before the frame policy is applied.
+    assert_eq!(
+        refusal(&mut gateway, grey(Some(1001), 1)).await,
+        "DICOM_TOO_MANY_FRAMES"
+    );
+    // What the header declares and the data holds is judged on the middle frame.
+    for (frames, expected) in [(Some(3), (2, 3)), (None, (1, 1))] {
+        let image = gateway
+            .validate_image(request(grey(frames, frames.unwrap_or(1) as usize)))
+            .await
+            .unwrap_or_else(|status| panic!("{frames:?} frames held: {status:?}"))
+            .into_inner()
+            .image
+            .expect("image");
+        let frame = image
+            .metadata
+            .and_then(|metadata| metadata.frame)
+            .expect("the judged frame is named");
+        assert_eq!((frame.frame_number, frame.number_of_frames), expected);
+    }
+    let image = gateway
+        .validate_image(request(two_rle_frames_declared_as("2")))
+        .await
+        .expect("the file as it is")
+        .into_inner()
+        .image
+        .expect("image");
+    assert_eq!(
+        image
+            .metadata
+            .and_then(|metadata| metadata.frame)
+            .map(|frame| frame.frame_number),
+        Some(2)
+    );
 }
 
 #[tokio::test]

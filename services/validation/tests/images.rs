@@ -8,7 +8,8 @@ use medai_proto::validation::v1::ValidateImageRequest;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::errors::reason_of;
 use medai_testkit::{Assets, TestPki, TestServer, test_process_config, wait_until_serving};
-use medai_validation::{ImageLimits, ValidationConfig};
+use medai_validation::frame_policy::FramePolicies;
+use medai_validation::{FramePolicy, ImageLimits, ValidationConfig};
 use tonic::Code;
 
 struct Validation {
@@ -18,12 +19,17 @@ struct Validation {
 
 impl Validation {
     async fn start(limits: ImageLimits) -> Self {
+        Self::start_with_frames(limits, FramePolicies::default()).await
+    }
+
+    async fn start_with_frames(limits: ImageLimits, frames: FramePolicies) -> Self {
         let pki = TestPki::new();
         let config = ValidationConfig {
             process: test_process_config(),
             tls: pki.files("validation"),
             limits,
             quality: Default::default(),
+            frames,
             patient_key_secret: Some(medai_runtime::config::Secret::new(
                 "test patient-key secret",
             )),
@@ -346,6 +352,110 @@ async fn headers_that_promise_too_much_are_refused_before_decompression() {
     }
 }
 
+fn for_model(image: Vec<u8>, model: &str) -> ValidateImageRequest {
+    ValidateImageRequest {
+        model_name: model.to_owned(),
+        ..request(image)
+    }
+}
+
+/// Issue 15: a multi-frame object is refused under the default policy, and judged on the frame
+/// its model's policy names otherwise, which the answer states. pydicom's SC_rgb_rle_2frame.dcm
+/// (RLE, lossless) holds a colour frame and then its exact inverse, so which frame was judged
+/// shows in the pixels; examples_ybr_color.dcm is a 30-frame ultrasound loop (JPEG baseline).
+#[tokio::test]
+async fn a_multi_frame_dicom_is_refused_or_judged_on_the_frame_its_model_s_policy_names() {
+    let frames = FramePolicies {
+        by_model: [
+            ("first".to_owned(), FramePolicy::FirstFrame),
+            ("middle".to_owned(), FramePolicy::MiddleFrame),
+        ]
+        .into(),
+        ..FramePolicies::default()
+    };
+    let service = Validation::start_with_frames(ImageLimits::default(), frames).await;
+    let assets = Assets::locate();
+    let mut gateway = service.client_as("gateway");
+    let two_frames = assets.dicom("SC_rgb_rle_2frame.dcm");
+    let ultrasound_loop = assets.dicom("examples_ybr_color.dcm");
+    for (image, model) in [
+        (two_frames.clone(), ""),
+        (two_frames.clone(), "a model without a policy"),
+        (ultrasound_loop.clone(), ""),
+    ] {
+        let status = gateway
+            .validate_image(for_model(image, model))
+            .await
+            .expect_err("refused by default");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            reason_of(&status).as_deref(),
+            Some("DICOM_MULTI_FRAME_NOT_SUPPORTED"),
+            "model {model:?}"
+        );
+    }
+    let judged = |model: &'static str, image: Vec<u8>| {
+        let mut gateway = gateway.clone();
+        async move {
+            let image = gateway
+                .validate_image(for_model(image, model))
+                .await
+                .unwrap_or_else(|status| panic!("{model}: {status:?}"))
+                .into_inner()
+                .image
+                .expect("image");
+            let frame = image
+                .metadata
+                .as_ref()
+                .and_then(|metadata| metadata.frame.clone())
+                .expect("the judged frame is named");
+            (
+                (frame.frame_number, frame.number_of_frames, frame.policy),
+                image.pixels,
+            )
+        }
+    };
+    let (first_frame, first) = judged("first", two_frames.clone()).await;
+    let (middle_frame, middle) = judged("middle", two_frames).await;
+    assert_eq!(first_frame, (1, 2, "FIRST_FRAME".to_owned()));
+    assert_eq!(middle_frame, (2, 2, "MIDDLE_FRAME".to_owned()));
+    assert_eq!(first.len(), 100 * 100 * 3);
+    assert_eq!(&first[..3], &[255, 0, 0], "frame 1 starts red");
+    assert_eq!(first.len(), middle.len());
+    assert!(
+        first.iter().zip(&middle).all(|(a, b)| *b == 255 - *a),
+        "frame 2 (the middle of 2) is frame 1 inverted, as the file holds it"
+    );
+    let (loop_first, loop_first_pixels) = judged("first", ultrasound_loop.clone()).await;
+    let (loop_middle, loop_middle_pixels) = judged("middle", ultrasound_loop).await;
+    assert_eq!(loop_first, (1, 30, "FIRST_FRAME".to_owned()));
+    assert_eq!(loop_middle, (16, 30, "MIDDLE_FRAME".to_owned()));
+    assert_eq!(loop_middle_pixels.len(), 320 * 240 * 3);
+    assert_ne!(
+        loop_first_pixels, loop_middle_pixels,
+        "frame 16 of the loop is another image than frame 1"
+    );
+    // A single-frame object is frame 1 of 1 under every policy, the default refusal included.
+    let (single, _) = judged("", assets.dicom("MR_small.dcm")).await;
+    assert_eq!(single, (1, 1, "REFUSE".to_owned()));
+    // The frame limit counts every declared frame whichever is judged, and is checked first.
+    let few_frames = Validation::start_with_frames(
+        ImageLimits {
+            max_frames: 29,
+            ..ImageLimits::default()
+        },
+        FramePolicies {
+            default: FramePolicy::MiddleFrame,
+            ..FramePolicies::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        refusal(&few_frames, assets.dicom("examples_ybr_color.dcm")).await,
+        "DICOM_TOO_MANY_FRAMES"
+    );
+}
+
 /// MR_small.dcm re-labelled as JPEG XL Lossless, its pixels one opaque fragment.
 fn jpeg_xl_dicom() -> Vec<u8> {
     use dicom_core::value::{PixelFragmentSequence, Value};
@@ -424,6 +534,7 @@ async fn every_image_comes_with_a_quality_report_and_a_strict_profile_refuses() 
             by_modality: [("MR".to_owned(), strict)].into(),
             ..QualityPolicy::default()
         },
+        frames: Default::default(),
         patient_key_secret: None,
         max_concurrent_decodes: 2,
         decode_memory_budget_bytes: medai_validation::config::default_decode_memory_budget_bytes(),

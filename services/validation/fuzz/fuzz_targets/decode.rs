@@ -13,7 +13,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use libfuzzer_sys::fuzz_target;
-use medai_imaging::ImageLimits;
+use medai_imaging::{FramePolicy, ImageLimits};
 use medai_imaging::decode::{
     SourceFormat, decode_image, decode_planned, decode_stored_samples, plan_decode,
 };
@@ -45,11 +45,14 @@ fn decode_all(data: &[u8]) {
                 plan.memory_bytes() <= most,
                 "a plan beyond the limits: {plan:?}"
             );
+            // The middle frame too: a declared frame count the pixel data does not hold must be
+            // refused before a frame past the data is looked for.
             let _ = decode_planned(
                 data,
                 &plan,
                 &limits,
                 Some(b"fuzz patient-key secret".as_slice()),
+                FramePolicy::MiddleFrame,
             );
         }
     }
