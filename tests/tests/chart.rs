@@ -235,16 +235,15 @@ impl CallCounts {
 /// call that reached a server and failed is never sent again. The refresh loop also proves these
 /// calls were not processed: a refresh token presented twice would revoke its family and fail
 /// every later refresh.
-async fn call_once_more<T, F, Fut>(counts: &CallCounts, call: F) -> Result<T, tonic::Status>
+async fn call_once_more<T, F, Fut>(counts: &CallCounts, mut call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let first_error = std::sync::Mutex::new(None);
-    let mut call = call;
-    let (result, sent_again) = medai_runtime::unprocessed::retry_never_processed(|| {
+    let first_error_seen = std::sync::Mutex::new(None);
+    let first_error = &first_error_seen;
+    let (result, sent_again) = medai_runtime::unprocessed::retry_never_processed(move || {
         let attempt = call();
-        let first_error = &first_error;
         async move {
             let result = attempt.await;
             if let Err(status) = &result {
