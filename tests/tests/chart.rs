@@ -200,8 +200,10 @@ fn infer_request(image: Vec<u8>, model: &str) -> InferRequest {
 struct CallCounts {
     made: AtomicU64,
     failed: AtomicU64,
-    /// Calls the transport reported as never sent, retried once (see [`never_sent`]).
+    /// Calls the server provably never processed, sent once more (see [`call_once_more`]).
     retried: AtomicU64,
+    /// The transport error of each call sent once more.
+    retried_for: std::sync::Mutex<BTreeMap<String, u64>>,
     failures: std::sync::Mutex<Vec<String>>,
 }
 
@@ -213,9 +215,10 @@ impl CallCounts {
             Err(status) => {
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 self.failures.lock().expect("failures").push(format!(
-                    "{what}: {:?} {}",
+                    "{what}: {:?} {} (transport: {})",
                     status.code(),
-                    status.message()
+                    status.message(),
+                    medai_runtime::unprocessed::transport_error_chain(&status)
                 ));
                 None
             }
@@ -223,15 +226,49 @@ impl CallCounts {
     }
 }
 
-/// gRPC clients retry a call transparently when the transport reports that it never left the
-/// client (grpc-go and grpc-java do by default): a request queued on a connection that a
-/// draining pod closed (GOAWAY) before the request was written. tonic reports that as CANCELLED
-/// "operation was canceled" (this client never cancels a call itself). Such a call is retried
-/// once and counted apart; a call that reached a server and failed is never retried. The
-/// refresh loop also proves these calls were not sent: a refresh token presented twice would
-/// revoke its family and fail every later refresh.
-fn never_sent(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Cancelled && status.message() == "operation was canceled"
+/// gRPC clients send a call again transparently when the transport proves the server never
+/// processed it (grpc-go and grpc-java do by default): a request still queued for a connection a
+/// draining pod closed, or a stream above the last stream id of the pod's GOAWAY (RFC 9113 §6.8;
+/// the h2 client can write a request just after answering the PING of a graceful shutdown, so
+/// it reaches the pod after the final GOAWAY). tonic surfaces both, so this client does it
+/// through `medai_runtime::unprocessed`, which reads the transport error, never the message. A
+/// call that reached a server and failed is never sent again. The refresh loop also proves these
+/// calls were not processed: a refresh token presented twice would revoke its family and fail
+/// every later refresh.
+async fn call_once_more<T, F, Fut>(counts: &CallCounts, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let first_error_seen = std::sync::Mutex::new(None);
+    let first_error = &first_error_seen;
+    let (result, sent_again) = medai_runtime::unprocessed::retry_never_processed(move || {
+        let attempt = call();
+        async move {
+            let result = attempt.await;
+            if let Err(status) = &result {
+                first_error
+                    .lock()
+                    .expect("first error")
+                    .get_or_insert_with(|| {
+                        medai_runtime::unprocessed::transport_error_chain(status)
+                    });
+            }
+            result
+        }
+    })
+    .await;
+    if sent_again {
+        counts.retried.fetch_add(1, Ordering::Relaxed);
+        let first_error = first_error.lock().expect("first error").take();
+        *counts
+            .retried_for
+            .lock()
+            .expect("retried")
+            .entry(first_error.unwrap_or_default())
+            .or_default() += 1;
+    }
+    result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -418,39 +455,40 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let mut clients = Vec::new();
     {
         let (counts, stop, token) = (counts.clone(), stop.clone(), token.clone());
-        let mut client = connect_gateway(&gateway_endpoint, &ca)
+        let client = connect_gateway(&gateway_endpoint, &ca)
             .await
             .expect("client");
         clients.push(tokio::spawn(async move {
             let mut seed = 100;
             while !stop.load(Ordering::Relaxed) {
                 seed += 1;
-                let call = || authorised(infer_request(light_png(seed), "synthetic-light"), &token);
-                let mut result = client.infer(call()).await;
-                if matches!(&result, Err(status) if never_sent(status)) {
-                    counts.retried.fetch_add(1, Ordering::Relaxed);
-                    result = client.infer(call()).await;
-                }
+                let result = call_once_more(&counts, || {
+                    let mut client = client.clone();
+                    let request =
+                        authorised(infer_request(light_png(seed), "synthetic-light"), &token);
+                    async move { client.infer(request).await }
+                })
+                .await;
                 counts.record("infer", result);
             }
         }));
     }
     {
         let (counts, stop) = (counts.clone(), stop.clone());
-        let mut client = connect_gateway(&gateway_endpoint, &ca)
+        let client = connect_gateway(&gateway_endpoint, &ca)
             .await
             .expect("client");
         let mut refresh_token = grant.refresh_token.clone();
         clients.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let call = || RefreshRequest {
-                    refresh_token: refresh_token.clone(),
-                };
-                let mut result = client.refresh(call()).await;
-                if matches!(&result, Err(status) if never_sent(status)) {
-                    counts.retried.fetch_add(1, Ordering::Relaxed);
-                    result = client.refresh(call()).await;
-                }
+                let result = call_once_more(&counts, || {
+                    let mut client = client.clone();
+                    let request = RefreshRequest {
+                        refresh_token: refresh_token.clone(),
+                    };
+                    async move { client.refresh(request).await }
+                })
+                .await;
                 if let Some(response) = counts.record("refresh", result) {
                     refresh_token = response.into_inner().grant.expect("grant").refresh_token;
                 }
@@ -484,7 +522,8 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let failed = counts.failed.load(Ordering::Relaxed);
     let retried = counts.retried.load(Ordering::Relaxed);
     eprintln!(
-        "rolling restart of every Deployment: {made} calls made, {failed} failed, {retried} retried transparently (never sent)"
+        "rolling restart of every Deployment: {made} calls made, {failed} failed, {retried} never processed and sent once more: {:?}",
+        counts.retried_for.lock().expect("retried")
     );
     assert_eq!(
         failed,

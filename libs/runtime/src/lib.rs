@@ -23,6 +23,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod unprocessed;
 
 pub use errors::{ErrorKind, ServiceError};
 pub use identity::ServiceIdentity;

@@ -9,6 +9,8 @@
 
 /// Replicas behind one name (issue 13): the balanced mesh channel, over the same real mTLS.
 mod balance;
+/// Pods replaced under callers (issue 13): nothing accepted is dropped, nothing unprocessed is lost.
+mod drain;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
