@@ -200,9 +200,9 @@ fn infer_request(image: Vec<u8>, model: &str) -> InferRequest {
 struct CallCounts {
     made: AtomicU64,
     failed: AtomicU64,
-    /// Calls the server provably never processed, sent once more (see [`call_once_more`]).
+    /// Calls the server provably never processed, sent again (see [`call_once_more`]).
     retried: AtomicU64,
-    /// The transport error of each call sent once more.
+    /// The transport error of each call sent again.
     retried_for: std::sync::Mutex<BTreeMap<String, u64>>,
     failures: std::sync::Mutex<Vec<String>>,
 }
@@ -522,7 +522,7 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
     let failed = counts.failed.load(Ordering::Relaxed);
     let retried = counts.retried.load(Ordering::Relaxed);
     eprintln!(
-        "rolling restart of every Deployment: {made} calls made, {failed} failed, {retried} never processed and sent once more: {:?}",
+        "rolling restart of every Deployment: {made} calls made, {failed} failed, {retried} never processed and sent again: {:?}",
         counts.retried_for.lock().expect("retried")
     );
     assert_eq!(

@@ -10,7 +10,8 @@
 //! client fails it with the GOAWAY itself: `INTERNAL: h2 protocol error: http2 error`. A request
 //! handed to hyper after the first GOAWAY fails the same way without being written at all.
 //! grpc-go and grpc-java retry such calls transparently; tonic surfaces them, so clients of the
-//! mesh retry them here ([`retry_never_processed`]), once, on a fresh connection.
+//! mesh retry them here ([`retry_never_processed`]): at most [`MOST_ATTEMPTS`] sends in all, each
+//! only after the one before was provably never processed.
 //!
 //! Never processed, read from the transport error a [`tonic::Status`] carries (its source
 //! chain), never from its message or code:
@@ -64,23 +65,32 @@ pub fn transport_error_chain(status: &tonic::Status) -> String {
     links.join(" <- ")
 }
 
-/// Makes the call; if the server provably never processed it ([`never_processed`]), makes it
-/// once more (the channel reconnects meanwhile). Returns the outcome and whether it was sent
-/// again.
+/// The most times a call is sent when each earlier attempt was provably never processed: a
+/// retry can meet the same draining connection before the channel has replaced it.
+pub const MOST_ATTEMPTS: u32 = 3;
+
+/// Makes the call; while the server provably never processed it ([`never_processed`]), makes it
+/// again, up to [`MOST_ATTEMPTS`] in all, a little later each time so the channel can reconnect.
+/// Returns the outcome and whether it was sent again.
 pub async fn retry_never_processed<T, F, Fut>(mut call: F) -> (Result<T, tonic::Status>, bool)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
-    match call().await {
-        Err(status) if never_processed(&status) => {
-            tracing::debug!(
-                transport_error = %transport_error_chain(&status),
-                "a call the server never processed is sent again"
-            );
-            (call().await, true)
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(status) if attempt < MOST_ATTEMPTS && never_processed(&status) => {
+                tracing::debug!(
+                    transport_error = %transport_error_chain(&status),
+                    attempt,
+                    "a call the server never processed is sent again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            outcome => return (outcome, attempt > 1),
         }
-        outcome => (outcome, false),
     }
 }
 

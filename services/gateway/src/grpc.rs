@@ -74,7 +74,7 @@ impl GatewayApi {
         Fut: std::future::Future<Output = Result<Response<Res>, Status>>,
     {
         // A call auth provably never processed (it arrived as an auth pod drained) is sent
-        // once more, whatever it changes: see medai_runtime::unprocessed.
+        // again, whatever it changes: see medai_runtime::unprocessed.
         let (answer, _sent_again) = medai_runtime::unprocessed::retry_never_processed(|| {
             let request = self
                 .ingest
