@@ -360,80 +360,99 @@ impl ReportDelivery {
         } else {
             None
         };
-        for (index, row) in due.iter().enumerate() {
-            let sent = match self.report_of(row) {
-                Ok(report) => send_report(
-                    destination,
-                    tls.as_ref(),
-                    &report.sop_instance_uid,
-                    &report.dataset,
-                )
-                .await
-                .map(|()| report.sop_instance_uid),
-                Err(error) => Err(error),
-            };
-            match sent {
-                Ok(report_uid) => {
-                    self.outbox.record_reported(&row.tag, &report_uid).await?;
-                    metrics::counter!("medai_bridge_reports_delivered_total").increment(1);
-                    summary.delivered += 1;
-                }
-                Err(error) => {
-                    tracing::warn!(error = %error, attempts = row.report_attempts + 1, "report not delivered by STOW-RS");
-                    let unreachable = is_unreachable(&error);
-                    let deferred = if unreachable {
-                        &due[index..]
-                    } else {
-                        &due[index..=index]
-                    };
-                    for row in deferred {
-                        self.failed(row).await?;
-                        summary.failed += 1;
-                    }
-                    if unreachable {
-                        return Ok(summary);
-                    }
-                }
-            }
+        if self
+            .send_by_stow_rs(
+                ReportKind::Preliminary,
+                due,
+                destination,
+                tls.as_ref(),
+                &mut summary,
+            )
+            .await?
+        {
+            return Ok(summary);
         }
         // Amended reports of results signed since: the same attempts and back-off.
-        for (index, row) in amendments.iter().enumerate() {
-            let sent = match self.amended_report_of(row) {
-                Ok(report) => send_report(
-                    destination,
-                    tls.as_ref(),
-                    &report.sop_instance_uid,
-                    &report.dataset,
-                )
-                .await
-                .map(|()| report.sop_instance_uid),
+        self.send_by_stow_rs(
+            ReportKind::Amended,
+            amendments,
+            destination,
+            tls.as_ref(),
+            &mut summary,
+        )
+        .await?;
+        Ok(summary)
+    }
+}
+
+/// Which report of a source instance a row stands for.
+#[derive(Clone, Copy)]
+enum ReportKind {
+    Preliminary,
+    Amended,
+}
+
+impl ReportDelivery {
+    /// Sends each row's report of `kind` in turn; a failure defers that row with back-off, and an
+    /// unreachable endpoint defers the rest too. Returns whether the endpoint was unreachable.
+    async fn send_by_stow_rs(
+        &self,
+        kind: ReportKind,
+        rows: &[StoredInstance],
+        destination: &DicomWebDestination,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        summary: &mut DeliverySummary,
+    ) -> Result<bool, sea_orm::DbErr> {
+        for (index, row) in rows.iter().enumerate() {
+            let report = match kind {
+                ReportKind::Preliminary => self.report_of(row),
+                ReportKind::Amended => self.amended_report_of(row),
+            };
+            let sent = match report {
+                Ok(report) => {
+                    send_report(destination, tls, &report.sop_instance_uid, &report.dataset)
+                        .await
+                        .map(|()| report.sop_instance_uid)
+                }
                 Err(error) => Err(error),
             };
             match sent {
                 Ok(report_uid) => {
-                    self.outbox.record_amended(&row.tag, &report_uid).await?;
-                    metrics::counter!("medai_bridge_amended_reports_delivered_total").increment(1);
+                    match kind {
+                        ReportKind::Preliminary => {
+                            self.outbox.record_reported(&row.tag, &report_uid).await?;
+                            metrics::counter!("medai_bridge_reports_delivered_total").increment(1);
+                        }
+                        ReportKind::Amended => {
+                            self.outbox.record_amended(&row.tag, &report_uid).await?;
+                            metrics::counter!("medai_bridge_amended_reports_delivered_total")
+                                .increment(1);
+                        }
+                    }
                     summary.delivered += 1;
                 }
                 Err(error) => {
-                    tracing::warn!(error = %error, attempts = row.report_attempts + 1, "amended report not delivered by STOW-RS; retried with back-off");
+                    tracing::warn!(error = %error, attempts = row.report_attempts + 1, "report not delivered by STOW-RS; retried with back-off");
                     let unreachable = is_unreachable(&error);
                     let deferred = if unreachable {
-                        &amendments[index..]
+                        &rows[index..]
                     } else {
-                        &amendments[index..=index]
+                        &rows[index..=index]
                     };
                     for row in deferred {
-                        self.amendment_failed(row).await?;
+                        match kind {
+                            ReportKind::Preliminary => self.failed(row).await?,
+                            ReportKind::Amended => self.amendment_failed(row).await?,
+                        }
                         summary.failed += 1;
                     }
                     if unreachable {
-                        return Ok(summary);
+                        return Ok(true);
                     }
                 }
             }
         }
-        Ok(summary)
+        Ok(false)
     }
 }
 
