@@ -165,5 +165,28 @@ async fn an_auditor_exports_the_ledger_and_verifies_it_offline() {
         actions.contains(&"LEDGER_QUERY") && actions.contains(&"LEDGER_EXPORT"),
         "{actions:?}"
     );
+    // The checkpoint is recorded in the name of the auditor who asked (from their token,
+    // the same actor as their reads), before audit's own record of the gateway's request.
+    let auditor_actor = &reads
+        .entries
+        .iter()
+        .find(|entry| entry.action == "LEDGER_QUERY")
+        .expect("the auditor's query")
+        .actor;
+    assert!(auditor_actor.starts_with("user:"), "{auditor_actor}");
+    let checkpoints: Vec<_> = reads
+        .entries
+        .iter()
+        .filter(|entry| entry.action == "LEDGER_CHECKPOINT")
+        .map(|entry| (entry.actor.as_str(), entry.outcome.as_str(), entry.seq))
+        .collect();
+    assert_eq!(checkpoints.len(), 2, "{checkpoints:?}");
+    assert_eq!(
+        (checkpoints[0].0, checkpoints[0].1),
+        (auditor_actor.as_str(), "REQUESTED"),
+        "{checkpoints:?}"
+    );
+    assert_eq!(checkpoints[1].0, "service:gateway", "{checkpoints:?}");
+    assert!(checkpoints[0].2 < checkpoints[1].2, "{checkpoints:?}");
     mesh.stop().await;
 }

@@ -355,16 +355,23 @@ async fn a_refused_prediction_is_an_error_span_with_its_reason_code() {
         })
         .await;
     let traced = in_trace(&spans, REFUSED_TRACE);
-    // Both ends of the failing hop and the gateway's own call: ERROR, with the reason code as
-    // the description and the gRPC code as `rpc.grpc.status_code` (3, INVALID_ARGUMENT).
+    // Both ends of the failing hop and the gateway's own call carry the reason code as
+    // `error.type` and the gRPC code as `rpc.grpc.status_code` (3, INVALID_ARGUMENT). The
+    // gateway's call to validation failed (ERROR, described by the reason); the two servers
+    // refused bad input, which is no fault of theirs, so their status stays unset (the
+    // OpenTelemetry RPC conventions) and error-rate dashboards do not count it.
     let infer = the(&traced, "medai-gateway", "SERVER", INFER);
     let client = the(&traced, "medai-gateway", "CLIENT", VALIDATE);
     let validate = the(&traced, "medai-validation", "SERVER", VALIDATE);
     assert_eq!(validate.parent_span_id, client.span_id);
     for span in [infer, client, validate] {
-        assert_eq!(span.status_code, "ERROR", "{span:#?}");
-        assert_eq!(span.status_message, reason, "{span:#?}");
+        assert!(has(span, &format!("error.type={reason}")), "{span:#?}");
         assert!(has(span, "rpc.grpc.status_code=3"), "{span:#?}");
+    }
+    assert_eq!(client.status_code, "ERROR", "{client:#?}");
+    assert_eq!(client.status_message, reason, "{client:#?}");
+    for server in [infer, validate] {
+        assert_eq!(server.status_code, "UNSET", "{server:#?}");
     }
     // No prediction was attempted.
     assert!(

@@ -5,9 +5,13 @@
 //!   one it makes ([`RpcClientTraceLayer`], on every mesh channel: see [`MeshChannel`]);
 //! - attributes `rpc.system=grpc`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`,
 //!   `server.address` and `server.port`;
-//! - status OK, or ERROR with the stable reason code the status carries (its
-//!   `google.rpc.ErrorInfo` reason, see [`crate::errors`]) as the description, or the code's
-//!   name when it carries none. Nothing else of the status (its message) goes on the span.
+//! - a failed call's `error.type` is the stable reason code the status carries (its
+//!   `google.rpc.ErrorInfo` reason, see [`crate::errors`]), or the code's name when it carries
+//!   none; nothing else of the status (its message) goes on the span;
+//! - status OK for success; ERROR, described by that reason, on a CLIENT span for any failure
+//!   and on a SERVER span only for a server fault (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
+//!   INTERNAL, UNAVAILABLE, DATA_LOSS); a refusal of the caller's input leaves a SERVER span's
+//!   status unset.
 //!
 //! A server span adopts the caller's W3C trace context; a client span is a child of the span
 //! the call is made in and puts its own context on the request, so the callee's server span
@@ -86,27 +90,54 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Records a call's outcome on its span: `rpc.grpc.status_code`, and status OK or ERROR with
-/// the stable reason (else the code's name) as the description.
-fn record_outcome(span: &tracing::Span, code: Code, reason: Option<String>) {
+/// Whether a gRPC code says the server failed rather than that it refused the caller: the
+/// codes OpenTelemetry's RPC conventions mark ERROR on a SERVER span.
+fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+/// Which end of a call a span stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Server,
+    Client,
+}
+
+/// Records a call's outcome on its span: `rpc.grpc.status_code`; for a failed call
+/// `error.type`, the stable reason (else the code's name); and the status as OpenTelemetry's RPC
+/// conventions set it: OK for success, ERROR (described by the reason) on a CLIENT span for any
+/// failure and on a SERVER span only for a server fault. A server that refused bad input did its
+/// job, so its span stays unset and error dashboards count only what the server got wrong.
+fn record_outcome(span: &tracing::Span, end: End, code: Code, reason: Option<String>) {
     span.record("rpc.grpc.status_code", i64::from(code as i32));
     if code == Code::Ok {
         span.record("otel.status_code", "OK");
-    } else {
+        return;
+    }
+    let description = reason.unwrap_or_else(|| code_name(code).to_owned());
+    span.record("error.type", description.as_str());
+    if end == End::Client || is_server_fault(code) {
         // The description alone sets ERROR; a separate "ERROR" code would first set an
         // error without one.
-        let description = reason.unwrap_or_else(|| code_name(code).to_owned());
         span.record("otel.status_description", description.as_str());
     }
 }
 
 /// The call's span as the [`CallEnd`] of its response: the outcome is recorded on it, and it
 /// is entered while the body is polled (log lines of a streamed answer belong to the call).
-pub struct SpanEnd(tracing::Span);
+pub struct SpanEnd(tracing::Span, End);
 
 impl CallEnd for SpanEnd {
     fn ended(&mut self, code: Code, reason: Option<String>) {
-        record_outcome(&self.0, code, reason);
+        record_outcome(&self.0, self.1, code, reason);
     }
 
     fn polling_scope(&self) -> Option<tracing::span::Entered<'_>> {
@@ -194,6 +225,7 @@ fn server_span(
         server.port = Empty,
         correlation_id = %correlation_id,
         rpc.grpc.status_code = Empty,
+        error.type = Empty,
         otel.status_code = Empty,
         otel.status_description = Empty,
     );
@@ -259,7 +291,7 @@ where
         crate::telemetry::adopt_remote_parent(&span, request.headers());
         let response = self.inner.call(request).instrument(span.clone());
         // Dropped before an answer (the caller went away): CANCELLED.
-        let mut outcome = Outcome::new(SpanEnd(span));
+        let mut outcome = Outcome::new(SpanEnd(span, End::Server));
         async move {
             match response.await {
                 Ok(response) => Ok(traced_response(response, outcome)),
@@ -324,6 +356,7 @@ fn client_span(path: &str, server: Option<&(String, u16)>) -> tracing::Span {
         server.address = Empty,
         server.port = Empty,
         rpc.grpc.status_code = Empty,
+        error.type = Empty,
         otel.status_code = Empty,
         otel.status_description = Empty,
     );
@@ -356,7 +389,7 @@ where
         crate::telemetry::inject_span_context(&span, request.headers_mut());
         let response = self.inner.call(request).instrument(span.clone());
         // Dropped before an answer (the caller gave up): CANCELLED.
-        let mut outcome = Outcome::new(SpanEnd(span));
+        let mut outcome = Outcome::new(SpanEnd(span, End::Client));
         async move {
             match response.await {
                 Ok(response) => Ok(traced_response(response, outcome)),

@@ -37,11 +37,25 @@ impl GatewayApi {
         context: serde_json::Value,
         correlation: &str,
     ) -> Result<(), Status> {
+        self.record_ledger_act(caller, action, "SUCCESS", context, correlation)
+            .await
+    }
+
+    /// Records, in the caller's name from their token, an act on the ledger before it is
+    /// done; an act that cannot be recorded is refused.
+    async fn record_ledger_act(
+        &self,
+        caller: &Caller,
+        action: &str,
+        outcome: &str,
+        context: serde_json::Value,
+        correlation: &str,
+    ) -> Result<(), Status> {
         let record = AppendRequest {
             actor: format!("user:{}", caller.subject),
             action: action.to_owned(),
             resource: "ledger".to_owned(),
-            outcome: "SUCCESS".to_owned(),
+            outcome: outcome.to_owned(),
             context_json: context.to_string(),
         };
         self.ingest
@@ -676,7 +690,19 @@ impl GatewayService for GatewayApi {
         &self,
         request: Request<gw::CreateLedgerCheckpointRequest>,
     ) -> Result<Response<gw::CreateLedgerCheckpointResponse>, Status> {
+        let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
+        // Audit records the request in the gateway's name (its certificate); who asked is
+        // known only here, from the token, so it is recorded here first.
+        let context = serde_json::json!({ "correlation_id": correlation });
+        self.record_ledger_act(
+            &caller,
+            "LEDGER_CHECKPOINT",
+            "REQUESTED",
+            context,
+            &correlation,
+        )
+        .await?;
         let response = self
             .ingest
             .downstream

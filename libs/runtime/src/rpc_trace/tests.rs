@@ -118,7 +118,13 @@ async fn a_refused_call_is_a_server_span_named_for_its_method_with_its_reason_as
     assert_eq!(spans.len(), 1, "{:?}", exported.0.lock().expect("spans"));
     let span = &spans[0];
     assert_eq!(span.span_kind, SpanKind::Server);
-    assert_eq!(span.status, Status::error("IMAGE_TOO_LARGE"));
+    // The caller's input was refused: the server did its job, so its status stays unset and
+    // the reason is the span's error.type.
+    assert_eq!(span.status, Status::Unset);
+    assert_eq!(
+        attribute(span, "error.type").as_deref(),
+        Some("IMAGE_TOO_LARGE")
+    );
     assert_eq!(span.span_context.trace_id().to_string(), TRACE_ID);
     assert_eq!(span.parent_span_id.to_string(), CALLER_SPAN);
     for (key, value) in [
@@ -137,6 +143,36 @@ async fn a_refused_call_is_a_server_span_named_for_its_method_with_its_reason_as
             .iter()
             .all(|attribute| !attribute.value.to_string().contains("too large"))
     );
+}
+
+#[tokio::test]
+async fn a_server_fault_is_an_error_server_span_described_by_its_reason() {
+    let (exported, _guard) = traced();
+    for (kind, reason, code) in [
+        (ErrorKind::Internal, "LEDGER_UNAVAILABLE", "13"),
+        (ErrorKind::Unavailable, "MODEL_NOT_READY", "14"),
+    ] {
+        let mut service = RpcServerTraceLayer::new(BTreeSet::from([VALIDATE.to_owned()]))
+            .layer(refusing(status_with_reason(
+                kind,
+                "medai.validation",
+                reason,
+                "the server failed",
+            )));
+        let request = http::Request::builder()
+            .uri(VALIDATE)
+            .body(())
+            .expect("request");
+        drop(service.call(request).await.expect("answer"));
+        let spans = exported.named("medai.validation.v1.ValidationService/ValidateImage");
+        let span = spans.last().expect("a span");
+        assert_eq!(span.status, Status::error(reason));
+        assert_eq!(attribute(span, "error.type").as_deref(), Some(reason));
+        assert_eq!(
+            attribute(span, "rpc.grpc.status_code").as_deref(),
+            Some(code)
+        );
+    }
 }
 
 #[tokio::test]
@@ -229,7 +265,12 @@ async fn an_outgoing_call_is_a_client_span_under_its_caller_whose_context_the_ca
     let handler = &exported.named("handler")[0];
     assert_eq!(call.span_kind, SpanKind::Client);
     assert_eq!(call.parent_span_id, handler.span_context.span_id());
+    // Whatever the callee's reason, the call failed for its caller.
     assert_eq!(call.status, Status::error("RESULT_NOT_FOUND"));
+    assert_eq!(
+        attribute(call, "error.type").as_deref(),
+        Some("RESULT_NOT_FOUND")
+    );
     for (key, value) in [
         ("rpc.system", "grpc"),
         ("rpc.service", "medai.inference.v1.InferenceService"),
@@ -270,7 +311,12 @@ async fn a_call_abandoned_before_its_answer_is_cancelled() {
 
     let spans = exported.named("medai.validation.v1.ValidationService/ValidateImage");
     assert_eq!(spans.len(), 1, "{:?}", exported.0.lock().expect("spans"));
-    assert_eq!(spans[0].status, Status::error("CANCELLED"));
+    // The caller went away: not the server's fault.
+    assert_eq!(spans[0].status, Status::Unset);
+    assert_eq!(
+        attribute(&spans[0], "error.type").as_deref(),
+        Some("CANCELLED")
+    );
     assert_eq!(
         attribute(&spans[0], "rpc.grpc.status_code").as_deref(),
         Some("1")
