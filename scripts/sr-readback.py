@@ -1,7 +1,8 @@
 """Reads a MedAI Flow Structured Report back with highdicom, as an AI result consumer would, and
 prints what it found as JSON (a list, one object per file): the document class highdicom chose, the algorithm identification
 (TID 4019 names: Algorithm Name, Algorithm Version), the source instances it references (the
-evidence and the IMAGE content items), and the top finding as a coded concept.
+evidence and the IMAGE content items, with their referenced frame numbers when they name
+frames), and the top finding as a coded concept.
 
 Usage: sr-readback.py REPORT.dcm... (run with the interpreter of .cache/pacs-venv, made by
 scripts/pacs-tools.sh). Exits non-zero when highdicom cannot read the file as an SR document.
@@ -27,12 +28,16 @@ def read(path):
     image_references = []
     for item in images:
         image = hd.sr.ImageContentItem.from_dataset(item)
-        image_references.append(
-            {
-                "sop_class_uid": str(image.referenced_sop_class_uid),
-                "sop_instance_uid": str(image.referenced_sop_instance_uid),
-            }
-        )
+        reference = {
+            "sop_class_uid": str(image.referenced_sop_class_uid),
+            "sop_instance_uid": str(image.referenced_sop_instance_uid),
+        }
+        # Named only when the item references frames of a multi-frame source (issue 15).
+        if image.referenced_frame_numbers is not None:
+            reference["referenced_frame_numbers"] = [
+                int(frame) for frame in image.referenced_frame_numbers
+            ]
+        image_references.append(reference)
     findings = []
     for item in hd.sr.utils.find_content_items(
         report, name=Code("121071", "DCM", "Finding"), recursive=True

@@ -4,7 +4,8 @@
 //! Orthanc through its REST API and Orthanc is asked to send the study to the bridge by
 //! C-STORE; dcmtk's `storescu` sends another study as a modality would. Each image comes back
 //! into Orthanc as a Structured Report under the same study, whose content matches the
-//! gateway's stored result and the ledger, and which dcmtk's `dsrdump` parses cleanly.
+//! gateway's stored result and the ledger, and which dcmtk's `dsrdump` parses cleanly; a
+//! multi-frame object's report names the frame the model judged (issue 15).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use dicom_object::file::ReadPreamble;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject, OpenFileOptions};
 use medai_bridge::config::BridgeConfig;
 use medai_bridge::{BridgeListeners, serve};
+use medai_cli::client::GatewayClient;
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::gateway::v1 as gw;
 use medai_testkit::{Assets, sqlite_url};
@@ -306,6 +308,10 @@ struct ReportContent {
     finding: String,
     preliminary: String,
     disclaimer: String,
+    /// Referenced Frame Number of the IMAGE item (issue 15): only for a multi-frame source.
+    referenced_frame_number: Option<String>,
+    /// The JUDGED_FRAME statement: only for a multi-frame source.
+    judged_frame: Option<String>,
 }
 
 fn read_report(bytes: &[u8]) -> ReportContent {
@@ -397,6 +403,17 @@ fn read_report(bytes: &[u8]) -> ReportContent {
         finding: text(finding, tags::CODE_MEANING),
         preliminary: text(&object, tags::PRELIMINARY_FLAG),
         disclaimer: text(find("DISCLAIMER"), tags::TEXT_VALUE),
+        referenced_frame_number: image
+            .element(tags::REFERENCED_SOP_SEQUENCE)
+            .expect("reference")
+            .items()
+            .expect("item")[0]
+            .get(tags::REFERENCED_FRAME_NUMBER)
+            .map(|element| element.to_str().expect("text").trim().to_owned()),
+        judged_frame: items
+            .iter()
+            .find(|item| concept(item) == "JUDGED_FRAME")
+            .map(|item| text(item, tags::TEXT_VALUE)),
     }
 }
 
@@ -475,9 +492,17 @@ async fn dsrdump_is_clean(bytes: &[u8]) {
     );
 }
 
-#[tokio::test]
-async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_report_per_image() {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+/// The mesh (PostgreSQL) with the bridge's clinician user made: the mesh, an admin token and a
+/// gateway client.
+async fn mesh_with_bridge_user() -> (MeshUnderTest, String, GatewayClient) {
+    mesh_with_bridge_user_and(BTreeMap::new()).await
+}
+
+/// The same, with extra environment (`settings`: service name → variables) for some services.
+async fn mesh_with_bridge_user_and(
+    settings: BTreeMap<String, Vec<(String, String)>>,
+) -> (MeshUnderTest, String, GatewayClient) {
+    let mesh = MeshUnderTest::start_with(Storage::Postgres, settings).await;
     let admin = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
     gateway
@@ -491,24 +516,138 @@ async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_r
         ))
         .await
         .expect("create the bridge's user");
+    (mesh, admin, gateway)
+}
+
+/// The bridge served in this process on listeners bound here (port 0): DIMSE, and STOW-RS when
+/// its configuration has a `[stow]` section.
+struct InProcessBridge {
+    dicom: SocketAddr,
+    stow: Option<SocketAddr>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), medai_bridge::BridgeError>>,
+}
+
+impl InProcessBridge {
+    async fn start(config: BridgeConfig) -> Self {
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let dicom = bind().await.expect("bind");
+        let stow = match config.stow {
+            Some(_) => Some(bind().await.expect("bind")),
+            None => None,
+        };
+        let addresses = (
+            dicom.local_addr().expect("address"),
+            stow.as_ref()
+                .map(|stow| stow.local_addr().expect("address")),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(config, BridgeListeners { dicom, stow }, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            dicom: addresses.0,
+            stow: addresses.1,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("bridge task")
+            .expect("bridge stopped cleanly");
+    }
+}
+
+/// Orthanc's DICOMweb plugin, with the bridge's STOW-RS listener declared as the server
+/// `bridge` (with its token) when there is one.
+fn orthanc_dicomweb(bridge_stow: Option<SocketAddr>) -> serde_json::Value {
+    let mut dicomweb = serde_json::json!({ "Enable": true, "Root": "/dicom-web/" });
+    if let Some(bridge_stow) = bridge_stow {
+        dicomweb["Servers"] = serde_json::json!({
+            "bridge": {
+                "Url": format!("http://{bridge_stow}/"),
+                "HttpHeaders": { "Authorization": format!("Bearer {STOW_TOKEN}") },
+            },
+        });
+    }
+    serde_json::json!({
+        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+        "DicomWeb": dicomweb,
+    })
+}
+
+/// A clinician (`dr-signer`, made here) re-authenticates and signs `result_id` APPROVED, bound
+/// to the stored result's content hash.
+async fn sign_as_a_clinician(
+    mesh: &MeshUnderTest,
+    gateway: &mut GatewayClient,
+    admin: &str,
+    result_id: &str,
+) -> gw::SignResultResponse {
+    let signer = mesh.user_token(admin, "dr-signer", "clinician").await;
+    let stored = gateway
+        .get_result(authorised(
+            gw::GetResultRequest {
+                result_id: result_id.to_owned(),
+            },
+            admin,
+        ))
+        .await
+        .expect("result")
+        .into_inner()
+        .result
+        .expect("result");
+    let ticket = gateway
+        .reauthenticate(authorised(
+            gw::ReauthenticateRequest {
+                password: "dr-signer password 123".to_owned(),
+            },
+            &signer,
+        ))
+        .await
+        .expect("reauthenticate")
+        .into_inner()
+        .signing_ticket;
+    gateway
+        .sign_result(authorised(
+            gw::SignResultRequest {
+                result_id: result_id.to_owned(),
+                signing_ticket: ticket,
+                meaning: "APPROVED".to_owned(),
+                reason: String::new(),
+                content_sha256: stored.content_sha256,
+            },
+            &signer,
+        ))
+        .await
+        .expect("sign")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_report_per_image() {
+    // The light model judges the middle frame of a multi-frame object (issue 15), set in
+    // validation's environment as the chart sets it.
+    let (mesh, admin, mut gateway) = mesh_with_bridge_user_and(BTreeMap::from([(
+        "validation".to_owned(),
+        vec![(
+            "MEDAI_VALIDATION_FRAMES__BY_MODEL__SYNTHETIC-LIGHT".to_owned(),
+            "middle_frame".to_owned(),
+        )],
+    )]))
+    .await;
 
     // The bridge, on a listener bound here (port 0), pointed at Orthanc for its reports.
     let orthanc_dicom_port = free_port();
     let state = tempfile::tempdir().expect("bridge state");
-    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let bridge_address = dicom.local_addr().expect("address");
     let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
-    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
     config.scp.max_associations = 4;
-    let bridge = tokio::spawn(serve(
-        config,
-        BridgeListeners { dicom, stow: None },
-        async move {
-            let _ = bridge_stopped.await;
-        },
-    ));
+    let bridge = InProcessBridge::start(config).await;
+    let bridge_address = bridge.dicom;
 
     let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
     // Orthanc's own check that the bridge answers C-ECHO as the declared modality.
@@ -576,6 +715,11 @@ async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_r
             content.disclaimer.starts_with("RESEARCH USE ONLY"),
             "{}",
             content.disclaimer
+        );
+        // A single-frame source: referenced as a whole, no frame stated.
+        assert_eq!(
+            (&content.referenced_frame_number, &content.judged_frame),
+            (&None, &None)
         );
         assert!(referenced.insert(content.referenced_sop_instance_uid.clone()));
         let stored = gateway
@@ -648,11 +792,38 @@ async fn orthanc_sends_a_study_to_the_bridge_and_files_one_matching_structured_r
     );
     assert_eq!(ct_report.study_instance_uid, ct_study);
 
-    let _ = stop_bridge.send(());
-    bridge
-        .await
-        .expect("bridge task")
-        .expect("bridge stopped cleanly");
+    // Issue 15: a multi-frame object (pydicom's 30-frame ultrasound loop) is judged on the
+    // frame the light model's policy names; its SR references frame 16 of the source and says
+    // which frame of how many under which policy, as the gateway's answer and ledger record do.
+    let ultrasound_loop = assets.dicom_dir.join("examples_ybr_color.dcm");
+    let loop_study = uid_of(&ultrasound_loop, tags::STUDY_INSTANCE_UID);
+    let orthanc_loop_study = orthanc
+        .upload(&std::fs::read(&ultrasound_loop).expect("file"))
+        .await;
+    let store = serde_json::json!({ "Resources": [orthanc_loop_study], "Synchronous": true });
+    let (status, body) = http(
+        orthanc.http,
+        "POST",
+        "/modalities/bridge/store",
+        store.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let loop_reports = orthanc.wait_for_reports(&loop_study, 1).await;
+    let bytes = orthanc.file(&loop_reports[0]).await;
+    dsrdump_is_clean(&bytes).await;
+    let loop_report = read_report(&bytes);
+    assert_eq!(
+        loop_report.referenced_sop_instance_uid,
+        uid_of(&ultrasound_loop, tags::SOP_INSTANCE_UID)
+    );
+    assert_eq!(loop_report.referenced_frame_number.as_deref(), Some("16"));
+    assert_eq!(
+        loop_report.judged_frame.as_deref(),
+        Some("frame 16 of 30, chosen by the model's frame policy middle_frame")
+    );
+
+    bridge.stop().await;
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }
@@ -870,20 +1041,7 @@ async fn instances_acknowledged_to_a_modality_survive_kill_9_at_each_point_with_
  {
     const FIRST: usize = 6;
     const SECOND: usize = 6;
-    let mut mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    mesh.gateway()
-        .await
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: BRIDGE_USER.to_owned(),
-                password: BRIDGE_PASSWORD.to_owned(),
-                role: "clinician".to_owned(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create the bridge's user");
+    let (mut mesh, _, _) = mesh_with_bridge_user().await;
     let ledger_connection = Database::connect(mesh.settings.audit_database_url.as_str())
         .await
         .expect("connect to the ledger");
@@ -1053,38 +1211,14 @@ async fn instances_acknowledged_to_a_modality_survive_kill_9_at_each_point_with_
 /// Orthanc's first C-STORE to the last SR stored back in Orthanc (the bridge's 200 ms quiet
 /// period included).
 async fn study_throughput(model: &str, images: u32) {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    mesh.gateway()
-        .await
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: BRIDGE_USER.to_owned(),
-                password: BRIDGE_PASSWORD.to_owned(),
-                role: "clinician".to_owned(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create the bridge's user");
+    let (mesh, _, _) = mesh_with_bridge_user().await;
     let orthanc_dicom_port = free_port();
     let state = tempfile::tempdir().expect("bridge state");
-    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let bridge_address = dicom.local_addr().expect("address");
     let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
     config.gateway.model_name = model.to_owned();
     config.study_quiet_period_ms = 200;
-    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let bridge = tokio::spawn(serve(
-        config,
-        BridgeListeners { dicom, stow: None },
-        async move {
-            let _ = bridge_stopped.await;
-        },
-    ));
-    let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
+    let bridge = InProcessBridge::start(config).await;
+    let mut orthanc = Orthanc::start(bridge.dicom, orthanc_dicom_port).await;
 
     let mr = Assets::locate().dicom_dir.join("MR_small.dcm");
     let study_uid = uid_of(&mr, tags::STUDY_INSTANCE_UID);
@@ -1118,8 +1252,7 @@ async fn study_throughput(model: &str, images: u32) {
         stored_after.as_secs_f64(),
         elapsed.as_secs_f64(),
     );
-    let _ = stop_bridge.send(());
-    bridge.await.expect("bridge task").expect("bridge stopped");
+    bridge.stop().await;
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }
@@ -1173,36 +1306,13 @@ fn open_report(bytes: &[u8]) -> InMemDicomObject {
 #[tokio::test]
 async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_report_referencing_it()
  {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    let mut gateway = mesh.gateway().await;
-    gateway
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: BRIDGE_USER.to_owned(),
-                password: BRIDGE_PASSWORD.to_owned(),
-                role: "clinician".to_owned(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create the bridge's user");
+    let (mesh, admin, mut gateway) = mesh_with_bridge_user().await;
     let orthanc_dicom_port = free_port();
     let state = tempfile::tempdir().expect("bridge state");
-    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let bridge_address = dicom.local_addr().expect("address");
     let mut config = bridge_config(&mesh, state.path(), orthanc_dicom_port);
     config.signature_poll_interval_ms = 200;
-    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let bridge = tokio::spawn(serve(
-        config,
-        BridgeListeners { dicom, stow: None },
-        async move {
-            let _ = bridge_stopped.await;
-        },
-    ));
+    let bridge = InProcessBridge::start(config).await;
+    let bridge_address = bridge.dicom;
     let mut orthanc = Orthanc::start(bridge_address, orthanc_dicom_port).await;
 
     let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
@@ -1225,44 +1335,7 @@ async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_r
     let result_id = read_report(&orthanc.file(&preliminary_id).await).result_id;
 
     // A clinician signs the result after the preliminary report was filed.
-    let signer = mesh.user_token(&admin, "dr-signer", "clinician").await;
-    let stored = gateway
-        .get_result(authorised(
-            gw::GetResultRequest {
-                result_id: result_id.clone(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("result")
-        .into_inner()
-        .result
-        .expect("result");
-    let ticket = gateway
-        .reauthenticate(authorised(
-            gw::ReauthenticateRequest {
-                password: "dr-signer password 123".to_owned(),
-            },
-            &signer,
-        ))
-        .await
-        .expect("reauthenticate")
-        .into_inner()
-        .signing_ticket;
-    let signed = gateway
-        .sign_result(authorised(
-            gw::SignResultRequest {
-                result_id: result_id.clone(),
-                signing_ticket: ticket,
-                meaning: "APPROVED".to_owned(),
-                reason: String::new(),
-                content_sha256: stored.content_sha256,
-            },
-            &signer,
-        ))
-        .await
-        .expect("sign")
-        .into_inner();
+    let signed = sign_as_a_clinician(&mesh, &mut gateway, &admin, &result_id).await;
 
     // The amended report: a new instance in the same series, verified by the signer, naming
     // the preliminary one as its predecessor; the preliminary one stays.
@@ -1318,8 +1391,7 @@ async fn a_result_signed_after_its_preliminary_report_gets_an_amended_verified_r
     );
     assert_eq!(read_report(&bytes).result_id, result_id);
 
-    let _ = stop_bridge.send(());
-    bridge.await.expect("bridge task").expect("bridge stopped");
+    bridge.stop().await;
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }
@@ -1366,60 +1438,24 @@ url = "http://127.0.0.1:{orthanc_http_port}/dicom-web"
 #[tokio::test]
 async fn orthanc_pushes_a_study_over_stow_rs_and_gets_each_report_back_over_stow_rs_readable_by_highdicom()
  {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    let mut gateway = mesh.gateway().await;
-    gateway
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: BRIDGE_USER.to_owned(),
-                password: BRIDGE_PASSWORD.to_owned(),
-                role: "clinician".to_owned(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create the bridge's user");
+    let (mesh, admin, mut gateway) = mesh_with_bridge_user().await;
 
     // The bridge: DIMSE and STOW-RS listeners bound here; reports go to Orthanc by STOW-RS only
     // (no C-STORE destination is configured).
     let orthanc_http_port = free_port();
     let state = tempfile::tempdir().expect("bridge state");
-    let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let bridge_dicom = dicom.local_addr().expect("address");
-    let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let bridge_stow = stow.local_addr().expect("address");
     let config = bridge_stow_config(&mesh, state.path(), orthanc_http_port);
     let database_url = config.database_url.clone();
-    let (stop_bridge, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let listeners = BridgeListeners {
-        dicom,
-        stow: Some(stow),
-    };
-    let bridge = tokio::spawn(serve(config, listeners, async move {
-        let _ = bridge_stopped.await;
-    }));
+    let bridge = InProcessBridge::start(config).await;
 
     // Orthanc with its DICOMweb plugin, the bridge declared as a DICOMweb server with its token.
-    let dicomweb = serde_json::json!({
-        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-        "DicomWeb": {
-            "Enable": true,
-            "Root": "/dicom-web/",
-            "Servers": {
-                "bridge": {
-                    "Url": format!("http://{bridge_stow}/"),
-                    "HttpHeaders": { "Authorization": format!("Bearer {STOW_TOKEN}") },
-                },
-            },
-        },
-    });
-    let mut orthanc =
-        Orthanc::start_with(bridge_dicom, free_port(), orthanc_http_port, dicomweb).await;
+    let mut orthanc = Orthanc::start_with(
+        bridge.dicom,
+        free_port(),
+        orthanc_http_port,
+        orthanc_dicomweb(bridge.stow),
+    )
+    .await;
 
     const IMAGES: u32 = 3;
     let assets = Assets::locate();
@@ -1548,11 +1584,7 @@ async fn orthanc_pushes_a_study_over_stow_rs_and_gets_each_report_back_over_stow
     );
     assert_eq!(ledger.len(), IMAGES as usize, "{ledger:?}");
 
-    let _ = stop_bridge.send(());
-    bridge
-        .await
-        .expect("bridge task")
-        .expect("bridge stopped cleanly");
+    bridge.stop().await;
     orthanc.process.kill().await.expect("stop Orthanc");
     mesh.stop().await;
 }
@@ -1567,20 +1599,7 @@ async fn orthanc_pushes_a_study_over_stow_rs_and_gets_each_report_back_over_stow
 #[tokio::test]
 async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_amended_report_by_stow_rs_under_the_study()
  {
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    let mut gateway = mesh.gateway().await;
-    gateway
-        .create_user(authorised(
-            gw::CreateUserRequest {
-                username: BRIDGE_USER.to_owned(),
-                password: BRIDGE_PASSWORD.to_owned(),
-                role: "clinician".to_owned(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("create the bridge's user");
+    let (mesh, admin, mut gateway) = mesh_with_bridge_user().await;
     let orthanc_http_port = free_port();
     let state = tempfile::tempdir().expect("bridge state");
     let start_bridge = |state: &Path| {
@@ -1590,32 +1609,17 @@ async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_a
             .scp
             .allowed_calling_ae_titles
             .push("STORESCU".to_owned());
-        async move {
-            let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let address = dicom.local_addr().expect("address");
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let listeners = BridgeListeners {
-                dicom,
-                stow: Some(stow),
-            };
-            let task = tokio::spawn(serve(config, listeners, async move {
-                let _ = stopped.await;
-            }));
-            (address, stop, task)
-        }
+        InProcessBridge::start(config)
     };
-    let (bridge_address, stop_bridge, bridge) = start_bridge(state.path()).await;
-    let dicomweb = serde_json::json!({
-        "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-        "DicomWeb": { "Enable": true, "Root": "/dicom-web/" },
-    });
-    let mut orthanc =
-        Orthanc::start_with(bridge_address, free_port(), orthanc_http_port, dicomweb).await;
+    let bridge = start_bridge(state.path()).await;
+    let bridge_address = bridge.dicom;
+    let mut orthanc = Orthanc::start_with(
+        bridge_address,
+        free_port(),
+        orthanc_http_port,
+        orthanc_dicomweb(None),
+    )
+    .await;
 
     let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
     let ct_study = uid_of(&ct, tags::STUDY_INSTANCE_UID);
@@ -1634,43 +1638,7 @@ async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_a
     let result_id = read_report(&preliminary_bytes).result_id;
 
     // A clinician signs the result after the preliminary report was filed.
-    let signer = mesh.user_token(&admin, "dr-signer", "clinician").await;
-    let stored = gateway
-        .get_result(authorised(
-            gw::GetResultRequest {
-                result_id: result_id.clone(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("result")
-        .into_inner()
-        .result
-        .expect("result");
-    let ticket = gateway
-        .reauthenticate(authorised(
-            gw::ReauthenticateRequest {
-                password: "dr-signer password 123".to_owned(),
-            },
-            &signer,
-        ))
-        .await
-        .expect("reauthenticate")
-        .into_inner()
-        .signing_ticket;
-    gateway
-        .sign_result(authorised(
-            gw::SignResultRequest {
-                result_id: result_id.clone(),
-                signing_ticket: ticket,
-                meaning: "APPROVED".to_owned(),
-                reason: String::new(),
-                content_sha256: stored.content_sha256,
-            },
-            &signer,
-        ))
-        .await
-        .expect("sign");
+    sign_as_a_clinician(&mesh, &mut gateway, &admin, &result_id).await;
 
     // The amended report, filed under the study by the DICOMweb plugin.
     let reports = orthanc.wait_for_reports(&ct_study, 2).await;
@@ -1719,9 +1687,8 @@ async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_a
     assert_eq!(read_report(&bytes).result_id, result_id);
 
     // A restart on the same outbox sends nothing again: both reports are recorded as delivered.
-    let _ = stop_bridge.send(());
-    bridge.await.expect("bridge task").expect("bridge stopped");
-    let (_, stop_bridge, bridge) = start_bridge(state.path()).await;
+    bridge.stop().await;
+    let bridge = start_bridge(state.path()).await;
     let outbox = medai_bridge::outbox::Outbox::open(&sqlite_url(state.path(), "bridge.db"))
         .await
         .expect("the bridge's outbox");
@@ -1732,8 +1699,7 @@ async fn a_result_signed_after_its_preliminary_report_went_by_stow_rs_gets_its_a
         Some(element_text(&amended, tags::SOP_INSTANCE_UID).as_str())
     );
     assert!(outbox.due_amendments(10).await.expect("read").is_empty());
-    let _ = stop_bridge.send(());
-    bridge.await.expect("bridge task").expect("bridge stopped");
+    bridge.stop().await;
     let study = orthanc.study_id(&ct_study).await.expect("study");
     assert_eq!(orthanc.reports_in(&study).await.len(), 2);
     orthanc.process.kill().await.expect("stop Orthanc");

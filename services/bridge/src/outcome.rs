@@ -30,6 +30,20 @@ pub struct InferenceOutcome {
     /// Stable reasons, such as MODALITY_OUTSIDE_INTENDED_USE.
     #[serde(default)]
     pub unusual_case_reasons: Vec<String>,
+    /// DICOM only: which frame of how many the model judged, under which frame policy (issue
+    /// 15). Absent in a replayed answer (the original answer's ledger record keeps it) and in
+    /// outboxes written before the bridge kept it.
+    #[serde(default)]
+    pub frame: Option<JudgedFrame>,
+}
+
+/// The gateway's `InferResponse.frame`: frame `frame_number` (1-based) of `number_of_frames`
+/// was judged under `policy` (`FIRST_FRAME`, `MIDDLE_FRAME`; `REFUSE` for a single frame).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JudgedFrame {
+    pub frame_number: u32,
+    pub number_of_frames: u32,
+    pub policy: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,7 +82,13 @@ impl TryFrom<InferResponse> for InferenceOutcome {
                 .collect(),
         });
         let unusual_case = prediction.unusual_case.clone().unwrap_or_default();
+        let frame = response.frame.map(|frame| JudgedFrame {
+            frame_number: frame.frame_number,
+            number_of_frames: frame.number_of_frames,
+            policy: frame.policy,
+        });
         Ok(Self {
+            frame,
             unusual_case: unusual_case.flagged,
             unusual_case_reasons: unusual_case.reasons,
             result_id: response.result_id,

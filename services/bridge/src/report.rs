@@ -5,6 +5,12 @@
 //! threshold, the quality report, the unusual-case flag with its reasons, the result id and
 //! ledger seq, and the research-use disclaimer; it is PRELIMINARY and UNVERIFIED. Patient and study modules are copied from the
 //! source so the PACS files it with the study.
+//!
+//! A multi-frame source (issue 15) is referenced with the frame the model judged, Referenced
+//! Frame Number (0008,1160) in the IMAGE content item as highdicom's source-image items write
+//! it, and a text item says which frame of how many and under which frame policy. When the
+//! gateway's answer names no frame the source holds (a replayed answer), no frame is referenced
+//! and the report says the frame is not stated rather than guess one.
 
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
@@ -12,7 +18,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 use dicom_object::file::{OpenFileOptions, ReadPreamble};
 
-use crate::outcome::InferenceOutcome;
+use crate::outcome::{InferenceOutcome, JudgedFrame};
 use crate::uids::derived_uid;
 
 pub const MANUFACTURER: &str = "MedAI Flow";
@@ -60,6 +66,87 @@ const COPIED: &[(Tag, VR, bool)] = &[
     (tags::STUDY_DESCRIPTION, VR::LO, false),
 ];
 
+/// What the report says about the frames of its source (issue 15).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameStatement {
+    /// One frame: the instance is referenced as a whole, as for any single image.
+    SingleFrame,
+    /// Frame `frame_number` (1-based) of `number_of_frames` was judged under `policy`.
+    Judged {
+        frame_number: u32,
+        number_of_frames: u32,
+        policy: String,
+    },
+    /// A multi-frame source whose answer names no frame of it (a replayed answer, or an outbox
+    /// entry written before the bridge kept the frame): no frame is referenced.
+    NotStated { number_of_frames: u32 },
+}
+
+/// Reads the frame statement from the source's Number of Frames (absent means one) and the
+/// gateway's answer. A judged frame is stated only when the answer's frame count is the
+/// source's and its number is one of those frames; the report never names a frame the source
+/// does not hold.
+pub fn frame_statement(
+    declared_frames: Option<u32>,
+    judged: Option<&JudgedFrame>,
+) -> FrameStatement {
+    let source_frames = declared_frames.unwrap_or(1).max(1);
+    if source_frames == 1 {
+        return FrameStatement::SingleFrame;
+    }
+    match judged {
+        Some(judged)
+            if judged.number_of_frames == source_frames
+                && (1..=source_frames).contains(&judged.frame_number) =>
+        {
+            FrameStatement::Judged {
+                frame_number: judged.frame_number,
+                number_of_frames: source_frames,
+                policy: policy_name(&judged.policy),
+            }
+        }
+        _ => FrameStatement::NotStated {
+            number_of_frames: source_frames,
+        },
+    }
+}
+
+/// The policy as validation's configuration spells it (`FIRST_FRAME` → `first_frame`), kept to
+/// the characters such names use.
+fn policy_name(code: &str) -> String {
+    code.chars()
+        .filter(|character| character.is_ascii_alphanumeric() || *character == '_')
+        .take(32)
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+impl FrameStatement {
+    fn referenced_frame(&self) -> Option<u32> {
+        match self {
+            Self::Judged { frame_number, .. } => Some(*frame_number),
+            Self::SingleFrame | Self::NotStated { .. } => None,
+        }
+    }
+
+    /// The text of the report's judged-frame item; none for a single frame.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Self::SingleFrame => None,
+            Self::Judged {
+                frame_number,
+                number_of_frames,
+                policy,
+            } => Some(format!(
+                "frame {frame_number} of {number_of_frames}, chosen by the model's frame policy {policy}"
+            )),
+            Self::NotStated { number_of_frames } => Some(format!(
+                "not stated: the gateway's answer names no frame of the {number_of_frames} this object holds; the prediction's ledger record names it"
+            )),
+        }
+    }
+}
+
 pub fn report_uid(uid_root: &str, source_sop_instance_uid: &str, result_id: &str) -> String {
     derived_uid(
         uid_root,
@@ -79,6 +166,10 @@ pub fn build_report(
         .read_until(tags::PIXEL_DATA)
         .from_reader(source.dicom)
         .map_err(|error| ReportError::SourceUnreadable(error.to_string()))?;
+    let declared_frames = source_object
+        .get(tags::NUMBER_OF_FRAMES)
+        .and_then(|element| element.to_int::<u32>().ok());
+    let frames = frame_statement(declared_frames, outcome.frame.as_ref());
 
     let sop_instance_uid = report_uid(uid_root, source.sop_instance_uid, &outcome.result_id);
     let series_instance_uid = derived_uid(uid_root, "sr-series", &[source.study_instance_uid]);
@@ -283,7 +374,7 @@ pub fn build_report(
         vec![container_item(
             "CONTAINS",
             code("125007", "DCM", "Measurement Group"),
-            measurement_group(source, outcome),
+            measurement_group(source, outcome, &frames),
         )],
     ));
     root.push(text_item(
@@ -301,6 +392,7 @@ pub fn build_report(
 fn measurement_group(
     source: &SourceInstance<'_>,
     outcome: &InferenceOutcome,
+    frames: &FrameStatement,
 ) -> Vec<InMemDicomObject> {
     let mut items = vec![
         text_item(
@@ -331,7 +423,15 @@ fn measurement_group(
         code("260753009", "SCT", "Source"),
         source.sop_class_uid,
         source.sop_instance_uid,
+        frames.referenced_frame(),
     ));
+    if let Some(text) = frames.text() {
+        items.push(text_item(
+            "CONTAINS",
+            code("JUDGED_FRAME", CODING_SCHEME, "Judged frame"),
+            &text,
+        ));
+    }
     let (finding_value, finding_scheme, finding_meaning) = finding_concept(&outcome.top_label);
     items.push(code_item(
         "CONTAINS",
@@ -584,6 +684,7 @@ fn image_item(
     concept: InMemDicomObject,
     sop_class_uid: &str,
     sop_instance_uid: &str,
+    referenced_frame: Option<u32>,
 ) -> InMemDicomObject {
     let mut reference = InMemDicomObject::new_empty();
     put_str(
@@ -598,6 +699,13 @@ fn image_item(
         VR::UI,
         sop_instance_uid,
     );
+    if let Some(frame_number) = referenced_frame {
+        reference.put(DataElement::new(
+            tags::REFERENCED_FRAME_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(frame_number.to_string()),
+        ));
+    }
     let mut item = content_item(relationship, "IMAGE", concept);
     put_sequence(&mut item, tags::REFERENCED_SOP_SEQUENCE, vec![reference]);
     item

@@ -3,9 +3,15 @@
 //! decision, result id, ledger seq, disclaimer, status) is where a reader expects it.
 
 use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
-use medai_bridge::outcome::{InferenceOutcome, QualitySummary};
-use medai_bridge::report::{DISCLAIMER, SourceInstance, build_report};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use medai_bridge::amendment::{SignatureOutcome, build_amended_report};
+use medai_bridge::outbox::NewInstance;
+use medai_bridge::outcome::{InferenceOutcome, JudgedFrame, QualitySummary};
+use medai_bridge::report::{
+    DISCLAIMER, FrameStatement, SourceInstance, build_report, frame_statement,
+};
 use medai_bridge::scp::part10_instance;
 use medai_testkit::Assets;
 
@@ -37,6 +43,7 @@ fn outcome() -> InferenceOutcome {
         }),
         unusual_case: false,
         unusual_case_reasons: Vec::new(),
+        frame: None,
     }
 }
 
@@ -387,4 +394,264 @@ fn highdicom_reads_the_report_with_its_algorithm_its_source_and_a_snomed_coded_f
             "{top_label}"
         );
     }
+}
+
+/// One of pydicom's files as the Storage SCP keeps it after a C-STORE in the file's own
+/// transfer syntax.
+fn stored(name: &str) -> NewInstance {
+    let file = dicom_object::open_file(Assets::locate().dicom_dir.join(name)).expect("source");
+    let transfer_syntax_uid = file
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_owned();
+    let transfer_syntax = TransferSyntaxRegistry
+        .get(&transfer_syntax_uid)
+        .expect("a known transfer syntax");
+    let mut dataset = Vec::new();
+    file.write_dataset_with_ts(&mut dataset, transfer_syntax)
+        .expect("dataset");
+    part10_instance(&transfer_syntax_uid, dataset, "STORESCU").expect("instance")
+}
+
+fn source_of(stored: &NewInstance) -> SourceInstance<'_> {
+    SourceInstance {
+        sop_class_uid: &stored.sop_class_uid,
+        sop_instance_uid: &stored.sop_instance_uid,
+        series_instance_uid: &stored.series_instance_uid,
+        study_instance_uid: &stored.study_instance_uid,
+        dicom: &stored.dicom,
+    }
+}
+
+/// The gateway's answer carrying `frame`, converted at the bridge's edge as the forwarder
+/// converts a StudyStream answer, and read back from JSON as the outbox keeps it.
+fn answer_with(frame: Option<(u32, u32, &str)>) -> InferenceOutcome {
+    use medai_proto::inference::v1::{LabelProbability, PredictResponse};
+    let response = medai_proto::gateway::v1::InferResponse {
+        result_id: "0b7d3a9e-result".to_owned(),
+        ledger_seq: 4242,
+        prediction: Some(PredictResponse {
+            model_name: "synthetic-light".to_owned(),
+            model_version: "1".to_owned(),
+            probabilities: vec![
+                LabelProbability {
+                    label: "normal".to_owned(),
+                    probability: 0.75,
+                },
+                LabelProbability {
+                    label: "abnormal".to_owned(),
+                    probability: 0.25,
+                },
+            ],
+            top_label: "normal".to_owned(),
+            top_probability: 0.75,
+            decision_threshold: 0.5,
+            decision: "ABOVE_THRESHOLD".to_owned(),
+            intended_use: "research use only".to_owned(),
+            ..Default::default()
+        }),
+        frame: frame.map(|(frame_number, number_of_frames, policy)| {
+            medai_proto::common::v1::JudgedFrame {
+                frame_number,
+                number_of_frames,
+                policy: policy.to_owned(),
+            }
+        }),
+        ..Default::default()
+    };
+    let outcome = InferenceOutcome::try_from(response).expect("a complete answer");
+    let kept = serde_json::to_string(&outcome).expect("json");
+    serde_json::from_str(&kept).expect("the outbox's copy reads back")
+}
+
+/// The Referenced Frame Number of the report's IMAGE item, as written.
+fn referenced_frame(content: &[(String, String, InMemDicomObject)]) -> Option<String> {
+    let images: Vec<_> = content
+        .iter()
+        .filter(|(kind, _, _)| kind == "IMAGE")
+        .collect();
+    assert_eq!(images.len(), 1, "one IMAGE item references the source");
+    let reference = &images[0]
+        .2
+        .element(tags::REFERENCED_SOP_SEQUENCE)
+        .expect("ref")
+        .items()
+        .expect("items")[0];
+    reference
+        .get(tags::REFERENCED_FRAME_NUMBER)
+        .map(|element| element.to_str().expect("text").trim().to_owned())
+}
+
+/// Issue 15: the report of a multi-frame source (pydicom's 30-frame ultrasound loop) references
+/// the frame the gateway's answer says was judged, with Referenced Frame Number in the IMAGE
+/// item, and says which frame of how many under which policy; the amended report keeps both.
+/// An answer naming no frame (a replay, or an outbox entry from before) references none and
+/// says so; a single-frame source stays as it was, whatever the answer carries.
+#[test]
+fn a_multi_frame_source_is_referenced_at_its_judged_frame_named_with_its_count_and_policy() {
+    let ultrasound_loop = stored("examples_ybr_color.dcm");
+    let source = source_of(&ultrasound_loop);
+    let report_of = |outcome: &InferenceOutcome| {
+        let report = build_report(
+            "1.2.826.0.1.3680043.10.1234",
+            &source,
+            outcome,
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("report");
+        let mut content = Vec::new();
+        items(&report.dataset, &mut content);
+        content
+    };
+    let cases = [
+        (
+            Some((16, 30, "MIDDLE_FRAME")),
+            Some("16"),
+            "frame 16 of 30, chosen by the model's frame policy middle_frame",
+        ),
+        (
+            Some((1, 30, "FIRST_FRAME")),
+            Some("1"),
+            "frame 1 of 30, chosen by the model's frame policy first_frame",
+        ),
+        (
+            None,
+            None,
+            "not stated: the gateway's answer names no frame of the 30 this object holds; the prediction's ledger record names it",
+        ),
+        // A frame the source does not hold is never referenced.
+        (
+            Some((31, 30, "MIDDLE_FRAME")),
+            None,
+            "not stated: the gateway's answer names no frame of the 30 this object holds; the prediction's ledger record names it",
+        ),
+    ];
+    for (frame, referenced, statement) in cases {
+        let content = report_of(&answer_with(frame));
+        assert_eq!(
+            referenced_frame(&content).as_deref(),
+            referenced,
+            "{frame:?}"
+        );
+        assert_eq!(text_of(&content, "JUDGED_FRAME"), statement, "{frame:?}");
+    }
+
+    let amended = build_amended_report(
+        "1.2.826.0.1.3680043.10.1234",
+        &source,
+        &answer_with(Some((16, 30, "MIDDLE_FRAME"))),
+        &SignatureOutcome {
+            signer_name: "Dr Reviewer".to_owned(),
+            meaning: "APPROVED".to_owned(),
+            reason: "read".to_owned(),
+            signed_at: "2026-11-30T01:00:00Z".to_owned(),
+            ledger_seq: 4300,
+        },
+        "1.2.826.0.1.3680043.10.1234.9",
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("amended report");
+    let mut content = Vec::new();
+    items(&amended.dataset, &mut content);
+    assert_eq!(referenced_frame(&content).as_deref(), Some("16"));
+    assert_eq!(
+        text_of(&content, "JUDGED_FRAME"),
+        "frame 16 of 30, chosen by the model's frame policy middle_frame"
+    );
+
+    // A single frame: no frame number and no statement, as before.
+    let mr = stored("MR_small.dcm");
+    let single = build_report(
+        "1.2.826.0.1.3680043.10.1234",
+        &source_of(&mr),
+        &answer_with(Some((1, 1, "REFUSE"))),
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("report");
+    let mut content = Vec::new();
+    items(&single.dataset, &mut content);
+    assert_eq!(referenced_frame(&content), None);
+    assert!(
+        !content
+            .iter()
+            .any(|(_, concept, _)| concept == "JUDGED_FRAME"),
+        "a single-frame source's report states no frame"
+    );
+
+    // An outbox entry written before the bridge kept the frame reads as naming none.
+    let mut old = serde_json::to_value(answer_with(Some((16, 30, "MIDDLE_FRAME")))).expect("json");
+    old.as_object_mut().expect("object").remove("frame");
+    let read: InferenceOutcome = serde_json::from_value(old).expect("old outbox entry");
+    assert_eq!(read.frame, None);
+}
+
+fn judged(frame_number: u32, number_of_frames: u32, policy: &str) -> JudgedFrame {
+    JudgedFrame {
+        frame_number,
+        number_of_frames,
+        policy: policy.to_owned(),
+    }
+}
+
+/// Issue 15: a frame is stated only when the source holds it: the answer's frame count must be
+/// the source's Number of Frames and its number one of those frames; a single frame states
+/// nothing whatever the answer says; a policy is written as the configuration names it.
+#[test]
+fn a_judged_frame_is_stated_only_when_the_source_holds_it() {
+    let middle = judged(16, 30, "MIDDLE_FRAME");
+    assert_eq!(
+        frame_statement(Some(30), Some(&middle)),
+        FrameStatement::Judged {
+            frame_number: 16,
+            number_of_frames: 30,
+            policy: "middle_frame".to_owned()
+        }
+    );
+    assert_eq!(
+        frame_statement(Some(30), Some(&middle))
+            .text()
+            .expect("stated"),
+        "frame 16 of 30, chosen by the model's frame policy middle_frame"
+    );
+    // Single frames stay as they were: no frame, no statement, whatever the answer says.
+    for answer in [None, Some(judged(1, 1, "REFUSE"))] {
+        assert_eq!(
+            frame_statement(None, answer.as_ref()),
+            FrameStatement::SingleFrame
+        );
+        assert_eq!(
+            frame_statement(Some(1), answer.as_ref()),
+            FrameStatement::SingleFrame
+        );
+    }
+    assert_eq!(FrameStatement::SingleFrame.text(), None);
+    // A multi-frame source whose answer names no frame of it: nothing is guessed.
+    let not_stated = FrameStatement::NotStated {
+        number_of_frames: 30,
+    };
+    for answer in [
+        None,
+        Some(judged(31, 30, "MIDDLE_FRAME")),
+        Some(judged(0, 30, "FIRST_FRAME")),
+        Some(judged(2, 2, "MIDDLE_FRAME")),
+    ] {
+        let statement = frame_statement(Some(30), answer.as_ref());
+        assert_eq!(statement, not_stated, "{answer:?}");
+    }
+    assert!(
+        not_stated
+            .text()
+            .expect("stated")
+            .starts_with("not stated: the gateway's answer names no frame of the 30")
+    );
+    // The policy is written as the configuration names it, and nothing else.
+    assert_eq!(
+        frame_statement(Some(2), Some(&judged(1, 2, "FIRST_FRAME\n<x>"))),
+        FrameStatement::Judged {
+            frame_number: 1,
+            number_of_frames: 2,
+            policy: "first_framex".to_owned()
+        }
+    );
 }

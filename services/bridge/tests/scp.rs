@@ -14,11 +14,15 @@ use medai_bridge::config::{BridgeConfig, ResultDestination};
 use medai_bridge::delivery::ReportDelivery;
 use medai_bridge::dicom_tls::{DestinationTls, ScpTls};
 use medai_bridge::outbox::{NewInstance, Outbox, StoredInstance, now_ms, state};
+use medai_bridge::outcome::InferenceOutcome;
 use medai_bridge::{BridgeListeners, serve};
 use medai_testkit::{Assets, sqlite_url};
 
+/// The bridge served in this process on listeners bound here (port 0): DIMSE at `address`,
+/// and STOW-RS at `stow` when its configuration has a `[stow]` section.
 struct BridgeUnderTest {
     address: SocketAddr,
+    stow: Option<SocketAddr>,
     outbox: Outbox,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -62,14 +66,21 @@ impl BridgeUnderTest {
         let state = tempfile::tempdir().expect("state dir");
         let mut config = bridge_config(state.path(), 64 * 1024 * 1024);
         configure(&mut config);
-        let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        config.validate().expect("valid config");
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let dicom = bind().await.expect("bind");
+        let stow = match config.stow {
+            Some(_) => Some(bind().await.expect("bind")),
+            None => None,
+        };
         let address = dicom.local_addr().expect("address");
+        let stow_address = stow
+            .as_ref()
+            .map(|stow| stow.local_addr().expect("address"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let outbox = Outbox::open(&config.database_url).await.expect("outbox");
         let task = tokio::spawn(async move {
-            serve(config, BridgeListeners { dicom, stow: None }, async move {
+            serve(config, BridgeListeners { dicom, stow }, async move {
                 let _ = stopped.await;
             })
             .await
@@ -77,6 +88,7 @@ impl BridgeUnderTest {
         });
         Self {
             address,
+            stow: stow_address,
             outbox,
             stop: Some(stop),
             task,
@@ -368,16 +380,17 @@ async fn without_a_required_client_certificate_anonymous_tls_is_served_but_plain
     bridge.stop().await;
 }
 
-/// dcmtk's storescp as a TLS destination (it demands the bridge's certificate), on a port
-/// it binds itself; killed on drop.
-struct TlsDestination {
+/// dcmtk's storescp as the reports' destination, called `ae_title`, on a port it binds
+/// itself, with extra `options` (the TLS ones make it demand the bridge's certificate); killed
+/// on drop.
+struct StorescpDestination {
     port: u16,
     received: tempfile::TempDir,
     _process: tokio::process::Child,
 }
 
-impl TlsDestination {
-    async fn start(pki: &medai_testkit::TestPki) -> Self {
+impl StorescpDestination {
+    async fn start(options: Vec<String>, ae_title: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -385,8 +398,8 @@ impl TlsDestination {
             .port();
         let received = tempfile::tempdir().expect("received dir");
         let process = tokio::process::Command::new("storescp")
-            .args(dcmtk_tls(pki, "audit"))
-            .args(["-aet", "PACS_TLS", "-od"])
+            .args(options)
+            .args(["-aet", ae_title, "-od"])
             .arg(received.path())
             .arg(port.to_string())
             .kill_on_drop(true)
@@ -394,17 +407,7 @@ impl TlsDestination {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("storescp runs");
-        let started = std::time::Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(30),
-                "storescp never listened"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        listening(port, "storescp").await;
         Self {
             port,
             received,
@@ -426,41 +429,10 @@ impl TlsDestination {
     }
 }
 
-#[tokio::test]
-async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and_not_to_the_wrong_name()
- {
-    let pki = medai_testkit::TestPki::new();
-    let destination = TlsDestination::start(&pki).await;
-    let state = tempfile::tempdir().expect("state");
-    let outbox = Outbox::open(&sqlite_url(state.path(), "bridge.db"))
-        .await
-        .expect("outbox");
-    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
-    let source = dicom_object::open_file(&ct).expect("source");
-    let uid = |tag| {
-        source
-            .element(tag)
-            .expect("uid")
-            .to_str()
-            .expect("text")
-            .trim_end_matches('\0')
-            .to_owned()
-    };
-    let sop_instance_uid = uid(tags::SOP_INSTANCE_UID);
-    outbox
-        .store(NewInstance {
-            sop_instance_uid: sop_instance_uid.clone(),
-            sop_class_uid: uid(tags::SOP_CLASS_UID),
-            series_instance_uid: uid(tags::SERIES_INSTANCE_UID),
-            study_instance_uid: uid(tags::STUDY_INSTANCE_UID),
-            calling_ae_title: "STORESCU".to_owned(),
-            dicom: std::fs::read(&ct).expect("file"),
-        })
-        .await
-        .expect("store");
-    let tag = outbox.all().await.expect("rows")[0].tag.clone();
-    let outcome = medai_bridge::outcome::InferenceOutcome {
-        result_id: "result-1".to_owned(),
+/// The gateway's answer for the light model, as the outbox keeps it (no frame: single images).
+fn light_outcome(result_id: &str) -> InferenceOutcome {
+    InferenceOutcome {
+        result_id: result_id.to_owned(),
         ledger_seq: 7,
         ledger_hash: "ab".repeat(32),
         image_sha256: "cd".repeat(32),
@@ -477,11 +449,53 @@ async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and
         quality: None,
         unusual_case: false,
         unusual_case_reasons: Vec::new(),
-    };
+        frame: None,
+    }
+}
+
+/// Stores the real `file` in `outbox` as a C-STORE of it would, and records `outcome` as the
+/// gateway's answer for it: the report is then due. Returns the instance's tag.
+async fn answered(outbox: &Outbox, file: &Path, outcome: &InferenceOutcome) -> String {
     outbox
-        .record_result(&tag, serde_json::to_string(&outcome).expect("json"))
+        .store(NewInstance {
+            sop_instance_uid: uid_of(file, tags::SOP_INSTANCE_UID),
+            sop_class_uid: uid_of(file, tags::SOP_CLASS_UID),
+            series_instance_uid: uid_of(file, tags::SERIES_INSTANCE_UID),
+            study_instance_uid: uid_of(file, tags::STUDY_INSTANCE_UID),
+            calling_ae_title: "STORESCU".to_owned(),
+            dicom: std::fs::read(file).expect("file"),
+        })
+        .await
+        .expect("store");
+    let tag = outbox.all().await.expect("rows")[0].tag.clone();
+    outbox
+        .record_result(&tag, serde_json::to_string(outcome).expect("json"))
         .await
         .expect("result");
+    tag
+}
+
+/// The bridge's report delivery from `outbox` to `destination`.
+fn report_delivery(outbox: &Outbox, destination: ResultDestination) -> ReportDelivery {
+    ReportDelivery {
+        destination,
+        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
+        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
+        outbox: outbox.clone(),
+    }
+}
+
+#[tokio::test]
+async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and_not_to_the_wrong_name()
+ {
+    let pki = medai_testkit::TestPki::new();
+    let destination = StorescpDestination::start(dcmtk_tls(&pki, "audit"), "PACS_TLS").await;
+    let state = tempfile::tempdir().expect("state");
+    let outbox = Outbox::open(&sqlite_url(state.path(), "bridge.db"))
+        .await
+        .expect("outbox");
+    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
+    answered(&outbox, &ct, &light_outcome("result-1")).await;
 
     let bridge_files = pki.files("gateway");
     let destination_tls = |server_name: &str| DestinationTls {
@@ -490,19 +504,19 @@ async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and
         key: bridge_files.key.clone(),
         server_name: server_name.to_owned(),
     };
-    let delivery = |tls: Option<DestinationTls>| ReportDelivery {
-        destination: ResultDestination {
-            address: format!("127.0.0.1:{}", destination.port),
-            ae_title: "PACS_TLS".to_owned(),
-            max_attempts: 10,
-            initial_backoff_ms: 0,
-            max_backoff_ms: 0,
-            tls,
-            dicomweb: None,
-        },
-        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
-        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
-        outbox: outbox.clone(),
+    let delivery = |tls: Option<DestinationTls>| {
+        report_delivery(
+            &outbox,
+            ResultDestination {
+                address: format!("127.0.0.1:{}", destination.port),
+                ae_title: "PACS_TLS".to_owned(),
+                max_attempts: 10,
+                initial_backoff_ms: 0,
+                max_backoff_ms: 0,
+                tls,
+                dicomweb: None,
+            },
+        )
     };
 
     // The destination's certificate does not name "pacs.example": refused, nothing sent.
@@ -529,6 +543,167 @@ async fn reports_go_to_a_tls_destination_that_checks_the_bridges_certificate_and
     assert!(
         received[0].ends_with(&format!(".{report_uid}")),
         "storescp filed the report under its SOP Instance UID: {received:?}"
+    );
+}
+
+/// The Referenced Frame Numbers of every IMAGE content item of a report, depth first.
+fn image_frame_numbers(object: &dicom_object::InMemDicomObject, into: &mut Vec<Option<String>>) {
+    let Some(sequence) = object.get(tags::CONTENT_SEQUENCE) else {
+        return;
+    };
+    for item in sequence.items().expect("items") {
+        if item
+            .element(tags::VALUE_TYPE)
+            .expect("type")
+            .to_str()
+            .expect("text")
+            .trim()
+            == "IMAGE"
+        {
+            let reference = &item
+                .element(tags::REFERENCED_SOP_SEQUENCE)
+                .expect("reference")
+                .items()
+                .expect("items")[0];
+            into.push(
+                reference
+                    .get(tags::REFERENCED_FRAME_NUMBER)
+                    .map(|element| element.to_str().expect("text").trim().to_owned()),
+            );
+        }
+        image_frame_numbers(item, into);
+    }
+}
+
+/// Issue 15, through the running bridge: pydicom's 30-frame ultrasound loop arrives by C-STORE
+/// (dcmtk's storescu), the gateway's answer names frame 16 of 30 judged under middle_frame
+/// (a StudyStream answer converted and kept as the forwarder keeps it), and the SR the bridge
+/// delivers to a PACS (dcmtk's storescp) references the source at frame 16 and says which
+/// frame of how many under which policy; dcmtk's dsrdump parses it cleanly and highdicom
+/// finds the referenced frame.
+#[tokio::test]
+async fn a_multi_frame_instance_s_report_reaches_the_pacs_referencing_the_frame_the_gateway_judged()
+{
+    use medai_proto::inference::v1::{LabelProbability, PredictResponse};
+
+    let destination = StorescpDestination::start(Vec::new(), "ORTHANC").await;
+    let port = destination.port;
+    let bridge = BridgeUnderTest::start_configured(move |config| {
+        config.results.address = format!("127.0.0.1:{port}");
+        config.poll_interval_ms = 50;
+    })
+    .await;
+    let ultrasound_loop = Assets::locate().dicom_dir.join("examples_ybr_color.dcm");
+    // Sent in its own transfer syntax (JPEG baseline), which storescu proposes with -xy.
+    let port = bridge.address.port().to_string();
+    let path = ultrasound_loop.to_str().expect("path");
+    let stored = dcmtk(
+        "storescu",
+        &[
+            "-xy",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "MEDAI_BRIDGE",
+            "127.0.0.1",
+            &port,
+            path,
+        ],
+    )
+    .await;
+    assert!(stored.status.success(), "{}", text(&stored));
+    let row = bridge.outbox.all().await.expect("rows").remove(0);
+    assert_eq!(
+        row.sop_class_uid, "1.2.840.10008.5.1.4.1.1.3.1",
+        "US multi-frame"
+    );
+
+    let answer = medai_proto::gateway::v1::InferResponse {
+        result_id: "result-frames".to_owned(),
+        ledger_seq: 11,
+        prediction: Some(PredictResponse {
+            model_name: "synthetic-light".to_owned(),
+            model_version: "1".to_owned(),
+            probabilities: vec![LabelProbability {
+                label: "normal".to_owned(),
+                probability: 0.75,
+            }],
+            top_label: "normal".to_owned(),
+            top_probability: 0.75,
+            decision_threshold: 0.5,
+            decision: "ABOVE_THRESHOLD".to_owned(),
+            intended_use: "research use only".to_owned(),
+            ..Default::default()
+        }),
+        frame: Some(medai_proto::common::v1::JudgedFrame {
+            frame_number: 16,
+            number_of_frames: 30,
+            policy: "MIDDLE_FRAME".to_owned(),
+        }),
+        ..Default::default()
+    };
+    let outcome = InferenceOutcome::try_from(answer).expect("a complete answer");
+    bridge
+        .outbox
+        .record_result(&row.tag, serde_json::to_string(&outcome).expect("json"))
+        .await
+        .expect("result");
+
+    let started = std::time::Instant::now();
+    let report_uid = loop {
+        let row = bridge.outbox.all().await.expect("rows").remove(0);
+        if row.state == state::REPORTED {
+            break row.report_sop_instance_uid.expect("report uid");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the report never went out: {} after {} attempts",
+            row.state,
+            row.report_attempts
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    bridge.stop().await;
+    let received = destination.files();
+    assert_eq!(received.len(), 1, "{received:?}");
+    let path = destination.received.path().join(&received[0]);
+    let report = dicom_object::open_file(&path).expect("a Part 10 report");
+    assert_eq!(
+        report
+            .element(tags::SOP_INSTANCE_UID)
+            .expect("uid")
+            .to_str()
+            .expect("text")
+            .trim_end_matches('\0'),
+        report_uid
+    );
+    let mut frames = Vec::new();
+    image_frame_numbers(&report, &mut frames);
+    assert_eq!(frames, vec![Some("16".to_owned())]);
+
+    let dump = dcmtk("dsrdump", &["+Pl", path.to_str().expect("path")]).await;
+    let printed = text(&dump);
+    assert!(dump.status.success(), "{printed}");
+    assert!(
+        !printed
+            .lines()
+            .any(|line| line.starts_with("E:") || line.starts_with("W:")),
+        "dsrdump reported problems:\n{printed}"
+    );
+    assert!(
+        printed.contains("frame 16 of 30, chosen by the model's frame policy middle_frame"),
+        "{printed}"
+    );
+
+    let read = &medai_testkit::highdicom_readback(std::slice::from_ref(&path))[0];
+    assert_eq!(
+        read["image_references"],
+        serde_json::json!([{
+            "sop_class_uid": row.sop_class_uid,
+            "sop_instance_uid": row.sop_instance_uid,
+            "referenced_frame_numbers": [16],
+        }]),
+        "{read}"
     );
 }
 
@@ -763,18 +938,15 @@ async fn the_outbox_and_uid_mapping_behave_on_postgresql() {
 
 const STOW_TOKEN: &str = "a stow bearer token of forty characters!";
 
+/// The bridge with its STOW-RS listener at `http` (a client `ORTHANC_WEB` with STOW_TOKEN).
 struct StowBridge {
     http: SocketAddr,
     outbox: Outbox,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _state: tempfile::TempDir,
+    bridge: BridgeUnderTest,
 }
 
 impl StowBridge {
     async fn start(max_instance_bytes: usize, max_parts: usize) -> Self {
-        let state = tempfile::tempdir().expect("state dir");
-        let mut config = bridge_config(state.path(), max_instance_bytes);
         let stow_settings = format!(
             r#"
 listen_addr = "127.0.0.1:0"
@@ -784,42 +956,20 @@ max_parts = {max_parts}
 max_request_bytes = 4194304
 "#
         );
-        config.stow = Some(toml::from_str(&stow_settings).expect("stow settings"));
-        config.validate().expect("valid config");
-        let dicom = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let stow = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let http = stow.local_addr().expect("address");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let outbox = Outbox::open(&config.database_url).await.expect("outbox");
-        let task = tokio::spawn(async move {
-            let listeners = BridgeListeners {
-                dicom,
-                stow: Some(stow),
-            };
-            serve(config, listeners, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("bridge serves");
-        });
+        let bridge = BridgeUnderTest::start_configured(|config| {
+            config.scp.max_instance_bytes = max_instance_bytes;
+            config.stow = Some(toml::from_str(&stow_settings).expect("stow settings"));
+        })
+        .await;
         Self {
-            http,
-            outbox,
-            stop: Some(stop),
-            task,
-            _state: state,
+            http: bridge.stow.expect("a STOW-RS listener"),
+            outbox: bridge.outbox.clone(),
+            bridge,
         }
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.await.expect("bridge task");
+    async fn stop(self) {
+        self.bridge.stop().await;
     }
 
     /// One HTTP/1.1 exchange on its own connection: status and body.
@@ -1156,63 +1306,26 @@ async fn stow_rs_refuses_strangers_and_malformed_or_oversized_requests_with_stab
 /// failure reason and counted as a failed attempt, as a C-STORE refusal is.
 #[tokio::test]
 async fn reports_sent_by_stow_rs_are_retried_with_back_off_when_unreachable_or_refused() {
-    use medai_bridge::delivery::ReportDelivery;
-    use medai_bridge::outcome::InferenceOutcome;
-
     let receiver = StowBridge::start(64 * 1024 * 1024, 16).await;
     let state = tempfile::tempdir().expect("state");
     let outbox = Outbox::open(&sqlite_url(state.path(), "sender.db"))
         .await
         .expect("outbox");
-    let ct = std::fs::read(Assets::locate().dicom_dir.join("CT_small.dcm")).expect("ct");
-    let mut data_set = &ct[128..];
-    let meta = dicom_object::meta::FileMetaTable::from_reader(&mut data_set).expect("meta");
-    let instance =
-        medai_bridge::scp::part10_instance(meta.transfer_syntax(), data_set.to_vec(), "STORESCU")
-            .expect("instance");
-    outbox.store(instance).await.expect("stored");
-    let tag = outbox.all().await.expect("rows")[0].tag.clone();
-    let result = InferenceOutcome {
-        result_id: "result-1".to_owned(),
-        ledger_seq: 7,
-        ledger_hash: "ab".repeat(32),
-        image_sha256: "cd".repeat(32),
-        replayed: false,
-        model_name: "synthetic-light".to_owned(),
-        model_version: "1".to_owned(),
-        model_sha256: String::new(),
-        probabilities: vec![
-            ("synthetic-a".to_owned(), 0.75),
-            ("synthetic-b".to_owned(), 0.25),
-        ],
-        top_label: "synthetic-a".to_owned(),
-        top_probability: 0.75,
-        decision_threshold: 0.5,
-        decision: "ABOVE_THRESHOLD".to_owned(),
-        intended_use: "tests".to_owned(),
-        quality: None,
-        unusual_case: false,
-        unusual_case_reasons: Vec::new(),
-    };
-    outbox
-        .record_result(&tag, serde_json::to_string(&result).expect("json"))
-        .await
-        .expect("result");
+    let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
+    answered(&outbox, &ct, &light_outcome("result-1")).await;
 
     let closed_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("address").port()
     };
     let delivery = |url: String| {
-        ReportDelivery {
-        destination: toml::from_str(&format!(
-            "initial_backoff_ms = 60000\nmax_backoff_ms = 600000\n[dicomweb]\nurl = \"{url}\"\nbearer_token = \"{STOW_TOKEN}\"\n"
-        ))
-        .expect("destination"),
-        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
-        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
-        outbox: outbox.clone(),
-    }
+        report_delivery(
+            &outbox,
+            toml::from_str(&format!(
+                "initial_backoff_ms = 60000\nmax_backoff_ms = 600000\n[dicomweb]\nurl = \"{url}\"\nbearer_token = \"{STOW_TOKEN}\"\n"
+            ))
+            .expect("destination"),
+        )
     };
 
     let unreachable = delivery(format!("http://127.0.0.1:{closed_port}"));
@@ -1445,7 +1558,6 @@ fn first_item(
 async fn reports_and_amended_reports_go_by_stow_rs_over_https_only_to_the_configured_ca_with_back_off_and_no_duplicate()
  {
     use medai_bridge::amendment::SignatureOutcome;
-    use medai_bridge::outcome::InferenceOutcome;
 
     let trusted = medai_testkit::TestPki::new();
     let stranger = medai_testkit::TestPki::new();
@@ -1455,41 +1567,7 @@ async fn reports_and_amended_reports_go_by_stow_rs_over_https_only_to_the_config
     let outbox = Outbox::open(&database_url).await.expect("outbox");
     let ct = Assets::locate().dicom_dir.join("CT_small.dcm");
     let study_instance_uid = uid_of(&ct, tags::STUDY_INSTANCE_UID);
-    outbox
-        .store(NewInstance {
-            sop_instance_uid: uid_of(&ct, tags::SOP_INSTANCE_UID),
-            sop_class_uid: uid_of(&ct, tags::SOP_CLASS_UID),
-            series_instance_uid: uid_of(&ct, tags::SERIES_INSTANCE_UID),
-            study_instance_uid: study_instance_uid.clone(),
-            calling_ae_title: "STORESCU".to_owned(),
-            dicom: std::fs::read(&ct).expect("file"),
-        })
-        .await
-        .expect("store");
-    let tag = outbox.all().await.expect("rows")[0].tag.clone();
-    let outcome = InferenceOutcome {
-        result_id: "result-https-1".to_owned(),
-        ledger_seq: 7,
-        ledger_hash: "ab".repeat(32),
-        image_sha256: "cd".repeat(32),
-        replayed: false,
-        model_name: "synthetic-light".to_owned(),
-        model_version: "1".to_owned(),
-        model_sha256: "ef".repeat(32),
-        probabilities: vec![("normal".to_owned(), 0.75), ("abnormal".to_owned(), 0.25)],
-        top_label: "normal".to_owned(),
-        top_probability: 0.75,
-        decision_threshold: 0.5,
-        decision: "NEGATIVE".to_owned(),
-        intended_use: "research use only".to_owned(),
-        quality: None,
-        unusual_case: false,
-        unusual_case_reasons: Vec::new(),
-    };
-    outbox
-        .record_result(&tag, serde_json::to_string(&outcome).expect("json"))
-        .await
-        .expect("result");
+    let tag = answered(&outbox, &ct, &light_outcome("result-https-1")).await;
 
     let bridge_files = trusted.files("gateway");
     let destination = |ca: &Path, client_certificate: bool| {
@@ -1514,12 +1592,7 @@ async fn reports_and_amended_reports_go_by_stow_rs_over_https_only_to_the_config
             .expect("valid destination");
         destination
     };
-    let delivery = |outbox: &Outbox, destination: ResultDestination| ReportDelivery {
-        destination,
-        calling_ae_title: "MEDAI_BRIDGE".to_owned(),
-        uid_root: "1.2.826.0.1.3680043.10.1234".to_owned(),
-        outbox: outbox.clone(),
-    };
+    let delivery = report_delivery;
     let trusted_ca = trusted.layout.ca_certificate();
     let stranger_ca = stranger.layout.ca_certificate();
     let writer = sea_orm::Database::connect(&database_url)
