@@ -1870,7 +1870,7 @@ async fn predictions_survive_audit_replicas_drained_under_load_and_each_is_recor
         .lines()
         .filter(|line| line.contains("a call the server never processed is sent again"))
         .count();
-    println!(
+    eprintln!(
         "{ROLLS} audit replicas drained under {CALLERS} callers: {} predictions answered, {} failed, \
          {sent_again} appends sent again by the gateway, {} ledger entries for them",
         answered.len(),
