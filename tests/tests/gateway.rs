@@ -1750,7 +1750,7 @@ async fn service_address(
 }
 
 /// Issue 13: predictions survive the ledger's replicas being replaced under load, and each is
-/// recorded once. A gateway reaches audit through a Service address; twice a new audit replica
+/// recorded once. A gateway reaches audit through a Service address; four times a new audit replica
 /// starts and takes the new connections, and the old one is stopped as the kubelet stops a pod
 /// (SIGTERM: it drains, GOAWAY, finishes the appends it accepted). An append the draining
 /// replica provably never processed is sent again by the gateway's mesh channel
@@ -1758,9 +1758,9 @@ async fn service_address(
 /// one prediction would be a second ledger entry for its result.
 #[tokio::test]
 async fn predictions_survive_audit_replicas_drained_under_load_and_each_is_recorded_once() {
-    const ROLLS: usize = 2;
-    const CALLERS: usize = 6;
-    const CALLS_BETWEEN_ROLLS: usize = 40;
+    const ROLLS: usize = 4;
+    const CALLERS: usize = 8;
+    const CALLS_BETWEEN_ROLLS: usize = 30;
     let mut mesh = MeshUnderTest::start(Storage::Postgres).await;
     let admin = mesh.admin_token().await;
     let clinician = mesh.user_token(&admin, "dr.rolling", "clinician").await;
