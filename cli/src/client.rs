@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use medai_proto::gateway::v1::gateway_service_client::GatewayServiceClient;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use medai_runtime::unprocessed::RetryNeverProcessed;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -41,7 +42,9 @@ pub enum ClientError {
     Connect { endpoint: String, reason: String },
 }
 
-pub type GatewayClient = GatewayServiceClient<Channel>;
+/// Every call to the gateway is sent again when the gateway provably never processed it (a
+/// draining replica's GOAWAY; see `medai_runtime::unprocessed`), whatever it changes.
+pub type GatewayClient = GatewayServiceClient<RetryNeverProcessed<Channel>>;
 pub type InferenceClient = InferenceServiceClient<Channel>;
 
 /// How to reach a server: its URL, the CA to trust, the name its certificate must carry, and
@@ -72,7 +75,7 @@ pub async fn connect_gateway(
 
 pub async fn connect_gateway_with(options: &ConnectOptions) -> Result<GatewayClient, ClientError> {
     let channel = connect(options).await?;
-    Ok(GatewayServiceClient::new(channel)
+    Ok(GatewayServiceClient::new(RetryNeverProcessed::new(channel))
         .max_encoding_message_size(MAX_MESSAGE)
         .max_decoding_message_size(MAX_MESSAGE))
 }

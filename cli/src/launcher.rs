@@ -743,6 +743,17 @@ impl RunningMesh {
         }
     }
 
+    /// Stops the running instance of `service` started first as the kubelet stops a pod
+    /// (SIGTERM, so it drains; SIGKILL after `grace`) and stops supervising it; the others
+    /// keep running (a rolling restart's old replica).
+    pub async fn terminate(&mut self, service: &str, grace: Duration) {
+        if let Some(running) = self.services.iter_mut().find(|running| {
+            running.name == service && !matches!(running.process, ServiceProcess::Stopped)
+        }) {
+            running.process.end(Some(grace)).await;
+        }
+    }
+
     /// SIGTERM to every service (gateway first, ledger last), then waits for each to exit;
     /// a service still running after `grace` is killed. None is restarted.
     pub async fn stop(mut self, grace: Duration) {

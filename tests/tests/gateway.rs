@@ -1724,3 +1724,174 @@ async fn cpu_per_prediction_by_service() {
     assert!(total > 0.0, "no CPU time was counted");
     mesh.stop().await;
 }
+
+/// A Service address (issue 13): each new connection goes to the replica named now, as
+/// kube-proxy sends it; established connections stay where they are.
+async fn service_address(
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the Service address");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let replica = *target.lock().expect("target");
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(replica).await {
+                    let _ = outbound.set_nodelay(true);
+                    let _ = inbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Issue 13: predictions survive the ledger's replicas being replaced under load, and each is
+/// recorded once. A gateway reaches audit through a Service address; four times a new audit replica
+/// starts and takes the new connections, and the old one is stopped as the kubelet stops a pod
+/// (SIGTERM: it drains, GOAWAY, finishes the appends it accepted). An append the draining
+/// replica provably never processed is sent again by the gateway's mesh channel
+/// (`medai_runtime::unprocessed::RetryNeverProcessed`), and nothing else is: a second append of
+/// one prediction would be a second ledger entry for its result.
+#[tokio::test]
+async fn predictions_survive_audit_replicas_drained_under_load_and_each_is_recorded_once() {
+    const ROLLS: usize = 4;
+    const CALLERS: usize = 8;
+    const CALLS_BETWEEN_ROLLS: usize = 30;
+    let mut mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let admin = mesh.admin_token().await;
+    let clinician = mesh.user_token(&admin, "dr.rolling", "clinician").await;
+    let target = Arc::new(std::sync::Mutex::new(
+        mesh.mesh.address("audit").expect("audit address"),
+    ));
+    let audit_service = service_address(target.clone()).await;
+    let settings = mesh.settings.clone();
+    let gateway_address = mesh
+        .mesh
+        .start_another(
+            "gateway",
+            "gateway-over-audit-service",
+            &settings,
+            vec![(
+                "MEDAI_GATEWAY_AUDIT_ENDPOINT".to_owned(),
+                format!("https://{audit_service}"),
+            )],
+        )
+        .await
+        .expect("a gateway over the audit Service address");
+    let gateway = mesh.gateway_at(gateway_address).await;
+
+    let answered = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let (mut gateway, clinician) = (gateway.clone(), clinician.clone());
+            let (answered, failures, stop) = (answered.clone(), failures.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut call = 0_u32;
+                while !stop.load(Ordering::SeqCst) {
+                    call += 1;
+                    let seed = u32::try_from(caller).expect("caller") * 100_000 + call;
+                    let request = authorised(infer(noise_png(64, seed), ""), &clinician);
+                    match gateway.infer(request).await {
+                        Ok(answer) => answered
+                            .lock()
+                            .expect("answered")
+                            .push(answer.into_inner().result_id),
+                        Err(status) => failures.lock().expect("failures").push(format!(
+                            "{:?} {} {:?} (transport: {})",
+                            status.code(),
+                            status.message(),
+                            reason_of(&status),
+                            medai_runtime::unprocessed::transport_error_chain(&status)
+                        )),
+                    }
+                }
+            })
+        })
+        .collect();
+    let answered_now = || answered.lock().expect("answered").len();
+    let until_answered = |count: usize| {
+        let answered_now = &answered_now;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while answered_now() < count {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the callers stopped getting answers"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    for roll in 0..ROLLS {
+        until_answered(answered_now() + CALLS_BETWEEN_ROLLS).await;
+        // maxSurge 1: the new replica is ready and takes new connections, then the old drains.
+        let next = mesh
+            .mesh
+            .start_another("audit", &format!("audit-{roll}"), &settings, Vec::new())
+            .await
+            .expect("a new audit replica");
+        *target.lock().expect("target") = next;
+        mesh.mesh.terminate("audit", Duration::from_secs(30)).await;
+    }
+    until_answered(answered_now() + CALLS_BETWEEN_ROLLS).await;
+    stop.store(true, Ordering::SeqCst);
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+
+    let failures = failures.lock().expect("failures").clone();
+    let answered = answered.lock().expect("answered").clone();
+    let entries = ledger(&mesh).await;
+    let mut recorded: BTreeMap<&str, usize> = BTreeMap::new();
+    for (action, resource, _, _) in &entries {
+        if action == "INFERENCE"
+            && let Some(result_id) = resource.strip_prefix("result/")
+        {
+            *recorded.entry(result_id).or_default() += 1;
+        }
+    }
+    // Each line is an append a draining replica failed with proof it never received it: without
+    // the layer each would have been a prediction withheld (LEDGER_UNAVAILABLE).
+    let gateway_log = std::fs::read_to_string(
+        settings
+            .state_dir
+            .join("logs")
+            .join("gateway-over-audit-service.log"),
+    )
+    .expect("the second gateway's log");
+    let sent_again = gateway_log
+        .lines()
+        .filter(|line| line.contains("a call the server never processed is sent again"))
+        .count();
+    eprintln!(
+        "{ROLLS} audit replicas drained under {CALLERS} callers: {} predictions answered, {} failed, \
+         {sent_again} appends sent again by the gateway, {} ledger entries for them",
+        answered.len(),
+        failures.len(),
+        answered
+            .iter()
+            .map(|result_id| recorded.get(result_id.as_str()).copied().unwrap_or(0))
+            .sum::<usize>()
+    );
+    assert!(failures.is_empty(), "calls failed: {failures:?}");
+    for result_id in &answered {
+        assert_eq!(
+            recorded.get(result_id.as_str()),
+            Some(&1),
+            "the prediction {result_id} is recorded exactly once"
+        );
+    }
+    assert_eq!(
+        recorded.len(),
+        answered.len(),
+        "every prediction recorded was answered"
+    );
+    mesh.stop().await;
+}

@@ -33,6 +33,7 @@ use tracing::field::Empty;
 
 use crate::call_status::{CallEnd, EndOnce, StatusBody, with_status_body};
 use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
+use crate::unprocessed::RetryNeverProcessed;
 
 /// The span name of a call to a path the server does not hold: made-up paths must not become
 /// new span names.
@@ -40,23 +41,29 @@ pub const UNKNOWN_METHOD_SPAN: &str = "grpc unknown method";
 
 /// A mesh channel with a CLIENT span around every call (see [`crate::tls::TlsMaterial::mesh_channel`]).
 pub type MeshChannel = RpcClientTraceService<
-    crate::grpc_client_metrics::GrpcClientMetrics<crate::balance::BalancedChannel>,
+    crate::grpc_client_metrics::GrpcClientMetrics<
+        RetryNeverProcessed<crate::balance::BalancedChannel>,
+    >,
 >;
 
 /// `channel` (made for `endpoint`) with the layers every outgoing call passes through: a CLIENT
-/// span, over the `grpc_client_*` metrics.
+/// span, over the `grpc_client_*` metrics, over the sending again of a call the server provably
+/// never processed (a draining replica's; see [`crate::unprocessed`]), so one call is one span
+/// and one count however many times it was sent.
 pub fn traced_channel<C>(
     channel: C,
     endpoint: &str,
-) -> RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<C>> {
-    RpcClientTraceLayer::new(endpoint)
-        .layer(crate::grpc_client_metrics::GrpcClientMetrics::new(channel))
+) -> RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<RetryNeverProcessed<C>>> {
+    RpcClientTraceLayer::new(endpoint).layer(crate::grpc_client_metrics::GrpcClientMetrics::new(
+        RetryNeverProcessed::new(channel),
+    ))
 }
 
 /// A channel to one address outside the mesh (the bridge's gateway endpoint) with the same
 /// layers as [`MeshChannel`].
-pub type TracedChannel =
-    RpcClientTraceService<crate::grpc_client_metrics::GrpcClientMetrics<tonic::transport::Channel>>;
+pub type TracedChannel = RpcClientTraceService<
+    crate::grpc_client_metrics::GrpcClientMetrics<RetryNeverProcessed<tonic::transport::Channel>>,
+>;
 
 /// `package.Service` and `Method` of a gRPC path `/package.Service/Method`.
 fn service_and_method(path: &str) -> Option<(&str, &str)> {

@@ -83,20 +83,13 @@ impl GatewayApi {
         message: Req,
     ) -> Result<Res, Status>
     where
-        Req: Clone,
-        F: Fn(AuthClient, tonic::Request<Req>) -> Fut,
+        F: FnOnce(AuthClient, tonic::Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<Res>, Status>>,
     {
         // A call auth provably never processed (it arrived as an auth pod drained) is sent
-        // again, whatever it changes: see medai_runtime::unprocessed.
-        let (answer, _sent_again) = medai_runtime::unprocessed::retry_never_processed(|| {
-            let request = self
-                .ingest
-                .downstream
-                .request(message.clone(), correlation, None);
-            call(self.ingest.downstream.auth.clone(), request)
-        })
-        .await;
+        // again by the mesh channel itself, whatever it changes: see medai_runtime::unprocessed.
+        let request = self.ingest.downstream.request(message, correlation, None);
+        let answer = call(self.ingest.downstream.auth.clone(), request).await;
         // Every state-changing auth call may have revoked tokens (logout, disable, reset, role
         // change, delete, refresh reuse): no cached "not revoked" answer survives it here.
         self.revocations.forget_recent_checks();

@@ -291,7 +291,9 @@ async fn calls_spread_across_replicas_and_a_killed_replica_fails_no_call_after_r
         .expect("balanced channel");
     let channel: MeshChannel = tower::Layer::layer(
         &medai_runtime::rpc_trace::RpcClientTraceLayer::new("https://medai-validation-headless"),
-        medai_runtime::grpc_client_metrics::GrpcClientMetrics::new(balanced.clone()),
+        medai_runtime::grpc_client_metrics::GrpcClientMetrics::new(
+            medai_runtime::unprocessed::RetryNeverProcessed::new(balanced.clone()),
+        ),
     );
 
     // 200 calls from 4 callers over one channel: both replicas take a fair share.
