@@ -365,4 +365,56 @@ mod tests {
         assert_eq!(gate.in_progress(), 0);
         assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
     }
+
+    /// A caller whose RPC is cancelled (its deadline passed, it went away) leaves the queue at
+    /// once; a hash that already started keeps its turn until it ends, so the bound holds for
+    /// hashes even when their callers are gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_caller_leaves_the_queue_and_a_started_hash_keeps_its_turn() {
+        let gate = Arc::new(HashGate::new(1, 1));
+        let (release_first, first_released) = std::sync::mpsc::channel::<()>();
+        let (first_started, started) = tokio::sync::oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                gate.run(move || {
+                    let _ = first_started.send(());
+                    first_released.recv().expect("released");
+                })
+                .await
+            }
+        });
+        started.await.expect("the first hash started");
+        // Its caller goes away: the hash goes on and keeps the only turn.
+        first.abort();
+        assert!(first.await.expect_err("aborted").is_cancelled());
+        assert_eq!(gate.in_progress(), 1);
+
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.run(|| "never").await }
+        });
+        while gate.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The waiting caller's deadline passes: it leaves the queue, which has room again.
+        waiting.abort();
+        assert!(waiting.await.expect_err("aborted").is_cancelled());
+        assert_eq!(gate.waiting.load(Ordering::SeqCst), 0);
+        let next = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.run(|| "next").await }
+        });
+        while gate.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            gate.in_progress(),
+            1,
+            "the abandoned hash still holds the turn"
+        );
+        release_first.send(()).expect("release");
+        assert_eq!(next.await.expect("join"), Ok("next"));
+        assert_eq!(gate.peak_in_progress(), 1);
+    }
 }
