@@ -142,7 +142,8 @@ fn default_ttl() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct PasswordSettings {
     /// Hashes run at once; default the CPU cores available (hashing is CPU-bound, more gives
-    /// no throughput, only memory).
+    /// no throughput, only memory), at most 8: the chart sets no CPU limit on auth, so the
+    /// cores are the node's, while 8 × 19 MiB stays well inside auth's 512 MiB memory limit.
     #[serde(
         default = "default_max_concurrent_hashes",
         deserialize_with = "from_str_or_native"
@@ -166,7 +167,7 @@ impl Default for PasswordSettings {
 }
 
 fn default_max_concurrent_hashes() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().min(8))
 }
 
 fn default_max_waiting_hashes() -> usize {
