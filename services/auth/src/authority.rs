@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{BootstrapAdmin, LockoutSettings, TokenSettings};
 use crate::error::AuthError;
 use crate::keys::KeyRing;
-use crate::passwords;
+use crate::passwords::{self, HashGate};
 use crate::revocation_record::{record_revoked_token, record_subject_floor};
 use crate::store::{refresh_token, signing_ticket, user};
 use medai_ledger_client::LedgerClient;
@@ -52,6 +52,8 @@ pub struct Authority {
     pub tokens: TokenSettings,
     pub lockout: LockoutSettings,
     pub decoy_hash: String,
+    /// Every argon2 hash and verification, the decoy's included, runs through this bound.
+    pub hash_gate: Arc<HashGate>,
 }
 
 /// What a wrong password did to the account.
@@ -91,21 +93,21 @@ fn seconds(value: u64) -> u32 {
 }
 
 async fn verify_password_off_thread(
+    gate: &HashGate,
     password: &str,
     stored_hash: String,
 ) -> Result<bool, AuthError> {
     let password = password.to_owned();
-    tokio::task::spawn_blocking(move || passwords::verify_password(&password, &stored_hash))
+    gate.run(move || passwords::verify_password(&password, &stored_hash))
         .await
-        .map_err(|error| AuthError::Internal(error.to_string()))
+        .map_err(AuthError::from)
 }
 
-async fn hash_password_off_thread(password: &str) -> Result<String, AuthError> {
+async fn hash_password_off_thread(gate: &HashGate, password: &str) -> Result<String, AuthError> {
     passwords::check_strength(password).map_err(AuthError::PasswordTooWeak)?;
     let password = password.to_owned();
-    tokio::task::spawn_blocking(move || passwords::hash_password(&password))
-        .await
-        .map_err(|error| AuthError::Internal(error.to_string()))?
+    gate.run(move || passwords::hash_password(&password))
+        .await?
         .map_err(AuthError::Internal)
 }
 
@@ -239,7 +241,8 @@ impl Authority {
             || self.decoy_hash.clone(),
             |user| user.password_hash.clone(),
         );
-        let password_matches = verify_password_off_thread(password, stored_hash).await?;
+        let password_matches =
+            verify_password_off_thread(&self.hash_gate, password, stored_hash).await?;
         let actor = format!("user:{}", username.chars().take(128).collect::<String>());
         let now = crate::unix_now() as i64;
         let failure = |reason: &'static str| serde_json::json!({ "correlation_id": correlation_id, "reason": reason });
@@ -604,7 +607,7 @@ impl Authority {
         if username.trim().is_empty() || username.len() > 128 {
             return Err(AuthError::MissingCredentials);
         }
-        let password_hash = hash_password_off_thread(password).await?;
+        let password_hash = hash_password_off_thread(&self.hash_gate, password).await?;
         let transaction = self.connection.begin().await?;
         if self.user_by_name(&transaction, username).await?.is_some() {
             return Err(AuthError::UserExists);
@@ -691,7 +694,7 @@ impl Authority {
         username: &str,
         new_password: &str,
     ) -> Result<(), AuthError> {
-        let password_hash = hash_password_off_thread(new_password).await?;
+        let password_hash = hash_password_off_thread(&self.hash_gate, new_password).await?;
         self.change_user(actor, username, "USER_PASSWORD_RESET", |_, changed| {
             changed.password_hash = Set(password_hash);
             changed.password_changed_at = Set(crate::unix_now() as i64);
@@ -743,7 +746,8 @@ impl Authority {
             .user_by_id(&self.connection, &actor.subject)
             .await?
             .ok_or(AuthError::InvalidCredentials)?;
-        if !verify_password_off_thread(current, user.password_hash.clone()).await? {
+        if !verify_password_off_thread(&self.hash_gate, current, user.password_hash.clone()).await?
+        {
             let context = serde_json::json!({ "correlation_id": actor.correlation_id, "reason": "INVALID_CREDENTIALS" });
             self.record_best_effort(
                 &format!("user:{}", user.id),
@@ -755,7 +759,7 @@ impl Authority {
             .await;
             return Err(AuthError::InvalidCredentials);
         }
-        let password_hash = hash_password_off_thread(new_password).await?;
+        let password_hash = hash_password_off_thread(&self.hash_gate, new_password).await?;
         let transaction = self.connection.begin().await?;
         let generation = self.invalidate_tokens(&transaction, &user).await?;
         let mut changed = user.clone().into_active_model();
@@ -812,7 +816,9 @@ impl Authority {
         if user.status != "active" || user.locked_until > crate::unix_now() as i64 {
             return Err(AuthError::AccountDisabled);
         }
-        if !verify_password_off_thread(password, user.password_hash.clone()).await? {
+        if !verify_password_off_thread(&self.hash_gate, password, user.password_hash.clone())
+            .await?
+        {
             let attempt = self
                 .register_failed_attempt(&format!("user:{}", user.id), &user, &actor.correlation_id)
                 .await?;
@@ -910,6 +916,7 @@ fn new_user(
 pub async fn ensure_bootstrap_admin(
     connection: &DatabaseConnection,
     admin: &BootstrapAdmin,
+    hash_gate: &HashGate,
 ) -> Result<(), AuthError> {
     let existing = user::Entity::find()
         .filter(user::Column::Username.eq(admin.username.as_str()))
@@ -918,7 +925,7 @@ pub async fn ensure_bootstrap_admin(
     if existing.is_some() {
         return Ok(());
     }
-    let password_hash = hash_password_off_thread(admin.password.expose()).await?;
+    let password_hash = hash_password_off_thread(hash_gate, admin.password.expose()).await?;
     let id = uuid::Uuid::new_v4().to_string();
     new_user(
         &id,

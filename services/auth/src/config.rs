@@ -20,6 +20,8 @@ pub struct AuthConfig {
     pub lockout: LockoutSettings,
     #[serde(default)]
     pub revocation: medai_revocation::RevocationSettings,
+    #[serde(default)]
+    pub passwords: PasswordSettings,
     /// Created on first start if no user of that name exists; its password is hashed with
     /// argon2id and never logged.
     #[serde(default)]
@@ -134,6 +136,44 @@ fn default_ttl() -> u64 {
     600
 }
 
+/// Bounds on argon2id work (19 MiB and most of a core per hash): logins past them wait, and
+/// past the queue they are refused with `AUTH_BUSY` instead of exhausting memory.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordSettings {
+    /// Hashes run at once; default the CPU cores available (hashing is CPU-bound, more gives
+    /// no throughput, only memory), at most 8: the chart sets no CPU limit on auth, so the
+    /// cores are the node's, while 8 × 19 MiB stays well inside auth's 512 MiB memory limit.
+    #[serde(
+        default = "default_max_concurrent_hashes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_concurrent_hashes: usize,
+    /// Logins waiting for a hash; any further one is refused at once.
+    #[serde(
+        default = "default_max_waiting_hashes",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_waiting_hashes: usize,
+}
+
+impl Default for PasswordSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_hashes: default_max_concurrent_hashes(),
+            max_waiting_hashes: default_max_waiting_hashes(),
+        }
+    }
+}
+
+fn default_max_concurrent_hashes() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().min(8))
+}
+
+fn default_max_waiting_hashes() -> usize {
+    64
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapAdmin {
@@ -170,6 +210,9 @@ impl AuthConfig {
             || self.tokens.signing_ticket_ttl_seconds > 900
         {
             return Err("tokens.signing_ticket_ttl_seconds must be 1–900".to_owned());
+        }
+        if self.passwords.max_concurrent_hashes == 0 {
+            return Err("passwords.max_concurrent_hashes must be positive".to_owned());
         }
         self.revocation.validate()?;
         if let Some(admin) = &self.bootstrap_admin {

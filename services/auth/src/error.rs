@@ -31,6 +31,9 @@ pub enum AuthError {
     LedgerUnavailable,
     #[error("the revocation store is unavailable")]
     RevocationUnavailable,
+    /// Too many password hashes are running or waiting; retry shortly.
+    #[error("the service is busy; retry shortly")]
+    Busy,
     #[error("internal failure: {0}")]
     Internal(String),
 }
@@ -52,6 +55,7 @@ impl ServiceError for AuthError {
             Self::UserNotFound => ErrorKind::NotFound,
             Self::UserExists => ErrorKind::FailedPrecondition,
             Self::LedgerUnavailable | Self::RevocationUnavailable => ErrorKind::Unavailable,
+            Self::Busy => ErrorKind::ResourceExhausted,
             Self::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -71,6 +75,7 @@ impl ServiceError for AuthError {
             Self::SigningTicketInvalid => "SIGNING_TICKET_INVALID",
             Self::LedgerUnavailable => "LEDGER_UNAVAILABLE",
             Self::RevocationUnavailable => "REVOCATION_UNAVAILABLE",
+            Self::Busy => "AUTH_BUSY",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -93,6 +98,15 @@ impl From<medai_revocation::RevocationError> for AuthError {
         match error {
             medai_revocation::RevocationError::Unavailable => Self::RevocationUnavailable,
             medai_revocation::RevocationError::Settings(detail) => Self::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::passwords::GateError> for AuthError {
+    fn from(error: crate::passwords::GateError) -> Self {
+        match error {
+            crate::passwords::GateError::Busy => Self::Busy,
+            crate::passwords::GateError::Failed(detail) => Self::Internal(detail),
         }
     }
 }

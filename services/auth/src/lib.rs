@@ -92,9 +92,13 @@ pub async fn serve(
     metric_catalog::describe();
     config.validate().map_err(ServeError::Config)?;
     let tls = TlsMaterial::load(&config.tls)?;
+    let hash_gate = Arc::new(passwords::HashGate::new(
+        config.passwords.max_concurrent_hashes,
+        config.passwords.max_waiting_hashes,
+    ));
     let connection = store::connect(&config.database_url, config.process.run_migrations).await?;
     if let Some(admin) = &config.bootstrap_admin {
-        authority::ensure_bootstrap_admin(&connection, admin).await?;
+        authority::ensure_bootstrap_admin(&connection, admin, &hash_gate).await?;
     }
     let keys = Arc::new(keys::KeyRing::new(
         connection.clone(),
@@ -102,9 +106,10 @@ pub async fn serve(
     ));
     keys.ensure_a_key().await?;
     let audit = tls.mesh_channel(&config.audit_endpoint, &ServiceIdentity::new("audit"))?;
-    let decoy_hash = tokio::task::spawn_blocking(passwords::decoy_hash)
+    let decoy_hash = hash_gate
+        .run(passwords::decoy_hash)
         .await
-        .map_err(|error| ServeError::Config(error.to_string()))?;
+        .map_err(AuthError::from)?;
     let revocations = Arc::new(RevocationStore::connect(&config.revocation)?);
     // Revocations are reloaded from the database before the first token is checked: a restart
     // (even after kill -9) or a Redis that lost its data resurrects none of them.
@@ -125,6 +130,7 @@ pub async fn serve(
         tokens: config.tokens.clone(),
         lockout: config.lockout.clone(),
         decoy_hash,
+        hash_gate,
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -19,6 +19,18 @@ pub fn describe() {
         REFRESHES,
         "Refresh-token exchanges by outcome: success, invalid, reuse (a rotated token presented again: its family is revoked)."
     );
+    metrics::describe_gauge!(
+        crate::passwords::HASHES_IN_PROGRESS,
+        "Password hashes (argon2id, 19 MiB each) running now; at most passwords.max_concurrent_hashes."
+    );
+    metrics::describe_gauge!(
+        crate::passwords::HASHES_PEAK,
+        "The most password hashes that ran at once since the service started."
+    );
+    metrics::describe_counter!(
+        crate::passwords::HASHES_REFUSED,
+        "Logins and password changes refused with AUTH_BUSY because the hash queue was full."
+    );
     medai_revocation::describe_metrics();
     for outcome in ["success", "invalid_credentials", "locked", "disabled"] {
         metrics::counter!(LOGINS, "outcome" => outcome).increment(0);
@@ -27,4 +39,5 @@ pub fn describe() {
         metrics::counter!(REFRESHES, "outcome" => outcome).increment(0);
     }
     metrics::counter!("medai_auth_lockouts_total").increment(0);
+    metrics::counter!(crate::passwords::HASHES_REFUSED).increment(0);
 }

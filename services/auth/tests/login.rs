@@ -42,6 +42,7 @@ fn auth_config(pki: &TestPki, database_url: String, audit_endpoint: String) -> A
         }),
         lockout: Default::default(),
         revocation: Default::default(),
+        passwords: Default::default(),
     }
 }
 
@@ -52,22 +53,7 @@ impl AuthUnderTest {
 
     async fn start_with(configure: impl FnOnce(&mut AuthConfig)) -> Self {
         let pki = TestPki::new();
-        let audit_database = fresh_postgres_database().await;
-        let audit_config = AuditConfig {
-            process: test_process_config(),
-            tls: pki.files("audit"),
-            database_url: audit_database.clone(),
-            checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
-            checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
-            checkpoint_log_file: None,
-            checkpoint_interval_seconds: 0,
-            migration_database_url: None,
-        };
-        let audit = TestServer::start(|listener, shutdown| {
-            medai_audit::serve(audit_config, listener, shutdown)
-        })
-        .await;
-        wait_until_serving(&pki, audit.address, "audit").await;
+        let (audit, audit_database) = start_ledger(&pki).await;
         let auth_database = fresh_postgres_database().await;
         let mut config = auth_config(
             &pki,
@@ -147,6 +133,27 @@ impl AuthUnderTest {
     async fn ledger_count(&self, outcome: &str) -> i64 {
         self.recorded("LOGIN", outcome).await
     }
+}
+
+/// A real audit service (the ledger auth records into) with its own database.
+async fn start_ledger(pki: &TestPki) -> (TestServer, String) {
+    let audit_database = fresh_postgres_database().await;
+    let audit_config = AuditConfig {
+        process: test_process_config(),
+        tls: pki.files("audit"),
+        database_url: audit_database.clone(),
+        checkpoint_key_file: medai_testkit::scratch_file("audit-checkpoint.key"),
+        checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
+        checkpoint_log_file: None,
+        checkpoint_interval_seconds: 0,
+        migration_database_url: None,
+    };
+    let audit = TestServer::start(|listener, shutdown| {
+        medai_audit::serve(audit_config, listener, shutdown)
+    })
+    .await;
+    wait_until_serving(pki, audit.address, "audit").await;
+    (audit, audit_database)
 }
 
 /// The first column of the one row `statement` answers in the database at `url`, as a number.
@@ -911,5 +918,210 @@ async fn concurrent_changes_to_one_user_each_raise_the_token_generation() {
             )
             .await,
         CHANGES as i64
+    );
+}
+
+/// The real `medai-auth` binary as a separate process (its RSS is what issue #14 measures),
+/// on port 0 (it writes its bound addresses to a file), killed when dropped.
+struct AuthProcess {
+    child: std::process::Child,
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    _directory: tempfile::TempDir,
+}
+
+impl AuthProcess {
+    async fn start(pki: &TestPki, audit: &TestServer, extra: &[(&str, String)]) -> Self {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let address_file = directory.path().join("addresses.json");
+        let tls = pki.files("auth");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_medai-auth"));
+        command
+            .env_clear()
+            .env("MEDAI_AUTH_PROCESS__LISTEN_ADDR", "127.0.0.1:0")
+            .env("MEDAI_AUTH_PROCESS__ADMIN_ADDR", "127.0.0.1:0")
+            .env("MEDAI_AUTH_PROCESS__ADDRESS_FILE", &address_file)
+            .env("MEDAI_AUTH_PROCESS__LOG_FILTER", "warn")
+            .env("MEDAI_AUTH_PROCESS__DEPENDENCY_PROBE_SECONDS", "1")
+            .env("MEDAI_AUTH_TLS__CA_CERT", &tls.ca_cert)
+            .env("MEDAI_AUTH_TLS__CERT", &tls.cert)
+            .env("MEDAI_AUTH_TLS__KEY", &tls.key)
+            .env("MEDAI_AUTH_DATABASE_URL", fresh_postgres_database().await)
+            .env(
+                "MEDAI_AUTH_AUDIT_ENDPOINT",
+                format!("https://{}", audit.address),
+            )
+            .env("MEDAI_AUTH_BOOTSTRAP_ADMIN__USERNAME", "admin")
+            .env("MEDAI_AUTH_BOOTSTRAP_ADMIN__PASSWORD", PASSWORD)
+            .stdout(std::process::Stdio::null());
+        for (variable, value) in extra {
+            command.env(variable, value);
+        }
+        let mut child = command.spawn().expect("start medai-auth");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let addresses = loop {
+            if let Some(addresses) = std::fs::read_to_string(&address_file)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            {
+                break addresses;
+            }
+            assert!(
+                child.try_wait().expect("auth status").is_none(),
+                "medai-auth exited at start"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "medai-auth never bound"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let address = |key: &str| -> std::net::SocketAddr {
+            addresses[key]
+                .as_str()
+                .and_then(|text| text.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} address in {addresses}"))
+        };
+        let process = Self {
+            grpc: address("grpc"),
+            admin: address("admin"),
+            child,
+            _directory: directory,
+        };
+        wait_until_serving(pki, process.grpc, "auth").await;
+        process
+    }
+
+    /// The process's resident set (VmRSS), in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// One sample's value from the process's `/metrics`.
+    async fn metric(&self, name: &str) -> f64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .expect("admin port");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: auth\r\n\r\n")
+            .await
+            .expect("ask for metrics");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .await
+            .expect("metrics answer");
+        answer
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in /metrics"))
+    }
+}
+
+impl Drop for AuthProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue #14: 32 concurrent logins to the real auth process. Each answer is a grant or the
+/// stable refusal `RESOURCE_EXHAUSTED`/`AUTH_BUSY`; never more than `max_concurrent_hashes`
+/// argon2 hashes ran at once (the process's own peak gauge); and afterwards its RSS is back
+/// within a few MiB of its idle RSS (before, every concurrent hash left 19 MiB in glibc's
+/// arenas: hundreds of MiB after such a storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_32_logins_is_bounded_and_gives_its_memory_back() {
+    const LOGINS: usize = 32;
+    const MAX_CONCURRENT: usize = 2;
+    const MAX_WAITING: usize = 16;
+    const ALLOWED_GROWTH_KIB: u64 = 8 * 1024;
+    let pki = TestPki::new();
+    let (audit, _audit_database) = start_ledger(&pki).await;
+    let auth = AuthProcess::start(
+        &pki,
+        &audit,
+        &[
+            (
+                "MEDAI_AUTH_PASSWORDS__MAX_CONCURRENT_HASHES",
+                MAX_CONCURRENT.to_string(),
+            ),
+            (
+                "MEDAI_AUTH_PASSWORDS__MAX_WAITING_HASHES",
+                MAX_WAITING.to_string(),
+            ),
+        ],
+    )
+    .await;
+    let gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.grpc, "auth"));
+    // One login first, so connection pools and TLS sessions exist before "idle" is measured.
+    grant_of(&mut gateway.clone(), "admin", PASSWORD).await;
+    let idle_kib = auth.rss_kib();
+
+    let logins: Vec<_> = (0..LOGINS)
+        .map(|index| {
+            let mut gateway = gateway.clone();
+            // Half unknown users: the decoy hash goes through the same bound.
+            let username = if index % 2 == 0 { "admin" } else { "nobody" };
+            tokio::spawn(async move { gateway.login(login(username, PASSWORD)).await })
+        })
+        .collect();
+    let mut answers = BTreeMap::<String, usize>::new();
+    for pending in logins {
+        let answer = match pending.await.expect("task") {
+            Ok(_) => "granted".to_owned(),
+            Err(status) => format!(
+                "{:?}/{}",
+                status.code(),
+                reason_of(&status).unwrap_or_default()
+            ),
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    let storm_kib = auth.rss_kib();
+    let busy = answers
+        .get("ResourceExhausted/AUTH_BUSY")
+        .copied()
+        .unwrap_or(0);
+    let granted = answers.get("granted").copied().unwrap_or(0);
+    let unknown = answers
+        .get("Unauthenticated/INVALID_CREDENTIALS")
+        .copied()
+        .unwrap_or(0);
+    eprintln!(
+        "auth RSS idle {idle_kib} KiB, after {LOGINS} concurrent logins {storm_kib} KiB; answers {answers:?}"
+    );
+    assert_eq!(
+        busy + granted + unknown,
+        LOGINS,
+        "only grants, unknown users and AUTH_BUSY: {answers:?}"
+    );
+    assert!(granted >= 1 && unknown >= 1, "hashes ran: {answers:?}");
+    let peak = auth.metric("medai_auth_password_hashes_peak").await;
+    assert!(
+        (1.0..=MAX_CONCURRENT as f64).contains(&peak),
+        "at most {MAX_CONCURRENT} hashes at once, saw {peak}"
+    );
+    assert_eq!(
+        auth.metric("medai_auth_password_hashes_refused_total")
+            .await,
+        busy as f64,
+        "each AUTH_BUSY answer is counted"
+    );
+    assert_eq!(
+        auth.metric("medai_auth_password_hashes_in_progress").await,
+        0.0
+    );
+    assert!(
+        storm_kib <= idle_kib + ALLOWED_GROWTH_KIB,
+        "auth's RSS grew from {idle_kib} KiB to {storm_kib} KiB over {LOGINS} logins"
     );
 }

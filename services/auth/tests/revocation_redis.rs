@@ -50,6 +50,7 @@ async fn start_auth(pki: &TestPki, database_url: &str, audit: &TestServer) -> Te
         }),
         lockout: Default::default(),
         revocation: production_revocation(),
+        passwords: Default::default(),
     };
     let auth =
         TestServer::start(|listener, shutdown| medai_auth::serve(config, listener, shutdown)).await;
