@@ -152,13 +152,10 @@ async fn a_server_fault_is_an_error_server_span_described_by_its_reason() {
         (ErrorKind::Internal, "LEDGER_UNAVAILABLE", "13"),
         (ErrorKind::Unavailable, "MODEL_NOT_READY", "14"),
     ] {
-        let mut service = RpcServerTraceLayer::new(BTreeSet::from([VALIDATE.to_owned()]))
-            .layer(refusing(status_with_reason(
-                kind,
-                "medai.validation",
-                reason,
-                "the server failed",
-            )));
+        let mut service =
+            RpcServerTraceLayer::new(BTreeSet::from([VALIDATE.to_owned()])).layer(refusing(
+                status_with_reason(kind, "medai.validation", reason, "the server failed"),
+            ));
         let request = http::Request::builder()
             .uri(VALIDATE)
             .body(())
