@@ -134,6 +134,12 @@ fn pause_before_another(attempt: u32) -> std::time::Duration {
 /// sent as it comes, without being held, and so is never sent again.
 pub const MOST_HELD_BODY_BYTES: usize = 128 * 1024 * 1024;
 
+/// The most request body frames [`RetryNeverProcessed`] takes before the first send. tonic
+/// encodes a unary call's message as one frame (or a few); a stream whose source keeps up (its
+/// producer on another thread) is not drained into memory ahead of its sending, it is sent as
+/// it comes after this many.
+pub const MOST_HELD_BODY_FRAMES: usize = 16;
+
 /// [`RetryNeverProcessed`] around a channel: the rule of this module as a tower layer, for
 /// every call of a client (the mesh channels, the bridge's and the CLI's gateway channels).
 #[derive(Clone, Copy, Debug, Default)]
@@ -255,7 +261,7 @@ impl HeldBody {
         let mut frames = Vec::new();
         let mut held_bytes = 0_usize;
         loop {
-            if held_bytes > MOST_HELD_BODY_BYTES {
+            if held_bytes > MOST_HELD_BODY_BYTES || frames.len() >= MOST_HELD_BODY_FRAMES {
                 return Self::partial(frames, body, None);
             }
             let next = futures::future::poll_fn(|context| {
@@ -469,6 +475,14 @@ mod tests {
             "a stream whose source waits cannot be sent again"
         );
         assert_eq!(ready_data(streaming.into_body()).await, [&b"first"[..]]);
+
+        let chunks = [&b"chunk"[..]; MOST_HELD_BODY_FRAMES + 1];
+        let long = HeldBody::take_ready(body(&chunks, false)).await;
+        assert!(
+            long.whole().is_none(),
+            "a stream of more frames than are held is sent as it comes"
+        );
+        assert_eq!(ready_data(long.into_body()).await, chunks);
     }
 
     #[tokio::test]
