@@ -11,6 +11,7 @@ pub mod display;
 mod error;
 mod jpeg_extended;
 mod limits;
+pub mod model_input;
 mod native_colour;
 mod pixel_rewrite;
 mod rle_check;
