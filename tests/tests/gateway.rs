@@ -1680,6 +1680,19 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0 // USER_HZ on Linux
 }
 
+/// Bytes a process has read and written through system calls (sockets, TLS included, files and
+/// pipes): `rchar` and `wchar` of /proc/<pid>/io.
+fn process_io_bytes(pid: u32) -> (f64, f64) {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("proc io");
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .expect("io counter")
+    };
+    (field("rchar:"), field("wchar:"))
+}
+
 /// A measurement, not a check (issue 14): CPU microseconds per prediction by service, one
 /// client at a time, a 256×256 PNG through the light model, on PostgreSQL. The binaries are
 /// whatever `cargo build --workspace --bins` made (debug unless built otherwise), and on a
@@ -1689,38 +1702,105 @@ fn process_cpu_seconds(pid: u32) -> f64 {
 #[ignore = "a measurement for issue 14, run by hand"]
 async fn cpu_per_prediction_by_service() {
     const WARM_UP: usize = 20;
-    const MEASURED: usize = 300;
-    let mesh = MeshUnderTest::start(Storage::Postgres).await;
-    let admin = mesh.admin_token().await;
-    let mut gateway = mesh.gateway().await;
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 50;
+    // Issue 14 side by side: the earlier path (validation returns the full canonical image and
+    // inference resizes it) against the model-sized image from validation, rounds alternating.
+    let earlier_path: BTreeMap<String, Vec<(String, String)>> = [(
+        "gateway".to_owned(),
+        vec![(
+            "MEDAI_GATEWAY_MODEL_INPUT_RESIZE".to_owned(),
+            "false".to_owned(),
+        )],
+    )]
+    .into();
+    let meshes = [
+        (
+            "full image to inference (earlier path)",
+            MeshUnderTest::start_with(Storage::Postgres, earlier_path).await,
+        ),
+        (
+            "model-sized image from validation",
+            MeshUnderTest::start(Storage::Postgres).await,
+        ),
+    ];
     let image = noise_png(256, 14);
-    for _ in 0..WARM_UP {
-        gateway
-            .infer(authorised(infer(image.clone(), ""), &admin))
-            .await
-            .expect("prediction");
+    let mut clients = Vec::new();
+    for (_, mesh) in &meshes {
+        let admin = mesh.admin_token().await;
+        let mut gateway = mesh.gateway().await;
+        for _ in 0..WARM_UP {
+            gateway
+                .infer(authorised(infer(image.clone(), ""), &admin))
+                .await
+                .expect("prediction");
+        }
+        clients.push((gateway, admin));
     }
     let services = medai_cli::launcher::SERVICES;
-    let cpu = |service: &str| process_cpu_seconds(mesh.mesh.pid(service).expect("running"));
-    let before: Vec<f64> = services.iter().map(|service| cpu(service)).collect();
-    let began = std::time::Instant::now();
-    for _ in 0..MEASURED {
-        gateway
-            .infer(authorised(infer(image.clone(), ""), &admin))
-            .await
-            .expect("prediction");
+    // Per mesh, per service: CPU seconds, bytes read, bytes written.
+    let mut spent = vec![vec![(0.0f64, 0.0f64, 0.0f64); services.len()]; meshes.len()];
+    let mut elapsed = vec![std::time::Duration::ZERO; meshes.len()];
+    for round in 0..ROUNDS {
+        for turn in 0..meshes.len() {
+            let index = (turn + round) % meshes.len();
+            let mesh = &meshes[index].1;
+            let pid = |service: &str| mesh.mesh.pid(service).expect("running");
+            let figures = || -> Vec<(f64, f64, f64)> {
+                services
+                    .iter()
+                    .map(|service| {
+                        let (read, written) = process_io_bytes(pid(service));
+                        (process_cpu_seconds(pid(service)), read, written)
+                    })
+                    .collect()
+            };
+            let before = figures();
+            let began = std::time::Instant::now();
+            let (gateway, admin) = &mut clients[index];
+            for _ in 0..PER_ROUND {
+                gateway
+                    .infer(authorised(infer(image.clone(), ""), admin))
+                    .await
+                    .expect("prediction");
+            }
+            elapsed[index] += began.elapsed();
+            for ((sum, before), after) in spent[index].iter_mut().zip(before).zip(figures()) {
+                sum.0 += after.0 - before.0;
+                sum.1 += after.1 - before.1;
+                sum.2 += after.2 - before.2;
+            }
+        }
     }
-    let elapsed = began.elapsed();
-    let mut total = 0.0;
-    for (service, before) in services.iter().zip(before) {
-        let micros = (cpu(service) - before) * 1e6 / MEASURED as f64;
-        total += micros;
-        eprintln!("{service:>10}: {micros:>8.0} CPU µs per prediction");
-    }
+    let measured = (ROUNDS * PER_ROUND) as f64;
     eprintln!(
-        "{:>10}: {total:>8.0} CPU µs per prediction; {MEASURED} predictions in {elapsed:?}",
-        "all"
+        "image: a {} byte 256×256 grey PNG, light model (64×64 grey)",
+        image.len()
     );
-    assert!(total > 0.0, "no CPU time was counted");
-    mesh.stop().await;
+    let mut totals = Vec::new();
+    for ((label, _), (spent, elapsed)) in meshes.iter().zip(spent.iter().zip(&elapsed)) {
+        eprintln!("{label}:");
+        let mut total = 0.0;
+        for (service, (cpu, read, written)) in services.iter().zip(spent) {
+            let micros = cpu * 1e6 / measured;
+            total += micros;
+            eprintln!(
+                "{service:>10}: {micros:>8.0} CPU µs per prediction; {:>8.0} bytes read, {:>8.0} written per prediction",
+                read / measured,
+                written / measured,
+            );
+        }
+        eprintln!(
+            "{:>10}: {total:>8.0} CPU µs per prediction; {measured} predictions in {elapsed:?}",
+            "all"
+        );
+        totals.push(total);
+    }
+    assert!(
+        totals.iter().all(|total| *total > 0.0),
+        "no CPU time was counted"
+    );
+    for (_, mesh) in meshes {
+        mesh.stop().await;
+    }
 }

@@ -390,100 +390,127 @@ where
         .await;
     }
 
-    let quality;
-    let patient_key;
-    let frame;
-    let validated = downstream
-        .validation
-        .clone()
-        .validate_image(downstream.request(
-            ValidateImageRequest {
-                image: input.image,
-                format: input.format,
-                model_name: input.model_name.clone(),
-            },
+    // Validation checks the full image and, when the model's input size is known, returns it
+    // at that size: the model-sized image is all that crosses the next two hops (issue 14).
+    let mut model_input = downstream
+        .model_inputs
+        .for_request(
+            downstream,
+            &input.model_name,
+            &input.model_version,
             correlation_id,
             time_left(),
-        ))
+        )
         .await;
-    let canonical = match validated {
-        Ok(response) => {
-            let response = response.into_inner();
-            quality = response.quality;
-            patient_key = response
-                .image
-                .as_ref()
-                .and_then(|image| image.metadata.as_ref())
-                .map(|metadata| metadata.patient_key.clone())
-                .unwrap_or_default();
-            frame = response
-                .image
-                .as_ref()
-                .and_then(|image| image.metadata.as_ref())
-                .and_then(|metadata| metadata.frame.clone());
-            response.image
-        }
-        Err(status) => {
-            record_refusal(
-                downstream,
-                caller,
-                &result_id,
+    let mut image = input.image;
+    let (quality, patient_key, frame, prediction) = loop {
+        // The bytes are kept while a resized image might have to be sent again in full.
+        let sent = if model_input.is_some() {
+            image.clone()
+        } else {
+            std::mem::take(&mut image)
+        };
+        let validated = downstream
+            .validation
+            .clone()
+            .validate_image(downstream.request(
+                ValidateImageRequest {
+                    image: sent,
+                    format: input.format,
+                    model_name: input.model_name.clone(),
+                    model_input_size: model_input,
+                },
                 correlation_id,
-                &image_sha256,
-                &status,
-            )
+                time_left(),
+            ))
             .await;
-            return Err(relay_downstream("validation", status));
-        }
-    };
+        let (quality, patient_key, frame, canonical) = match validated {
+            Ok(response) => {
+                let response = response.into_inner();
+                let metadata = response
+                    .image
+                    .as_ref()
+                    .and_then(|image| image.metadata.as_ref());
+                let patient_key = metadata
+                    .map(|metadata| metadata.patient_key.clone())
+                    .unwrap_or_default();
+                // The judged frame (DICOM) is the frame validation resized, if it resized.
+                let frame = metadata.and_then(|metadata| metadata.frame.clone());
+                (response.quality, patient_key, frame, response.image)
+            }
+            Err(status) => {
+                record_refusal(
+                    downstream,
+                    caller,
+                    &result_id,
+                    correlation_id,
+                    &image_sha256,
+                    &status,
+                )
+                .await;
+                return Err(relay_downstream("validation", status));
+            }
+        };
 
-    let predicted = downstream
-        .inference
-        .clone()
-        .predict(downstream.request(
-            PredictRequest {
-                model_name: input.model_name.clone(),
-                model_version: input.model_version.clone(),
-                image: canonical,
-                result_id: result_id.clone(),
-                image_sha256: image_sha256.clone(),
-                patient_key: patient_key.clone(),
-                idempotency_key: idempotency_key.clone(),
-                quality_findings: failed_quality_checks(quality.as_ref()),
-            },
-            correlation_id,
-            time_left(),
-        ))
-        .await;
-    let prediction = match predicted {
-        // Another gateway replica stored the same key first: the store's unique key decided.
-        // Its delivery is being recorded there; this request answers with that record once it
-        // is noted, and records one itself only if none is noted in time.
-        Ok(response) if response.get_ref().replayed => {
-            let mut prediction = response.into_inner();
-            if prediction.ledger_seq == 0 {
-                prediction.ledger_seq =
-                    noted_delivery(downstream, &idempotency_key, correlation_id, deadline).await;
-            }
-            return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
-        }
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            if medai_runtime::errors::reason_of(&status).as_deref()
-                == Some("IDEMPOTENCY_KEY_REUSED")
-            {
-                return Err(refuse_reused_key(call, &image_sha256).await);
-            }
-            record_refusal(
-                downstream,
-                caller,
-                &result_id,
+        let predicted = downstream
+            .inference
+            .clone()
+            .predict(downstream.request(
+                PredictRequest {
+                    model_name: input.model_name.clone(),
+                    model_version: input.model_version.clone(),
+                    image: canonical,
+                    result_id: result_id.clone(),
+                    image_sha256: image_sha256.clone(),
+                    patient_key: patient_key.clone(),
+                    idempotency_key: idempotency_key.clone(),
+                    quality_findings: failed_quality_checks(quality.as_ref()),
+                },
                 correlation_id,
-                &image_sha256,
-                &status,
-            )
+                time_left(),
+            ))
             .await;
-            return Err(relay_downstream("inference", status));
+        match predicted {
+            // Another gateway replica stored the same key first: the store's unique key decided.
+            // Its delivery is being recorded there; this request answers with that record once
+            // it is noted, and records one itself only if none is noted in time.
+            Ok(response) if response.get_ref().replayed => {
+                let mut prediction = response.into_inner();
+                if prediction.ledger_seq == 0 {
+                    prediction.ledger_seq =
+                        noted_delivery(downstream, &idempotency_key, correlation_id, deadline)
+                            .await;
+                }
+                return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
+            }
+            Ok(response) => break (quality, patient_key, frame, response.into_inner()),
+            // The version that took the request wants another size than the one looked up (a
+            // lifecycle change in between): nothing was stored; the full image goes again.
+            Err(status)
+                if model_input.is_some()
+                    && medai_runtime::errors::reason_of(&status).as_deref()
+                        == Some("IMAGE_INCONSISTENT") =>
+            {
+                downstream.model_inputs.forget(&input.model_name);
+                model_input = None;
+            }
+            Err(status) => {
+                if medai_runtime::errors::reason_of(&status).as_deref()
+                    == Some("IDEMPOTENCY_KEY_REUSED")
+                {
+                    return Err(refuse_reused_key(call, &image_sha256).await);
+                }
+                record_refusal(
+                    downstream,
+                    caller,
+                    &result_id,
+                    correlation_id,
+                    &image_sha256,
+                    &status,
+                )
+                .await;
+                return Err(relay_downstream("inference", status));
+            }
         }
     };
 

@@ -9,6 +9,7 @@ mod grpc;
 pub mod infer;
 pub mod load_control;
 pub mod metric_catalog;
+mod model_inputs;
 mod results;
 pub mod revocation_check;
 pub mod signing_keys;
