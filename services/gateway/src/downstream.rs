@@ -1,6 +1,7 @@
 //! The gateway's clients of the four internal services, each over mTLS and each insisting the
 //! server it reaches is the service it meant.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
@@ -12,6 +13,7 @@ use medai_runtime::rpc_trace::MeshChannel;
 use medai_runtime::tls::{TlsError, TlsMaterial};
 
 use crate::config::GatewayConfig;
+use crate::delivery_notes::NotesInFlight;
 
 /// Canonical images up to 4096×4096 RGB at 16 bits, plus framing.
 pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
@@ -23,6 +25,8 @@ pub struct Downstream {
     pub inference: InferenceServiceClient<MeshChannel>,
     pub audit: AuditServiceClient<MeshChannel>,
     pub timeout: Duration,
+    /// Delivery notes this gateway is writing after their answers left.
+    pub notes: Arc<NotesInFlight>,
 }
 
 impl Downstream {
@@ -45,6 +49,7 @@ impl Downstream {
             .max_encoding_message_size(MAX_CANONICAL_MESSAGE),
             audit: AuditServiceClient::new(channel(&config.audit_endpoint, "audit")?),
             timeout: Duration::from_secs(config.downstream_timeout_seconds),
+            notes: Arc::default(),
         })
     }
 

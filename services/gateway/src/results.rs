@@ -13,6 +13,7 @@ use medai_tokens::Role;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use crate::delivery_notes::NOTE_WAIT_FOR_READS;
 use crate::downstream::Downstream;
 use crate::error::{GatewayError, relay_downstream};
 use crate::token_auth::Caller;
@@ -67,6 +68,12 @@ async fn fetch(
     if uuid::Uuid::parse_str(result_id).is_err() {
         return Err(GatewayError::ResultNotFound.into());
     }
+    // What this gateway has answered is shown as delivered: its notes begun before this read
+    // are written first (a note is written while its answer leaves, see `delivery_notes`).
+    downstream
+        .notes
+        .written_before_now(NOTE_WAIT_FOR_READS)
+        .await;
     let found = downstream
         .inference
         .clone()
@@ -79,16 +86,26 @@ async fn fetch(
             time_left(deadline),
         ))
         .await;
-    match found {
+    let mut result = match found {
         Ok(response) => response
             .into_inner()
             .result
-            .ok_or_else(|| GatewayError::ResultNotFound.into()),
+            .ok_or(GatewayError::ResultNotFound)?,
         Err(status) if status.code() == tonic::Code::NotFound => {
-            Err(GatewayError::ResultNotFound.into())
+            return Err(GatewayError::ResultNotFound.into());
         }
-        Err(status) => Err(relay_downstream("inference", status)),
+        Err(status) => return Err(relay_downstream("inference", status)),
+    };
+    if result.ledger_seq == 0
+        && let Some((seq, _)) =
+            crate::infer::delivery_in_ledger(downstream, correlation, result_id).await?
+    {
+        // Delivered, but its note is missing: another gateway is writing it, or the gateway
+        // that answered was killed first. The ledger record is the delivery's: noted now.
+        crate::infer::note_delivery(downstream, correlation, result_id, seq).await;
+        result.ledger_seq = seq;
     }
+    Ok(result)
 }
 
 /// A result the caller may see, read without recording a view (the caller records its own).
@@ -153,6 +170,11 @@ pub async fn list_results(
         filter.status = SIGNED.to_owned();
     }
     filter.delivered_only = true;
+    // The notes of this gateway's answers begun before the listing are written first.
+    downstream
+        .notes
+        .written_before_now(NOTE_WAIT_FOR_READS)
+        .await;
     let page = downstream
         .inference
         .clone()
