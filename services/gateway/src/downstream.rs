@@ -14,6 +14,7 @@ use medai_runtime::rpc_trace::MeshChannel;
 use medai_runtime::tls::{TlsError, TlsMaterial};
 
 use crate::config::GatewayConfig;
+use crate::delivery_notes::NotesInFlight;
 
 /// Canonical images up to 4096×4096 RGB at 16 bits, plus framing.
 pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
@@ -29,6 +30,8 @@ pub struct Downstream {
     pub model_inputs: Arc<crate::model_inputs::ModelInputSizes>,
     pub audit: AuditServiceClient<MeshChannel>,
     pub timeout: Duration,
+    /// Delivery notes this gateway is writing after their answers left.
+    pub notes: Arc<NotesInFlight>,
 }
 
 impl Downstream {
@@ -53,6 +56,7 @@ impl Downstream {
             )),
             audit: AuditServiceClient::new(channel(&config.audit_endpoint, "audit")?),
             timeout: Duration::from_secs(config.downstream_timeout_seconds),
+            notes: Arc::default(),
         })
     }
 

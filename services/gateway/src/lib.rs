@@ -2,6 +2,7 @@
 //! enforces roles, and orchestrates validate → infer → audit.
 
 pub mod config;
+pub mod delivery_notes;
 mod downstream;
 mod error;
 mod explain;
@@ -155,6 +156,7 @@ pub async fn serve(
     metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
+    let notes_in_flight = downstream.notes.clone();
     config.revocation.validate().map_err(ServeError::Config)?;
     let revocations = Arc::new(match config.revocation.redis_url {
         Some(_) => {
@@ -242,6 +244,15 @@ pub async fn serve(
         )
         .await;
     key_refresher.abort();
+    // Answers already given are noted before the process ends (a note cut short here is
+    // made later from the ledger, as after a crash).
+    let pending = notes_in_flight.open();
+    if !notes_in_flight
+        .written_before_now(delivery_notes::NOTE_WAIT_FOR_READS)
+        .await
+    {
+        tracing::warn!(pending, "delivery notes still unwritten at shutdown");
+    }
     served?;
     Ok(())
 }
