@@ -64,6 +64,7 @@ async fn main() {
             channels: canonical.channels,
             bit_depth: canonical.bit_depth,
             pixels: canonical.pixels,
+            resized_for_model_input: false,
         };
         predictor
             .predict("brain-mri-tumor", "", b"", input, &Default::default(), None)

@@ -119,6 +119,7 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         channels: canonical.channels,
         bit_depth: canonical.bit_depth,
         pixels: canonical.pixels,
+        resized_for_model_input: false,
     };
     let direct = predictor
         .predict("brain-mri-tumor", "", b"", input, &Default::default(), None)
@@ -130,6 +131,74 @@ async fn a_real_dicom_prediction_travels_the_mesh_and_is_recorded_in_the_ledger(
         .map(|entry| (entry.label.clone(), entry.probability))
         .collect();
     assert_eq!(through_mesh, direct.probabilities);
+    // Issue 14: validation returned the image at the model's input size (the gateway named it),
+    // and the light model too answers exactly what it answers on the full image resized by
+    // inference (the old path, in-process).
+    let noise = image::GrayImage::from_fn(256, 256, |x, y| {
+        image::Luma([((x * 7919 + y * 104_729) % 251) as u8])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(noise)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("encode png");
+    let png = png.into_inner();
+    let light = gateway
+        .infer(authorised(
+            InferRequest {
+                model_name: "synthetic-light".to_owned(),
+                ..infer_request(png.clone())
+            },
+            &token,
+        ))
+        .await
+        .expect("light prediction")
+        .into_inner()
+        .prediction
+        .expect("prediction");
+    let canonical = medai_validation::decode::decode_image(
+        &png,
+        None,
+        &medai_validation::ImageLimits::default(),
+    )
+    .expect("decode");
+    let direct = predictor
+        .predict(
+            "synthetic-light",
+            "",
+            b"",
+            medai_inference::preprocess::ImageInput {
+                width: canonical.width,
+                height: canonical.height,
+                channels: canonical.channels,
+                bit_depth: canonical.bit_depth,
+                pixels: canonical.pixels,
+                resized_for_model_input: false,
+            },
+            &Default::default(),
+            None,
+        )
+        .await
+        .expect("in-process prediction");
+    let through_mesh: Vec<(String, f32)> = light
+        .probabilities
+        .iter()
+        .map(|entry| (entry.label.clone(), entry.probability))
+        .collect();
+    assert_eq!(through_mesh, direct.probabilities);
+    let validation_metrics = http_get(
+        mesh.mesh.admin_address("validation").expect("admin port"),
+        "/metrics",
+    )
+    .await;
+    let resized: f64 = validation_metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("medai_validation_resized_to_model_input_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no resize counter:\n{validation_metrics}"));
+    assert_eq!(
+        resized, 2.0,
+        "both predictions crossed the mesh at the model's size"
+    );
 
     // The ledger holds the login and the prediction, bound to the image and the answer.
     let rows = ledger_rows(&mesh.settings.audit_database_url).await;
@@ -416,6 +485,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
                 image: image.clone(),
                 format: 0,
                 model_name: String::new(),
+                model_input_size: None,
             })
             .await
             .expect_err("validation served a client without a certificate");
@@ -434,6 +504,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
             image: image.clone(),
             format: 0,
             model_name: String::new(),
+            model_input_size: None,
         })
         .await
         .expect_err("foreign CA");
@@ -461,6 +532,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
         image: image.clone(),
         format: 0,
         model_name: String::new(),
+        model_input_size: None,
     })
     .await
     .expect_err("outside the policy");
@@ -609,6 +681,7 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
             image: b"not an image".to_vec(),
             format: 0,
             model_name: String::new(),
+            model_input_size: None,
         })
         .await
         .expect_err("garbage");

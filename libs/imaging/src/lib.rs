@@ -12,6 +12,7 @@ mod error;
 mod frames;
 mod jpeg_extended;
 mod limits;
+pub mod model_input;
 mod native_colour;
 mod pixel_rewrite;
 mod rle_check;

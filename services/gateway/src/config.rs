@@ -45,6 +45,15 @@ pub struct GatewayConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub reflection: bool,
+    /// Name the model's input size to validation, which then returns the checked image at that
+    /// size, so only model-sized pixels cross the mesh (issue 14). `false` sends the full
+    /// canonical image on to inference, which resizes it: the earlier path, kept to compare
+    /// the two side by side.
+    #[serde(
+        default = "default_model_input_resize",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub model_input_resize: bool,
 }
 
 /// Shown with every credential (URL passwords, secrets) redacted.
@@ -55,6 +64,10 @@ impl std::fmt::Debug for GatewayConfig {
 }
 
 fn default_reflection() -> bool {
+    true
+}
+
+fn default_model_input_resize() -> bool {
     true
 }
 

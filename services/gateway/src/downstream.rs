@@ -1,17 +1,20 @@
 //! The gateway's clients of the four internal services, each over mTLS and each insisting the
 //! server it reaches is the service it meant.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
 use medai_runtime::ServiceIdentity;
 use medai_runtime::rpc_trace::MeshChannel;
 use medai_runtime::tls::{TlsError, TlsMaterial};
 
 use crate::config::GatewayConfig;
+use crate::delivery_notes::NotesInFlight;
 
 /// Canonical images up to 4096×4096 RGB at 16 bits, plus framing.
 pub const MAX_CANONICAL_MESSAGE: usize = 4096 * 4096 * 3 * 2 + 64 * 1024;
@@ -21,8 +24,14 @@ pub struct Downstream {
     pub auth: AuthServiceClient<MeshChannel>,
     pub validation: ValidationServiceClient<MeshChannel>,
     pub inference: InferenceServiceClient<MeshChannel>,
+    /// The inference service's KServe v2 door on the same channel: model metadata.
+    pub kserve: GrpcInferenceServiceClient<MeshChannel>,
+    /// Each model's input size, learnt from inference and named to validation.
+    pub model_inputs: Arc<crate::model_inputs::ModelInputSizes>,
     pub audit: AuditServiceClient<MeshChannel>,
     pub timeout: Duration,
+    /// Delivery notes this gateway is writing after their answers left.
+    pub notes: Arc<NotesInFlight>,
 }
 
 impl Downstream {
@@ -30,6 +39,7 @@ impl Downstream {
         let channel = |endpoint: &str, service: &str| {
             tls.mesh_channel(endpoint, &ServiceIdentity::new(service))
         };
+        let inference = channel(&config.inference_endpoint, "inference")?;
         Ok(Self {
             auth: AuthServiceClient::new(channel(&config.auth_endpoint, "auth")?),
             validation: ValidationServiceClient::new(channel(
@@ -38,13 +48,15 @@ impl Downstream {
             )?)
             .max_decoding_message_size(MAX_CANONICAL_MESSAGE)
             .max_encoding_message_size(config.max_image_bytes + 64 * 1024),
-            inference: InferenceServiceClient::new(channel(
-                &config.inference_endpoint,
-                "inference",
-            )?)
-            .max_encoding_message_size(MAX_CANONICAL_MESSAGE),
+            inference: InferenceServiceClient::new(inference.clone())
+                .max_encoding_message_size(MAX_CANONICAL_MESSAGE),
+            kserve: GrpcInferenceServiceClient::new(inference),
+            model_inputs: Arc::new(crate::model_inputs::ModelInputSizes::new(
+                config.model_input_resize,
+            )),
             audit: AuditServiceClient::new(channel(&config.audit_endpoint, "audit")?),
             timeout: Duration::from_secs(config.downstream_timeout_seconds),
+            notes: Arc::default(),
         })
     }
 

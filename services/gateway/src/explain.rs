@@ -58,6 +58,9 @@ pub async fn explain_result(
                 image: request.image,
                 format: request.format,
                 model_name: result.model_name.clone(),
+                // The full image: an explanation is rare, and the version that explains may
+                // be a canary or shadow of another input size.
+                model_input_size: None,
             },
             correlation,
             time_left(),

@@ -390,100 +390,127 @@ where
         .await;
     }
 
-    let quality;
-    let patient_key;
-    let frame;
-    let validated = downstream
-        .validation
-        .clone()
-        .validate_image(downstream.request(
-            ValidateImageRequest {
-                image: input.image,
-                format: input.format,
-                model_name: input.model_name.clone(),
-            },
+    // Validation checks the full image and, when the model's input size is known, returns it
+    // at that size: the model-sized image is all that crosses the next two hops (issue 14).
+    let mut model_input = downstream
+        .model_inputs
+        .for_request(
+            downstream,
+            &input.model_name,
+            &input.model_version,
             correlation_id,
             time_left(),
-        ))
+        )
         .await;
-    let canonical = match validated {
-        Ok(response) => {
-            let response = response.into_inner();
-            quality = response.quality;
-            patient_key = response
-                .image
-                .as_ref()
-                .and_then(|image| image.metadata.as_ref())
-                .map(|metadata| metadata.patient_key.clone())
-                .unwrap_or_default();
-            frame = response
-                .image
-                .as_ref()
-                .and_then(|image| image.metadata.as_ref())
-                .and_then(|metadata| metadata.frame.clone());
-            response.image
-        }
-        Err(status) => {
-            record_refusal(
-                downstream,
-                caller,
-                &result_id,
+    let mut image = input.image;
+    let (quality, patient_key, frame, prediction) = loop {
+        // The bytes are kept while a resized image might have to be sent again in full.
+        let sent = if model_input.is_some() {
+            image.clone()
+        } else {
+            std::mem::take(&mut image)
+        };
+        let validated = downstream
+            .validation
+            .clone()
+            .validate_image(downstream.request(
+                ValidateImageRequest {
+                    image: sent,
+                    format: input.format,
+                    model_name: input.model_name.clone(),
+                    model_input_size: model_input,
+                },
                 correlation_id,
-                &image_sha256,
-                &status,
-            )
+                time_left(),
+            ))
             .await;
-            return Err(relay_downstream("validation", status));
-        }
-    };
+        let (quality, patient_key, frame, canonical) = match validated {
+            Ok(response) => {
+                let response = response.into_inner();
+                let metadata = response
+                    .image
+                    .as_ref()
+                    .and_then(|image| image.metadata.as_ref());
+                let patient_key = metadata
+                    .map(|metadata| metadata.patient_key.clone())
+                    .unwrap_or_default();
+                // The judged frame (DICOM) is the frame validation resized, if it resized.
+                let frame = metadata.and_then(|metadata| metadata.frame.clone());
+                (response.quality, patient_key, frame, response.image)
+            }
+            Err(status) => {
+                record_refusal(
+                    downstream,
+                    caller,
+                    &result_id,
+                    correlation_id,
+                    &image_sha256,
+                    &status,
+                )
+                .await;
+                return Err(relay_downstream("validation", status));
+            }
+        };
 
-    let predicted = downstream
-        .inference
-        .clone()
-        .predict(downstream.request(
-            PredictRequest {
-                model_name: input.model_name.clone(),
-                model_version: input.model_version.clone(),
-                image: canonical,
-                result_id: result_id.clone(),
-                image_sha256: image_sha256.clone(),
-                patient_key: patient_key.clone(),
-                idempotency_key: idempotency_key.clone(),
-                quality_findings: failed_quality_checks(quality.as_ref()),
-            },
-            correlation_id,
-            time_left(),
-        ))
-        .await;
-    let prediction = match predicted {
-        // Another gateway replica stored the same key first: the store's unique key decided.
-        // Its delivery is being recorded there; this request answers with that record once it
-        // is noted, and records one itself only if none is noted in time.
-        Ok(response) if response.get_ref().replayed => {
-            let mut prediction = response.into_inner();
-            if prediction.ledger_seq == 0 {
-                prediction.ledger_seq =
-                    noted_delivery(downstream, &idempotency_key, correlation_id, deadline).await;
-            }
-            return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
-        }
-        Ok(response) => response.into_inner(),
-        Err(status) => {
-            if medai_runtime::errors::reason_of(&status).as_deref()
-                == Some("IDEMPOTENCY_KEY_REUSED")
-            {
-                return Err(refuse_reused_key(call, &image_sha256).await);
-            }
-            record_refusal(
-                downstream,
-                caller,
-                &result_id,
+        let predicted = downstream
+            .inference
+            .clone()
+            .predict(downstream.request(
+                PredictRequest {
+                    model_name: input.model_name.clone(),
+                    model_version: input.model_version.clone(),
+                    image: canonical,
+                    result_id: result_id.clone(),
+                    image_sha256: image_sha256.clone(),
+                    patient_key: patient_key.clone(),
+                    idempotency_key: idempotency_key.clone(),
+                    quality_findings: failed_quality_checks(quality.as_ref()),
+                },
                 correlation_id,
-                &image_sha256,
-                &status,
-            )
+                time_left(),
+            ))
             .await;
-            return Err(relay_downstream("inference", status));
+        match predicted {
+            // Another gateway replica stored the same key first: the store's unique key decided.
+            // Its delivery is being recorded there; this request answers with that record once
+            // it is noted, and records one itself only if none is noted in time.
+            Ok(response) if response.get_ref().replayed => {
+                let mut prediction = response.into_inner();
+                if prediction.ledger_seq == 0 {
+                    prediction.ledger_seq =
+                        noted_delivery(downstream, &idempotency_key, correlation_id, deadline)
+                            .await;
+                }
+                return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
+            }
+            Ok(response) => break (quality, patient_key, frame, response.into_inner()),
+            // The version that took the request wants another size than the one looked up (a
+            // lifecycle change in between): nothing was stored; the full image goes again.
+            Err(status)
+                if model_input.is_some()
+                    && medai_runtime::errors::reason_of(&status).as_deref()
+                        == Some("IMAGE_INCONSISTENT") =>
+            {
+                downstream.model_inputs.forget(&input.model_name);
+                model_input = None;
+            }
+            Err(status) => {
+                if medai_runtime::errors::reason_of(&status).as_deref()
+                    == Some("IDEMPOTENCY_KEY_REUSED")
+                {
+                    return Err(refuse_reused_key(call, &image_sha256).await);
+                }
+                record_refusal(
+                    downstream,
+                    caller,
+                    &result_id,
+                    correlation_id,
+                    &image_sha256,
+                    &status,
+                )
+                .await;
+                return Err(relay_downstream("inference", status));
+            }
         }
     };
 
@@ -494,6 +521,7 @@ where
         &image_sha256,
         &patient_key,
         frame.as_ref(),
+        Noting::BesideTheAnswer,
     )
     .await?;
     Ok(Delivered {
@@ -585,14 +613,30 @@ where
     let (ledger_seq, ledger_hash, handed_off) = if prediction.ledger_seq > 0 {
         (prediction.ledger_seq, String::new(), None)
     } else if let Some((seq, hash)) = recorded_before(call, &prediction.result_id).await? {
-        // The first attempt's record reached the ledger but the gateway died before noting it
-        // on the stored result: that record is the delivery's, noted now, and none is added.
-        note_delivery(call, &prediction.result_id, seq).await;
+        // The first attempt's record reached the ledger but its note on the stored result was
+        // never written (the gateway died first) or is still being written: that record is the
+        // delivery's, noted now, and none is added.
+        note_delivery(
+            call.downstream,
+            call.correlation_id,
+            &prediction.result_id,
+            seq,
+        )
+        .await;
         (seq, hash, None)
     } else {
         let handed_off = hand_off().await?;
-        let (seq, hash) =
-            record_delivery(call, &prediction, image_sha256, patient_key, None).await?;
+        // A recovery path: its note is written before the answer, as the stored result's
+        // state is what the caller comes back to.
+        let (seq, hash) = record_delivery(
+            call,
+            &prediction,
+            image_sha256,
+            patient_key,
+            None,
+            Noting::BeforeTheAnswer,
+        )
+        .await?;
         (seq, hash, Some(handed_off))
     };
     metrics::counter!("medai_gateway_idempotent_replays_total").increment(1);
@@ -611,6 +655,18 @@ where
     })
 }
 
+/// When a delivery's ledger entry is noted on its stored result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Noting {
+    /// The answer waits for the note.
+    BeforeTheAnswer,
+    /// The note is written while the answer leaves (issue 14): the result is stored and the
+    /// ledger record durable before the answer either way, and the note is an index of that
+    /// record; reads on this gateway wait for it, and a note lost with the process is made
+    /// from the ledger when the result is read or replayed.
+    BesideTheAnswer,
+}
+
 /// Records a prediction's delivery in the ledger, then notes the entry on the stored result.
 /// No prediction is answered without its ledger record; none is recorded once the caller's
 /// deadline has passed, so no record claims a delivery the caller never got. `frame` names the
@@ -621,6 +677,7 @@ async fn record_delivery(
     image_sha256: &str,
     patient_key: &str,
     frame: Option<&medai_proto::common::v1::JudgedFrame>,
+    noting: Noting,
 ) -> Result<(u64, String), tonic::Status> {
     let Call {
         downstream,
@@ -674,23 +731,60 @@ async fn record_delivery(
             tonic::Status::from(GatewayError::LedgerUnavailable)
         })?
         .into_inner();
-    note_delivery(call, result_id, receipt.seq).await;
+    match noting {
+        Noting::BeforeTheAnswer => {
+            note_delivery(downstream, correlation_id, result_id, receipt.seq).await;
+        }
+        Noting::BesideTheAnswer => {
+            note_beside_the_answer(downstream, correlation_id, result_id, receipt.seq);
+        }
+    }
     tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
     Ok((receipt.seq, receipt.hash))
 }
 
-/// Notes a delivery's ledger entry on the stored result (what a replay looks at first).
-async fn note_delivery(call: &Call<'_>, result_id: &str, ledger_seq: u64) {
-    let noted = call
-        .downstream
+/// Starts the note of a delivery without waiting for it; the gateway's reads of results wait
+/// for it (see [`crate::delivery_notes`]). Its span follows from the prediction's rather than
+/// being its child, so the prediction's span ends when the answer leaves. A listing that found
+/// a delivery only in the ledger notes it this way too.
+pub(crate) fn note_beside_the_answer(
+    downstream: &Downstream,
+    correlation_id: &str,
+    result_id: &str,
+    ledger_seq: u64,
+) {
+    let ticket = downstream.notes.begin();
+    let downstream = downstream.clone();
+    let correlation_id = correlation_id.to_owned();
+    let result_id = result_id.to_owned();
+    let span = tracing::info_span!(parent: None, "gateway.delivery_note", correlation_id = %correlation_id);
+    span.follows_from(tracing::Span::current());
+    tokio::spawn(
+        async move {
+            note_delivery(&downstream, &correlation_id, &result_id, ledger_seq).await;
+            drop(ticket);
+        }
+        .instrument(span),
+    );
+}
+
+/// Notes a delivery's ledger entry on the stored result (what a replay and the results views
+/// look at first).
+pub(crate) async fn note_delivery(
+    downstream: &Downstream,
+    correlation_id: &str,
+    result_id: &str,
+    ledger_seq: u64,
+) {
+    let noted = downstream
         .inference
         .clone()
-        .record_delivery(call.downstream.request(
+        .record_delivery(downstream.request(
             RecordDeliveryRequest {
                 result_id: result_id.to_owned(),
                 ledger_seq,
             },
-            call.correlation_id,
+            correlation_id,
             None,
         ))
         .await;
@@ -709,23 +803,31 @@ async fn recorded_before(
     call: &Call<'_>,
     result_id: &str,
 ) -> Result<Option<(u64, String)>, tonic::Status> {
-    let found = call
-        .downstream
+    delivery_in_ledger(call.downstream, call.correlation_id, result_id).await
+}
+
+/// The ledger's record of the delivery of `result_id` (its seq and hash), if any.
+pub(crate) async fn delivery_in_ledger(
+    downstream: &Downstream,
+    correlation_id: &str,
+    result_id: &str,
+) -> Result<Option<(u64, String)>, tonic::Status> {
+    let found = downstream
         .audit
         .clone()
-        .query_events(call.downstream.request(
+        .query_events(downstream.request(
             QueryEventsRequest {
                 action: "INFERENCE".to_owned(),
                 resource: format!("result/{result_id}"),
                 page_size: 10,
                 ..Default::default()
             },
-            call.correlation_id,
+            correlation_id,
             Some(Duration::from_secs(5)),
         ))
         .await
         .map_err(|status| {
-            tracing::error!(code = ?status.code(), result_id = %result_id, "earlier delivery cannot be looked up; withholding the replay");
+            tracing::error!(code = ?status.code(), result_id = %result_id, "earlier delivery cannot be looked up in the ledger; withholding the answer");
             tonic::Status::from(GatewayError::LedgerUnavailable)
         })?
         .into_inner();

@@ -2,6 +2,7 @@
 //! enforces roles, and orchestrates validate → infer → audit.
 
 pub mod config;
+pub mod delivery_notes;
 mod downstream;
 mod error;
 mod explain;
@@ -9,6 +10,7 @@ mod grpc;
 pub mod infer;
 pub mod load_control;
 pub mod metric_catalog;
+mod model_inputs;
 mod results;
 pub mod revocation_check;
 pub mod signing_keys;
@@ -154,6 +156,7 @@ pub async fn serve(
     metric_catalog::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
+    let notes_in_flight = downstream.notes.clone();
     config.revocation.validate().map_err(ServeError::Config)?;
     let revocations = Arc::new(match config.revocation.redis_url {
         Some(_) => {
@@ -241,6 +244,15 @@ pub async fn serve(
         )
         .await;
     key_refresher.abort();
+    // Answers already given are noted before the process ends (a note cut short here is
+    // made later from the ledger, as after a crash).
+    let pending = notes_in_flight.open();
+    if !notes_in_flight
+        .written_before_now(delivery_notes::NOTE_WAIT_FOR_READS)
+        .await
+    {
+        tracing::warn!(pending, "delivery notes still unwritten at shutdown");
+    }
     served?;
     Ok(())
 }

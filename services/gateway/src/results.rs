@@ -13,11 +13,14 @@ use medai_tokens::Role;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use crate::delivery_notes::NOTE_WAIT_FOR_READS;
 use crate::downstream::Downstream;
 use crate::error::{GatewayError, relay_downstream};
 use crate::token_auth::Caller;
 
 const SIGNED: &str = "SIGNED";
+/// The route of a shadow version's result: stored beside the delivered one, never delivered.
+const SHADOW: &str = "SHADOW";
 const MEANINGS: [&str; 3] = ["REVIEWED", "APPROVED", "REJECTED"];
 const MAX_REASON_CHARS: usize = 1000;
 
@@ -67,6 +70,12 @@ async fn fetch(
     if uuid::Uuid::parse_str(result_id).is_err() {
         return Err(GatewayError::ResultNotFound.into());
     }
+    // What this gateway has answered is shown as delivered: its notes begun before this read
+    // are written first (a note is written while its answer leaves, see `delivery_notes`).
+    downstream
+        .notes
+        .written_before_now(NOTE_WAIT_FOR_READS)
+        .await;
     let found = downstream
         .inference
         .clone()
@@ -79,16 +88,26 @@ async fn fetch(
             time_left(deadline),
         ))
         .await;
-    match found {
+    let mut result = match found {
         Ok(response) => response
             .into_inner()
             .result
-            .ok_or_else(|| GatewayError::ResultNotFound.into()),
+            .ok_or(GatewayError::ResultNotFound)?,
         Err(status) if status.code() == tonic::Code::NotFound => {
-            Err(GatewayError::ResultNotFound.into())
+            return Err(GatewayError::ResultNotFound.into());
         }
-        Err(status) => Err(relay_downstream("inference", status)),
+        Err(status) => return Err(relay_downstream("inference", status)),
+    };
+    if result.ledger_seq == 0
+        && let Some((seq, _)) =
+            crate::infer::delivery_in_ledger(downstream, correlation, result_id).await?
+    {
+        // Delivered, but its note is missing: another gateway is writing it, or the gateway
+        // that answered was killed first. The ledger record is the delivery's: noted now.
+        crate::infer::note_delivery(downstream, correlation, result_id, seq).await;
+        result.ledger_seq = seq;
     }
+    Ok(result)
 }
 
 /// A result the caller may see, read without recording a view (the caller records its own).
@@ -152,7 +171,20 @@ pub async fn list_results(
         }
         filter.status = SIGNED.to_owned();
     }
-    filter.delivered_only = true;
+    // Delivered is what the ledger says, not only what a note on the stored result says: a
+    // result answered through another gateway replica whose note is still being written there
+    // (or was lost with that replica) is listed at once all the same (issue 14). So the store
+    // lists every result but shadow ones (never delivered), and each one not yet noted is
+    // looked up in the ledger: listed and noted when its delivery is recorded there, left out
+    // when not (its prediction was never answered). A page may therefore hold fewer results
+    // than page_size; its next_page_token still continues after all it covered.
+    filter.delivered_only = false;
+    // The notes of this gateway's answers begun before the listing are written first, so they
+    // need no look-up.
+    downstream
+        .notes
+        .written_before_now(NOTE_WAIT_FOR_READS)
+        .await;
     let page = downstream
         .inference
         .clone()
@@ -160,8 +192,24 @@ pub async fn list_results(
         .await
         .map_err(|status| relay_downstream("inference", status))?
         .into_inner();
-    let ids: Vec<&str> = page
-        .results
+    let mut delivered = Vec::with_capacity(page.results.len());
+    for mut result in page.results {
+        if result.route == SHADOW {
+            continue;
+        }
+        if result.ledger_seq == 0 {
+            let Some((seq, _)) =
+                crate::infer::delivery_in_ledger(downstream, correlation, &result.result_id)
+                    .await?
+            else {
+                continue;
+            };
+            crate::infer::note_beside_the_answer(downstream, correlation, &result.result_id, seq);
+            result.ledger_seq = seq;
+        }
+        delivered.push(result);
+    }
+    let ids: Vec<&str> = delivered
         .iter()
         .map(|result| result.result_id.as_str())
         .collect();
@@ -185,7 +233,7 @@ pub async fn list_results(
     )
     .await?;
     Ok(gw::ListResultsResponse {
-        results: page.results,
+        results: delivered,
         next_page_token: page.next_page_token,
     })
 }

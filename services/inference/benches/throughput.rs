@@ -205,6 +205,7 @@ fn preprocessing(model: &str) -> (f64, f64) {
         pixels: (0..side * side)
             .flat_map(|index| ((index * 37 % 4096) as u16).to_le_bytes())
             .collect(),
+        resized_for_model_input: false,
     };
     let rounds = 40;
     let started = Instant::now();

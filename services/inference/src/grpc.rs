@@ -346,6 +346,7 @@ impl InferenceService for InferenceApi {
             channels: image.channels,
             bit_depth: image.bit_depth,
             pixels: image.pixels,
+            resized_for_model_input: image.resized_for_model_input,
         };
         if !request.idempotency_key.is_empty()
             && let Some(stored) = self
@@ -464,6 +465,7 @@ impl InferenceService for InferenceApi {
             channels: image.channels,
             bit_depth: image.bit_depth,
             pixels: image.pixels,
+            resized_for_model_input: image.resized_for_model_input,
         };
         // The version that produced the result, and no other, explains it.
         let map = self

@@ -61,6 +61,7 @@ fn real_image(file: &str) -> CanonicalImage {
             body_part_examined: decoded.metadata.body_part_examined,
             ..SafeMetadata::default()
         }),
+        resized_for_model_input: false,
     }
 }
 
@@ -71,6 +72,7 @@ fn input_of(image: &CanonicalImage) -> ImageInput {
         channels: image.channels,
         bit_depth: image.bit_depth,
         pixels: image.pixels.clone(),
+        resized_for_model_input: false,
     }
 }
 

@@ -133,6 +133,83 @@ async fn the_brain_mri_model_returns_labelled_probabilities() {
     }
 }
 
+/// Issue 14: an image validation resized to the model's input (the shared resize, marked as
+/// resized) gets exactly the probabilities the full image gets when inference resizes it, on the
+/// light model and on the brain-MRI model; one resized for another model's input is refused
+/// with IMAGE_INCONSISTENT rather than resized a second time.
+#[tokio::test]
+async fn an_image_resized_by_validation_predicts_exactly_what_the_full_image_predicts() {
+    use medai_imaging::model_input::{ModelInputSize, resize_canonical};
+    let assets = Assets::locate();
+    let harness = Harness::start(&assets.model_repository, RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let resized = |image: &CanonicalImage, side: u32| CanonicalImage {
+        width: side,
+        height: side,
+        pixels: resize_canonical(
+            &image.pixels,
+            (image.width, image.height),
+            (image.channels, image.bit_depth),
+            ModelInputSize {
+                width: side,
+                height: side,
+            },
+        )
+        .expect("resized"),
+        resized_for_model_input: true,
+        ..image.clone()
+    };
+    let mr = medai_validation::decode::decode_image(
+        &assets.dicom("MR_small.dcm"),
+        None,
+        &medai_validation::ImageLimits::default(),
+    )
+    .expect("decode");
+    let mr = CanonicalImage {
+        width: mr.width,
+        height: mr.height,
+        channels: mr.channels,
+        bit_depth: mr.bit_depth,
+        photometric_interpretation: mr.photometric_interpretation.to_owned(),
+        pixels: mr.pixels,
+        metadata: None,
+        resized_for_model_input: false,
+    };
+    for (model, side) in [(support::LIGHT, 64), ("brain-mri-tumor", 240)] {
+        for full in [pattern(256, 3), pattern(97, 5), mr.clone()] {
+            let described = format!("{model}: {}×{}", full.width, full.height);
+            let old_path = gateway
+                .predict(support::predict(model, full.clone()))
+                .await
+                .expect("full image")
+                .into_inner();
+            let new_path = gateway
+                .predict(support::predict(model, resized(&full, side)))
+                .await
+                .expect("model-sized image")
+                .into_inner();
+            assert_eq!(
+                new_path.probabilities, old_path.probabilities,
+                "{described}"
+            );
+            assert_eq!(new_path.uncertainty, old_path.uncertainty, "{described}");
+        }
+        let other_side = if side == 64 { 240 } else { 64 };
+        let status = gateway
+            .predict(support::predict(
+                model,
+                resized(&pattern(256, 3), other_side),
+            ))
+            .await
+            .expect_err("resized for another model");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::InvalidArgument, Some("IMAGE_INCONSISTENT")),
+            "{model}"
+        );
+    }
+}
+
 #[test]
 fn a_tampered_model_file_is_refused_at_load() {
     let assets = Assets::locate();

@@ -10,6 +10,8 @@ pub enum ValidationError {
     Image(#[from] ImageError),
     #[error("the image failed quality checks: {failed}")]
     QualityInsufficient { failed: String },
+    #[error("the model input size {width}×{height} is invalid; each side must be 1–{max} px")]
+    ModelInputSizeInvalid { width: u32, height: u32, max: u32 },
     #[error("validation failed unexpectedly")]
     Internal(String),
 }
@@ -28,6 +30,7 @@ impl ServiceError for ValidationError {
         match self {
             Self::Image(refusal) => refusal.reason(),
             Self::QualityInsufficient { .. } => "IMAGE_QUALITY_INSUFFICIENT",
+            Self::ModelInputSizeInvalid { .. } => "MODEL_INPUT_SIZE_INVALID",
             Self::Internal(_) => "INTERNAL",
         }
     }

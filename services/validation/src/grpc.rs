@@ -12,6 +12,7 @@ use crate::quality::{Comparison, QualityPolicy, QualityReport, Verdict, assess};
 use medai_imaging::decode::{
     CanonicalImage, DecodePlan, SourceFormat, decode_planned, plan_decode,
 };
+use medai_imaging::model_input::{ModelInputSize, resize_canonical};
 use medai_imaging::{FramePolicy, ImageError, ImageLimits};
 
 pub struct ValidationApi {
@@ -62,8 +63,59 @@ fn declared_format(format: i32) -> Option<SourceFormat> {
     }
 }
 
+/// The model input size a request names, checked: each side from 1 to the largest side an
+/// image may have.
+fn model_input_size(
+    requested: Option<pb::ModelInputSize>,
+    limits: &ImageLimits,
+) -> Result<Option<ModelInputSize>, ValidationError> {
+    let Some(requested) = requested else {
+        return Ok(None);
+    };
+    let in_range = |side: u32| (1..=limits.max_side).contains(&side);
+    if !in_range(requested.width) || !in_range(requested.height) {
+        return Err(ValidationError::ModelInputSizeInvalid {
+            width: requested.width,
+            height: requested.height,
+            max: limits.max_side,
+        });
+    }
+    Ok(Some(ModelInputSize {
+        width: requested.width,
+        height: requested.height,
+    }))
+}
+
+/// `image` resized to the model's input size, in its own sample type, after every check ran on
+/// the full image; `None` when it is already that size or in a layout no model input is made
+/// from (inference then answers it as it always has).
+fn resized_to(image: &CanonicalImage, size: ModelInputSize) -> Option<CanonicalImage> {
+    if (image.width, image.height) == (size.width, size.height) {
+        return None;
+    }
+    let pixels = resize_canonical(
+        &image.pixels,
+        (image.width, image.height),
+        (image.channels, image.bit_depth),
+        size,
+    )?;
+    Some(CanonicalImage {
+        width: size.width,
+        height: size.height,
+        pixels,
+        photometric_interpretation: image.photometric_interpretation,
+        channels: image.channels,
+        bit_depth: image.bit_depth,
+        source_format: image.source_format,
+        metadata: image.metadata.clone(),
+    })
+}
+
 /// The decoded image as the mesh carries it.
-fn canonical_message(image: CanonicalImage) -> common::CanonicalImage {
+fn canonical_message(
+    image: CanonicalImage,
+    resized_for_model_input: bool,
+) -> common::CanonicalImage {
     {
         let source_format = match image.source_format {
             SourceFormat::Png => common::ImageFormat::Png,
@@ -91,6 +143,7 @@ fn canonical_message(image: CanonicalImage) -> common::CanonicalImage {
                     policy: frame.policy.code().to_owned(),
                 }),
             }),
+            resized_for_model_input,
         }
     }
 }
@@ -107,6 +160,13 @@ impl ValidationService for ValidationApi {
         let policy = self.quality.clone();
         let frame_policy = self.frames.for_model(&request.model_name);
         let model = request.model_name;
+        let model_input = match model_input_size(request.model_input_size, &limits) {
+            Ok(size) => size,
+            Err(error) => {
+                metrics::counter!("medai_validation_images_total", "outcome" => error.reason_label()).increment(1);
+                return Err(error.into());
+            }
+        };
         let secret = self.patient_key_secret.clone();
         let image = std::sync::Arc::new(request.image);
         // The decode and the quality checks run on the blocking pool: each is a child span of
@@ -131,11 +191,23 @@ impl ValidationService for ValidationApi {
                         failed: report.failed_codes().join(", "),
                     });
                 }
-                Ok((image, report))
+                // Only the model-sized image leaves: the checks above needed full resolution,
+                // the model does not.
+                let resized = model_input.and_then(|size| {
+                    tracing::info_span!(parent: &call, "validation.resize_to_model_input")
+                        .in_scope(|| resized_to(&image, size))
+                });
+                Ok(match resized {
+                    Some(resized) => (resized, true, report),
+                    None => (image, false, report),
+                })
             })
             .await;
         match outcome {
-            Ok((image, report)) => {
+            Ok((image, resized, report)) => {
+                if resized {
+                    metrics::counter!(crate::metric_catalog::RESIZED_TO_MODEL_INPUT).increment(1);
+                }
                 metrics::counter!("medai_validation_images_total", "outcome" => "accepted")
                     .increment(1);
                 for code in report.failed_codes() {
@@ -143,7 +215,7 @@ impl ValidationService for ValidationApi {
                         .increment(1);
                 }
                 Ok(Response::new(ValidateImageResponse {
-                    image: Some(canonical_message(image)),
+                    image: Some(canonical_message(image, resized)),
                     quality: Some(report.into()),
                 }))
             }

@@ -2,6 +2,8 @@
 //! zero.
 
 pub const IMAGES: &str = "medai_validation_images_total";
+/// Accepted images returned resized to the model input size the caller named.
+pub const RESIZED_TO_MODEL_INPUT: &str = "medai_validation_resized_to_model_input_total";
 
 /// Describes the validation service's families and registers its counters at zero.
 /// Idempotent; without an installed recorder it does nothing.
@@ -14,5 +16,10 @@ pub fn describe() {
         "medai_validation_quality_failures_total",
         "Accepted images whose quality report failed a check, by quality code."
     );
+    metrics::describe_counter!(
+        RESIZED_TO_MODEL_INPUT,
+        "Accepted images returned resized to the model input size the caller named (checked at full resolution first)."
+    );
     metrics::counter!(IMAGES, "outcome" => "accepted").increment(0);
+    metrics::counter!(RESIZED_TO_MODEL_INPUT).increment(0);
 }

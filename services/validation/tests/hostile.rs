@@ -295,6 +295,7 @@ fn request(image: Vec<u8>) -> ValidateImageRequest {
         image,
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
+        model_input_size: None,
     }
 }
 

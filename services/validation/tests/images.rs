@@ -61,6 +61,7 @@ fn request(image: Vec<u8>) -> ValidateImageRequest {
         image,
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
+        model_input_size: None,
     }
 }
 
@@ -625,4 +626,98 @@ async fn a_codec_panic_becomes_a_refusal_and_the_service_stays_up() {
         .validate_image(request(assets.dicom("MR_small.dcm")))
         .await
         .expect("still serving");
+}
+
+/// Issue 14: with the model's input size named, the image is checked at full resolution (the
+/// same quality report, the same safe metadata) and returned resized to that size by the shared
+/// resize inference runs, in its own sample type, marked as resized. Without a size, or at the
+/// image's own size, it is returned whole as before; an impossible size gets a stable code.
+#[tokio::test]
+async fn a_named_model_input_size_returns_the_checked_image_at_that_size() {
+    use medai_imaging::model_input::{ModelInputSize as Size, resize_canonical};
+    use medai_proto::validation::v1::ModelInputSize;
+    let service = Validation::start(ImageLimits::default()).await;
+    let assets = Assets::locate();
+    let mut gateway = service.client_as("gateway");
+    let noise = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(256, 256, |x, y| {
+        image::Luma([((x * 7919 + y * 104_729) % 251) as u8])
+    }));
+    let colour = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(200, 150, |x, y| {
+        image::Rgb([x as u8, y as u8, (x * y % 256) as u8])
+    }));
+    let inputs = [
+        ("noise PNG", encoded(noise, image::ImageFormat::Png)),
+        ("RGB PNG", encoded(colour, image::ImageFormat::Png)),
+        ("MR_small.dcm", assets.dicom("MR_small.dcm")),
+        ("CT_small.dcm", assets.dicom("CT_small.dcm")),
+    ];
+    for (name, bytes) in inputs {
+        let full = gateway
+            .validate_image(request(bytes.clone()))
+            .await
+            .expect(name)
+            .into_inner();
+        let full_image = full.image.clone().expect("image");
+        assert!(!full_image.resized_for_model_input, "{name}");
+        // Sizes other than the image's own (MR_small.dcm is 64×64: that case is the one below).
+        let sizes = [(64, 64), (240, 240), (100, 37)]
+            .into_iter()
+            .filter(|&size| size != (full_image.width, full_image.height));
+        for (width, height) in sizes {
+            let mut sized = request(bytes.clone());
+            sized.model_input_size = Some(ModelInputSize { width, height });
+            let answer = gateway
+                .validate_image(sized)
+                .await
+                .expect(name)
+                .into_inner();
+            assert_eq!(answer.quality, full.quality, "{name}: checked at full size");
+            let image = answer.image.expect("image");
+            let expected = resize_canonical(
+                &full_image.pixels,
+                (full_image.width, full_image.height),
+                (full_image.channels, full_image.bit_depth),
+                Size { width, height },
+            )
+            .expect("a model-input layout");
+            assert_eq!(
+                (image.width, image.height, image.channels, image.bit_depth),
+                (width, height, full_image.channels, full_image.bit_depth),
+                "{name} → {width}×{height}"
+            );
+            assert!(image.resized_for_model_input, "{name}");
+            assert_eq!(image.pixels, expected, "{name} → {width}×{height}");
+            assert_eq!(
+                image.photometric_interpretation,
+                full_image.photometric_interpretation
+            );
+            // The metadata still gives the source's size.
+            assert_eq!(image.metadata, full_image.metadata, "{name}");
+        }
+        // Already at the model's size: returned as it is.
+        let mut same = request(bytes.clone());
+        same.model_input_size = Some(ModelInputSize {
+            width: full_image.width,
+            height: full_image.height,
+        });
+        let same = gateway
+            .validate_image(same)
+            .await
+            .expect(name)
+            .into_inner()
+            .image
+            .expect("image");
+        assert_eq!(same, full_image, "{name}");
+    }
+
+    for (width, height) in [(0, 64), (64, 0), (4097, 64), (64, u32::MAX)] {
+        let mut bad = request(assets.dicom("MR_small.dcm"));
+        bad.model_input_size = Some(ModelInputSize { width, height });
+        let status = gateway.validate_image(bad).await.expect_err("refused");
+        assert_eq!(
+            (status.code(), reason_of(&status).as_deref()),
+            (Code::InvalidArgument, Some("MODEL_INPUT_SIZE_INVALID")),
+            "{width}×{height}"
+        );
+    }
 }

@@ -193,6 +193,7 @@ pub fn grey_image(side: u32, seed: u32) -> CanonicalImage {
             .map(|index| ((index * 7 + seed * 31) % 256) as u8)
             .collect(),
         metadata: None,
+        resized_for_model_input: false,
     }
 }
 

@@ -1,0 +1,328 @@
+//! The resize of a canonical image to a model's input size: bicubic (Catmull-Rom), in the
+//! image's own sample type. One implementation for the whole mesh: validation runs it when the
+//! gateway names the model's input size (so only the model-sized image crosses the mesh), and
+//! inference runs it on an image that arrives at another size. Either way a model sees the same
+//! samples.
+//!
+//! It is a separable filter over the image's real channels and gives exactly the samples
+//! `image`'s `resize_exact(.., CatmullRom)` gives (the same weights, sums in the same order, the
+//! same rounding), without that routine's per-pixel four-channel float conversions.
+
+use image::{DynamicImage, GrayImage, ImageBuffer, Luma, RgbImage};
+
+/// The width and height a model takes its input at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelInputSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A canonical buffer (row-major, channels interleaved, 16-bit samples little-endian) as an
+/// image, for the layouts a model input is made from: grey 8-bit, RGB 8-bit, grey 16-bit.
+/// `None` for any other layout or a buffer that does not match its declared size.
+pub fn canonical_to_image(
+    width: u32,
+    height: u32,
+    channels: u32,
+    bit_depth: u32,
+    pixels: Vec<u8>,
+) -> Option<DynamicImage> {
+    match (channels, bit_depth) {
+        (1, 8) => GrayImage::from_raw(width, height, pixels).map(DynamicImage::ImageLuma8),
+        (3, 8) => RgbImage::from_raw(width, height, pixels).map(DynamicImage::ImageRgb8),
+        (1, 16) => {
+            if !pixels.len().is_multiple_of(2) {
+                return None;
+            }
+            ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(width, height, little_endian(&pixels))
+                .map(DynamicImage::ImageLuma16)
+        }
+        _ => None,
+    }
+}
+
+/// `pixels` (a canonical `width × height` buffer of `channels` samples at `bit_depth`) resized
+/// to `to`, in the same layout. `None` for a layout [`canonical_to_image`] does not take or a
+/// buffer that does not match its declared size.
+pub fn resize_canonical(
+    pixels: &[u8],
+    (width, height): (u32, u32),
+    (channels, bit_depth): (u32, u32),
+    to: ModelInputSize,
+) -> Option<Vec<u8>> {
+    let expected =
+        u64::from(width) * u64::from(height) * u64::from(channels) * u64::from(bit_depth / 8);
+    if width == 0 || height == 0 || to.width == 0 || to.height == 0 {
+        return None;
+    }
+    if u64::try_from(pixels.len()).ok()? != expected {
+        return None;
+    }
+    let from = (width, height);
+    let to = (to.width, to.height);
+    match (channels, bit_depth) {
+        (1 | 3, 8) => Some(resize_samples(pixels, channels as usize, from, to)),
+        (1, 16) => {
+            let resized = resize_samples(&little_endian(pixels), 1, from, to);
+            Some(
+                resized
+                    .iter()
+                    .flat_map(|sample| sample.to_le_bytes())
+                    .collect(),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// `image` resized to `new_width × new_height` with the Catmull-Rom filter, in its own colour
+/// type.
+pub fn resize_catmull_rom(image: &DynamicImage, new_width: u32, new_height: u32) -> DynamicImage {
+    let from = (image.width(), image.height());
+    let to = (new_width, new_height);
+    let resized = match image {
+        DynamicImage::ImageLuma8(grey) => GrayImage::from_raw(
+            new_width,
+            new_height,
+            resize_samples(grey.as_raw(), 1, from, to),
+        )
+        .map(DynamicImage::ImageLuma8),
+        DynamicImage::ImageRgb8(rgb) => RgbImage::from_raw(
+            new_width,
+            new_height,
+            resize_samples(rgb.as_raw(), 3, from, to),
+        )
+        .map(DynamicImage::ImageRgb8),
+        DynamicImage::ImageLuma16(grey) => ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(
+            new_width,
+            new_height,
+            resize_samples(grey.as_raw(), 1, from, to),
+        )
+        .map(DynamicImage::ImageLuma16),
+        _ => None,
+    };
+    resized.unwrap_or_else(|| {
+        image.resize_exact(
+            new_width,
+            new_height,
+            image::imageops::FilterType::CatmullRom,
+        )
+    })
+}
+
+fn little_endian(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+        .collect()
+}
+
+/// A sample type the resize reads and writes.
+trait Sample: Copy {
+    const LARGEST: f32;
+    fn to_f32(self) -> f32;
+    /// Clamped to the type's range and rounded half away from zero, as `image` rounds.
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Sample for u8 {
+    const LARGEST: f32 = 255.0;
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        value.clamp(0.0, Self::LARGEST).round() as u8
+    }
+}
+
+impl Sample for u16 {
+    const LARGEST: f32 = 65535.0;
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        value.clamp(0.0, Self::LARGEST).round() as u16
+    }
+}
+
+/// The Catmull-Rom cubic (Mitchell–Netravali B = 0, C = 0.5), as `image` computes it.
+fn catmull_rom(x: f32) -> f32 {
+    let (b, c) = (0.0f32, 0.5f32);
+    let a = x.abs();
+    let k = if a < 1.0 {
+        (12.0 - 9.0 * b - 6.0 * c) * a.powi(3)
+            + (-18.0 + 12.0 * b + 6.0 * c) * a.powi(2)
+            + (6.0 - 2.0 * b)
+    } else if a < 2.0 {
+        (-b - 6.0 * c) * a.powi(3)
+            + (6.0 * b + 30.0 * c) * a.powi(2)
+            + (-12.0 * b - 48.0 * c) * a
+            + (8.0 * b + 24.0 * c)
+    } else {
+        0.0
+    };
+    k / 6.0
+}
+
+/// For each output position along one axis: the first input position and the normalised
+/// weights of the inputs it reads.
+fn axis_weights(input: u32, output: u32) -> Vec<(usize, Vec<f32>)> {
+    const SUPPORT: f32 = 2.0;
+    let ratio = input as f32 / output as f32;
+    let scale = if ratio < 1.0 { 1.0 } else { ratio };
+    let reach = SUPPORT * scale;
+    (0..output)
+        .map(|out| {
+            let centre = (out as f32 + 0.5) * ratio;
+            let left = ((centre - reach).floor() as i64).clamp(0, i64::from(input) - 1);
+            let right = ((centre + reach).ceil() as i64).clamp(left + 1, i64::from(input));
+            let centre = centre - 0.5;
+            let mut weights: Vec<f32> = (left..right)
+                .map(|position| catmull_rom((position as f32 - centre) / scale))
+                .collect();
+            let sum: f32 = weights.iter().sum();
+            for weight in &mut weights {
+                *weight /= sum;
+            }
+            (left as usize, weights)
+        })
+        .collect()
+}
+
+/// Resizes `samples` (`width × height` pixels of `channels` interleaved samples): vertically
+/// into floats, then horizontally into clamped, rounded samples, as `image` does.
+fn resize_samples<S: Sample>(
+    samples: &[S],
+    channels: usize,
+    (width, height): (u32, u32),
+    (new_width, new_height): (u32, u32),
+) -> Vec<S> {
+    let row = width as usize * channels;
+    let mut vertical = vec![0.0f32; row * new_height as usize];
+    for (out_row, (top, weights)) in vertical
+        .chunks_exact_mut(row)
+        .zip(axis_weights(height, new_height))
+    {
+        for (offset, weight) in weights.iter().enumerate() {
+            let start = (top + offset) * row;
+            let input = &samples[start..start + row];
+            for (sum, sample) in out_row.iter_mut().zip(input) {
+                *sum += sample.to_f32() * weight;
+            }
+        }
+    }
+    let new_row = new_width as usize * channels;
+    let mut output = Vec::with_capacity(new_row * new_height as usize);
+    let columns = axis_weights(width, new_width);
+    let mut pixel = [0.0f32; 4];
+    for input in vertical.chunks_exact(row) {
+        for (left, weights) in &columns {
+            let pixel = &mut pixel[..channels];
+            pixel.fill(0.0);
+            for (offset, weight) in weights.iter().enumerate() {
+                let start = (left + offset) * channels;
+                for (sum, value) in pixel.iter_mut().zip(&input[start..start + channels]) {
+                    *sum += value * weight;
+                }
+            }
+            output.extend(pixel.iter().map(|value| S::from_f32(*value)));
+        }
+    }
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(index: usize) -> u16 {
+        ((index * 7919 + index / 13 * 31) % 65536) as u16
+    }
+
+    fn canonical(width: u32, height: u32, channels: u32, bit_depth: u32) -> Vec<u8> {
+        let samples = (width * height * channels) as usize;
+        if bit_depth == 16 {
+            (0..samples)
+                .flat_map(|index| pattern(index).to_le_bytes())
+                .collect()
+        } else {
+            (0..samples).map(|index| pattern(index) as u8).collect()
+        }
+    }
+
+    /// The image as `image`'s own `resize_exact(.., CatmullRom)` gives it, as canonical bytes.
+    fn reference(image: DynamicImage, to: ModelInputSize) -> Vec<u8> {
+        match image.resize_exact(to.width, to.height, image::imageops::FilterType::CatmullRom) {
+            DynamicImage::ImageLuma16(grey) => grey
+                .into_raw()
+                .iter()
+                .flat_map(|sample| sample.to_le_bytes())
+                .collect(),
+            other => other.into_bytes(),
+        }
+    }
+
+    #[test]
+    fn the_resize_gives_exactly_what_the_image_crate_gives() {
+        let cases: [(u32, u32, u32, u32); 6] = [
+            (512, 512, 1, 16),
+            (300, 200, 1, 8),
+            (97, 131, 3, 8),
+            (33, 20, 1, 8),
+            (240, 240, 3, 8),
+            (256, 256, 1, 8),
+        ];
+        for (width, height, channels, bit_depth) in cases {
+            let pixels = canonical(width, height, channels, bit_depth);
+            let image = canonical_to_image(width, height, channels, bit_depth, pixels.clone())
+                .expect("a model-input layout");
+            for side in [240, 64, 250] {
+                let to = ModelInputSize {
+                    width: side,
+                    height: side,
+                };
+                let expected = reference(image.clone(), to);
+                let resized = resize_canonical(&pixels, (width, height), (channels, bit_depth), to)
+                    .expect("resized");
+                assert_eq!(
+                    resized, expected,
+                    "{width}×{height}×{channels}@{bit_depth} → {side}"
+                );
+                let through_image = match resize_catmull_rom(&image, side, side) {
+                    DynamicImage::ImageLuma16(grey) => grey
+                        .into_raw()
+                        .iter()
+                        .flat_map(|sample| sample.to_le_bytes())
+                        .collect(),
+                    other => other.into_bytes(),
+                };
+                assert_eq!(through_image, expected, "{width}×{height} as an image");
+            }
+        }
+    }
+
+    #[test]
+    fn layouts_no_model_takes_and_inconsistent_buffers_are_not_resized() {
+        let to = ModelInputSize {
+            width: 8,
+            height: 8,
+        };
+        // RGB at 16 bits is not a model-input layout: inference refuses it, so it is not resized.
+        assert_eq!(
+            resize_canonical(&canonical(16, 16, 3, 16), (16, 16), (3, 16), to),
+            None
+        );
+        assert_eq!(resize_canonical(&[0; 10], (16, 16), (1, 8), to), None);
+        assert_eq!(resize_canonical(&[], (0, 0), (1, 8), to), None);
+        let zero = ModelInputSize {
+            width: 0,
+            height: 8,
+        };
+        assert_eq!(
+            resize_canonical(&canonical(16, 16, 1, 8), (16, 16), (1, 8), zero),
+            None
+        );
+        assert!(canonical_to_image(16, 16, 1, 16, vec![0; 511]).is_none());
+        assert!(canonical_to_image(16, 16, 3, 16, canonical(16, 16, 3, 16)).is_none());
+    }
+}
