@@ -199,7 +199,7 @@ impl Authority {
         };
         let access_token = self
             .keys
-            .sign(&claims)
+            .sign(transaction, &claims)
             .await
             .map_err(|error| AuthError::Internal(error.to_string()))?;
         let refresh_token = opaque_secret();

@@ -84,17 +84,21 @@ impl KeyRing {
     }
 
     async fn keys_by_activation(&self) -> Result<Vec<signing_key::Model>, KeyError> {
-        Ok(signing_key::Entity::find()
-            .order_by_asc(signing_key::Column::ActivatesAt)
-            .order_by_asc(signing_key::Column::CreatedAt)
-            .all(&self.connection)
-            .await?)
+        keys_by_activation_on(&self.connection).await
     }
 
-    /// Signs `claims` with the newest key that is already active.
-    pub async fn sign(&self, claims: &AccessClaims) -> Result<String, KeyError> {
+    /// Signs `claims` with the newest key that is already active, reading the keys through
+    /// `connection`: a caller inside a transaction passes it, so signing never waits for a
+    /// second pooled connection while the transaction holds one and its row locks (concurrent
+    /// logins of one user would otherwise fill the pool with transactions waiting for the
+    /// lock while its holder waits for the pool).
+    pub async fn sign<C: ConnectionTrait>(
+        &self,
+        connection: &C,
+        claims: &AccessClaims,
+    ) -> Result<String, KeyError> {
         let now = crate::unix_now() as i64;
-        let keys = self.keys_by_activation().await?;
+        let keys = keys_by_activation_on(connection).await?;
         let active = keys
             .iter()
             .rev()
@@ -151,4 +155,14 @@ impl KeyRing {
             .collect();
         Ok(published)
     }
+}
+
+async fn keys_by_activation_on<C: ConnectionTrait>(
+    connection: &C,
+) -> Result<Vec<signing_key::Model>, KeyError> {
+    Ok(signing_key::Entity::find()
+        .order_by_asc(signing_key::Column::ActivatesAt)
+        .order_by_asc(signing_key::Column::CreatedAt)
+        .all(connection)
+        .await?)
 }

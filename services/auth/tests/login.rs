@@ -927,6 +927,7 @@ struct AuthProcess {
     child: std::process::Child,
     grpc: std::net::SocketAddr,
     admin: std::net::SocketAddr,
+    database_url: String,
     _directory: tempfile::TempDir,
 }
 
@@ -935,6 +936,7 @@ impl AuthProcess {
         let directory = tempfile::tempdir().expect("tempdir");
         let address_file = directory.path().join("addresses.json");
         let tls = pki.files("auth");
+        let database_url = fresh_postgres_database().await;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_medai-auth"));
         command
             .env_clear()
@@ -946,7 +948,7 @@ impl AuthProcess {
             .env("MEDAI_AUTH_TLS__CA_CERT", &tls.ca_cert)
             .env("MEDAI_AUTH_TLS__CERT", &tls.cert)
             .env("MEDAI_AUTH_TLS__KEY", &tls.key)
-            .env("MEDAI_AUTH_DATABASE_URL", fresh_postgres_database().await)
+            .env("MEDAI_AUTH_DATABASE_URL", &database_url)
             .env(
                 "MEDAI_AUTH_AUDIT_ENDPOINT",
                 format!("https://{}", audit.address),
@@ -985,6 +987,7 @@ impl AuthProcess {
         let process = Self {
             grpc: address("grpc"),
             admin: address("admin"),
+            database_url,
             child,
             _directory: directory,
         };
@@ -1123,5 +1126,85 @@ async fn a_storm_of_32_logins_is_bounded_and_gives_its_memory_back() {
     assert!(
         storm_kib <= idle_kib + ALLOWED_GROWTH_KIB,
         "auth's RSS grew from {idle_kib} KiB to {storm_kib} KiB over {LOGINS} logins"
+    );
+}
+
+/// Concurrent logins of one user, more than auth's connection pool holds (8), each of whose
+/// transactions waits for the user's row lock while holding a pooled connection: the login that
+/// gets the lock must finish without a second pooled connection (it reads the signing keys
+/// through its own transaction), so every login is granted once the lock is free. Before, the
+/// lock holder waited for the full pool until its 30 s acquire timeout and failed INTERNAL (seen
+/// in a login storm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_of_one_user_queued_on_its_row_lock_past_the_pool_size_are_all_granted() {
+    const LOGINS: usize = 10;
+    const POOL: i64 = 8;
+    let pki = TestPki::new();
+    let (audit, _audit_database) = start_ledger(&pki).await;
+    let auth = AuthProcess::start(&pki, &audit, &[]).await;
+    let gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.grpc, "auth"));
+    grant_of(&mut gateway.clone(), "admin", PASSWORD).await;
+
+    // Hold the admin's row from outside, so every login's transaction queues behind it.
+    let database = Database::connect(auth.database_url.as_str())
+        .await
+        .expect("database");
+    let row_lock = sea_orm::TransactionTrait::begin(&database)
+        .await
+        .expect("begin");
+    row_lock
+        .execute_unprepared("SELECT id FROM users WHERE username = 'admin' FOR UPDATE")
+        .await
+        .expect("lock the admin's row");
+    let logins: Vec<_> = (0..LOGINS)
+        .map(|_| {
+            let mut gateway = gateway.clone();
+            tokio::spawn(async move { gateway.login(login("admin", PASSWORD)).await })
+        })
+        .collect();
+    // Wait until the pool is full of transactions waiting for the lock.
+    let waiting_sql = "SELECT count(*)::bigint AS waiting FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let row = database
+            .query_one_raw(sea_orm::Statement::from_string(
+                database.get_database_backend(),
+                waiting_sql,
+            ))
+            .await
+            .expect("count waiters")
+            .expect("a row");
+        let waiting: i64 = row.try_get("", "waiting").expect("waiting");
+        if waiting >= POOL {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {waiting} logins ever waited for the row lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    row_lock.commit().await.expect("release the row");
+
+    let mut answers = BTreeMap::<String, usize>::new();
+    for pending in logins {
+        let answer = match tokio::time::timeout(std::time::Duration::from_secs(25), pending).await {
+            Err(_) => "no answer within 25 s".to_owned(),
+            Ok(joined) => match joined.expect("task") {
+                Ok(_) => "granted".to_owned(),
+                Err(status) => format!(
+                    "{:?}/{}",
+                    status.code(),
+                    reason_of(&status).unwrap_or_default()
+                ),
+            },
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    assert_eq!(
+        answers,
+        BTreeMap::from([("granted".to_owned(), LOGINS)]),
+        "every queued login is granted"
     );
 }
