@@ -11,7 +11,7 @@
 //! handed to hyper after the first GOAWAY fails the same way without being written at all.
 //! grpc-go and grpc-java retry such calls transparently; tonic surfaces them, so clients of the
 //! mesh retry them here: every mesh channel, the bridge's and the CLI's gateway channels through
-//! the layer [`RetryNeverProcessed`], other callers through [`retry_never_processed`]; at most
+//! the layer [`RetryNeverProcessed`]; at most
 //! [`MOST_ATTEMPTS`] sends in all, each only after the one before was provably never processed.
 //!
 //! Never processed, read from the transport error (a channel's error or the source chain of the
@@ -43,7 +43,6 @@
 //! never classified as such.
 
 use std::error::Error as StdError;
-use std::future::Future;
 
 /// Whether the transport error in `status` proves that the server never processed the call.
 pub fn never_processed(status: &tonic::Status) -> bool {
@@ -97,31 +96,6 @@ pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
 /// The most times a call is sent when each earlier attempt was provably never processed: a
 /// retry can meet the same draining connection before the channel has replaced it.
 pub const MOST_ATTEMPTS: u32 = 3;
-
-/// Makes the call; while the server provably never processed it ([`never_processed`]), makes it
-/// again, up to [`MOST_ATTEMPTS`] in all, a little later each time so the channel can reconnect.
-/// Returns the outcome and whether it was sent again.
-pub async fn retry_never_processed<T, F, Fut>(mut call: F) -> (Result<T, tonic::Status>, bool)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, tonic::Status>>,
-{
-    let mut attempt = 1;
-    loop {
-        match call().await {
-            Err(status) if attempt < MOST_ATTEMPTS && never_processed(&status) => {
-                tracing::debug!(
-                    transport_error = %transport_error_chain(&status),
-                    attempt,
-                    "a call the server never processed is sent again"
-                );
-                tokio::time::sleep(pause_before_another(attempt)).await;
-                attempt += 1;
-            }
-            outcome => return (outcome, attempt > 1),
-        }
-    }
-}
 
 /// The pause before attempt `attempt + 1`: a little longer each time, so the channel can
 /// replace a connection that was closing.
