@@ -537,16 +537,20 @@ async fn perf_analyzer_on_ours(quick: bool) -> serde_json::Value {
     let service = ServiceUnderTest::start(KSERVE_PYTHON_MODEL, RuntimeSettings::default()).await;
     let files = service.pki.files("operator");
     let folder = tempfile::tempdir().expect("tempdir");
+    // Windows of 5 s until three in a row agree within 15 % (perf_analyzer's rule), at most 20.
     let (interval, trials, stability) = if quick {
-        ("1000", "3", "100")
+        ("1000", "10", "100")
     } else {
-        ("5000", "10", "10")
+        ("5000", "20", "15")
     };
     println!(
         "{KSERVE_PYTHON_MODEL} — Triton's perf_analyzer against the inference service (mTLS, ledger); server-side times from its statistics extension"
     );
+    // The service's statistics cover a request's queue and compute; the rest of its time on the
+    // server (decoding, the ledger record before the answer) counts in perf_analyzer's
+    // "Network+Server Send/Recv".
     println!(
-        "  {:>11}  {:>10}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}",
+        "  {:>11}  {:>10}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}  {:>13}",
         "concurrency",
         "infer/s",
         "p50 µs",
@@ -554,7 +558,8 @@ async fn perf_analyzer_on_ours(quick: bool) -> serde_json::Value {
         "queue µs",
         "input µs",
         "infer µs",
-        "output µs"
+        "output µs",
+        "net+server µs"
     );
     let mut report = serde_json::Map::new();
     for concurrency in KSERVE_PYTHON_LEVELS {
@@ -585,12 +590,23 @@ async fn perf_analyzer_on_ours(quick: bool) -> serde_json::Value {
             .output()
             .await
             .expect("run perf_analyzer");
-        assert!(
-            output.status.success(),
-            "perf_analyzer failed:\n{}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        if !output.status.success() {
+            // Most often no stable measurement on a busy machine: said and recorded, and the
+            // other levels (and the rest of the report) still measured.
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let reason = stdout
+                .lines()
+                .chain(String::from_utf8_lossy(&output.stderr).lines())
+                .filter(|line| line.contains("ailed") || line.contains("rror"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!("  {concurrency:>11}  perf_analyzer failed: {reason}");
+            report.insert(
+                concurrency.to_string(),
+                serde_json::json!({ "failed": reason }),
+            );
+            continue;
+        }
         let table = std::fs::read_to_string(&csv).expect("perf_analyzer's CSV");
         let row = perf_analyzer_row(&table);
         let column = |name: &str| {
@@ -598,7 +614,7 @@ async fn perf_analyzer_on_ours(quick: bool) -> serde_json::Value {
                 .unwrap_or_else(|| panic!("no {name} column in perf_analyzer's CSV:\n{table}"))
         };
         println!(
-            "  {concurrency:>11}  {:>10.1}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}",
+            "  {concurrency:>11}  {:>10.1}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}  {:>9.0}  {:>13.0}",
             column("Inferences/Second"),
             column("p50 latency"),
             column("p99 latency"),
@@ -606,6 +622,7 @@ async fn perf_analyzer_on_ours(quick: bool) -> serde_json::Value {
             column("Server Compute Input"),
             column("Server Compute Infer"),
             column("Server Compute Output"),
+            column("Network+Server Send/Recv"),
         );
         report.insert(concurrency.to_string(), serde_json::json!(row));
     }
