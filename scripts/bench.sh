@@ -21,8 +21,9 @@ cargo bench --workspace --bench prediction_latency
 cargo bench --workspace --bench token_check
 cargo bench --workspace --bench ledger
 # inference's and validation's `throughput` benches, both; inference's includes the comparison
-# with KServe's Python model server and perf_analyzer's figures (one section alone:
-# `cargo bench --workspace --bench throughput -- kserve-python`, or `-- perf-analyzer`)
+# with KServe's Python model server and perf_analyzer's figures (only those sections of it:
+# `cargo bench --workspace --bench throughput -- kserve-python perf-analyzer`; validation's
+# bench ignores the arguments)
 cargo bench --workspace --bench throughput
 cargo bench --workspace --bench gateway_throughput
 cargo bench --workspace --bench versus_monolith
