@@ -7,6 +7,10 @@ cd "$root"
 bash scripts/build-prerequisites.sh
 bash scripts/fetch-assets.sh
 bash scripts/monolith.sh
+# inference's `throughput` bench: KServe's Python model server as its baseline, and Triton's
+# perf_analyzer driving the service
+bash scripts/kserve-python.sh
+bash scripts/kserve-clients.sh
 # One build for binaries and benches: `--workspace` everywhere, so cargo unifies features the
 # same way for both and builds each crate once (with -p it rebuilt ~100 crates per bench).
 cargo build --release --workspace --bins --benches --quiet
@@ -16,7 +20,10 @@ trap stop_test_servers EXIT
 cargo bench --workspace --bench prediction_latency
 cargo bench --workspace --bench token_check
 cargo bench --workspace --bench ledger
-# inference's and validation's `throughput` benches, both
+# inference's and validation's `throughput` benches, both; inference's includes the comparison
+# with KServe's Python model server and perf_analyzer's figures (only those sections of it:
+# `cargo bench --workspace --bench throughput -- kserve-python perf-analyzer`; validation's
+# bench ignores the arguments)
 cargo bench --workspace --bench throughput
 cargo bench --workspace --bench gateway_throughput
 cargo bench --workspace --bench versus_monolith
