@@ -2089,12 +2089,24 @@ async fn a_prediction_is_answered_without_waiting_for_its_delivery_note() {
         .await
         .expect("answered though its note is lost")
         .into_inner();
-    // The lost note has been tried (a listing waits for this gateway's notes in flight).
+    let listed_unnoted = gateway
+        .infer(authorised(infer(noise_png(64, 4), ""), &admin))
+        .await
+        .expect("answered though its note is lost")
+        .into_inner();
+    // The lost notes have been tried (a listing waits for this gateway's notes in flight).
     gateway
         .list_results(authorised(gw::ListResultsRequest { filter: None }, &admin))
         .await
         .expect("list");
+    // So have the notes that listing tried to write back (a read of a noted result waits for
+    // them and starts none), so none lands once the trigger is gone.
+    gateway
+        .get_result(read_back(answered.result_id.clone()))
+        .await
+        .expect("the answered result reads back");
     assert_eq!(stored_seq(unnoted.result_id.clone()).await, Some(0));
+    assert_eq!(stored_seq(listed_unnoted.result_id.clone()).await, Some(0));
     results
         .execute_unprepared("DROP TRIGGER hold_delivery_notes ON inference_results")
         .await
@@ -2112,7 +2124,96 @@ async fn a_prediction_is_answered_without_waiting_for_its_delivery_note() {
         Some(unnoted.ledger_seq as i64),
         "the missing note is written from the ledger"
     );
+
+    // A listing that took a delivery from the ledger writes its note back, so no later listing
+    // pays that ledger look-up again. The look-ups are counted where they land: the audit
+    // service's QueryEvents calls (nothing else queries the ledger here). Left unnoted: the
+    // delivered `listed_unnoted`, and `never_delivered`, which has no ledger record and so is
+    // looked up by every listing and never listed.
+    let unnoted_rows = || {
+        let results = results.clone();
+        async move {
+            results
+                .query_one_raw(Statement::from_string(
+                    DatabaseBackend::Postgres,
+                    "SELECT count(*)::bigint AS unnoted FROM inference_results \
+                     WHERE ledger_seq = 0 AND route <> 'SHADOW'",
+                ))
+                .await
+                .expect("query")
+                .expect("a row")
+                .try_get::<i64>("", "unnoted")
+                .expect("unnoted")
+        }
+    };
+    let ledger_lookups = || async {
+        metric_sum(
+            &scrape(&mesh, "audit").await,
+            "grpc_server_started_total",
+            &[("grpc_method", "QueryEvents")],
+        )
+    };
+    assert_eq!(
+        unnoted_rows().await,
+        2,
+        "listed_unnoted and never_delivered"
+    );
+    let lookups_before = ledger_lookups().await;
+    let listed = listed_seqs(&mut replica, &admin).await;
+    let lookups_first = ledger_lookups().await - lookups_before;
+    assert_eq!(
+        listed.get(&listed_unnoted.result_id),
+        Some(&listed_unnoted.ledger_seq),
+        "a delivery whose note was lost is listed from its ledger record"
+    );
+    assert!(!listed.contains_key(&never_delivered), "{listed:?}");
+    assert_eq!(lookups_first, 2.0, "one ledger look-up per unnoted row");
+    // The note the listing wrote back lands in the results database (the listing answered
+    // without waiting for it).
+    let noted_by = std::time::Instant::now() + Duration::from_secs(30);
+    while stored_seq(listed_unnoted.result_id.clone()).await
+        != Some(listed_unnoted.ledger_seq as i64)
+    {
+        assert!(
+            std::time::Instant::now() < noted_by,
+            "the listing never wrote back the note it took from the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        unnoted_rows().await,
+        1,
+        "only never_delivered is left unnoted"
+    );
+    let lookups_before = ledger_lookups().await;
+    let listed = listed_seqs(&mut replica, &admin).await;
+    let lookups_second = ledger_lookups().await - lookups_before;
+    assert_eq!(
+        listed.get(&listed_unnoted.result_id),
+        Some(&listed_unnoted.ledger_seq)
+    );
+    assert!(!listed.contains_key(&never_delivered), "{listed:?}");
+    assert_eq!(
+        lookups_second, 1.0,
+        "the second listing looks up only never_delivered, not the row the first one noted"
+    );
     mesh.stop().await;
+}
+
+/// Every result one listing shows, with the ledger seq it shows it delivered under.
+async fn listed_seqs(
+    gateway: &mut medai_cli::client::GatewayClient,
+    token: &str,
+) -> BTreeMap<String, u64> {
+    gateway
+        .list_results(authorised(gw::ListResultsRequest { filter: None }, token))
+        .await
+        .expect("list")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|result| (result.result_id, result.ledger_seq))
+        .collect()
 }
 
 /// A Service address (issue 13): each new connection goes to the replica named now, as

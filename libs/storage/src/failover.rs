@@ -23,8 +23,6 @@ use sea_orm::{DatabaseConnection, DbErr, SqlxPostgresConnector};
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// How long one probe (of the pool's server, or of one candidate host) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The pool size every service uses (as [`crate::connect`] does for one host).
-const MAX_CONNECTIONS: u32 = 8;
 /// True when the server cannot take writes: a standby, or one set read-only.
 const READ_ONLY_QUERY: &str = "SELECT pg_catalog.pg_is_in_recovery() OR pg_catalog.current_setting('transaction_read_only') = 'on'";
 /// Counts switches of a pool to another server (label `to`: the host's position in the list,
@@ -114,8 +112,12 @@ struct Target {
 }
 
 /// Opens a pool on the first server of `hosts` that qualifies and keeps it on a qualifying
-/// server for as long as the pool is open (see the module documentation).
-pub async fn connect_to_one_of(hosts: HostList) -> Result<DatabaseConnection, DbErr> {
+/// server for as long as the pool is open (see the module documentation). The pool holds at
+/// most `max_connections`, as [`crate::connect_with_max_connections`]'s does for one host.
+pub async fn connect_to_one_of(
+    hosts: HostList,
+    max_connections: u32,
+) -> Result<DatabaseConnection, DbErr> {
     let options = hosts
         .single_host_urls
         .iter()
@@ -134,7 +136,7 @@ pub async fn connect_to_one_of(hosts: HostList) -> Result<DatabaseConnection, Db
     }));
     let for_acquire = target.clone();
     let pool = PgPoolOptions::new()
-        .max_connections(MAX_CONNECTIONS)
+        .max_connections(max_connections)
         // A connection opened before the last switch may lead to a demoted server: close it.
         .before_acquire(move |_connection, metadata| {
             let opened_before_switch = for_acquire

@@ -17,12 +17,24 @@ pub mod failover;
 /// PostgreSQL URL may name several servers (`postgres://u@h1:p1,h2:p2/db?target_session_attrs=
 /// read-write`): the pool then follows the read-write one across a failover ([`failover`]).
 pub async fn connect(database_url: &str) -> Result<DatabaseConnection, DbErr> {
+    connect_with_max_connections(database_url, DEFAULT_MAX_CONNECTIONS).await
+}
+
+/// The pool size a service's database connection has unless its configuration says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+
+/// [`connect`] with a pool of at most `max_connections` (at least one).
+pub async fn connect_with_max_connections(
+    database_url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, DbErr> {
+    let max_connections = max_connections.max(1);
     if let Some(hosts) = failover::HostList::parse(database_url)? {
-        return failover::connect_to_one_of(hosts).await;
+        return failover::connect_to_one_of(hosts, max_connections).await;
     }
     let mut options = ConnectOptions::new(database_url.to_owned());
     // Statement logging could carry request values into logs; the services log what they mean.
-    options.sqlx_logging(false).max_connections(8);
+    options.sqlx_logging(false).max_connections(max_connections);
     let connection = Database::connect(options).await?;
     if connection.get_database_backend() == DatabaseBackend::Sqlite {
         connection

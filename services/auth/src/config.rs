@@ -12,6 +12,14 @@ pub struct AuthConfig {
     pub tls: TlsFiles,
     /// `postgres://…` in production, `sqlite://…?mode=rwc` for the embedded default.
     pub database_url: String,
+    /// Connections auth's pool holds at most. No request of auth holds more than one at a time
+    /// (a transaction does all its reads through itself), so any size from 1 serves; more only
+    /// lets more requests reach the database at once.
+    #[serde(
+        default = "default_database_max_connections",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub database_max_connections: u32,
     /// The audit service, for example `https://127.0.0.1:50055`.
     pub audit_endpoint: String,
     #[serde(default)]
@@ -89,6 +97,10 @@ fn default_publication_lead() -> u64 {
 
 fn default_ticket_ttl() -> u64 {
     300
+}
+
+pub fn default_database_max_connections() -> u32 {
+    medai_storage::DEFAULT_MAX_CONNECTIONS
 }
 
 /// Lockout after repeated failed logins.
@@ -210,6 +222,9 @@ impl AuthConfig {
             || self.tokens.signing_ticket_ttl_seconds > 900
         {
             return Err("tokens.signing_ticket_ttl_seconds must be 1–900".to_owned());
+        }
+        if self.database_max_connections == 0 {
+            return Err("database_max_connections must be positive".to_owned());
         }
         if self.passwords.max_concurrent_hashes == 0 {
             return Err("passwords.max_concurrent_hashes must be positive".to_owned());

@@ -96,7 +96,12 @@ pub async fn serve(
         config.passwords.max_concurrent_hashes,
         config.passwords.max_waiting_hashes,
     ));
-    let connection = store::connect(&config.database_url, config.process.run_migrations).await?;
+    let connection = store::connect(
+        &config.database_url,
+        config.process.run_migrations,
+        config.database_max_connections,
+    )
+    .await?;
     if let Some(admin) = &config.bootstrap_admin {
         authority::ensure_bootstrap_admin(&connection, admin, &hash_gate).await?;
     }

@@ -151,16 +151,18 @@ pub mod subject_token_floor {
 }
 
 pub async fn connect_and_migrate(database_url: &str) -> Result<DatabaseConnection, DbErr> {
-    connect(database_url, true).await
+    connect(database_url, true, medai_storage::DEFAULT_MAX_CONNECTIONS).await
 }
 
-/// Connects; migrates first when `run_migrations`, else refuses a schema that lacks a
-/// migration (see `medai_storage::prepare_schema`).
+/// Connects with a pool of at most `max_connections`; migrates first when `run_migrations`,
+/// else refuses a schema that lacks a migration (see `medai_storage::prepare_schema`).
 pub async fn connect(
     database_url: &str,
     run_migrations: bool,
+    max_connections: u32,
 ) -> Result<DatabaseConnection, DbErr> {
-    let connection = medai_storage::connect(database_url).await?;
+    let connection =
+        medai_storage::connect_with_max_connections(database_url, max_connections).await?;
     medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
     Ok(connection)
 }

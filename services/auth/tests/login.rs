@@ -34,6 +34,7 @@ fn auth_config(pki: &TestPki, database_url: String, audit_endpoint: String) -> A
         process: test_process_config(),
         tls: pki.files("auth"),
         database_url,
+        database_max_connections: medai_auth::config::default_database_max_connections(),
         audit_endpoint,
         tokens: TokenSettings::default(),
         bootstrap_admin: Some(BootstrapAdmin {
@@ -405,6 +406,12 @@ async fn invalid_settings_stop_the_service_with_a_clear_message() {
     assert!(error.contains("access_token_ttl_seconds"), "{error}");
 
     let error = refused_settings(&pki, |config| {
+        config.database_max_connections = 0;
+    })
+    .await;
+    assert!(error.contains("database_max_connections"), "{error}");
+
+    let error = refused_settings(&pki, |config| {
         config.bootstrap_admin = Some(BootstrapAdmin {
             username: "admin".to_owned(),
             password: Secret::new("short"),
@@ -615,6 +622,12 @@ fn documented_auth_records() -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// Every state-changing RPC (the list is compliance/state-changes.md's, checked at the end)
+/// writes exactly its ledger record. Auth runs here on a pool of ONE database connection: a
+/// request that, inside its transaction, took a second pooled connection (as a login's key read
+/// once did, a deadlock once logins of one user fill the pool) would wait for the pool's only
+/// connection, which its own transaction holds, until the 30 s acquire timeout and fail
+/// INTERNAL, so every transaction of auth is checked to do all its work through itself.
 #[tokio::test]
 async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance() {
     use medai_proto::auth::v1::{
@@ -624,8 +637,17 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
     const LIMIT: u32 = 3;
     let service = AuthUnderTest::start_with(|config| {
         config.lockout.max_failed_attempts = LIMIT;
+        config.database_max_connections = 1;
     })
     .await;
+    // A refusal must be the stable one the step expects, not an INTERNAL from a stalled pool.
+    let refused_with = |status: tonic::Status, code: Code, reason: &str| {
+        assert_eq!(
+            (status.code(), reason_of(&status).unwrap_or_default()),
+            (code, reason.to_owned()),
+            "{status:?}"
+        );
+    };
     let mut gateway = service.client_as("gateway");
     let mut expected = service.recorded_all().await;
     let mut checked = BTreeSet::new();
@@ -640,10 +662,14 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         }};
     }
 
-    gateway
-        .login(wrong_password("admin"))
-        .await
-        .expect_err("wrong password");
+    refused_with(
+        gateway
+            .login(wrong_password("admin"))
+            .await
+            .expect_err("wrong password"),
+        Code::Unauthenticated,
+        "INVALID_CREDENTIALS",
+    );
     step!("Login, wrong password", [("LOGIN", "FAILURE", 1)]);
     let admin = grant_of(&mut gateway, "admin", PASSWORD).await;
     step!("Login", [("LOGIN", "SUCCESS", 1)]);
@@ -671,10 +697,14 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         .await
         .expect("refresh");
     step!("Refresh", [("TOKEN_REFRESH", "SUCCESS", 1)]);
-    gateway
-        .refresh(refresh(&carol.refresh_token))
-        .await
-        .expect_err("reuse");
+    refused_with(
+        gateway
+            .refresh(refresh(&carol.refresh_token))
+            .await
+            .expect_err("reuse"),
+        Code::Unauthenticated,
+        "REFRESH_TOKEN_REUSED",
+    );
     step!("Refresh, reused", [("REFRESH_TOKEN_REUSE", "DENIED", 1)]);
 
     gateway
@@ -701,10 +731,14 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         new_password: "carol's third password".to_owned(),
         correlation_id: String::new(),
     };
-    gateway
-        .change_password(change("not carol's password"))
-        .await
-        .expect_err("wrong current password");
+    refused_with(
+        gateway
+            .change_password(change("not carol's password"))
+            .await
+            .expect_err("wrong current password"),
+        Code::Unauthenticated,
+        "INVALID_CREDENTIALS",
+    );
     step!("ChangePassword, wrong", [("PASSWORD_CHANGE", "FAILURE", 1)]);
     gateway
         .change_password(change("carol's new password"))
@@ -748,10 +782,14 @@ async fn every_state_changing_rpc_writes_the_ledger_record_listed_in_compliance(
         .expect("create");
     step!("CreateUser dan", [("USER_CREATE", "SUCCESS", 1)]);
     for _ in 0..LIMIT {
-        gateway
-            .login(wrong_password("dan"))
-            .await
-            .expect_err("wrong password");
+        refused_with(
+            gateway
+                .login(wrong_password("dan"))
+                .await
+                .expect_err("wrong password"),
+            Code::Unauthenticated,
+            "INVALID_CREDENTIALS",
+        );
     }
     step!(
         "Login, wrong password up to the limit",
@@ -1129,7 +1167,7 @@ async fn a_storm_of_32_logins_is_bounded_and_gives_its_memory_back() {
     );
 }
 
-/// Concurrent logins of one user, more than auth's connection pool holds (8), each of whose
+/// Concurrent logins of one user, more than auth's connection pool holds (3 here), each of whose
 /// transactions waits for the user's row lock while holding a pooled connection: the login that
 /// gets the lock must finish without a second pooled connection (it reads the signing keys
 /// through its own transaction), so every login is granted once the lock is free. Before, the
@@ -1137,11 +1175,16 @@ async fn a_storm_of_32_logins_is_bounded_and_gives_its_memory_back() {
 /// in a login storm).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_of_one_user_queued_on_its_row_lock_past_the_pool_size_are_all_granted() {
-    const LOGINS: usize = 10;
-    const POOL: i64 = 8;
+    const LOGINS: usize = 5;
+    const POOL: i64 = 3;
     let pki = TestPki::new();
     let (audit, _audit_database) = start_ledger(&pki).await;
-    let auth = AuthProcess::start(&pki, &audit, &[]).await;
+    let auth = AuthProcess::start(
+        &pki,
+        &audit,
+        &[("MEDAI_AUTH_DATABASE_MAX_CONNECTIONS", POOL.to_string())],
+    )
+    .await;
     let gateway = AuthServiceClient::new(pki.channel_as("gateway", auth.grpc, "auth"));
     grant_of(&mut gateway.clone(), "admin", PASSWORD).await;
 

@@ -42,6 +42,7 @@ async fn start_auth(pki: &TestPki, database_url: &str, audit: &TestServer) -> Te
         process: test_process_config(),
         tls: pki.files("auth"),
         database_url: database_url.to_owned(),
+        database_max_connections: medai_auth::config::default_database_max_connections(),
         audit_endpoint: format!("https://{}", audit.address),
         tokens: TokenSettings::default(),
         bootstrap_admin: Some(BootstrapAdmin {
