@@ -34,7 +34,9 @@ echo "== rendered manifests against the Kubernetes $kubernetes_version API schem
 bash scripts/helm.sh template medai helm/medai > "$work/default.yaml"
 bash scripts/helm.sh template other helm/medai --set autoscaling.enabled=true \
   --set databases.audit.migrationSecretName=medai-audit-migration \
-  --set-json 'extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' > "$work/variant.yaml"
+  --set-json 'extraEnv=[{"name":"RUST_BACKTRACE","value":"1"}]' \
+  --set auth.passwords.maxConcurrentHashes=4 --set auth.passwords.maxWaitingHashes=64 \
+  > "$work/variant.yaml"
 # cert-manager's kinds have no schema here (a warning); tests/tests/chart.rs checks their fields.
 bash scripts/helm.sh template medai helm/medai --set certManager.enabled=true > "$work/cert-manager.yaml"
 # The optional PACS bridge (templates/bridge.yaml), with its outbox on a claim.

@@ -45,7 +45,9 @@ pub enum ClientError {
 /// Every call to the gateway is sent again when the gateway provably never processed it (a
 /// draining replica's GOAWAY; see `medai_runtime::unprocessed`), whatever it changes.
 pub type GatewayClient = GatewayServiceClient<RetryNeverProcessed<Channel>>;
-pub type InferenceClient = InferenceServiceClient<Channel>;
+/// The same for every call straight to the inference service (`medai models`): a lifecycle
+/// change a draining replica never processed is sent again, one it may have run never is.
+pub type InferenceClient = InferenceServiceClient<RetryNeverProcessed<Channel>>;
 
 /// How to reach a server: its URL, the CA to trust, the name its certificate must carry, and
 /// an optional client certificate.
@@ -80,9 +82,12 @@ pub async fn connect_gateway_with(options: &ConnectOptions) -> Result<GatewayCli
         .max_decoding_message_size(MAX_MESSAGE))
 }
 
-/// The inference service directly (model lifecycle), with the operator's certificate.
+/// The inference service directly (model lifecycle), with the operator's certificate; calls
+/// go through the same resend layer as the gateway's ([`GatewayClient`]).
 pub async fn connect_inference(options: &ConnectOptions) -> Result<InferenceClient, ClientError> {
-    Ok(InferenceServiceClient::new(connect(options).await?))
+    Ok(InferenceServiceClient::new(RetryNeverProcessed::new(
+        connect(options).await?,
+    )))
 }
 
 /// Opens a TLS channel and classifies what went wrong if it cannot.

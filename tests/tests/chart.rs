@@ -268,6 +268,56 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         "two gateway replicas"
     );
 
+    // 1b. The argon2id hash bounds of tests/chart/values.yaml (auth.passwords) are in the auth
+    //     pod's environment, and auth, started with exactly that environment, takes them as
+    //     its effective config (a misspelt variable would have stopped it at start).
+    let auth_pod = cluster
+        .pods
+        .iter()
+        .find(|pod| pod.owner == "medai-auth")
+        .expect("an auth pod");
+    let bounds: Vec<(String, String)> = auth_pod
+        .environment()
+        .iter()
+        .filter(|(name, _)| name.contains("PASSWORDS__"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        bounds,
+        [
+            (
+                "MEDAI_AUTH_PASSWORDS__MAX_CONCURRENT_HASHES".to_owned(),
+                "2".to_owned()
+            ),
+            (
+                "MEDAI_AUTH_PASSWORDS__MAX_WAITING_HASHES".to_owned(),
+                "32".to_owned()
+            ),
+        ]
+    );
+    let printed = tokio::process::Command::new(binaries_dir().join("medai-auth"))
+        .arg("--print-config")
+        .env_clear()
+        .envs(auth_pod.environment().iter().cloned())
+        .output()
+        .await
+        .expect("medai-auth --print-config");
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let effective: toml::Value =
+        toml::from_str(&String::from_utf8_lossy(&printed.stdout)).expect("the config as TOML");
+    assert_eq!(
+        (
+            effective["passwords"]["max_concurrent_hashes"].as_integer(),
+            effective["passwords"]["max_waiting_hashes"].as_integer()
+        ),
+        (Some(2), Some(32)),
+        "auth runs with the chart's hash bounds"
+    );
+
     // 2. A real prediction through the gateway, reached by its Service name.
     let gateway_address = cluster.service_address("medai-gateway", 50051);
     let gateway_endpoint = format!("https://{gateway_address}");
@@ -1971,6 +2021,200 @@ fn autoscaling_covers_gateway_auth_validation_and_inference() {
             "{name}: the replica count is the autoscaler's exactly when one scales it"
         );
     }
+}
+
+/// Every container of every workload the chart renders (Deployments, Jobs, the helm test
+/// Pod), as (workload name, container).
+fn rendered_containers(manifests: &[Value]) -> Vec<(String, &Value)> {
+    let mut containers = Vec::new();
+    for manifest in manifests {
+        let spec = match manifest["kind"].as_str() {
+            Some("Deployment" | "StatefulSet" | "DaemonSet" | "Job") => {
+                &manifest["spec"]["template"]["spec"]
+            }
+            Some("Pod") => &manifest["spec"],
+            _ => continue,
+        };
+        let name = manifest["metadata"]["name"].as_str().expect("name");
+        for list in ["initContainers", "containers"] {
+            for container in spec[list].as_array().into_iter().flatten() {
+                containers.push((name.to_owned(), container));
+            }
+        }
+    }
+    containers
+}
+
+/// A container's `env` entries whose name contains `needle`, as (name, literal value).
+fn env_entries(container: &Value, needle: &str) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry["name"].as_str()?;
+            name.contains(needle).then(|| {
+                (
+                    name.to_owned(),
+                    entry["value"]
+                        .as_str()
+                        .unwrap_or("<not a literal>")
+                        .to_owned(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// auth.passwords (the argon2id hash bounds) reach the auth container as exactly the two
+/// variables auth reads, and no other container; unset, none is rendered and auth applies its
+/// own defaults (the CPU cores up to 8, 64 waiting).
+#[test]
+fn auth_password_hash_bounds_reach_only_the_auth_container() {
+    let scratch = tempfile::tempdir().expect("scratch");
+    let values = scratch.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "auth:\n  passwords:\n    maxConcurrentHashes: 3\n    maxWaitingHashes: 1000\n",
+    )
+    .expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    let containers = rendered_containers(&manifests);
+    assert!(
+        containers.len() >= SERVICES.len(),
+        "every service's container is rendered"
+    );
+    let mut auth_seen = false;
+    for (workload, container) in &containers {
+        let passwords = env_entries(container, "PASSWORDS__");
+        if workload == "medai-auth" {
+            auth_seen = true;
+            assert_eq!(
+                passwords,
+                [
+                    (
+                        "MEDAI_AUTH_PASSWORDS__MAX_CONCURRENT_HASHES".to_owned(),
+                        "3".to_owned()
+                    ),
+                    (
+                        "MEDAI_AUTH_PASSWORDS__MAX_WAITING_HASHES".to_owned(),
+                        "1000".to_owned()
+                    ),
+                ],
+                "the auth container gets exactly the two bounds, as given"
+            );
+        } else {
+            assert!(
+                passwords.is_empty(),
+                "{workload} must not get auth's hash bounds: {passwords:?}"
+            );
+        }
+    }
+    assert!(auth_seen, "the auth Deployment is rendered");
+
+    // Only one of the two set: only that one is rendered.
+    std::fs::write(&values, "auth:\n  passwords:\n    maxWaitingHashes: 8\n").expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    let auth = rendered_containers(&manifests)
+        .into_iter()
+        .find(|(workload, _)| workload == "medai-auth")
+        .expect("auth")
+        .1
+        .clone();
+    assert_eq!(
+        env_entries(&auth, "PASSWORDS__"),
+        [(
+            "MEDAI_AUTH_PASSWORDS__MAX_WAITING_HASHES".to_owned(),
+            "8".to_owned()
+        )]
+    );
+
+    // The chart's defaults: nothing set, so the service's own defaults apply.
+    std::fs::write(&values, "{}\n").expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    for (workload, container) in rendered_containers(&manifests) {
+        assert_eq!(
+            env_entries(container, "PASSWORDS__"),
+            [],
+            "{workload}: no hash bound unless one is set"
+        );
+    }
+}
+
+/// A hash bound that is not a positive integer within its maximum is refused by
+/// values.schema.json when the chart is rendered: helm exits non-zero naming the value.
+#[test]
+fn auth_password_hash_bounds_that_are_not_positive_integers_are_refused_at_template_time() {
+    let root = workspace_root();
+    let refused = [
+        ("--set", "auth.passwords.maxConcurrentHashes=0", "minimum"),
+        ("--set", "auth.passwords.maxWaitingHashes=0", "minimum"),
+        (
+            "--set-string",
+            "auth.passwords.maxConcurrentHashes=4",
+            "want integer",
+        ),
+        (
+            "--set-string",
+            "auth.passwords.maxWaitingHashes=eight",
+            "want integer",
+        ),
+        (
+            "--set",
+            "auth.passwords.maxConcurrentHashes=2.5",
+            "want integer",
+        ),
+        ("--set", "auth.passwords.maxConcurrentHashes=65", "maximum"),
+        ("--set", "auth.passwords.maxWaitingHashes=4097", "maximum"),
+        (
+            "--set",
+            "auth.passwords.maxConcurentHashes=4",
+            "additional properties",
+        ),
+    ];
+    for (flag, setting, reason) in refused {
+        let output = std::process::Command::new("bash")
+            .arg(root.join("scripts/helm.sh"))
+            .args(["template", RELEASE, "helm/medai", "--namespace", NAMESPACE])
+            .args([flag, setting])
+            .current_dir(&root)
+            .output()
+            .expect("helm template");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{flag} {setting} was rendered instead of refused"
+        );
+        let key = setting
+            .split_once('=')
+            .expect("key=value")
+            .0
+            .rsplit('.')
+            .next()
+            .expect("a key");
+        assert!(
+            stderr.contains("/auth/passwords") && stderr.contains(key),
+            "{flag} {setting}: the refusal names the value: {stderr}"
+        );
+        assert!(
+            stderr.contains(reason),
+            "{flag} {setting}: refused for {reason}: {stderr}"
+        );
+    }
+    // The bounds themselves are accepted.
+    let output = std::process::Command::new("bash")
+        .arg(root.join("scripts/helm.sh"))
+        .args(["template", RELEASE, "helm/medai", "--namespace", NAMESPACE])
+        .args(["--set", "auth.passwords.maxConcurrentHashes=1"])
+        .args(["--set", "auth.passwords.maxWaitingHashes=4096"])
+        .current_dir(&root)
+        .output()
+        .expect("helm template");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Audit's checkpoint log (every signed checkpoint, outside the database) lives on the

@@ -3,14 +3,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use medai_e2e::{ADMIN_PASSWORD, MeshUnderTest, Storage, authorised};
 use medai_proto::gateway::v1 as gw;
+use medai_runtime::tls::{TlsFiles, TlsMaterial};
 use medai_testkit::{Assets, TestPki, binaries_dir};
 use serde_json::Value;
+use tokio_stream::StreamExt;
 
 const UID_ROOT: &str = "1.2.826.0.1.3680043.10.1234.16";
 
@@ -647,7 +651,148 @@ async fn medai_infers_small_and_large_images_streams_a_dicom_folder_and_signs_a_
     mesh.stop().await;
 }
 
-#[tokio::test]
+/// A Service address in front of the inference service whose first pod is draining as the
+/// first call reaches it: the front's first connection goes to a pod that reads the HTTP/2
+/// connection up to that call's HEADERS and answers GOAWAY(last stream 0, NO_ERROR), so the
+/// call is above the last stream id (RFC 9113 §6.8: not processed, may be sent again); every
+/// later connection goes to the real inference service, as kube-proxy sends new connections
+/// to the pods still ready. Raw frames, so the GOAWAY comes after the call's HEADERS every
+/// time and not before the call is made.
+struct DrainingFront {
+    address: std::net::SocketAddr,
+    /// Calls the draining pod answered with GOAWAY.
+    refused: Arc<AtomicUsize>,
+    /// Connections sent on to the real inference service.
+    forwarded: Arc<AtomicUsize>,
+}
+
+impl DrainingFront {
+    async fn start(tls: &TlsMaterial, inference: std::net::SocketAddr) -> Self {
+        let draining = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the draining pod");
+        let draining_address = draining.local_addr().expect("address");
+        let refused = Arc::new(AtomicUsize::new(0));
+        let mut connections = medai_runtime::server::incoming(
+            draining,
+            tls,
+            medai_runtime::tls::ClientCertificates::Required,
+        );
+        {
+            let refused = refused.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(connection)) = connections.next().await {
+                    let refused = refused.clone();
+                    tokio::spawn(answer_the_first_call_with_goaway(connection, refused));
+                }
+            });
+        }
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the Service address");
+        let address = front.local_addr().expect("address");
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        {
+            let forwarded = forwarded.clone();
+            tokio::spawn(async move {
+                let mut pod = draining_address;
+                while let Ok((mut inbound, _)) = front.accept().await {
+                    let target = std::mem::replace(&mut pod, inference);
+                    if target == inference {
+                        forwarded.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+            });
+        }
+        Self {
+            address,
+            refused,
+            forwarded,
+        }
+    }
+}
+
+/// One HTTP/2 frame: its 9-byte header (length, type, flags, stream 0) and payload.
+fn http2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len())
+        .expect("a short frame")
+        .to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Writes `frame` and flushes it through TLS; false when the connection is gone.
+async fn send_frame<S>(connection: &mut S, frame: &[u8]) -> bool
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    connection.write_all(frame).await.is_ok() && connection.flush().await.is_ok()
+}
+
+/// The server side of a connection whose server begins draining as the first call arrives:
+/// settings exchanged, then the first HEADERS frame answered with GOAWAY(last stream id 0,
+/// NO_ERROR) and nothing of the call read further. `refused` counts the calls so answered,
+/// before the GOAWAY leaves (so before the client can have seen it).
+async fn answer_the_first_call_with_goaway<S>(mut connection: S, refused: Arc<AtomicUsize>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    const SETTINGS: u8 = 0x4;
+    const HEADERS: u8 = 0x1;
+    const GOAWAY: u8 = 0x7;
+    const ACK: u8 = 0x1;
+    let mut preface = [0_u8; 24];
+    if connection.read_exact(&mut preface).await.is_err()
+        || &preface != b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        || !send_frame(&mut connection, &http2_frame(SETTINGS, 0, &[])).await
+    {
+        return;
+    }
+    loop {
+        let mut header = [0_u8; 9];
+        if connection.read_exact(&mut header).await.is_err() {
+            return;
+        }
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+        let mut payload = vec![0_u8; usize::try_from(length).expect("a frame length")];
+        if connection.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        let answer = match header[3] {
+            SETTINGS if header[4] & ACK == 0 => http2_frame(SETTINGS, ACK, &[]),
+            HEADERS => {
+                refused.fetch_add(1, Ordering::SeqCst);
+                // Last stream id 0 (no stream processed), error code NO_ERROR.
+                if send_frame(&mut connection, &http2_frame(GOAWAY, 0, &[0; 8])).await {
+                    // Read on until the client closes, as a draining server does.
+                    let mut rest = Vec::new();
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(30),
+                        connection.read_to_end(&mut rest),
+                    )
+                    .await;
+                }
+                return;
+            }
+            _ => continue,
+        };
+        if !send_frame(&mut connection, &answer).await {
+            return;
+        }
+    }
+}
+
+// Two workers: the draining front's tasks run while the test waits on the `medai` process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_certificate() {
     // A repository of its own, so lifecycle changes touch nothing shared.
     let state = tempfile::tempdir().expect("state dir");
@@ -680,9 +825,10 @@ async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_
     let mesh = medai_cli::launcher::RunningMesh::start(&settings)
         .await
         .expect("the mesh starts");
-    let inference = format!("https://{}", mesh.address("inference").expect("inference"));
+    let inference_address = mesh.address("inference").expect("inference");
+    let inference = format!("https://{inference_address}");
     let state_dir = mesh_state.to_str().expect("utf-8").to_owned();
-    let models = |arguments: &[&str]| {
+    let models_at = |endpoint: &str, arguments: &[&str]| {
         let mut all: Vec<&str> = vec![
             "--state-dir",
             &state_dir,
@@ -690,11 +836,12 @@ async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_
             "json",
             "models",
             "--inference",
-            &inference,
+            endpoint,
         ];
         all.extend_from_slice(arguments);
         medai(&all, None)
     };
+    let models = |arguments: &[&str]| models_at(&inference, arguments);
     let status_of = |version: &str| {
         let output = models(&["list"]);
         assert!(output.status.success(), "{}", describe(&output));
@@ -726,8 +873,8 @@ async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_
     );
 
     copy_version("2");
-    let changed = |arguments: &[&str]| {
-        let output = models(arguments);
+    let changed_at = |endpoint: &str, arguments: &[&str]| {
+        let output = models_at(endpoint, arguments);
         assert!(output.status.success(), "{}", describe(&output));
         let outcome = json_of(&output);
         assert!(outcome["ledger_seq"].as_u64() > Some(0), "{outcome}");
@@ -736,9 +883,35 @@ async fn medai_models_stages_activates_rolls_back_and_retires_with_the_operator_
             .unwrap_or_default()
             .to_owned()
     };
+    let changed = |arguments: &[&str]| changed_at(&inference, arguments);
+    // Staged through a Service address whose first pod drains as the call reaches it: the
+    // GOAWAY proves the call was never processed, so the client sends it again (the resend
+    // layer, medai_runtime::unprocessed::RetryNeverProcessed), on a new connection that
+    // reaches the inference service; without the layer the command fails with the GOAWAY.
+    let pki = settings.pki();
+    let inference_tls = TlsMaterial::load(&TlsFiles {
+        ca_cert: pki.ca_certificate(),
+        cert: pki.certificate("inference"),
+        key: pki.key("inference"),
+    })
+    .expect("the inference certificate");
+    let front = DrainingFront::start(&inference_tls, inference_address).await;
     assert_eq!(
-        changed(&["stage", "synthetic-light", "2", "--reason", "CR-16 stage"]),
+        changed_at(
+            &format!("https://{}", front.address),
+            &["stage", "synthetic-light", "2", "--reason", "CR-16 stage"]
+        ),
         "STAGED"
+    );
+    assert_eq!(
+        front.refused.load(Ordering::SeqCst),
+        1,
+        "the first attempt met the draining pod's GOAWAY"
+    );
+    assert_eq!(
+        front.forwarded.load(Ordering::SeqCst),
+        1,
+        "the call was sent again, on one new connection, to the inference service"
     );
     assert_eq!(
         changed(&["activate", "synthetic-light", "2", "--reason", "CR-16 go"]),

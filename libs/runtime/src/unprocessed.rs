@@ -10,8 +10,8 @@
 //! client fails it with the GOAWAY itself: `INTERNAL: h2 protocol error: http2 error`. A request
 //! handed to hyper after the first GOAWAY fails the same way without being written at all.
 //! grpc-go and grpc-java retry such calls transparently; tonic surfaces them, so clients of the
-//! mesh retry them here: every mesh channel, the bridge's and the CLI's gateway channels through
-//! the layer [`RetryNeverProcessed`]; at most
+//! mesh retry them here: every mesh channel, the bridge's channel and the CLI's gateway and
+//! inference (`medai models`) channels through the layer [`RetryNeverProcessed`]; at most
 //! [`MOST_ATTEMPTS`] sends in all, each only after the one before was provably never processed.
 //!
 //! Never processed, read from the transport error (a channel's error or the source chain of the
@@ -115,7 +115,7 @@ pub const MOST_HELD_BODY_BYTES: usize = 128 * 1024 * 1024;
 pub const MOST_HELD_BODY_FRAMES: usize = 16;
 
 /// [`RetryNeverProcessed`] around a channel: the rule of this module as a tower layer, for
-/// every call of a client (the mesh channels, the bridge's and the CLI's gateway channels).
+/// every call of a client (the mesh channels, the bridge's, the CLI's gateway and inference ones).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RetryNeverProcessedLayer;
 
