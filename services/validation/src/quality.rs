@@ -687,7 +687,7 @@ mod tests {
     fn integer_grey_measures_equal_the_float_measures_and_give_the_same_verdicts() {
         let spread = |x: u32, y: u32| (pattern(x, y) + 3 * noise(x, y)).clamp(0, 255) as u8;
         let images = [
-            grey(96, 80, |x, y| spread(x, y)),
+            grey(96, 80, spread),
             grey(64, 64, |_, _| 128),
             grey(64, 64, |x, _| if x < 48 { 255 } else { 0 }),
             grey(3, 3, |x, y| (x * 90 + y * 40) as u8),
