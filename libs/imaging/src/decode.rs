@@ -311,11 +311,11 @@ struct CheckedDicom {
     decode_index: u32,
 }
 
+// `get`, not `element_opt`: the latter builds an access error (capturing a backtrace when
+// backtraces are enabled) for every absent attribute before answering `None`.
 fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
     object
-        .element_opt(tag)
-        .ok()
-        .flatten()
+        .get(tag)
         .and_then(|element| element.to_str().ok())
         .map(|text| text.trim().to_owned())
         .unwrap_or_default()
@@ -323,9 +323,7 @@ fn read_text(object: &DefaultDicomObject, tag: dicom_object::Tag) -> String {
 
 fn read_u32(object: &DefaultDicomObject, tag: dicom_object::Tag) -> Option<u32> {
     object
-        .element_opt(tag)
-        .ok()
-        .flatten()
+        .get(tag)
         .and_then(|element| element.to_int::<u32>().ok())
 }
 
@@ -354,12 +352,7 @@ fn open_checked_dicom(
         .trim_end_matches('\0')
         .trim()
         .to_owned();
-    if object
-        .element_opt(tags::PIXEL_DATA)
-        .ok()
-        .flatten()
-        .is_none()
-    {
+    if object.get(tags::PIXEL_DATA).is_none() {
         return Err(ImageError::DicomNoPixelData);
     }
     // Pixels that carry identifying text cannot be de-identified by dropping attributes.
@@ -549,6 +542,9 @@ fn check_pixel_format(
 
 /// The first frame's stored values as the header defines them (see [`normalise_stored`]).
 fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ImageError> {
+    if let Some(values) = grey_stored_values(decoded) {
+        return Ok(values);
+    }
     let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
     let mut values = decoded
         .to_vec_frame_with_options::<i32>(0, &options)
@@ -559,6 +555,37 @@ fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ImageError>
         decoded.pixel_representation() == PixelRepresentation::Signed,
     );
     Ok(values)
+}
+
+/// The stored values of a grey frame of 8 or 16 bits allocated, read straight from the decoded
+/// bytes: what dicom-pixeldata's conversion without a modality LUT followed by
+/// [`normalise_stored`] gives (it reads the samples as native-endian 16-bit or as bytes, and
+/// only the `bits_stored` low bits, sign-extended, survive the normalisation, so reading them
+/// as unsigned changes nothing), without its intermediate copy and per-sample checked cast.
+/// `None` for anything else, which takes the general conversion.
+fn grey_stored_values(decoded: &DecodedPixelData<'_>) -> Option<Vec<i32>> {
+    let bits_stored = u32::from(decoded.bits_stored());
+    let bits_allocated = u32::from(decoded.bits_allocated());
+    if decoded.samples_per_pixel() != 1
+        || !matches!(bits_allocated, 8 | 16)
+        || !(1..=bits_allocated).contains(&bits_stored)
+    {
+        return None;
+    }
+    let data = decoded.frame_data(0).ok()?;
+    let mut values: Vec<i32> = if bits_allocated == 16 {
+        data.chunks_exact(2)
+            .map(|pair| i32::from(u16::from_ne_bytes([pair[0], pair[1]])))
+            .collect()
+    } else {
+        data.iter().map(|&byte| i32::from(byte)).collect()
+    };
+    normalise_stored(
+        &mut values,
+        decoded.bits_stored(),
+        decoded.pixel_representation() == PixelRepresentation::Signed,
+    );
+    Some(values)
 }
 
 /// The 8-bit display image of a grey frame (see [`crate::display`]).

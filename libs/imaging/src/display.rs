@@ -50,6 +50,9 @@ pub fn normalise_stored(values: &mut [i32], bits_stored: u16, signed: bool) {
     }
 }
 
+/// The levels a lookup table of [`GreyTransform::apply`] covers: every 16-bit stored value.
+const TABLE_LEVELS: usize = 1 << 16;
+
 impl GreyTransform {
     /// The 8-bit display values of `stored`.
     pub fn apply(&self, stored: &[i32]) -> Vec<u8> {
@@ -77,7 +80,18 @@ impl GreyTransform {
         // Stored values span at most 2^16 levels: one table entry per level costs less than
         // the arithmetic per pixel whenever there are more pixels than levels.
         let levels = i64::from(high) - i64::from(low) + 1;
-        if levels > 0 && levels as usize <= stored.len() {
+        if levels > 0 && levels <= TABLE_LEVELS as i64 && levels as usize <= stored.len() {
+            // Every stored value of up to 16 bits: a table of 2^16 entries indexed by a u16
+            // needs no bounds check, so the lookup is a load per pixel.
+            let mut table = Box::new([0_u8; TABLE_LEVELS]);
+            for (entry, value) in table.iter_mut().zip(low..=high) {
+                *entry = shown(value);
+            }
+            stored
+                .iter()
+                .map(|&value| table[usize::from((value - low) as u16)])
+                .collect()
+        } else if levels > 0 && levels as usize <= stored.len() {
             let table: Vec<u8> = (low..=high).map(shown).collect();
             stored
                 .iter()
@@ -205,6 +219,27 @@ mod tests {
             // Two pixels, two thousand levels: computed directly.
             let direct = transform.apply(&[value, -1000, 999]);
             assert_eq!(direct[0], by_table[index], "stored value {value}");
+        }
+    }
+
+    #[test]
+    fn a_full_16_bit_range_is_shown_through_the_table_as_computed_directly() {
+        let transform = GreyTransform {
+            slope: 1.0,
+            intercept: 0.0,
+            window: None,
+            invert: false,
+        };
+        // 2^16 levels (the table's size) in twice as many pixels: shown through the table.
+        let stored: Vec<i32> = (i32::from(i16::MIN)..=i32::from(i16::MAX))
+            .chain((i32::from(i16::MIN)..=i32::from(i16::MAX)).rev())
+            .collect();
+        let shown = transform.apply(&stored);
+        assert_eq!((shown[0], shown[65535], shown[65536]), (0, 255, 255));
+        for (index, &value) in stored.iter().enumerate().step_by(97) {
+            // Three pixels, 2^16 levels: computed directly.
+            let direct = transform.apply(&[value, i32::from(i16::MIN), i32::from(i16::MAX)]);
+            assert_eq!(direct[0], shown[index], "stored value {value}");
         }
     }
 

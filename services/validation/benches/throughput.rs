@@ -114,9 +114,20 @@ fn main() {
         ),
         ("PNG 1024x1024 8-bit grey", png_1024(), bare_png),
     ];
+    // An optional argument selects the images whose name contains it (e.g. `16-bit`, for a
+    // profile of one case); cargo's own `--bench` flag is ignored.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|argument| !argument.starts_with("--"));
     println!("validation throughput (decode + de-identify + quality) against the bare decoder");
     let mut report = serde_json::Map::new();
     for (name, bytes, bare) in inputs {
+        if filter
+            .as_deref()
+            .is_some_and(|wanted| !name.contains(wanted))
+        {
+            continue;
+        }
         let full = rate(|| {
             let image = decode_image_with_key(&bytes, None, &limits, Some(&secret))
                 .expect("validation decode");

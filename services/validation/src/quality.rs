@@ -172,40 +172,245 @@ impl QualityReport {
     }
 }
 
-/// Luminance in 0–1, row-major.
+/// Luminance in 0–1, row-major, of an image whose samples are not grey levels (colour).
 fn luminance(image: &CanonicalImage) -> Vec<f64> {
     let channels = image.channels as usize;
-    match (channels, image.bit_depth) {
-        (1, 16) => image
-            .pixels
-            .chunks_exact(2)
-            .map(|pair| f64::from(u16::from_le_bytes([pair[0], pair[1]])) / 65535.0)
-            .collect(),
-        (1, _) => image
-            .pixels
-            .iter()
-            .map(|value| f64::from(*value) / 255.0)
-            .collect(),
-        (_, _) => image
-            .pixels
-            .chunks_exact(channels.max(1))
-            .map(|rgb| {
-                let component =
-                    |index: usize| f64::from(rgb.get(index).copied().unwrap_or(0)) / 255.0;
-                0.299 * component(0) + 0.587 * component(1) + 0.114 * component(2)
-            })
-            .collect(),
-    }
+    image
+        .pixels
+        .chunks_exact(channels.max(1))
+        .map(|rgb| {
+            let component = |index: usize| f64::from(rgb.get(index).copied().unwrap_or(0)) / 255.0;
+            0.299 * component(0) + 0.587 * component(1) + 0.114 * component(2)
+        })
+        .collect()
 }
 
 pub fn measure(image: &CanonicalImage) -> QualityMeasures {
     let (width, height) = (image.width as usize, image.height as usize);
-    // Converted once: the neighbourhood pass below reads each sample nine times.
-    let values = luminance(image);
+    match (image.channels, image.bit_depth) {
+        // Grey levels are measured as the integers they are: every sum below is exact, and
+        // luminance (level / full scale) is applied once to each sum instead of to each pixel.
+        (1, 16) => {
+            let levels: Vec<u16> = image
+                .pixels
+                .chunks_exact(2)
+                .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+                .collect();
+            grey_measures(&levels, width, height, 65535)
+        }
+        (1, _) => grey_measures(&image.pixels, width, height, 255),
+        _ => float_measures(&luminance(image), width, height),
+    }
+}
+
+/// Pixels summed per block before the block's sums join the image's: a block's sums of squares
+/// fit 64 bits for any sample of up to 16 bits.
+const BLOCK: usize = 1 << 16;
+
+/// Exact integer sums over the image, as [`grey_measures`] needs them.
+#[derive(Default)]
+struct GreySums {
+    sum: u128,
+    squares: u128,
+    saturated: usize,
+    immerkaer: u128,
+    laplacian_sum: i128,
+    laplacian_squares: u128,
+}
+
+/// The measures of grey levels `0..=full_scale`, luminance being level / full scale. Equal to
+/// [`float_measures`] of the luminance up to rounding (`float_measures` rounds each pixel's
+/// term; here only the final sums are rounded).
+fn grey_measures<T: GreyLevel>(
+    levels: &[T],
+    width: usize,
+    height: usize,
+    full_scale: u32,
+) -> QualityMeasures {
+    let mut sums = GreySums::default();
+    // One pass for brightness, contrast and saturation.
+    for block in levels.chunks(BLOCK) {
+        let (sum, squares, saturated) = T::block_stats(block, full_scale);
+        sums.sum += u128::from(sum);
+        sums.squares += u128::from(squares);
+        sums.saturated += saturated;
+    }
+    let masks_apply = width >= 3 && height >= 3 && levels.len() == width * height;
+    if masks_apply {
+        // One pass over 3×3 neighbourhoods, three rows at a time, for Immerkær's noise
+        // estimate and the variance of the Laplacian.
+        for y in 1..height - 1 {
+            let above = &levels[(y - 1) * width..y * width];
+            let row = &levels[y * width..(y + 1) * width];
+            let below = &levels[(y + 1) * width..(y + 2) * width];
+            // Each neighbour as a slice of the inner columns, so that the loop below indexes
+            // nothing out of range and runs vectorised.
+            let mut start = 0;
+            while start < width - 2 {
+                let end = (start + BLOCK).min(width - 2);
+                let cut = |by: usize| start + by..end + by;
+                let sums_of_block = T::neighbourhood_sums(
+                    [&above[cut(0)], &above[cut(1)], &above[cut(2)]],
+                    [&row[cut(0)], &row[cut(1)], &row[cut(2)]],
+                    [&below[cut(0)], &below[cut(1)], &below[cut(2)]],
+                );
+                sums.immerkaer += u128::from(sums_of_block.0);
+                sums.laplacian_sum += i128::from(sums_of_block.1);
+                sums.laplacian_squares += u128::from(sums_of_block.2);
+                start = end;
+            }
+        }
+    }
+    let scale = f64::from(full_scale);
+    let count = levels.len().max(1);
+    let mean = sums.sum as f64 / scale / count as f64;
+    // n·Σv² − (Σv)², exact in 128 bits: a constant image has no contrast, not a rounding error.
+    let variance = exact_variance(sums.squares, sums.sum, count) / (scale * scale);
+    let (noise, sharpness) = if masks_apply {
+        let inner = (width - 2) * (height - 2);
+        let immerkaer = sums.immerkaer as f64 / scale;
+        let noise = (std::f64::consts::PI / 2.0).sqrt() * immerkaer / (6.0 * inner as f64);
+        let sharpness = exact_variance(
+            sums.laplacian_squares,
+            sums.laplacian_sum.unsigned_abs(),
+            inner,
+        ) / (scale * scale);
+        (Some(noise), Some(sharpness))
+    } else {
+        (None, None)
+    };
+    QualityMeasures {
+        mean_brightness: mean,
+        rms_contrast: variance.sqrt(),
+        noise,
+        sharpness,
+        saturated_fraction: sums.saturated as f64 / count as f64,
+    }
+}
+
+/// The variance of `count` integers from the sum of their squares and the absolute value of
+/// their sum: (n·Σv² − (Σv)²) / n², with the difference exact (both terms fit 128 bits for any
+/// image the limits admit).
+fn exact_variance(squares: u128, sum: u128, count: usize) -> f64 {
+    let count = count as u128;
+    let spread = count
+        .saturating_mul(squares)
+        .saturating_sub(sum.saturating_mul(sum));
+    spread as f64 / (count as f64 * count as f64)
+}
+
+/// A grey level type, with the two passes of [`grey_measures`] over one block of pixels.
+trait GreyLevel: Copy + Into<u32> {
+    /// The sum of the levels, of their squares, and the levels at 0 or `full_scale`.
+    fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
+        let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
+        for &level in block {
+            let level: u32 = level.into();
+            sum += u64::from(level);
+            squares += u64::from(level) * u64::from(level);
+            saturated += usize::from(level == 0 || level >= full_scale);
+        }
+        (sum, squares, saturated)
+    }
+
+    /// Over one block of inner pixels (each slice holds the same neighbour of every pixel,
+    /// left to right): the sums of Immerkær's absolute mask response, of the Laplacian and of
+    /// its square. Per pixel the mask responses fit 32 bits for samples of up to 16 bits.
+    fn neighbourhood_sums(
+        above: [&[Self]; 3],
+        row: [&[Self]; 3],
+        below: [&[Self]; 3],
+    ) -> (u64, i64, u64) {
+        let n = row[1].len();
+        let ([up_left, up, up_right], [left, centre, right], [down_left, down, down_right]) = (
+            above.map(|line| &line[..n]),
+            row.map(|line| &line[..n]),
+            below.map(|line| &line[..n]),
+        );
+        let (mut immerkaer, mut laplacian_sum, mut laplacian_squares) = (0_u64, 0_i64, 0_u64);
+        for x in 0..n {
+            let at = |line: &[Self]| line[x].into() as i32;
+            let centre = at(centre);
+            let edges = at(up) + at(left) + at(right) + at(down);
+            let corners = at(up_left) + at(up_right) + at(down_left) + at(down_right);
+            immerkaer += u64::from((4 * centre - 2 * edges + corners).unsigned_abs());
+            let laplacian = edges - 4 * centre;
+            laplacian_sum += i64::from(laplacian);
+            laplacian_squares +=
+                u64::from(laplacian.unsigned_abs()) * u64::from(laplacian.unsigned_abs());
+        }
+        (immerkaer, laplacian_sum, laplacian_squares)
+    }
+}
+
+impl GreyLevel for u16 {}
+
+/// 8-bit levels, the canonical grey image (every DICOM display image, most PNGs): the same
+/// sums, in 16-bit lanes and 32-bit strip sums, so that the loops vectorise four to eight
+/// pixels wide instead of two.
+impl GreyLevel for u8 {
+    fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
+        // 2^16 levels of at most 255: the sum of squares fits 32 bits (2^16 × 255² < 2^32).
+        let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
+        for strip in block.chunks(1 << 16) {
+            let (mut strip_sum, mut strip_squares, mut strip_saturated) = (0_u32, 0_u32, 0_u32);
+            for &level in strip {
+                let level = u32::from(level);
+                strip_sum += level;
+                strip_squares += level * level;
+                strip_saturated += u32::from(level == 0 || level >= full_scale);
+            }
+            sum += u64::from(strip_sum);
+            squares += u64::from(strip_squares);
+            saturated += strip_saturated as usize;
+        }
+        (sum, squares, saturated)
+    }
+
+    fn neighbourhood_sums(
+        above: [&[Self]; 3],
+        row: [&[Self]; 3],
+        below: [&[Self]; 3],
+    ) -> (u64, i64, u64) {
+        // Per pixel: |Immerkær| ≤ 16 × 255 and |Laplacian| ≤ 4 × 255 fit 16 bits; 2048 squared
+        // Laplacians (2048 × 1020² < 2^31) fit a 32-bit strip sum.
+        const STRIP: usize = 2048;
+        let n = row[1].len();
+        let (mut immerkaer, mut laplacian_sum, mut laplacian_squares) = (0_u64, 0_i64, 0_u64);
+        let mut start = 0;
+        while start < n {
+            let end = (start + STRIP).min(n);
+            let ([up_left, up, up_right], [left, centre, right], [down_left, down, down_right]) = (
+                above.map(|line| &line[start..end]),
+                row.map(|line| &line[start..end]),
+                below.map(|line| &line[start..end]),
+            );
+            let (mut strip_immerkaer, mut strip_sum, mut strip_squares) = (0_u32, 0_i32, 0_i32);
+            for x in 0..end - start {
+                let at = |line: &[u8]| i16::from(line[x]);
+                let centre = at(centre);
+                let edges = at(up) + at(left) + at(right) + at(down);
+                let corners = at(up_left) + at(up_right) + at(down_left) + at(down_right);
+                strip_immerkaer += u32::from((4 * centre - 2 * edges + corners).unsigned_abs());
+                let laplacian = i32::from(edges - 4 * centre);
+                strip_sum += laplacian;
+                strip_squares += laplacian * laplacian;
+            }
+            immerkaer += u64::from(strip_immerkaer);
+            laplacian_sum += i64::from(strip_sum);
+            laplacian_squares += u64::from(strip_squares.unsigned_abs());
+            start = end;
+        }
+        (immerkaer, laplacian_sum, laplacian_squares)
+    }
+}
+
+/// The measures of luminance values in 0–1, row-major.
+fn float_measures(values: &[f64], width: usize, height: usize) -> QualityMeasures {
     let count = values.len().max(1) as f64;
     // One pass for brightness, contrast and saturation.
     let (mut sum, mut squares, mut saturated) = (0.0_f64, 0.0_f64, 0_usize);
-    for &value in &values {
+    for &value in values {
         sum += value;
         squares += value * value;
         saturated += usize::from(value <= 0.0 || value >= 1.0);
@@ -275,7 +480,16 @@ fn check(
 pub fn assess(image: &CanonicalImage, policy: &QualityPolicy, model: &str) -> QualityReport {
     let (profile, thresholds) = policy.profile(model, &image.metadata.modality);
     let measures = measure(image);
-    let checks = vec![
+    QualityReport {
+        profile,
+        measures,
+        checks: checks(&measures, thresholds),
+        refuse_on_failure: thresholds.refuse_on_failure,
+    }
+}
+
+fn checks(measures: &QualityMeasures, thresholds: &QualityThresholds) -> Vec<QualityCheck> {
+    vec![
         check(
             "QUALITY_BRIGHTNESS_LOW",
             Some(measures.mean_brightness),
@@ -312,13 +526,7 @@ pub fn assess(image: &CanonicalImage, policy: &QualityPolicy, model: &str) -> Qu
             thresholds.max_saturated_fraction,
             Comparison::AtMost,
         ),
-    ];
-    QualityReport {
-        profile,
-        measures,
-        checks,
-        refuse_on_failure: thresholds.refuse_on_failure,
-    }
+    ]
 }
 
 #[cfg(test)]
@@ -442,6 +650,83 @@ mod tests {
             .expect("check");
         assert_eq!(blur.verdict, Verdict::NotMeasurable);
         assert!(report.checks.iter().all(|check| check.value.is_finite()));
+    }
+
+    /// The measures as they were computed before grey images were measured in integers:
+    /// every pixel converted to f64 luminance, then the float passes.
+    fn float_reference(image: &CanonicalImage) -> QualityMeasures {
+        let values: Vec<f64> = match (image.channels, image.bit_depth) {
+            (1, 16) => image
+                .pixels
+                .chunks_exact(2)
+                .map(|pair| f64::from(u16::from_le_bytes([pair[0], pair[1]])) / 65535.0)
+                .collect(),
+            (1, _) => image
+                .pixels
+                .iter()
+                .map(|value| f64::from(*value) / 255.0)
+                .collect(),
+            _ => luminance(image),
+        };
+        float_measures(&values, image.width as usize, image.height as usize)
+    }
+
+    fn grey16(width: u32, height: u32, level: impl Fn(u32, u32) -> u16) -> CanonicalImage {
+        let pixels = (0..height)
+            .flat_map(|y| (0..width).map(move |x| (x, y)))
+            .flat_map(|(x, y)| level(x, y).to_le_bytes())
+            .collect();
+        CanonicalImage {
+            bit_depth: 16,
+            pixels,
+            ..grey(width, height, |_, _| 0)
+        }
+    }
+
+    #[test]
+    fn integer_grey_measures_equal_the_float_measures_and_give_the_same_verdicts() {
+        let spread = |x: u32, y: u32| (pattern(x, y) + 3 * noise(x, y)).clamp(0, 255) as u8;
+        let images = [
+            grey(96, 80, spread),
+            grey(64, 64, |_, _| 128),
+            grey(64, 64, |x, _| if x < 48 { 255 } else { 0 }),
+            grey(3, 3, |x, y| (x * 90 + y * 40) as u8),
+            grey(2, 2, |x, y| (x * 100 + y * 50) as u8),
+            blurred(&grey(96, 96, |x, y| pattern(x, y) as u8)),
+            grey16(128, 96, |x, y| {
+                (i32::from(spread(x, y)) * 257 + noise(y, x) * 300).clamp(0, 65535) as u16
+            }),
+            grey16(64, 64, |x, y| if (x + y) % 7 == 0 { 65535 } else { 0 }),
+        ];
+        // Relative to the figure, with an absolute floor for figures that are zero in exact
+        // arithmetic (the float passes leave ~1e-17 there); contrast is compared as variance.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-12;
+        let thresholds = QualityThresholds::default();
+        for (index, image) in images.iter().enumerate() {
+            let (ours, reference) = (measure(image), float_reference(image));
+            assert!(
+                close(ours.mean_brightness, reference.mean_brightness)
+                    && close(ours.rms_contrast.powi(2), reference.rms_contrast.powi(2))
+                    && ours.saturated_fraction == reference.saturated_fraction
+                    && ours.noise.is_some() == reference.noise.is_some()
+                    && ours
+                        .noise
+                        .zip(reference.noise)
+                        .is_none_or(|(a, b)| close(a, b))
+                    && ours
+                        .sharpness
+                        .zip(reference.sharpness)
+                        .is_none_or(|(a, b)| close(a, b)),
+                "image {index}: {ours:?} against {reference:?}"
+            );
+            let verdicts = |measures: &QualityMeasures| {
+                checks(measures, &thresholds)
+                    .iter()
+                    .map(|check| (check.code, check.verdict))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(verdicts(&ours), verdicts(&reference), "image {index}");
+        }
     }
 
     #[test]

@@ -271,3 +271,60 @@ fn grey_display_images_match_the_reference() {
         assert!(compared.contains(needed), "{needed} was compared");
     }
 }
+
+/// The stored values of grey frames are read from the decoded bytes directly; on every public
+/// file whose first frame dicom-pixeldata's own conversion (no modality LUT) can give, they are
+/// exactly that conversion after `normalise_stored`.
+#[test]
+fn direct_stored_values_equal_the_general_conversion() {
+    use dicom_object::OpenFileOptions;
+    use dicom_object::file::ReadPreamble;
+    use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, PixelRepresentation};
+    use medai_validation::display::normalise_stored;
+
+    let root = workspace_root();
+    let mut compared = BTreeSet::new();
+    for (name, what, outcome) in FILES {
+        if matches!(outcome, Refused(_)) {
+            continue;
+        }
+        let bytes = std::fs::read(root.join(".cache/dicom").join(name)).expect("DICOM file");
+        let Ok(ours) = decode_stored_samples(&bytes, &limits()) else {
+            continue;
+        };
+        // Only the first frame is decoded, as the conversion below does.
+        let object = OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Auto)
+            .from_reader(std::io::Cursor::new(&bytes))
+            .expect("parses");
+        let Ok(decoded) = object.decode_pixel_data_frame(0) else {
+            continue; // decoded here only after a rewrite (12-bit JPEG, colour by plane)
+        };
+        if decoded.samples_per_pixel() != 1 {
+            continue;
+        }
+        let options = ConvertOptions::new().with_modality_lut(ModalityLutOption::None);
+        let mut general = decoded
+            .to_vec_frame_with_options::<i32>(0, &options)
+            .unwrap_or_else(|error| panic!("{name} ({what}): {error}"));
+        normalise_stored(
+            &mut general,
+            decoded.bits_stored(),
+            decoded.pixel_representation() == PixelRepresentation::Signed,
+        );
+        assert!(
+            ours.values == general,
+            "{name} ({what}): stored values differ"
+        );
+        compared.insert(name);
+    }
+    for needed in [
+        "CT_small.dcm",              // 16-bit signed
+        "MR_small_bigendian.dcm",    // big endian
+        "examples_overlay.dcm",      // overlay bits above bits stored
+        "JPEGLSNearLossless_08.dcm", // 8-bit
+        "J2K_pixelrep_mismatch.dcm", // the dataset's sign against the code stream's
+    ] {
+        assert!(compared.contains(needed), "{needed} was compared");
+    }
+}
