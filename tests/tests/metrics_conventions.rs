@@ -590,10 +590,14 @@ async fn the_bridge_exports_prometheus_conventional_metrics_and_counts_a_forward
     let started = std::time::Instant::now();
     let after = loop {
         let exposition = scrape_bridge().await;
+        // The outbox gauge is set after each forwarding round, so a scrape can fall between
+        // the forwarded count and the gauge: wait for both.
         if exposition.value(
             "medai_bridge_instances_forwarded_total",
             &[("outcome", "result")],
         ) == Some(1.0)
+            && exposition.value("medai_bridge_outbox_instances", &[("state", "RECEIVED")])
+                == Some(0.0)
         {
             break exposition;
         }
