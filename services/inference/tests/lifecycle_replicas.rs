@@ -22,7 +22,7 @@ use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClie
 use medai_proto::kserve::{ModelMetadataRequest, ModelReadyRequest};
 use medai_runtime::errors::reason_of;
 use medai_testkit::{TestServer, fresh_postgres_database};
-use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, Statement};
 use support::{Harness, LIGHT, add_light_version, grey_image, light_repository};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -259,28 +259,26 @@ async fn pausable_relay(upstream: SocketAddr) -> (SocketAddr, watch::Sender<bool
     (address, open)
 }
 
-/// Whether another session holds the model's lifecycle row locked, asked as PostgreSQL would
-/// be by a third replica: `FOR UPDATE NOWAIT` in a transaction that is then rolled back.
-async fn row_is_locked(database_url: &str) -> bool {
-    let database = Database::connect(database_url).await.expect("connect");
-    let transaction = database.begin().await.expect("begin");
-    let probe = transaction
-        .query_one_raw(Statement::from_string(
+/// Whether a transaction still in progress has locked or written the model's lifecycle row,
+/// seen without taking any lock: the row version this session sees carries that transaction's
+/// id as its `xmax`, and the transaction still holds the lock on its own id. (A probe that
+/// locked the row itself, even for a moment, would make the change it waits for meet a locked
+/// row and be refused with LIFECYCLE_CONFLICT: the flake of session 9.) An `xmax` left by a
+/// transaction that has ended, committed or rolled back, holds no lock and reads as unlocked.
+async fn row_is_locked(database: &DatabaseConnection) -> bool {
+    database
+        .query_one_raw(Statement::from_sql_and_values(
             DatabaseBackend::Postgres,
-            format!(
-                "SELECT revision FROM model_lifecycle WHERE model_name = '{LIGHT}' FOR UPDATE NOWAIT"
-            ),
+            "SELECT EXISTS (SELECT 1 FROM model_lifecycle AS lifecycle JOIN pg_locks AS held \
+             ON held.locktype = 'transactionid' AND held.transactionid = lifecycle.xmax \
+             AND held.granted WHERE lifecycle.model_name = $1) AS locked",
+            [LIGHT.into()],
         ))
-        .await;
-    transaction.rollback().await.expect("rollback");
-    database.close().await.expect("close");
-    match probe {
-        Ok(_) => false,
-        Err(error) => {
-            assert!(error.to_string().contains("lock"), "{error}");
-            true
-        }
-    }
+        .await
+        .expect("probe the row")
+        .expect("one row")
+        .try_get("", "locked")
+        .expect("locked")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -306,6 +304,15 @@ async fn of_two_changes_racing_on_two_replicas_exactly_one_wins_and_the_other_ge
         .await
         .expect("stage 4 through the first replica");
 
+    // The test watches the model's row from a session of its own that never locks it.
+    let observer = Database::connect(harness.config.database_url.as_str())
+        .await
+        .expect("connect");
+    assert!(
+        !row_is_locked(&observer).await,
+        "the row is locked before the change"
+    );
+
     // The first replica's activation of 2 is planned and written, and waits on the ledger
     // while it holds the model's row.
     relay_open.send_replace(false);
@@ -314,12 +321,24 @@ async fn of_two_changes_racing_on_two_replicas_exactly_one_wins_and_the_other_ge
         tokio::spawn(async move { client.activate_model_version(activate("2")).await })
     };
     let began = Instant::now();
-    while !row_is_locked(&harness.config.database_url).await {
+    while !row_is_locked(&observer).await {
         assert!(
             began.elapsed() < Duration::from_secs(30),
             "the first replica's change never took the row"
         );
-        assert!(!racing.is_finished(), "the held change finished early");
+        if racing.is_finished() {
+            let answer = racing.await.expect("racing task");
+            panic!(
+                "the held change finished early: {:?}",
+                answer
+                    .map(|response| response.into_inner())
+                    .map_err(|status| (
+                        status.code(),
+                        reason_of(&status),
+                        status.message().to_owned()
+                    ))
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -359,6 +378,10 @@ async fn of_two_changes_racing_on_two_replicas_exactly_one_wins_and_the_other_ge
         .changed
         .expect("changed");
     assert_eq!((won.version.as_str(), won.status.as_str()), ("2", "ACTIVE"));
+    assert!(
+        !row_is_locked(&observer).await,
+        "the committed change left the row locked"
+    );
     let mut second_kserve = kserve_client(&harness, second);
     time_until_ready(&mut second_kserve, "2").await;
 
