@@ -117,6 +117,21 @@ impl ChainAnchor {
         }
     }
 
+    /// The head this process committed last, when nothing else constrains the next append:
+    /// no violation, and no newer signed checkpoint. A group may then be appended after it in
+    /// one statement that checks the stored head is still exactly this one.
+    pub fn committed_head_to_extend(&self) -> Option<ChainHead> {
+        let state = self.state();
+        if state.violation.is_some() {
+            return None;
+        }
+        let committed = state.committed.filter(|head| head.seq > 0)?;
+        state
+            .checkpoint
+            .is_none_or(|checkpoint| checkpoint.seq <= committed.seq)
+            .then_some(committed)
+    }
+
     /// The furthest point the chain must pass through, and what it is.
     fn furthest(&self) -> Option<(ChainHead, &'static str)> {
         let state = self.state();

@@ -7,7 +7,7 @@
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set,
-    TransactionTrait,
+    SqlErr, Statement, TransactionTrait,
 };
 use std::sync::Arc;
 
@@ -103,7 +103,7 @@ async fn run_writer(
             .await;
         metrics::histogram!("medai_ledger_group_commit_size").record(group.len() as f64);
         match outcome {
-            Ok(receipts) => {
+            Ok((receipts, _path)) => {
                 if let Some(last) = receipts.last()
                     && let Some(hash) = anchor::decode_hash(&last.hash)
                 {
@@ -137,14 +137,175 @@ async fn run_writer(
     }
 }
 
+/// How a group reached the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CommitPath {
+    /// One statement after the head this process committed last (PostgreSQL).
+    Extended,
+    /// A transaction under the ledger's lock that reads and checks the stored head first.
+    Locked,
+}
+
+/// One entry ready to store: its content chained after `prev_hash`.
+struct ChainedRow {
+    content: EntryContent,
+    prev_hash: String,
+    hash: String,
+}
+
+/// Chains `events` after (`seq`, `prev_hash`), all recorded at one instant.
+fn chain_after(mut seq: u64, mut prev_hash: chain::Hash, events: &[&NewEvent]) -> Vec<ChainedRow> {
+    let recorded_at = now_rfc3339_micros();
+    events
+        .iter()
+        .map(|event| {
+            seq += 1;
+            let content = EntryContent {
+                seq,
+                recorded_at: recorded_at.clone(),
+                actor: event.actor.clone(),
+                action: event.action.clone(),
+                resource: event.resource.clone(),
+                outcome: event.outcome.clone(),
+                context: event.context.clone(),
+            };
+            let hash = chain::entry_hash(&prev_hash, &content);
+            let row = ChainedRow {
+                content,
+                prev_hash: hex::encode(prev_hash),
+                hash: hex::encode(hash),
+            };
+            prev_hash = hash;
+            row
+        })
+        .collect()
+}
+
+fn receipts_of(rows: &[ChainedRow]) -> Vec<AppendReceipt> {
+    rows.iter()
+        .map(|row| AppendReceipt {
+            seq: row.content.seq,
+            hash: row.hash.clone(),
+            recorded_at: row.content.recorded_at.clone(),
+        })
+        .collect()
+}
+
 async fn commit_group(
     connection: &DatabaseConnection,
     anchor: &ChainAnchor,
     events: &[&NewEvent],
-) -> Result<Vec<AppendReceipt>, CheckError> {
+) -> Result<(Vec<AppendReceipt>, CommitPath), CheckError> {
     if let Some(violation) = anchor.violation() {
         return Err(CheckError::Violation(violation));
     }
+    // The common case costs one round trip instead of five (BEGIN, lock, head, insert, COMMIT):
+    // the group goes in only if the stored head is still the one this process committed.
+    if connection.get_database_backend() == DatabaseBackend::Postgres
+        && let Some(head) = anchor.committed_head_to_extend()
+    {
+        let rows = chain_after(head.seq, head.hash, events);
+        match extend_committed_head(connection, head, &rows).await {
+            Ok(true) => return Ok((receipts_of(&rows), CommitPath::Extended)),
+            // The stored head moved (another replica appended, or the chain was cut): the
+            // locked path reads it and judges it against the anchor.
+            Ok(false) => {}
+            // Another replica stored these seqs first.
+            Err(error) if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    commit_locked(connection, anchor, events)
+        .await
+        .map(|receipts| (receipts, CommitPath::Locked))
+}
+
+/// Takes the ledger's lock, then inserts the rows ($2, JSON) only if the stored chain ends
+/// exactly at seq $3 with hash $4. The head is read as "the last row by seq" so that every
+/// plan, generic ones for this prepared statement included, walks the primary key backwards
+/// one row: a `seq > $3` probe is planned as a full scan when the value is not known.
+pub(crate) const EXTEND_COMMITTED_HEAD: &str = "WITH writer AS MATERIALIZED (SELECT pg_advisory_xact_lock($1)) \
+    INSERT INTO ledger_entries \
+    (seq, recorded_at, actor, action, resource, outcome, context, prev_hash, hash, encoding_version) \
+    SELECT r.seq, r.recorded_at, r.actor, r.action, r.resource, r.outcome, r.context, \
+    r.prev_hash, r.hash, r.encoding_version \
+    FROM writer, json_to_recordset($2::json) AS r(seq bigint, recorded_at text, actor text, \
+    action text, resource text, outcome text, context text, prev_hash text, hash text, \
+    encoding_version integer) \
+    WHERE EXISTS (SELECT 1 FROM (SELECT e.seq, e.hash FROM ledger_entries e ORDER BY e.seq DESC LIMIT 1) head \
+    WHERE head.seq = $3 AND head.hash = $4)";
+
+/// Appends `rows` (chained after `head`) in one statement that takes the ledger's lock and
+/// inserts nothing unless the stored chain still ends exactly at `head`. Returns whether the
+/// rows went in. A statement that checked the head before another replica's commit collides
+/// with that replica's rows on the primary key and fails whole (a unique violation).
+async fn extend_committed_head(
+    connection: &DatabaseConnection,
+    head: ChainHead,
+    rows: &[ChainedRow],
+) -> Result<bool, DbErr> {
+    #[derive(serde::Serialize)]
+    struct JsonRow<'a> {
+        seq: u64,
+        recorded_at: &'a str,
+        actor: &'a str,
+        action: &'a str,
+        resource: &'a str,
+        outcome: &'a str,
+        context: &'a str,
+        prev_hash: &'a str,
+        hash: &'a str,
+        encoding_version: u32,
+    }
+    let json_rows: Vec<JsonRow<'_>> = rows
+        .iter()
+        .map(|row| JsonRow {
+            seq: row.content.seq,
+            recorded_at: &row.content.recorded_at,
+            actor: &row.content.actor,
+            action: &row.content.action,
+            resource: &row.content.resource,
+            outcome: &row.content.outcome,
+            context: &row.content.context,
+            prev_hash: &row.prev_hash,
+            hash: &row.hash,
+            encoding_version: chain::ENCODING_VERSION,
+        })
+        .collect();
+    let json =
+        serde_json::to_string(&json_rows).map_err(|error| DbErr::Custom(error.to_string()))?;
+    let head_seq = i64::try_from(head.seq).map_err(|_| malformed_head())?;
+    let inserted = connection
+        .execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            EXTEND_COMMITTED_HEAD,
+            [
+                LEDGER_LOCK_KEY.into(),
+                json.into(),
+                head_seq.into(),
+                hex::encode(head.hash).into(),
+            ],
+        ))
+        .await?
+        .rows_affected();
+    match usize::try_from(inserted) {
+        Ok(0) => Ok(false),
+        Ok(count) if count == rows.len() => Ok(true),
+        _ => Err(DbErr::Custom(format!(
+            "the ledger stored {inserted} of a group of {}",
+            rows.len()
+        ))),
+    }
+}
+
+/// The general path: under the ledger's lock, reads the stored head, checks it against the
+/// anchor, and appends after it.
+async fn commit_locked(
+    connection: &DatabaseConnection,
+    anchor: &ChainAnchor,
+    events: &[&NewEvent],
+) -> Result<Vec<AppendReceipt>, CheckError> {
     let transaction = connection.begin().await?;
     if transaction.get_database_backend() == DatabaseBackend::Postgres {
         transaction
@@ -155,7 +316,7 @@ async fn commit_group(
         .order_by_desc(ledger_entry::Column::Seq)
         .one(&transaction)
         .await?;
-    let (mut seq, mut prev_hash) = match head {
+    let (seq, prev_hash) = match head {
         Some(entry) => (
             u64::try_from(entry.seq).map_err(|_| malformed_head())?,
             anchor::decode_hash(&entry.hash).ok_or_else(malformed_head)?,
@@ -167,42 +328,21 @@ async fn commit_group(
         hash: prev_hash,
     });
     anchor.check(&transaction, stored_head).await?;
-    let recorded_at = now_rfc3339_micros();
-    let mut rows = Vec::with_capacity(events.len());
-    let mut receipts = Vec::with_capacity(events.len());
-    for event in events {
-        seq += 1;
-        let content = EntryContent {
-            seq,
-            recorded_at: recorded_at.clone(),
-            actor: event.actor.clone(),
-            action: event.action.clone(),
-            resource: event.resource.clone(),
-            outcome: event.outcome.clone(),
-            context: event.context.clone(),
-        };
-        let hash = chain::entry_hash(&prev_hash, &content);
-        let hash_hex = hex::encode(hash);
-        rows.push(ledger_entry::ActiveModel {
-            seq: Set(seq as i64),
-            recorded_at: Set(content.recorded_at),
-            actor: Set(content.actor),
-            action: Set(content.action),
-            resource: Set(content.resource),
-            outcome: Set(content.outcome),
-            context: Set(content.context),
-            prev_hash: Set(hex::encode(prev_hash)),
-            hash: Set(hash_hex.clone()),
-            encoding_version: Set(chain::ENCODING_VERSION as i32),
-        });
-        receipts.push(AppendReceipt {
-            seq,
-            hash: hash_hex,
-            recorded_at: recorded_at.clone(),
-        });
-        prev_hash = hash;
-    }
-    ledger_entry::Entity::insert_many(rows)
+    let rows = chain_after(seq, prev_hash, events);
+    let receipts = receipts_of(&rows);
+    let models = rows.into_iter().map(|row| ledger_entry::ActiveModel {
+        seq: Set(row.content.seq as i64),
+        recorded_at: Set(row.content.recorded_at),
+        actor: Set(row.content.actor),
+        action: Set(row.content.action),
+        resource: Set(row.content.resource),
+        outcome: Set(row.content.outcome),
+        context: Set(row.content.context),
+        prev_hash: Set(row.prev_hash),
+        hash: Set(row.hash),
+        encoding_version: Set(chain::ENCODING_VERSION as i32),
+    });
+    ledger_entry::Entity::insert_many(models)
         .exec(&transaction)
         .await?;
     transaction.commit().await?;
@@ -220,4 +360,203 @@ pub(crate) fn now_rfc3339_micros() -> String {
     time::OffsetDateTime::now_utc()
         .format(&format)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(number: usize) -> NewEvent {
+        NewEvent {
+            actor: "service:gateway".to_owned(),
+            action: "INFERENCE".to_owned(),
+            resource: format!("result/{number}"),
+            outcome: "SUCCESS".to_owned(),
+            context: r#"{"model":"light","note":"ünïcode \"quoted\" \\ slash"}"#.to_owned(),
+        }
+    }
+
+    /// Commits a group as the writer task does, remembering its head; the seqs and the path.
+    async fn commit(
+        connection: &DatabaseConnection,
+        anchor: &ChainAnchor,
+        numbers: std::ops::RangeInclusive<usize>,
+    ) -> (Vec<u64>, CommitPath) {
+        let events: Vec<NewEvent> = numbers.map(event).collect();
+        let (receipts, path) = commit_group(connection, anchor, &events.iter().collect::<Vec<_>>())
+            .await
+            .expect("commit");
+        let last = receipts.last().expect("a receipt");
+        anchor.record_committed(ChainHead {
+            seq: last.seq,
+            hash: anchor::decode_hash(&last.hash).expect("hash"),
+        });
+        (receipts.iter().map(|receipt| receipt.seq).collect(), path)
+    }
+
+    async fn stored_rows(connection: &DatabaseConnection) -> Vec<ledger_entry::Model> {
+        ledger_entry::Entity::find()
+            .order_by_asc(ledger_entry::Column::Seq)
+            .all(connection)
+            .await
+            .expect("rows")
+    }
+
+    #[tokio::test]
+    async fn groups_after_this_writer_s_own_head_take_one_statement_and_others_take_the_lock() {
+        let url = medai_testkit::fresh_postgres_database().await;
+        let connection = crate::store::connect(&url, true).await.expect("connect");
+        let ours = ChainAnchor::new();
+        // Another audit replica on the same database.
+        let theirs = ChainAnchor::new();
+
+        assert_eq!(
+            commit(&connection, &ours, 1..=2).await,
+            (vec![1, 2], CommitPath::Locked)
+        );
+        assert_eq!(
+            commit(&connection, &ours, 3..=5).await,
+            (vec![3, 4, 5], CommitPath::Extended)
+        );
+        assert_eq!(
+            commit(&connection, &theirs, 6..=6).await,
+            (vec![6], CommitPath::Locked)
+        );
+        // Our head (5) is no longer the stored one: the one statement inserts nothing and the
+        // locked path appends after the other replica's entry.
+        assert_eq!(
+            commit(&connection, &ours, 7..=8).await,
+            (vec![7, 8], CommitPath::Locked)
+        );
+        assert_eq!(
+            commit(&connection, &ours, 9..=9).await,
+            (vec![9], CommitPath::Extended)
+        );
+
+        // Every row is stored as hashed (context byte for byte) and the chain verifies whole.
+        let rows = stored_rows(&connection).await;
+        assert_eq!(rows.len(), 9);
+        for (index, row) in rows.iter().enumerate() {
+            assert_eq!(row.resource, format!("result/{}", index + 1));
+            assert_eq!(row.context, event(1).context);
+        }
+        let verified = crate::verify::verified_hashes(&connection)
+            .await
+            .expect("verify");
+        assert_eq!(verified.len(), 9);
+        assert_eq!(hex::encode(verified[8]), rows[8].hash);
+    }
+
+    #[tokio::test]
+    async fn a_group_that_checked_the_head_before_another_replica_committed_goes_in_after_it() {
+        let url = medai_testkit::fresh_postgres_database().await;
+        let connection = crate::store::connect(&url, true).await.expect("connect");
+        let ours = ChainAnchor::new();
+        assert_eq!(commit(&connection, &ours, 1..=1).await.0, vec![1]);
+
+        // Another replica holds the ledger's lock with seq 2 written but not committed.
+        let other = sea_orm::Database::connect(url.as_str())
+            .await
+            .expect("connect");
+        let held = other.begin().await.expect("begin");
+        held.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({LEDGER_LOCK_KEY})"))
+            .await
+            .expect("lock");
+        let head = ours.committed_head_to_extend().expect("our head");
+        let row = chain_after(head.seq, head.hash, &[&event(2)]).remove(0);
+        ledger_entry::Entity::insert(ledger_entry::ActiveModel {
+            seq: Set(2),
+            recorded_at: Set(row.content.recorded_at),
+            actor: Set(row.content.actor),
+            action: Set(row.content.action),
+            resource: Set(row.content.resource),
+            outcome: Set(row.content.outcome),
+            context: Set(row.content.context),
+            prev_hash: Set(row.prev_hash),
+            hash: Set(row.hash),
+            encoding_version: Set(1),
+        })
+        .exec(&held)
+        .await
+        .expect("insert 2");
+
+        // Our group's one statement waits on the lock, then collides with seq 2 once it is
+        // committed, and the group goes in after it under the lock.
+        let ours = Arc::new(ours);
+        let appending = {
+            let (connection, ours) = (connection.clone(), ours.clone());
+            tokio::spawn(async move { commit(&connection, &ours, 3..=4).await })
+        };
+        let waiting =
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        loop {
+            let row = other
+                .query_one_raw(Statement::from_string(DatabaseBackend::Postgres, waiting))
+                .await
+                .expect("pg_locks")
+                .expect("row");
+            if row.try_get::<i64>("", "n").expect("n") > 0 {
+                break;
+            }
+            assert!(
+                !appending.is_finished(),
+                "the group did not wait for the lock"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        held.commit().await.expect("commit 2");
+
+        assert_eq!(
+            appending.await.expect("task"),
+            (vec![3, 4], CommitPath::Locked)
+        );
+        let rows = stored_rows(&connection).await;
+        let resources: Vec<&str> = rows.iter().map(|row| row.resource.as_str()).collect();
+        assert_eq!(resources, ["result/1", "result/2", "result/3", "result/4"]);
+        let verified = crate::verify::verified_hashes(&connection)
+            .await
+            .expect("verify");
+        assert_eq!(verified.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_one_statement_reads_the_head_by_the_primary_key_whatever_the_plan() {
+        let url = medai_testkit::fresh_postgres_database().await;
+        let connection = crate::store::connect(&url, true).await.expect("connect");
+        connection
+            .execute_unprepared(
+                "INSERT INTO ledger_entries SELECT g, '2026-11-30T00:00:00.000000Z', 'a', 'b', \
+                 'r/' || g, 'SUCCESS', '{}', repeat('0', 64), repeat('1', 64), 1 \
+                 FROM generate_series(1, 300000) g; ANALYZE ledger_entries",
+            )
+            .await
+            .expect("fill");
+        // The statement is prepared once per connection and reused, so PostgreSQL may plan
+        // it once for any parameter values: that generic plan must not scan the table.
+        let session = connection.begin().await.expect("begin");
+        session
+            .execute_unprepared(&format!(
+                "SET LOCAL plan_cache_mode = force_generic_plan; \
+                 PREPARE extend(bigint, text, bigint, text) AS {EXTEND_COMMITTED_HEAD}"
+            ))
+            .await
+            .expect("prepare");
+        let plan: Vec<String> = session
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!("EXPLAIN EXECUTE extend({LEDGER_LOCK_KEY}, '[]', 300000, 'x')"),
+            ))
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.try_get::<String>("", "QUERY PLAN").expect("plan line"))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan on ledger_entries"), "{plan}");
+        assert!(
+            plan.contains("Index Scan Backward using ledger_entries_pkey"),
+            "{plan}"
+        );
+        session.rollback().await.expect("rollback");
+    }
 }
