@@ -454,7 +454,7 @@ async fn main() {
         "benchmark": "ledger",
         "prefill_entries": PREFILL_ENTRIES,
         "prefill_seconds": prefill_seconds,
-        "checkpoint_interval_seconds": CHECKPOINT_INTERVAL_SECONDS,
+        "checkpoint_interval_seconds": interval,
         "window_seconds": window.as_secs(),
         "appends": appends.iter().map(|(append, checkpoints)| {
             let mut json = append.json();
