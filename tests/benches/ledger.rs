@@ -17,6 +17,11 @@
 //! of appends and three baseline windows of 10 s; one export and two verifications of the
 //! whole ledger). `MEDAI_BENCH_LEDGER_WINDOW_SECONDS` shortens the append windows (below 60 s
 //! they may hold no checkpoint; the report says how many each window held).
+//! `MEDAI_BENCH_LEDGER_ONLY=verify` runs the verification section alone (about 2 minutes):
+//! each verifier beside the one-thread walk it replaced (measured in the same run) and beside
+//! PostgreSQL's own rate of sending the rows, with the load average it ran under (periodic
+//! checkpoints off, so the service's own verification at start does not run beside them); it
+//! writes target/bench/ledger-verify.json.
 //!
 //! Prints figures and writes target/bench/ledger.json. Run with scripts/bench.sh, or
 //! `source scripts/test-servers.sh; cargo bench -p medai-e2e --bench ledger`.
@@ -111,6 +116,7 @@ async fn audit_service(
     pki: &TestPki,
     database_url: &str,
     key_file: &std::path::Path,
+    checkpoint_interval_seconds: u64,
 ) -> TestServer {
     let config = AuditConfig {
         process: test_process_config(),
@@ -120,7 +126,7 @@ async fn audit_service(
         checkpoint_key_file: key_file.to_path_buf(),
         checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
         checkpoint_log_file: None,
-        checkpoint_interval_seconds: CHECKPOINT_INTERVAL_SECONDS,
+        checkpoint_interval_seconds,
     };
     let server =
         TestServer::start(|listener, shutdown| medai_audit::serve(config, listener, shutdown))
@@ -212,6 +218,14 @@ async fn count(database: &DatabaseConnection, table: &str) -> i64 {
         .expect("n")
 }
 
+/// The 1-minute load average, to say how disturbed the figures were.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 #[tokio::main]
 async fn main() {
     let window = Duration::from_secs(
@@ -220,12 +234,13 @@ async fn main() {
             .and_then(|seconds| seconds.parse().ok())
             .unwrap_or(65),
     );
+    let verify_only = std::env::var("MEDAI_BENCH_LEDGER_ONLY").is_ok_and(|only| only == "verify");
     let pki = TestPki::new();
     let database_url = fresh_postgres_database().await;
     let key_file = scratch_file("checkpoint.key");
 
     // The schema, then a million chained entries before anything is measured.
-    audit_service(&pki, &database_url, &key_file)
+    audit_service(&pki, &database_url, &key_file, 0)
         .await
         .stop()
         .await;
@@ -243,10 +258,20 @@ async fn main() {
     // Production defaults: periodic checkpoints on. The service verifies what is stored once
     // at start (in the background, appends do not wait), then each checkpoint reads new
     // entries only.
-    let server = audit_service(&pki, &database_url, &key_file).await;
+    // With the verification section alone, periodic checkpoints stay off: the service's
+    // verification of the stored ledger at start would run beside the measured walks.
+    let interval = if verify_only {
+        0
+    } else {
+        CHECKPOINT_INTERVAL_SECONDS
+    };
+    let server = audit_service(&pki, &database_url, &key_file, interval).await;
     let client = AuditServiceClient::new(pki.channel_as("gateway", server.address, "audit"));
     let mut appends = Vec::new();
     for clients in [1usize, 16, 256] {
+        if verify_only {
+            break;
+        }
         let checkpoints_before = count(&database, "ledger_checkpoints").await;
         let client = client.clone();
         let measured = measure(clients, window, move |task, index| {
@@ -276,6 +301,9 @@ async fn main() {
         .expect("baseline table");
     let mut baseline = Vec::new();
     for clients in [1usize, 16, 256] {
+        if verify_only {
+            break;
+        }
         let mut options = ConnectOptions::new(database_url.clone());
         options
             .max_connections(u32::try_from(clients).unwrap_or(u32::MAX))
@@ -303,8 +331,30 @@ async fn main() {
         baseline.push(measured);
     }
 
-    // Verification, reading and parsing included: the service over PostgreSQL, then the
-    // offline verifier streaming an export from disk.
+    // Verification, reading and parsing included: PostgreSQL sending the rows to a client that
+    // only counts them (the ceiling for any verifier reading them), the service's Verify, the
+    // paged one-entry-at-a-time walk it replaced; then the offline verifier streaming an
+    // export from disk, beside the one-thread walk it replaced.
+    let public_key = medai_ledger::checkpoint::CheckpointSigner::load_or_create(&key_file)
+        .expect("key")
+        .public_key()
+        .to_vec();
+    let load_before = load_average();
+    let pool = medai_audit::verify::postgres_pool(&database).expect("PostgreSQL");
+    let started = Instant::now();
+    let mut rows = sea_orm::sqlx::query(
+        "SELECT seq, recorded_at, actor, action, resource, outcome, context, prev_hash, hash, \
+         encoding_version FROM ledger_entries ORDER BY seq",
+    )
+    .fetch(pool);
+    let mut sent = 0_u64;
+    while let Some(row) = tokio_stream::StreamExt::next(&mut rows).await {
+        row.expect("row");
+        sent += 1;
+    }
+    drop(rows);
+    let postgres_rate = sent as f64 / started.elapsed().as_secs_f64();
+
     let mut verifier = client.clone();
     let started = Instant::now();
     let verified = verifier
@@ -314,6 +364,13 @@ async fn main() {
         .into_inner();
     let service_rate = verified.entries_checked as f64 / started.elapsed().as_secs_f64();
     assert!(verified.intact, "{verified:?}");
+
+    let started = Instant::now();
+    let paged = medai_audit::verify::verify_ledger_paged(&database, &public_key)
+        .await
+        .expect("paged walk");
+    let paged_rate = paged.entries_verified as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(paged.first_bad_seq, None, "{paged:?}");
 
     let folder = tempfile::tempdir().expect("tempdir");
     let export_file = folder.path().join("ledger.jsonl");
@@ -332,53 +389,72 @@ async fn main() {
     }
     server.stop().await;
     let export_bytes = std::fs::metadata(&export_file).expect("size").len();
-    let public_key = medai_ledger::checkpoint::CheckpointSigner::load_or_create(&key_file)
-        .expect("key")
-        .public_key()
-        .to_vec();
+    let open = || std::io::BufReader::new(std::fs::File::open(&export_file).expect("open"));
     let started = Instant::now();
-    let reader = std::io::BufReader::new(std::fs::File::open(&export_file).expect("open"));
-    let offline = medai_ledger::export::verify_export_with_kept(reader, Vec::new(), &public_key)
+    let offline = medai_ledger::export::verify_export_with_kept(open(), Vec::new(), &public_key)
         .expect("readable");
     let offline_rate = offline.entries_verified as f64 / started.elapsed().as_secs_f64();
     assert_eq!(offline.first_bad_seq, None, "{offline:?}");
+    let started = Instant::now();
+    let sequential =
+        medai_ledger::export::verify_export_sequential(open(), Vec::new(), &public_key)
+            .expect("readable");
+    let sequential_rate = sequential.entries_verified as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(sequential, offline);
+    let load_after = load_average();
 
-    println!(
-        "ledger appends, durable (acknowledged after COMMIT), gRPC over mTLS, PostgreSQL, \
-         ledger pre-filled with {PREFILL_ENTRIES} entries, checkpoints every {CHECKPOINT_INTERVAL_SECONDS} s, \
-         {} s per window",
-        window.as_secs()
-    );
-    for ((append, checkpoints), fair) in appends.iter().zip(&baseline) {
+    if !verify_only {
         println!(
-            "  {:>3} clients  {:>8.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  \
-             ({checkpoints} checkpoints in the window)  vs durable single-row INSERT {:>8.0} rows/s \
-             (p99 {:.2} ms): {:.2}x",
-            append.clients,
-            append.rate,
-            append.p50_ms,
-            append.p99_ms,
-            append.max_ms,
-            fair.rate,
-            fair.p99_ms,
-            append.rate / fair.rate
+            "ledger appends, durable (acknowledged after COMMIT), gRPC over mTLS, PostgreSQL, \
+             ledger pre-filled with {PREFILL_ENTRIES} entries, checkpoints every {CHECKPOINT_INTERVAL_SECONDS} s, \
+             {} s per window",
+            window.as_secs()
         );
+        for ((append, checkpoints), fair) in appends.iter().zip(&baseline) {
+            println!(
+                "  {:>3} clients  {:>8.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  \
+                 ({checkpoints} checkpoints in the window)  vs durable single-row INSERT {:>8.0} rows/s \
+                 (p99 {:.2} ms): {:.2}x",
+                append.clients,
+                append.rate,
+                append.p50_ms,
+                append.p99_ms,
+                append.max_ms,
+                fair.rate,
+                fair.p99_ms,
+                append.rate / fair.rate
+            );
+        }
     }
     println!(
         "  bulk INSERT (1000 rows per statement, 10 per transaction; an upper bound, not a peer): {bulk_rate:.0} rows/s"
     );
-    println!("ledger verification over {ledger_size} entries, reading and parsing included");
     println!(
-        "  offline, streaming a {:.0} MB export from disk: {offline_rate:>10.0} entries/s",
-        export_bytes as f64 / 1e6
+        "ledger verification over {ledger_size} entries, reading and parsing included \
+         (load average {load_before} before, {load_after} after)"
     );
-    println!("  audit service Verify from PostgreSQL:        {service_rate:>10.0} entries/s");
+    println!(
+        "  offline, streaming a {:.0} MB export from disk: {offline_rate:>10.0} entries/s \
+         (one-thread walk: {sequential_rate:.0}/s, {:.2}x)",
+        export_bytes as f64 / 1e6,
+        offline_rate / sequential_rate
+    );
+    println!(
+        "  audit service Verify from PostgreSQL:        {service_rate:>10.0} entries/s \
+         (paged walk: {paged_rate:.0}/s, {:.2}x)",
+        service_rate / paged_rate
+    );
+    println!(
+        "  PostgreSQL sending the rows, only counted:   {postgres_rate:>10.0} rows/s \
+         (Verify reaches {:.0} % of it)",
+        100.0 * service_rate / postgres_rate
+    );
 
     let report = serde_json::json!({
         "benchmark": "ledger",
         "prefill_entries": PREFILL_ENTRIES,
         "prefill_seconds": prefill_seconds,
-        "checkpoint_interval_seconds": CHECKPOINT_INTERVAL_SECONDS,
+        "checkpoint_interval_seconds": interval,
         "window_seconds": window.as_secs(),
         "appends": appends.iter().map(|(append, checkpoints)| {
             let mut json = append.json();
@@ -391,11 +467,20 @@ async fn main() {
         "verify_offline_streaming_entries_per_second": offline_rate,
         "verify_offline_export_bytes": export_bytes,
         "verify_service_entries_per_second": service_rate,
+        "verify_offline_one_thread_entries_per_second": sequential_rate,
+        "verify_service_paged_entries_per_second": paged_rate,
+        "verify_postgres_row_send_rows_per_second": postgres_rate,
+        "verify_load_average_before": load_before,
+        "verify_load_average_after": load_after,
     });
     let directory = medai_testkit::workspace_root().join("target/bench");
     std::fs::create_dir_all(&directory).expect("bench folder");
     std::fs::write(
-        directory.join("ledger.json"),
+        directory.join(if verify_only {
+            "ledger-verify.json"
+        } else {
+            "ledger.json"
+        }),
         serde_json::to_string_pretty(&report).expect("json"),
     )
     .expect("write");

@@ -60,24 +60,102 @@ pub fn canonical_encoding(entry: &EntryContent) -> Vec<u8> {
 }
 
 pub fn entry_hash(prev_hash: &Hash, entry: &EntryContent) -> Hash {
+    entry_hash_of_fields(
+        prev_hash,
+        entry.seq,
+        [
+            entry.recorded_at.as_bytes(),
+            entry.actor.as_bytes(),
+            entry.action.as_bytes(),
+            entry.resource.as_bytes(),
+            entry.outcome.as_bytes(),
+            entry.context.as_bytes(),
+        ],
+    )
+}
+
+/// [`entry_hash`] over borrowed fields (UTF-8 bytes) (recorded_at, actor, action, resource, outcome, context,
+/// in that order), so a verifier can hash text where it lies without building an entry.
+pub fn entry_hash_of_fields(prev_hash: &Hash, seq: u64, fields: [&[u8]; 6]) -> Hash {
     // Streams the same bytes as `canonical_encoding` into the hasher, without building them.
     let mut hasher = Sha256::new();
     hasher.update(prev_hash);
     hasher.update(DOMAIN_TAG);
     hasher.update(ENCODING_VERSION.to_be_bytes());
-    hasher.update(entry.seq.to_be_bytes());
-    for field in [
-        &entry.recorded_at,
-        &entry.actor,
-        &entry.action,
-        &entry.resource,
-        &entry.outcome,
-        &entry.context,
-    ] {
+    hasher.update(seq.to_be_bytes());
+    for field in fields {
         hasher.update(u32::try_from(field.len()).unwrap_or(u32::MAX).to_be_bytes());
-        hasher.update(field.as_bytes());
+        hasher.update(field);
     }
     hasher.finalize().into()
+}
+
+/// What one stored entry says about itself, computed without the rest of the chain (so on any
+/// thread, in any order): its own hash recomputed over its content and the prev_hash it
+/// *stores*. [`ChainVerifier::link`] then only has to check, in seq order, that the stored
+/// prev_hash is the previous entry's hash; when it is, the recomputed hash here is exactly the
+/// one [`ChainVerifier::check`] computes from the chain's head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryDigest {
+    pub seq: u64,
+    pub encoding_version: u32,
+    /// The stored prev_hash, `None` when it is not 64 hex digits.
+    pub stored_prev_hash: Option<Hash>,
+    /// Whether the stored hash is the hex form of `recomputed_hash`.
+    pub stored_hash_matches: bool,
+    /// SHA-256 over the stored prev_hash and the content (meaningless when `stored_prev_hash`
+    /// is `None`).
+    pub recomputed_hash: Hash,
+    /// The RFC 9162 leaf hash of `recomputed_hash`.
+    pub leaf_hash: Hash,
+}
+
+impl EntryDigest {
+    /// Digests one stored entry given as borrowed text: `fields` in the order of
+    /// [`entry_hash_of_fields`], the hashes as stored (hex, either case).
+    pub fn of_fields(
+        seq: u64,
+        encoding_version: u32,
+        fields: [&[u8]; 6],
+        prev_hash_hex: &[u8],
+        hash_hex: &[u8],
+    ) -> Self {
+        let stored_prev_hash = crate::entry_line::decode_hex_hash(prev_hash_hex);
+        let (recomputed_hash, stored_hash_matches) = match &stored_prev_hash {
+            Some(prev_hash) => {
+                let recomputed = entry_hash_of_fields(prev_hash, seq, fields);
+                let stored = crate::entry_line::decode_hex_hash(hash_hex);
+                (recomputed, stored == Some(recomputed))
+            }
+            None => ([0; 32], false),
+        };
+        Self {
+            seq,
+            encoding_version,
+            stored_prev_hash,
+            stored_hash_matches,
+            recomputed_hash,
+            leaf_hash: crate::merkle::leaf_hash(&recomputed_hash),
+        }
+    }
+
+    pub fn of_entry(entry: &StoredEntry) -> Self {
+        let content = &entry.content;
+        Self::of_fields(
+            content.seq,
+            entry.encoding_version,
+            [
+                content.recorded_at.as_bytes(),
+                content.actor.as_bytes(),
+                content.action.as_bytes(),
+                content.resource.as_bytes(),
+                content.outcome.as_bytes(),
+                content.context.as_bytes(),
+            ],
+            entry.prev_hash_hex.as_bytes(),
+            entry.hash_hex.as_bytes(),
+        )
+    }
 }
 
 /// Whether `hex_text` is the hex form of `hash`, without allocating.
@@ -198,6 +276,41 @@ impl ChainVerifier {
             return fail("hash does not match the entry's content".to_owned());
         }
         self.head = recomputed;
+        self.expected_seq += 1;
+        Ok(())
+    }
+
+    /// [`Self::check`] for an entry already digested on its own: the same checks in the same
+    /// order with the same verdict, but no hashing here (the sequential part of a parallel
+    /// verification).
+    pub fn link(&mut self, entry: &EntryDigest) -> Result<(), ChainBreak> {
+        let seq = entry.seq;
+        let fail = |problem: String| {
+            Err(ChainBreak {
+                seq: self.expected_seq,
+                problem,
+            })
+        };
+        if seq != self.expected_seq {
+            return fail(format!(
+                "expected seq {} but found seq {seq}",
+                self.expected_seq
+            ));
+        }
+        if entry.encoding_version != ENCODING_VERSION {
+            return fail(format!(
+                "unknown encoding version {}",
+                entry.encoding_version
+            ));
+        }
+        if entry.stored_prev_hash != Some(self.head) {
+            return fail("prev_hash does not match the previous entry's hash".to_owned());
+        }
+        // The stored prev_hash is the head, so the digest's hash is the one `check` computes.
+        if !entry.stored_hash_matches {
+            return fail("hash does not match the entry's content".to_owned());
+        }
+        self.head = entry.recomputed_hash;
         self.expected_seq += 1;
         Ok(())
     }

@@ -5,5 +5,6 @@
 
 pub mod chain;
 pub mod checkpoint;
+mod entry_line;
 pub mod export;
 pub mod merkle;

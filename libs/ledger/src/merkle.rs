@@ -55,7 +55,13 @@ impl MerkleFrontier {
     }
 
     pub fn push(&mut self, entry_hash: &Hash) {
-        let mut carry = (1_u64, leaf_hash(entry_hash));
+        self.push_leaf(leaf_hash(entry_hash));
+    }
+
+    /// [`Self::push`] with the leaf hash (`leaf_hash(entry_hash)`) already computed, for
+    /// verifiers that hash leaves on other threads.
+    pub fn push_leaf(&mut self, leaf: Hash) {
+        let mut carry = (1_u64, leaf);
         while let Some(&(size, left)) = self.subtrees.last() {
             if size != carry.0 {
                 break;

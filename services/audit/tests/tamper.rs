@@ -214,6 +214,99 @@ async fn rewrite_consistently_after(ledger: &Ledger, kept: i64) {
     ledger.as_superuser(&statements).await;
 }
 
+/// The streamed, batched Verify (rows read in place, hashed on the blocking pool, linked in
+/// order) names exactly what the paged one-entry-at-a-time walk names, for every kind of
+/// tampering at the first entry, on both sides of batch edges, at a checkpoint's size and at
+/// the last entry; with one row per batch, seven, and all rows in one.
+#[tokio::test]
+async fn the_streamed_verify_reports_what_the_paged_walk_reports_at_batch_edges() {
+    use medai_audit::verify::{postgres_pool, verify_ledger_in_batches, verify_ledger_paged};
+    let mut ledger = Ledger::start().await;
+    ledger.append(20, "user:a").await;
+    assert_eq!(ledger.checkpoint().await.tree_size, 21);
+    ledger.append(20, "user:b").await;
+    assert_eq!(ledger.checkpoint().await.tree_size, 42);
+    ledger.append(4, "user:c").await;
+    assert!(
+        postgres_pool(&ledger.database).is_some(),
+        "the streamed walk runs on PostgreSQL"
+    );
+    ledger
+        .as_superuser("CREATE TABLE pristine AS SELECT * FROM ledger_entries;")
+        .await;
+    let tampers: [(&str, &str); 9] = [
+        ("intact", ""),
+        (
+            "changed actor",
+            "UPDATE ledger_entries SET actor = 'user:mallory' WHERE seq = {p};",
+        ),
+        (
+            "changed hash",
+            "UPDATE ledger_entries SET hash = repeat('0', 64) WHERE seq = {p};",
+        ),
+        (
+            "changed prev_hash",
+            "UPDATE ledger_entries SET prev_hash = repeat('1', 64) WHERE seq = {p};",
+        ),
+        (
+            "prev_hash not hex",
+            "UPDATE ledger_entries SET prev_hash = 'not hex' WHERE seq = {p};",
+        ),
+        (
+            "hashes in upper case",
+            "UPDATE ledger_entries SET hash = upper(hash), prev_hash = upper(prev_hash) WHERE seq = {p};",
+        ),
+        (
+            "unknown version",
+            "UPDATE ledger_entries SET encoding_version = 2 WHERE seq = {p};",
+        ),
+        ("deleted", "DELETE FROM ledger_entries WHERE seq = {p};"),
+        ("tail cut", "DELETE FROM ledger_entries WHERE seq >= {p};"),
+    ];
+    let mut broken = 0;
+    for position in [1, 7, 8, 14, 21, 22, 42, 44] {
+        for rewrite in [false, true] {
+            for (name, statement) in tampers {
+                if rewrite {
+                    if position == 1 || name != "intact" {
+                        continue;
+                    }
+                    rewrite_consistently_after(&ledger, position - 1).await;
+                } else {
+                    ledger
+                        .as_superuser(&statement.replace("{p}", &position.to_string()))
+                        .await;
+                }
+                let expected = verify_ledger_paged(&ledger.database, &ledger.public_key)
+                    .await
+                    .expect("paged walk");
+                broken += usize::from(expected.first_bad_seq.is_some());
+                for rows_per_batch in [1, 7, 4096] {
+                    let streamed = verify_ledger_in_batches(
+                        &ledger.database,
+                        &ledger.public_key,
+                        rows_per_batch,
+                    )
+                    .await
+                    .expect("streamed walk");
+                    let case = if rewrite { "consistent rewrite" } else { name };
+                    assert_eq!(
+                        streamed, expected,
+                        "{case} at seq {position}, {rows_per_batch} rows per batch"
+                    );
+                }
+                ledger
+                    .as_superuser("DELETE FROM ledger_entries; INSERT INTO ledger_entries SELECT * FROM pristine;")
+                    .await;
+            }
+        }
+    }
+    // Every tampering but the harmless ones (intact, upper-case hex) is a break at each of the
+    // 8 positions, and so is every consistent rewrite (7 positions) except behind the last
+    // checkpoint: a tail cut or rewrite after seq 42 is what no checkpoint vouches for.
+    assert_eq!(broken, 8 * 7 - 1 + 7 - 1, "the fixture tampers as intended");
+}
+
 #[tokio::test]
 async fn a_history_rewritten_consistently_after_a_checkpoint_is_caught_by_it() {
     let mut ledger = Ledger::start().await;
