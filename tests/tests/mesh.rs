@@ -1172,8 +1172,8 @@ fn resident_mib(pid: u32) -> f64 {
 /// sessions without ONNX Runtime's CPU arena (which keeps every block a run took). Measured
 /// with these debug binaries and the 62 MiB brain-MRI model: 123 MiB idle, 124 MiB after four
 /// predictions; before: 207 and 254; with the tunables but the arena on: 123 and 184; with the
-/// arena off but no tunables: 211 and 271. (Release binaries hold about 40 MiB less of their
-/// own.) RSS does not depend on the machine's load.
+/// arena off but no tunables: 211 and 271. (Release binaries: 109 and 110, before 193 and
+/// 255; scripts/inference-rss.sh.) RSS does not depend on the machine's load.
 #[tokio::test]
 async fn the_inference_process_holds_its_model_and_little_more_idle_and_after_predictions() {
     let mesh = MeshUnderTest::start(Storage::Sqlite).await;

@@ -66,10 +66,10 @@ pub struct Execution {
     /// `runtime.intra_op_threads`, when set, overrides it.
     #[serde(default)]
     pub intra_op_threads: Option<usize>,
-    /// ONNX Runtime's CPU memory arena (and its memory pattern) for this model. Absent or false:
-    /// off, the measured default (issue 14): with the arena the 65 MB brain-MRI model holds
-    /// about 90 MiB more after load and more again after runs, with no latency gained; true
-    /// for a model whose runs measurably need it.
+    /// ONNX Runtime's CPU memory arena for this model. Absent or false: off, the measured
+    /// default (issue 14): with the arena the brain-MRI model's process keeps every block its
+    /// runs took (60 MiB more after four predictions, 290 MiB more after a batch of 8), with no
+    /// latency gained; true for a model whose runs measurably need it.
     #[serde(default)]
     pub cpu_memory_arena: Option<bool>,
 }
