@@ -26,6 +26,21 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 pub const SERVICES: [&str; 5] = ["audit", "auth", "validation", "inference", "gateway"];
+/// glibc's allocator settings for the inference process (issue 14), read by glibc when the
+/// process starts, so they are given in its environment (as the chart and Dockerfile.service
+/// do). A fixed mmap threshold stops glibc from raising it after ONNX Runtime frees its first
+/// large blocks, so every block of 128 KiB or more (the model's load copies, each run's
+/// activations) goes back to the system when freed instead of staying in a fragmented heap;
+/// two malloc arenas instead of one per thread. Measured (release, brain-MRI model): the
+/// inference process holds 109 MiB idle and 110 after four predictions, instead of 193 and 255.
+pub const INFERENCE_MALLOC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
+
+/// The `GLIBC_TUNABLES` the inference process is given: the launcher's own when it has one (an
+/// operator's choice wins), else [`INFERENCE_MALLOC_TUNABLES`].
+pub fn inference_malloc_tunables(inherited: Option<String>) -> String {
+    inherited.unwrap_or_else(|| INFERENCE_MALLOC_TUNABLES.to_owned())
+}
 /// The identity the command-line tool and the tests use to reach internal health endpoints.
 pub const OPERATOR_IDENTITY: &str = "operator";
 /// The identity for internal teams' KServe v2 clients (inference and metadata, no lifecycle).
@@ -637,6 +652,13 @@ impl RunningMesh {
             .into_iter()
             .map(|(key, value)| (format!("{prefix}{key}"), value))
             .collect();
+        if name == "inference" {
+            let inherited = std::env::var("GLIBC_TUNABLES").ok();
+            environment.push((
+                "GLIBC_TUNABLES".to_owned(),
+                inference_malloc_tunables(inherited),
+            ));
+        }
         if let Some(extra) = settings.extra_environment.get(name) {
             environment.extend(extra.iter().cloned());
         }

@@ -2325,3 +2325,66 @@ async fn audit_pods_write_their_signed_checkpoints_to_the_shared_log_volume() {
     );
     cluster.stop().await;
 }
+
+/// Issue 14: glibc's allocator settings reach the inference container, and only it, as the
+/// GLIBC_TUNABLES that glibc reads when the process starts; the image's inference stage and
+/// `medai up` give the same value, and `inference.mallocTunables: ""` leaves glibc's defaults.
+#[test]
+fn the_inference_container_alone_carries_the_malloc_tunables_the_image_and_launcher_give() {
+    let expected = medai_cli::launcher::INFERENCE_MALLOC_TUNABLES;
+    assert!(
+        expected.starts_with("glibc.malloc.mmap_threshold=131072"),
+        "{expected}"
+    );
+    let scratch = tempfile::tempdir().expect("scratch");
+    let values = scratch.path().join("values.yaml");
+    std::fs::write(&values, "{}\n").expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    let mut inference_seen = false;
+    for (workload, container) in rendered_containers(&manifests) {
+        let tunables = env_entries(container, "GLIBC_TUNABLES");
+        if workload == "medai-inference" {
+            inference_seen = true;
+            assert_eq!(
+                tunables,
+                [("GLIBC_TUNABLES".to_owned(), expected.to_owned())],
+                "the inference container gets the launcher's tunables"
+            );
+        } else {
+            assert_eq!(tunables, [], "{workload} keeps glibc's defaults");
+        }
+    }
+    assert!(inference_seen, "the inference Deployment is rendered");
+
+    // The image: the inference stage sets the same value, and the final image is the stage
+    // its SERVICE names, so no other service's image carries it.
+    let dockerfile =
+        std::fs::read_to_string(workspace_root().join("Dockerfile.service")).expect("Dockerfile");
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").collect();
+    let inference_stage = stages
+        .iter()
+        .find(|stage| stage.starts_with("runtime AS runtime-inference"))
+        .expect("an inference runtime stage");
+    assert!(
+        inference_stage
+            .lines()
+            .any(|line| line == format!("ENV GLIBC_TUNABLES={expected}")),
+        "{inference_stage}"
+    );
+    for stage in &stages {
+        if stage.starts_with("runtime AS runtime-") && !stage.contains("runtime-inference") {
+            assert!(!stage.contains("GLIBC_TUNABLES"), "{stage}");
+        }
+    }
+    assert_eq!(
+        stages.last().map(|stage| stage.lines().next()),
+        Some(Some("runtime-${SERVICE}")),
+        "the image is its service's runtime stage"
+    );
+
+    // Empty: nothing rendered.
+    std::fs::write(&values, "inference:\n  mallocTunables: \"\"\n").expect("values");
+    for (workload, container) in rendered_containers(&render_chart(RELEASE, NAMESPACE, &values)) {
+        assert_eq!(env_entries(container, "GLIBC_TUNABLES"), [], "{workload}");
+    }
+}

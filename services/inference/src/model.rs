@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use ndarray::Array4;
 use ort::environment::Environment;
+use ort::ep;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
@@ -132,6 +133,7 @@ impl VerifiedModel {
         let level = optimization_level(&settings.graph_optimization_level)?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let intra_threads = intra_op_threads(manifest, settings, self.bytes.len(), cores);
+        let arena = manifest.execution.cpu_memory_arena.unwrap_or(false);
         (0..settings.sessions_per_model.max(1))
             .map(|_| {
                 let mut builder = Session::builder(environment)
@@ -145,6 +147,13 @@ impl VerifiedModel {
                     .with_inter_op_spinning(false)
                     .map_err(|error| session_error(error.into()))?
                     .with_intra_threads(intra_threads)
+                    .map_err(|error| session_error(error.into()))?
+                    // The CPU arena keeps every block the load or any run (the largest batch)
+                    // ever took; off, a session holds little more than its weights, and each
+                    // run's planned block is freed when the run ends (issue 14).
+                    .with_execution_providers([ep::CPU::default()
+                        .with_arena_allocator(arena)
+                        .build()])
                     .map_err(|error| session_error(error.into()))?;
                 if settings.inter_op_threads > 0 {
                     builder = builder

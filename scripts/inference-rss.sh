@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The inference process's resident memory (issue 14): starts the mesh with `medai up` (embedded
+# defaults, a state folder of its own, the gateway on a free port), reads VmRSS of the inference
+# process once it serves, sends four predictions of .cache/dicom/MR_small.dcm through the
+# gateway, reads it again, and stops the mesh. Prints one line.
+#
+#   scripts/inference-rss.sh [BINARY_DIR] [MODEL_REPOSITORY]     (defaults: target/release, models)
+#
+# Build first (`cargo build --release --workspace --bins`). The launcher gives inference its
+# GLIBC_TUNABLES unless the caller's environment names one: `GLIBC_TUNABLES= scripts/…` runs it
+# with glibc's defaults. A copy of the repository whose manifests say
+# `[execution] cpu_memory_arena = true` shows ONNX Runtime's arena.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-target/release}
+repo=${2:-models}
+state=$(mktemp -d)
+trap 'kill -INT "$launcher" 2>/dev/null; wait "$launcher" 2>/dev/null; rm -rf "$state"' EXIT
+"$bin/medai" --state-dir "$state" -o json up --port 0 --model-repository "$repo" \
+  > "$state/up.json" 2> "$state/up.err" &
+launcher=$!
+for _ in $(seq 1 600); do
+  [ -s "$state/up.json" ] && break
+  kill -0 "$launcher" 2>/dev/null || { cat "$state/up.err" >&2; exit 1; }
+  sleep 0.5
+done
+field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$state/up.json" "$1"; }
+pid=$(field 'd["services"]["inference"]["pid"]')
+gateway=$(field 'd["gateway"]')
+password_file=$(field 'd["admin_password_file"]')
+rss() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status"; }
+idle=$(rss)
+"$bin/medai" --state-dir "$state" --gateway "$gateway" login --username admin --password-stdin \
+  < "$password_file" > /dev/null
+for _ in 1 2 3 4; do
+  "$bin/medai" --state-dir "$state" --gateway "$gateway" infer .cache/dicom/MR_small.dcm > /dev/null
+done
+after=$(rss)
+tunables=$(tr '\0' '\n' < "/proc/$pid/environ" | sed -n 's/^GLIBC_TUNABLES=//p')
+echo "inference RSS: idle ${idle} MiB, after 4 predictions ${after} MiB (GLIBC_TUNABLES as read back: '${tunables}')"
