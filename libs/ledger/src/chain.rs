@@ -248,32 +248,37 @@ impl ChainVerifier {
         self.head
     }
 
-    pub fn check(&mut self, entry: &StoredEntry) -> Result<(), ChainBreak> {
-        let seq = entry.content.seq;
-        let fail = |problem: String| {
-            Err(ChainBreak {
-                seq: self.expected_seq,
-                problem,
-            })
-        };
+    /// The break at the expected position: what `check` and `link` both report.
+    fn break_here(&self, problem: String) -> Result<(), ChainBreak> {
+        Err(ChainBreak {
+            seq: self.expected_seq,
+            problem,
+        })
+    }
+
+    /// The entry's seq and encoding version, checked first by `check` and `link` alike.
+    fn check_place(&self, seq: u64, encoding_version: u32) -> Result<(), ChainBreak> {
         if seq != self.expected_seq {
-            return fail(format!(
+            return self.break_here(format!(
                 "expected seq {} but found seq {seq}",
                 self.expected_seq
             ));
         }
-        if entry.encoding_version != ENCODING_VERSION {
-            return fail(format!(
-                "unknown encoding version {}",
-                entry.encoding_version
-            ));
+        if encoding_version != ENCODING_VERSION {
+            return self.break_here(format!("unknown encoding version {encoding_version}"));
         }
+        Ok(())
+    }
+
+    pub fn check(&mut self, entry: &StoredEntry) -> Result<(), ChainBreak> {
+        self.check_place(entry.content.seq, entry.encoding_version)?;
         if !hex_equals(&entry.prev_hash_hex, &self.head) {
-            return fail("prev_hash does not match the previous entry's hash".to_owned());
+            return self
+                .break_here("prev_hash does not match the previous entry's hash".to_owned());
         }
         let recomputed = entry_hash(&self.head, &entry.content);
         if !hex_equals(&entry.hash_hex, &recomputed) {
-            return fail("hash does not match the entry's content".to_owned());
+            return self.break_here("hash does not match the entry's content".to_owned());
         }
         self.head = recomputed;
         self.expected_seq += 1;
@@ -284,31 +289,14 @@ impl ChainVerifier {
     /// order with the same verdict, but no hashing here (the sequential part of a parallel
     /// verification).
     pub fn link(&mut self, entry: &EntryDigest) -> Result<(), ChainBreak> {
-        let seq = entry.seq;
-        let fail = |problem: String| {
-            Err(ChainBreak {
-                seq: self.expected_seq,
-                problem,
-            })
-        };
-        if seq != self.expected_seq {
-            return fail(format!(
-                "expected seq {} but found seq {seq}",
-                self.expected_seq
-            ));
-        }
-        if entry.encoding_version != ENCODING_VERSION {
-            return fail(format!(
-                "unknown encoding version {}",
-                entry.encoding_version
-            ));
-        }
+        self.check_place(entry.seq, entry.encoding_version)?;
         if entry.stored_prev_hash != Some(self.head) {
-            return fail("prev_hash does not match the previous entry's hash".to_owned());
+            return self
+                .break_here("prev_hash does not match the previous entry's hash".to_owned());
         }
         // The stored prev_hash is the head, so the digest's hash is the one `check` computes.
         if !entry.stored_hash_matches {
-            return fail("hash does not match the entry's content".to_owned());
+            return self.break_here("hash does not match the entry's content".to_owned());
         }
         self.head = entry.recomputed_hash;
         self.expected_seq += 1;

@@ -153,6 +153,23 @@ struct ChainedRow {
     hash: String,
 }
 
+impl From<ChainedRow> for ledger_entry::ActiveModel {
+    fn from(row: ChainedRow) -> Self {
+        Self {
+            seq: Set(row.content.seq as i64),
+            recorded_at: Set(row.content.recorded_at),
+            actor: Set(row.content.actor),
+            action: Set(row.content.action),
+            resource: Set(row.content.resource),
+            outcome: Set(row.content.outcome),
+            context: Set(row.content.context),
+            prev_hash: Set(row.prev_hash),
+            hash: Set(row.hash),
+            encoding_version: Set(chain::ENCODING_VERSION as i32),
+        }
+    }
+}
+
 /// Chains `events` after (`seq`, `prev_hash`), all recorded at one instant.
 fn chain_after(mut seq: u64, mut prev_hash: chain::Hash, events: &[&NewEvent]) -> Vec<ChainedRow> {
     let recorded_at = now_rfc3339_micros();
@@ -330,19 +347,7 @@ async fn commit_locked(
     anchor.check(&transaction, stored_head).await?;
     let rows = chain_after(seq, prev_hash, events);
     let receipts = receipts_of(&rows);
-    let models = rows.into_iter().map(|row| ledger_entry::ActiveModel {
-        seq: Set(row.content.seq as i64),
-        recorded_at: Set(row.content.recorded_at),
-        actor: Set(row.content.actor),
-        action: Set(row.content.action),
-        resource: Set(row.content.resource),
-        outcome: Set(row.content.outcome),
-        context: Set(row.content.context),
-        prev_hash: Set(row.prev_hash),
-        hash: Set(row.hash),
-        encoding_version: Set(chain::ENCODING_VERSION as i32),
-    });
-    ledger_entry::Entity::insert_many(models)
+    ledger_entry::Entity::insert_many(rows.into_iter().map(ledger_entry::ActiveModel::from))
         .exec(&transaction)
         .await?;
     transaction.commit().await?;
@@ -464,21 +469,10 @@ mod tests {
             .expect("lock");
         let head = ours.committed_head_to_extend().expect("our head");
         let row = chain_after(head.seq, head.hash, &[&event(2)]).remove(0);
-        ledger_entry::Entity::insert(ledger_entry::ActiveModel {
-            seq: Set(2),
-            recorded_at: Set(row.content.recorded_at),
-            actor: Set(row.content.actor),
-            action: Set(row.content.action),
-            resource: Set(row.content.resource),
-            outcome: Set(row.content.outcome),
-            context: Set(row.content.context),
-            prev_hash: Set(row.prev_hash),
-            hash: Set(row.hash),
-            encoding_version: Set(1),
-        })
-        .exec(&held)
-        .await
-        .expect("insert 2");
+        ledger_entry::Entity::insert(ledger_entry::ActiveModel::from(row))
+            .exec(&held)
+            .await
+            .expect("insert 2");
 
         // Our group's one statement waits on the lock, then collides with seq 2 once it is
         // committed, and the group goes in after it under the lock.
