@@ -59,19 +59,22 @@ pub fn canonical_encoding(entry: &EntryContent) -> Vec<u8> {
     encoding
 }
 
-pub fn entry_hash(prev_hash: &Hash, entry: &EntryContent) -> Hash {
-    entry_hash_of_fields(
-        prev_hash,
-        entry.seq,
+impl EntryContent {
+    /// The text fields in the order [`entry_hash_of_fields`] hashes them.
+    pub fn hashed_fields(&self) -> [&[u8]; 6] {
         [
-            entry.recorded_at.as_bytes(),
-            entry.actor.as_bytes(),
-            entry.action.as_bytes(),
-            entry.resource.as_bytes(),
-            entry.outcome.as_bytes(),
-            entry.context.as_bytes(),
-        ],
-    )
+            self.recorded_at.as_bytes(),
+            self.actor.as_bytes(),
+            self.action.as_bytes(),
+            self.resource.as_bytes(),
+            self.outcome.as_bytes(),
+            self.context.as_bytes(),
+        ]
+    }
+}
+
+pub fn entry_hash(prev_hash: &Hash, entry: &EntryContent) -> Hash {
+    entry_hash_of_fields(prev_hash, entry.seq, entry.hashed_fields())
 }
 
 /// [`entry_hash`] over borrowed fields (UTF-8 bytes) (recorded_at, actor, action, resource, outcome, context,
@@ -144,14 +147,7 @@ impl EntryDigest {
         Self::of_fields(
             content.seq,
             entry.encoding_version,
-            [
-                content.recorded_at.as_bytes(),
-                content.actor.as_bytes(),
-                content.action.as_bytes(),
-                content.resource.as_bytes(),
-                content.outcome.as_bytes(),
-                content.context.as_bytes(),
-            ],
+            content.hashed_fields(),
             entry.prev_hash_hex.as_bytes(),
             entry.hash_hex.as_bytes(),
         )
