@@ -17,7 +17,7 @@ use image::{
     DynamicImage, GrayImage, ImageDecoder, ImageFormat as RasterFormat, ImageReader, Limits,
 };
 
-use crate::display::{GreyTransform, VoiFunction, Window, normalise_stored};
+use crate::display::{GreySamples, GreyTransform, VoiFunction, Window, normalise_stored};
 use crate::error::ImageError;
 use crate::frames::{FramePolicy, JudgedFrame};
 use crate::limits::ImageLimits;
@@ -564,28 +564,26 @@ fn stored_values(decoded: &DecodedPixelData<'_>) -> Result<Vec<i32>, ImageError>
 /// as unsigned changes nothing), without its intermediate copy and per-sample checked cast.
 /// `None` for anything else, which takes the general conversion.
 fn grey_stored_values(decoded: &DecodedPixelData<'_>) -> Option<Vec<i32>> {
-    let bits_stored = u32::from(decoded.bits_stored());
-    let bits_allocated = u32::from(decoded.bits_allocated());
+    grey_samples(decoded).map(|samples| samples.to_vec())
+}
+
+/// The first frame's samples of a grey frame of 8 or 16 bits allocated, as its decoded bytes
+/// hold them; `None` for anything else.
+fn grey_samples<'a>(decoded: &'a DecodedPixelData<'_>) -> Option<GreySamples<'a>> {
+    let bits_stored = decoded.bits_stored();
+    let bits_allocated = decoded.bits_allocated();
     if decoded.samples_per_pixel() != 1
         || !matches!(bits_allocated, 8 | 16)
         || !(1..=bits_allocated).contains(&bits_stored)
     {
         return None;
     }
-    let data = decoded.frame_data(0).ok()?;
-    let mut values: Vec<i32> = if bits_allocated == 16 {
-        data.chunks_exact(2)
-            .map(|pair| i32::from(u16::from_ne_bytes([pair[0], pair[1]])))
-            .collect()
-    } else {
-        data.iter().map(|&byte| i32::from(byte)).collect()
-    };
-    normalise_stored(
-        &mut values,
-        decoded.bits_stored(),
-        decoded.pixel_representation() == PixelRepresentation::Signed,
-    );
-    Some(values)
+    Some(GreySamples {
+        data: decoded.frame_data(0).ok()?,
+        bits_allocated,
+        bits_stored,
+        signed: decoded.pixel_representation() == PixelRepresentation::Signed,
+    })
 }
 
 /// The 8-bit display image of a grey frame (see [`crate::display`]).
@@ -623,7 +621,12 @@ fn grey_display(decoded: &DecodedPixelData<'_>) -> Result<DynamicImage, ImageErr
         window,
         invert: *decoded.photometric_interpretation() == PhotometricInterpretation::Monochrome1,
     };
-    let shown = transform.apply(&stored_values(decoded)?);
+    // Straight from the frame's bytes when they are plain grey samples: no full-size buffer of
+    // stored values between the decoded frame and the display image.
+    let shown = match grey_samples(decoded).and_then(|samples| transform.apply_samples(&samples)) {
+        Some(shown) => shown,
+        None => transform.apply(&stored_values(decoded)?),
+    };
     GrayImage::from_raw(decoded.columns(), decoded.rows(), shown)
         .map(DynamicImage::ImageLuma8)
         .ok_or_else(undecodable)

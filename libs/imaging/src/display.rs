@@ -53,40 +53,109 @@ pub fn normalise_stored(values: &mut [i32], bits_stored: u16, signed: bool) {
 /// The levels a lookup table of [`GreyTransform::apply`] covers: every 16-bit stored value.
 const TABLE_LEVELS: usize = 1 << 16;
 
+/// Grey samples as a frame's decoded bytes hold them: 8 or 16 bits allocated (16-bit samples
+/// in native byte order, as dicom-pixeldata leaves them), `bits_stored` significant bits,
+/// signed or not. Read one at a time, they are what [`normalise_stored`] makes of them.
+#[derive(Clone, Copy, Debug)]
+pub struct GreySamples<'a> {
+    pub data: &'a [u8],
+    pub bits_allocated: u16,
+    pub bits_stored: u16,
+    pub signed: bool,
+}
+
+impl GreySamples<'_> {
+    /// How many samples the bytes hold.
+    pub fn len(&self) -> usize {
+        if self.bits_allocated == 16 {
+            self.data.len() / 2
+        } else {
+            self.data.len()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `None` for a layout other than one grey sample of 8 or 16 bits allocated with
+    /// `1..=bits_allocated` stored.
+    fn is_supported(&self) -> bool {
+        matches!(self.bits_allocated, 8 | 16)
+            && (1..=self.bits_allocated).contains(&self.bits_stored)
+    }
+
+    /// What [`normalise_stored`] does to one sample.
+    #[inline(always)]
+    fn normaliser(&self) -> impl Fn(i32) -> i32 + Copy {
+        let shift = 32 - u32::from(self.bits_stored);
+        let signed = self.signed;
+        move |raw: i32| {
+            if signed {
+                (raw << shift) >> shift
+            } else {
+                ((raw as u32) << shift >> shift) as i32
+            }
+        }
+    }
+
+    /// Each stored value, in order, normalised as [`normalise_stored`] does, mapped by `each`
+    /// and collected (from an iterator of known length: one allocation, no capacity checks).
+    #[inline(always)]
+    fn map_collect<T>(&self, mut each: impl FnMut(i32) -> T) -> Vec<T> {
+        let normalise = self.normaliser();
+        if self.bits_allocated == 16 {
+            self.data
+                .chunks_exact(2)
+                .map(|pair| each(normalise(i32::from(u16::from_ne_bytes([pair[0], pair[1]])))))
+                .collect()
+        } else {
+            self.data
+                .iter()
+                .map(|&byte| each(normalise(i32::from(byte))))
+                .collect()
+        }
+    }
+
+    /// The least and greatest stored value (`(i32::MAX, i32::MIN)` when there is none).
+    fn range(&self) -> (i32, i32) {
+        let normalise = self.normaliser();
+        let fold = |(low, high): (i32, i32), value: i32| (low.min(value), high.max(value));
+        if self.bits_allocated == 16 {
+            self.data
+                .chunks_exact(2)
+                .map(|pair| normalise(i32::from(u16::from_ne_bytes([pair[0], pair[1]]))))
+                .fold((i32::MAX, i32::MIN), fold)
+        } else {
+            self.data
+                .iter()
+                .map(|&byte| normalise(i32::from(byte)))
+                .fold((i32::MAX, i32::MIN), fold)
+        }
+    }
+
+    /// The stored values as [`normalise_stored`] leaves them (for the general path and tests).
+    pub fn to_vec(&self) -> Vec<i32> {
+        self.map_collect(|value| value)
+    }
+}
+
 impl GreyTransform {
     /// The 8-bit display values of `stored`.
     pub fn apply(&self, stored: &[i32]) -> Vec<u8> {
-        let rescaled = |value: i32| f64::from(value) * self.slope + self.intercept;
         let (low, high) = stored
             .iter()
             .fold((i32::MAX, i32::MIN), |(low, high), &value| {
                 (low.min(value), high.max(value))
             });
-        let window = self.window.filter(Window::is_valid).unwrap_or_else(|| {
-            let (a, b) = (rescaled(low), rescaled(high));
-            let (low, high) = (a.min(b), a.max(b));
-            Window {
-                center: (low + high) / 2.0,
-                width: high - low,
-                function: VoiFunction::LinearExact,
-            }
-        });
-        let shown = |value: i32| {
-            // Non-negative after the clamp, so adding one half and truncating rounds half up.
-            let byte = (window.fraction(rescaled(value)) * 255.0).clamp(0.0, 255.0) + 0.5;
-            let byte = byte as u8;
-            if self.invert { 255 - byte } else { byte }
-        };
+        let shown = self.shown(low, high);
         // Stored values span at most 2^16 levels: one table entry per level costs less than
         // the arithmetic per pixel whenever there are more pixels than levels.
         let levels = i64::from(high) - i64::from(low) + 1;
         if levels > 0 && levels <= TABLE_LEVELS as i64 && levels as usize <= stored.len() {
             // Every stored value of up to 16 bits: a table of 2^16 entries indexed by a u16
             // needs no bounds check, so the lookup is a load per pixel.
-            let mut table = Box::new([0_u8; TABLE_LEVELS]);
-            for (entry, value) in table.iter_mut().zip(low..=high) {
-                *entry = shown(value);
-            }
+            let table = Self::table(low, high, &shown);
             stored
                 .iter()
                 .map(|&value| table[usize::from((value - low) as u16)])
@@ -99,6 +168,58 @@ impl GreyTransform {
                 .collect()
         } else {
             stored.iter().map(|&value| shown(value)).collect()
+        }
+    }
+
+    /// The 8-bit display values of a grey frame's samples, read straight from its bytes: what
+    /// [`GreyTransform::apply`] gives for their stored values ([`GreySamples::to_vec`]),
+    /// without that full-size intermediate. `None` for a layout [`GreySamples`] does not hold.
+    pub fn apply_samples(&self, samples: &GreySamples<'_>) -> Option<Vec<u8>> {
+        if !samples.is_supported() {
+            return None;
+        }
+        let (low, high) = samples.range();
+        let count = samples.len();
+        let shown = self.shown(low, high);
+        // At most 2^16 levels: the table path of `apply` whenever the pixels outnumber them.
+        let levels = i64::from(high) - i64::from(low) + 1;
+        if levels > 0 && levels as usize <= count {
+            let table = Self::table(low, high, &shown);
+            Some(samples.map_collect(|value| table[usize::from((value - low) as u16)]))
+        } else {
+            Some(samples.map_collect(shown))
+        }
+    }
+
+    /// The table of shown values of `low..=high` (at most 2^16 levels), indexed by the level's
+    /// offset from `low`.
+    fn table(low: i32, high: i32, shown: &impl Fn(i32) -> u8) -> Box<[u8; TABLE_LEVELS]> {
+        let mut table = Box::new([0_u8; TABLE_LEVELS]);
+        for (entry, value) in table.iter_mut().zip(low..=high) {
+            *entry = shown(value);
+        }
+        table
+    }
+
+    /// The display value of one stored value, for an image whose stored values span
+    /// `low..=high` (the window when there is no usable one).
+    fn shown(&self, low: i32, high: i32) -> impl Fn(i32) -> u8 {
+        let (slope, intercept, invert) = (self.slope, self.intercept, self.invert);
+        let rescaled = move |value: i32| f64::from(value) * slope + intercept;
+        let window = self.window.filter(Window::is_valid).unwrap_or_else(|| {
+            let (a, b) = (rescaled(low), rescaled(high));
+            let (low, high) = (a.min(b), a.max(b));
+            Window {
+                center: (low + high) / 2.0,
+                width: high - low,
+                function: VoiFunction::LinearExact,
+            }
+        });
+        move |value: i32| {
+            // Non-negative after the clamp, so adding one half and truncating rounds half up.
+            let byte = (window.fraction(rescaled(value)) * 255.0).clamp(0.0, 255.0) + 0.5;
+            let byte = byte as u8;
+            if invert { 255 - byte } else { byte }
         }
     }
 }
@@ -241,6 +362,96 @@ mod tests {
             let direct = transform.apply(&[value, i32::from(i16::MIN), i32::from(i16::MAX)]);
             assert_eq!(direct[0], shown[index], "stored value {value}");
         }
+    }
+
+    /// Bytes of a deterministic pseudo-random sequence, so the tests need no RNG crate.
+    fn noise_bytes(count: usize, seed: u32) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn display_values_read_straight_from_the_bytes_equal_those_of_the_stored_values() {
+        let windows = [
+            None,
+            linear(40.0, 350.0),
+            linear(100.0, 0.5),
+            Some(Window {
+                center: -20.0,
+                width: 900.0,
+                function: VoiFunction::Sigmoid,
+            }),
+            Some(Window {
+                center: 3.0,
+                width: 0.25,
+                function: VoiFunction::LinearExact,
+            }),
+        ];
+        let mut compared = 0;
+        for bits_allocated in [8_u16, 16] {
+            for bits_stored in 1..=bits_allocated {
+                for signed in [false, true] {
+                    // 3 samples: fewer pixels than levels, computed directly; 4096: the table.
+                    for (pixels, seed) in [(3_usize, 1_u32), (4096, 2), (4096, 3)] {
+                        let data = noise_bytes(pixels * usize::from(bits_allocated / 8), seed);
+                        let samples = GreySamples {
+                            data: &data,
+                            bits_allocated,
+                            bits_stored,
+                            signed,
+                        };
+                        // The stored values as the general path makes them.
+                        let mut stored: Vec<i32> = if bits_allocated == 16 {
+                            data.chunks_exact(2)
+                                .map(|pair| i32::from(u16::from_ne_bytes([pair[0], pair[1]])))
+                                .collect()
+                        } else {
+                            data.iter().map(|&byte| i32::from(byte)).collect()
+                        };
+                        normalise_stored(&mut stored, bits_stored, signed);
+                        assert_eq!(samples.to_vec(), stored, "{bits_allocated}/{bits_stored}");
+                        for window in windows {
+                            for invert in [false, true] {
+                                let transform = GreyTransform {
+                                    slope: if signed { -1.5 } else { 0.75 },
+                                    intercept: -100.0,
+                                    window,
+                                    invert,
+                                };
+                                assert_eq!(
+                                    transform.apply_samples(&samples),
+                                    Some(transform.apply(&stored)),
+                                    "{bits_allocated} bits, {bits_stored} stored, signed \
+                                     {signed}, {pixels} pixels, {window:?}, invert {invert}"
+                                );
+                                compared += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 2 * (8 + 16) * 3 * 5 * 2);
+        let odd = GreySamples {
+            data: &[1, 2, 3],
+            bits_allocated: 12,
+            bits_stored: 12,
+            signed: false,
+        };
+        let transform = GreyTransform {
+            slope: 1.0,
+            intercept: 0.0,
+            window: None,
+            invert: false,
+        };
+        assert_eq!(transform.apply_samples(&odd), None, "not a layout it reads");
     }
 
     #[test]

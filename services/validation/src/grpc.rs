@@ -18,7 +18,8 @@ use medai_imaging::{FramePolicy, ImageError, ImageLimits};
 pub struct ValidationApi {
     pub decode_slots: crate::decode_slots::DecodeSlots,
     pub limits: ImageLimits,
-    pub quality: QualityPolicy,
+    /// Shared, not copied per request.
+    pub quality: std::sync::Arc<QualityPolicy>,
     pub frames: crate::frame_policy::FramePolicies,
     pub patient_key_secret: Option<std::sync::Arc<Vec<u8>>>,
 }
@@ -157,7 +158,7 @@ impl ValidationService for ValidationApi {
         let request = request.into_inner();
         let limits = self.limits;
         let declared = declared_format(request.format);
-        let policy = self.quality.clone();
+        let policy = std::sync::Arc::clone(&self.quality);
         let frame_policy = self.frames.for_model(&request.model_name);
         let model = request.model_name;
         let model_input = match model_input_size(request.model_input_size, &limits) {
@@ -228,10 +229,16 @@ impl ValidationService for ValidationApi {
     }
 }
 
+/// Inputs up to this size are planned on the calling task: reading a PNG or JPEG header, or
+/// walking a DICOM data set of this size, costs a few microseconds, less than a round trip
+/// through the blocking pool. A panic while planning is still a refusal.
+const PLAN_INLINE_BYTES: usize = 256 * 1024;
+
 impl ValidationApi {
     /// Decoding and measuring are CPU-bound and run third-party codecs: they run on the
     /// blocking pool, where a codec panic becomes a refusal rather than a crash. First the
-    /// headers are read (the plan: every check that needs no pixel), then the decode is admitted
+    /// headers are read (the plan: every check that needs no pixel; inline for small inputs,
+    /// see [`PLAN_INLINE_BYTES`]), then the decode is admitted
     /// against the memory budget for what its header declares, and only then does it run. A
     /// multi-frame object the model's frame policy refuses is refused from the plan, without
     /// waiting for memory.
@@ -250,7 +257,13 @@ impl ValidationApi {
                 format: "the declared format",
             })
         };
-        let plan = {
+        let plan = if image.len() <= PLAN_INLINE_BYTES {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                plan_decode(&image, declared, &limits)
+            }))
+            .map_err(|_| panicked(SlotError::Panicked))?
+            .map_err(ValidationError::from)?
+        } else {
             let image = image.clone();
             self.decode_slots
                 .run(0, move || plan_decode(&image, declared, &limits))

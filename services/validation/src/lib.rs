@@ -65,7 +65,7 @@ pub async fn serve(
             config.decode_memory_budget_bytes,
         ),
         limits: config.limits,
-        quality: config.quality.clone(),
+        quality: std::sync::Arc::new(config.quality.clone()),
         frames: config.frames.clone(),
         patient_key_secret: config
             .patient_key_secret
