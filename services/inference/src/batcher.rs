@@ -344,10 +344,10 @@ impl ServedVersion {
 /// The rows of a batch's requests as one array, in order. A lone request's rows are its own
 /// array, moved rather than copied.
 fn batch_rows(mut inputs: Vec<Array4<f32>>) -> Result<Array4<f32>, crate::model::ModelError> {
-    if inputs.len() == 1 {
-        if let Some(rows) = inputs.pop() {
-            return Ok(rows);
-        }
+    if inputs.len() == 1
+        && let Some(rows) = inputs.pop()
+    {
+        return Ok(rows);
     }
     let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
     concatenate(Axis(0), &views).map_err(|error| crate::model::ModelError::Run(error.to_string()))
