@@ -341,6 +341,18 @@ impl ServedVersion {
     }
 }
 
+/// The rows of a batch's requests as one array, in order. A lone request's rows are its own
+/// array, moved rather than copied.
+fn batch_rows(mut inputs: Vec<Array4<f32>>) -> Result<Array4<f32>, crate::model::ModelError> {
+    if inputs.len() == 1
+        && let Some(rows) = inputs.pop()
+    {
+        return Ok(rows);
+    }
+    let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
+    concatenate(Axis(0), &views).map_err(|error| crate::model::ModelError::Run(error.to_string()))
+}
+
 struct Worker {
     manifest: Arc<ModelManifest>,
     metrics: Arc<VersionMetrics>,
@@ -467,10 +479,8 @@ impl Worker {
         self.running.fetch_add(1, Ordering::AcqRel);
         let outcome = tokio::task::spawn_blocking(move || {
             let _run = run_span.enter();
-            let views: Vec<_> = inputs.iter().map(|rows| rows.view()).collect();
-            let result = concatenate(Axis(0), &views)
-                .map_err(|error| crate::model::ModelError::Run(error.to_string()))
-                .and_then(|rows| run_rows(&mut session, &manifest, rows));
+            let result =
+                batch_rows(inputs).and_then(|rows| run_rows(&mut session, &manifest, rows));
             (session, result)
         })
         .await;
@@ -520,7 +530,36 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::QueueDepth;
+    use super::{QueueDepth, batch_rows};
+    use ndarray::Array4;
+
+    fn rows(count: usize, first: f32) -> Array4<f32> {
+        Array4::from_shape_fn((count, 2, 2, 1), |(row, y, x, _)| {
+            first + (row * 4 + y * 2 + x) as f32
+        })
+    }
+
+    #[test]
+    fn a_batch_holds_its_requests_rows_in_order_and_a_lone_request_is_moved_whole() {
+        let lone = rows(3, 0.0);
+        let pointer = lone.as_ptr();
+        let moved = batch_rows(vec![lone.clone()]).expect("lone");
+        assert_eq!(moved, lone);
+        let moved = batch_rows(vec![lone]).expect("lone");
+        assert_eq!(
+            moved.as_ptr(),
+            pointer,
+            "a lone request's rows are not copied"
+        );
+        let batch = batch_rows(vec![rows(1, 100.0), rows(2, 200.0)]).expect("batch");
+        assert_eq!(batch.shape(), [3, 2, 2, 1]);
+        let expected: Vec<f32> = rows(1, 100.0)
+            .iter()
+            .chain(rows(2, 200.0).iter())
+            .copied()
+            .collect();
+        assert_eq!(batch.iter().copied().collect::<Vec<_>>(), expected);
+    }
 
     #[test]
     fn queue_depth_counts_and_never_wraps_below_zero() {

@@ -70,9 +70,8 @@ impl KserveApi {
                 )));
             }
         }
-        let rows = input_rows(&request, &served)?;
+        let (rows, input_sha256) = input_rows(&request, &served)?;
         let count = rows.shape()[0];
-        let input_sha256 = tensor_sha256(rows.iter());
         let output = served.infer(rows, deadline).await?;
         let labels = manifest.labels.len();
         let raw: Vec<u8> = output
@@ -139,11 +138,13 @@ fn tensor_sha256<'a>(values: impl Iterator<Item = &'a f32>) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// The request's one input as `[N, H, W, C]`, from raw little-endian bytes or typed contents.
+/// The request's one input as `[N, H, W, C]`, from raw little-endian bytes or typed contents,
+/// with the SHA-256 over its values as little-endian FP32 (raw bytes are hashed as they came:
+/// they are that encoding already).
 fn input_rows(
     request: &ModelInferRequest,
     served: &ServedVersion,
-) -> Result<Array4<f32>, InferenceError> {
+) -> Result<(Array4<f32>, String), InferenceError> {
     let manifest = &served.manifest;
     let invalid = |reason: String| Err(InferenceError::TensorInvalid(reason));
     let [input] = request.inputs.as_slice() else {
@@ -188,35 +189,40 @@ fn input_rows(
     }
     let dims: Vec<usize> = input.shape.iter().map(|dim| *dim as usize).collect();
     let elements: usize = dims.iter().product();
-    let values: Vec<f32> = match (request.raw_input_contents.first(), &input.contents) {
-        (Some(raw), _) => {
-            if request.raw_input_contents.len() != 1 || raw.len() != elements * 4 {
+    let (values, input_sha256): (Vec<f32>, String) =
+        match (request.raw_input_contents.first(), &input.contents) {
+            (Some(raw), _) => {
+                if request.raw_input_contents.len() != 1 || raw.len() != elements * 4 {
+                    return invalid(format!(
+                        "raw input holds {} bytes; shape {:?} of FP32 needs {}",
+                        raw.len(),
+                        input.shape,
+                        elements * 4
+                    ));
+                }
+                let values = raw
+                    .chunks_exact(4)
+                    .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+                    .collect();
+                (values, hex::encode(Sha256::digest(raw)))
+            }
+            (None, Some(contents)) if contents.fp32_contents.len() == elements => (
+                contents.fp32_contents.clone(),
+                tensor_sha256(contents.fp32_contents.iter()),
+            ),
+            _ => {
                 return invalid(format!(
-                    "raw input holds {} bytes; shape {:?} of FP32 needs {}",
-                    raw.len(),
-                    input.shape,
-                    elements * 4
+                    "input {} needs {elements} FP32 values in raw_input_contents or fp32_contents",
+                    input.name
                 ));
             }
-            raw.chunks_exact(4)
-                .map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-                .collect()
-        }
-        (None, Some(contents)) if contents.fp32_contents.len() == elements => {
-            contents.fp32_contents.clone()
-        }
-        _ => {
-            return invalid(format!(
-                "input {} needs {elements} FP32 values in raw_input_contents or fp32_contents",
-                input.name
-            ));
-        }
-    };
+        };
     if values.iter().any(|value| !value.is_finite()) {
         return invalid("input holds NaN or infinite values".to_owned());
     }
-    Array4::from_shape_vec((dims[0], dims[1], dims[2], dims[3]), values)
-        .map_err(|error| InferenceError::TensorInvalid(error.to_string()))
+    let rows = Array4::from_shape_vec((dims[0], dims[1], dims[2], dims[3]), values)
+        .map_err(|error| InferenceError::TensorInvalid(error.to_string()))?;
+    Ok((rows, input_sha256))
 }
 
 fn tensor_metadata(spec: &crate::manifest::TensorSpec) -> TensorMetadata {

@@ -83,6 +83,47 @@ async fn typed_and_raw_tensors_give_the_same_scores_and_bad_tensors_are_refused(
     for row in scores(&typed).chunks_exact(2) {
         assert!((row[0] + row[1] - 1.0).abs() < 1e-5, "{row:?}");
     }
+    // Each row alone (a lone request: its rows go to ONNX Runtime without being copied into a
+    // batch) gives bit-identical scores to the same row inside a three-row request.
+    let three = scores(&raw);
+    for row in 0..3 {
+        let mut alone = raw_request(1);
+        alone.raw_input_contents[0] = raw_request(3).raw_input_contents[0]
+            [row * 64 * 64 * 4..(row + 1) * 64 * 64 * 4]
+            .to_vec();
+        let answer = kserve
+            .model_infer(alone)
+            .await
+            .expect("one row")
+            .into_inner();
+        let bits = |values: &[f32]| {
+            values
+                .iter()
+                .map(|value| value.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            bits(&scores(&answer)),
+            bits(&three[row * 2..row * 2 + 2]),
+            "row {row}"
+        );
+    }
+    // The ledger names the input by the SHA-256 of its little-endian FP32 values, the same
+    // whether they came as raw bytes (hashed as sent) or typed contents (encoded, then hashed).
+    let expected_input_sha256 = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&raw_request(3).raw_input_contents[0]))
+    };
+    let contexts = harness.ledger_contexts().await;
+    assert_eq!(contexts.len(), 5, "{contexts:?}");
+    for context in &contexts[..2] {
+        assert_eq!(
+            context["input_sha256"],
+            expected_input_sha256.as_str(),
+            "{context}"
+        );
+        assert_eq!(context["rows"], 3);
+    }
 
     let mut wrong_shape = typed_request(1);
     wrong_shape.inputs[0].shape = vec![1, 32, 32, 1];

@@ -146,6 +146,26 @@ impl Harness {
             })
             .collect()
     }
+
+    /// The JSON context of every ledger entry, in order.
+    pub async fn ledger_contexts(&self) -> Vec<serde_json::Value> {
+        let database = Database::connect(self.audit_database.as_str())
+            .await
+            .expect("connect to the ledger database");
+        database
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT context FROM ledger_entries ORDER BY seq",
+            ))
+            .await
+            .expect("query the ledger")
+            .into_iter()
+            .map(|row| {
+                let context: String = row.try_get("", "context").expect("context");
+                serde_json::from_str(&context).expect("a JSON context")
+            })
+            .collect()
+    }
 }
 
 /// A repository in a temp folder holding the light model as the given versions, each with the
