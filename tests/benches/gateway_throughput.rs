@@ -4,6 +4,10 @@
 //! study streams, against the inference service called directly (KServe ModelInfer over mTLS)
 //! in the same run. Prints the figures and writes target/bench/gateway_throughput.json.
 //!
+//! The gateway is sent the 256×256 textured PNG that `versus_monolith` sends (one generator,
+//! [`medai_e2e::bench_images`]), so validation decodes and resizes it to the model's 64×64 as
+//! in service; the direct baseline sends the model-sized tensor KServe clients send.
+//!
 //! Run with `scripts/bench.sh` (builds the release service binaries first).
 
 #![allow(clippy::print_stdout)]
@@ -11,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
+use medai_e2e::bench_images::{TEXTURED_PNG_DESCRIPTION, textured_png as png};
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
@@ -25,18 +30,6 @@ use tokio_stream::StreamExt;
 const MODEL: &str = "synthetic-light";
 const LEVELS: [usize; 4] = [1, 8, 32, 64];
 const REQUESTS_PER_LEVEL: usize = 1536;
-
-fn png() -> Vec<u8> {
-    let pixels: Vec<u8> = (0..64u32 * 64)
-        .map(|index| ((index * 37) % 251) as u8)
-        .collect();
-    let image = image::GrayImage::from_raw(64, 64, pixels).expect("image");
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("png");
-    bytes.into_inner()
-}
 
 async fn unary(mesh: &MeshUnderTest, token: &str, concurrency: usize) -> Figures {
     let image = png();
@@ -236,7 +229,7 @@ async fn main() {
     unary(&mesh, &token, 8).await;
 
     println!(
-        "gateway throughput, {MODEL}, {REQUESTS_PER_LEVEL} predictions per level, every hop mTLS, ledger durable in PostgreSQL"
+        "gateway throughput, {MODEL}, {TEXTURED_PNG_DESCRIPTION} (the image versus_monolith sends), {REQUESTS_PER_LEVEL} predictions per level, every hop mTLS, ledger durable in PostgreSQL"
     );
     println!(
         "  {:>11}  {:>28}  {:>28}  {:>28}",

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use medai_e2e::bench_images::{TEXTURED_PNG_DESCRIPTION, textured_png as png};
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
@@ -31,22 +32,6 @@ const ROUNDS: usize = 2;
 
 fn requests_at(concurrency: usize) -> usize {
     if concurrency == 1 { 512 } else { 1536 }
-}
-
-/// A 256×256 grey PNG with texture, so decoding and resizing do real work.
-fn png() -> Vec<u8> {
-    let pixels: Vec<u8> = (0..256u32 * 256)
-        .map(|index| {
-            let (x, y) = (index % 256, index / 256);
-            ((x * 7 + y * 13 + (x * y) % 29) % 251) as u8
-        })
-        .collect();
-    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("png");
-    bytes.into_inner()
 }
 
 /// CPU seconds (user + system) of this benchmark's child processes and their children, by
@@ -405,7 +390,7 @@ async fn main() {
     monolith_round(monolith.address, &monolith.token, 4, 256).await;
 
     println!(
-        "mesh vs Python monolith: {MODEL}, 256x256 PNG, every request authenticated and durably recorded in PostgreSQL, {ROUNDS} alternating rounds per level"
+        "mesh vs Python monolith: {MODEL}, {TEXTURED_PNG_DESCRIPTION}, every request authenticated and durably recorded in PostgreSQL, {ROUNDS} alternating rounds per level"
     );
     println!(
         "  {:>11}  {:>38}  {:>38}  {:>8}",

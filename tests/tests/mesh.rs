@@ -1225,3 +1225,58 @@ async fn the_inference_process_holds_its_model_and_little_more_idle_and_after_pr
     );
     mesh.stop().await;
 }
+
+// --- gateway path speed (issue 14) ---
+
+/// Issue 14: the gateway allocates with mimalloc (glibc's malloc and free were 16 % of its CPU
+/// per prediction under load). An allocator that keeps what it freed would trade that CPU for
+/// memory: 128 predictions of the 256×256 PNG the benchmarks send, 16 at a time, leave the
+/// gateway's resident memory within a few MiB of where they found it once it is warm.
+#[tokio::test]
+async fn the_gateway_returns_to_its_resident_memory_after_concurrent_predictions() {
+    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let pid = mesh.mesh.pid("gateway").expect("gateway runs");
+    let token = mesh.admin_token().await;
+    let gateway = mesh.gateway().await;
+    let image = medai_e2e::bench_images::textured_png();
+    let round = |count: usize| {
+        let clients: Vec<_> = (0..16)
+            .map(|_| {
+                let mut gateway = gateway.clone();
+                let (token, image) = (token.clone(), image.clone());
+                tokio::spawn(async move {
+                    for _ in 0..count {
+                        let answer = gateway
+                            .infer(authorised(
+                                InferRequest {
+                                    model_name: "synthetic-light".to_owned(),
+                                    ..infer_request(image.clone())
+                                },
+                                &token,
+                            ))
+                            .await
+                            .expect("a prediction")
+                            .into_inner();
+                        assert!(answer.prediction.is_some(), "a prediction is answered");
+                    }
+                })
+            })
+            .collect();
+        futures::future::join_all(clients)
+    };
+    // Warm: connections, caches, the allocator's first pages.
+    for client in round(2).await {
+        client.expect("client");
+    }
+    let warm = resident_mib(pid);
+    for client in round(8).await {
+        client.expect("client");
+    }
+    let after = resident_mib(pid);
+    eprintln!("gateway RSS: warm {warm:.1} MiB, after 128 more predictions {after:.1} MiB");
+    assert!(
+        after - warm <= 8.0,
+        "128 predictions grew the gateway from {warm:.1} to {after:.1} MiB"
+    );
+    mesh.stop().await;
+}

@@ -3,6 +3,12 @@ use std::process::ExitCode;
 use medai_gateway::config::ENV_PREFIX;
 use medai_runtime::health::Dependency;
 
+/// mimalloc instead of glibc's malloc: a prediction's buffers (the image as it arrives, is
+/// hashed and is sent on; each hop's HTTP/2 and TLS frames) made glibc's malloc and free 16 %
+/// of the gateway's CPU under load, most of it consolidating freed chunks (issue 14).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // No prediction leaves without its ledger record: no ledger, no gateway.

@@ -1,0 +1,23 @@
+//! The images the benchmarks send, made in one place so every benchmark that compares figures
+//! sends the same bytes.
+
+/// What [`textured_png`] is, for a benchmark's output.
+pub const TEXTURED_PNG_DESCRIPTION: &str =
+    "256x256 8-bit grey PNG with texture (synthetic), decoded and resized to the model's 64x64";
+
+/// A 256×256 grey PNG with texture (synthetic), so decoding and resizing to the light model's
+/// 64×64 input do real work: the image issue 14's comparison with the Python monolith sends.
+pub fn textured_png() -> Vec<u8> {
+    let pixels: Vec<u8> = (0..256u32 * 256)
+        .map(|index| {
+            let (x, y) = (index % 256, index / 256);
+            ((x * 7 + y * 13 + (x * y) % 29) % 251) as u8
+        })
+        .collect();
+    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .expect("png");
+    bytes.into_inner()
+}
