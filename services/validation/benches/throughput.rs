@@ -94,7 +94,7 @@ fn png_1024() -> Vec<u8> {
 }
 
 /// A 256×256 grey PNG of pseudo-random noise (so it does not compress away), as the gateway's
-/// CPU-per-prediction test and the monolith comparison send.
+/// CPU-per-prediction test sends.
 fn noise_png_256() -> Vec<u8> {
     let mut state = 7_u32.wrapping_mul(2_654_435_761).wrapping_add(1);
     let pixels: Vec<u8> = (0..256 * 256)

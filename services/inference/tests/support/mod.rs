@@ -125,16 +125,8 @@ impl Harness {
 
     /// (actor, action, resource, outcome) of every ledger entry, in order.
     pub async fn ledger(&self) -> Vec<(String, String, String, String)> {
-        let database = Database::connect(self.audit_database.as_str())
+        self.ledger_rows("SELECT actor, action, resource, outcome FROM ledger_entries ORDER BY seq")
             .await
-            .expect("connect to the ledger database");
-        database
-            .query_all_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
-                "SELECT actor, action, resource, outcome FROM ledger_entries ORDER BY seq",
-            ))
-            .await
-            .expect("query the ledger")
             .into_iter()
             .map(|row| {
                 (
@@ -149,22 +141,23 @@ impl Harness {
 
     /// The JSON context of every ledger entry, in order.
     pub async fn ledger_contexts(&self) -> Vec<serde_json::Value> {
-        let database = Database::connect(self.audit_database.as_str())
+        self.ledger_rows("SELECT context FROM ledger_entries ORDER BY seq")
             .await
-            .expect("connect to the ledger database");
-        database
-            .query_all_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
-                "SELECT context FROM ledger_entries ORDER BY seq",
-            ))
-            .await
-            .expect("query the ledger")
             .into_iter()
             .map(|row| {
                 let context: String = row.try_get("", "context").expect("context");
                 serde_json::from_str(&context).expect("a JSON context")
             })
             .collect()
+    }
+
+    async fn ledger_rows(&self, query: &str) -> Vec<sea_orm::QueryResult> {
+        Database::connect(self.audit_database.as_str())
+            .await
+            .expect("connect to the ledger database")
+            .query_all_raw(Statement::from_string(DatabaseBackend::Postgres, query))
+            .await
+            .expect("query the ledger")
     }
 }
 
