@@ -23,6 +23,29 @@ pub fn accepted_or_new(value: Option<&str>) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
+/// Makes a request's headers carry a well-formed correlation id: the caller's, left as it is,
+/// else a fresh UUID written in (replacing a malformed one). Nothing is allocated for a caller's
+/// well-formed id, so a second layer settling the same request costs only the check.
+pub fn settle_correlation_header(headers: &mut http::HeaderMap) {
+    if settled_correlation(headers).is_some() {
+        return;
+    }
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let fresh = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    if let Ok(value) = http::HeaderValue::from_str(fresh) {
+        headers.insert(CORRELATION_HEADER, value);
+    }
+}
+
+/// The well-formed correlation id a request's headers carry, if any (after
+/// [`settle_correlation_header`], always).
+pub fn settled_correlation(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(CORRELATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| is_well_formed(value))
+}
+
 fn is_well_formed(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= MAX_LENGTH
@@ -61,5 +84,35 @@ mod tests {
         assert!(uuid::Uuid::parse_str(&replaced).is_ok());
 
         assert!(uuid::Uuid::parse_str(&correlation_id(&MetadataMap::new())).is_ok());
+    }
+
+    #[test]
+    fn a_settled_header_keeps_a_well_formed_id_and_replaces_others() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            CORRELATION_HEADER,
+            http::HeaderValue::from_static("pacs-42_a.b"),
+        );
+        settle_correlation_header(&mut headers);
+        assert_eq!(settled_correlation(&headers), Some("pacs-42_a.b"));
+
+        headers.insert(
+            CORRELATION_HEADER,
+            http::HeaderValue::from_static("John Doe 1970"),
+        );
+        assert_eq!(settled_correlation(&headers), None);
+        settle_correlation_header(&mut headers);
+        let replaced = settled_correlation(&headers)
+            .expect("a fresh id")
+            .to_owned();
+        assert!(uuid::Uuid::parse_str(&replaced).is_ok());
+        assert_eq!(headers.get_all(CORRELATION_HEADER).iter().count(), 1);
+        // Settled again (the next layer), it stays.
+        settle_correlation_header(&mut headers);
+        assert_eq!(settled_correlation(&headers), Some(replaced.as_str()));
+
+        let mut empty = http::HeaderMap::new();
+        settle_correlation_header(&mut empty);
+        assert!(uuid::Uuid::parse_str(settled_correlation(&empty).expect("an id")).is_ok());
     }
 }

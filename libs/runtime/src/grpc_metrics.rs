@@ -17,8 +17,8 @@
 //! one, written back into the request so handlers see the same); the span the call runs in,
 //! which carries it, comes from the outer [`crate::rpc_trace`] layer.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,22 +26,96 @@ use futures::future::{BoxFuture, FutureExt};
 use tower::{Layer, Service};
 
 use crate::call_status::{CallEnd, EndOnce, StatusBody, with_status_body};
-use crate::correlation::{CORRELATION_HEADER, accepted_or_new};
+use crate::correlation::settle_correlation_header;
 
 /// The one label value every method path the server does not hold is counted under.
 pub const UNKNOWN_METHOD: &str = "unknown";
 
+/// The handles of one method's series, taken from the recorder once (when the layer is made,
+/// or for the [`UNKNOWN_METHOD`] label on its first call) instead of building the label
+/// strings and looking the series up in the registry on every call. A handle stays bound to
+/// the recorder installed when it was taken: services install theirs before they build the
+/// server (see `process::run_service`).
+struct MethodSeries {
+    grpc_service: String,
+    grpc_method: String,
+    started: OnceLock<metrics::Counter>,
+    /// By code, in [`GRPC_CODES`] order (the codes' numeric values).
+    handled: [OnceLock<metrics::Counter>; GRPC_CODES.len()],
+    /// Taken on the first call that ends: a histogram is not shown at zero.
+    handling_seconds: OnceLock<metrics::Histogram>,
+}
+
+impl MethodSeries {
+    fn new(path: &str) -> Self {
+        let (grpc_service, grpc_method) = split_method(path);
+        Self {
+            grpc_service: grpc_service.to_owned(),
+            grpc_method: grpc_method.to_owned(),
+            started: OnceLock::new(),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+            handling_seconds: OnceLock::new(),
+        }
+    }
+
+    fn started(&self) -> &metrics::Counter {
+        self.started.get_or_init(|| {
+            metrics::counter!(SERVER_STARTED, "grpc_service" => self.grpc_service.clone(), "grpc_method" => self.grpc_method.clone())
+        })
+    }
+
+    fn handled(&self, code: tonic::Code) -> &metrics::Counter {
+        let index = GRPC_CODES
+            .iter()
+            .position(|known| *known == code)
+            .unwrap_or(tonic::Code::Unknown as usize);
+        self.handled[index].get_or_init(|| {
+            metrics::counter!(SERVER_HANDLED, "grpc_service" => self.grpc_service.clone(), "grpc_method" => self.grpc_method.clone(), "grpc_code" => GRPC_CODES[index].description_name())
+        })
+    }
+
+    fn handling_seconds(&self) -> &metrics::Histogram {
+        self.handling_seconds.get_or_init(|| {
+            metrics::histogram!(SERVER_HANDLING_SECONDS, "grpc_service" => self.grpc_service.clone(), "grpc_method" => self.grpc_method.clone())
+        })
+    }
+}
+
+struct Series {
+    held: BTreeMap<String, Arc<MethodSeries>>,
+    unknown: Arc<MethodSeries>,
+}
+
+impl std::fmt::Debug for Series {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Series")
+            .field("held", &self.held.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
-    methods: Arc<BTreeSet<String>>,
+    series: Arc<Series>,
 }
 
 impl GrpcMetricsLayer {
     /// `methods` are the full paths the server holds (see `PeerPolicy::methods`).
     pub fn new(methods: BTreeSet<String>) -> Self {
-        register_at_zero(&methods);
+        let held = methods
+            .into_iter()
+            .map(|path| {
+                let series = Arc::new(MethodSeries::new(&path));
+                register_at_zero(&series);
+                (path, series)
+            })
+            .collect();
         Self {
-            methods: Arc::new(methods),
+            series: Arc::new(Series {
+                held,
+                unknown: Arc::new(MethodSeries::new(UNKNOWN_METHOD)),
+            }),
         }
     }
 }
@@ -52,7 +126,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GrpcMetricsService {
             inner,
-            methods: self.methods.clone(),
+            series: self.series.clone(),
         }
     }
 }
@@ -60,7 +134,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsService<S> {
     inner: S,
-    methods: Arc<BTreeSet<String>>,
+    series: Arc<Series>,
 }
 
 impl<S, B, ResBody> Service<http::Request<B>> for GrpcMetricsService<S>
@@ -77,30 +151,18 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path();
-        let method = if self.methods.contains(method) {
-            method.to_owned()
-        } else {
-            UNKNOWN_METHOD.to_owned()
-        };
+        let series = self
+            .series
+            .held
+            .get(request.uri().path())
+            .unwrap_or(&self.series.unknown)
+            .clone();
         let started = Instant::now();
-        {
-            let (grpc_service, grpc_method) = split_method(&method);
-            metrics::counter!(SERVER_STARTED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
-                .increment(1);
-        }
-        let correlation = accepted_or_new(
-            request
-                .headers()
-                .get(CORRELATION_HEADER)
-                .and_then(|value| value.to_str().ok()),
-        );
-        if let Ok(value) = http::HeaderValue::from_str(&correlation) {
-            request.headers_mut().insert(CORRELATION_HEADER, value);
-        }
+        series.started().increment(1);
+        settle_correlation_header(request.headers_mut());
         let response = self.inner.call(request);
         // Told once, when the call's final status is known; dropped before that, CANCELLED.
-        let mut handled = EndOnce::new(HandledCount { method, started });
+        let mut handled = EndOnce::new(HandledCount { series, started });
         async move {
             match response.await {
                 Ok(response) => Ok(with_status_body(response, handled)),
@@ -119,18 +181,15 @@ where
 /// is known: in the headers of a trailers-only answer, else in the trailers after the last
 /// message (for a stream, when the stream ends).
 pub struct HandledCount {
-    method: String,
+    series: Arc<MethodSeries>,
     started: Instant,
 }
 
 impl CallEnd for HandledCount {
     fn ended(&mut self, code: tonic::Code, _reason: Option<String>) {
         let elapsed = self.started.elapsed().as_secs_f64();
-        let (grpc_service, grpc_method) = split_method(&self.method);
-        metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code.description_name())
-            .increment(1);
-        metrics::histogram!(SERVER_HANDLING_SECONDS, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
-            .record(elapsed);
+        self.series.handled(code).increment(1);
+        self.series.handling_seconds().record(elapsed);
     }
 }
 
@@ -188,17 +247,12 @@ pub(crate) fn describe() {
     );
 }
 
-/// Every held method started and handled at zero (handled for every code), as
+/// A held method started and handled at zero (handled for every code), as
 /// go-grpc-prometheus' `InitializeMetrics` does.
-fn register_at_zero(methods: &BTreeSet<String>) {
-    for path in methods {
-        let (grpc_service, grpc_method) = split_method(path);
-        metrics::counter!(SERVER_STARTED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned())
-            .increment(0);
-        for code in GRPC_CODES {
-            metrics::counter!(SERVER_HANDLED, "grpc_service" => grpc_service.to_owned(), "grpc_method" => grpc_method.to_owned(), "grpc_code" => code.description_name())
-                .increment(0);
-        }
+fn register_at_zero(series: &MethodSeries) {
+    series.started().increment(0);
+    for code in GRPC_CODES {
+        series.handled(code).increment(0);
     }
 }
 

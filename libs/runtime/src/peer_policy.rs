@@ -140,10 +140,10 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let peer = ServiceIdentity::of_peer(&request);
-        let method = request.uri().path().to_owned();
-        if self.policy.permits(&method, peer.as_ref()) {
+        if self.policy.permits(request.uri().path(), peer.as_ref()) {
             return self.inner.call(request).boxed();
         }
+        let method = request.uri().path().to_owned();
         let peer_name = peer
             .as_ref()
             .map_or("<no certificate>", ServiceIdentity::name)
