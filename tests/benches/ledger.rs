@@ -4,8 +4,16 @@
 //!   before anything is measured, and the audit service runs with its production defaults,
 //!   periodic signed checkpoints included (every 60 s), so each measuring window of 65 s
 //!   holds at least one checkpoint over a ledger of a million entries or more.
-//! - Durable appends/s and p50/p99/max latency through the gRPC API over mTLS with 1, 16 and
-//!   256 concurrent clients. The fair baseline: durable single-row INSERTs (one transaction
+//! - Durable appends/s and p50/p99/max latency over mTLS with 1, 16 and 256 concurrent writers
+//!   in one process appending through `LedgerClient`, as production's services do: concurrent
+//!   calls are coalesced into `AppendBatch` RPCs (a lone one goes as `Append`), each writer
+//!   answered once its own event is durable. Labelled apart, the same writers each making one
+//!   raw `Append` RPC per event over one shared channel (what this bench measured before
+//!   `AppendBatch`), at 256 writers (`MEDAI_BENCH_LEDGER_RAW=all`: at 1, 16 and 256, alternating
+//!   with the `LedgerClient` windows). For every window: CPU-seconds per append of this process
+//!   (the writers and the audit service share it) and of PostgreSQL (postmaster and every
+//!   backend, from /proc), and the mean group commit size (entries per distinct `recorded_at`:
+//!   one group, one instant). The fair baseline: durable single-row INSERTs (one transaction
 //!   each, no chain, no RPC) from the same number of concurrent clients into a table of the
 //!   same shape. The bulk INSERT rate of the pre-fill is printed too, labelled as what it is
 //!   (1000 rows per statement, 10 statements per transaction): an upper bound, not a peer.
@@ -17,6 +25,9 @@
 //! of appends and three baseline windows of 10 s; one export and two verifications of the
 //! whole ledger). `MEDAI_BENCH_LEDGER_WINDOW_SECONDS` shortens the append windows (below 60 s
 //! they may hold no checkpoint; the report says how many each window held).
+//! `MEDAI_BENCH_LEDGER_PREFILL` pre-fills fewer (or more) entries than 1,000,000, for quick
+//! runs only; `MEDAI_BENCH_LEDGER_ONLY=appends` runs the append windows alone (no baseline, no
+//! verification) and writes target/bench/ledger-appends.json.
 //! `MEDAI_BENCH_LEDGER_ONLY=verify` runs the verification section alone (about 2 minutes):
 //! each verifier beside the one-thread walk it replaced (measured in the same run) and beside
 //! PostgreSQL's own rate of sending the rows, with the load average it ran under (periodic
@@ -35,13 +46,14 @@ use medai_audit::AuditConfig;
 use medai_ledger::chain::{self, EntryContent};
 use medai_proto::audit::v1 as pb;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use medai_runtime::identity::ServiceIdentity;
 use medai_testkit::{
     TestPki, TestServer, fresh_postgres_database, scratch_file, test_process_config,
     wait_until_serving,
 };
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 
-const PREFILL_ENTRIES: u64 = 1_000_000;
+const DEFAULT_PREFILL_ENTRIES: u64 = 1_000_000;
 /// Production's default checkpoint period (`checkpoint_interval_seconds`).
 const CHECKPOINT_INTERVAL_SECONDS: u64 = 60;
 const BASELINE_WINDOW: Duration = Duration::from_secs(10);
@@ -218,12 +230,194 @@ async fn count(database: &DatabaseConnection, table: &str) -> i64 {
         .expect("n")
 }
 
+/// CPU-seconds (user + system) this process has used.
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds_of("self", false)
+}
+
+/// User + system CPU-seconds of `/proc/<pid>/stat` (with `children`, also of its reaped
+/// children), at Linux's USER_HZ of 100 ticks per second.
+fn cpu_seconds_of(pid: &str, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |index: usize| -> f64 {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime, stime, cutime, cstime are fields 14 to 17 of the line (11 to 14 here).
+    let mut ticks = field(11) + field(12);
+    if children {
+        ticks += field(13) + field(14);
+    }
+    ticks / 100.0
+}
+
+/// The parent pid in `/proc/<pid>/stat`.
+fn parent_of(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// The postmaster's pid: the parent of this connection's backend.
+async fn postmaster_pid(database: &DatabaseConnection) -> Option<String> {
+    let backend: i32 = database
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT pg_backend_pid() AS pid",
+        ))
+        .await
+        .ok()??
+        .try_get("", "pid")
+        .ok()?;
+    parent_of(&backend.to_string())
+}
+
+/// CPU-seconds of the whole PostgreSQL server: the postmaster, its reaped children and every
+/// live child (backends, WAL writer, checkpointer, …).
+fn postgres_cpu_seconds(postmaster: &str) -> f64 {
+    let mut seconds = cpu_seconds_of(postmaster, true);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.bytes().all(|byte| byte.is_ascii_digit())
+                && parent_of(&name).as_deref() == Some(postmaster)
+            {
+                seconds += cpu_seconds_of(&name, false);
+            }
+        }
+    }
+    seconds
+}
+
+/// Entries appended after `after_seq` and in how many group commits (distinct instants).
+async fn entries_and_groups(database: &DatabaseConnection, after_seq: i64) -> (i64, i64) {
+    let row = database
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            format!(
+                "SELECT count(*) AS n, count(DISTINCT recorded_at) AS groups                  FROM ledger_entries WHERE seq > {after_seq}"
+            ),
+        ))
+        .await
+        .expect("count")
+        .expect("row");
+    (
+        row.try_get("", "n").expect("n"),
+        row.try_get("", "groups").expect("groups"),
+    )
+}
+
+async fn head_seq(database: &DatabaseConnection) -> i64 {
+    database
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT coalesce(max(seq), 0) AS n FROM ledger_entries",
+        ))
+        .await
+        .expect("head")
+        .expect("row")
+        .try_get("", "n")
+        .expect("n")
+}
+
+/// How the writers of a window append.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Through `LedgerClient` (batched, as production).
+    LedgerClient,
+    /// One raw `Append` RPC per event over one shared channel.
+    RawAppend,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Self::LedgerClient => "LedgerClient (AppendBatch)",
+            Self::RawAppend => "raw Append RPC per event",
+        }
+    }
+}
+
+/// One append window with what it cost.
+struct AppendWindow {
+    path: Path,
+    measured: Window,
+    checkpoints: i64,
+    process_cpu_us_per_append: f64,
+    postgres_cpu_us_per_append: f64,
+    mean_group: f64,
+    load: String,
+}
+
+impl AppendWindow {
+    fn json(&self) -> serde_json::Value {
+        let mut json = self.measured.json();
+        json["path"] = serde_json::json!(self.path.label());
+        json["checkpoints_in_window"] = serde_json::json!(self.checkpoints);
+        json["bench_process_cpu_us_per_append"] = serde_json::json!(self.process_cpu_us_per_append);
+        json["postgres_cpu_us_per_append"] = serde_json::json!(self.postgres_cpu_us_per_append);
+        json["mean_group_commit_size"] = serde_json::json!(self.mean_group);
+        json["load_average_after"] = serde_json::json!(self.load);
+        json
+    }
+}
+
 /// The 1-minute load average, to say how disturbed the figures were.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|text| text.split_whitespace().next().map(str::to_owned))
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn print_appends(appends: &[AppendWindow], baseline: &[Window], prefill: u64, window: Duration) {
+    println!(
+        "ledger appends, durable (acknowledged after COMMIT), over mTLS, PostgreSQL, ledger \
+         pre-filled with {prefill} entries, checkpoints every {CHECKPOINT_INTERVAL_SECONDS} s, \
+         {} s per window; writers append through LedgerClient as production's services do \
+         (concurrent calls coalesced into AppendBatch), or, labelled, one raw Append RPC each",
+        window.as_secs()
+    );
+    for append in appends {
+        let measured = &append.measured;
+        let fair = baseline
+            .iter()
+            .find(|fair| fair.clients == measured.clients)
+            .map(|fair| {
+                format!(
+                    "  vs durable single-row INSERT {:.0} rows/s (p99 {:.2} ms): {:.2}x",
+                    fair.rate,
+                    fair.p99_ms,
+                    measured.rate / fair.rate
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:>3} writers  {:<27} {:>8.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  \
+             ({} checkpoints in the window; CPU per append: this process (writers + audit) {:.0} µs, \
+             PostgreSQL {:.0} µs; mean group commit {:.1} entries; load {}){fair}",
+            measured.clients,
+            append.path.label(),
+            measured.rate,
+            measured.p50_ms,
+            measured.p99_ms,
+            measured.max_ms,
+            append.checkpoints,
+            append.process_cpu_us_per_append,
+            append.postgres_cpu_us_per_append,
+            append.mean_group,
+            append.load,
+        );
+    }
 }
 
 #[tokio::main]
@@ -234,7 +428,14 @@ async fn main() {
             .and_then(|seconds| seconds.parse().ok())
             .unwrap_or(65),
     );
-    let verify_only = std::env::var("MEDAI_BENCH_LEDGER_ONLY").is_ok_and(|only| only == "verify");
+    let only = std::env::var("MEDAI_BENCH_LEDGER_ONLY").unwrap_or_default();
+    let verify_only = only == "verify";
+    let appends_only = only == "appends";
+    let prefill_entries: u64 = std::env::var("MEDAI_BENCH_LEDGER_PREFILL")
+        .ok()
+        .and_then(|entries| entries.parse().ok())
+        .unwrap_or(DEFAULT_PREFILL_ENTRIES);
+    let raw_at_every_count = std::env::var("MEDAI_BENCH_LEDGER_RAW").is_ok_and(|raw| raw == "all");
     let pki = TestPki::new();
     let database_url = fresh_postgres_database().await;
     let key_file = scratch_file("checkpoint.key");
@@ -248,11 +449,11 @@ async fn main() {
         .await
         .expect("connect");
     let started = Instant::now();
-    bulk_prefill(&database, PREFILL_ENTRIES).await;
+    bulk_prefill(&database, prefill_entries).await;
     let prefill_seconds = started.elapsed().as_secs_f64();
-    let bulk_rate = PREFILL_ENTRIES as f64 / prefill_seconds;
+    let bulk_rate = prefill_entries as f64 / prefill_seconds;
     println!(
-        "pre-filled {PREFILL_ENTRIES} chained entries in {prefill_seconds:.1} s (raw bulk INSERT)"
+        "pre-filled {prefill_entries} chained entries in {prefill_seconds:.1} s (raw bulk INSERT)"
     );
 
     // Production defaults: periodic checkpoints on. The service verifies what is stored once
@@ -267,30 +468,77 @@ async fn main() {
     };
     let server = audit_service(&pki, &database_url, &key_file, interval).await;
     let client = AuditServiceClient::new(pki.channel_as("gateway", server.address, "audit"));
-    let mut appends = Vec::new();
+    // The writers of a production service: one LedgerClient on one mesh channel.
+    let ledger_client = medai_ledger_client::LedgerClient::new(
+        pki.material("inference")
+            .mesh_channel(
+                &format!("https://{}", server.address),
+                &ServiceIdentity::new("audit"),
+            )
+            .expect("mesh channel"),
+    );
+    let postmaster = postmaster_pid(&database).await.unwrap_or_default();
+    let mut plan = Vec::new();
     for clients in [1usize, 16, 256] {
+        plan.push((clients, Path::LedgerClient));
+        if raw_at_every_count || clients == 256 {
+            plan.push((clients, Path::RawAppend));
+        }
+    }
+    let mut appends: Vec<AppendWindow> = Vec::new();
+    for (clients, path) in plan {
         if verify_only {
             break;
         }
         let checkpoints_before = count(&database, "ledger_checkpoints").await;
+        let seq_before = head_seq(&database).await;
+        let process_before = own_cpu_seconds();
+        let postgres_before = postgres_cpu_seconds(&postmaster);
         let client = client.clone();
+        let ledger_client = ledger_client.clone();
         let measured = measure(clients, window, move |task, index| {
             let mut client = client.clone();
+            let ledger_client = ledger_client.clone();
             async move {
                 let c = content(index as u64);
-                let request = pb::AppendRequest {
-                    actor: c.actor,
-                    action: c.action,
-                    resource: format!("result/{task}/{index}"),
-                    outcome: c.outcome,
-                    context_json: c.context,
-                };
-                client.append(request).await.expect("append");
+                let resource = format!("result/{task}/{index}");
+                match path {
+                    Path::LedgerClient => {
+                        let context: serde_json::Value =
+                            serde_json::from_str(&c.context).expect("context");
+                        ledger_client
+                            .record(&c.actor, &c.action, &resource, &c.outcome, context)
+                            .await
+                            .expect("record");
+                    }
+                    Path::RawAppend => {
+                        let request = pb::AppendRequest {
+                            actor: c.actor,
+                            action: c.action,
+                            resource,
+                            outcome: c.outcome,
+                            context_json: c.context,
+                        };
+                        client.append(request).await.expect("append");
+                    }
+                }
             }
         })
         .await;
+        let process_cpu = own_cpu_seconds() - process_before;
+        let postgres_cpu = postgres_cpu_seconds(&postmaster) - postgres_before;
+        let (entries, groups) = entries_and_groups(&database, seq_before).await;
         let checkpoints = count(&database, "ledger_checkpoints").await - checkpoints_before;
-        appends.push((measured, checkpoints));
+        let per_append = |seconds: f64| seconds * 1e6 / (measured.operations.max(1) as f64);
+        appends.push(AppendWindow {
+            path,
+            checkpoints,
+            process_cpu_us_per_append: per_append(process_cpu),
+            postgres_cpu_us_per_append: per_append(postgres_cpu),
+            mean_group: entries as f64 / (groups.max(1) as f64),
+            load: load_average(),
+            measured,
+        });
     }
     let ledger_size = u64::try_from(count(&database, "ledger_entries").await).unwrap_or(0);
 
@@ -301,7 +549,7 @@ async fn main() {
         .expect("baseline table");
     let mut baseline = Vec::new();
     for clients in [1usize, 16, 256] {
-        if verify_only {
+        if verify_only || appends_only {
             break;
         }
         let mut options = ConnectOptions::new(database_url.clone());
@@ -329,6 +577,26 @@ async fn main() {
         })
         .await;
         baseline.push(measured);
+    }
+
+    if appends_only {
+        server.stop().await;
+        print_appends(&appends, &baseline, prefill_entries, window);
+        let report = serde_json::json!({
+            "benchmark": "ledger",
+            "prefill_entries": prefill_entries,
+            "checkpoint_interval_seconds": interval,
+            "window_seconds": window.as_secs(),
+            "appends": appends.iter().map(AppendWindow::json).collect::<Vec<_>>(),
+        });
+        let directory = medai_testkit::workspace_root().join("target/bench");
+        std::fs::create_dir_all(&directory).expect("bench folder");
+        std::fs::write(
+            directory.join("ledger-appends.json"),
+            serde_json::to_string_pretty(&report).expect("json"),
+        )
+        .expect("write");
+        return;
     }
 
     // Verification, reading and parsing included: PostgreSQL sending the rows to a client that
@@ -404,27 +672,7 @@ async fn main() {
     let load_after = load_average();
 
     if !verify_only {
-        println!(
-            "ledger appends, durable (acknowledged after COMMIT), gRPC over mTLS, PostgreSQL, \
-             ledger pre-filled with {PREFILL_ENTRIES} entries, checkpoints every {CHECKPOINT_INTERVAL_SECONDS} s, \
-             {} s per window",
-            window.as_secs()
-        );
-        for ((append, checkpoints), fair) in appends.iter().zip(&baseline) {
-            println!(
-                "  {:>3} clients  {:>8.0} appends/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  \
-                 ({checkpoints} checkpoints in the window)  vs durable single-row INSERT {:>8.0} rows/s \
-                 (p99 {:.2} ms): {:.2}x",
-                append.clients,
-                append.rate,
-                append.p50_ms,
-                append.p99_ms,
-                append.max_ms,
-                fair.rate,
-                fair.p99_ms,
-                append.rate / fair.rate
-            );
-        }
+        print_appends(&appends, &baseline, prefill_entries, window);
     }
     println!(
         "  bulk INSERT (1000 rows per statement, 10 per transaction; an upper bound, not a peer): {bulk_rate:.0} rows/s"
@@ -452,15 +700,11 @@ async fn main() {
 
     let report = serde_json::json!({
         "benchmark": "ledger",
-        "prefill_entries": PREFILL_ENTRIES,
+        "prefill_entries": prefill_entries,
         "prefill_seconds": prefill_seconds,
         "checkpoint_interval_seconds": interval,
         "window_seconds": window.as_secs(),
-        "appends": appends.iter().map(|(append, checkpoints)| {
-            let mut json = append.json();
-            json["checkpoints_in_window"] = serde_json::json!(checkpoints);
-            json
-        }).collect::<Vec<_>>(),
+        "appends": appends.iter().map(AppendWindow::json).collect::<Vec<_>>(),
         "baseline_durable_single_row_insert": baseline.iter().map(Window::json).collect::<Vec<_>>(),
         "baseline_bulk_insert_rows_per_second": bulk_rate,
         "verify_entries": ledger_size,

@@ -18,9 +18,13 @@ use crate::anchor::{self, AnchorViolation, ChainAnchor, ChainHead, CheckError};
 use crate::store::ledger_entry;
 use medai_ledger::chain::{self, EntryContent};
 
-/// The most entries one transaction commits.
+/// A group stops taking more once it holds this many entries (a batch is never split, so a
+/// group holds at most `MAX_GROUP - 1 + MAX_BATCH` entries).
 const MAX_GROUP: usize = 512;
-/// Appends waiting for the writer; beyond this, callers wait (backpressure).
+/// The most events one batch (`append_all`) may hold; the gRPC edge refuses larger ones.
+pub const MAX_BATCH: usize = 512;
+/// Appends (single events or batches) waiting for the writer; beyond this, callers wait
+/// (backpressure).
 const QUEUE_DEPTH: usize = 4096;
 /// Any fixed 64-bit number distinct from other advisory locks in the same database.
 pub(crate) const LEDGER_LOCK_KEY: i64 = 0x4d45_4441_494c_4447; // "MEDAILDG"
@@ -54,11 +58,12 @@ pub enum AppendError {
     AnchorViolation(AnchorViolation),
 }
 
-/// An event, who waits for its receipt, and the span it was appended in (its group commit's
-/// span hangs under the first such span and follows from the others).
+/// A run of events to store consecutively, who waits for their receipts, and the span they
+/// were appended in (its group commit's span hangs under the first such span and follows from
+/// the others).
 type Pending = (
-    NewEvent,
-    oneshot::Sender<Result<AppendReceipt, AppendError>>,
+    Vec<NewEvent>,
+    oneshot::Sender<Result<Vec<AppendReceipt>, AppendError>>,
     tracing::Span,
 );
 
@@ -76,13 +81,50 @@ impl LedgerAppender {
     }
 
     pub async fn append(&self, event: NewEvent) -> Result<AppendReceipt, AppendError> {
-        let (reply, receipt) = oneshot::channel();
+        self.append_all(vec![event])
+            .await?
+            .pop()
+            .ok_or(AppendError::Stopped)
+    }
+
+    /// Appends `events` as consecutive entries in one transaction (all durable or none), one
+    /// receipt per event in order. At most [`MAX_BATCH`] events: the caller bounds them.
+    pub async fn append_all(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<AppendReceipt>, AppendError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, receipts) = oneshot::channel();
         self.queue
-            .send((event, reply, tracing::Span::current()))
+            .send((events, reply, tracing::Span::current()))
             .await
             .map_err(|_| AppendError::Stopped)?;
-        receipt.await.map_err(|_| AppendError::Stopped)?
+        receipts.await.map_err(|_| AppendError::Stopped)?
     }
+}
+
+/// Waits for the next append, then takes what else is already waiting, whole batches only,
+/// until the group holds [`MAX_GROUP`] entries. Returns the number of entries; `None` once
+/// every sender is gone.
+async fn next_group(
+    receiver: &mut mpsc::Receiver<Pending>,
+    group: &mut Vec<Pending>,
+) -> Option<usize> {
+    let first = receiver.recv().await?;
+    let mut entries = first.0.len();
+    group.push(first);
+    while entries < MAX_GROUP {
+        match receiver.try_recv() {
+            Ok(next) => {
+                entries += next.0.len();
+                group.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(entries)
 }
 
 async fn run_writer(
@@ -91,17 +133,16 @@ async fn run_writer(
     mut receiver: mpsc::Receiver<Pending>,
 ) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
-    while receiver.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let events: Vec<&NewEvent> = group.iter().map(|(event, _, _)| event).collect();
-        let commit =
-            tracing::info_span!(parent: &group[0].2, "audit.group_commit", entries = group.len());
+    while let Some(entries) = next_group(&mut receiver, &mut group).await {
+        let events: Vec<&NewEvent> = group.iter().flat_map(|(events, _, _)| events).collect();
+        let commit = tracing::info_span!(parent: &group[0].2, "audit.group_commit", entries);
         for (_, _, caller) in &group[1..] {
             commit.follows_from(caller);
         }
         let outcome = commit_group(&connection, &anchor, &events)
             .instrument(commit)
             .await;
-        metrics::histogram!("medai_ledger_group_commit_size").record(group.len() as f64);
+        metrics::histogram!("medai_ledger_group_commit_size").record(entries as f64);
         match outcome {
             Ok((receipts, _path)) => {
                 if let Some(last) = receipts.last()
@@ -112,22 +153,24 @@ async fn run_writer(
                         hash,
                     });
                 }
-                for ((_, reply, _), receipt) in group.drain(..).zip(receipts) {
-                    let _caller_gone = reply.send(Ok(receipt));
+                // Receipts come back in the order of `events`: each caller takes its run.
+                let mut receipts = receipts.into_iter();
+                for (events, reply, _) in group.drain(..) {
+                    let own: Vec<AppendReceipt> = receipts.by_ref().take(events.len()).collect();
+                    let _caller_gone = reply.send(Ok(own));
                 }
             }
             Err(CheckError::Violation(violation)) => {
-                metrics::counter!(anchor::VIOLATION_COUNTER).increment(group.len() as u64);
-                tracing::error!(problem = %violation, entries = group.len(), "ledger append refused: the chain does not extend its anchor");
+                metrics::counter!(anchor::VIOLATION_COUNTER).increment(entries as u64);
+                tracing::error!(problem = %violation, entries, "ledger append refused: the chain does not extend its anchor");
                 let error = AppendError::AnchorViolation(violation);
                 for (_, reply, _) in group.drain(..) {
                     let _caller_gone = reply.send(Err(error.clone()));
                 }
             }
             Err(CheckError::Database(error)) => {
-                tracing::error!(error = %error, entries = group.len(), "ledger group commit failed");
-                metrics::counter!("medai_ledger_append_failures_total")
-                    .increment(group.len() as u64);
+                tracing::error!(error = %error, entries, "ledger group commit failed");
+                metrics::counter!("medai_ledger_append_failures_total").increment(entries as u64);
                 let error = AppendError::Storage(error.to_string());
                 for (_, reply, _) in group.drain(..) {
                     let _caller_gone = reply.send(Err(error.clone()));

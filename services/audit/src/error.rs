@@ -8,6 +8,10 @@ pub enum AuditError {
     FieldTooLong { field: &'static str, limit: usize },
     #[error("context_json must be a JSON object")]
     ContextNotAnObject,
+    #[error("a batch must hold at least one event")]
+    BatchEmpty,
+    #[error("a batch may hold at most {events} events and {bytes} bytes of fields")]
+    BatchTooLarge { events: usize, bytes: usize },
     #[error("the requested seq or tree size is outside the ledger")]
     OutOfRange,
     #[error("the page token is not valid")]
@@ -36,6 +40,8 @@ impl ServiceError for AuditError {
             Self::MissingField { .. }
             | Self::FieldTooLong { .. }
             | Self::ContextNotAnObject
+            | Self::BatchEmpty
+            | Self::BatchTooLarge { .. }
             | Self::OutOfRange
             | Self::PageTokenInvalid => ErrorKind::InvalidArgument,
             Self::ChainBroken { .. }
@@ -51,6 +57,8 @@ impl ServiceError for AuditError {
             Self::MissingField { .. } => "FIELD_MISSING",
             Self::FieldTooLong { .. } => "FIELD_TOO_LONG",
             Self::ContextNotAnObject => "CONTEXT_NOT_OBJECT",
+            Self::BatchEmpty => "BATCH_EMPTY",
+            Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
             Self::OutOfRange => "OUT_OF_RANGE",
             Self::PageTokenInvalid => "PAGE_TOKEN_INVALID",
             Self::ChainBroken { .. } => "LEDGER_CHAIN_BROKEN",

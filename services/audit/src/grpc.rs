@@ -13,7 +13,7 @@ use sea_orm::DatabaseConnection;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::appender::{AppendError, AppendReceipt, LedgerAppender, NewEvent};
+use crate::appender::{AppendError, AppendReceipt, LedgerAppender, MAX_BATCH, NewEvent};
 use crate::checkpoints::{CheckpointError, Checkpointer};
 use crate::error::AuditError;
 use crate::query::{EventFilter, MAX_PAGE, export_chunks, query_events};
@@ -23,6 +23,19 @@ use medai_runtime::identity::ServiceIdentity;
 
 const MAX_SHORT_FIELD: usize = 256;
 const MAX_CONTEXT: usize = 16 * 1024;
+/// The most bytes of fields (actor, action, resource, outcome, context_json) one AppendBatch
+/// may carry: 512 events of 2 KiB each.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+/// The bytes of fields an event carries, as AppendBatch counts them against
+/// [`MAX_BATCH_BYTES`].
+fn event_bytes(event: &AppendRequest) -> usize {
+    event.actor.len()
+        + event.action.len()
+        + event.resource.len()
+        + event.outcome.len()
+        + event.context_json.len()
+}
 
 pub struct AuditApi {
     pub appender: LedgerAppender,
@@ -45,29 +58,59 @@ fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
+fn append_refused(error: AppendError) -> AuditError {
+    match error {
+        AppendError::AnchorViolation(violation) => match violation.missing_below_checkpoint {
+            Some((first, last)) => AuditError::BehindCheckpoint { first, last },
+            None => AuditError::ChainAnchorViolation,
+        },
+        error => {
+            tracing::error!(error = %error, "append refused: the ledger could not make it durable");
+            AuditError::LedgerUnavailable(error.to_string())
+        }
+    }
+}
+
 impl AuditApi {
     /// Appends one event, answered once durable.
     async fn record(&self, event: NewEvent) -> Result<AppendReceipt, AuditError> {
         let action = event.action.clone();
-        let receipt = self
-            .appender
-            .append(event)
-            .await
-            .map_err(|error| match error {
-                AppendError::AnchorViolation(violation) => {
-                    match violation.missing_below_checkpoint {
-                        Some((first, last)) => AuditError::BehindCheckpoint { first, last },
-                        None => AuditError::ChainAnchorViolation,
-                    }
-                }
-                error => {
-                    tracing::error!(error = %error, "append refused: the ledger could not make it durable");
-                    AuditError::LedgerUnavailable(error.to_string())
-                }
-            })?;
+        let receipt = self.appender.append(event).await.map_err(append_refused)?;
         tracing::info!(seq = receipt.seq, action = %action, "ledger entry appended");
         metrics::counter!("medai_ledger_appends_total", "action" => action).increment(1);
         Ok(receipt)
+    }
+
+    /// Appends `events` as consecutive entries, answered once all are durable (or none is).
+    async fn record_all(&self, events: Vec<NewEvent>) -> Result<Vec<AppendReceipt>, AuditError> {
+        // Counted per action, once per batch: events of one batch mostly share their action.
+        let mut actions: Vec<(String, u64)> = Vec::new();
+        for event in &events {
+            match actions
+                .iter_mut()
+                .find(|(action, _)| *action == event.action)
+            {
+                Some((_, count)) => *count += 1,
+                None => actions.push((event.action.clone(), 1)),
+            }
+        }
+        let receipts = self
+            .appender
+            .append_all(events)
+            .await
+            .map_err(append_refused)?;
+        if let (Some(first), Some(last)) = (receipts.first(), receipts.last()) {
+            tracing::info!(
+                first_seq = first.seq,
+                last_seq = last.seq,
+                entries = receipts.len(),
+                "ledger entries appended as one batch"
+            );
+        }
+        for (action, count) in actions {
+            metrics::counter!("medai_ledger_appends_total", "action" => action).increment(count);
+        }
+        Ok(receipts)
     }
 
     /// The verified chain's recomputed entry hashes, for proofs: never the stored ones.
@@ -132,6 +175,41 @@ impl AuditService for AuditApi {
             seq: receipt.seq,
             hash: receipt.hash,
             recorded_at: receipt.recorded_at,
+        }))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.is_empty() {
+            return Err(AuditError::BatchEmpty.into());
+        }
+        if events.len() > MAX_BATCH
+            || events.iter().map(event_bytes).sum::<usize>() > MAX_BATCH_BYTES
+        {
+            return Err(AuditError::BatchTooLarge {
+                events: MAX_BATCH,
+                bytes: MAX_BATCH_BYTES,
+            }
+            .into());
+        }
+        // Every event is checked before any is recorded: one bad event refuses the batch.
+        let events = events
+            .into_iter()
+            .map(NewEvent::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let receipts = self.record_all(events).await?;
+        Ok(Response::new(pb::AppendBatchResponse {
+            receipts: receipts
+                .into_iter()
+                .map(|receipt| AppendResponse {
+                    seq: receipt.seq,
+                    hash: receipt.hash,
+                    recorded_at: receipt.recorded_at,
+                })
+                .collect(),
         }))
     }
 

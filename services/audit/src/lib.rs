@@ -61,10 +61,15 @@ pub fn peer_policy() -> PeerPolicy {
         "ExportLedger",
     ];
     reads.iter().fold(
-        PeerPolicy::new().allow(
-            "/medai.audit.v1.AuditService/Append",
-            &["gateway", "auth", "inference"],
-        ),
+        PeerPolicy::new()
+            .allow(
+                "/medai.audit.v1.AuditService/Append",
+                &["gateway", "auth", "inference"],
+            )
+            .allow(
+                "/medai.audit.v1.AuditService/AppendBatch",
+                &["gateway", "auth", "inference"],
+            ),
         |policy, method| {
             policy.allow(
                 &format!("/medai.audit.v1.AuditService/{method}"),

@@ -359,3 +359,370 @@ async fn concurrent_appends_form_one_gapless_chain() {
     assert!(report.intact);
     assert_eq!(report.entries_checked, 200);
 }
+
+// AppendBatch and the batching LedgerClient (issue 14: durable appends at 256 writers).
+
+/// Stored (seq, resource) pairs in seq order.
+async fn stored_resources(database_url: &str) -> Vec<(i64, String)> {
+    let database = Database::connect(database_url).await.expect("connect");
+    database
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT seq, resource FROM ledger_entries ORDER BY seq",
+        ))
+        .await
+        .expect("query")
+        .iter()
+        .map(|row| {
+            (
+                row.try_get::<i64>("", "seq").expect("seq"),
+                row.try_get::<String>("", "resource").expect("resource"),
+            )
+        })
+        .collect()
+}
+
+async fn verified(ledger: &Ledger) -> medai_proto::audit::v1::VerifyResponse {
+    ledger
+        .client_as("gateway")
+        .verify(VerifyRequest {})
+        .await
+        .expect("verify")
+        .into_inner()
+}
+
+fn batch_of(prefix: &str, count: usize) -> medai_proto::audit::v1::AppendBatchRequest {
+    medai_proto::audit::v1::AppendBatchRequest {
+        events: (0..count)
+            .map(|index| event("INFERENCE", &format!("{prefix}/{index}")))
+            .collect(),
+    }
+}
+
+/// Makes every commit that stores a row whose resource is `resource` fail at COMMIT (a
+/// deferred constraint trigger), as a storage failure after the INSERT went through would.
+async fn fail_commits_storing(database_url: &str, resource: &str) {
+    let database = Database::connect(database_url).await.expect("connect");
+    database
+        .execute_unprepared(&format!(
+            "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'commit refused for the test'; END; $$; \
+             CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON ledger_entries \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW \
+             WHEN (NEW.resource = '{resource}') EXECUTE FUNCTION fail_commit()"
+        ))
+        .await
+        .expect("trigger");
+}
+
+fn ledger_client(ledger: &Ledger, identity: &str) -> medai_ledger_client::LedgerClient {
+    let channel = ledger
+        .pki
+        .material(identity)
+        .mesh_channel(
+            &format!("https://{}", ledger.server.address),
+            &medai_runtime::identity::ServiceIdentity::new("audit"),
+        )
+        .expect("mesh channel");
+    medai_ledger_client::LedgerClient::new(channel)
+}
+
+#[tokio::test]
+async fn a_batch_takes_consecutive_seqs_in_request_order_and_the_chain_verifies() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    let mut gateway = ledger.client_as("gateway");
+    gateway
+        .append(event("LOGIN", "single/0"))
+        .await
+        .expect("append");
+    let receipts = gateway
+        .append_batch(batch_of("first", 5))
+        .await
+        .expect("batch")
+        .into_inner()
+        .receipts;
+    let seqs: Vec<u64> = receipts.iter().map(|receipt| receipt.seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4, 5, 6]);
+    assert!(receipts.iter().all(|receipt| receipt.hash.len() == 64));
+
+    // Concurrent batches: each batch's entries stay one consecutive run in its own order.
+    let batches = (0..8).map(|number| {
+        let mut client = ledger.client_as("inference");
+        tokio::spawn(async move {
+            let receipts = client
+                .append_batch(batch_of(&format!("batch{number}"), 40))
+                .await
+                .expect("batch")
+                .into_inner()
+                .receipts;
+            (number, receipts)
+        })
+    });
+    let mut all: Vec<u64> = seqs.clone();
+    for batch in batches {
+        let (number, receipts) = batch.await.expect("task");
+        let first = receipts[0].seq;
+        let seqs: Vec<u64> = receipts.iter().map(|receipt| receipt.seq).collect();
+        assert_eq!(
+            seqs,
+            (first..first + 40).collect::<Vec<u64>>(),
+            "batch {number}"
+        );
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (2..=6 + 8 * 40).collect::<Vec<u64>>());
+
+    let stored = stored_resources(&ledger.database_url).await;
+    assert_eq!(stored.len(), 6 + 8 * 40);
+    for (index, (seq, resource)) in stored[1..6].iter().enumerate() {
+        assert_eq!(
+            (*seq, resource.as_str()),
+            (index as i64 + 2, format!("first/{index}").as_str())
+        );
+    }
+    let report = verified(&ledger).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.entries_checked, 6 + 8 * 40);
+}
+
+#[tokio::test]
+async fn empty_oversize_and_invalid_batches_are_refused_with_stable_codes_and_record_nothing() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    let mut gateway = ledger.client_as("gateway");
+    let refused = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        reason_of(&status)
+    };
+
+    let status = gateway
+        .append_batch(batch_of("empty", 0))
+        .await
+        .expect_err("an empty batch");
+    assert_eq!(refused(status).as_deref(), Some("BATCH_EMPTY"));
+
+    let status = gateway
+        .append_batch(batch_of("many", 513))
+        .await
+        .expect_err("more than 512 events");
+    assert_eq!(refused(status).as_deref(), Some("BATCH_TOO_LARGE"));
+
+    // 100 events of 12 KiB context each: every event is valid, the batch is over 1 MiB.
+    let mut heavy = batch_of("heavy", 100);
+    for event in &mut heavy.events {
+        event.context_json = format!(r#"{{"note":"{}"}}"#, "x".repeat(12 * 1024));
+    }
+    let status = gateway
+        .append_batch(heavy)
+        .await
+        .expect_err("more than 1 MiB");
+    assert_eq!(refused(status).as_deref(), Some("BATCH_TOO_LARGE"));
+
+    // One bad event refuses the whole batch with its own code.
+    let mut one_bad = batch_of("one-bad", 10);
+    one_bad.events[7].actor.clear();
+    let status = gateway
+        .append_batch(one_bad)
+        .await
+        .expect_err("one bad event");
+    assert_eq!(refused(status).as_deref(), Some("FIELD_MISSING"));
+
+    assert_eq!(verified(&ledger).await.entries_checked, 0);
+    assert!(stored_resources(&ledger.database_url).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_from_a_peer_outside_the_policy_is_refused() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    for identity in ["validation", "stranger", "operator"] {
+        let status = ledger
+            .client_as(identity)
+            .append_batch(batch_of("peer", 3))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::PermissionDenied, "{identity}");
+        assert_eq!(reason_of(&status).as_deref(), Some("PEER_NOT_ALLOWED"));
+    }
+    assert!(stored_resources(&ledger.database_url).await.is_empty());
+    for identity in ["gateway", "auth", "inference"] {
+        ledger
+            .client_as(identity)
+            .append_batch(batch_of(identity, 2))
+            .await
+            .expect("an appending service may batch");
+    }
+    assert_eq!(stored_resources(&ledger.database_url).await.len(), 6);
+}
+
+#[tokio::test]
+async fn a_failing_commit_fails_the_whole_batch_and_records_none_of_it() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    let mut gateway = ledger.client_as("gateway");
+    gateway
+        .append_batch(batch_of("before", 2))
+        .await
+        .expect("batch");
+    fail_commits_storing(&ledger.database_url, "poison").await;
+
+    let mut poisoned = batch_of("doomed", 5);
+    poisoned.events[3].resource = "poison".to_owned();
+    let status = gateway
+        .append_batch(poisoned)
+        .await
+        .expect_err("the commit fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("LEDGER_UNAVAILABLE"));
+    let stored = stored_resources(&ledger.database_url).await;
+    assert_eq!(
+        stored,
+        vec![(1, "before/0".to_owned()), (2, "before/1".to_owned())],
+        "nothing of the failed batch is stored"
+    );
+
+    // The next batch goes in right after the last durable entry.
+    let seqs: Vec<u64> = gateway
+        .append_batch(batch_of("after", 3))
+        .await
+        .expect("batch")
+        .into_inner()
+        .receipts
+        .iter()
+        .map(|receipt| receipt.seq)
+        .collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+    let report = verified(&ledger).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.entries_checked, 5);
+}
+
+#[tokio::test]
+async fn concurrent_callers_of_one_ledger_client_get_their_own_receipts_and_one_chain() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    let client = ledger_client(&ledger, "inference");
+    let callers = (0..300).map(|index| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let seq = client
+                .record(
+                    "service:inference",
+                    "INFERENCE",
+                    &format!("result/{index}"),
+                    "SUCCESS",
+                    serde_json::json!({ "index": index }),
+                )
+                .await
+                .expect("recorded");
+            (index, seq)
+        })
+    });
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.push(caller.await.expect("task"));
+    }
+    // Each caller's seq is the entry holding its own event.
+    let stored: std::collections::HashMap<i64, String> = stored_resources(&ledger.database_url)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(stored.len(), 300);
+    for (index, seq) in &answers {
+        assert_eq!(
+            stored.get(&(*seq as i64)).map(String::as_str),
+            Some(format!("result/{index}").as_str()),
+            "caller {index}"
+        );
+    }
+    let report = verified(&ledger).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.entries_checked, 300);
+}
+
+#[tokio::test]
+async fn a_bad_event_among_concurrent_callers_refuses_only_its_caller() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    let client = ledger_client(&ledger, "auth");
+    let callers = (0..64).map(|index| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            // Caller 17 leaves the actor empty.
+            let actor = if index == 17 { "" } else { "service:auth" };
+            let answer = client
+                .record(
+                    actor,
+                    "LOGIN",
+                    &format!("session/{index}"),
+                    "SUCCESS",
+                    serde_json::json!({}),
+                )
+                .await;
+            (index, answer)
+        })
+    });
+    let mut recorded = 0;
+    for caller in callers {
+        let (index, answer) = caller.await.expect("task");
+        if index == 17 {
+            let status = answer.expect_err("the bad event is refused");
+            assert_eq!(reason_of(&status).as_deref(), Some("FIELD_MISSING"));
+        } else {
+            answer.expect("every other event is recorded");
+            recorded += 1;
+        }
+    }
+    assert_eq!(recorded, 63);
+    let report = verified(&ledger).await;
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.entries_checked, 63);
+}
+
+#[tokio::test]
+async fn when_commits_fail_no_caller_of_a_ledger_client_is_told_its_event_is_durable() {
+    let ledger = Ledger::start(Some(fresh_postgres_database().await)).await;
+    fail_commits_storing(&ledger.database_url, "poison").await;
+    let client = ledger_client(&ledger, "inference");
+    let callers = (0..200).map(|index| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            // Every tenth event makes its commit fail, and with it its whole group.
+            let resource = if index % 10 == 3 {
+                "poison".to_owned()
+            } else {
+                format!("result/{index}")
+            };
+            let answer = client
+                .record(
+                    "service:inference",
+                    "INFERENCE",
+                    &resource,
+                    "SUCCESS",
+                    serde_json::json!({}),
+                )
+                .await;
+            (resource, answer)
+        })
+    });
+    let mut durable = std::collections::HashMap::new();
+    let mut failed = 0;
+    for caller in callers {
+        let (resource, answer) = caller.await.expect("task");
+        match answer {
+            Ok(seq) => {
+                assert_ne!(resource, "poison", "a failed commit reported durable");
+                durable.insert(seq as i64, resource);
+            }
+            Err(status) => {
+                assert_eq!(reason_of(&status).as_deref(), Some("LEDGER_UNAVAILABLE"));
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed >= 20, "every poisoned caller failed ({failed})");
+    // Exactly the callers told "durable" are stored, each at the seq it was given.
+    let stored: std::collections::HashMap<i64, String> = stored_resources(&ledger.database_url)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(stored, durable);
+    let report = verified(&ledger).await;
+    assert!(report.intact, "{report:?}");
+}
