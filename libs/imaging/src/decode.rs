@@ -15,6 +15,7 @@ use dicom_pixeldata::{
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::{
     DynamicImage, GrayImage, ImageDecoder, ImageFormat as RasterFormat, ImageReader, Limits,
+    RgbImage,
 };
 
 use crate::display::{GreySamples, GreyTransform, VoiFunction, Window, normalise_stored};
@@ -672,9 +673,11 @@ fn decode_dicom(
     let image = if decoded.samples_per_pixel() == 1 {
         grey_display(&decoded)?
     } else {
-        decoded
-            .to_dynamic_image_with_options(0, &ConvertOptions::new().force_8bit())
-            .map_err(|_| undecodable())?
+        // What dicom-pixeldata's image conversion gave (see crate::colour).
+        let rgb = crate::colour::rgb8_of(&decoded)?;
+        RgbImage::from_raw(decoded.columns(), decoded.rows(), rgb)
+            .map(DynamicImage::ImageRgb8)
+            .ok_or_else(undecodable)?
     };
     Ok(canonicalise(image, SourceFormat::Dicom, metadata))
 }

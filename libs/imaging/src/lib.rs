@@ -5,6 +5,7 @@
 //! A crate of its own so that the fuzz target builds only the decoders (a release
 //! AddressSanitizer build of the whole service tree took 11 minutes of every CI run).
 
+mod colour;
 pub mod decode;
 mod dicom_lengths;
 pub mod display;

@@ -29,12 +29,20 @@ use medai_validation::quality::{QualityPolicy, assess};
 
 const MINIMUM_TIME: Duration = Duration::from_secs(2);
 
-/// Runs `work` until at least MINIMUM_TIME has passed (and at least 5 times); images/s.
+/// Runs `work` until at least MINIMUM_TIME has passed (and at least 5 times); images/s. With
+/// `MEDAI_BENCH_RUNS=n`, exactly n times after the warm-up run instead: a profile then covers a
+/// known number of images (under callgrind, instructions per image whatever the load).
 fn rate(mut work: impl FnMut()) -> f64 {
+    let fixed_runs = std::env::var("MEDAI_BENCH_RUNS")
+        .ok()
+        .and_then(|runs| runs.parse::<u32>().ok());
     work();
     let started = Instant::now();
     let mut runs = 0u32;
-    while runs < 5 || started.elapsed() < MINIMUM_TIME {
+    while match fixed_runs {
+        Some(wanted) => runs < wanted,
+        None => runs < 5 || started.elapsed() < MINIMUM_TIME,
+    } {
         work();
         runs += 1;
     }
@@ -261,6 +269,8 @@ fn service_cpu_per_request(png: &[u8]) -> (f64, f64) {
     )
 }
 
+// Never inlined, so that a profile shows the bare decoder's cost as one function's.
+#[inline(never)]
 fn bare_dicom(bytes: &[u8]) {
     let object = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Auto)

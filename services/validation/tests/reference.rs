@@ -328,3 +328,98 @@ fn direct_stored_values_equal_the_general_conversion() {
         assert!(compared.contains(needed), "{needed} was compared");
     }
 }
+
+/// SHA-256 of the 8-bit RGB pixels each colour file of the public set decodes to (frame 1, and
+/// the middle frame of multi-frame files), recorded from dicom-pixeldata 0.10.1's own image
+/// conversion (`to_dynamic_image_with_options(0, force_8bit)`) before it was replaced by
+/// medai-imaging's (which lets the workspace drop dicom-pixeldata's `image` feature).
+#[rustfmt::skip]
+const COLOUR_RECORDED: [(&str, &str, &str); 32] = [
+    ("ExplVR_BigEnd.dcm", "FIRST_FRAME", "1583c4339dd36e91dd2c30d278ef1ed95f3ea9a6de4401868d5712a76036ef2d"),
+    ("GDCMJ2K_TextGBR.dcm", "FIRST_FRAME", "bea5673fdd49313fd8c391f115e57ac501f44194aa3915c22293ddb55f1d0b88"),
+    ("SC_jpeg_no_color_transform.dcm", "FIRST_FRAME", "926c2f22c0d978a4df3946138e48762baa5ee68f5af0abe4a0609654589eb787"),
+    ("SC_jpeg_no_color_transform_2.dcm", "FIRST_FRAME", "71bbe9bdb7807e2ceb32258e4f0644ed3240d425983862c90f8f9efe8f79b11c"),
+    ("SC_rgb_dcmtk_+eb+cr.dcm", "FIRST_FRAME", "e414aaca686695163b4fcca90cc4b0bf6aff59d70c036a39a446ebcbb53e3360"),
+    ("SC_rgb_dcmtk_+eb+cy+n1.dcm", "FIRST_FRAME", "66de9921436cae0582f3b34e17def736149f35def7fdb750d948ec0db983e83b"),
+    ("SC_rgb_dcmtk_+eb+cy+n2.dcm", "FIRST_FRAME", "c339f5e46a7c0defd6759d41b6b5c6506ef388cb4d470951549fca6a80c090d6"),
+    ("SC_rgb_dcmtk_+eb+cy+np.dcm", "FIRST_FRAME", "66de9921436cae0582f3b34e17def736149f35def7fdb750d948ec0db983e83b"),
+    ("SC_rgb_dcmtk_+eb+cy+s2.dcm", "FIRST_FRAME", "c339f5e46a7c0defd6759d41b6b5c6506ef388cb4d470951549fca6a80c090d6"),
+    ("SC_rgb_dcmtk_+eb+cy+s4.dcm", "FIRST_FRAME", "c339f5e46a7c0defd6759d41b6b5c6506ef388cb4d470951549fca6a80c090d6"),
+    ("SC_rgb_gdcm_KY.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_jls_lossy_line.dcm", "FIRST_FRAME", "bd5344c0a46bc6c0869921680aa72c1ee344be34079d9b9c5b421336f24d798f"),
+    ("SC_rgb_jls_lossy_sample.dcm", "FIRST_FRAME", "bd5344c0a46bc6c0869921680aa72c1ee344be34079d9b9c5b421336f24d798f"),
+    ("SC_rgb_jpeg_app14_dcmd.dcm", "FIRST_FRAME", "71bbe9bdb7807e2ceb32258e4f0644ed3240d425983862c90f8f9efe8f79b11c"),
+    ("SC_rgb_jpeg_dcmd.dcm", "FIRST_FRAME", "be7aa556b206ac445bc4125d24213bfac8832980138d54ece2b90be6e3d63d74"),
+    ("SC_rgb_jpeg_dcmtk.dcm", "FIRST_FRAME", "c339f5e46a7c0defd6759d41b6b5c6506ef388cb4d470951549fca6a80c090d6"),
+    ("SC_rgb_jpeg_gdcm.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_jpeg_lossy_gdcm.dcm", "FIRST_FRAME", "2a65b8d414c7bdc496b30514469a3e1880eab51bfacc8f6a607c7540a86ed2b9"),
+    ("SC_rgb_rle.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_rle_16bit.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_rle_16bit_2frame.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_rle_16bit_2frame.dcm", "MIDDLE_FRAME", "d9d849600989153e95bbb6d8e5930903d4d407da3313921eee98a5beec2a3008"),
+    ("SC_rgb_rle_2frame.dcm", "FIRST_FRAME", "169e619557b12114a7f0be8602026e9abb3d5045804311736ec14cecb026aca9"),
+    ("SC_rgb_rle_2frame.dcm", "MIDDLE_FRAME", "d9d849600989153e95bbb6d8e5930903d4d407da3313921eee98a5beec2a3008"),
+    ("SC_rgb_small_odd.dcm", "FIRST_FRAME", "ef2df252ba3cd066405c4dd121d0efea1341083ae2f676e1f4c844b5a4838cb8"),
+    ("SC_rgb_small_odd_big_endian.dcm", "FIRST_FRAME", "ef2df252ba3cd066405c4dd121d0efea1341083ae2f676e1f4c844b5a4838cb8"),
+    ("SC_rgb_small_odd_jpeg.dcm", "FIRST_FRAME", "f750a80478763f97d94bbd9caeaee3dd1e16794fe9a95da34a991bfb7c42d4f5"),
+    ("SC_ybr_full_422_uncompressed.dcm", "FIRST_FRAME", "ddb100d8f45a7fbf420e8ce5d1b376a5479f068c5109daac31eb982f662d228f"),
+    ("examples_jpeg2k.dcm", "FIRST_FRAME", "e16892020c73095e42ff4cf7368de5206f11012e25feaed53cc2bc614602bb9a"),
+    ("examples_rgb_color.dcm", "FIRST_FRAME", "a64f021b9093684b86aa47195ce0f9e3c1b8f1f4c6ce569f8a65b292bd52ec1d"),
+    ("examples_ybr_color.dcm", "FIRST_FRAME", "eca9555634034c84e82cbade66ae81cc7bc5b24c8d7c51db811af287691d6ab3"),
+    ("examples_ybr_color.dcm", "MIDDLE_FRAME", "3dc7d4de961e95c07a8a06aa5e78418b2c68659664a2cdfc4091c4fff8f2933a"),
+];
+
+/// Every colour image of the public set gives exactly the RGB bytes dicom-pixeldata's image
+/// conversion gave: 8- and 16-bit, RGB and YBR, by plane, compressed by every codec.
+#[test]
+fn colour_images_are_exactly_those_of_dicom_pixeldatas_image_conversion() {
+    use medai_validation::FramePolicy;
+    use medai_validation::decode::{decode_planned, plan_decode};
+
+    let root = workspace_root();
+    let sha256_hex = |bytes: &[u8]| -> String {
+        ring::digest::digest(&ring::digest::SHA256, bytes)
+            .as_ref()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    };
+    let mut ours = Vec::new();
+    for (name, ..) in FILES {
+        let bytes = std::fs::read(root.join(".cache/dicom").join(name)).expect("DICOM file");
+        let Ok(plan) = plan_decode(&bytes, None, &limits()) else {
+            continue;
+        };
+        let mut policies = vec![FramePolicy::FirstFrame];
+        if plan.frames() > 1 {
+            policies.push(FramePolicy::MiddleFrame);
+        }
+        for policy in policies {
+            let Ok(image) = decode_planned(&bytes, &plan, &limits(), None, policy) else {
+                continue;
+            };
+            if image.channels != 3 {
+                continue;
+            }
+            assert_eq!(
+                image.pixels.len(),
+                image.width as usize * image.height as usize * 3,
+                "{name}"
+            );
+            ours.push((name, policy.code(), sha256_hex(&image.pixels)));
+        }
+    }
+    let recorded: Vec<(&str, &str, String)> = COLOUR_RECORDED
+        .iter()
+        .map(|(name, policy, hash)| (*name, *policy, (*hash).to_owned()))
+        .collect();
+    if ours != recorded {
+        for (name, policy, hash) in &ours {
+            eprintln!("    (\"{name}\", \"{policy}\", \"{hash}\"),");
+        }
+    }
+    assert_eq!(
+        ours, recorded,
+        "colour images differ from the recorded conversion"
+    );
+}
