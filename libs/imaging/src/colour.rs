@@ -153,23 +153,11 @@ fn ybr_to_rgb_u16(y: u16, cb: u16, cr: u16) -> [u16; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::noise_bytes;
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::tags;
     use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
     use dicom_pixeldata::PixelDecoder;
-
-    /// Bytes of a deterministic pseudo-random sequence.
-    fn noise_bytes(count: usize, seed: u32) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 24) as u8
-            })
-            .collect()
-    }
 
     /// A native (explicit VR little endian) colour object holding `pixels` as its one frame.
     fn colour_object(

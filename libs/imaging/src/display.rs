@@ -264,6 +264,7 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::noise_bytes;
 
     fn linear(center: f64, width: f64) -> Option<Window> {
         Some(Window {
@@ -362,19 +363,6 @@ mod tests {
             let direct = transform.apply(&[value, i32::from(i16::MIN), i32::from(i16::MAX)]);
             assert_eq!(direct[0], shown[index], "stored value {value}");
         }
-    }
-
-    /// Bytes of a deterministic pseudo-random sequence, so the tests need no RNG crate.
-    fn noise_bytes(count: usize, seed: u32) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..count)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state >> 24) as u8
-            })
-            .collect()
     }
 
     #[test]

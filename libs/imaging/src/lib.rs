@@ -17,6 +17,8 @@ pub mod model_input;
 mod native_colour;
 mod pixel_rewrite;
 mod rle_check;
+#[cfg(test)]
+mod test_support;
 
 pub use error::ImageError;
 pub use frames::{FramePolicy, JudgedFrame};

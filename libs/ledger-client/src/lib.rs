@@ -19,10 +19,9 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-/// The most events one `AppendBatch` carries (the audit service's bound).
-pub const MAX_BATCH_EVENTS: usize = 512;
-/// The most bytes of fields one `AppendBatch` carries (the audit service's bound).
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+pub use medai_proto::audit::v1::{
+    APPEND_BATCH_MAX_BYTES as MAX_BATCH_BYTES, APPEND_BATCH_MAX_EVENTS as MAX_BATCH_EVENTS,
+};
 /// Calls to the ledger outstanding at once from one client; more events wait and are batched.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Events waiting for a call; beyond this, `record` waits (backpressure).
@@ -81,15 +80,6 @@ fn stopped() -> tonic::Status {
     tonic::Status::unavailable("the ledger client has stopped")
 }
 
-/// The bytes of fields an event carries, as the audit service counts them.
-fn event_bytes(event: &AppendRequest) -> usize {
-    event.actor.len()
-        + event.action.len()
-        + event.resource.len()
-        + event.outcome.len()
-        + event.context_json.len()
-}
-
 /// Takes every waiting event (within the batch bounds) whenever a call may start, and sends it.
 async fn send_batches(
     client: AuditServiceClient<MeshChannel>,
@@ -108,13 +98,13 @@ async fn send_batches(
                 None => return,
             },
         };
-        let mut bytes = event_bytes(&first.event);
+        let mut bytes = first.event.field_bytes();
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_EVENTS {
             let Ok(next) = waiting.try_recv() else {
                 break;
             };
-            let size = event_bytes(&next.event);
+            let size = next.event.field_bytes();
             if bytes + size > MAX_BATCH_BYTES {
                 carried = Some(next);
                 break;

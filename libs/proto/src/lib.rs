@@ -26,6 +26,24 @@ pub mod inference {
 pub mod audit {
     pub mod v1 {
         tonic::include_proto!("medai.audit.v1");
+
+        /// The most events one `AppendBatch` carries: the audit service refuses more, and the
+        /// ledger client batches within it.
+        pub const APPEND_BATCH_MAX_EVENTS: usize = 512;
+        /// The most bytes of fields one `AppendBatch` carries (512 events of 2 KiB each),
+        /// counted by [`AppendRequest::field_bytes`].
+        pub const APPEND_BATCH_MAX_BYTES: usize = 1024 * 1024;
+
+        impl AppendRequest {
+            /// The bytes of the fields an event carries, as `AppendBatch`'s bound counts them.
+            pub fn field_bytes(&self) -> usize {
+                self.actor.len()
+                    + self.action.len()
+                    + self.resource.len()
+                    + self.outcome.len()
+                    + self.context_json.len()
+            }
+        }
     }
 }
 pub mod gateway {

@@ -8,7 +8,9 @@ use medai_ledger::checkpoint::Checkpoint;
 use medai_ledger::merkle;
 use medai_proto::audit::v1 as pb;
 use medai_proto::audit::v1::audit_service_server::AuditService;
-use medai_proto::audit::v1::{AppendRequest, AppendResponse, VerifyRequest, VerifyResponse};
+use medai_proto::audit::v1::{
+    APPEND_BATCH_MAX_BYTES, AppendRequest, AppendResponse, VerifyRequest, VerifyResponse,
+};
 use sea_orm::DatabaseConnection;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -23,19 +25,6 @@ use medai_runtime::identity::ServiceIdentity;
 
 const MAX_SHORT_FIELD: usize = 256;
 const MAX_CONTEXT: usize = 16 * 1024;
-/// The most bytes of fields (actor, action, resource, outcome, context_json) one AppendBatch
-/// may carry: 512 events of 2 KiB each.
-const MAX_BATCH_BYTES: usize = 1024 * 1024;
-
-/// The bytes of fields an event carries, as AppendBatch counts them against
-/// [`MAX_BATCH_BYTES`].
-fn event_bytes(event: &AppendRequest) -> usize {
-    event.actor.len()
-        + event.action.len()
-        + event.resource.len()
-        + event.outcome.len()
-        + event.context_json.len()
-}
 
 pub struct AuditApi {
     pub appender: LedgerAppender,
@@ -187,11 +176,11 @@ impl AuditService for AuditApi {
             return Err(AuditError::BatchEmpty.into());
         }
         if events.len() > MAX_BATCH
-            || events.iter().map(event_bytes).sum::<usize>() > MAX_BATCH_BYTES
+            || events.iter().map(AppendRequest::field_bytes).sum::<usize>() > APPEND_BATCH_MAX_BYTES
         {
             return Err(AuditError::BatchTooLarge {
                 events: MAX_BATCH,
-                bytes: MAX_BATCH_BYTES,
+                bytes: APPEND_BATCH_MAX_BYTES,
             }
             .into());
         }
