@@ -364,39 +364,20 @@ impl GreyLevel for u16 {}
 /// sums, in 16-bit lanes and 32-bit strip sums, so that the loops vectorise eight to sixteen
 /// pixels wide instead of two.
 impl GreyLevel for u8 {
-    /// Sixteen pixels a step, each lane summing in the narrowest integer that holds 255
-    /// steps of it (levels in 16 bits, squares in 32, saturated pixels in 8), so that the loop
-    /// runs sixteen pixels a vector; the lanes join the block's sums every 255 steps.
     fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
-        const LANES: usize = 16;
-        const STEPS: usize = 255;
-        // A level is saturated at 0 or at `full_scale` and above (255 for 8-bit levels).
-        let Ok(top) = u8::try_from(full_scale) else {
-            return plain_block_stats(block, full_scale);
-        };
-        let saturated_level = move |level: u8| u8::from((level == 0) | (level >= top));
+        // 2^16 levels of at most 255: the sum of squares fits 32 bits (2^16 × 255² < 2^32).
         let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
-        for group in block.chunks(LANES * STEPS) {
-            let (mut lane_sums, mut lane_squares, mut lane_saturated) =
-                ([0_u16; LANES], [0_u32; LANES], [0_u8; LANES]);
-            let (steps, rest) = group.as_chunks::<LANES>();
-            for step in steps {
-                for (lane, &level) in step.iter().enumerate() {
-                    lane_sums[lane] += u16::from(level);
-                    lane_squares[lane] += u32::from(u16::from(level) * u16::from(level));
-                    lane_saturated[lane] += saturated_level(level);
-                }
+        for strip in block.chunks(1 << 16) {
+            let (mut strip_sum, mut strip_squares, mut strip_saturated) = (0_u32, 0_u32, 0_u32);
+            for &level in strip {
+                let level = u32::from(level);
+                strip_sum += level;
+                strip_squares += level * level;
+                strip_saturated += u32::from(level == 0 || level >= full_scale);
             }
-            for lane in 0..LANES {
-                sum += u64::from(lane_sums[lane]);
-                squares += u64::from(lane_squares[lane]);
-                saturated += usize::from(lane_saturated[lane]);
-            }
-            for &level in rest {
-                sum += u64::from(level);
-                squares += u64::from(level) * u64::from(level);
-                saturated += usize::from(saturated_level(level));
-            }
+            sum += u64::from(strip_sum);
+            squares += u64::from(strip_squares);
+            saturated += strip_saturated as usize;
         }
         (sum, squares, saturated)
     }
@@ -833,12 +814,12 @@ mod tests {
     }
 
     #[test]
-    fn the_8_bit_lanes_give_the_block_sums_of_one_level_at_a_time() {
+    fn the_8_bit_strip_sums_give_the_block_sums_of_one_level_at_a_time() {
         let spread = |index: usize| {
             let (x, y) = ((index % 251) as u32, (index / 251) as u32);
             (pattern(x, y) + 5 * noise(x, y)).clamp(0, 255) as u8
         };
-        // Around the lanes (16), a group of lanes (16 × 255) and a block (2^16).
+        // Short, odd and whole blocks (2^16, one 32-bit strip).
         for length in [0, 1, 15, 16, 17, 4079, 4080, 4081, 9000, BLOCK - 1, BLOCK] {
             let levels: Vec<u8> = (0..length).map(spread).collect();
             let extremes: Vec<u8> = (0..length)
