@@ -117,26 +117,104 @@ impl GreySamples<'_> {
         }
     }
 
+    /// Each sample's stored value (as [`normalise_stored`] makes it) as 16 bits: the value
+    /// itself when unsigned, its two's complement when signed (`bits_stored` ≤ 16, so it
+    /// fits); `each` receives the raw sample's bits. The key is all a pixel needs for the
+    /// lookup table and the range, in 16-bit lanes (eight a vector) instead of 32.
+    #[inline(always)]
+    fn run_keyed<R>(&self, keyed: impl KeyedRun<R>) -> R {
+        let shift = 16 - u32::from(self.bits_stored);
+        let mask = (u32::from(u16::MAX) >> shift) as u16;
+        match (self.bits_allocated, self.signed) {
+            (16, false) => keyed.run(self.data_16(), move |raw: u16| raw & mask),
+            (16, true) => keyed.run(self.data_16(), move |raw: u16| {
+                (((raw << shift) as i16) >> shift) as u16
+            }),
+            (_, false) => keyed.run(self.data_8(), move |raw: u16| raw & mask),
+            (_, true) => keyed.run(self.data_8(), move |raw: u16| {
+                (((raw << shift) as i16) >> shift) as u16
+            }),
+        }
+    }
+
+    fn data_16(&self) -> impl Iterator<Item = u16> + '_ {
+        self.data
+            .as_chunks::<2>()
+            .0
+            .iter()
+            .map(|&pair| u16::from_ne_bytes(pair))
+    }
+
+    fn data_8(&self) -> impl Iterator<Item = u16> + '_ {
+        self.data.iter().map(|&byte| u16::from(byte))
+    }
+
     /// The least and greatest stored value (`(i32::MAX, i32::MIN)` when there is none).
     fn range(&self) -> (i32, i32) {
-        let normalise = self.normaliser();
-        let fold = |(low, high): (i32, i32), value: i32| (low.min(value), high.max(value));
-        if self.bits_allocated == 16 {
-            self.data
-                .chunks_exact(2)
-                .map(|pair| normalise(i32::from(u16::from_ne_bytes([pair[0], pair[1]]))))
-                .fold((i32::MAX, i32::MIN), fold)
-        } else {
-            self.data
-                .iter()
-                .map(|&byte| normalise(i32::from(byte)))
-                .fold((i32::MAX, i32::MIN), fold)
+        if self.is_empty() {
+            return (i32::MAX, i32::MIN);
         }
+        if self.signed {
+            let (low, high) = self.run_keyed(SignedRange);
+            (i32::from(low), i32::from(high))
+        } else {
+            let (low, high) = self.run_keyed(UnsignedRange);
+            (i32::from(low), i32::from(high))
+        }
+    }
+
+    /// The table's entry of each sample, in order: `table` holds the shown value of every
+    /// stored value `v` of the image at `v as u16` (see [`GreyTransform::keyed_table`]).
+    fn look_up(&self, table: &[u8; TABLE_LEVELS]) -> Vec<u8> {
+        self.run_keyed(LookUp(table))
     }
 
     /// The stored values as [`normalise_stored`] leaves them (for the general path and tests).
     pub fn to_vec(&self) -> Vec<i32> {
         self.map_collect(|value| value)
+    }
+}
+
+/// A pass over a frame's samples given as raw 16-bit values and the function that makes each
+/// its key (see [`GreySamples::run_keyed`]); generic so that each layout gets its own loop.
+trait KeyedRun<R> {
+    fn run(self, raw: impl Iterator<Item = u16>, key: impl Fn(u16) -> u16 + Copy) -> R;
+}
+
+/// The least and greatest key of unsigned samples.
+struct UnsignedRange;
+
+impl KeyedRun<(u16, u16)> for UnsignedRange {
+    #[inline(always)]
+    fn run(self, raw: impl Iterator<Item = u16>, key: impl Fn(u16) -> u16 + Copy) -> (u16, u16) {
+        raw.map(key)
+            .fold((u16::MAX, u16::MIN), |(low, high), value| {
+                (low.min(value), high.max(value))
+            })
+    }
+}
+
+/// The least and greatest value of signed samples (their keys read as two's complement).
+struct SignedRange;
+
+impl KeyedRun<(i16, i16)> for SignedRange {
+    #[inline(always)]
+    fn run(self, raw: impl Iterator<Item = u16>, key: impl Fn(u16) -> u16 + Copy) -> (i16, i16) {
+        raw.map(|raw| key(raw) as i16)
+            .fold((i16::MAX, i16::MIN), |(low, high), value| {
+                (low.min(value), high.max(value))
+            })
+    }
+}
+
+/// Each sample's entry of a keyed table.
+struct LookUp<'t>(&'t [u8; TABLE_LEVELS]);
+
+impl KeyedRun<Vec<u8>> for LookUp<'_> {
+    #[inline(always)]
+    fn run(self, raw: impl Iterator<Item = u16>, key: impl Fn(u16) -> u16 + Copy) -> Vec<u8> {
+        let table = self.0;
+        raw.map(|raw| table[usize::from(key(raw))]).collect()
     }
 }
 
@@ -184,8 +262,8 @@ impl GreyTransform {
         // At most 2^16 levels: the table path of `apply` whenever the pixels outnumber them.
         let levels = i64::from(high) - i64::from(low) + 1;
         if levels > 0 && levels as usize <= count {
-            let table = Self::table(low, high, &shown);
-            Some(samples.map_collect(|value| table[usize::from((value - low) as u16)]))
+            let table = Self::keyed_table(low, high, &shown);
+            Some(samples.look_up(&table))
         } else {
             Some(samples.map_collect(shown))
         }
@@ -197,6 +275,17 @@ impl GreyTransform {
         let mut table = Box::new([0_u8; TABLE_LEVELS]);
         for (entry, value) in table.iter_mut().zip(low..=high) {
             *entry = shown(value);
+        }
+        table
+    }
+
+    /// The shown values of `low..=high` (at most 2^16 levels of up to 16 bits), each at the
+    /// level's 16 bits (`v as u16`, two's complement for a negative one): what
+    /// [`GreySamples::look_up`] indexes by a sample's key, with no offset to subtract.
+    fn keyed_table(low: i32, high: i32, shown: &impl Fn(i32) -> u8) -> Box<[u8; TABLE_LEVELS]> {
+        let mut table = Box::new([0_u8; TABLE_LEVELS]);
+        for value in low..=high {
+            table[usize::from(value as u16)] = shown(value);
         }
         table
     }
@@ -440,6 +529,48 @@ mod tests {
             invert: false,
         };
         assert_eq!(transform.apply_samples(&odd), None, "not a layout it reads");
+    }
+
+    /// The keyed table holds each level at its own 16 bits: levels across the whole 16-bit
+    /// range, negative ones wrapping to the top of the table, must each find their own entry.
+    #[test]
+    fn sixteen_bit_samples_of_every_level_are_shown_through_the_keyed_table_as_directly() {
+        let transform = GreyTransform {
+            slope: 1.25,
+            intercept: -3000.0,
+            window: None,
+            invert: false,
+        };
+        // Every 16-bit pattern twice, in an order that mixes them: more pixels than levels.
+        let data: Vec<u8> = (0..2 * 65536_u32)
+            .flat_map(|index| ((index.wrapping_mul(40_503) % 65536) as u16).to_ne_bytes())
+            .collect();
+        for (bits_stored, signed) in [(16, false), (16, true), (15, true), (12, false)] {
+            let samples = GreySamples {
+                data: &data,
+                bits_allocated: 16,
+                bits_stored,
+                signed,
+            };
+            let stored = samples.to_vec();
+            let shown = transform
+                .apply_samples(&samples)
+                .expect("a layout it reads");
+            // The stored values computed one by one, three at a time: no table.
+            for (index, &value) in stored.iter().enumerate().step_by(331) {
+                let (low, high) = if signed {
+                    (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
+                } else {
+                    (0, (1 << bits_stored) - 1)
+                };
+                let direct = transform.apply(&[value, low, high]);
+                assert_eq!(
+                    direct[0], shown[index],
+                    "{bits_stored} bits stored, signed {signed}, stored value {value}"
+                );
+            }
+            assert_eq!(shown, transform.apply(&stored), "{bits_stored} {signed}");
+        }
     }
 
     #[test]

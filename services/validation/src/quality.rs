@@ -280,18 +280,23 @@ fn exact_variance(squares: u128, sum: u128, count: usize) -> f64 {
     spread as f64 / (count as f64 * count as f64)
 }
 
+/// [`GreyLevel::block_stats`], one level at a time.
+fn plain_block_stats<T: GreyLevel>(block: &[T], full_scale: u32) -> (u64, u64, usize) {
+    let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
+    for &level in block {
+        let level: u32 = level.into();
+        sum += u64::from(level);
+        squares += u64::from(level) * u64::from(level);
+        saturated += usize::from(level == 0 || level >= full_scale);
+    }
+    (sum, squares, saturated)
+}
+
 /// A grey level type, with the two passes of [`grey_measures`] over one block of pixels.
 trait GreyLevel: Copy + Into<u32> {
     /// The sum of the levels, of their squares, and the levels at 0 or `full_scale`.
     fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
-        let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
-        for &level in block {
-            let level: u32 = level.into();
-            sum += u64::from(level);
-            squares += u64::from(level) * u64::from(level);
-            saturated += usize::from(level == 0 || level >= full_scale);
-        }
-        (sum, squares, saturated)
+        plain_block_stats(block, full_scale)
     }
 
     /// Over the inner pixels of a `width × height` image (both at least 3): the sums of
@@ -389,13 +394,19 @@ impl GreyLevel for u8 {
         const STRIP: usize = 2048;
         let inner = width - 2;
         let line = |y: usize| &levels[y * width..(y + 1) * width];
-        let second_difference =
-            |line: &[u8], into: &mut Vec<i16>| {
-                into.clear();
-                into.extend(line.windows(3).map(|three| {
-                    i16::from(three[0]) + i16::from(three[2]) - 2 * i16::from(three[1])
-                }));
-            };
+        // Over three shifted slices of the row rather than its 3-sample windows, so that the
+        // loop runs vectorised.
+        let second_difference = |line: &[u8], into: &mut Vec<i16>| {
+            let n = line.len() - 2;
+            into.clear();
+            into.resize(n, 0);
+            let (left, centre, right) = (&line[..n], &line[1..=n], &line[2..]);
+            for (((out, &left), &centre), &right) in
+                into.iter_mut().zip(left).zip(centre).zip(right)
+            {
+                *out = i16::from(left) + i16::from(right) - 2 * i16::from(centre);
+            }
+        };
         let (mut h_above, mut h_row, mut h_below) = (
             Vec::with_capacity(inner),
             Vec::with_capacity(inner),
@@ -799,6 +810,36 @@ mod tests {
             (immerkaer, laplacian_squares),
             (65 * 39 * 8 * 255, 65 * 39 * 1020 * 1020),
             "every inner pixel at the masks' extremes"
+        );
+    }
+
+    #[test]
+    fn the_8_bit_strip_sums_give_the_block_sums_of_one_level_at_a_time() {
+        let spread = |index: usize| {
+            let (x, y) = ((index % 251) as u32, (index / 251) as u32);
+            (pattern(x, y) + 5 * noise(x, y)).clamp(0, 255) as u8
+        };
+        // Short, odd and whole blocks (2^16, one 32-bit strip).
+        for length in [0, 1, 15, 16, 17, 4079, 4080, 4081, 9000, BLOCK - 1, BLOCK] {
+            let levels: Vec<u8> = (0..length).map(spread).collect();
+            let extremes: Vec<u8> = (0..length)
+                .map(|index| [0, 255, 254, 1][index % 4])
+                .collect();
+            for block in [&levels, &extremes] {
+                for full_scale in [255, 200, 1, 256, 1000] {
+                    assert_eq!(
+                        <u8 as GreyLevel>::block_stats(block, full_scale),
+                        plain_block_stats(block, full_scale),
+                        "{length} levels, full scale {full_scale}"
+                    );
+                }
+            }
+        }
+        let white = vec![255_u8; BLOCK];
+        assert_eq!(
+            <u8 as GreyLevel>::block_stats(&white, 255),
+            (255 * BLOCK as u64, 255 * 255 * BLOCK as u64, BLOCK),
+            "every lane at its largest sums"
         );
     }
 
