@@ -9,7 +9,7 @@ use crate::decision_support::{
     InputDomain, Uncertainty, calibrate, uncertainty, unusual_case_reasons,
 };
 use crate::error::InferenceError;
-use crate::preprocess::{ImageInput, to_input_tensor};
+use crate::preprocess::{ImageInput, is_light_preparation, to_input_tensor};
 use crate::repository::ModelRepository;
 use crate::results::{CONTENT_HASH_VERSION, PRELIMINARY, StoredResult, now_micros};
 use crate::rollout::{RolloutFigures, Route};
@@ -142,11 +142,18 @@ impl Predictor {
         deadline: Option<Instant>,
     ) -> Result<Prediction, InferenceError> {
         let started = Instant::now();
-        let plan = served.manifest.preprocessing.clone();
-        let rows = tokio::task::spawn_blocking(move || to_input_tensor(image, &plan))
-            .await
-            .map_err(|error| InferenceError::Failed(error.to_string()))?
-            .map_err(|error| InferenceError::ImageInconsistent(error.to_string()))?;
+        let plan = &served.manifest.preprocessing;
+        // An image already at the model's size and small is converted in place: a blocking
+        // thread's hand-off costs more than the conversion (issue 14).
+        let rows = if is_light_preparation(&image, plan) {
+            to_input_tensor(image, plan)
+        } else {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || to_input_tensor(image, &plan))
+                .await
+                .map_err(|error| InferenceError::Failed(error.to_string()))?
+        }
+        .map_err(|error| InferenceError::ImageInconsistent(error.to_string()))?;
         let output = served.infer(rows, deadline).await?;
         let manifest = &served.manifest;
         let scores = output.scores.into_iter().next().unwrap_or_default();
