@@ -8,6 +8,10 @@
 //! [`medai_e2e::bench_images`]), so validation decodes and resizes it to the model's 64×64 as
 //! in service; the direct baseline sends the model-sized tensor KServe clients send.
 //!
+//! Beside each unary level it prints the CPU microseconds per prediction of every mesh process
+//! over that stretch (from /proc, user + system), the figure that does not depend on the
+//! machine's other load. `MEDAI_BENCH_LEVELS=64` (comma separated) runs only those levels.
+//!
 //! Run with `scripts/bench.sh` (builds the release service binaries first).
 
 #![allow(clippy::print_stdout)]
@@ -16,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use medai_e2e::bench_images::{TEXTURED_PNG_DESCRIPTION, textured_png as png};
+use medai_e2e::process_cpu::{cpu_per_prediction, cpu_seconds_by_process};
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
@@ -236,8 +241,24 @@ async fn main() {
         "concurrency", "unary through gateway", "study streams", "inference direct (KServe)"
     );
     let mut report = serde_json::Map::new();
-    for level in LEVELS {
+    let levels: Vec<usize> = std::env::var("MEDAI_BENCH_LEVELS").map_or_else(
+        |_| LEVELS.to_vec(),
+        |levels| {
+            levels
+                .split(',')
+                .map(|level| level.trim().parse().expect("MEDAI_BENCH_LEVELS: numbers"))
+                .collect()
+        },
+    );
+    let mut cpu_report = serde_json::Map::new();
+    for level in levels {
+        let cpu_before = cpu_seconds_by_process("other");
         let through = unary(&mesh, &token, level).await;
+        let cpu = cpu_per_prediction(
+            &cpu_before,
+            &cpu_seconds_by_process("other"),
+            REQUESTS_PER_LEVEL / level * level,
+        );
         let streamed = streaming(&mesh, &token, level.min(16)).await;
         let baseline = direct(&mesh, level).await;
         let cell = |figures: Figures| {
@@ -253,6 +274,14 @@ async fn main() {
             cell(baseline),
             through.per_second / baseline.per_second
         );
+        println!(
+            "  {level:>11}  unary CPU µs per prediction: {}",
+            cpu.iter()
+                .map(|(name, micros)| format!("{name} {micros:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        cpu_report.insert(level.to_string(), serde_json::json!(cpu));
         report.insert(
             level.to_string(),
             serde_json::json!({
@@ -265,5 +294,9 @@ async fn main() {
         );
     }
     mesh.stop().await;
+    report.insert(
+        "unary_cpu_micros_per_prediction".to_owned(),
+        serde_json::Value::Object(cpu_report),
+    );
     write_report("gateway_throughput", serde_json::Value::Object(report));
 }

@@ -14,7 +14,6 @@ use medai_e2e::{MeshUnderTest, Storage, authorised, suite_redis_url};
 use medai_gateway::revocation_check::RevocationSource;
 use medai_gateway::signing_keys::SigningKeyCache;
 use medai_gateway::token_auth::{RolePolicy, TokenAuthLayer, TokenChecks};
-use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_revocation::{Mode, RevocationSettings, RevocationStore, TokenFacts};
 use medai_runtime::ServiceIdentity;
@@ -122,7 +121,7 @@ async fn main() {
             .expect("channel")
     };
     let auth = AuthServiceClient::new(channel_to("auth"));
-    let audit = AuditServiceClient::new(channel_to("audit"));
+    let ledger = medai_ledger_client::LedgerClient::new(channel_to("audit"));
     let policy = || RolePolicy::default().allow("/grpc.health.v1.Health/Check", &[Role::Admin]);
     let store = |cache_ms: u64| {
         let settings = RevocationSettings {
@@ -141,7 +140,7 @@ async fn main() {
                     "medai".to_owned(),
                 )),
                 revocations: Arc::new(RevocationSource::Shared(store(cache_ms))),
-                audit: audit.clone(),
+                ledger: ledger.clone(),
             },
             policy(),
         )

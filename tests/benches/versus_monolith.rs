@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use medai_e2e::bench_images::{TEXTURED_PNG_DESCRIPTION, textured_png as png};
+use medai_e2e::process_cpu::cpu_per_prediction;
 use medai_e2e::{MeshUnderTest, Storage, authorised};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
@@ -34,83 +35,8 @@ fn requests_at(concurrency: usize) -> usize {
     if concurrency == 1 { 512 } else { 1536 }
 }
 
-/// CPU seconds (user + system) of this benchmark's child processes and their children, by
-/// command name, from /proc.
 fn cpu_seconds_by_process() -> BTreeMap<String, f64> {
-    let ticks = 100.0; // USER_HZ on Linux
-    let own = std::process::id();
-    let mut parents = BTreeMap::new();
-    let mut figures = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return figures;
-    };
-    let mut stats = Vec::new();
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // comm is in parentheses and may hold spaces; fields after it are space separated.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_owned();
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let parent: u32 = fields[1].parse().unwrap_or(0);
-        let cpu =
-            fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
-        parents.insert(pid, parent);
-        stats.push((pid, name, cpu / ticks));
-    }
-    let descends_from_us = |mut pid: u32| {
-        for _ in 0..8 {
-            match parents.get(&pid) {
-                Some(&parent) if parent == own => return true,
-                Some(&parent) => pid = parent,
-                None => return false,
-            }
-        }
-        false
-    };
-    for (pid, name, cpu) in stats {
-        if descends_from_us(pid) {
-            let group = if name.starts_with("medai-") {
-                name
-            } else {
-                "monolith (python)".to_owned()
-            };
-            *figures.entry(group).or_insert(0.0) += cpu;
-        }
-    }
-    figures.insert("benchmark client".to_owned(), own_cpu_seconds());
-    figures
-}
-
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let Some(close) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-    (fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0)) / 100.0
-}
-
-/// CPU microseconds per prediction by process over a measured stretch.
-fn cpu_per_prediction(
-    before: &BTreeMap<String, f64>,
-    after: &BTreeMap<String, f64>,
-    predictions: usize,
-) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(name, seconds)| {
-            let spent = seconds - before.get(name).copied().unwrap_or(0.0);
-            (name.clone(), spent * 1e6 / predictions as f64)
-        })
-        .filter(|(_, micros)| *micros > 0.5)
-        .collect()
+    medai_e2e::process_cpu::cpu_seconds_by_process("monolith (python)")
 }
 
 async fn mesh_round(

@@ -7,6 +7,7 @@ pub mod bench_images;
 pub mod bridge;
 pub mod chaos;
 pub mod cluster;
+pub mod process_cpu;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

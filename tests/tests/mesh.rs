@@ -1280,3 +1280,169 @@ async fn the_gateway_returns_to_its_resident_memory_after_concurrent_predictions
     );
     mesh.stop().await;
 }
+
+/// Calls of `methods` of `service` that `process` answered so far, from its metrics.
+async fn calls_answered(
+    mesh: &MeshUnderTest,
+    process: &str,
+    service: &str,
+    methods: &[&str],
+) -> u64 {
+    let exposition = http_get(
+        mesh.mesh.admin_address(process).expect("admin port"),
+        "/metrics",
+    )
+    .await;
+    let prefixes: Vec<String> = methods
+        .iter()
+        .map(|method| {
+            format!(
+                r#"grpc_server_handled_total{{grpc_service="{service}",grpc_method="{method}","#
+            )
+        })
+        .collect();
+    exposition
+        .lines()
+        .filter(|line| {
+            prefixes
+                .iter()
+                .any(|prefix| line.starts_with(prefix.as_str()))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn ledger_append_calls(mesh: &MeshUnderTest) -> u64 {
+    calls_answered(
+        mesh,
+        "audit",
+        "medai.audit.v1.AuditService",
+        &["Append", "AppendBatch"],
+    )
+    .await
+}
+
+async fn signal(pid: u32, signal: &str) {
+    let status = tokio::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[tokio::test]
+async fn concurrent_predictions_share_ledger_calls_and_each_gets_its_own_seq_in_one_chain() {
+    const PREDICTIONS: usize = 64;
+    let mesh = MeshUnderTest::start(Storage::Postgres).await;
+    let token = mesh.admin_token().await;
+    let gateway = mesh.gateway().await;
+    let image = medai_e2e::bench_images::textured_png();
+    let predict = |gateway: &medai_cli::client::GatewayClient| {
+        let mut gateway = gateway.clone();
+        let (token, image) = (token.clone(), image.clone());
+        async move {
+            gateway
+                .infer(authorised(
+                    InferRequest {
+                        model_name: "synthetic-light".to_owned(),
+                        ..infer_request(image)
+                    },
+                    &token,
+                ))
+                .await
+                .expect("a prediction")
+                .into_inner()
+        }
+    };
+    // Warm: connections and the model's input size.
+    predict(&gateway).await;
+    let calls_before = ledger_append_calls(&mesh).await;
+    let predicted = || {
+        calls_answered(
+            &mesh,
+            "inference",
+            "medai.inference.v1.InferenceService",
+            &["Predict"],
+        )
+    };
+    let predicted_before = predicted().await;
+    // The ledger is held still until every prediction is computed and waits for its record, so
+    // the records are certain to meet in the gateway's client (not left to timing).
+    let audit = mesh.mesh.pid("audit").expect("audit runs");
+    signal(audit, "-STOP").await;
+    let running: Vec<_> = (0..PREDICTIONS)
+        .map(|_| tokio::spawn(predict(&gateway)))
+        .collect();
+    let held = std::time::Instant::now();
+    while predicted().await < predicted_before + PREDICTIONS as u64
+        && held.elapsed() < std::time::Duration::from_secs(20)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    signal(audit, "-CONT").await;
+    let answers: Vec<_> = futures::future::join_all(running)
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("client"))
+        .collect();
+    let calls = ledger_append_calls(&mesh).await - calls_before;
+    eprintln!("{PREDICTIONS} concurrent predictions: {calls} Append/AppendBatch calls");
+    // One call per record would be 64; four calls wait on the held ledger, and the rest of the
+    // records share a few AppendBatch calls.
+    assert!(
+        calls <= PREDICTIONS as u64 / 4,
+        "{PREDICTIONS} concurrent predictions made {calls} ledger calls: their records were not batched"
+    );
+
+    // Each answer names its own entry: a distinct seq whose row is its delivery record.
+    let database = Database::connect(mesh.settings.audit_database_url.as_str())
+        .await
+        .expect("connect to the ledger database");
+    let rows: std::collections::HashMap<i64, (String, String, String)> = database
+        .query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT seq, action, resource, hash FROM ledger_entries",
+        ))
+        .await
+        .expect("query the ledger")
+        .into_iter()
+        .map(|row| {
+            (
+                row.try_get("", "seq").expect("seq"),
+                (
+                    row.try_get("", "action").expect("action"),
+                    row.try_get("", "resource").expect("resource"),
+                    row.try_get("", "hash").expect("hash"),
+                ),
+            )
+        })
+        .collect();
+    let mut seqs = std::collections::BTreeSet::new();
+    for answer in &answers {
+        let prediction = answer.prediction.as_ref().expect("a prediction");
+        assert!(
+            seqs.insert(answer.ledger_seq),
+            "seq {} answered twice",
+            answer.ledger_seq
+        );
+        let (action, resource, hash) = rows
+            .get(&i64::try_from(answer.ledger_seq).expect("seq"))
+            .unwrap_or_else(|| panic!("seq {} is not in the ledger", answer.ledger_seq));
+        assert_eq!(action, "INFERENCE");
+        assert_eq!(resource, &format!("result/{}", prediction.result_id));
+        assert_eq!(hash, &answer.ledger_hash);
+    }
+    let verification = mesh
+        .gateway()
+        .await
+        .verify_ledger(authorised(VerifyLedgerRequest {}, &token))
+        .await
+        .expect("verify")
+        .into_inner()
+        .verification
+        .expect("report");
+    assert!(verification.intact, "{verification:?}");
+    assert_eq!(verification.entries_checked, rows.len() as u64);
+    mesh.stop().await;
+}

@@ -13,7 +13,7 @@
 //! caller's span (OpenTelemetry links), and the audit service's spans hang under it.
 
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
-use medai_proto::audit::v1::{AppendBatchRequest, AppendRequest};
+use medai_proto::audit::v1::{AppendBatchRequest, AppendRequest, AppendResponse};
 use medai_runtime::rpc_trace::MeshChannel;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -31,7 +31,7 @@ const QUEUE_DEPTH: usize = 4096;
 struct Waiting {
     event: AppendRequest,
     span: tracing::Span,
-    reply: oneshot::Sender<Result<u64, tonic::Status>>,
+    reply: oneshot::Sender<Result<AppendResponse, tonic::Status>>,
 }
 
 #[derive(Clone)]
@@ -63,6 +63,14 @@ impl LedgerClient {
             outcome: outcome.to_owned(),
             context_json: context.to_string(),
         };
+        Ok(self.append(event).await?.seq)
+    }
+
+    /// Records one event and returns its receipt (seq, hash, time) once it is durable; `Err`
+    /// if the ledger did not make it durable. A caller that stops waiting (a timeout, a
+    /// cancelled request) before its event is sent withdraws it: no record is made for an
+    /// answer nobody waits for. Once sent, the event may still be recorded.
+    pub async fn append(&self, event: AppendRequest) -> Result<AppendResponse, tonic::Status> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Waiting {
@@ -122,6 +130,11 @@ async fn send_batches(
 
 /// Sends one batch and answers each of its callers.
 async fn send(mut client: AuditServiceClient<MeshChannel>, mut batch: Vec<Waiting>) {
+    // Callers that stopped waiting while queued withdraw their events.
+    batch.retain(|waiting| !waiting.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     if batch.len() == 1
         && let Some(only) = batch.pop()
     {
@@ -158,13 +171,16 @@ async fn send(mut client: AuditServiceClient<MeshChannel>, mut batch: Vec<Waitin
                 return;
             }
             for (waiting, receipt) in batch.into_iter().zip(receipts) {
-                let _caller_gone = waiting.reply.send(Ok(receipt.seq));
+                let _caller_gone = waiting.reply.send(Ok(receipt));
             }
         }
         // Refused before anything was recorded (a bad event, or bounds): each event alone, so
         // only a bad event's caller is refused.
         Err(status) if status.code() == tonic::Code::InvalidArgument => {
             for waiting in batch {
+                if waiting.reply.is_closed() {
+                    continue;
+                }
                 let answer = append_one(&mut client, waiting.event)
                     .instrument(waiting.span)
                     .await;
@@ -182,8 +198,8 @@ async fn send(mut client: AuditServiceClient<MeshChannel>, mut batch: Vec<Waitin
 async fn append_one(
     client: &mut AuditServiceClient<MeshChannel>,
     event: AppendRequest,
-) -> Result<u64, tonic::Status> {
+) -> Result<AppendResponse, tonic::Status> {
     let mut request = tonic::Request::new(event);
     medai_runtime::telemetry::inject_trace_context(request.metadata_mut());
-    Ok(client.append(request).await?.into_inner().seq)
+    Ok(client.append(request).await?.into_inner())
 }

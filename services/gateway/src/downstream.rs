@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use medai_ledger_client::LedgerClient;
 use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
+use medai_proto::audit::v1::{AppendRequest, AppendResponse};
 use medai_proto::auth::v1::auth_service_client::AuthServiceClient;
 use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -28,7 +30,10 @@ pub struct Downstream {
     pub kserve: GrpcInferenceServiceClient<MeshChannel>,
     /// Each model's input size, learnt from inference and named to validation.
     pub model_inputs: Arc<crate::model_inputs::ModelInputSizes>,
+    /// The ledger's reads, verification and checkpoints.
     pub audit: AuditServiceClient<MeshChannel>,
+    /// Every record this gateway makes: concurrent records share `AppendBatch` calls.
+    pub ledger: LedgerClient,
     pub timeout: Duration,
     /// Delivery notes this gateway is writing after their answers left.
     pub notes: Arc<NotesInFlight>,
@@ -40,6 +45,7 @@ impl Downstream {
             tls.mesh_channel(endpoint, &ServiceIdentity::new(service))
         };
         let inference = channel(&config.inference_endpoint, "inference")?;
+        let audit = channel(&config.audit_endpoint, "audit")?;
         Ok(Self {
             auth: AuthServiceClient::new(channel(&config.auth_endpoint, "auth")?),
             validation: ValidationServiceClient::new(channel(
@@ -54,10 +60,25 @@ impl Downstream {
             model_inputs: Arc::new(crate::model_inputs::ModelInputSizes::new(
                 config.model_input_resize,
             )),
-            audit: AuditServiceClient::new(channel(&config.audit_endpoint, "audit")?),
+            audit: AuditServiceClient::new(audit.clone()),
+            ledger: LedgerClient::new(audit),
             timeout: Duration::from_secs(config.downstream_timeout_seconds),
             notes: Arc::default(),
         })
+    }
+
+    /// Records `event` in the ledger through the batching client and returns its receipt once
+    /// it is durable, within the time left (or the gateway's own bound, whichever is shorter).
+    /// A caller that stops waiting before its event is sent withdraws it.
+    pub async fn record(
+        &self,
+        event: AppendRequest,
+        caller_deadline: Option<Duration>,
+    ) -> Result<AppendResponse, tonic::Status> {
+        let timeout = caller_deadline.map_or(self.timeout, |left| left.min(self.timeout));
+        tokio::time::timeout(timeout, self.ledger.append(event))
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("the ledger did not answer in time"))?
     }
 
     /// A downstream request carrying the correlation id and the time left of the caller's

@@ -114,16 +114,12 @@ pub async fn explain_result(
     };
     // Recorded before it is answered; an explanation the ledger did not take is withheld.
     let ledger_seq = downstream
-        .audit
-        .clone()
-        .append(downstream.request(
+        .record(
             append,
-            correlation,
             time_left().map(|left| left.max(Duration::from_secs(1))),
-        ))
+        )
         .await
         .map_err(|_| Status::from(GatewayError::LedgerUnavailable))?
-        .into_inner()
         .seq;
     let noted = downstream
         .inference

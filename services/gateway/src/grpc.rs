@@ -35,9 +35,8 @@ impl GatewayApi {
         caller: &Caller,
         action: &str,
         context: serde_json::Value,
-        correlation: &str,
     ) -> Result<(), Status> {
-        self.record_ledger_act(caller, action, "SUCCESS", context, correlation)
+        self.record_ledger_act(caller, action, "SUCCESS", context)
             .await
     }
 
@@ -49,7 +48,6 @@ impl GatewayApi {
         action: &str,
         outcome: &str,
         context: serde_json::Value,
-        correlation: &str,
     ) -> Result<(), Status> {
         let record = AppendRequest {
             actor: format!("user:{}", caller.subject),
@@ -60,9 +58,7 @@ impl GatewayApi {
         };
         self.ingest
             .downstream
-            .audit
-            .clone()
-            .append(self.ingest.downstream.request(record, correlation, None))
+            .record(record, None)
             .await
             .map(|_| ())
             .map_err(|_| GatewayError::LedgerUnavailable.into())
@@ -595,9 +591,7 @@ impl GatewayService for GatewayApi {
         };
         self.ingest
             .downstream
-            .audit
-            .clone()
-            .append(self.ingest.downstream.request(record, &correlation, None))
+            .record(record, None)
             .await
             .map_err(|_| GatewayError::LedgerUnavailable)?;
         Ok(with_correlation(
@@ -623,7 +617,7 @@ impl GatewayService for GatewayApi {
             "recorded_to": query.recorded_to,
             "resource": query.resource,
         });
-        self.record_ledger_read(&caller, "LEDGER_QUERY", context, &correlation)
+        self.record_ledger_read(&caller, "LEDGER_QUERY", context)
             .await?;
         let result = self
             .ingest
@@ -653,7 +647,7 @@ impl GatewayService for GatewayApi {
         let caller = caller_of(&request)?;
         let correlation = correlation_id(request.metadata());
         let context = serde_json::json!({ "correlation_id": correlation });
-        self.record_ledger_read(&caller, "LEDGER_EXPORT", context, &correlation)
+        self.record_ledger_read(&caller, "LEDGER_EXPORT", context)
             .await?;
         let upstream = self
             .ingest
@@ -688,14 +682,8 @@ impl GatewayService for GatewayApi {
         // Audit records the request in the gateway's name (its certificate); who asked is
         // known only here, from the token, so it is recorded here first.
         let context = serde_json::json!({ "correlation_id": correlation });
-        self.record_ledger_act(
-            &caller,
-            "LEDGER_CHECKPOINT",
-            "REQUESTED",
-            context,
-            &correlation,
-        )
-        .await?;
+        self.record_ledger_act(&caller, "LEDGER_CHECKPOINT", "REQUESTED", context)
+            .await?;
         let response = self
             .ingest
             .downstream

@@ -719,18 +719,17 @@ async fn record_delivery(
     };
     // The ledger gets its own bound: a prediction already computed deserves a full chance to
     // be recorded, but never an unbounded wait.
+    // Through the batching client: concurrent predictions' records share one AppendBatch, and
+    // each is answered only once its own event is durable.
     let receipt = downstream
-        .audit
-        .clone()
-        .append(downstream.request(append, correlation_id, time_left.map(|left| left.max(Duration::from_secs(1)))))
+        .record(append, time_left.map(|left| left.max(Duration::from_secs(1))))
         .instrument(tracing::info_span!("gateway.ledger_append_wait"))
         .await
         .map_err(|status| {
             tracing::error!(code = ?status.code(), result_id = %result_id, "prediction not recorded; withholding it");
             metrics::counter!("medai_gateway_unrecorded_predictions_total").increment(1);
             tonic::Status::from(GatewayError::LedgerUnavailable)
-        })?
-        .into_inner();
+        })?;
     match noting {
         Noting::BeforeTheAnswer => {
             note_delivery(downstream, correlation_id, result_id, receipt.seq).await;
@@ -885,9 +884,7 @@ async fn record_refusal(
         context_json: context.to_string(),
     };
     if let Err(error) = downstream
-        .audit
-        .clone()
-        .append(downstream.request(append, correlation_id, None))
+        .record(append, None)
         .instrument(tracing::info_span!("gateway.ledger_append_wait"))
         .await
     {

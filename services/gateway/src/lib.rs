@@ -180,7 +180,7 @@ pub async fn serve(
     let checks = TokenChecks {
         keys: keys.clone(),
         revocations: revocations.clone(),
-        audit: downstream.audit.clone(),
+        ledger: downstream.ledger.clone(),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -42,7 +42,6 @@ async fn record(
     resource: String,
     outcome: &str,
     context: serde_json::Value,
-    correlation: &str,
     deadline: Option<Instant>,
 ) -> Result<u64, Status> {
     let append = AppendRequest {
@@ -53,11 +52,9 @@ async fn record(
         context_json: context.to_string(),
     };
     downstream
-        .audit
-        .clone()
-        .append(downstream.request(append, correlation, time_left(deadline)))
+        .record(append, time_left(deadline))
         .await
-        .map(|receipt| receipt.into_inner().seq)
+        .map(|receipt| receipt.seq)
         .map_err(|_| GatewayError::LedgerUnavailable.into())
 }
 
@@ -149,7 +146,6 @@ pub async fn get_result(
         format!("result/{result_id}"),
         "SUCCESS",
         context,
-        correlation,
         deadline,
     )
     .await?;
@@ -228,7 +224,6 @@ pub async fn list_results(
         "results".to_owned(),
         "SUCCESS",
         context,
-        correlation,
         deadline,
     )
     .await?;
@@ -326,7 +321,6 @@ pub async fn sign_result(
         resource.clone(),
         "SUCCESS",
         context,
-        correlation,
         deadline,
     )
     .await?;
@@ -368,7 +362,6 @@ pub async fn sign_result(
                 resource,
                 "FAILURE",
                 context,
-                correlation,
                 // The void must be recorded even if the caller has given up.
                 None,
             )

@@ -12,10 +12,9 @@ use medai_runtime::errors::{ErrorKind, refusal_response as refusal, status_with_
 use medai_tokens::Role;
 use tower::{Layer, Service};
 
+use medai_ledger_client::LedgerClient;
 use medai_proto::audit::v1::AppendRequest;
-use medai_proto::audit::v1::audit_service_client::AuditServiceClient;
 use medai_revocation::TokenFacts;
-use medai_runtime::rpc_trace::MeshChannel;
 
 use crate::revocation_check::RevocationSource;
 use crate::signing_keys::{SigningKeyCache, VerifyError};
@@ -77,7 +76,8 @@ impl RolePolicy {
 pub struct TokenChecks {
     pub keys: Arc<SigningKeyCache>,
     pub revocations: Arc<RevocationSource>,
-    pub audit: AuditServiceClient<MeshChannel>,
+    /// The gateway's batching ledger client (shared with its predictions' records).
+    pub ledger: LedgerClient,
 }
 
 #[derive(Clone)]
@@ -117,7 +117,7 @@ pub struct TokenAuthService<S> {
 /// Records a refused call of an authenticated caller. The refusal stands whether or not the
 /// ledger takes it; a failure to record is logged.
 async fn record_denial(
-    audit: &AuditServiceClient<MeshChannel>,
+    ledger: &LedgerClient,
     subject: &str,
     role: Role,
     method: &str,
@@ -132,10 +132,16 @@ async fn record_denial(
             serde_json::json!({ "role": role.as_str(), "correlation_id": correlation_id })
                 .to_string(),
     };
-    let mut request = tonic::Request::new(request);
-    request.set_timeout(std::time::Duration::from_secs(2));
-    if let Err(status) = audit.clone().append(request).await {
-        tracing::error!(code = ?status.code(), method, "a denied call could not be recorded");
+    let recorded =
+        tokio::time::timeout(std::time::Duration::from_secs(2), ledger.append(request)).await;
+    match recorded {
+        Ok(Ok(_)) => {}
+        Ok(Err(status)) => {
+            tracing::error!(code = ?status.code(), method, "a denied call could not be recorded");
+        }
+        Err(_) => {
+            tracing::error!(method, "a denied call could not be recorded in time");
+        }
     }
 }
 
@@ -237,7 +243,7 @@ where
                         .get(medai_runtime::correlation::CORRELATION_HEADER)
                         .and_then(|value| value.to_str().ok()),
                 );
-                record_denial(&checks.audit, &claims.sub, claims.role, &method, &correlation)
+                record_denial(&checks.ledger, &claims.sub, claims.role, &method, &correlation)
                     .await;
                 return Ok(refusal(status_with_reason(
                     ErrorKind::PermissionDenied,

@@ -1,0 +1,83 @@
+//! CPU time per prediction by process, from /proc (user + system): the load-independent
+//! figure the benchmarks report beside their rates.
+
+use std::collections::BTreeMap;
+
+/// CPU seconds of this process's descendants, by command name (`medai-*` each under its own
+/// name, any other under `other`), and of this process as "benchmark client".
+pub fn cpu_seconds_by_process(other: &str) -> BTreeMap<String, f64> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let own = std::process::id();
+    let mut parents = BTreeMap::new();
+    let mut figures = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return figures;
+    };
+    let mut stats = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces; fields after it are space separated.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let parent: u32 = fields[1].parse().unwrap_or(0);
+        let cpu =
+            fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+        parents.insert(pid, parent);
+        stats.push((pid, name, cpu / ticks));
+    }
+    let descends_from_us = |mut pid: u32| {
+        for _ in 0..8 {
+            match parents.get(&pid) {
+                Some(&parent) if parent == own => return true,
+                Some(&parent) => pid = parent,
+                None => return false,
+            }
+        }
+        false
+    };
+    for (pid, name, cpu) in stats {
+        if descends_from_us(pid) {
+            let group = if name.starts_with("medai-") {
+                name
+            } else {
+                other.to_owned()
+            };
+            *figures.entry(group).or_insert(0.0) += cpu;
+        }
+    }
+    figures.insert("benchmark client".to_owned(), own_cpu_seconds());
+    figures
+}
+
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+    (fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0)) / 100.0
+}
+
+/// CPU microseconds per prediction by process over a measured stretch.
+pub fn cpu_per_prediction(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    predictions: usize,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(name, seconds)| {
+            let spent = seconds - before.get(name).copied().unwrap_or(0.0);
+            (name.clone(), spent * 1e6 / predictions as f64)
+        })
+        .filter(|(_, micros)| *micros > 0.5)
+        .collect()
+}
