@@ -36,5 +36,8 @@ for _ in 1 2 3 4; do
   "$bin/medai" --state-dir "$state" --gateway "$gateway" infer .cache/dicom/MR_small.dcm > /dev/null
 done
 after=$(rss)
-tunables=$(tr '\0' '\n' < "/proc/$pid/environ" | sed -n 's/^GLIBC_TUNABLES=//p')
+# glibc ends each tunable it applies with a NUL written into the environment string itself, so
+# /proc shows GLIBC_TUNABLES cut at each `:`; the pieces after it (`glibc.…`) are joined back.
+tunables=$(tr '\0' '\n' < "/proc/$pid/environ" | awk '/^GLIBC_TUNABLES=/ { sub(/^GLIBC_TUNABLES=/, ""); t = $0; on = 1; next }
+  on && /^glibc\./ { t = t ":" $0; next } { on = 0 } END { print t }')
 echo "inference RSS: idle ${idle} MiB, after 4 predictions ${after} MiB (GLIBC_TUNABLES as read back: '${tunables}')"
