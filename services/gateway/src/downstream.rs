@@ -75,10 +75,15 @@ impl Downstream {
         event: AppendRequest,
         caller_deadline: Option<Duration>,
     ) -> Result<AppendResponse, tonic::Status> {
-        let timeout = caller_deadline.map_or(self.timeout, |left| left.min(self.timeout));
-        tokio::time::timeout(timeout, self.ledger.append(event))
+        tokio::time::timeout(self.time_bound(caller_deadline), self.ledger.append(event))
             .await
             .map_err(|_| tonic::Status::deadline_exceeded("the ledger did not answer in time"))?
+    }
+
+    /// The time a downstream call may take: the caller's time left or the gateway's own
+    /// bound, whichever is shorter.
+    fn time_bound(&self, caller_deadline: Option<Duration>) -> Duration {
+        caller_deadline.map_or(self.timeout, |left| left.min(self.timeout))
     }
 
     /// A downstream request carrying the correlation id and the time left of the caller's
@@ -91,8 +96,7 @@ impl Downstream {
     ) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         medai_runtime::correlation::propagate(request.metadata_mut(), correlation_id);
-        let timeout = caller_deadline.map_or(self.timeout, |left| left.min(self.timeout));
-        request.set_timeout(timeout);
+        request.set_timeout(self.time_bound(caller_deadline));
         request
     }
 }
