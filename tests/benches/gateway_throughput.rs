@@ -241,15 +241,7 @@ async fn main() {
         "concurrency", "unary through gateway", "study streams", "inference direct (KServe)"
     );
     let mut report = serde_json::Map::new();
-    let levels: Vec<usize> = std::env::var("MEDAI_BENCH_LEVELS").map_or_else(
-        |_| LEVELS.to_vec(),
-        |levels| {
-            levels
-                .split(',')
-                .map(|level| level.trim().parse().expect("MEDAI_BENCH_LEVELS: numbers"))
-                .collect()
-        },
-    );
+    let levels = medai_e2e::bench_levels(&LEVELS);
     let mut cpu_report = serde_json::Map::new();
     for level in levels {
         let cpu_before = cpu_seconds_by_process("other");

@@ -10,6 +10,7 @@
 //!
 //! It also reports CPU time per prediction by process (from /proc), which is where the
 //! overhead budget is spent. Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
+//! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels.
 
 #![allow(clippy::print_stdout)]
 
@@ -327,7 +328,7 @@ async fn main() {
     );
     let mut report = serde_json::Map::new();
     let mut cpu_report = serde_json::Map::new();
-    for level in LEVELS {
+    for level in medai_e2e::bench_levels(&LEVELS) {
         let total = requests_at(level);
         let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
         let mut mesh_cpu = BTreeMap::new();

@@ -196,3 +196,17 @@ pub fn suite_redis_url() -> String {
         panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
     })
 }
+
+/// The concurrency levels a benchmark runs: `MEDAI_BENCH_LEVELS` (comma separated, e.g. `1,64`)
+/// when set, `default` otherwise.
+pub fn bench_levels(default: &[usize]) -> Vec<usize> {
+    std::env::var("MEDAI_BENCH_LEVELS").map_or_else(
+        |_| default.to_vec(),
+        |levels| {
+            levels
+                .split(',')
+                .map(|level| level.trim().parse().expect("MEDAI_BENCH_LEVELS: numbers"))
+                .collect()
+        },
+    )
+}
