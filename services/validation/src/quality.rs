@@ -382,7 +382,10 @@ impl GreyLevel for u8 {
         let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_u64);
         for level in 0..256_u32 {
             let index = level as usize;
-            let count = counts.iter().map(|table| u64::from(table[index])).sum::<u64>();
+            let count = counts
+                .iter()
+                .map(|table| u64::from(table[index]))
+                .sum::<u64>();
             sum += count * u64::from(level);
             squares += count * u64::from(level * level);
             if level == 0 || level >= full_scale {

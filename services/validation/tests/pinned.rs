@@ -85,7 +85,10 @@ fn sha256_hex(bytes: &[u8]) -> String {
 fn report_lines(report: &QualityReport) -> Vec<String> {
     let measures = report.measures;
     let mut lines = vec![
-        format!("mean_brightness {:016x}", measures.mean_brightness.to_bits()),
+        format!(
+            "mean_brightness {:016x}",
+            measures.mean_brightness.to_bits()
+        ),
         format!("rms_contrast {:016x}", measures.rms_contrast.to_bits()),
         format!("noise {:?}", measures.noise.map(f64::to_bits)),
         format!("sharpness {:?}", measures.sharpness.map(f64::to_bits)),
