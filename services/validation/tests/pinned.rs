@@ -110,7 +110,7 @@ fn report_lines(report: &QualityReport) -> Vec<String> {
 
 fn assert_pinned(what: &str, actual: &[String], pinned: &[&str]) {
     if std::env::var_os("MEDAI_PRINT_PINNED").is_some() {
-        println!("{what}: {actual:#?}");
+        eprintln!("{what}: {actual:#?}");
     }
     assert_eq!(actual, pinned, "{what}");
 }
