@@ -61,9 +61,23 @@ pub fn resize_canonical(
     let from = (width, height);
     let to = (to.width, to.height);
     match (channels, bit_depth) {
-        (1 | 3, 8) => Some(resize_samples(pixels, channels as usize, from, to)),
+        (1 | 3, 8) => Some(resize_samples::<u8>(
+            rows_of(pixels, channels as usize, width, f32::from),
+            channels as usize,
+            from,
+            to,
+        )),
         (1, 16) => {
-            let resized = resize_samples(&little_endian(pixels), 1, from, to);
+            // Each row's samples straight from their little-endian bytes: no copy of the image
+            // as 16-bit samples first.
+            let row_bytes = width as usize * 2;
+            let input_row = |y: usize, into: &mut [f32]| {
+                let bytes = &pixels[y * row_bytes..(y + 1) * row_bytes];
+                for (value, pair) in into.iter_mut().zip(bytes.as_chunks::<2>().0) {
+                    *value = f32::from(u16::from_le_bytes(*pair));
+                }
+            };
+            let resized = resize_samples::<u16>(input_row, 1, from, to);
             Some(
                 resized
                     .iter()
@@ -72,6 +86,22 @@ pub fn resize_canonical(
             )
         }
         _ => None,
+    }
+}
+
+/// The function that fills a row's floats from `samples` (`width` pixels of `channels`
+/// samples a row), for [`resize_samples`].
+fn rows_of<T: Copy>(
+    samples: &[T],
+    channels: usize,
+    width: u32,
+    to_f32: impl Fn(T) -> f32,
+) -> impl Fn(usize, &mut [f32]) {
+    let row = width as usize * channels;
+    move |y, into| {
+        for (value, &sample) in into.iter_mut().zip(&samples[y * row..(y + 1) * row]) {
+            *value = to_f32(sample);
+        }
     }
 }
 
@@ -84,19 +114,19 @@ pub fn resize_catmull_rom(image: &DynamicImage, new_width: u32, new_height: u32)
         DynamicImage::ImageLuma8(grey) => GrayImage::from_raw(
             new_width,
             new_height,
-            resize_samples(grey.as_raw(), 1, from, to),
+            resize_samples::<u8>(rows_of(grey.as_raw(), 1, from.0, f32::from), 1, from, to),
         )
         .map(DynamicImage::ImageLuma8),
         DynamicImage::ImageRgb8(rgb) => RgbImage::from_raw(
             new_width,
             new_height,
-            resize_samples(rgb.as_raw(), 3, from, to),
+            resize_samples::<u8>(rows_of(rgb.as_raw(), 3, from.0, f32::from), 3, from, to),
         )
         .map(DynamicImage::ImageRgb8),
         DynamicImage::ImageLuma16(grey) => ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(
             new_width,
             new_height,
-            resize_samples(grey.as_raw(), 1, from, to),
+            resize_samples::<u16>(rows_of(grey.as_raw(), 1, from.0, f32::from), 1, from, to),
         )
         .map(DynamicImage::ImageLuma16),
         _ => None,
@@ -120,16 +150,12 @@ fn little_endian(bytes: &[u8]) -> Vec<u16> {
 /// A sample type the resize reads and writes.
 trait Sample: Copy {
     const LARGEST: f32;
-    fn to_f32(self) -> f32;
     /// Clamped to the type's range and rounded half away from zero, as `image` rounds.
     fn from_f32(value: f32) -> Self;
 }
 
 impl Sample for u8 {
     const LARGEST: f32 = 255.0;
-    fn to_f32(self) -> f32 {
-        f32::from(self)
-    }
     fn from_f32(value: f32) -> Self {
         round_clamped(value, Self::LARGEST) as u8
     }
@@ -137,9 +163,6 @@ impl Sample for u8 {
 
 impl Sample for u16 {
     const LARGEST: f32 = 65535.0;
-    fn to_f32(self) -> f32 {
-        f32::from(self)
-    }
     fn from_f32(value: f32) -> Self {
         round_clamped(value, Self::LARGEST) as u16
     }
@@ -149,11 +172,14 @@ impl Sample for u16 {
 /// a call to libm's `roundf`: on `0..=largest` (at most 65535) the integer part is exact and so
 /// is the fraction `value − integer part`, so comparing that fraction with one half rounds
 /// exactly as `round` does. NaN becomes 0, as `round(NaN) as u8` does.
+///
+/// The integer part is taken through `i32` (exact on that range, NaN again 0): a conversion
+/// SSE2 does four lanes at a time, where one to `u32` is a sequence per lane.
 #[inline]
 fn round_clamped(value: f32, largest: f32) -> u32 {
     let value = value.clamp(0.0, largest);
-    let whole = value as u32;
-    whole + u32::from(value - whole as f32 >= 0.5)
+    let whole = value as i32;
+    (whole + i32::from(value - whole as f32 >= 0.5)) as u32
 }
 
 /// The Catmull-Rom cubic (Mitchell–Netravali B = 0, C = 0.5), as `image` computes it.
@@ -200,17 +226,12 @@ fn axis_weights(input: u32, output: u32) -> Vec<(usize, Vec<f32>)> {
         .collect()
 }
 
-/// `sums[i] += input(k)[i] * weights[k]` for every tap `k` in order, each sum taking its
-/// products one at a time from the first tap to the last (so exactly the additions of a plain
-/// loop over the taps), four taps per pass over `sums`: a quarter of the loads and stores of
-/// the sums.
+/// `sums[i] = 0.0 + input(0)[i] * weights[0] + input(1)[i] * weights[1] + …`, each sum taking
+/// its products one at a time from 0.0 and the first tap to the last (so exactly the additions
+/// of a plain loop over the taps, as `image` sums), four taps per pass over `sums`: a quarter
+/// of the loads and stores of the sums, and none of their old values read.
 #[inline(always)]
-fn accumulate_taps<'a, T: Copy + 'a>(
-    sums: &mut [f32],
-    weights: &[f32],
-    input: impl Fn(usize) -> &'a [T],
-    to_f32: impl Fn(T) -> f32 + Copy,
-) {
+fn sum_taps<'a>(sums: &mut [f32], weights: &[f32], input: impl Fn(usize) -> &'a [f32]) {
     let n = sums.len();
     let mut tap = 0;
     while tap + 4 <= weights.len() {
@@ -226,30 +247,47 @@ fn accumulate_taps<'a, T: Copy + 'a>(
             weights[tap + 2],
             weights[tap + 3],
         );
-        for (sum, (((&a, &b), &c), &d)) in sums.iter_mut().zip(a.iter().zip(b).zip(c).zip(d)) {
-            *sum = (((*sum + to_f32(a) * wa) + to_f32(b) * wb) + to_f32(c) * wc) + to_f32(d) * wd;
+        let sums = sums.iter_mut().zip(a.iter().zip(b).zip(c).zip(d));
+        if tap == 0 {
+            for (sum, (((&a, &b), &c), &d)) in sums {
+                *sum = (((0.0 + a * wa) + b * wb) + c * wc) + d * wd;
+            }
+        } else {
+            for (sum, (((&a, &b), &c), &d)) in sums {
+                *sum = (((*sum + a * wa) + b * wb) + c * wc) + d * wd;
+            }
         }
         tap += 4;
+    }
+    if tap == 0 {
+        sums.fill(0.0);
     }
     while tap < weights.len() {
         let (a, wa) = (&input(tap)[..n], weights[tap]);
         for (sum, &a) in sums.iter_mut().zip(a) {
-            *sum += to_f32(a) * wa;
+            *sum += a * wa;
         }
         tap += 1;
     }
 }
 
-/// Resizes `samples` (`width × height` pixels of `channels` interleaved samples): vertically
-/// into floats, then horizontally into clamped, rounded samples, as `image` does, each output
-/// sample summed over its taps in the same order from 0.0.
+/// Resizes a `width × height` image of `channels` interleaved samples, whose row `y`
+/// `input_row(y, floats)` writes as floats: vertically into floats, then horizontally into
+/// clamped, rounded samples, as `image` does, each output sample summed over its taps in the
+/// same order from 0.0.
+///
+/// Each input row is converted to floats once, into a ring of as many rows as an output row
+/// has taps (the rows a window reads are consecutive and the windows only move down), rather
+/// than at every tap that reads it: about a quarter of the conversions for a 4× reduction,
+/// and no float copy of the whole image.
 ///
 /// The vertical pass's floats are kept column by column (each input sample position's
 /// `new_height` floats together), so that the horizontal pass sums a whole output column at
 /// once: `new_height` independent sums, each tap one vectorised multiply-add over contiguous
-/// floats, instead of one output sample at a time as a chain of dependent additions.
+/// floats, instead of one output sample at a time as a chain of dependent additions; the
+/// column is rounded as a whole too, then stored down the output's column.
 fn resize_samples<S: Sample>(
-    samples: &[S],
+    input_row: impl Fn(usize, &mut [f32]),
     channels: usize,
     (width, height): (u32, u32),
     (new_width, new_height): (u32, u32),
@@ -259,17 +297,37 @@ fn resize_samples<S: Sample>(
     // Output rows are summed a few at a time, then stored column by column: each column takes
     // a run of contiguous floats rather than one float a cache line.
     const ROWS_AT_ONCE: usize = 8;
+    let row_weights = axis_weights(height, new_height);
+    let own_column_weights;
+    let column_weights = if (width, new_width) == (height, new_height) {
+        &row_weights
+    } else {
+        own_column_weights = axis_weights(width, new_width);
+        &own_column_weights
+    };
+    let ring_rows = row_weights
+        .iter()
+        .map(|(_, weights)| weights.len())
+        .max()
+        .unwrap_or(1);
+    let mut ring = vec![0.0f32; ring_rows * row];
+    let mut ring_holds = vec![usize::MAX; ring_rows];
     let mut vertical = vec![0.0f32; row * output_rows];
     let mut sums = vec![0.0f32; row * ROWS_AT_ONCE];
-    let row_weights = axis_weights(height, new_height);
     for (block, block_weights) in row_weights.chunks(ROWS_AT_ONCE).enumerate() {
         for (sums, (top, weights)) in sums.chunks_exact_mut(row).zip(block_weights) {
-            sums.fill(0.0);
+            for y in *top..top + weights.len() {
+                let slot = y % ring_rows;
+                if ring_holds[slot] != y {
+                    input_row(y, &mut ring[slot * row..(slot + 1) * row]);
+                    ring_holds[slot] = y;
+                }
+            }
             let input_row = |offset: usize| {
-                let start = (top + offset) * row;
-                &samples[start..start + row]
+                let slot = (top + offset) % ring_rows;
+                &ring[slot * row..(slot + 1) * row]
             };
-            accumulate_taps(sums, weights, input_row, S::to_f32);
+            sum_taps(sums, weights, input_row);
         }
         let first = block * ROWS_AT_ONCE;
         let rows_here = block_weights.len();
@@ -282,17 +340,20 @@ fn resize_samples<S: Sample>(
     let new_row = new_width as usize * channels;
     let mut output = vec![S::from_f32(0.0); new_row * output_rows];
     let mut column_sums = vec![0.0f32; output_rows];
-    for (out_x, (left, weights)) in axis_weights(width, new_width).into_iter().enumerate() {
+    let mut column = vec![S::from_f32(0.0); output_rows];
+    for (out_x, (left, weights)) in column_weights.iter().enumerate() {
         for channel in 0..channels {
-            column_sums.fill(0.0);
             let input_column = |offset: usize| {
                 let position = (left + offset) * channels + channel;
                 &vertical[position * output_rows..(position + 1) * output_rows]
             };
-            accumulate_taps(&mut column_sums, &weights, input_column, |value: f32| value);
-            let at = out_x * channels + channel;
-            for (sample, sum) in output[at..].iter_mut().step_by(new_row).zip(&column_sums) {
+            sum_taps(&mut column_sums, weights, input_column);
+            for (sample, sum) in column.iter_mut().zip(&column_sums) {
                 *sample = S::from_f32(*sum);
+            }
+            let at = out_x * channels + channel;
+            for (sample, value) in output[at..].iter_mut().step_by(new_row).zip(&column) {
+                *sample = *value;
             }
         }
     }

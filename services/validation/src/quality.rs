@@ -360,92 +360,118 @@ trait GreyLevel: Copy + Into<u32> {
 
 impl GreyLevel for u16 {}
 
-/// 8-bit levels, the canonical grey image (every DICOM display image, most PNGs): the same
-/// sums, in 16-bit lanes and 32-bit strip sums, so that the loops vectorise eight to sixteen
-/// pixels wide instead of two.
+/// 8-bit levels, the canonical grey image (every DICOM display image, most PNGs): the
+/// brightness sums from a histogram of the 256 levels, and the masks as separable second
+/// differences in 16-bit lanes, so that the loops vectorise eight to sixteen pixels wide.
 impl GreyLevel for u8 {
+    /// From the histogram of the block's levels (four interleaved tables, so that runs of one
+    /// level do not wait on one counter): a load and an increment per level instead of the
+    /// widening sums and products, then 256 exact products. A block holds at most 2^16
+    /// levels, so every count fits 32 bits.
     fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
-        // 2^16 levels of at most 255: the sum of squares fits 32 bits (2^16 × 255² < 2^32).
-        let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_usize);
-        for strip in block.chunks(1 << 16) {
-            let (mut strip_sum, mut strip_squares, mut strip_saturated) = (0_u32, 0_u32, 0_u32);
-            for &level in strip {
-                let level = u32::from(level);
-                strip_sum += level;
-                strip_squares += level * level;
-                strip_saturated += u32::from(level == 0 || level >= full_scale);
+        let mut counts = [[0_u32; 256]; 4];
+        let (quads, rest) = block.as_chunks::<4>();
+        for quad in quads {
+            for (table, &level) in counts.iter_mut().zip(quad) {
+                table[usize::from(level)] += 1;
             }
-            sum += u64::from(strip_sum);
-            squares += u64::from(strip_squares);
-            saturated += strip_saturated as usize;
         }
-        (sum, squares, saturated)
+        for &level in rest {
+            counts[0][usize::from(level)] += 1;
+        }
+        let (mut sum, mut squares, mut saturated) = (0_u64, 0_u64, 0_u64);
+        for level in 0..256_u32 {
+            let index = level as usize;
+            let count = counts
+                .iter()
+                .map(|table| u64::from(table[index]))
+                .sum::<u64>();
+            sum += count * u64::from(level);
+            squares += count * u64::from(level * level);
+            if level == 0 || level >= full_scale {
+                saturated += count;
+            }
+        }
+        (sum, squares, saturated as usize)
     }
 
     /// The 3×3 masks are separable: Immerkær's is the outer product of [1 −2 1] with itself,
     /// so it is the vertical second difference of the rows' horizontal second differences
     /// `h`; the Laplacian is the vertical second difference `v` plus `h`. Each row's `h` is
-    /// computed once and serves the three output rows it takes part in, so a pixel costs about
-    /// half the arithmetic of the direct masks ([`GreyLevel::neighbourhood_sums`]); the sums
-    /// are the same integers.
+    /// computed once (as the row below the current one) and serves the three output rows it
+    /// takes part in; the sums are the same integers as the direct masks'
+    /// ([`GreyLevel::neighbourhood_sums`]). The loop over a row only writes 16-bit lanes
+    /// (`h`, the Laplacian, and Immerkær's response added to its column's total), so it runs
+    /// eight to sixteen pixels a vector; the squared Laplacians are summed in a second loop
+    /// over the row (16 × 16 → 32-bit multiply-adds); the Laplacian's sum telescopes to the
+    /// image's borders and needs no pass at all.
     fn mask_sums(levels: &[Self], width: usize, height: usize) -> (u128, i128, u128) {
         // Per pixel: |h|, |v| ≤ 2 × 255, |Laplacian| ≤ 4 × 255 and |Immerkær| ≤ 16 × 255 fit
-        // 16 bits; 2048 squared Laplacians (2048 × 1020² < 2^31) fit a 32-bit strip sum.
+        // 16 bits; a column's total of 16 rows of |Immerkær| (16 × 4080 < 2^16) fits 16 bits;
+        // 2048 squared Laplacians (2048 × 1020² < 2^31) fit a 32-bit strip sum.
+        const ROWS_PER_COLUMN_TOTAL: usize = 16;
         const STRIP: usize = 2048;
         let inner = width - 2;
         let line = |y: usize| &levels[y * width..(y + 1) * width];
-        // Over three shifted slices of the row rather than its 3-sample windows, so that the
-        // loop runs vectorised.
-        let second_difference = |line: &[u8], into: &mut Vec<i16>| {
-            let n = line.len() - 2;
-            into.clear();
-            into.resize(n, 0);
-            let (left, centre, right) = (&line[..n], &line[1..=n], &line[2..]);
+        let second_difference = |line: &[u8], into: &mut [i16]| {
+            let (left, centre, right) = (&line[..inner], &line[1..=inner], &line[2..inner + 2]);
             for (((out, &left), &centre), &right) in
                 into.iter_mut().zip(left).zip(centre).zip(right)
             {
                 *out = i16::from(left) + i16::from(right) - 2 * i16::from(centre);
             }
         };
-        let (mut h_above, mut h_row, mut h_below) = (
-            Vec::with_capacity(inner),
-            Vec::with_capacity(inner),
-            Vec::with_capacity(inner),
-        );
+        let mut h_above = vec![0_i16; inner];
+        let mut h_row = vec![0_i16; inner];
+        let mut h_below = vec![0_i16; inner];
+        let mut laplacian = vec![0_i16; inner];
+        let mut column_totals = vec![0_u16; inner];
         second_difference(line(0), &mut h_above);
         second_difference(line(1), &mut h_row);
-        let (mut immerkaer, mut laplacian_sum, mut laplacian_squares) = (0_u128, 0_i128, 0_u128);
+        let (mut immerkaer, mut laplacian_squares) = (0_u128, 0_u128);
+        let mut rows_in_totals = 0;
         for y in 1..height - 1 {
-            let (above, row, below) = (&line(y - 1)[1..], &line(y)[1..], &line(y + 1)[1..]);
-            second_difference(line(y + 1), &mut h_below);
-            let mut start = 0;
-            while start < inner {
-                let end = (start + STRIP).min(inner);
-                let n = end - start;
-                let (up, centre, down) = (&above[start..end], &row[start..end], &below[start..end]);
-                let (h_up, h_centre, h_down) = (
-                    &h_above[start..end],
-                    &h_row[start..end],
-                    &h_below[start..end],
-                );
-                let (mut strip_immerkaer, mut strip_sum, mut strip_squares) = (0_u32, 0_i32, 0_i32);
-                for x in 0..n {
-                    let vertical = i16::from(up[x]) + i16::from(down[x]) - 2 * i16::from(centre[x]);
-                    let mask = h_up[x] + h_down[x] - 2 * h_centre[x];
-                    strip_immerkaer += u32::from(mask.unsigned_abs());
-                    let laplacian = i32::from(vertical + h_centre[x]);
-                    strip_sum += laplacian;
-                    strip_squares += laplacian * laplacian;
-                }
-                immerkaer += u128::from(strip_immerkaer);
-                laplacian_sum += i128::from(strip_sum);
-                laplacian_squares += u128::from(strip_squares.unsigned_abs());
-                start = end;
+            let (up, centre, below) = (&line(y - 1)[1..=inner], &line(y)[1..=inner], line(y + 1));
+            let (down_left, down, down_right) =
+                (&below[..inner], &below[1..=inner], &below[2..inner + 2]);
+            let (h_up, h_centre, h_down) =
+                (&h_above[..inner], &h_row[..inner], &mut h_below[..inner]);
+            let (laplacian, totals) = (&mut laplacian[..inner], &mut column_totals[..inner]);
+            for x in 0..inner {
+                let h = i16::from(down_left[x]) + i16::from(down_right[x]) - 2 * i16::from(down[x]);
+                h_down[x] = h;
+                let vertical = i16::from(up[x]) + i16::from(down[x]) - 2 * i16::from(centre[x]);
+                laplacian[x] = vertical + h_centre[x];
+                totals[x] += (h_up[x] + h - 2 * h_centre[x]).unsigned_abs();
+            }
+            for strip in laplacian.chunks(STRIP) {
+                let squares: i32 = strip
+                    .iter()
+                    .map(|&value| i32::from(value) * i32::from(value))
+                    .sum();
+                laplacian_squares += u128::from(squares.unsigned_abs());
+            }
+            rows_in_totals += 1;
+            if rows_in_totals == ROWS_PER_COLUMN_TOTAL || y == height - 2 {
+                immerkaer += u128::from(totals.iter().map(|&total| u64::from(total)).sum::<u64>());
+                totals.fill(0);
+                rows_in_totals = 0;
             }
             std::mem::swap(&mut h_above, &mut h_row);
             std::mem::swap(&mut h_row, &mut h_below);
         }
-        (immerkaer, laplacian_sum, laplacian_squares)
+        // Σ of the Laplacian over the inner pixels telescopes: in each inner column the
+        // vertical second differences sum to (p[H−1] − p[H−2]) − (p[1] − p[0]), and in each
+        // inner row the horizontal ones to (p[W−1] − p[W−2]) − (p[1] − p[0]).
+        let at = |x: usize, y: usize| i64::from(levels[y * width + x]);
+        let mut laplacian_sum = 0_i64;
+        for x in 1..width - 1 {
+            laplacian_sum += (at(x, height - 1) - at(x, height - 2)) - (at(x, 1) - at(x, 0));
+        }
+        for y in 1..height - 1 {
+            laplacian_sum += (at(width - 1, y) - at(width - 2, y)) - (at(1, y) - at(0, y));
+        }
+        (immerkaer, i128::from(laplacian_sum), laplacian_squares)
     }
 }
 
