@@ -1671,12 +1671,13 @@ async fn a_hundred_predictions_with_one_token_check_revocation_once_per_window_a
 }
 
 /// The calls on a prediction's path, by (service, method).
-const PREDICTION_CALLS: [(&str, &str); 5] = [
+const PREDICTION_CALLS: [(&str, &str); 6] = [
     ("gateway", "Infer"),
     ("validation", "ValidateImage"),
     ("inference", "Predict"),
     ("audit", "Append"),
     ("inference", "RecordDelivery"),
+    ("inference", "RecordDeliveries"),
 ];
 
 /// Seconds spent serving and calls served so far, for each of [`PREDICTION_CALLS`], from each

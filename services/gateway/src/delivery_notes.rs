@@ -10,9 +10,13 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
+use medai_proto::inference::v1::{RecordDeliveriesRequest, RecordDeliveryRequest};
+use medai_runtime::rpc_trace::MeshChannel;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How long a read waits for the notes begun before it; a note that takes longer is treated
 /// like one that failed (the single-result read then notes it from the ledger).
@@ -24,17 +28,122 @@ struct Tickets {
     open: BTreeSet<u64>,
 }
 
-/// The notes this gateway has begun and not yet finished, each with a ticket in order.
+/// The notes this gateway has begun and not yet finished, each with a ticket in order, and
+/// the coalescing client that writes them.
 pub struct NotesInFlight {
     tickets: watch::Sender<Tickets>,
+    writer: OnceLock<mpsc::Sender<QueuedNote>>,
 }
 
 impl Default for NotesInFlight {
     fn default() -> Self {
         Self {
             tickets: watch::Sender::new(Tickets::default()),
+            writer: OnceLock::new(),
         }
     }
+}
+
+/// Most notes one `RecordDeliveries` call carries (inference takes up to 1024).
+const MAX_NOTES_PER_CALL: usize = 256;
+
+/// A note waiting for the coalescing client's next call, and where its answer goes.
+struct QueuedNote {
+    result_id: String,
+    ledger_seq: u64,
+    correlation_id: String,
+    answer: oneshot::Sender<Result<u64, tonic::Status>>,
+}
+
+/// Sends the queued notes (issue 14): a note that finds the client idle goes at once, alone;
+/// notes queued while a call runs go together in the next `RecordDeliveries` call, which
+/// inference writes in one group commit. Notes are written beside the answers, so waiting for
+/// the call in flight costs no caller time. An inference service without `RecordDeliveries`
+/// (an older version during an upgrade) gets one `RecordDelivery` per note, as before.
+async fn send_notes(
+    mut inference: InferenceServiceClient<MeshChannel>,
+    timeout: Duration,
+    mut queue: mpsc::Receiver<QueuedNote>,
+) {
+    let mut batch = Vec::with_capacity(MAX_NOTES_PER_CALL);
+    let mut batches_served = true;
+    while queue.recv_many(&mut batch, MAX_NOTES_PER_CALL).await > 0 {
+        if batches_served {
+            let deliveries = batch
+                .iter()
+                .map(|note| RecordDeliveryRequest {
+                    result_id: note.result_id.clone(),
+                    ledger_seq: note.ledger_seq,
+                })
+                .collect();
+            let mut request = tonic::Request::new(RecordDeliveriesRequest { deliveries });
+            // One call, many correlation ids: it carries the first; each note's own is logged
+            // with its outcome.
+            medai_runtime::correlation::propagate(request.metadata_mut(), &batch[0].correlation_id);
+            request.set_timeout(timeout);
+            match inference.record_deliveries(request).await {
+                Ok(response) => {
+                    let noted = response.into_inner().noted;
+                    if noted.len() == batch.len() {
+                        for (note, outcome) in batch.drain(..).zip(noted) {
+                            let answer = if outcome.error_code.is_empty() {
+                                Ok(outcome.ledger_seq)
+                            } else {
+                                Err(note_refused(&outcome.error_code))
+                            };
+                            let _gone = note.answer.send(answer);
+                        }
+                    } else {
+                        let status =
+                            tonic::Status::internal("RecordDeliveries answered another count");
+                        for note in batch.drain(..) {
+                            let _gone = note.answer.send(Err(status.clone()));
+                        }
+                    }
+                    continue;
+                }
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!(
+                        "inference does not serve RecordDeliveries; noting deliveries one by one"
+                    );
+                    batches_served = false;
+                }
+                Err(status) => {
+                    for note in batch.drain(..) {
+                        let _gone = note.answer.send(Err(status.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
+        let singles = batch.drain(..).map(|note| {
+            let mut inference = inference.clone();
+            async move {
+                let mut request = tonic::Request::new(RecordDeliveryRequest {
+                    result_id: note.result_id,
+                    ledger_seq: note.ledger_seq,
+                });
+                medai_runtime::correlation::propagate(request.metadata_mut(), &note.correlation_id);
+                request.set_timeout(timeout);
+                let answer = inference
+                    .record_delivery(request)
+                    .await
+                    .map(|response| response.into_inner().ledger_seq);
+                let _gone = note.answer.send(answer);
+            }
+        });
+        futures::future::join_all(singles).await;
+    }
+}
+
+/// The status a note refused inside a `RecordDeliveries` answer stands for.
+fn note_refused(error_code: &str) -> tonic::Status {
+    let code = match error_code {
+        "RESULT_NOT_FOUND" => tonic::Code::NotFound,
+        "QUERY_INVALID" => tonic::Code::InvalidArgument,
+        _ => tonic::Code::Internal,
+    };
+    tonic::Status::new(code, error_code.to_owned())
 }
 
 /// One note being written; dropping it (written, failed or abandoned) ends it.
@@ -64,6 +173,39 @@ impl NotesInFlight {
             number,
             tickets: self.tickets.clone(),
         }
+    }
+
+    /// Notes the ledger entry `ledger_seq` on the stored result `result_id` through the
+    /// coalescing client (started on the first note, on `inference`); returns the seq that
+    /// stands once inference has committed it.
+    pub async fn write(
+        &self,
+        inference: &InferenceServiceClient<MeshChannel>,
+        timeout: Duration,
+        correlation_id: &str,
+        result_id: &str,
+        ledger_seq: u64,
+    ) -> Result<u64, tonic::Status> {
+        let writer = self.writer.get_or_init(|| {
+            let (writer, queue) = mpsc::channel(16 * MAX_NOTES_PER_CALL);
+            // Ends when this gateway's notes are dropped.
+            tokio::spawn(send_notes(inference.clone(), timeout, queue));
+            writer
+        });
+        let (answer, answered) = oneshot::channel();
+        let note = QueuedNote {
+            result_id: result_id.to_owned(),
+            ledger_seq,
+            correlation_id: correlation_id.to_owned(),
+            answer,
+        };
+        writer
+            .send(note)
+            .await
+            .map_err(|_| tonic::Status::unavailable("the delivery-note client has stopped"))?;
+        answered
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::unavailable("the delivery note was dropped")))
     }
 
     /// Notes begun and not finished.

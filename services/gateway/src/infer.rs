@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use medai_proto::audit::v1::{AppendRequest, QueryEventsRequest};
-use medai_proto::inference::v1::{
-    GetResultRequest, PredictRequest, PredictResponse, RecordDeliveryRequest, StoredResult,
-};
+use medai_proto::inference::v1::{GetResultRequest, PredictRequest, PredictResponse, StoredResult};
 use medai_proto::validation::v1::ValidateImageRequest;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -775,17 +773,16 @@ pub(crate) async fn note_delivery(
     result_id: &str,
     ledger_seq: u64,
 ) {
+    // Through the coalescing client: concurrent notes share one RecordDeliveries call.
     let noted = downstream
-        .inference
-        .clone()
-        .record_delivery(downstream.request(
-            RecordDeliveryRequest {
-                result_id: result_id.to_owned(),
-                ledger_seq,
-            },
+        .notes
+        .write(
+            &downstream.inference,
+            downstream.timeout,
             correlation_id,
-            None,
-        ))
+            result_id,
+            ledger_seq,
+        )
         .await;
     if let Err(status) = noted {
         // The prediction is recorded and is answered; only the results view will miss it.

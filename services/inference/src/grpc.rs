@@ -7,10 +7,11 @@ use std::time::Instant;
 use medai_proto::inference::v1::inference_service_server::InferenceService;
 use medai_proto::inference::v1::{
     AbortCanaryRequest, AbortCanaryResponse, ActivateModelVersionRequest,
-    ActivateModelVersionResponse, GetModelReportRequest, GetModelReportResponse, GetResultRequest,
-    GetResultResponse, LabelCount, LabelProbability, ListModelsRequest, ListModelsResponse,
-    ListResultsRequest, ListResultsResponse, ModelChange, ModelChangeOutcome, ModelReport,
-    ModelVersionInfo, PredictRequest, PredictResponse, PromoteCanaryRequest, PromoteCanaryResponse,
+    ActivateModelVersionResponse, DeliveryNoted, GetModelReportRequest, GetModelReportResponse,
+    GetResultRequest, GetResultResponse, LabelCount, LabelProbability, ListModelsRequest,
+    ListModelsResponse, ListResultsRequest, ListResultsResponse, ModelChange, ModelChangeOutcome,
+    ModelReport, ModelVersionInfo, PredictRequest, PredictResponse, PromoteCanaryRequest,
+    PromoteCanaryResponse, RecordDeliveriesRequest, RecordDeliveriesResponse,
     RecordDeliveryRequest, RecordDeliveryResponse, ResultSignature, RetireModelVersionRequest,
     RetireModelVersionResponse, RollbackModelRequest, RollbackModelResponse, SignResultRequest,
     SignResultResponse, StageModelVersionRequest, StageModelVersionResponse, StartCanaryRequest,
@@ -23,6 +24,7 @@ use medai_proto::inference::v1::{
     UnusualCase,
 };
 use medai_runtime::deadline::caller_deadline;
+use medai_runtime::errors::ServiceError;
 use tonic::{Request, Response, Status};
 
 use crate::caller::Caller;
@@ -273,6 +275,9 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
     }
     Ok(())
 }
+
+/// Most deliveries one `RecordDeliveries` call may note.
+const MAX_DELIVERIES_PER_CALL: usize = 1024;
 
 impl InferenceApi {
     /// Stores the prediction; if its idempotency key was stored meanwhile, the stored result.
@@ -553,6 +558,53 @@ impl InferenceService for InferenceApi {
         Ok(Response::new(RecordDeliveryResponse {
             ledger_seq: u64::try_from(noted).unwrap_or_default(),
         }))
+    }
+
+    async fn record_deliveries(
+        &self,
+        request: Request<RecordDeliveriesRequest>,
+    ) -> Result<Response<RecordDeliveriesResponse>, Status> {
+        let deliveries = request.into_inner().deliveries;
+        if deliveries.len() > MAX_DELIVERIES_PER_CALL {
+            return Err(InferenceError::QueryInvalid(format!(
+                "at most {MAX_DELIVERIES_PER_CALL} deliveries per call"
+            ))
+            .into());
+        }
+        // A note with no usable seq is answered QUERY_INVALID on its own; the others are noted.
+        let checked: Vec<Option<(String, i64)>> = deliveries
+            .into_iter()
+            .map(|delivery| {
+                i64::try_from(delivery.ledger_seq)
+                    .ok()
+                    .filter(|seq| *seq > 0)
+                    .map(|seq| (delivery.result_id, seq))
+            })
+            .collect();
+        let notes: Vec<(String, i64)> = checked.iter().flatten().cloned().collect();
+        let mut noted = self.results.record_deliveries(&notes).await.into_iter();
+        let answers = checked
+            .iter()
+            .map(|note| {
+                let outcome = match note {
+                    Some(_) => noted.next().unwrap_or(Err(InferenceError::Store)),
+                    None => Err(InferenceError::QueryInvalid(
+                        "ledger_seq must be positive".into(),
+                    )),
+                };
+                match outcome {
+                    Ok(seq) => DeliveryNoted {
+                        ledger_seq: u64::try_from(seq).unwrap_or_default(),
+                        error_code: String::new(),
+                    },
+                    Err(error) => DeliveryNoted {
+                        ledger_seq: 0,
+                        error_code: error.reason().to_owned(),
+                    },
+                }
+            })
+            .collect();
+        Ok(Response::new(RecordDeliveriesResponse { noted: answers }))
     }
 
     async fn sign_result(

@@ -67,6 +67,7 @@ pub fn peer_policy() -> PeerPolicy {
         "GetResult",
         "ListResults",
         "RecordDelivery",
+        "RecordDeliveries",
         "SignResult",
         "ExplainResult",
         "RecordExplanation",

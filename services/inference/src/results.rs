@@ -318,6 +318,139 @@ pub struct ResultsStore {
     connection: DatabaseConnection,
     delivery_notes: mpsc::Sender<PendingNote>,
     note_commits: Arc<AtomicU64>,
+    new_results: mpsc::Sender<PendingResult>,
+    result_commits: Arc<AtomicU64>,
+}
+
+/// A new result waiting for the writer's next commit, and where its answer goes.
+struct PendingResult {
+    row: StoredResult,
+    answer: oneshot::Sender<Result<(StoredResult, bool), InferenceError>>,
+}
+
+/// Most new results one commit takes (38 bound values each, well under both databases'
+/// limits on one statement's parameters).
+const MAX_RESULTS_PER_COMMIT: usize = 128;
+
+/// Writes new results as a group commit, like [`write_delivery_notes`]: a result that finds
+/// the writer idle is committed at once, on its own; results that arrive while a commit runs
+/// are stored together by the next one (one multi-row INSERT, one transaction, one durable
+/// commit). Each caller is answered only after the commit that holds its row (or the stored
+/// row its idempotency key names), so a result answered is a result kept; a batch that fails
+/// fails every caller in it.
+async fn write_new_results(
+    connection: DatabaseConnection,
+    mut pending: mpsc::Receiver<PendingResult>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_RESULTS_PER_COMMIT);
+    while pending.recv_many(&mut batch, MAX_RESULTS_PER_COMMIT).await > 0 {
+        let written = insert_results(&connection, &batch).await;
+        commits.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("medai_inference_results_commits_total", "write" => "result")
+            .increment(1);
+        match written {
+            Ok(answers) => {
+                for (result, answer) in batch.drain(..).zip(answers) {
+                    let _gone = result.answer.send(answer);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, results = batch.len(), "results not stored");
+                for result in batch.drain(..) {
+                    let _gone = result.answer.send(Err(InferenceError::Store));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction storing every result of `batch` whose idempotency key is not stored yet
+/// (the unique key decides, also against other replicas and against an earlier row of the
+/// same batch); returns, per result, what [`ResultsStore::insert`] answers.
+async fn insert_results(
+    connection: &DatabaseConnection,
+    batch: &[PendingResult],
+) -> Result<Vec<Result<(StoredResult, bool), InferenceError>>, DbErr> {
+    use result_row::Column;
+    use sea_orm::QueryTrait;
+    use sea_orm::sea_query::OnConflict;
+    use std::collections::{HashMap, HashSet};
+    let transaction = connection.begin().await?;
+    // Only the first row of the batch with a given key is offered; a later one is answered
+    // from whatever that key stores once the INSERT has run.
+    let mut keys_offered = HashSet::new();
+    let offered: Vec<result_row::ActiveModel> = batch
+        .iter()
+        .filter(|pending| {
+            pending
+                .row
+                .idempotency_key
+                .as_deref()
+                .is_none_or(|key| keys_offered.insert(key))
+        })
+        .map(|pending| pending.row.clone().into())
+        .collect();
+    let mut statement = result_row::Entity::insert_many(offered).into_query();
+    statement
+        .on_conflict(
+            OnConflict::column(Column::IdempotencyKey)
+                .do_nothing()
+                .to_owned(),
+        )
+        .returning_col(Column::ResultId);
+    let inserted: HashSet<String> = transaction
+        .query_all(&statement)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String>("", "result_id"))
+        .collect::<Result<_, _>>()?;
+    let mut stored_under: HashMap<String, StoredResult> = HashMap::new();
+    let missing: Vec<&str> = batch
+        .iter()
+        .filter(|pending| !inserted.contains(&pending.row.result_id))
+        .filter_map(|pending| pending.row.idempotency_key.as_deref())
+        .collect();
+    if !missing.is_empty() {
+        for stored in result_row::Entity::find()
+            .filter(Column::IdempotencyKey.is_in(missing))
+            .all(&transaction)
+            .await?
+        {
+            if let Some(key) = stored.idempotency_key.clone() {
+                stored_under.insert(key, stored);
+            }
+        }
+    }
+    transaction.commit().await?;
+    Ok(batch
+        .iter()
+        .map(|pending| {
+            let result = &pending.row;
+            if inserted.contains(&result.result_id) {
+                return Ok((result.clone(), false));
+            }
+            let Some(stored) = result
+                .idempotency_key
+                .as_deref()
+                .and_then(|key| stored_under.get(key))
+            else {
+                // Not stored and no key to answer from: its result id was taken.
+                tracing::error!("result not stored: its id is stored already");
+                return Err(InferenceError::Store);
+            };
+            let retry = RetryFacts {
+                image_sha256: &result.image_sha256,
+                model_name: &result.model_name,
+                model_version: &result.model_version,
+            };
+            if retry.matches(stored) {
+                Ok((stored.clone(), true))
+            } else {
+                Err(InferenceError::IdempotencyKeyReused)
+            }
+        })
+        .collect())
 }
 
 /// A delivery note waiting for the writer's next commit, and where its answer goes.
@@ -424,11 +557,25 @@ impl ResultsStore {
             pending,
             note_commits.clone(),
         ));
+        let (new_results, pending) = mpsc::channel(4 * MAX_RESULTS_PER_COMMIT);
+        let result_commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_new_results(
+            connection.clone(),
+            pending,
+            result_commits.clone(),
+        ));
         Ok(Self {
             connection,
             delivery_notes,
             note_commits,
+            new_results,
+            result_commits,
         })
+    }
+
+    /// Commits the new-result writer made so far (each holds one or more results).
+    pub fn result_commits(&self) -> u64 {
+        self.result_commits.load(Ordering::Relaxed)
     }
 
     /// Commits the delivery-note writer made so far (each holds one or more notes).
@@ -446,41 +593,27 @@ impl ResultsStore {
         self.connection.clone()
     }
 
-    /// Stores a new result (its content hash is computed here). A result whose idempotency key
-    /// is already stored is not written (the unique key decides between racing writers, on
-    /// every replica): the stored one is returned with `true` if it answers the same image,
-    /// model and version, and [`InferenceError::IdempotencyKeyReused`] otherwise.
+    /// Stores a new result (its content hash is computed here) and answers once it is
+    /// committed; results stored at the same time share a commit (see [`write_new_results`]).
+    /// A result whose idempotency key is already stored is not written (the unique key decides
+    /// between racing writers, on every replica): the stored one is returned with `true` if it
+    /// answers the same image, model and version, and [`InferenceError::IdempotencyKeyReused`]
+    /// otherwise.
     pub async fn insert(
         &self,
         mut result: StoredResult,
     ) -> Result<(StoredResult, bool), InferenceError> {
         result.content_sha256 = content_sha256(&result);
-        let row: result_row::ActiveModel = result.clone().into();
-        let inserted = result_row::Entity::insert(row).exec(&self.connection).await;
-        metrics::counter!("medai_inference_results_commits_total", "write" => "result")
-            .increment(1);
-        match inserted {
-            Ok(_) => Ok((result, false)),
-            Err(error) => {
-                let duplicate =
-                    matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)));
-                if duplicate
-                    && let Some(key) = result.idempotency_key.as_deref()
-                    && let Some(stored) = self.find_by_idempotency_key(key).await?
-                {
-                    let retry = RetryFacts {
-                        image_sha256: &result.image_sha256,
-                        model_name: &result.model_name,
-                        model_version: &result.model_version,
-                    };
-                    if !retry.matches(&stored) {
-                        return Err(InferenceError::IdempotencyKeyReused);
-                    }
-                    return Ok((stored, true));
-                }
-                Err(store_error(error))
-            }
+        let (answer, answered) = oneshot::channel();
+        let pending = PendingResult {
+            row: result,
+            answer,
+        };
+        if self.new_results.send(pending).await.is_err() {
+            tracing::error!("the results writer has stopped");
+            return Err(InferenceError::Store);
         }
+        answered.await.unwrap_or(Err(InferenceError::Store))
     }
 
     /// The stored answer to a retry: the result stored under `key`, if any, provided it
@@ -522,6 +655,37 @@ impl ResultsStore {
             return Err(InferenceError::Store);
         }
         answered.await.unwrap_or(Err(InferenceError::Store))
+    }
+
+    /// Notes many deliveries (see [`Self::record_delivery`]), all queued for the writer at
+    /// once so they share its next commit; answers per note, in order.
+    pub async fn record_deliveries(
+        &self,
+        notes: &[(String, i64)],
+    ) -> Vec<Result<i64, InferenceError>> {
+        let mut answers = Vec::with_capacity(notes.len());
+        for (result_id, seq) in notes {
+            let (answer, answered) = oneshot::channel();
+            let note = PendingNote {
+                result_id: result_id.clone(),
+                seq: *seq,
+                answer,
+            };
+            if self.delivery_notes.send(note).await.is_err() {
+                tracing::error!("the delivery-note writer has stopped");
+                answers.push(None);
+            } else {
+                answers.push(Some(answered));
+            }
+        }
+        let mut noted = Vec::with_capacity(answers.len());
+        for answer in answers {
+            noted.push(match answer {
+                Some(answered) => answered.await.unwrap_or(Err(InferenceError::Store)),
+                None => Err(InferenceError::Store),
+            });
+        }
+        noted
     }
 
     /// Signs a delivered, preliminary result whose content is still what `expected_content`

@@ -757,3 +757,98 @@ async fn delivery_notes_made_together_share_a_commit_and_each_is_kept() {
     );
     assert!(store.record_delivery("no-such-result", 5).await.is_err());
 }
+
+/// Issue 14: RecordDeliveries notes many deliveries in one call, each as RecordDelivery would
+/// (the first seq of a result stands; an unknown result and a seq of 0 are refused on their
+/// own, by their stable codes), answering one outcome per delivery in order; a call over the
+/// bound is refused whole, and only the gateway may call it.
+#[tokio::test]
+async fn record_deliveries_answers_each_note_in_order_and_refuses_an_oversize_call() {
+    use medai_proto::inference::v1::RecordDeliveriesRequest;
+    let assets = Assets::locate();
+    let harness = Harness::start(&assets.model_repository, RuntimeSettings::default()).await;
+    let mut gateway = harness.client_as("gateway");
+    let mut ids = Vec::new();
+    for side in [96, 128] {
+        ids.push(
+            gateway
+                .predict(predict(grey_image(side)))
+                .await
+                .expect("prediction")
+                .into_inner()
+                .result_id,
+        );
+    }
+    let note = |result_id: &str, ledger_seq: u64| RecordDeliveryRequest {
+        result_id: result_id.to_owned(),
+        ledger_seq,
+    };
+    let noted = gateway
+        .record_deliveries(RecordDeliveriesRequest {
+            deliveries: vec![
+                note(&ids[0], 21),
+                note("no-such-result", 22),
+                note(&ids[1], 0),
+                note(&ids[1], 23),
+                note(&ids[0], 24),
+            ],
+        })
+        .await
+        .expect("deliveries")
+        .into_inner()
+        .noted;
+    let outcomes: Vec<(u64, &str)> = noted
+        .iter()
+        .map(|outcome| (outcome.ledger_seq, outcome.error_code.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (21, ""),
+            (0, "RESULT_NOT_FOUND"),
+            (0, "QUERY_INVALID"),
+            (23, ""),
+            (21, ""),
+        ],
+        "one outcome per delivery, in order; the first seq of a result stands"
+    );
+    for (id, seq) in [(&ids[0], 21), (&ids[1], 23)] {
+        let stored = gateway
+            .get_result(GetResultRequest {
+                result_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("result")
+            .into_inner()
+            .result
+            .expect("result");
+        assert_eq!(stored.ledger_seq, seq);
+    }
+    // The single-note RPC still answers the seq that stands.
+    let single = gateway
+        .record_delivery(note(&ids[1], 99))
+        .await
+        .expect("delivery")
+        .into_inner();
+    assert_eq!(single.ledger_seq, 23);
+
+    let status = gateway
+        .record_deliveries(RecordDeliveriesRequest {
+            deliveries: (0..1025).map(|seq| note(&ids[0], seq + 1)).collect(),
+        })
+        .await
+        .expect_err("over the bound");
+    assert_eq!(
+        (status.code(), reason_of(&status).as_deref()),
+        (Code::InvalidArgument, Some("QUERY_INVALID"))
+    );
+    let status = harness
+        .client_as("validation")
+        .record_deliveries(RecordDeliveriesRequest {
+            deliveries: vec![note(&ids[0], 30)],
+        })
+        .await
+        .expect_err("not the gateway");
+    assert_eq!(status.code(), Code::PermissionDenied);
+}

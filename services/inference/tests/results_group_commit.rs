@@ -1,0 +1,248 @@
+//! Issue 14: new results stored at the same time share one durable commit, on PostgreSQL and
+//! on SQLite, with the idempotency semantics of a single insert, and a commit that fails fails
+//! every caller in it.
+
+use medai_inference::results::{ResultsStore, StoredResult};
+use medai_runtime::errors::reason_of;
+use sea_orm::ConnectionTrait;
+
+/// The stable code an error of the store reaches a caller with.
+fn code_of<T: std::fmt::Debug>(outcome: Result<T, impl Into<tonic::Status>>) -> String {
+    let status: tonic::Status = outcome.expect_err("an error").into();
+    reason_of(&status).unwrap_or_default()
+}
+
+fn new_result(index: u32, key: Option<&str>) -> StoredResult {
+    StoredResult {
+        result_id: uuid::Uuid::new_v4().to_string(),
+        model_name: "light".to_owned(),
+        model_version: "1".to_owned(),
+        model_sha256: format!("{:064x}", 1),
+        image_sha256: format!("{index:064x}"),
+        patient_key: String::new(),
+        probabilities_json: r#"[["bright",0.75],["dark",0.25]]"#.to_owned(),
+        top_label: "bright".to_owned(),
+        confidence: 0.75,
+        decision_threshold: 0.5,
+        decision: "ABOVE_THRESHOLD".to_owned(),
+        latency_ms: 1.0,
+        created_at: 1_700_000_000_000_000 + i64::from(index),
+        status: "PRELIMINARY".to_owned(),
+        idempotency_key: key.map(str::to_owned),
+        intended_use: String::new(),
+        content_sha256: String::new(),
+        ledger_seq: 0,
+        signer_subject: String::new(),
+        signer_name: String::new(),
+        signature_meaning: String::new(),
+        signature_reason: String::new(),
+        signed_at: 0,
+        signature_ledger_seq: 0,
+        content_hash_version: medai_inference::results::CONTENT_HASH_VERSION,
+        normalized_entropy: 0.8,
+        top2_margin: 0.5,
+        temperature: 1.0,
+        ood_score: 0.0,
+        ood_threshold: 1.0,
+        confidence_band_lower: None,
+        confidence_band_upper: None,
+        unusual_case: false,
+        unusual_case_reasons_json: "[]".to_owned(),
+        route: "ACTIVE".to_owned(),
+        shadow_of_result_id: String::new(),
+        shadow_agreement: String::new(),
+    }
+}
+
+async fn postgres_store() -> ResultsStore {
+    ResultsStore::connect(&medai_testkit::fresh_postgres_database().await)
+        .await
+        .expect("results store")
+}
+
+async fn sqlite_store(folder: &tempfile::TempDir) -> ResultsStore {
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        folder.path().join("inference.sqlite").display()
+    );
+    ResultsStore::connect(&url).await.expect("results store")
+}
+
+/// Many concurrent inserts: fewer commits than rows, each caller answered with its own row,
+/// and every answered row is in the store.
+async fn concurrent_inserts_share_commits(store: &ResultsStore) {
+    const ROWS: u32 = 96;
+    let commits_before = store.result_commits();
+    let inserts = (0..ROWS).map(|index| {
+        let store = store.clone();
+        let key = format!("{:064x}", 1000 + index);
+        tokio::spawn(async move { store.insert(new_result(index, Some(&key))).await })
+    });
+    let answers = futures::future::join_all(inserts).await;
+    let commits = store.result_commits() - commits_before;
+    eprintln!("{ROWS} concurrent inserts in {commits} commits");
+    for (index, answer) in answers.into_iter().enumerate() {
+        let (stored, replayed) = answer.expect("task").expect("stored");
+        assert!(!replayed);
+        assert_eq!(stored.image_sha256, format!("{index:064x}"));
+        let kept = store.get(&stored.result_id).await.expect("kept");
+        assert_eq!(kept, stored, "an answered row is in the store as answered");
+        assert_eq!(kept.content_sha256.len(), 64);
+    }
+    assert!(
+        commits < u64::from(ROWS) / 2,
+        "{ROWS} inserts took {commits} commits: not grouped"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_results_share_a_commit_and_each_is_kept_on_postgres() {
+    concurrent_inserts_share_commits(&postgres_store().await).await;
+}
+
+#[tokio::test]
+async fn concurrent_results_share_a_commit_and_each_is_kept_on_sqlite() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    concurrent_inserts_share_commits(&sqlite_store(&folder).await).await;
+}
+
+/// Rows with one key in one batch, and a row whose key an earlier commit stored: the first of
+/// the batch is stored, a resend of the same request is its replay, another request under the
+/// key is refused, exactly as when they come one by one.
+async fn one_key_twice_in_a_batch(store: &ResultsStore) {
+    let earlier_key = format!("{:064x}", 7);
+    let (earlier, replayed) = store
+        .insert(new_result(70, Some(&earlier_key)))
+        .await
+        .expect("stored");
+    assert!(!replayed);
+
+    let key = format!("{:064x}", 8);
+    let first = new_result(1, Some(&key));
+    let resend = new_result(1, Some(&key));
+    let other_image = new_result(2, Some(&key));
+    let other_version = StoredResult {
+        model_version: "2".to_owned(),
+        ..new_result(1, Some(&key))
+    };
+    let earlier_resend = new_result(70, Some(&earlier_key));
+    let unkeyed = new_result(3, None);
+    let first_id = first.result_id.clone();
+    let commits_before = store.result_commits();
+    // Polled together on this (single-threaded) runtime, they are all queued before the
+    // writer runs: one batch.
+    let answers = futures::future::join_all(
+        [
+            first,
+            resend,
+            other_image,
+            other_version,
+            earlier_resend,
+            unkeyed,
+        ]
+        .map(|row| store.insert(row)),
+    )
+    .await;
+    assert_eq!(
+        store.result_commits() - commits_before,
+        1,
+        "the six rows went in one commit"
+    );
+    let mut answers = answers.into_iter();
+    let (stored, replayed) = answers.next().unwrap().expect("first stored");
+    assert_eq!(
+        (stored.result_id.as_str(), replayed),
+        (first_id.as_str(), false)
+    );
+    let (replay, replayed) = answers.next().unwrap().expect("resend replayed");
+    assert_eq!(
+        (replay.result_id.as_str(), replayed),
+        (first_id.as_str(), true)
+    );
+    assert_eq!(replay, store.get(&first_id).await.expect("stored"));
+    for refused in [answers.next().unwrap(), answers.next().unwrap()] {
+        assert_eq!(
+            code_of(refused),
+            "IDEMPOTENCY_KEY_REUSED",
+            "another request under a stored key is refused"
+        );
+    }
+    let (replay, replayed) = answers.next().unwrap().expect("earlier key replayed");
+    assert_eq!((replay, replayed), (earlier, true));
+    let (unkeyed, replayed) = answers.next().unwrap().expect("unkeyed stored");
+    assert!(!replayed);
+    store.get(&unkeyed.result_id).await.expect("unkeyed kept");
+    let (listed, _) = store
+        .list(&medai_inference::results::ResultFilter::default())
+        .await
+        .expect("listed");
+    assert_eq!(
+        listed.len(),
+        3,
+        "the earlier row, the first of the key, the unkeyed one"
+    );
+}
+
+#[tokio::test]
+async fn one_idempotency_key_twice_in_one_commit_on_postgres() {
+    one_key_twice_in_a_batch(&postgres_store().await).await;
+}
+
+#[tokio::test]
+async fn one_idempotency_key_twice_in_one_commit_on_sqlite() {
+    let folder = tempfile::tempdir().expect("tempdir");
+    one_key_twice_in_a_batch(&sqlite_store(&folder).await).await;
+}
+
+/// A commit that fails (a deferred constraint refusing it at COMMIT, after every INSERT went
+/// through) fails each of its callers with the stable store error, and none of its rows is
+/// kept; the writer goes on serving once the database accepts rows again.
+#[tokio::test]
+async fn a_failing_commit_fails_every_caller_in_it() {
+    let store = postgres_store().await;
+    let connection = store.connection();
+    connection
+        .execute_unprepared(
+            r#"
+CREATE FUNCTION refuse_at_commit() RETURNS trigger AS $$
+BEGIN
+  RAISE EXCEPTION 'refused at commit';
+END;
+$$ LANGUAGE plpgsql;
+CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON inference_results
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+"#,
+        )
+        .await
+        .expect("trigger");
+    let rows: Vec<StoredResult> = (0..8)
+        .map(|index| new_result(index, Some(&format!("{:064x}", 500 + index))))
+        .collect();
+    let ids: Vec<String> = rows.iter().map(|row| row.result_id.clone()).collect();
+    let commits_before = store.result_commits();
+    let answers = futures::future::join_all(rows.into_iter().map(|row| store.insert(row))).await;
+    assert_eq!(store.result_commits() - commits_before, 1, "one batch");
+    for answer in answers {
+        assert_eq!(
+            code_of(answer),
+            "RESULTS_STORE_FAILED",
+            "a caller of a failed commit is failed with the store's stable code"
+        );
+    }
+    for id in &ids {
+        assert_eq!(
+            code_of(store.get(id).await),
+            "RESULT_NOT_FOUND",
+            "a failed commit keeps no row"
+        );
+    }
+    connection
+        .execute_unprepared("DROP TRIGGER refuse_at_commit ON inference_results")
+        .await
+        .expect("drop trigger");
+    let (stored, _) = store
+        .insert(new_result(9, Some(&format!("{:064x}", 500))))
+        .await
+        .expect("the writer goes on after a failed commit");
+    store.get(&stored.result_id).await.expect("kept");
+}
