@@ -1608,6 +1608,29 @@ async fn a_hundred_predictions_with_one_token_check_revocation_once_per_window_a
     assert_eq!(signatures, 1.0, "one signature check for one token");
     assert_eq!(cached, 99.0);
 
+    // Concurrent requests with a token not yet checked wait for one check rather than each
+    // asking auth (at concurrency 64 the mesh made about one check per prediction before).
+    let concurrent = mesh.user_token(&admin, "dr.concurrent", "clinician").await;
+    let checks_before = revocation_checks(&mesh).await;
+    let began = std::time::Instant::now();
+    let requests: Vec<_> = (0..32)
+        .map(|_| {
+            let mut gateway = gateway.clone();
+            let request = authorised(infer(image.clone(), ""), &concurrent);
+            tokio::spawn(async move { gateway.infer(request).await })
+        })
+        .collect();
+    for request in requests {
+        request.await.expect("task").expect("concurrent prediction");
+    }
+    let elapsed = began.elapsed();
+    let checks = revocation_checks(&mesh).await - checks_before;
+    let bound = (elapsed.as_millis() / WINDOW.as_millis()) as f64 + 1.0;
+    assert!(
+        checks >= 1.0 && checks <= bound,
+        "{checks} revocation checks for 32 concurrent predictions in {elapsed:?} (at most {bound})"
+    );
+
     // A logout relayed by this gateway takes effect here at once, cached answer or not.
     let same_gateway = mesh
         .user_token(&admin, "dr.same.gateway", "clinician")

@@ -40,7 +40,7 @@ pub enum Mode {
     Development,
 }
 
-#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationSettings {
     #[serde(default)]
@@ -62,6 +62,18 @@ impl std::fmt::Debug for RevocationSettings {
 
 fn default_cache_ms() -> u64 {
     250
+}
+
+/// The settings of a service configured without a `revocation` section: the documented cache
+/// window too (a derived default made it 0, so every request asked auth: issue 14).
+impl Default for RevocationSettings {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            redis_url: None,
+            not_revoked_cache_ms: default_cache_ms(),
+        }
+    }
 }
 
 impl RevocationSettings {
@@ -529,5 +541,13 @@ mod tests {
             RevocationStore::connect(&settings),
             Err(RevocationError::Settings(_))
         ));
+    }
+
+    #[test]
+    fn settings_left_out_keep_not_revoked_answers_for_the_documented_window() {
+        let settings = RevocationSettings::default();
+        assert_eq!(settings.not_revoked_cache_ms, 250);
+        assert_eq!(settings.mode, Mode::Development);
+        assert!(settings.validate().is_ok());
     }
 }
