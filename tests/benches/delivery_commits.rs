@@ -9,34 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use medai_e2e::{MeshUnderTest, Storage, authorised};
+use medai_e2e::{MeshUnderTest, Storage, authorised, metric_sum};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
 
 const LIGHT: &str = "synthetic-light";
-
-/// The sum of a metric's series whose labels include `labels`, in a Prometheus exposition.
-fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let label_text = match series.strip_prefix(name)? {
-                "" => "",
-                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
-            };
-            labels
-                .iter()
-                .all(|(key, wanted)| {
-                    label_text
-                        .split(',')
-                        .any(|pair| pair == format!("{key}=\"{wanted}\""))
-                })
-                .then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum()
-}
 
 /// (result commits, RecordDelivery calls, RecordDeliveries calls, delivery-note commits) so far.
 async fn inference_figures(mesh: &MeshUnderTest) -> (f64, f64, f64, f64) {

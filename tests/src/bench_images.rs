@@ -21,3 +21,22 @@ pub fn textured_png() -> Vec<u8> {
         .expect("png");
     bytes.into_inner()
 }
+
+/// A grey PNG of pseudo-random noise (so it does not compress away).
+pub fn noise_png(side: u32, seed: u32) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let pixels: Vec<u8> = (0..side * side)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state >> 24) as u8
+        })
+        .collect();
+    let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("encode png");
+    png.into_inner()
+}

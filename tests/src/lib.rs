@@ -210,3 +210,26 @@ pub fn bench_levels(default: &[usize]) -> Vec<usize> {
         },
     )
 }
+
+/// The sum of a metric's series whose labels include `labels`, in a Prometheus exposition.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let label_text = match series.strip_prefix(name)? {
+                "" => "",
+                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
+            };
+            labels
+                .iter()
+                .all(|(key, wanted)| {
+                    label_text
+                        .split(',')
+                        .any(|pair| pair == format!("{key}=\"{wanted}\""))
+                })
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}

@@ -4,31 +4,13 @@
 
 use std::sync::Arc;
 
-use medai_e2e::{MeshUnderTest, Storage, authorised};
+use medai_e2e::bench_images::noise_png;
+use medai_e2e::{MeshUnderTest, Storage, authorised, metric_sum};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
 use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
 
 const LIGHT: &str = "synthetic-light";
-
-/// A grey PNG of pseudo-random noise (so it does not compress away).
-fn noise_png(side: u32, seed: u32) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let pixels: Vec<u8> = (0..side * side)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state >> 24) as u8
-        })
-        .collect();
-    let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
-    let mut png = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut png, image::ImageFormat::Png)
-        .expect("encode png");
-    png.into_inner()
-}
 
 fn infer(image: Vec<u8>, key: &str) -> gw::InferRequest {
     gw::InferRequest {
@@ -38,29 +20,6 @@ fn infer(image: Vec<u8>, key: &str) -> gw::InferRequest {
         model_version: String::new(),
         idempotency_key: key.to_owned(),
     }
-}
-
-/// The sum of a metric's series whose labels include `labels`, in a Prometheus exposition.
-fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let label_text = match series.strip_prefix(name)? {
-                "" => "",
-                rest => rest.strip_prefix('{')?.strip_suffix('}')?,
-            };
-            labels
-                .iter()
-                .all(|(key, wanted)| {
-                    label_text
-                        .split(',')
-                        .any(|pair| pair == format!("{key}=\"{wanted}\""))
-                })
-                .then(|| value.trim().parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// (result commits, RecordDelivery calls, RecordDeliveries calls, Predict calls) inference has
