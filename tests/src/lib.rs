@@ -233,3 +233,18 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
         })
         .sum()
 }
+
+/// A prediction request for the light model (`synthetic-light`, its active version), format
+/// detected from the bytes, under `idempotency_key` (none when empty).
+pub fn light_model_request(
+    image: Vec<u8>,
+    idempotency_key: &str,
+) -> medai_proto::gateway::v1::InferRequest {
+    medai_proto::gateway::v1::InferRequest {
+        image,
+        format: medai_proto::common::v1::ImageFormat::Unspecified.into(),
+        model_name: "synthetic-light".to_owned(),
+        model_version: String::new(),
+        idempotency_key: idempotency_key.to_owned(),
+    }
+}

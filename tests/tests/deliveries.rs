@@ -5,22 +5,11 @@
 use std::sync::Arc;
 
 use medai_e2e::bench_images::noise_png;
-use medai_e2e::{MeshUnderTest, Storage, authorised, metric_sum};
-use medai_proto::common::v1::ImageFormat;
+use medai_e2e::{MeshUnderTest, Storage, authorised, light_model_request as infer, metric_sum};
 use medai_proto::gateway::v1 as gw;
 use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
 
 const LIGHT: &str = "synthetic-light";
-
-fn infer(image: Vec<u8>, key: &str) -> gw::InferRequest {
-    gw::InferRequest {
-        image,
-        format: ImageFormat::Unspecified.into(),
-        model_name: LIGHT.to_owned(),
-        model_version: String::new(),
-        idempotency_key: key.to_owned(),
-    }
-}
 
 /// (result commits, RecordDelivery calls, RecordDeliveries calls, Predict calls) inference has
 /// made or served so far.

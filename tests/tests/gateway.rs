@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use medai_e2e::bench_images::noise_png;
-use medai_e2e::{MeshUnderTest, Storage, authorised, metric_sum};
+use medai_e2e::{MeshUnderTest, Storage, authorised, light_model_request as infer, metric_sum};
 use medai_proto::common::v1::ImageFormat;
 use medai_proto::gateway::v1 as gw;
 use medai_proto::gateway::v1::study_stream_response::Outcome;
@@ -20,16 +20,6 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 const LIGHT: &str = "synthetic-light";
-
-fn infer(image: Vec<u8>, key: &str) -> gw::InferRequest {
-    gw::InferRequest {
-        image,
-        format: ImageFormat::Unspecified.into(),
-        model_name: LIGHT.to_owned(),
-        model_version: String::new(),
-        idempotency_key: key.to_owned(),
-    }
-}
 
 /// (action, resource, outcome, context) of every ledger entry.
 async fn ledger(mesh: &MeshUnderTest) -> Vec<(String, String, String, serde_json::Value)> {
