@@ -34,7 +34,7 @@ async fn inference_figures(mesh: &MeshUnderTest) -> (f64, f64, f64, f64) {
         ),
         handled("RecordDelivery"),
         handled("RecordDeliveries"),
-        handled("Predict"),
+        handled("Predict") + handled("PredictThenStore"),
     )
 }
 

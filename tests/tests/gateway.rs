@@ -1643,10 +1643,11 @@ async fn a_hundred_predictions_with_one_token_check_revocation_once_per_window_a
 }
 
 /// The calls on a prediction's path, by (service, method).
-const PREDICTION_CALLS: [(&str, &str); 6] = [
+const PREDICTION_CALLS: [(&str, &str); 7] = [
     ("gateway", "Infer"),
     ("validation", "ValidateImage"),
     ("inference", "Predict"),
+    ("inference", "PredictThenStore"),
     ("audit", "Append"),
     ("inference", "RecordDelivery"),
     ("inference", "RecordDeliveries"),
@@ -2356,6 +2357,203 @@ async fn predictions_survive_audit_replicas_drained_under_load_and_each_is_recor
         recorded.len(),
         answered.len(),
         "every prediction recorded was answered"
+    );
+    mesh.stop().await;
+}
+
+/// (seq, resource, outcome, context) of every INFERENCE entry of the ledger, in order.
+async fn inference_entries(mesh: &MeshUnderTest) -> Vec<(i64, String, String, serde_json::Value)> {
+    let database = Database::connect(mesh.settings.audit_database_url.as_str())
+        .await
+        .expect("connect to the ledger");
+    database
+        .query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT seq, resource, outcome, context FROM ledger_entries \
+             WHERE action = 'INFERENCE' ORDER BY seq",
+        ))
+        .await
+        .expect("query the ledger")
+        .into_iter()
+        .map(|row| {
+            let context: String = row.try_get("", "context").expect("context");
+            (
+                row.try_get("", "seq").expect("seq"),
+                row.try_get("", "resource").expect("resource"),
+                row.try_get("", "outcome").expect("outcome"),
+                serde_json::from_str(&context).expect("json"),
+            )
+        })
+        .collect()
+}
+
+/// Issue 14: a prediction without an idempotency key has its two durable commits, its stored
+/// result and its ledger record, made at the same time (inference's PredictThenStore), and is
+/// answered only once both are. A trigger in the results database holds every result's commit
+/// on an advisory lock the test holds: the ledger record is made while the row's commit is
+/// held (on the old order the record waited for the commit, so none came), the row is not
+/// stored yet, and the client has no answer. Released, the answer names that record, and the
+/// result reads back. Then a commit that fails after the record was made: the client gets an
+/// error, no result is kept, and the ledger says the recorded prediction was not delivered (an
+/// INFERENCE REFUSED entry for the same result, naming the store's reason and the record).
+#[tokio::test]
+async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_answered_after_both()
+{
+    use sea_orm::TransactionTrait;
+    const COMMIT_LOCK: i64 = 1415;
+    let mesh = MeshUnderTest::start_with(
+        Storage::Postgres,
+        BTreeMap::from([(
+            "gateway".to_owned(),
+            vec![(
+                "MEDAI_GATEWAY_DOWNSTREAM_TIMEOUT_SECONDS".to_owned(),
+                "120".to_owned(),
+            )],
+        )]),
+    )
+    .await;
+    let admin = mesh.admin_token().await;
+    let mut gateway = mesh.gateway().await;
+    gateway
+        .infer(authorised(infer(noise_png(64, 1), ""), &admin))
+        .await
+        .expect("warm-up prediction");
+    let results = Database::connect(mesh.settings.inference_database_url.as_str())
+        .await
+        .expect("results database");
+    let rows_with_id = |result_id: String| {
+        let results = results.clone();
+        async move {
+            results
+                .query_one_raw(Statement::from_string(
+                    DatabaseBackend::Postgres,
+                    format!(
+                        "SELECT count(*) AS n FROM inference_results \
+                         WHERE result_id = '{result_id}'"
+                    ),
+                ))
+                .await
+                .expect("query")
+                .expect("a row")
+                .try_get::<i64>("", "n")
+                .expect("count")
+        }
+    };
+    results
+        .execute_unprepared(&format!(
+            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_advisory_xact_lock_shared({COMMIT_LOCK}); RETURN NEW; END $$; \
+             CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON inference_results \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit();"
+        ))
+        .await
+        .expect("the trigger that holds commits");
+    let holder = results.begin().await.expect("transaction");
+    holder
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({COMMIT_LOCK})"))
+        .await
+        .expect("the commits' lock");
+
+    let recorded_before = inference_entries(&mesh).await.len();
+    let mut client = gateway.clone();
+    let request = authorised(infer(noise_png(64, 2), ""), &admin);
+    let answer = tokio::spawn(async move { client.infer(request).await });
+    let waited = std::time::Instant::now();
+    let (seq, resource) = loop {
+        let entries = inference_entries(&mesh).await;
+        if let Some((seq, resource, outcome, _)) = entries.get(recorded_before) {
+            assert_eq!(outcome, "SUCCESS");
+            break (*seq, resource.clone());
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "no ledger record while the result's commit is held: the record waits for the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let result_id = resource
+        .strip_prefix("result/")
+        .expect("a result's record")
+        .to_owned();
+    // Recorded, not yet stored, not yet answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !answer.is_finished(),
+        "no answer before the result is stored"
+    );
+    assert_eq!(rows_with_id(result_id.clone()).await, 0, "the commit is held");
+
+    holder.rollback().await.expect("release the commits");
+    let answered = tokio::time::timeout(Duration::from_secs(60), answer)
+        .await
+        .expect("answered once the commit is made")
+        .expect("task")
+        .expect("prediction")
+        .into_inner();
+    assert_eq!(answered.result_id, result_id);
+    assert_eq!(answered.ledger_seq, u64::try_from(seq).expect("seq"));
+    assert!(!answered.replayed);
+    assert_eq!(rows_with_id(result_id.clone()).await, 1, "the result is stored");
+    let read = gateway
+        .get_result(authorised(
+            gw::GetResultRequest {
+                result_id: result_id.clone(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("the result reads back")
+        .into_inner();
+    assert_eq!(
+        read.result.expect("result").ledger_seq,
+        answered.ledger_seq,
+        "read back with its delivery"
+    );
+
+    // A commit that fails after the record was made.
+    results
+        .execute_unprepared(
+            "DROP TRIGGER hold_commit ON inference_results; \
+             CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'refused at commit'; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON inference_results \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();",
+        )
+        .await
+        .expect("the trigger that refuses commits");
+    let recorded_before = inference_entries(&mesh).await.len();
+    let status = gateway
+        .infer(authorised(infer(noise_png(64, 3), ""), &admin))
+        .await
+        .expect_err("a result not stored is not answered");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason_of(&status).as_deref(), Some("DOWNSTREAM_UNAVAILABLE"));
+    let entries = inference_entries(&mesh).await;
+    let trail = &entries[recorded_before..];
+    let [
+        (recorded_seq, recorded, recorded_outcome, _),
+        (_, refused, refused_outcome, refusal),
+    ] = trail
+    else {
+        panic!("the record, then its refusal: {trail:?}");
+    };
+    assert_eq!(
+        (recorded_outcome.as_str(), refused_outcome.as_str()),
+        ("SUCCESS", "REFUSED")
+    );
+    assert_eq!(recorded, refused, "both name the one result");
+    assert_eq!(refusal["reason"], "RESULTS_STORE_FAILED");
+    assert_eq!(refusal["undelivered_seq"], *recorded_seq);
+    let unstored = recorded.strip_prefix("result/").expect("a result").to_owned();
+    assert_eq!(rows_with_id(unstored).await, 0, "no result kept");
+    let gateway_metrics = scrape(&mesh, "gateway").await;
+    assert_eq!(
+        metric_sum(
+            &gateway_metrics,
+            "medai_gateway_unstored_predictions_total",
+            &[]
+        ),
+        1.0
     );
     mesh.stop().await;
 }

@@ -1363,7 +1363,7 @@ async fn concurrent_predictions_share_ledger_calls_and_each_gets_its_own_seq_in_
             &mesh,
             "inference",
             "medai.inference.v1.InferenceService",
-            &["Predict"],
+            &["Predict", "PredictThenStore"],
         )
     };
     let predicted_before = predicted().await;

@@ -24,7 +24,7 @@ const HOPS: [&str; 4] = [
 ];
 const INFER: &str = "medai.gateway.v1.GatewayService/Infer";
 const VALIDATE: &str = "medai.validation.v1.ValidationService/ValidateImage";
-const PREDICT: &str = "medai.inference.v1.InferenceService/Predict";
+const PREDICT: &str = "medai.inference.v1.InferenceService/PredictThenStore";
 const APPEND: &str = "medai.audit.v1.AuditService/Append";
 
 fn in_trace<'a>(spans: &'a [CollectedSpan], trace_id: &str) -> Vec<&'a CollectedSpan> {
@@ -231,7 +231,7 @@ async fn one_prediction_is_one_trace_across_every_hop() {
             "inference",
             PREDICT,
             "medai.inference.v1.InferenceService",
-            "Predict",
+            "PredictThenStore",
         ),
     ] {
         let client = the(&traced, "medai-gateway", "CLIENT", name);

@@ -82,7 +82,7 @@ impl Downstream {
 
     /// The time a downstream call may take: the caller's time left or the gateway's own
     /// bound, whichever is shorter.
-    fn time_bound(&self, caller_deadline: Option<Duration>) -> Duration {
+    pub(crate) fn time_bound(&self, caller_deadline: Option<Duration>) -> Duration {
         caller_deadline.map_or(self.timeout, |left| left.min(self.timeout))
     }
 

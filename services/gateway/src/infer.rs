@@ -4,10 +4,15 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use medai_proto::audit::v1::{AppendRequest, QueryEventsRequest};
-use medai_proto::inference::v1::{GetResultRequest, PredictRequest, PredictResponse, StoredResult};
+use medai_proto::inference::v1::predict_then_store_response::Progress;
+use medai_proto::inference::v1::{
+    GetResultRequest, PredictRequest, PredictResponse, PredictThenStoreRequest,
+    PredictThenStoreResponse, StoredResult,
+};
 use medai_proto::validation::v1::ValidateImageRequest;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -337,6 +342,7 @@ async fn refuse_reused_key(call: &Call<'_>, image_sha256: &str) -> tonic::Status
         call.correlation_id,
         image_sha256,
         &status,
+        None,
     )
     .await;
     status
@@ -401,7 +407,7 @@ where
         )
         .await;
     let mut image = input.image;
-    let (quality, patient_key, frame, prediction) = loop {
+    let (quality, patient_key, frame, prediction, row) = loop {
         // The bytes are kept while a resized image might have to be sent again in full.
         let sent = if model_input.is_some() {
             image.clone()
@@ -444,36 +450,34 @@ where
                     correlation_id,
                     &image_sha256,
                     &status,
+                    None,
                 )
                 .await;
                 return Err(relay_downstream("validation", status));
             }
         };
 
-        let predicted = downstream
-            .inference
-            .clone()
-            .predict(downstream.request(
-                PredictRequest {
-                    model_name: input.model_name.clone(),
-                    model_version: input.model_version.clone(),
-                    image: canonical,
-                    result_id: result_id.clone(),
-                    image_sha256: image_sha256.clone(),
-                    patient_key: patient_key.clone(),
-                    idempotency_key: idempotency_key.clone(),
-                    quality_findings: failed_quality_checks(quality.as_ref()),
-                },
-                correlation_id,
-                time_left(),
-            ))
-            .await;
+        let predicted = predict(
+            downstream,
+            PredictRequest {
+                model_name: input.model_name.clone(),
+                model_version: input.model_version.clone(),
+                image: canonical,
+                result_id: result_id.clone(),
+                image_sha256: image_sha256.clone(),
+                patient_key: patient_key.clone(),
+                idempotency_key: idempotency_key.clone(),
+                quality_findings: failed_quality_checks(quality.as_ref()),
+            },
+            correlation_id,
+            time_left(),
+        )
+        .await;
         match predicted {
             // Another gateway replica stored the same key first: the store's unique key decided.
             // Its delivery is being recorded there; this request answers with that record once
             // it is noted, and records one itself only if none is noted in time.
-            Ok(response) if response.get_ref().replayed => {
-                let mut prediction = response.into_inner();
+            Ok((mut prediction, _)) if prediction.replayed => {
                 if prediction.ledger_seq == 0 {
                     prediction.ledger_seq =
                         noted_delivery(downstream, &idempotency_key, correlation_id, deadline)
@@ -481,7 +485,7 @@ where
                 }
                 return replay(call, prediction, &image_sha256, &patient_key, hand_off).await;
             }
-            Ok(response) => break (quality, patient_key, frame, response.into_inner()),
+            Ok((prediction, row)) => break (quality, patient_key, frame, prediction, row),
             // The version that took the request wants another size than the one looked up (a
             // lifecycle change in between): nothing was stored; the full image goes again.
             Err(status)
@@ -505,6 +509,7 @@ where
                     correlation_id,
                     &image_sha256,
                     &status,
+                    None,
                 )
                 .await;
                 return Err(relay_downstream("inference", status));
@@ -513,15 +518,30 @@ where
     };
 
     let handed_off = hand_off().await?;
-    let (ledger_seq, ledger_hash) = record_delivery(
-        call,
-        &prediction,
-        &image_sha256,
-        &patient_key,
-        frame.as_ref(),
-        Noting::BesideTheAnswer,
-    )
-    .await?;
+    let (ledger_seq, ledger_hash) = match row {
+        None => {
+            record_delivery(
+                call,
+                &prediction,
+                &image_sha256,
+                &patient_key,
+                frame.as_ref(),
+                Noting::BesideTheAnswer,
+            )
+            .await?
+        }
+        Some(row) => {
+            record_while_stored(
+                call,
+                &prediction,
+                &image_sha256,
+                &patient_key,
+                frame.as_ref(),
+                row,
+            )
+            .await?
+        }
+    };
     Ok(Delivered {
         outcome: InferOutcome {
             quality,
@@ -665,17 +685,14 @@ enum Noting {
     BesideTheAnswer,
 }
 
-/// Records a prediction's delivery in the ledger, then notes the entry on the stored result.
-/// No prediction is answered without its ledger record; none is recorded once the caller's
-/// deadline has passed, so no record claims a delivery the caller never got. `frame` names the
-/// frame of a DICOM object the model judged, under which policy (issue 15).
-async fn record_delivery(
+/// Appends a prediction's delivery record to the ledger (the INFERENCE entry) and answers its
+/// seq and hash once it is durable; none is appended once the caller's deadline has passed.
+async fn append_delivery(
     call: &Call<'_>,
     prediction: &PredictResponse,
     image_sha256: &str,
     patient_key: &str,
     frame: Option<&medai_proto::common::v1::JudgedFrame>,
-    noting: Noting,
 ) -> Result<(u64, String), tonic::Status> {
     let Call {
         downstream,
@@ -728,16 +745,188 @@ async fn record_delivery(
             metrics::counter!("medai_gateway_unrecorded_predictions_total").increment(1);
             tonic::Status::from(GatewayError::LedgerUnavailable)
         })?;
+    Ok((receipt.seq, receipt.hash))
+}
+
+/// Records a prediction's delivery in the ledger, then notes the entry on the stored result.
+/// No prediction is answered without its ledger record; none is recorded once the caller's
+/// deadline has passed, so no record claims a delivery the caller never got. `frame` names the
+/// frame of a DICOM object the model judged, under which policy (issue 15).
+async fn record_delivery(
+    call: &Call<'_>,
+    prediction: &PredictResponse,
+    image_sha256: &str,
+    patient_key: &str,
+    frame: Option<&medai_proto::common::v1::JudgedFrame>,
+    noting: Noting,
+) -> Result<(u64, String), tonic::Status> {
+    let (seq, hash) = append_delivery(call, prediction, image_sha256, patient_key, frame).await?;
+    note(call, prediction, seq, noting).await;
+    Ok((seq, hash))
+}
+
+/// Notes a recorded delivery on its stored result, as `noting` says.
+async fn note(call: &Call<'_>, prediction: &PredictResponse, seq: u64, noting: Noting) {
+    let result_id = prediction.result_id.as_str();
     match noting {
         Noting::BeforeTheAnswer => {
-            note_delivery(downstream, correlation_id, result_id, receipt.seq).await;
+            note_delivery(call.downstream, call.correlation_id, result_id, seq).await;
         }
         Noting::BesideTheAnswer => {
-            note_beside_the_answer(downstream, correlation_id, result_id, receipt.seq);
+            note_beside_the_answer(call.downstream, call.correlation_id, result_id, seq);
         }
     }
-    tracing::info!(result_id = %result_id, seq = receipt.seq, model = %prediction.model_name, "prediction delivered");
-    Ok((receipt.seq, receipt.hash))
+    tracing::info!(result_id = %result_id, seq, model = %prediction.model_name, "prediction delivered");
+}
+
+/// A prediction's delivery recorded in the ledger while its row commits (issue 14: the two
+/// durable commits overlap instead of following each other). The answer waits for both: it
+/// leaves only once the row is stored and the ledger record durable (record first). The note
+/// of the delivery is started once both are, as the serial path does.
+///
+/// If the row's commit fails after the record was made, the caller gets the store's error and
+/// the ledger a second entry for the result, REFUSED with the store's reason and the seq of
+/// the record it contradicts (`undelivered_seq`): the prediction was recorded but was never
+/// delivered. If the record fails, the caller gets LEDGER_UNAVAILABLE, as on the serial path
+/// (the row is kept without a delivery, as when the record fails after the row's commit).
+async fn record_while_stored(
+    call: &Call<'_>,
+    prediction: &PredictResponse,
+    image_sha256: &str,
+    patient_key: &str,
+    frame: Option<&medai_proto::common::v1::JudgedFrame>,
+    row: tonic::Streaming<PredictThenStoreResponse>,
+) -> Result<(u64, String), tonic::Status> {
+    // The stream's messages are not bounded by the call's timeout (only its start is).
+    let bound = call.downstream.time_bound(
+        call.deadline
+            .map(|at| at.saturating_duration_since(Instant::now())),
+    );
+    let stored = async {
+        tokio::time::timeout(bound, row_stored(row))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(
+                    "the result's commit was not confirmed in time",
+                ))
+            })
+    };
+    let (recorded, stored) = tokio::join!(
+        append_delivery(call, prediction, image_sha256, patient_key, frame),
+        stored.instrument(tracing::info_span!("gateway.result_commit_wait")),
+    );
+    match (recorded, stored) {
+        (Ok((seq, hash)), Ok(())) => {
+            note(call, prediction, seq, Noting::BesideTheAnswer).await;
+            Ok((seq, hash))
+        }
+        (recorded, Err(status)) => {
+            let undelivered_seq = recorded.as_ref().ok().map(|(seq, _)| *seq);
+            tracing::error!(code = ?status.code(), result_id = %prediction.result_id, ?undelivered_seq, "result not stored; withholding the prediction");
+            metrics::counter!("medai_gateway_unstored_predictions_total").increment(1);
+            record_refusal(
+                call.downstream,
+                call.caller,
+                &prediction.result_id,
+                call.correlation_id,
+                image_sha256,
+                &status,
+                undelivered_seq,
+            )
+            .await;
+            Err(relay_downstream("inference", status))
+        }
+        (Err(status), Ok(())) => Err(status),
+    }
+}
+
+/// The rest of a PredictThenStore stream once its prediction is read: the row's outcome.
+type RowOutcome = tonic::Streaming<PredictThenStoreResponse>;
+
+/// Waits for the row's outcome on a PredictThenStore stream: Ok once it is committed.
+async fn row_stored(
+    mut row: tonic::Streaming<PredictThenStoreResponse>,
+) -> Result<(), tonic::Status> {
+    match row.message().await? {
+        Some(PredictThenStoreResponse {
+            progress: Some(Progress::Stored(_)),
+        }) => Ok(()),
+        _ => Err(tonic::Status::internal(
+            "the stream ended without the result's commit",
+        )),
+    }
+}
+
+/// Whether inference serves PredictThenStore: not known yet, yes, or no (an older inference,
+/// found once per process; Predict is used from then on).
+static PREDICT_THEN_STORE: AtomicU8 = AtomicU8::new(UNKNOWN);
+const UNKNOWN: u8 = 0;
+const SERVED: u8 = 1;
+const NOT_SERVED: u8 = 2;
+
+/// Whether `status` says the callee does not serve the method: UNIMPLEMENTED, or the peer
+/// policy of a service older than the method (it names only the methods it serves).
+fn not_served(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unimplemented
+        || (status.code() == tonic::Code::PermissionDenied
+            && medai_runtime::errors::reason_of(status).as_deref() == Some("PEER_NOT_ALLOWED"))
+}
+
+/// Asks inference for a prediction. Without an idempotency key, through PredictThenStore: the
+/// prediction comes back as soon as the model has answered and its row is handed to the
+/// results writer, with the stream that tells the row's commit (see [`record_while_stored`]).
+/// With a key (a replay is known only after the commit), or from an inference without it,
+/// through Predict, which answers after the commit (no stream).
+async fn predict(
+    downstream: &Downstream,
+    request: PredictRequest,
+    correlation_id: &str,
+    time_left: Option<Duration>,
+) -> Result<(PredictResponse, Option<RowOutcome>), tonic::Status> {
+    let served = PREDICT_THEN_STORE.load(Ordering::Relaxed);
+    let request = if request.idempotency_key.is_empty() && served != NOT_SERVED {
+        // Kept until inference is known to serve the stream, to send again through Predict.
+        let again = (served == UNKNOWN).then(|| request.clone());
+        let streamed = downstream
+            .inference
+            .clone()
+            .predict_then_store(downstream.request(
+                PredictThenStoreRequest {
+                    request: Some(request),
+                },
+                correlation_id,
+                time_left,
+            ))
+            .await;
+        match (streamed, again) {
+            (Err(status), Some(again)) if not_served(&status) => {
+                PREDICT_THEN_STORE.store(NOT_SERVED, Ordering::Relaxed);
+                tracing::warn!("inference does not serve PredictThenStore; using Predict");
+                again
+            }
+            (Err(status), _) => return Err(status),
+            (Ok(response), _) => {
+                PREDICT_THEN_STORE.store(SERVED, Ordering::Relaxed);
+                let mut row = response.into_inner();
+                return match row.message().await? {
+                    Some(PredictThenStoreResponse {
+                        progress: Some(Progress::Prediction(prediction)),
+                    }) => Ok((prediction, Some(row))),
+                    _ => Err(tonic::Status::internal(
+                        "the stream ended without the prediction",
+                    )),
+                };
+            }
+        }
+    } else {
+        request
+    };
+    let answered = downstream
+        .inference
+        .clone()
+        .predict(downstream.request(request, correlation_id, time_left))
+        .await?;
+    Ok((answered.into_inner(), None))
 }
 
 /// Starts the note of a delivery without waiting for it; the gateway's reads of results wait
@@ -858,6 +1047,7 @@ fn decision_trail(context: &mut serde_json::Value, prediction: &PredictResponse)
 }
 
 /// Refusals are recorded too, best effort: the caller's answer does not wait on it succeeding.
+/// `undelivered_seq` names the result's INFERENCE record when one was made before the refusal.
 async fn record_refusal(
     downstream: &Downstream,
     caller: &Caller,
@@ -865,14 +1055,20 @@ async fn record_refusal(
     correlation_id: &str,
     image_sha256: &str,
     status: &tonic::Status,
+    undelivered_seq: Option<u64>,
 ) {
     let reason =
         medai_runtime::errors::reason_of(status).unwrap_or_else(|| format!("{:?}", status.code()));
-    let context = serde_json::json!({
+    let mut context = serde_json::json!({
         "correlation_id": correlation_id,
         "image_sha256": image_sha256,
         "reason": reason,
     });
+    // The seq of this result's INFERENCE record, made before the refusal was known: the
+    // prediction it records was not delivered.
+    if let Some(seq) = undelivered_seq {
+        context["undelivered_seq"] = seq.into();
+    }
     let append = AppendRequest {
         actor: format!("user:{}", caller.subject),
         action: "INFERENCE".to_owned(),

@@ -56,6 +56,10 @@ pub fn describe() {
         "Predictions computed but not returned because their audit record could not be written (fail closed)."
     );
     describe_counter!(
+        "medai_gateway_unstored_predictions_total",
+        "Predictions not returned because their result's commit failed after it was handed to the results store (the ledger records the refusal)."
+    );
+    describe_counter!(
         "medai_gateway_unnoted_deliveries_total",
         "Predictions returned whose delivery could not be noted in the results store."
     );

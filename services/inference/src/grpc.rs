@@ -19,10 +19,15 @@ use medai_proto::inference::v1::{
     StopShadowResponse, StoredResult as StoredResultMessage,
 };
 use medai_proto::inference::v1::{
+    PredictThenStoreRequest, PredictThenStoreResponse, ResultStored,
+    predict_then_store_response::Progress,
+};
+use medai_proto::inference::v1::{
     ConfidenceBand, ExplainResultRequest, ExplainResultResponse, Explanation, ExplanationRecord,
     RecordExplanationRequest, RecordExplanationResponse, Uncertainty as UncertaintyMessage,
     UnusualCase,
 };
+use futures::StreamExt;
 use medai_runtime::deadline::caller_deadline;
 use medai_runtime::errors::ServiceError;
 use tonic::{Request, Response, Status};
@@ -36,7 +41,7 @@ use crate::predict::{Prediction, Predictor};
 use crate::preprocess::ImageInput;
 use crate::repository::VersionView;
 use crate::results::{
-    ResultFilter, ResultsStore, SIGNED, Signature, StoredExplanation, StoredResult,
+    HandedOver, ResultFilter, ResultsStore, SIGNED, Signature, StoredExplanation, StoredResult,
     format_timestamp, now_micros, parse_timestamp,
 };
 use crate::rollout::{Route, summarize};
@@ -280,20 +285,21 @@ fn check_result_fields(request: &PredictRequest) -> Result<(), InferenceError> {
 const MAX_DELIVERIES_PER_CALL: usize = 1024;
 
 impl InferenceApi {
-    /// Stores the prediction; if its idempotency key was stored meanwhile, the stored result.
-    async fn store(
+    /// Hands the prediction's row to the results writer; [`HandedOver::committed`] tells its
+    /// commit (or, if its idempotency key was stored meanwhile, the stored result).
+    async fn hand_over(
         &self,
         request: &PredictRequest,
         prediction: &Prediction,
         result_id: String,
-    ) -> Result<(StoredResult, bool), InferenceError> {
+    ) -> Result<HandedOver, InferenceError> {
         let row = prediction.to_row(
             result_id,
             &request.image_sha256,
             &request.patient_key,
             (!request.idempotency_key.is_empty()).then(|| request.idempotency_key.clone()),
         )?;
-        self.results.insert(row).await
+        self.results.hand_over(row).await
     }
 
     /// One lifecycle change asked for by `request`.
@@ -325,12 +331,25 @@ fn routing_key(request: &PredictRequest, pixels: &[u8]) -> Vec<u8> {
     hex::encode(Sha256::digest(pixels)).into_bytes()
 }
 
-#[tonic::async_trait]
-impl InferenceService for InferenceApi {
-    async fn predict(
+/// A prediction made and its row handed to the results writer, not yet committed; or, for a
+/// repeated idempotency key, the stored answer.
+enum Predicted {
+    Replayed(PredictResponse),
+    New {
+        response: PredictResponse,
+        row: HandedOver,
+        /// The shadow's job, offered once the row is committed.
+        shadow: Option<ShadowJob>,
+    },
+}
+
+impl InferenceApi {
+    /// What Predict and PredictThenStore share: the checks, a stored answer for a repeated
+    /// key, the prediction, and its row handed to the writer.
+    async fn predict_and_hand_over(
         &self,
         request: Request<PredictRequest>,
-    ) -> Result<Response<PredictResponse>, Status> {
+    ) -> Result<Predicted, InferenceError> {
         let deadline = caller_deadline(request.metadata(), Instant::now());
         let actor = Caller::of(&request)
             .map(|caller| caller.actor())
@@ -366,7 +385,7 @@ impl InferenceService for InferenceApi {
                 )
                 .await?
         {
-            return Ok(Response::new(replayed_response(stored)?));
+            return Ok(Predicted::Replayed(replayed_response(stored)?));
         }
         let key = routing_key(&request, &input.pixels);
         // A copy for the shadow, taken only when the model has one.
@@ -391,16 +410,12 @@ impl InferenceService for InferenceApi {
         } else {
             request.result_id.clone()
         };
-        let (stored, replayed) = self.store(&request, &prediction, result_id.clone()).await?;
-        if replayed {
-            return Ok(Response::new(replayed_response(stored)?));
-        }
+        let row = self.hand_over(&request, &prediction, result_id.clone()).await?;
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
         // The shadow runs beside the active version only; a canary's answer is not compared.
-        if let Some((served, image, domain)) = shadow
-            && prediction.route == Route::Active
-        {
-            self.shadow.offer(ShadowJob {
+        let shadow = shadow
+            .filter(|_| prediction.route == Route::Active)
+            .map(|(served, image, domain)| ShadowJob {
                 served,
                 image,
                 domain,
@@ -411,8 +426,7 @@ impl InferenceService for InferenceApi {
                 actor,
                 correlation_id,
             });
-        }
-        Ok(Response::new(PredictResponse {
+        let response = PredictResponse {
             route: prediction.route.as_str().to_owned(),
             uncertainty: Some(uncertainty_message(&prediction.uncertainty)),
             unusual_case: Some(unusual_case_message(&prediction.unusual_case_reasons)),
@@ -429,7 +443,111 @@ impl InferenceService for InferenceApi {
             decision_threshold: prediction.decision_threshold,
             replayed: false,
             ledger_seq: 0,
-        }))
+        };
+        Ok(Predicted::New {
+            response,
+            row,
+            shadow,
+        })
+    }
+
+    /// Predict's answer once the row is committed: the prediction, or the stored result its
+    /// key names if another request stored that key first.
+    async fn committed(
+        &self,
+        response: PredictResponse,
+        row: HandedOver,
+        shadow: Option<ShadowJob>,
+    ) -> Result<PredictResponse, InferenceError> {
+        let (stored, replayed) = row.committed().await?;
+        if replayed {
+            return replayed_response(stored);
+        }
+        if let Some(job) = shadow {
+            self.shadow.offer(job);
+        }
+        Ok(response)
+    }
+}
+
+/// PredictThenStore's messages.
+type ProgressStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<PredictThenStoreResponse, Status>> + Send>>;
+
+fn prediction_message(prediction: PredictResponse) -> PredictThenStoreResponse {
+    PredictThenStoreResponse {
+        progress: Some(Progress::Prediction(prediction)),
+    }
+}
+
+fn stored_message(result_id: String) -> PredictThenStoreResponse {
+    PredictThenStoreResponse {
+        progress: Some(Progress::Stored(ResultStored { result_id })),
+    }
+}
+
+#[tonic::async_trait]
+impl InferenceService for InferenceApi {
+    async fn predict(
+        &self,
+        request: Request<PredictRequest>,
+    ) -> Result<Response<PredictResponse>, Status> {
+        let answer = match self.predict_and_hand_over(request).await? {
+            Predicted::Replayed(answer) => answer,
+            Predicted::New {
+                response,
+                row,
+                shadow,
+            } => self.committed(response, row, shadow).await?,
+        };
+        Ok(Response::new(answer))
+    }
+
+    type PredictThenStoreStream = ProgressStream;
+
+    async fn predict_then_store(
+        &self,
+        request: Request<PredictThenStoreRequest>,
+    ) -> Result<Response<Self::PredictThenStoreStream>, Status> {
+        let (metadata, extensions, message) = request.into_parts();
+        let inner = message
+            .request
+            .ok_or_else(|| InferenceError::QueryInvalid("request is missing".to_owned()))?;
+        let keyed = !inner.idempotency_key.is_empty();
+        let predicted = self
+            .predict_and_hand_over(Request::from_parts(metadata, extensions, inner))
+            .await?;
+        let (response, row, shadow) = match predicted {
+            Predicted::Replayed(answer) => (answer, None, None),
+            // Whether a keyed request replays is known only after the commit: one step.
+            Predicted::New {
+                response,
+                row,
+                shadow,
+            } if keyed => (self.committed(response, row, shadow).await?, None, None),
+            Predicted::New {
+                response,
+                row,
+                shadow,
+            } => (response, Some(row), shadow),
+        };
+        let result_id = response.result_id.clone();
+        let first = futures::stream::iter([Ok(prediction_message(response))]);
+        let Some(row) = row else {
+            let stored = futures::stream::iter([Ok(stored_message(result_id))]);
+            return Ok(Response::new(Box::pin(first.chain(stored))));
+        };
+        // The row's commit is the writer's: it is made whether or not this stream is still read.
+        let shadow_queue = self.shadow.clone();
+        let second = futures::stream::once(async move {
+            // Unkeyed: no stored row can answer in its place.
+            row.committed().await.map_err(Status::from)?;
+            if let Some(job) = shadow {
+                shadow_queue.offer(job);
+            }
+            Ok(stored_message(result_id))
+        });
+        Ok(Response::new(Box::pin(first.chain(second))))
     }
 
     async fn get_result(

@@ -64,6 +64,7 @@ pub fn peer_policy() -> PeerPolicy {
     let kserve = |method: &str| format!("/inference.GRPCInferenceService/{method}");
     let gateway_only = [
         "Predict",
+        "PredictThenStore",
         "GetResult",
         "ListResults",
         "RecordDelivery",

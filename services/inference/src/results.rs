@@ -322,6 +322,19 @@ pub struct ResultsStore {
     result_commits: Arc<AtomicU64>,
 }
 
+/// A new result in the writer's hands: its commit's outcome, once known.
+pub struct HandedOver {
+    answered: oneshot::Receiver<Result<(StoredResult, bool), InferenceError>>,
+}
+
+impl HandedOver {
+    /// The row as stored (or the stored row its idempotency key names, with `true`), once its
+    /// commit is made; [`InferenceError::Store`] if the commit failed or the writer stopped.
+    pub async fn committed(self) -> Result<(StoredResult, bool), InferenceError> {
+        self.answered.await.unwrap_or(Err(InferenceError::Store))
+    }
+}
+
 /// A new result waiting for the writer's next commit, and where its answer goes.
 struct PendingResult {
     row: StoredResult,
@@ -599,10 +612,15 @@ impl ResultsStore {
     /// between racing writers, on every replica): the stored one is returned with `true` if it
     /// answers the same image, model and version, and [`InferenceError::IdempotencyKeyReused`]
     /// otherwise.
-    pub async fn insert(
-        &self,
-        mut result: StoredResult,
-    ) -> Result<(StoredResult, bool), InferenceError> {
+    pub async fn insert(&self, result: StoredResult) -> Result<(StoredResult, bool), InferenceError> {
+        self.hand_over(result).await?.committed().await
+    }
+
+    /// Hands a new result to the writer (its content hash is computed here) without waiting
+    /// for its commit: [`HandedOver::committed`] answers as [`Self::insert`] does. Lets a
+    /// caller answer with the prediction while its row commits (issue 14), and tell the row's
+    /// outcome after.
+    pub async fn hand_over(&self, mut result: StoredResult) -> Result<HandedOver, InferenceError> {
         result.content_sha256 = content_sha256(&result);
         let (answer, answered) = oneshot::channel();
         let pending = PendingResult {
@@ -613,7 +631,7 @@ impl ResultsStore {
             tracing::error!("the results writer has stopped");
             return Err(InferenceError::Store);
         }
-        answered.await.unwrap_or(Err(InferenceError::Store))
+        Ok(HandedOver { answered })
     }
 
     /// The stored answer to a retry: the result stored under `key`, if any, provided it
