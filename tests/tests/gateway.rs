@@ -2397,8 +2397,7 @@ async fn inference_entries(mesh: &MeshUnderTest) -> Vec<(i64, String, String, se
 /// error, no result is kept, and the ledger says the recorded prediction was not delivered (an
 /// INFERENCE REFUSED entry for the same result, naming the store's reason and the record).
 #[tokio::test]
-async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_answered_after_both()
-{
+async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_answered_after_both() {
     use sea_orm::TransactionTrait;
     const COMMIT_LOCK: i64 = 1415;
     let mesh = MeshUnderTest::start_with(
@@ -2481,7 +2480,11 @@ async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_ans
         !answer.is_finished(),
         "no answer before the result is stored"
     );
-    assert_eq!(rows_with_id(result_id.clone()).await, 0, "the commit is held");
+    assert_eq!(
+        rows_with_id(result_id.clone()).await,
+        0,
+        "the commit is held"
+    );
 
     holder.rollback().await.expect("release the commits");
     let answered = tokio::time::timeout(Duration::from_secs(60), answer)
@@ -2493,7 +2496,11 @@ async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_ans
     assert_eq!(answered.result_id, result_id);
     assert_eq!(answered.ledger_seq, u64::try_from(seq).expect("seq"));
     assert!(!answered.replayed);
-    assert_eq!(rows_with_id(result_id.clone()).await, 1, "the result is stored");
+    assert_eq!(
+        rows_with_id(result_id.clone()).await,
+        1,
+        "the result is stored"
+    );
     let read = gateway
         .get_result(authorised(
             gw::GetResultRequest {
@@ -2527,7 +2534,10 @@ async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_ans
         .await
         .expect_err("a result not stored is not answered");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert_eq!(reason_of(&status).as_deref(), Some("DOWNSTREAM_UNAVAILABLE"));
+    assert_eq!(
+        reason_of(&status).as_deref(),
+        Some("DOWNSTREAM_UNAVAILABLE")
+    );
     let entries = inference_entries(&mesh).await;
     let trail = &entries[recorded_before..];
     let [
@@ -2544,7 +2554,10 @@ async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_ans
     assert_eq!(recorded, refused, "both name the one result");
     assert_eq!(refusal["reason"], "RESULTS_STORE_FAILED");
     assert_eq!(refusal["undelivered_seq"], *recorded_seq);
-    let unstored = recorded.strip_prefix("result/").expect("a result").to_owned();
+    let unstored = recorded
+        .strip_prefix("result/")
+        .expect("a result")
+        .to_owned();
     assert_eq!(rows_with_id(unstored).await, 0, "no result kept");
     let gateway_metrics = scrape(&mesh, "gateway").await;
     assert_eq!(

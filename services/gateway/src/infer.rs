@@ -850,7 +850,13 @@ async fn row_stored(
     match row.message().await? {
         Some(PredictThenStoreResponse {
             progress: Some(Progress::Stored(_)),
-        }) => Ok(()),
+        }) => {
+            // Read to its end (the trailers), so the call ends as answered, not cancelled.
+            if let Err(status) = row.message().await {
+                tracing::warn!(code = ?status.code(), "the stream ended with an error after `stored`");
+            }
+            Ok(())
+        }
         _ => Err(tonic::Status::internal(
             "the stream ended without the result's commit",
         )),

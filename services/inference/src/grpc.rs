@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
 use medai_proto::inference::v1::inference_service_server::InferenceService;
 use medai_proto::inference::v1::{
     AbortCanaryRequest, AbortCanaryResponse, ActivateModelVersionRequest,
@@ -19,15 +20,14 @@ use medai_proto::inference::v1::{
     StopShadowResponse, StoredResult as StoredResultMessage,
 };
 use medai_proto::inference::v1::{
-    PredictThenStoreRequest, PredictThenStoreResponse, ResultStored,
-    predict_then_store_response::Progress,
-};
-use medai_proto::inference::v1::{
     ConfidenceBand, ExplainResultRequest, ExplainResultResponse, Explanation, ExplanationRecord,
     RecordExplanationRequest, RecordExplanationResponse, Uncertainty as UncertaintyMessage,
     UnusualCase,
 };
-use futures::StreamExt;
+use medai_proto::inference::v1::{
+    PredictThenStoreRequest, PredictThenStoreResponse, ResultStored,
+    predict_then_store_response::Progress,
+};
 use medai_runtime::deadline::caller_deadline;
 use medai_runtime::errors::ServiceError;
 use tonic::{Request, Response, Status};
@@ -410,22 +410,25 @@ impl InferenceApi {
         } else {
             request.result_id.clone()
         };
-        let row = self.hand_over(&request, &prediction, result_id.clone()).await?;
+        let row = self
+            .hand_over(&request, &prediction, result_id.clone())
+            .await?;
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
         // The shadow runs beside the active version only; a canary's answer is not compared.
-        let shadow = shadow
-            .filter(|_| prediction.route == Route::Active)
-            .map(|(served, image, domain)| ShadowJob {
-                served,
-                image,
-                domain,
-                active_result_id: result_id.clone(),
-                active_top_label: top_label.clone(),
-                image_sha256: request.image_sha256.clone(),
-                patient_key: request.patient_key.clone(),
-                actor,
-                correlation_id,
-            });
+        let shadow =
+            shadow
+                .filter(|_| prediction.route == Route::Active)
+                .map(|(served, image, domain)| ShadowJob {
+                    served,
+                    image,
+                    domain,
+                    active_result_id: result_id.clone(),
+                    active_top_label: top_label.clone(),
+                    image_sha256: request.image_sha256.clone(),
+                    patient_key: request.patient_key.clone(),
+                    actor,
+                    correlation_id,
+                });
         let response = PredictResponse {
             route: prediction.route.as_str().to_owned(),
             uncertainty: Some(uncertainty_message(&prediction.uncertainty)),

@@ -612,7 +612,10 @@ impl ResultsStore {
     /// between racing writers, on every replica): the stored one is returned with `true` if it
     /// answers the same image, model and version, and [`InferenceError::IdempotencyKeyReused`]
     /// otherwise.
-    pub async fn insert(&self, result: StoredResult) -> Result<(StoredResult, bool), InferenceError> {
+    pub async fn insert(
+        &self,
+        result: StoredResult,
+    ) -> Result<(StoredResult, bool), InferenceError> {
         self.hand_over(result).await?.committed().await
     }
 

@@ -129,7 +129,11 @@ async fn the_prediction_comes_before_its_row_is_committed_and_stored_after() {
         stream.message().await.expect("clean end").is_none(),
         "two messages, then the end"
     );
-    assert_eq!(rows_with_id(&results, &result_id).await, 1, "the row is kept");
+    assert_eq!(
+        rows_with_id(&results, &result_id).await,
+        1,
+        "the row is kept"
+    );
 }
 
 /// A commit that fails (a deferred constraint refusing it at COMMIT) ends the stream after the
@@ -153,7 +157,11 @@ async fn a_failed_commit_ends_the_stream_after_the_prediction_with_results_store
         .await
         .expect("stream")
         .into_inner();
-    let first = stream.message().await.expect("first message").expect("a message");
+    let first = stream
+        .message()
+        .await
+        .expect("first message")
+        .expect("a message");
     assert!(
         matches!(first.progress, Some(Progress::Prediction(ref prediction)) if prediction.result_id == result_id),
         "{first:?}"
