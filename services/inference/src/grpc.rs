@@ -339,7 +339,7 @@ enum Predicted {
         response: PredictResponse,
         row: HandedOver,
         /// The shadow's job, offered once the row is committed.
-        shadow: Option<ShadowJob>,
+        shadow: Option<Box<ShadowJob>>,
     },
 }
 
@@ -415,20 +415,20 @@ impl InferenceApi {
             .await?;
         let (top_label, top_probability) = prediction.top().cloned().unwrap_or_default();
         // The shadow runs beside the active version only; a canary's answer is not compared.
-        let shadow =
-            shadow
-                .filter(|_| prediction.route == Route::Active)
-                .map(|(served, image, domain)| ShadowJob {
-                    served,
-                    image,
-                    domain,
-                    active_result_id: result_id.clone(),
-                    active_top_label: top_label.clone(),
-                    image_sha256: request.image_sha256.clone(),
-                    patient_key: request.patient_key.clone(),
-                    actor,
-                    correlation_id,
-                });
+        let shadow = shadow
+            .filter(|_| prediction.route == Route::Active)
+            .map(|(served, image, domain)| ShadowJob {
+                served,
+                image,
+                domain,
+                active_result_id: result_id.clone(),
+                active_top_label: top_label.clone(),
+                image_sha256: request.image_sha256.clone(),
+                patient_key: request.patient_key.clone(),
+                actor,
+                correlation_id,
+            })
+            .map(Box::new);
         let response = PredictResponse {
             route: prediction.route.as_str().to_owned(),
             uncertainty: Some(uncertainty_message(&prediction.uncertainty)),
@@ -460,14 +460,14 @@ impl InferenceApi {
         &self,
         response: PredictResponse,
         row: HandedOver,
-        shadow: Option<ShadowJob>,
+        shadow: Option<Box<ShadowJob>>,
     ) -> Result<PredictResponse, InferenceError> {
         let (stored, replayed) = row.committed().await?;
         if replayed {
             return replayed_response(stored);
         }
         if let Some(job) = shadow {
-            self.shadow.offer(job);
+            self.shadow.offer(*job);
         }
         Ok(response)
     }
@@ -546,7 +546,7 @@ impl InferenceService for InferenceApi {
             // Unkeyed: no stored row can answer in its place.
             row.committed().await.map_err(Status::from)?;
             if let Some(job) = shadow {
-                shadow_queue.offer(job);
+                shadow_queue.offer(*job);
             }
             Ok(stored_message(result_id))
         });

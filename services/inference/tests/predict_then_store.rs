@@ -61,7 +61,7 @@ async fn started() -> (tempfile::TempDir, Harness, DatabaseConnection) {
 #[tokio::test]
 async fn the_prediction_comes_before_its_row_is_committed_and_stored_after() {
     use sea_orm::TransactionTrait;
-    const COMMIT_LOCK: i64 = 1414_14;
+    const COMMIT_LOCK: i64 = 141_414;
     let (_repository, harness, results) = started().await;
     results
         .execute_unprepared(&format!(
