@@ -255,7 +255,7 @@ pub async fn send_study(
                 }
                 let request = gw::StudyStreamRequest {
                     tag: index.to_string(),
-                    image,
+                    image: image.into(),
                     format: format.into(),
                     model_name: model_name.clone(),
                     model_version: model_version.clone(),

@@ -814,7 +814,7 @@ async fn infer(
         let image = std::fs::read(file)
             .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?;
         let request = gw::InferRequest {
-            image,
+            image: image.into(),
             format: format.into(),
             model_name: model.to_owned(),
             model_version: version.to_owned(),

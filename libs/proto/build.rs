@@ -24,7 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("medai_descriptor.bin"),
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
+    // Image bytes are shared, not copied: a decoded request's image is a view of the received
+    // buffer, and a gateway that may have to send an image twice clones a handle (issue 14).
     tonic_prost_build::configure()
+        .bytes(".medai.gateway.v1.InferRequest.image")
+        .bytes(".medai.gateway.v1.StudyStreamRequest.image")
+        .bytes(".medai.validation.v1.ValidateImageRequest.image")
+        .bytes(".medai.common.v1.CanonicalImage.pixels")
         .build_server(true)
         .build_client(true)
         .compile_fds(file_descriptors)?;

@@ -120,7 +120,7 @@ async fn main() {
                 clients.push(tokio::spawn(async move {
                     for _ in 0..total / concurrency {
                         let request = gw::InferRequest {
-                            image: image.clone(),
+                            image: image.clone().into(),
                             format: ImageFormat::Png.into(),
                             model_name: LIGHT.to_owned(),
                             ..Default::default()

@@ -53,7 +53,7 @@ async fn unary(mesh: &MeshUnderTest, token: &str, concurrency: usize) -> Figures
             let mut latencies = Vec::with_capacity(per_client);
             for _ in 0..per_client {
                 let request = gw::InferRequest {
-                    image: image.clone(),
+                    image: image.clone().into(),
                     format: ImageFormat::Png.into(),
                     model_name: MODEL.to_owned(),
                     model_version: String::new(),
@@ -96,7 +96,7 @@ async fn streaming(mesh: &MeshUnderTest, token: &str, streams: usize) -> Figures
                     let tag = index.to_string();
                     let request = gw::StudyStreamRequest {
                         tag,
-                        image: image.clone(),
+                        image: image.clone().into(),
                         format: ImageFormat::Png.into(),
                         model_name: MODEL.to_owned(),
                         ..Default::default()

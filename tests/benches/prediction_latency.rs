@@ -82,7 +82,7 @@ async fn main() {
     let mut through_mesh = Vec::with_capacity(RUNS);
     for run in 0..WARM_UP + RUNS {
         let request = InferRequest {
-            image: image.clone(),
+            image: image.clone().into(),
             format: ImageFormat::Unspecified.into(),
             model_name: String::new(),
             model_version: String::new(),

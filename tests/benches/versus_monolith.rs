@@ -62,7 +62,7 @@ async fn mesh_round(
             let mut latencies = Vec::with_capacity(per_client);
             for _ in 0..per_client {
                 let request = gw::InferRequest {
-                    image: image.clone(),
+                    image: image.clone().into(),
                     format: ImageFormat::Png.into(),
                     model_name: MODEL.to_owned(),
                     ..Default::default()

@@ -839,7 +839,7 @@ fn light_png(seed: u8) -> Vec<u8> {
 
 fn light_infer_request(seed: u8) -> gw::InferRequest {
     gw::InferRequest {
-        image: light_png(seed),
+        image: light_png(seed).into(),
         format: ImageFormat::Png.into(),
         model_name: "synthetic-light".to_owned(),
         model_version: String::new(),
@@ -960,7 +960,7 @@ impl Worker {
         let answer = client
             .infer(with_deadline(authorised(
                 gw::InferRequest {
-                    image: self.dicom.clone(),
+                    image: self.dicom.clone().into(),
                     format: ImageFormat::Unspecified.into(),
                     model_name: String::new(),
                     model_version: String::new(),
@@ -1006,7 +1006,7 @@ impl Worker {
         let images: Vec<gw::StudyStreamRequest> = (0..2u8)
             .map(|index| gw::StudyStreamRequest {
                 tag: format!("image-{index}"),
-                image: light_png(seed.wrapping_add(index)),
+                image: light_png(seed.wrapping_add(index)).into(),
                 format: ImageFormat::Png.into(),
                 model_name: "synthetic-light".to_owned(),
                 ..Default::default()

@@ -241,7 +241,7 @@ pub fn light_model_request(
     idempotency_key: &str,
 ) -> medai_proto::gateway::v1::InferRequest {
     medai_proto::gateway::v1::InferRequest {
-        image,
+        image: image.into(),
         format: medai_proto::common::v1::ImageFormat::Unspecified.into(),
         model_name: "synthetic-light".to_owned(),
         model_version: String::new(),

@@ -188,7 +188,7 @@ fn light_png(seed: u32) -> Vec<u8> {
 
 fn infer_request(image: Vec<u8>, model: &str) -> InferRequest {
     InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: model.to_owned(),
         model_version: String::new(),

@@ -41,7 +41,7 @@ async fn ledger(mesh: &MeshUnderTest) -> Vec<(i64, String, String, serde_json::V
 
 fn infer_dicom(image: Vec<u8>) -> gw::InferRequest {
     gw::InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Dicom.into(),
         model_name: BRAIN.to_owned(),
         model_version: String::new(),

@@ -91,7 +91,7 @@ async fn a_slow_reader_slows_a_200_image_study_stream_and_gets_200_tagged_result
         for (index, image) in images.into_iter().enumerate() {
             let request = gw::StudyStreamRequest {
                 tag: format!("img-{index:03}"),
-                image,
+                image: image.into(),
                 format: ImageFormat::Png.into(),
                 model_name: LIGHT.to_owned(),
                 ..Default::default()
@@ -153,25 +153,25 @@ async fn a_slow_reader_slows_a_200_image_study_stream_and_gets_200_tagged_result
     let mixed = vec![
         gw::StudyStreamRequest {
             tag: "good".to_owned(),
-            image: noise_png(64, 1),
+            image: noise_png(64, 1).into(),
             model_name: LIGHT.to_owned(),
             ..Default::default()
         },
         gw::StudyStreamRequest {
             tag: "garbage".to_owned(),
-            image: b"not an image at all".to_vec(),
+            image: b"not an image at all".to_vec().into(),
             model_name: LIGHT.to_owned(),
             ..Default::default()
         },
         gw::StudyStreamRequest {
             tag: String::new(),
-            image: noise_png(64, 2),
+            image: noise_png(64, 2).into(),
             model_name: LIGHT.to_owned(),
             ..Default::default()
         },
         gw::StudyStreamRequest {
             tag: "also-good".to_owned(),
-            image: noise_png(64, 3),
+            image: noise_png(64, 3).into(),
             model_name: LIGHT.to_owned(),
             ..Default::default()
         },
@@ -873,7 +873,7 @@ async fn an_idempotency_key_reused_for_another_request_is_refused_and_recorded()
         .study_stream(authorised(
             tokio_stream::iter([gw::StudyStreamRequest {
                 tag: "reused".to_owned(),
-                image: other_image.clone(),
+                image: other_image.clone().into(),
                 model_name: LIGHT.to_owned(),
                 idempotency_key: key.to_owned(),
                 ..Default::default()
@@ -1010,7 +1010,7 @@ async fn sixteen_concurrent_first_requests_with_one_key_write_one_ledger_record(
 fn study_image(tag: &str, image: Vec<u8>, key: &str) -> gw::StudyStreamRequest {
     gw::StudyStreamRequest {
         tag: tag.to_owned(),
-        image,
+        image: image.into(),
         format: ImageFormat::Png.into(),
         model_name: LIGHT.to_owned(),
         idempotency_key: key.to_owned(),
@@ -1121,7 +1121,7 @@ async fn a_study_stream_client_that_disconnects_gets_no_delivery_record_and_a_re
     let key = "1.2.826.0.1.3680043.8.498.9001+brain-mri-tumor";
     let message = gw::StudyStreamRequest {
         tag: "mr-1".to_owned(),
-        image: image.clone(),
+        image: image.clone().into(),
         format: ImageFormat::Dicom.into(),
         model_name: "brain-mri-tumor".to_owned(),
         idempotency_key: key.to_owned(),

@@ -82,7 +82,7 @@ async fn create_user(gateway: &mut GatewayClient, admin_token: &str, username: &
 
 fn infer(image: Vec<u8>) -> gw::InferRequest {
     gw::InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_version: String::new(),

@@ -247,7 +247,7 @@ async fn calls_beyond_the_in_flight_bound_are_shed_and_deadlines_leave_no_delive
     let token = mesh.admin_token().await;
     let image = medai_testkit::Assets::locate().dicom("MR_small.dcm");
     let brain = |image: Vec<u8>| gw::InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: "brain-mri-tumor".to_owned(),
         model_version: String::new(),
@@ -436,7 +436,7 @@ fn light_image(tag: &str, seed: u8) -> gw::StudyStreamRequest {
         .expect("encode png");
     gw::StudyStreamRequest {
         tag: tag.to_owned(),
-        image: png.into_inner(),
+        image: png.into_inner().into(),
         format: ImageFormat::Png.into(),
         model_name: "synthetic-light".to_owned(),
         ..Default::default()

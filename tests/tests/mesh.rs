@@ -18,7 +18,7 @@ use tonic::Code;
 
 fn infer_request(image: Vec<u8>) -> InferRequest {
     InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_version: String::new(),
@@ -482,7 +482,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
     if let Ok(channel) = anonymous.connect().await {
         ValidationServiceClient::new(channel)
             .validate_image(ValidateImageRequest {
-                image: image.clone(),
+                image: image.clone().into(),
                 format: 0,
                 model_name: String::new(),
                 model_input_size: None,
@@ -501,7 +501,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
         .expect("channel");
     let status = ValidationServiceClient::new(foreign_channel)
         .validate_image(ValidateImageRequest {
-            image: image.clone(),
+            image: image.clone().into(),
             format: 0,
             model_name: String::new(),
             model_input_size: None,
@@ -529,7 +529,7 @@ async fn the_mesh_refuses_every_caller_it_should() {
             .expect("channel"),
     )
     .validate_image(ValidateImageRequest {
-        image: image.clone(),
+        image: image.clone().into(),
         format: 0,
         model_name: String::new(),
         model_input_size: None,
@@ -678,7 +678,7 @@ async fn made_up_method_paths_cannot_mint_metric_series() {
     // One real call first, so the served method has its series too.
     let status = ValidationServiceClient::new(channel.clone())
         .validate_image(ValidateImageRequest {
-            image: b"not an image".to_vec(),
+            image: b"not an image".to_vec().into(),
             format: 0,
             model_name: String::new(),
             model_input_size: None,

@@ -487,7 +487,7 @@ async fn a_study_stream_that_ends_in_an_error_status_after_its_answers_is_counte
     // trailers, after the answers.
     let (sender, outgoing) = tokio::sync::mpsc::channel::<gw::StudyStreamRequest>(2);
     let untagged = || gw::StudyStreamRequest {
-        image: b"never decoded".to_vec(),
+        image: b"never decoded".to_vec().into(),
         ..Default::default()
     };
     let mut answers = gateway

@@ -47,7 +47,7 @@ fn identifying_dicom() -> Vec<u8> {
 
 fn infer(image: Vec<u8>) -> gw::InferRequest {
     gw::InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Dicom.into(),
         model_name: String::new(),
         model_version: String::new(),

@@ -29,7 +29,7 @@ struct Acknowledged {
 
 fn infer_request(image: Vec<u8>) -> gw::InferRequest {
     gw::InferRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_version: String::new(),

@@ -120,7 +120,7 @@ fn infer_request(
 ) -> tonic::Request<InferRequest> {
     let mut request = authorised(
         InferRequest {
-            image,
+            image: image.into(),
             format: format.into(),
             model_name: String::new(),
             model_version: String::new(),

@@ -137,7 +137,7 @@ impl StudyForwarder {
                         &settings.model_version,
                     ),
                     tag,
-                    image,
+                    image: image.into(),
                     format: ImageFormat::Dicom.into(),
                     model_name: settings.model_name.clone(),
                     model_version: settings.model_version.clone(),

@@ -55,7 +55,7 @@ pub async fn explain_result(
         .clone()
         .validate_image(downstream.request(
             ValidateImageRequest {
-                image: request.image,
+                image: request.image.into(),
                 format: request.format,
                 model_name: result.model_name.clone(),
                 // The full image: an explanation is rare, and the version that explains may

@@ -23,7 +23,7 @@ use crate::error::{GatewayError, relay_downstream};
 use crate::token_auth::Caller;
 
 pub struct InferInput {
-    pub image: Vec<u8>,
+    pub image: bytes::Bytes,
     pub format: i32,
     pub model_name: String,
     pub model_version: String,

@@ -177,7 +177,7 @@ impl Ingest {
             .into());
         }
         Ok(InferInput {
-            image,
+            image: image.into(),
             format: header.format,
             model_name: header.model_name,
             model_version: header.model_version,
@@ -248,7 +248,7 @@ impl Ingest {
             header.idempotency_key
         };
         Ok(InferInput {
-            image: whole.bytes,
+            image: whole.bytes.into(),
             format: header.format,
             model_name: header.model_name,
             model_version: header.model_version,

@@ -369,7 +369,7 @@ impl InferenceApi {
             height: image.height,
             channels: image.channels,
             bit_depth: image.bit_depth,
-            pixels: image.pixels,
+            pixels: image.pixels.into(),
             resized_for_model_input: image.resized_for_model_input,
         };
         if !request.idempotency_key.is_empty()
@@ -590,7 +590,7 @@ impl InferenceService for InferenceApi {
             height: image.height,
             channels: image.channels,
             bit_depth: image.bit_depth,
-            pixels: image.pixels,
+            pixels: image.pixels.into(),
             resized_for_model_input: image.resized_for_model_input,
         };
         // The version that produced the result, and no other, explains it.

@@ -55,7 +55,7 @@ fn real_image(file: &str) -> CanonicalImage {
         channels: decoded.channels,
         bit_depth: decoded.bit_depth,
         photometric_interpretation: decoded.photometric_interpretation.to_owned(),
-        pixels: decoded.pixels,
+        pixels: decoded.pixels.into(),
         metadata: Some(SafeMetadata {
             modality: decoded.metadata.modality,
             body_part_examined: decoded.metadata.body_part_examined,
@@ -71,7 +71,7 @@ fn input_of(image: &CanonicalImage) -> ImageInput {
         height: image.height,
         channels: image.channels,
         bit_depth: image.bit_depth,
-        pixels: image.pixels.clone(),
+        pixels: image.pixels.to_vec(),
         resized_for_model_input: false,
     }
 }

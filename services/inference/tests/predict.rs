@@ -77,10 +77,7 @@ async fn the_brain_mri_model_returns_labelled_probabilities() {
         .into_inner();
     assert_eq!(again.probabilities, response.probabilities);
     let mut other = grey_image(128);
-    other
-        .pixels
-        .iter_mut()
-        .for_each(|value| *value = 255 - *value);
+    other.pixels = other.pixels.iter().map(|value| 255 - value).collect();
     let different = gateway
         .predict(predict(other))
         .await
@@ -155,7 +152,8 @@ async fn an_image_resized_by_validation_predicts_exactly_what_the_full_image_pre
                 height: side,
             },
         )
-        .expect("resized"),
+        .expect("resized")
+        .into(),
         resized_for_model_input: true,
         ..image.clone()
     };
@@ -171,7 +169,7 @@ async fn an_image_resized_by_validation_predicts_exactly_what_the_full_image_pre
         channels: mr.channels,
         bit_depth: mr.bit_depth,
         photometric_interpretation: mr.photometric_interpretation.to_owned(),
-        pixels: mr.pixels,
+        pixels: mr.pixels.into(),
         metadata: None,
         resized_for_model_input: false,
     };

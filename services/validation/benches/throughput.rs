@@ -218,7 +218,7 @@ fn service_cpu_per_request(png: &[u8]) -> (f64, f64) {
         ValidationServiceClient::new(pki.channel_as("gateway", address, "validation"))
     };
     let request = pb::ValidateImageRequest {
-        image: png.to_vec(),
+        image: png.to_vec().into(),
         format: ImageFormat::Png.into(),
         model_name: "synthetic-light".to_owned(),
         model_input_size: Some(pb::ModelInputSize {

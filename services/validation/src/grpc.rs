@@ -129,7 +129,7 @@ fn canonical_message(
             channels: image.channels,
             bit_depth: image.bit_depth,
             photometric_interpretation: image.photometric_interpretation.to_owned(),
-            pixels: image.pixels,
+            pixels: image.pixels.into(),
             metadata: Some(common::SafeMetadata {
                 source_format: source_format.into(),
                 patient_key: image.metadata.patient_key,
@@ -169,7 +169,8 @@ impl ValidationService for ValidationApi {
             }
         };
         let secret = self.patient_key_secret.clone();
-        let image = std::sync::Arc::new(request.image);
+        // A view of the received buffer, shared with the decode thread without a copy.
+        let image = request.image;
         // The decode and the quality checks run on the blocking pool: each is a child span of
         // the call, so a trace shows where a slow validation spent its time.
         let call = tracing::Span::current();
@@ -244,13 +245,11 @@ impl ValidationApi {
     /// waiting for memory.
     async fn admit_and_decode<T: Send + 'static>(
         &self,
-        image: std::sync::Arc<Vec<u8>>,
+        image: bytes::Bytes,
         declared: Option<SourceFormat>,
         limits: ImageLimits,
         frame_policy: FramePolicy,
-        decode: impl FnOnce(std::sync::Arc<Vec<u8>>, DecodePlan) -> Result<T, ValidationError>
-        + Send
-        + 'static,
+        decode: impl FnOnce(bytes::Bytes, DecodePlan) -> Result<T, ValidationError> + Send + 'static,
     ) -> Result<T, ValidationError> {
         let panicked = |_| {
             ValidationError::from(ImageError::Undecodable {

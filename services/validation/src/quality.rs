@@ -370,10 +370,14 @@ impl GreyLevel for u8 {
     /// levels, so every count fits 32 bits.
     fn block_stats(block: &[Self], full_scale: u32) -> (u64, u64, usize) {
         let mut counts = [[0_u32; 256]; 4];
-        let (quads, rest) = block.as_chunks::<4>();
-        for quad in quads {
-            for (table, &level) in counts.iter_mut().zip(quad) {
-                table[usize::from(level)] += 1;
+        // Sixteen levels a step, four to each table: the step's own count and branch are paid
+        // once per sixteen levels (2.2 instructions a level instead of 3.1).
+        let (groups, rest) = block.as_chunks::<16>();
+        for group in groups {
+            for quad in group.as_chunks::<4>().0 {
+                for (table, &level) in counts.iter_mut().zip(quad) {
+                    table[usize::from(level)] += 1;
+                }
             }
         }
         for &level in rest {
@@ -398,18 +402,19 @@ impl GreyLevel for u8 {
     /// The 3×3 masks are separable: Immerkær's is the outer product of [1 −2 1] with itself,
     /// so it is the vertical second difference of the rows' horizontal second differences
     /// `h`; the Laplacian is the vertical second difference `v` plus `h`. Each row's `h` is
-    /// computed once (as the row below the current one) and serves the three output rows it
-    /// takes part in; the sums are the same integers as the direct masks'
-    /// ([`GreyLevel::neighbourhood_sums`]). The loop over a row only writes 16-bit lanes
-    /// (`h`, the Laplacian, and Immerkær's response added to its column's total), so it runs
-    /// eight to sixteen pixels a vector; the squared Laplacians are summed in a second loop
-    /// over the row (16 × 16 → 32-bit multiply-adds); the Laplacian's sum telescopes to the
-    /// image's borders and needs no pass at all.
+    /// computed once and serves the three output rows it takes part in; the sums are the same
+    /// integers as the direct masks' ([`GreyLevel::neighbourhood_sums`]). Output rows go two
+    /// at a time ([`mask_row_pair`]): the pair's four pixel rows are read and widened once
+    /// (five row reads a pair instead of ten), and both rows' Immerkær responses join their
+    /// column's total in one update. The loop only writes 16-bit lanes, so it runs eight to
+    /// sixteen pixels a vector; the squared Laplacians are summed in a second loop over each
+    /// row (16 × 16 → 32-bit multiply-adds); the Laplacian's sum telescopes to the image's
+    /// borders and needs no pass at all.
     fn mask_sums(levels: &[Self], width: usize, height: usize) -> (u128, i128, u128) {
         // Per pixel: |h|, |v| ≤ 2 × 255, |Laplacian| ≤ 4 × 255 and |Immerkær| ≤ 16 × 255 fit
-        // 16 bits; a column's total of 16 rows of |Immerkær| (16 × 4080 < 2^16) fits 16 bits;
-        // 2048 squared Laplacians (2048 × 1020² < 2^31) fit a 32-bit strip sum.
-        const ROWS_PER_COLUMN_TOTAL: usize = 16;
+        // 16 bits; a column's total of 8 pairs of rows of |Immerkær| (16 × 4080 < 2^16) fits
+        // 16 bits; 2048 squared Laplacians (2048 × 1020² < 2^31) fit a 32-bit strip sum.
+        const PAIRS_PER_COLUMN_TOTAL: usize = 8;
         const STRIP: usize = 2048;
         let inner = width - 2;
         let line = |y: usize| &levels[y * width..(y + 1) * width];
@@ -421,45 +426,84 @@ impl GreyLevel for u8 {
                 *out = i16::from(left) + i16::from(right) - 2 * i16::from(centre);
             }
         };
-        let mut h_above = vec![0_i16; inner];
-        let mut h_row = vec![0_i16; inner];
-        let mut h_below = vec![0_i16; inner];
-        let mut laplacian = vec![0_i16; inner];
+        let squares_of = |laplacian: &[i16]| -> u128 {
+            laplacian
+                .chunks(STRIP)
+                .map(|strip| {
+                    let squares: i32 = strip
+                        .iter()
+                        .map(|&value| i32::from(value) * i32::from(value))
+                        .sum();
+                    u128::from(squares.unsigned_abs())
+                })
+                .sum()
+        };
+        // The `h` of the pixel rows y − 1, y, y + 1 and y + 2 of the pair (y, y + 1).
+        let mut h = [
+            vec![0_i16; inner],
+            vec![0_i16; inner],
+            vec![0_i16; inner],
+            vec![0_i16; inner],
+        ];
+        let mut laplacians = [vec![0_i16; inner], vec![0_i16; inner]];
         let mut column_totals = vec![0_u16; inner];
-        second_difference(line(0), &mut h_above);
-        second_difference(line(1), &mut h_row);
+        second_difference(line(0), &mut h[0]);
+        second_difference(line(1), &mut h[1]);
         let (mut immerkaer, mut laplacian_squares) = (0_u128, 0_u128);
-        let mut rows_in_totals = 0;
-        for y in 1..height - 1 {
+        let mut pairs_in_totals = 0;
+        let mut y = 1;
+        while y + 2 < height {
+            let [h_above, h_row, h_below, h_after] = &mut h;
+            let [first, second] = &mut laplacians;
+            mask_row_pair(
+                [line(y - 1), line(y), line(y + 1), line(y + 2)],
+                h_above,
+                h_row,
+                h_below,
+                h_after,
+                first,
+                second,
+                &mut column_totals,
+            );
+            laplacian_squares += squares_of(first) + squares_of(second);
+            pairs_in_totals += 1;
+            if pairs_in_totals == PAIRS_PER_COLUMN_TOTAL {
+                immerkaer += u128::from(
+                    column_totals
+                        .iter()
+                        .map(|&total| u64::from(total))
+                        .sum::<u64>(),
+                );
+                column_totals.fill(0);
+                pairs_in_totals = 0;
+            }
+            h.swap(0, 2);
+            h.swap(1, 3);
+            y += 2;
+        }
+        if y + 1 < height {
+            // One inner row left (an even number of inner rows went in pairs): y = height − 2,
+            // with `h` of rows y − 1 and y in h[0] and h[1]; at most 15 rows in the totals.
             let (up, centre, below) = (&line(y - 1)[1..=inner], &line(y)[1..=inner], line(y + 1));
             let (down_left, down, down_right) =
                 (&below[..inner], &below[1..=inner], &below[2..inner + 2]);
-            let (h_up, h_centre, h_down) =
-                (&h_above[..inner], &h_row[..inner], &mut h_below[..inner]);
-            let (laplacian, totals) = (&mut laplacian[..inner], &mut column_totals[..inner]);
+            let (h_up, h_centre) = (&h[0][..inner], &h[1][..inner]);
+            let (laplacian, totals) = (&mut laplacians[0][..inner], &mut column_totals[..inner]);
             for x in 0..inner {
-                let h = i16::from(down_left[x]) + i16::from(down_right[x]) - 2 * i16::from(down[x]);
-                h_down[x] = h;
+                let h_down =
+                    i16::from(down_left[x]) + i16::from(down_right[x]) - 2 * i16::from(down[x]);
                 let vertical = i16::from(up[x]) + i16::from(down[x]) - 2 * i16::from(centre[x]);
                 laplacian[x] = vertical + h_centre[x];
-                totals[x] += (h_up[x] + h - 2 * h_centre[x]).unsigned_abs();
+                totals[x] += (h_up[x] + h_down - 2 * h_centre[x]).unsigned_abs();
             }
-            for strip in laplacian.chunks(STRIP) {
-                let squares: i32 = strip
-                    .iter()
-                    .map(|&value| i32::from(value) * i32::from(value))
-                    .sum();
-                laplacian_squares += u128::from(squares.unsigned_abs());
-            }
-            rows_in_totals += 1;
-            if rows_in_totals == ROWS_PER_COLUMN_TOTAL || y == height - 2 {
-                immerkaer += u128::from(totals.iter().map(|&total| u64::from(total)).sum::<u64>());
-                totals.fill(0);
-                rows_in_totals = 0;
-            }
-            std::mem::swap(&mut h_above, &mut h_row);
-            std::mem::swap(&mut h_row, &mut h_below);
+            laplacian_squares += squares_of(laplacian);
         }
+        immerkaer += u128::from(
+            column_totals
+                .iter()
+                .map(|&total| u64::from(total))
+                .sum::<u64>(),
+        );
         // Σ of the Laplacian over the inner pixels telescopes: in each inner column the
         // vertical second differences sum to (p[H−1] − p[H−2]) − (p[1] − p[0]), and in each
         // inner row the horizontal ones to (p[W−1] − p[W−2]) − (p[1] − p[0]).
@@ -472,6 +516,54 @@ impl GreyLevel for u8 {
             laplacian_sum += (at(width - 1, y) - at(width - 2, y)) - (at(1, y) - at(0, y));
         }
         (immerkaer, i128::from(laplacian_sum), laplacian_squares)
+    }
+}
+
+/// The output rows y and y + 1 of the separable 8-bit masks ([`GreyLevel::mask_sums`] of
+/// `u8`): `rows` are the pixel rows y − 1 ..= y + 2 (whole width), `h_above` and `h_row` the
+/// horizontal second differences of rows y − 1 and y (inner columns). Writes those of rows
+/// y + 1 and y + 2 into `h_below` and `h_after`, the two rows' Laplacians into `first` and
+/// `second`, and adds both rows'
+/// |Immerkær| to each column's total. Each output a `&mut` parameter of its own, so that the
+/// compiler knows they do not alias (inside an array it did not, and the loop took 4 % more
+/// instructions), and 16-bit lanes only, so that the loop vectorises.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn mask_row_pair(
+    rows: [&[u8]; 4],
+    h_above: &[i16],
+    h_row: &[i16],
+    h_below: &mut [i16],
+    h_after: &mut [i16],
+    first: &mut [i16],
+    second: &mut [i16],
+    totals: &mut [u16],
+) {
+    let inner = h_below.len();
+    let [above, row, below, after] = rows;
+    let (above, row) = (&above[1..=inner], &row[1..=inner]);
+    let (below_left, below, below_right) =
+        (&below[..inner], &below[1..=inner], &below[2..inner + 2]);
+    let (after_left, after, after_right) =
+        (&after[..inner], &after[1..=inner], &after[2..inner + 2]);
+    let (h_above, h_row) = (&h_above[..inner], &h_row[..inner]);
+    let h_after = &mut h_after[..inner];
+    let (first, second, totals) = (
+        &mut first[..inner],
+        &mut second[..inner],
+        &mut totals[..inner],
+    );
+    for x in 0..inner {
+        let (row_level, below_level, after_level) =
+            (i16::from(row[x]), i16::from(below[x]), i16::from(after[x]));
+        let h_of_below = i16::from(below_left[x]) + i16::from(below_right[x]) - 2 * below_level;
+        let h_of_after = i16::from(after_left[x]) + i16::from(after_right[x]) - 2 * after_level;
+        h_below[x] = h_of_below;
+        h_after[x] = h_of_after;
+        first[x] = i16::from(above[x]) + below_level - 2 * row_level + h_row[x];
+        second[x] = row_level + after_level - 2 * below_level + h_of_below;
+        totals[x] += (h_above[x] + h_of_below - 2 * h_row[x]).unsigned_abs()
+            + (h_row[x] + h_of_after - 2 * h_of_below).unsigned_abs();
     }
 }
 

@@ -58,7 +58,7 @@ impl Validation {
 
 fn request(image: Vec<u8>) -> ValidateImageRequest {
     ValidateImageRequest {
-        image,
+        image: image.into(),
         format: ImageFormat::Unspecified.into(),
         model_name: String::new(),
         model_input_size: None,
