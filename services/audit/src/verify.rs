@@ -151,6 +151,7 @@ pub async fn for_each_digest_between(
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
         .bind(i64::try_from(until).unwrap_or(i64::MAX))
         .fetch(pool);
+    let mut digested = 0_u64;
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
         // The migration's column types (BIGINT, text, INTEGER), decoded as `verify_ledger` does.
@@ -172,9 +173,19 @@ pub async fn for_each_digest_between(
         if !visit(digest) {
             break;
         }
+        // Rows arrive buffered, so this loop may not wait for long: every so often it lets
+        // the appends sharing this worker thread run (a catch-up of a million entries hashes
+        // for seconds).
+        digested += 1;
+        if digested.is_multiple_of(YIELD_EVERY_ROWS) {
+            tokio::task::yield_now().await;
+        }
     }
     Ok(())
 }
+
+/// Rows [`for_each_digest_between`] digests between two yields to the runtime.
+const YIELD_EVERY_ROWS: u64 = 1024;
 
 /// The entries with `$1 < seq <= $2` in seq order, columns as in [`SELECT_ENTRIES_IN_ORDER`].
 const SELECT_ENTRIES_BETWEEN: &str = "SELECT seq, recorded_at, actor, action, resource, outcome, \
