@@ -10,7 +10,8 @@
 //!   answered once its own event is durable. Labelled apart, the same writers each making one
 //!   raw `Append` RPC per event over one shared channel (what this bench measured before
 //!   `AppendBatch`), at 256 writers (`MEDAI_BENCH_LEDGER_RAW=all`: at 1, 16 and 256, alternating
-//!   with the `LedgerClient` windows). For every window: CPU-seconds per append of this process
+//!   with the `LedgerClient` windows; `MEDAI_BENCH_LEDGER_RAW=none`: never;
+//!   `MEDAI_BENCH_LEDGER_WRITERS=256`, a comma list, picks the writer counts). For every window: CPU-seconds per append of this process
 //!   (the writers and the audit service share it) and of PostgreSQL (postmaster and every
 //!   backend, from /proc), and the mean group commit size (entries per distinct `recorded_at`:
 //!   one group, one instant). The fair baseline: durable single-row INSERTs (one transaction
@@ -435,7 +436,18 @@ async fn main() {
         .ok()
         .and_then(|entries| entries.parse().ok())
         .unwrap_or(DEFAULT_PREFILL_ENTRIES);
-    let raw_at_every_count = std::env::var("MEDAI_BENCH_LEDGER_RAW").is_ok_and(|raw| raw == "all");
+    let raw = std::env::var("MEDAI_BENCH_LEDGER_RAW").unwrap_or_default();
+    let raw_at_every_count = raw == "all";
+    let writer_counts: Vec<usize> = std::env::var("MEDAI_BENCH_LEDGER_WRITERS")
+        .ok()
+        .map(|counts| {
+            counts
+                .split(',')
+                .filter_map(|count| count.trim().parse().ok())
+                .collect()
+        })
+        .filter(|counts: &Vec<usize>| !counts.is_empty())
+        .unwrap_or_else(|| vec![1, 16, 256]);
     let pki = TestPki::new();
     let database_url = fresh_postgres_database().await;
     let key_file = scratch_file("checkpoint.key");
@@ -479,9 +491,9 @@ async fn main() {
     );
     let postmaster = postmaster_pid(&database).await.unwrap_or_default();
     let mut plan = Vec::new();
-    for clients in [1usize, 16, 256] {
+    for clients in writer_counts {
         plan.push((clients, Path::LedgerClient));
-        if raw_at_every_count || clients == 256 {
+        if raw != "none" && (raw_at_every_count || clients == 256) {
             plan.push((clients, Path::RawAppend));
         }
     }

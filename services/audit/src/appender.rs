@@ -7,7 +7,7 @@
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryOrder, Set,
-    SqlErr, Statement, TransactionTrait,
+    SqlErr, TransactionTrait,
 };
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::anchor::{self, AnchorViolation, ChainAnchor, ChainHead, CheckError};
 use crate::store::ledger_entry;
-use medai_ledger::chain::{self, EntryContent};
+use medai_ledger::chain;
 
 /// A group stops taking more once it holds this many entries (a batch is never split, so a
 /// group holds at most `MAX_GROUP - 1 + MAX_BATCH` entries).
@@ -189,66 +189,88 @@ enum CommitPath {
     Locked,
 }
 
-/// One entry ready to store: its content chained after `prev_hash`.
-struct ChainedRow {
-    content: EntryContent,
-    prev_hash: String,
-    hash: String,
-}
-
-impl From<ChainedRow> for ledger_entry::ActiveModel {
-    fn from(row: ChainedRow) -> Self {
-        Self {
-            seq: Set(row.content.seq as i64),
-            recorded_at: Set(row.content.recorded_at),
-            actor: Set(row.content.actor),
-            action: Set(row.content.action),
-            resource: Set(row.content.resource),
-            outcome: Set(row.content.outcome),
-            context: Set(row.content.context),
-            prev_hash: Set(row.prev_hash),
-            hash: Set(row.hash),
-            encoding_version: Set(chain::ENCODING_VERSION as i32),
-        }
-    }
+/// A group ready to store: `events` chained after the entry at `head_seq` (whose hash is
+/// `hex[0]`), all recorded at one instant. `hex[i + 1]` is the hash of `events[i]`, so
+/// `hex[i]` is its prev_hash. The events' text is hashed and bound where it lies.
+struct ChainedGroup<'a> {
+    events: &'a [&'a NewEvent],
+    head_seq: u64,
+    recorded_at: String,
+    hex: Vec<String>,
+    last_hash: chain::Hash,
 }
 
 /// Chains `events` after (`seq`, `prev_hash`), all recorded at one instant.
-fn chain_after(mut seq: u64, mut prev_hash: chain::Hash, events: &[&NewEvent]) -> Vec<ChainedRow> {
+fn chain_after<'a>(
+    seq: u64,
+    mut prev_hash: chain::Hash,
+    events: &'a [&'a NewEvent],
+) -> ChainedGroup<'a> {
     let recorded_at = now_rfc3339_micros();
-    events
-        .iter()
-        .map(|event| {
-            seq += 1;
-            let content = EntryContent {
-                seq,
-                recorded_at: recorded_at.clone(),
-                actor: event.actor.clone(),
-                action: event.action.clone(),
-                resource: event.resource.clone(),
-                outcome: event.outcome.clone(),
-                context: event.context.clone(),
-            };
-            let hash = chain::entry_hash(&prev_hash, &content);
-            let row = ChainedRow {
-                content,
-                prev_hash: hex::encode(prev_hash),
-                hash: hex::encode(hash),
-            };
-            prev_hash = hash;
-            row
-        })
-        .collect()
+    let mut hex = Vec::with_capacity(events.len() + 1);
+    hex.push(hex::encode(prev_hash));
+    for (offset, event) in (1..).zip(events) {
+        prev_hash = chain::entry_hash_of_fields(
+            &prev_hash,
+            seq + offset,
+            [
+                recorded_at.as_bytes(),
+                event.actor.as_bytes(),
+                event.action.as_bytes(),
+                event.resource.as_bytes(),
+                event.outcome.as_bytes(),
+                event.context.as_bytes(),
+            ],
+        );
+        hex.push(hex::encode(prev_hash));
+    }
+    ChainedGroup {
+        events,
+        head_seq: seq,
+        recorded_at,
+        hex,
+        last_hash: prev_hash,
+    }
 }
 
-fn receipts_of(rows: &[ChainedRow]) -> Vec<AppendReceipt> {
-    rows.iter()
-        .map(|row| AppendReceipt {
-            seq: row.content.seq,
-            hash: row.hash.clone(),
-            recorded_at: row.content.recorded_at.clone(),
-        })
-        .collect()
+impl ChainedGroup<'_> {
+    /// The group's rows as sea-orm models (the locked path).
+    fn active_models(&self) -> Vec<ledger_entry::ActiveModel> {
+        (1..)
+            .zip(self.events)
+            .zip(self.hex.windows(2))
+            .map(|((offset, event), hashes)| ledger_entry::ActiveModel {
+                seq: Set((self.head_seq + offset) as i64),
+                recorded_at: Set(self.recorded_at.clone()),
+                actor: Set(event.actor.clone()),
+                action: Set(event.action.clone()),
+                resource: Set(event.resource.clone()),
+                outcome: Set(event.outcome.clone()),
+                context: Set(event.context.clone()),
+                prev_hash: Set(hashes[0].clone()),
+                hash: Set(hashes[1].clone()),
+                encoding_version: Set(chain::ENCODING_VERSION as i32),
+            })
+            .collect()
+    }
+
+    /// One receipt per event, in order, and the group's last entry as the new head.
+    fn into_receipts(self) -> (Vec<AppendReceipt>, ChainHead) {
+        let head = ChainHead {
+            seq: self.head_seq + self.events.len() as u64,
+            hash: self.last_hash,
+        };
+        let recorded_at = self.recorded_at;
+        let receipts = (self.head_seq + 1..)
+            .zip(self.hex.into_iter().skip(1))
+            .map(|(seq, hash)| AppendReceipt {
+                seq,
+                hash,
+                recorded_at: recorded_at.clone(),
+            })
+            .collect();
+        (receipts, head)
+    }
 }
 
 async fn commit_group(
@@ -261,12 +283,12 @@ async fn commit_group(
     }
     // The common case costs one round trip instead of five (BEGIN, lock, head, insert, COMMIT):
     // the group goes in only if the stored head is still the one this process committed.
-    if connection.get_database_backend() == DatabaseBackend::Postgres
+    if let Some(pool) = crate::verify::postgres_pool(connection)
         && let Some(head) = anchor.committed_head_to_extend()
     {
-        let rows = chain_after(head.seq, head.hash, events);
-        match extend_committed_head(connection, head, &rows).await {
-            Ok(true) => return Ok((receipts_of(&rows), CommitPath::Extended)),
+        let group = chain_after(head.seq, head.hash, events);
+        match extend_committed_head(pool, &group).await {
+            Ok(true) => return Ok((group.into_receipts().0, CommitPath::Extended)),
             // The stored head moved (another replica appended, or the chain was cut): the
             // locked path reads it and judges it against the anchor.
             Ok(false) => {}
@@ -281,80 +303,59 @@ async fn commit_group(
         .map(|receipts| (receipts, CommitPath::Locked))
 }
 
-/// Takes the ledger's lock, then inserts the rows ($2, JSON) only if the stored chain ends
-/// exactly at seq $3 with hash $4. The head is read as "the last row by seq" so that every
-/// plan, generic ones for this prepared statement included, walks the primary key backwards
-/// one row: a `seq > $3` probe is planned as a full scan when the value is not known.
+/// Takes the ledger's lock, then inserts the group's rows only if the stored chain ends exactly
+/// at seq $2 with hash $3. The rows come as binary arrays (one per varying column: actor,
+/// action, resource, outcome, context, prev_hash, hash), their seqs numbered on from $2, their
+/// instant ($4) and encoding version ($5) given once. The head is read as "the last row by seq"
+/// so that every plan, generic ones for this prepared statement included, walks the primary
+/// key backwards one row: a `seq > $2` probe is planned as a full scan when the value is not
+/// known.
 pub(crate) const EXTEND_COMMITTED_HEAD: &str = "WITH writer AS MATERIALIZED (SELECT pg_advisory_xact_lock($1)) \
     INSERT INTO ledger_entries \
     (seq, recorded_at, actor, action, resource, outcome, context, prev_hash, hash, encoding_version) \
-    SELECT r.seq, r.recorded_at, r.actor, r.action, r.resource, r.outcome, r.context, \
-    r.prev_hash, r.hash, r.encoding_version \
-    FROM writer, json_to_recordset($2::json) AS r(seq bigint, recorded_at text, actor text, \
-    action text, resource text, outcome text, context text, prev_hash text, hash text, \
-    encoding_version integer) \
+    SELECT $2 + r.n, $4, r.actor, r.action, r.resource, r.outcome, r.context, r.prev_hash, \
+    r.hash, $5 \
+    FROM writer, unnest($6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+    $11::text[], $12::text[]) WITH ORDINALITY \
+    AS r(actor, action, resource, outcome, context, prev_hash, hash, n) \
     WHERE EXISTS (SELECT 1 FROM (SELECT e.seq, e.hash FROM ledger_entries e ORDER BY e.seq DESC LIMIT 1) head \
-    WHERE head.seq = $3 AND head.hash = $4)";
+    WHERE head.seq = $2 AND head.hash = $3)";
 
-/// Appends `rows` (chained after `head`) in one statement that takes the ledger's lock and
-/// inserts nothing unless the stored chain still ends exactly at `head`. Returns whether the
-/// rows went in. A statement that checked the head before another replica's commit collides
-/// with that replica's rows on the primary key and fails whole (a unique violation).
+/// Appends `group` in one statement that takes the ledger's lock and inserts nothing unless
+/// the stored chain still ends exactly at the group's head. Returns whether the rows went in.
+/// A statement that checked the head before another replica's commit collides with that
+/// replica's rows on the primary key and fails whole (a unique violation).
 async fn extend_committed_head(
-    connection: &DatabaseConnection,
-    head: ChainHead,
-    rows: &[ChainedRow],
+    pool: &sea_orm::sqlx::PgPool,
+    group: &ChainedGroup<'_>,
 ) -> Result<bool, DbErr> {
-    #[derive(serde::Serialize)]
-    struct JsonRow<'a> {
-        seq: u64,
-        recorded_at: &'a str,
-        actor: &'a str,
-        action: &'a str,
-        resource: &'a str,
-        outcome: &'a str,
-        context: &'a str,
-        prev_hash: &'a str,
-        hash: &'a str,
-        encoding_version: u32,
-    }
-    let json_rows: Vec<JsonRow<'_>> = rows
-        .iter()
-        .map(|row| JsonRow {
-            seq: row.content.seq,
-            recorded_at: &row.content.recorded_at,
-            actor: &row.content.actor,
-            action: &row.content.action,
-            resource: &row.content.resource,
-            outcome: &row.content.outcome,
-            context: &row.content.context,
-            prev_hash: &row.prev_hash,
-            hash: &row.hash,
-            encoding_version: chain::ENCODING_VERSION,
-        })
-        .collect();
-    let json =
-        serde_json::to_string(&json_rows).map_err(|error| DbErr::Custom(error.to_string()))?;
-    let head_seq = i64::try_from(head.seq).map_err(|_| malformed_head())?;
-    let inserted = connection
-        .execute_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            EXTEND_COMMITTED_HEAD,
-            [
-                LEDGER_LOCK_KEY.into(),
-                json.into(),
-                head_seq.into(),
-                hex::encode(head.hash).into(),
-            ],
-        ))
-        .await?
+    let head_seq = i64::try_from(group.head_seq).map_err(|_| malformed_head())?;
+    let column = |field: fn(&NewEvent) -> &str| -> Vec<&str> {
+        group.events.iter().map(|event| field(event)).collect()
+    };
+    let count = group.events.len();
+    let inserted = sea_orm::sqlx::query(EXTEND_COMMITTED_HEAD)
+        .bind(LEDGER_LOCK_KEY)
+        .bind(head_seq)
+        .bind(&group.hex[0])
+        .bind(&group.recorded_at)
+        .bind(chain::ENCODING_VERSION as i32)
+        .bind(column(|event| &event.actor))
+        .bind(column(|event| &event.action))
+        .bind(column(|event| &event.resource))
+        .bind(column(|event| &event.outcome))
+        .bind(column(|event| &event.context))
+        .bind(&group.hex[..count])
+        .bind(&group.hex[1..])
+        .execute(pool)
+        .await
+        .map_err(|error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into())))?
         .rows_affected();
     match usize::try_from(inserted) {
         Ok(0) => Ok(false),
-        Ok(count) if count == rows.len() => Ok(true),
+        Ok(stored) if stored == count => Ok(true),
         _ => Err(DbErr::Custom(format!(
-            "the ledger stored {inserted} of a group of {}",
-            rows.len()
+            "the ledger stored {inserted} of a group of {count}"
         ))),
     }
 }
@@ -388,13 +389,12 @@ async fn commit_locked(
         hash: prev_hash,
     });
     anchor.check(&transaction, stored_head).await?;
-    let rows = chain_after(seq, prev_hash, events);
-    let receipts = receipts_of(&rows);
-    ledger_entry::Entity::insert_many(rows.into_iter().map(ledger_entry::ActiveModel::from))
+    let group = chain_after(seq, prev_hash, events);
+    ledger_entry::Entity::insert_many(group.active_models())
         .exec(&transaction)
         .await?;
     transaction.commit().await?;
-    Ok(receipts)
+    Ok(group.into_receipts().0)
 }
 
 fn malformed_head() -> DbErr {
@@ -413,6 +413,7 @@ pub(crate) fn now_rfc3339_micros() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sea_orm::Statement;
 
     fn event(number: usize) -> NewEvent {
         NewEvent {
@@ -511,8 +512,11 @@ mod tests {
             .await
             .expect("lock");
         let head = ours.committed_head_to_extend().expect("our head");
-        let row = chain_after(head.seq, head.hash, &[&event(2)]).remove(0);
-        ledger_entry::Entity::insert(ledger_entry::ActiveModel::from(row))
+        let second = event(2);
+        let row = chain_after(head.seq, head.hash, &[&second])
+            .active_models()
+            .remove(0);
+        ledger_entry::Entity::insert(row)
             .exec(&held)
             .await
             .expect("insert 2");
@@ -574,14 +578,18 @@ mod tests {
         session
             .execute_unprepared(&format!(
                 "SET LOCAL plan_cache_mode = force_generic_plan; \
-                 PREPARE extend(bigint, text, bigint, text) AS {EXTEND_COMMITTED_HEAD}"
+                 PREPARE extend(bigint, bigint, text, text, integer, text[], text[], text[], \
+                 text[], text[], text[], text[]) AS {EXTEND_COMMITTED_HEAD}"
             ))
             .await
             .expect("prepare");
         let plan: Vec<String> = session
             .query_all_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
-                format!("EXPLAIN EXECUTE extend({LEDGER_LOCK_KEY}, '[]', 300000, 'x')"),
+                format!(
+                    "EXPLAIN EXECUTE extend({LEDGER_LOCK_KEY}, 300000, 'x', 't', 1, \
+                     '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')"
+                ),
             ))
             .await
             .expect("explain")

@@ -20,7 +20,7 @@ use crate::anchor::{ChainAnchor, ChainHead, stored_hash_at};
 use crate::appender::now_rfc3339_micros;
 use crate::checkpoint_log::CheckpointLog;
 use crate::store::{ledger_checkpoint, ledger_entry};
-use crate::verify::{checkpoint_of, for_each_entry_between, stored_entry};
+use crate::verify::{checkpoint_of, for_each_digest_between};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -118,13 +118,17 @@ impl Checkpointer {
         }
         let mut extended = verified.clone();
         let mut broken = None;
-        for_each_entry_between(&self.connection, size, target, |row| {
-            if broken.is_some() {
-                return;
-            }
-            match extended.verifier.check(&stored_entry(row)) {
-                Ok(()) => extended.frontier.push(&extended.verifier.head()),
-                Err(chain_break) => broken = Some(chain_break),
+        // Each entry digested as it streams in, then linked: the verdict `check` gives.
+        for_each_digest_between(&self.connection, size, target, |digest| {
+            match extended.verifier.link(&digest) {
+                Ok(()) => {
+                    extended.frontier.push_leaf(digest.leaf_hash);
+                    true
+                }
+                Err(chain_break) => {
+                    broken = Some(chain_break);
+                    false
+                }
             }
         })
         .await?;
