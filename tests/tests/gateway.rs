@@ -23,13 +23,24 @@ const LIGHT: &str = "synthetic-light";
 
 /// (action, resource, outcome, context) of every ledger entry.
 async fn ledger(mesh: &MeshUnderTest) -> Vec<(String, String, String, serde_json::Value)> {
+    ledger_with_seq(mesh)
+        .await
+        .into_iter()
+        .map(|(_, action, resource, outcome, context)| (action, resource, outcome, context))
+        .collect()
+}
+
+/// (seq, action, resource, outcome, context) of every ledger entry, in seq order.
+async fn ledger_with_seq(
+    mesh: &MeshUnderTest,
+) -> Vec<(i64, String, String, String, serde_json::Value)> {
     let database = Database::connect(mesh.settings.audit_database_url.as_str())
         .await
         .expect("connect to the ledger");
     database
         .query_all_raw(Statement::from_string(
             DatabaseBackend::Postgres,
-            "SELECT action, resource, outcome, context FROM ledger_entries ORDER BY seq",
+            "SELECT seq, action, resource, outcome, context FROM ledger_entries ORDER BY seq",
         ))
         .await
         .expect("query the ledger")
@@ -37,6 +48,7 @@ async fn ledger(mesh: &MeshUnderTest) -> Vec<(String, String, String, serde_json
         .map(|row| {
             let context: String = row.try_get("", "context").expect("context");
             (
+                row.try_get("", "seq").expect("seq"),
                 row.try_get("", "action").expect("action"),
                 row.try_get("", "resource").expect("resource"),
                 row.try_get("", "outcome").expect("outcome"),
@@ -2363,27 +2375,11 @@ async fn predictions_survive_audit_replicas_drained_under_load_and_each_is_recor
 
 /// (seq, resource, outcome, context) of every INFERENCE entry of the ledger, in order.
 async fn inference_entries(mesh: &MeshUnderTest) -> Vec<(i64, String, String, serde_json::Value)> {
-    let database = Database::connect(mesh.settings.audit_database_url.as_str())
+    ledger_with_seq(mesh)
         .await
-        .expect("connect to the ledger");
-    database
-        .query_all_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            "SELECT seq, resource, outcome, context FROM ledger_entries \
-             WHERE action = 'INFERENCE' ORDER BY seq",
-        ))
-        .await
-        .expect("query the ledger")
         .into_iter()
-        .map(|row| {
-            let context: String = row.try_get("", "context").expect("context");
-            (
-                row.try_get("", "seq").expect("seq"),
-                row.try_get("", "resource").expect("resource"),
-                row.try_get("", "outcome").expect("outcome"),
-                serde_json::from_str(&context).expect("json"),
-            )
-        })
+        .filter(|(_, action, ..)| action == "INFERENCE")
+        .map(|(seq, _, resource, outcome, context)| (seq, resource, outcome, context))
         .collect()
 }
 
@@ -2398,7 +2394,6 @@ async fn inference_entries(mesh: &MeshUnderTest) -> Vec<(i64, String, String, se
 /// INFERENCE REFUSED entry for the same result, naming the store's reason and the record).
 #[tokio::test]
 async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_answered_after_both() {
-    use sea_orm::TransactionTrait;
     const COMMIT_LOCK: i64 = 1415;
     let mesh = MeshUnderTest::start_with(
         Storage::Postgres,
@@ -2438,20 +2433,7 @@ async fn a_prediction_without_a_key_is_recorded_while_its_result_commits_and_ans
                 .expect("count")
         }
     };
-    results
-        .execute_unprepared(&format!(
-            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN PERFORM pg_advisory_xact_lock_shared({COMMIT_LOCK}); RETURN NEW; END $$; \
-             CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON inference_results \
-             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit();"
-        ))
-        .await
-        .expect("the trigger that holds commits");
-    let holder = results.begin().await.expect("transaction");
-    holder
-        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({COMMIT_LOCK})"))
-        .await
-        .expect("the commits' lock");
+    let holder = medai_testkit::hold_result_commits(&results, COMMIT_LOCK).await;
 
     let recorded_before = inference_entries(&mesh).await.len();
     let mut client = gateway.clone();

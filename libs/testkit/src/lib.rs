@@ -323,6 +323,31 @@ pub async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// Holds every result row's commit in a results database (PostgreSQL) until the returned
+/// transaction ends: a deferred trigger makes each commit wait on the advisory lock `lock`,
+/// which the returned transaction holds. Tests use it to see what happens while a row commits.
+pub async fn hold_result_commits(
+    results: &sea_orm::DatabaseConnection,
+    lock: i64,
+) -> sea_orm::DatabaseTransaction {
+    use sea_orm::TransactionTrait;
+    results
+        .execute_unprepared(&format!(
+            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_advisory_xact_lock_shared({lock}); RETURN NEW; END $$; \
+             CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON inference_results \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit();"
+        ))
+        .await
+        .expect("the trigger that holds commits");
+    let holder = results.begin().await.expect("transaction");
+    holder
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({lock})"))
+        .await
+        .expect("the commits' lock");
+    holder
+}
+
 /// A SQLite URL in `directory`.
 pub fn sqlite_url(directory: &Path, name: &str) -> String {
     format!("sqlite://{}?mode=rwc", directory.join(name).display())

@@ -60,23 +60,9 @@ async fn started() -> (tempfile::TempDir, Harness, DatabaseConnection) {
 /// row is kept. On Predict's order the prediction would not arrive until the release.
 #[tokio::test]
 async fn the_prediction_comes_before_its_row_is_committed_and_stored_after() {
-    use sea_orm::TransactionTrait;
     const COMMIT_LOCK: i64 = 141_414;
     let (_repository, harness, results) = started().await;
-    results
-        .execute_unprepared(&format!(
-            "CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN PERFORM pg_advisory_xact_lock_shared({COMMIT_LOCK}); RETURN NEW; END $$; \
-             CREATE CONSTRAINT TRIGGER hold_commit AFTER INSERT ON inference_results \
-             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hold_commit();"
-        ))
-        .await
-        .expect("the trigger that holds commits");
-    let holder = results.begin().await.expect("transaction");
-    holder
-        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({COMMIT_LOCK})"))
-        .await
-        .expect("the commits' lock");
+    let holder = medai_testkit::hold_result_commits(&results, COMMIT_LOCK).await;
 
     let result_id = uuid::Uuid::new_v4().to_string();
     let mut gateway = harness.client_as("gateway");
