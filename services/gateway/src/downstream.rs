@@ -37,6 +37,9 @@ pub struct Downstream {
     pub timeout: Duration,
     /// Delivery notes this gateway is writing after their answers left.
     pub notes: Arc<NotesInFlight>,
+    /// Whether inference serves PredictThenStore, as this gateway last found (see
+    /// [`crate::infer::PREDICT_THEN_STORE_RECHECK`]).
+    pub predict_then_store: Arc<crate::infer::PredictThenStoreSupport>,
 }
 
 impl Downstream {
@@ -64,6 +67,7 @@ impl Downstream {
             ledger: LedgerClient::new(audit),
             timeout: Duration::from_secs(config.downstream_timeout_seconds),
             notes: Arc::default(),
+            predict_then_store: Arc::default(),
         })
     }
 
@@ -94,9 +98,18 @@ impl Downstream {
         correlation_id: &str,
         caller_deadline: Option<Duration>,
     ) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        medai_runtime::correlation::propagate(request.metadata_mut(), correlation_id);
-        request.set_timeout(self.time_bound(caller_deadline));
-        request
+        mesh_request(message, correlation_id, self.time_bound(caller_deadline))
     }
+}
+
+/// A downstream request carrying the correlation id, bounded by `timeout`.
+pub(crate) fn mesh_request<T>(
+    message: T,
+    correlation_id: &str,
+    timeout: Duration,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    medai_runtime::correlation::propagate(request.metadata_mut(), correlation_id);
+    request.set_timeout(timeout);
+    request
 }

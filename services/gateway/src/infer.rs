@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use medai_proto::audit::v1::{AppendRequest, QueryEventsRequest};
+use medai_proto::inference::v1::inference_service_client::InferenceServiceClient;
 use medai_proto::inference::v1::predict_then_store_response::Progress;
 use medai_proto::inference::v1::{
     GetResultRequest, PredictRequest, PredictResponse, PredictThenStoreRequest,
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::downstream::Downstream;
+use crate::downstream::{Downstream, mesh_request};
 use crate::error::{GatewayError, relay_downstream};
 use crate::token_auth::Caller;
 
@@ -863,12 +863,80 @@ async fn row_stored(
     }
 }
 
-/// Whether inference serves PredictThenStore: not known yet, yes, or no (an older inference,
-/// found once per process; Predict is used from then on).
-static PREDICT_THEN_STORE: AtomicU8 = AtomicU8::new(UNKNOWN);
-const UNKNOWN: u8 = 0;
-const SERVED: u8 = 1;
-const NOT_SERVED: u8 = 2;
+/// How long the gateway keeps sending predictions through Predict after inference answered that
+/// it does not serve PredictThenStore (an inference older than the method). Then one prediction
+/// tries the stream again: during a rolling upgrade (the gateway first, inference after) an
+/// upgraded inference is used again within this time, and an old one costs one refused call
+/// (answered through Predict) per this time.
+pub const PREDICT_THEN_STORE_RECHECK: Duration = Duration::from_secs(60);
+
+/// Whether the inference a gateway calls serves PredictThenStore, as last found. Kept with the
+/// gateway's clients ([`Downstream::predict_then_store`]), so each gateway finds out for itself
+/// and finds out again after [`PREDICT_THEN_STORE_RECHECK`].
+#[derive(Debug)]
+pub struct PredictThenStoreSupport {
+    /// When inference last answered that it does not serve the stream (or when a prediction
+    /// last set out to check again); `None` while it is not known not to serve it.
+    not_served_since: Mutex<Option<Instant>>,
+    recheck_after: Duration,
+}
+
+impl PredictThenStoreSupport {
+    pub fn new(recheck_after: Duration) -> Self {
+        Self {
+            not_served_since: Mutex::new(None),
+            recheck_after,
+        }
+    }
+
+    /// Whether a prediction made at `now` tries the stream. Once the re-check time has passed,
+    /// the first prediction to ask tries it and the time starts again, so predictions made
+    /// meanwhile keep to Predict rather than all being refused at once.
+    fn try_stream(&self, now: Instant) -> bool {
+        let mut since = self
+            .not_served_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *since {
+            None => true,
+            Some(at) if now.saturating_duration_since(at) >= self.recheck_after => {
+                *since = Some(now);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn served(&self) {
+        *self
+            .not_served_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    fn not_served(&self, now: Instant) {
+        *self
+            .not_served_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+    }
+
+    /// Moves what was found `by` into the past, as if that much time had gone by.
+    #[cfg(test)]
+    fn backdate(&self, by: Duration) {
+        let mut since = self
+            .not_served_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *since = since.map(|at| at - by);
+    }
+}
+
+impl Default for PredictThenStoreSupport {
+    fn default() -> Self {
+        Self::new(PREDICT_THEN_STORE_RECHECK)
+    }
+}
 
 /// Whether `status` says the callee does not serve the method: UNIMPLEMENTED, or the peer
 /// policy of a service older than the method (it names only the methods it serves).
@@ -889,30 +957,57 @@ async fn predict(
     correlation_id: &str,
     time_left: Option<Duration>,
 ) -> Result<(PredictResponse, Option<RowOutcome>), tonic::Status> {
-    let served = PREDICT_THEN_STORE.load(Ordering::Relaxed);
-    let request = if request.idempotency_key.is_empty() && served != NOT_SERVED {
-        // Kept until inference is known to serve the stream, to send again through Predict.
-        let again = (served == UNKNOWN).then(|| request.clone());
-        let streamed = downstream
-            .inference
-            .clone()
-            .predict_then_store(downstream.request(
+    predict_through(
+        downstream.inference.clone(),
+        &downstream.predict_then_store,
+        request,
+        correlation_id,
+        downstream.time_bound(time_left),
+    )
+    .await
+}
+
+/// [`predict`] through any inference client (tests stand up a fake inference). Each method is
+/// called at most once: PredictThenStore if it is tried, then Predict only if the stream was
+/// not served (the same request, sent again) or not tried.
+async fn predict_through<T>(
+    mut inference: InferenceServiceClient<T>,
+    support: &PredictThenStoreSupport,
+    request: PredictRequest,
+    correlation_id: &str,
+    timeout: Duration,
+) -> Result<(PredictResponse, Option<RowOutcome>), tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let request = if request.idempotency_key.is_empty() && support.try_stream(Instant::now()) {
+        // Kept to send again through Predict should this inference (or this replica of it,
+        // during a rolling upgrade) not serve the stream. The pixels are shared, not copied.
+        let again = request.clone();
+        let streamed = inference
+            .predict_then_store(mesh_request(
                 PredictThenStoreRequest {
                     request: Some(request),
                 },
                 correlation_id,
-                time_left,
+                timeout,
             ))
             .await;
-        match (streamed, again) {
-            (Err(status), Some(again)) if not_served(&status) => {
-                PREDICT_THEN_STORE.store(NOT_SERVED, Ordering::Relaxed);
-                tracing::warn!("inference does not serve PredictThenStore; using Predict");
+        match streamed {
+            Err(status) if not_served(&status) => {
+                support.not_served(Instant::now());
+                tracing::warn!(
+                    code = ?status.code(),
+                    "inference does not serve PredictThenStore; using Predict"
+                );
                 again
             }
-            (Err(status), _) => return Err(status),
-            (Ok(response), _) => {
-                PREDICT_THEN_STORE.store(SERVED, Ordering::Relaxed);
+            Err(status) => return Err(status),
+            Ok(response) => {
+                support.served();
                 let mut row = response.into_inner();
                 return match row.message().await? {
                     Some(PredictThenStoreResponse {
@@ -927,10 +1022,8 @@ async fn predict(
     } else {
         request
     };
-    let answered = downstream
-        .inference
-        .clone()
-        .predict(downstream.request(request, correlation_id, time_left))
+    let answered = inference
+        .predict(mesh_request(request, correlation_id, timeout))
         .await?;
     Ok((answered.into_inner(), None))
 }
@@ -1088,5 +1181,301 @@ async fn record_refusal(
         .await
     {
         tracing::error!(code = ?error.code(), "refused inference could not be recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fallback from PredictThenStore to Predict, against a fake inference served by tonic
+    //! over TCP: what an inference older than the stream answers (UNIMPLEMENTED, or its peer
+    //! policy's PEER_NOT_ALLOWED), then what it answers once upgraded.
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use medai_proto::inference::v1 as pb;
+    use medai_proto::inference::v1::inference_service_server::{
+        InferenceService, InferenceServiceServer,
+    };
+    use medai_runtime::errors::{ErrorKind, status_with_reason};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// How the fake refuses PredictThenStore while it is "old".
+    #[derive(Clone, Copy, Debug)]
+    enum Refusal {
+        Unimplemented,
+        PeerNotAllowed,
+        /// Not a "not served" answer: returned to the caller as it is.
+        Unavailable,
+    }
+
+    #[derive(Debug)]
+    struct Calls {
+        refusal: Refusal,
+        /// Whether PredictThenStore is served (an upgraded inference).
+        upgraded: AtomicBool,
+        streamed: AtomicUsize,
+        predicted: AtomicUsize,
+    }
+
+    impl Calls {
+        fn counts(&self) -> (usize, usize) {
+            (
+                self.streamed.load(Ordering::SeqCst),
+                self.predicted.load(Ordering::SeqCst),
+            )
+        }
+    }
+
+    struct FakeInference(Arc<Calls>);
+
+    fn answer(request: &PredictRequest) -> PredictResponse {
+        PredictResponse {
+            result_id: request.result_id.clone(),
+            model_name: request.model_name.clone(),
+            model_version: "1".to_owned(),
+            ..PredictResponse::default()
+        }
+    }
+
+    type ProgressStream =
+        Pin<Box<dyn futures::Stream<Item = Result<PredictThenStoreResponse, Status>> + Send>>;
+
+    impl FakeInference {
+        fn predict(&self, request: &PredictRequest) -> Result<Response<PredictResponse>, Status> {
+            self.0.predicted.fetch_add(1, Ordering::SeqCst);
+            Ok(Response::new(answer(request)))
+        }
+
+        fn predict_then_store(
+            &self,
+            request: PredictThenStoreRequest,
+        ) -> Result<Response<ProgressStream>, Status> {
+            self.0.streamed.fetch_add(1, Ordering::SeqCst);
+            if !self.0.upgraded.load(Ordering::SeqCst) {
+                return Err(match self.0.refusal {
+                    Refusal::Unimplemented => Status::unimplemented("not served"),
+                    Refusal::PeerNotAllowed => status_with_reason(
+                        ErrorKind::PermissionDenied,
+                        "medai.mesh",
+                        "PEER_NOT_ALLOWED",
+                        "peer gateway may not call PredictThenStore",
+                    ),
+                    Refusal::Unavailable => Status::unavailable("draining"),
+                });
+            }
+            let request = request.request.unwrap_or_default();
+            let progress = [
+                Progress::Prediction(answer(&request)),
+                Progress::Stored(pb::ResultStored {
+                    result_id: request.result_id,
+                }),
+            ]
+            .map(|progress| {
+                Ok(PredictThenStoreResponse {
+                    progress: Some(progress),
+                })
+            });
+            Ok(Response::new(Box::pin(futures::stream::iter(progress))))
+        }
+    }
+
+    /// The fake's service: Predict and PredictThenStore as above, every other method refused.
+    macro_rules! fake_inference {
+        ($($method:ident($request:ident) -> $response:ident;)*) => {
+            #[tonic::async_trait]
+            impl InferenceService for FakeInference {
+                type PredictThenStoreStream = ProgressStream;
+
+                async fn predict(
+                    &self,
+                    request: Request<PredictRequest>,
+                ) -> Result<Response<PredictResponse>, Status> {
+                    FakeInference::predict(self, request.get_ref())
+                }
+
+                async fn predict_then_store(
+                    &self,
+                    request: Request<PredictThenStoreRequest>,
+                ) -> Result<Response<ProgressStream>, Status> {
+                    FakeInference::predict_then_store(self, request.into_inner())
+                }
+
+                $(async fn $method(
+                    &self,
+                    _: Request<pb::$request>,
+                ) -> Result<Response<pb::$response>, Status> {
+                    Err(Status::unimplemented(stringify!($method)))
+                })*
+            }
+        };
+    }
+
+    fake_inference! {
+        get_result(GetResultRequest) -> GetResultResponse;
+        list_results(ListResultsRequest) -> ListResultsResponse;
+        record_delivery(RecordDeliveryRequest) -> RecordDeliveryResponse;
+        record_deliveries(RecordDeliveriesRequest) -> RecordDeliveriesResponse;
+        sign_result(SignResultRequest) -> SignResultResponse;
+        list_models(ListModelsRequest) -> ListModelsResponse;
+        stage_model_version(StageModelVersionRequest) -> StageModelVersionResponse;
+        activate_model_version(ActivateModelVersionRequest) -> ActivateModelVersionResponse;
+        retire_model_version(RetireModelVersionRequest) -> RetireModelVersionResponse;
+        rollback_model(RollbackModelRequest) -> RollbackModelResponse;
+        explain_result(ExplainResultRequest) -> ExplainResultResponse;
+        record_explanation(RecordExplanationRequest) -> RecordExplanationResponse;
+        start_canary(StartCanaryRequest) -> StartCanaryResponse;
+        promote_canary(PromoteCanaryRequest) -> PromoteCanaryResponse;
+        abort_canary(AbortCanaryRequest) -> AbortCanaryResponse;
+        start_shadow(StartShadowRequest) -> StartShadowResponse;
+        stop_shadow(StopShadowRequest) -> StopShadowResponse;
+        get_model_report(GetModelReportRequest) -> GetModelReportResponse;
+    }
+
+    /// Serves a fake inference on a free local port; its calls and a client to it.
+    async fn fake_inference(
+        refusal: Refusal,
+    ) -> (
+        Arc<Calls>,
+        InferenceServiceClient<tonic::transport::Channel>,
+    ) {
+        let calls = Arc::new(Calls {
+            refusal,
+            upgraded: AtomicBool::new(false),
+            streamed: AtomicUsize::new(0),
+            predicted: AtomicUsize::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tonic::transport::Server::builder()
+            .add_service(InferenceServiceServer::new(FakeInference(calls.clone())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        (calls, InferenceServiceClient::new(channel))
+    }
+
+    fn request(result_id: &str, idempotency_key: &str) -> PredictRequest {
+        PredictRequest {
+            model_name: "light".to_owned(),
+            result_id: result_id.to_owned(),
+            idempotency_key: idempotency_key.to_owned(),
+            ..PredictRequest::default()
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn an_old_inference_is_asked_through_predict_until_the_recheck_finds_it_upgraded() {
+        for refusal in [Refusal::Unimplemented, Refusal::PeerNotAllowed] {
+            let (calls, client) = fake_inference(refusal).await;
+            let support = PredictThenStoreSupport::new(PREDICT_THEN_STORE_RECHECK);
+            let predict = |result_id: &str| {
+                predict_through(
+                    client.clone(),
+                    &support,
+                    request(result_id, ""),
+                    "corr",
+                    TIMEOUT,
+                )
+            };
+
+            // The stream is refused as not served; the same request goes once through Predict.
+            let (prediction, row) = predict("r1").await.expect("answered through Predict");
+            assert_eq!(prediction.result_id, "r1", "{refusal:?}");
+            assert!(row.is_none(), "{refusal:?}: Predict has no row stream");
+            assert_eq!(calls.counts(), (1, 1), "{refusal:?}");
+
+            // Within the re-check time: straight to Predict, even once inference is upgraded.
+            predict("r2").await.expect("answered");
+            assert_eq!(calls.counts(), (1, 2), "{refusal:?}");
+            calls.upgraded.store(true, Ordering::SeqCst);
+            support.backdate(PREDICT_THEN_STORE_RECHECK - Duration::from_secs(1));
+            predict("r3").await.expect("answered");
+            assert_eq!(calls.counts(), (1, 3), "{refusal:?}");
+
+            // After it: the stream is tried again and, served, used (Predict is not asked).
+            support.backdate(Duration::from_secs(1));
+            let (prediction, row) = predict("r4").await.expect("answered through the stream");
+            assert_eq!(prediction.result_id, "r4", "{refusal:?}");
+            row_stored(row.expect("the row's stream"))
+                .await
+                .expect("stored");
+            assert_eq!(calls.counts(), (2, 3), "{refusal:?}");
+            predict("r5").await.expect("answered");
+            assert_eq!(calls.counts(), (3, 3), "{refusal:?}");
+
+            // A keyed request goes through Predict whatever is known.
+            predict_through(
+                client.clone(),
+                &support,
+                request("r6", "key"),
+                "corr",
+                TIMEOUT,
+            )
+            .await
+            .expect("answered");
+            assert_eq!(calls.counts(), (3, 4), "{refusal:?}");
+
+            // An inference (or a replica of it) rolled back: the stream is refused once, the
+            // request answered through Predict, and Predict used from then on.
+            calls.upgraded.store(false, Ordering::SeqCst);
+            let (prediction, row) = predict("r7").await.expect("answered through Predict");
+            assert_eq!(prediction.result_id, "r7", "{refusal:?}");
+            assert!(row.is_none());
+            assert_eq!(calls.counts(), (4, 5), "{refusal:?}");
+            predict("r8").await.expect("answered");
+            assert_eq!(calls.counts(), (4, 6), "{refusal:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_is_not_not_served_is_returned_and_predict_is_not_asked() {
+        let (calls, client) = fake_inference(Refusal::Unavailable).await;
+        let support = PredictThenStoreSupport::new(PREDICT_THEN_STORE_RECHECK);
+        for (attempt, result_id) in ["r1", "r2"].into_iter().enumerate() {
+            let refused = predict_through(
+                client.clone(),
+                &support,
+                request(result_id, ""),
+                "corr",
+                TIMEOUT,
+            )
+            .await
+            .expect_err("refused");
+            assert_eq!(refused.code(), tonic::Code::Unavailable);
+            // Nothing was learnt: the next prediction tries the stream again.
+            assert_eq!(calls.counts(), (attempt + 1, 0));
+        }
+    }
+
+    #[test]
+    fn each_gateway_finds_out_for_itself_and_one_prediction_rechecks_at_a_time() {
+        let first = PredictThenStoreSupport::new(Duration::from_secs(60));
+        let second = PredictThenStoreSupport::new(Duration::from_secs(60));
+        let now = Instant::now();
+        first.not_served(now);
+        assert!(!first.try_stream(now + Duration::from_secs(59)));
+        assert!(
+            second.try_stream(now),
+            "another gateway's finding is not shared"
+        );
+        let later = now + Duration::from_secs(60);
+        assert!(first.try_stream(later), "re-checked after the time");
+        assert!(
+            !first.try_stream(later),
+            "while one prediction re-checks, the others keep to Predict"
+        );
+        first.served();
+        assert!(first.try_stream(later));
     }
 }
