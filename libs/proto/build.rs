@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Image bytes are shared, not copied: a decoded request's image is a view of the received
     // buffer, and a gateway that may have to send an image twice clones a handle (issue 14).
     tonic_prost_build::configure()
+        .codec_path("crate::codec::ReservingProstCodec")
         .bytes(".medai.gateway.v1.InferRequest.image")
         .bytes(".medai.gateway.v1.StudyStreamRequest.image")
         .bytes(".medai.validation.v1.ValidateImageRequest.image")

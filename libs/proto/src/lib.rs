@@ -1,7 +1,9 @@
-//! Generated gRPC types for the MedAI Flow services. Nothing but generated code lives here;
-//! services convert to their own domain types at the edge.
+//! Generated gRPC types for the MedAI Flow services. Nothing but generated code (and the codec
+//! it is generated with) lives here; services convert to their own domain types at the edge.
 
 #![allow(clippy::all, missing_docs)]
+
+pub mod codec;
 
 pub mod common {
     pub mod v1 {
