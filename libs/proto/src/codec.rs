@@ -39,9 +39,7 @@ where
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ReservingEncoder {
-            _type: PhantomData,
-        }
+        ReservingEncoder { _type: PhantomData }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
