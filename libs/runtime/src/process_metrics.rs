@@ -1,11 +1,13 @@
 //! The standard `process_*` families (as the Prometheus client libraries export them), read
-//! from `/proc/self` when `/metrics` is scraped, and `medai_build_info{version,commit}`.
+//! from `/proc/self` (CPU time from the process's CPU clock) when `/metrics` is scraped, and
+//! `medai_build_info{version,commit}`.
 //! Nowhere but Linux has `/proc`; there the families are described but not set.
 
 use std::sync::OnceLock;
 
-/// Kernel clock ticks per second as `/proc` reports CPU times (`USER_HZ`). Fixed at 100 on
-/// every architecture this runs on; the Prometheus Go client's procfs assumes the same.
+/// Kernel clock ticks per second as `/proc` reports times (`USER_HZ`; the start time here).
+/// Fixed at 100 on every architecture this runs on; the Prometheus Go client's procfs assumes
+/// the same.
 const USER_HZ: f64 = 100.0;
 
 /// The version and the commit the binary was built from (see build.rs).
@@ -37,11 +39,8 @@ impl ProcessFigures {
         let stat = std::fs::read_to_string("/proc/self/stat").ok();
         let fields = stat.as_deref().and_then(stat_fields_after_name);
         let field = |index: usize| -> Option<f64> { fields.as_ref()?.get(index)?.parse().ok() };
+        let cpu_seconds = Some(process_cpu_seconds());
         // Numbered as in proc(5) minus 3: `state` (field 3) is index 0 after the name.
-        let cpu_seconds = match (field(14 - 3), field(15 - 3)) {
-            (Some(user), Some(system)) => Some((user + system) / USER_HZ),
-            _ => None,
-        };
         let start_time_seconds = match (field(22 - 3), *boot_time()) {
             (Some(ticks), Some(boot)) => Some(boot + ticks / USER_HZ),
             _ => None,
@@ -79,6 +78,14 @@ impl ProcessFigures {
             start_time_seconds,
         }
     }
+}
+
+/// User and system CPU time of all the process's threads so far, to the nanosecond. Not
+/// `/proc/self/stat`'s utime and stime: those count 10 ms ticks, so a quiet service that had run
+/// for less than a tick reported 0.
+fn process_cpu_seconds() -> f64 {
+    let spent = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    spent.tv_sec as f64 + spent.tv_nsec as f64 / 1e9
 }
 
 /// The fields of `/proc/self/stat` after `(comm)`, which may itself hold spaces and parentheses.
@@ -176,7 +183,8 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs_f64();
-        assert!(figures.cpu_seconds.is_some_and(|seconds| seconds >= 0.0));
+        // Any process that has run has spent some CPU, however little, to the nanosecond.
+        assert!(figures.cpu_seconds.is_some_and(|seconds| seconds > 0.0));
         assert!(
             figures
                 .resident_bytes
