@@ -9,7 +9,9 @@
 //! between the two so that a noisy neighbour hurts both alike.
 //!
 //! It also reports CPU time per prediction by process (from /proc), which is where the
-//! overhead budget is spent. Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
+//! overhead budget is spent, and the WAL flushes (fsyncs) per prediction on each side: the
+//! durable commits a prediction waits for or queues behind (`pg_stat_wal.wal_sync`, the whole
+//! cluster, read after the round's statistics have reached it). Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
 //! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels.
 
 #![allow(clippy::print_stdout)]
@@ -38,6 +40,27 @@ fn requests_at(concurrency: usize) -> usize {
 
 fn cpu_seconds_by_process() -> BTreeMap<String, f64> {
     medai_e2e::process_cpu::cpu_seconds_by_process("monolith (python)")
+}
+
+/// WAL flushes of the suite's PostgreSQL cluster so far. Each backend reports its share when
+/// it goes idle, at most once a second, so the count is read after a pause.
+async fn wal_flushes() -> f64 {
+    use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let cluster = Database::connect(medai_testkit::suite_postgres_url().as_str())
+        .await
+        .expect("connect to the suite's PostgreSQL");
+    let row = cluster
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT wal_sync::float8 AS flushes FROM pg_stat_wal",
+        ))
+        .await
+        .expect("pg_stat_wal")
+        .expect("one row");
+    let flushes = row.try_get::<f64>("", "flushes").expect("wal_sync");
+    cluster.close().await.expect("close");
+    flushes
 }
 
 async fn mesh_round(
@@ -328,20 +351,28 @@ async fn main() {
     );
     let mut report = serde_json::Map::new();
     let mut cpu_report = serde_json::Map::new();
+    let mut flush_report = serde_json::Map::new();
     for level in medai_e2e::bench_levels(&LEVELS) {
         let total = requests_at(level);
         let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
         let mut mesh_cpu = BTreeMap::new();
         let mut monolith_cpu = BTreeMap::new();
+        let (mut mesh_flushes, mut monolith_flushes) = (0.0, 0.0);
         for _ in 0..ROUNDS {
+            let flushes_before = wal_flushes().await;
             let before = cpu_seconds_by_process();
             mesh_rounds.push(mesh_round(&mesh, &token, level, total).await);
             let middle = cpu_seconds_by_process();
+            let flushes_middle = wal_flushes().await;
+            let middle_after_pause = cpu_seconds_by_process();
             monolith_rounds
                 .push(monolith_round(monolith.address, &monolith.token, level, total).await);
             let after = cpu_seconds_by_process();
+            let flushes_after = wal_flushes().await;
             mesh_cpu = cpu_per_prediction(&before, &middle, total);
-            monolith_cpu = cpu_per_prediction(&middle, &after, total);
+            monolith_cpu = cpu_per_prediction(&middle_after_pause, &after, total);
+            mesh_flushes = (flushes_middle - flushes_before) / total as f64;
+            monolith_flushes = (flushes_after - flushes_middle) / total as f64;
         }
         let (ours, theirs) = (combine(&mesh_rounds), combine(&monolith_rounds));
         let ratio = ours.per_second / theirs.per_second;
@@ -367,6 +398,10 @@ async fn main() {
             "",
             describe(&monolith_cpu)
         );
+        println!(
+            "  {:>11}  WAL flushes/prediction: mesh {mesh_flushes:.2}, monolith {monolith_flushes:.2}",
+            ""
+        );
         report.insert(
             level.to_string(),
             serde_json::json!({
@@ -379,12 +414,20 @@ async fn main() {
             level.to_string(),
             serde_json::json!({ "mesh": mesh_cpu, "monolith": monolith_cpu }),
         );
+        flush_report.insert(
+            level.to_string(),
+            serde_json::json!({ "mesh": mesh_flushes, "monolith": monolith_flushes }),
+        );
     }
     monolith.stop().await;
     mesh.stop().await;
     report.insert(
         "cpu_micros_per_prediction".to_owned(),
         serde_json::Value::Object(cpu_report),
+    );
+    report.insert(
+        "wal_flushes_per_prediction".to_owned(),
+        serde_json::Value::Object(flush_report),
     );
     write_report("versus_monolith", serde_json::Value::Object(report));
 }
