@@ -478,8 +478,15 @@ const MAX_NOTES_PER_COMMIT: usize = 256;
 
 /// Writes delivery notes as a group commit: a note that finds the writer idle is committed at
 /// once, on its own; notes that arrive while a commit runs wait for it and are committed
-/// together by the next one (one transaction, one durable commit). Every caller is answered
-/// only after the commit that holds its note, so a note answered is a note kept.
+/// together by the next one (one transaction). Every caller is answered only after the commit
+/// that holds its note, so a note answered is a note every reader sees.
+///
+/// On PostgreSQL the commit does not wait for its WAL to reach the disk (`synchronous_commit`
+/// off for that transaction alone; the WAL writer flushes it within `wal_writer_delay`): a note
+/// is an index of a ledger record that is durable already, and a note lost with the database
+/// is the state a gateway killed between the record and the note leaves, which every read of
+/// the result heals from the ledger. Issue 14: at concurrency 1 the note's own flush was a
+/// third fsync per prediction, queued ahead of the next prediction's two durable commits.
 async fn write_delivery_notes(
     connection: DatabaseConnection,
     mut pending: mpsc::Receiver<PendingNote>,
@@ -521,6 +528,12 @@ async fn note_deliveries(
 ) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
     use result_row::Column;
     let transaction = connection.begin().await?;
+    if transaction.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+        // See write_delivery_notes: this transaction's commit alone.
+        transaction
+            .execute_unprepared("SET LOCAL synchronous_commit TO ON")
+            .await?;
+    }
     let mut answers = Vec::with_capacity(notes.len());
     for (result_id, seq) in notes {
         let updated = result_row::Entity::update_many()

@@ -756,6 +756,57 @@ async fn delivery_notes_made_together_share_a_commit_and_each_is_kept() {
     assert!(store.record_delivery("no-such-result", 5).await.is_err());
 }
 
+/// Issue 14: a delivery note's commit does not wait for its WAL to reach the disk (nor for a
+/// synchronous standby): the note indexes a ledger record that is durable already, and a note
+/// lost with the database is made again from the ledger when the result is read. Shown on a
+/// private cluster whose durable commits then wait for a standby that never connects: a new
+/// result's commit waits, a note's commit does not, and the note is read back.
+#[tokio::test]
+async fn a_delivery_notes_commit_does_not_wait_for_the_wal_flush() {
+    let cluster = tokio::task::spawn_blocking(medai_testkit::PrivatePostgres::start)
+        .await
+        .expect("private cluster");
+    let store = medai_inference::results::ResultsStore::connect(&cluster.url())
+        .await
+        .expect("results store");
+    let (stored, _) = store
+        .insert(undelivered_result(0))
+        .await
+        .expect("a result stored while commits are durable");
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.query("ALTER SYSTEM SET synchronous_standby_names = 'absent_standby'");
+        cluster.query("SELECT pg_reload_conf()");
+        cluster
+    })
+    .await
+    .expect("settings");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Every durable commit now waits for the absent standby.
+    let durable = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        store.insert(undelivered_result(1)),
+    )
+    .await;
+    assert!(
+        durable.is_err(),
+        "a new result's commit did not wait for the standby: {durable:?}"
+    );
+    let noted = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.record_delivery(&stored.result_id, 42),
+    )
+    .await
+    .expect("the note's commit does not wait for the standby")
+    .expect("noted");
+    assert_eq!(noted, 42);
+    assert_eq!(
+        store.get(&stored.result_id).await.expect("read").ledger_seq,
+        42,
+        "the note is read back"
+    );
+    drop(cluster);
+}
+
 /// Issue 14: RecordDeliveries notes many deliveries in one call, each as RecordDelivery would
 /// (the first seq of a result stands; an unknown result and a seq of 0 are refused on their
 /// own, by their stable codes), answering one outcome per delivery in order; a call over the
