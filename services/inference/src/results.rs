@@ -531,7 +531,7 @@ async fn note_deliveries(
     if transaction.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
         // See write_delivery_notes: this transaction's commit alone.
         transaction
-            .execute_unprepared("SET LOCAL synchronous_commit TO ON")
+            .execute_unprepared("SET LOCAL synchronous_commit TO OFF")
             .await?;
     }
     let mut answers = Vec::with_capacity(notes.len());
