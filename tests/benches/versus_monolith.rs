@@ -11,7 +11,7 @@
 //! It also reports CPU time per prediction by process (from /proc), which is where the
 //! overhead budget is spent, and the WAL flushes (fsyncs) per prediction on each side: the
 //! durable commits a prediction waits for or queues behind (`pg_stat_wal.wal_sync`, the whole
-//! cluster, read after the round's statistics have reached it). Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
+//! cluster, read once the round's statistics have reached it). Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
 //! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels.
 
 #![allow(clippy::print_stdout)]
@@ -43,22 +43,34 @@ fn cpu_seconds_by_process() -> BTreeMap<String, f64> {
 }
 
 /// WAL flushes of the suite's PostgreSQL cluster so far. Each backend reports its share when
-/// it goes idle, at most once a second, so the count is read after a pause.
+/// it goes idle, at most once a second (later when the shared statistics are busy), so the
+/// count is read once it has stopped moving for a second (at most 15 s).
 async fn wal_flushes() -> f64 {
     use sea_orm::{ConnectionTrait, Database, DatabaseBackend, Statement};
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let cluster = Database::connect(medai_testkit::suite_postgres_url().as_str())
         .await
         .expect("connect to the suite's PostgreSQL");
-    let row = cluster
-        .query_one_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            "SELECT wal_sync::float8 AS flushes FROM pg_stat_wal",
-        ))
-        .await
-        .expect("pg_stat_wal")
-        .expect("one row");
-    let flushes = row.try_get::<f64>("", "flushes").expect("wal_sync");
+    let read = || async {
+        let row = cluster
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT wal_sync::float8 AS flushes FROM pg_stat_wal",
+            ))
+            .await
+            .expect("pg_stat_wal")
+            .expect("one row");
+        row.try_get::<f64>("", "flushes").expect("wal_sync")
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut flushes = read().await;
+    for _ in 0..14 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = read().await;
+        if now == flushes {
+            break;
+        }
+        flushes = now;
+    }
     cluster.close().await.expect("close");
     flushes
 }

@@ -347,8 +347,7 @@ const MAX_RESULTS_PER_COMMIT: usize = 128;
 
 /// Writes new results as a group commit, like [`write_delivery_notes`]: a result that finds
 /// the writer idle is committed at once, on its own; results that arrive while a commit runs
-/// are stored together by the next one (one multi-row INSERT, one transaction, one durable
-/// commit). Each caller is answered only after the commit that holds its row (or the stored
+/// are stored together by the next one (one multi-row INSERT, one durable commit). Each caller is answered only after the commit that holds its row (or the stored
 /// row its idempotency key names), so a result answered is a result kept; a batch that fails
 /// fails every caller in it.
 async fn write_new_results(
@@ -378,9 +377,11 @@ async fn write_new_results(
     }
 }
 
-/// One transaction storing every result of `batch` whose idempotency key is not stored yet
+/// One statement storing every result of `batch` whose idempotency key is not stored yet
 /// (the unique key decides, also against other replicas and against an earlier row of the
-/// same batch); returns, per result, what [`ResultsStore::insert`] answers.
+/// same batch); returns, per result, what [`ResultsStore::insert`] answers. The INSERT commits
+/// on its own (one statement is atomic): no BEGIN and COMMIT round trips around it (issue 14).
+/// A key it did not store belongs to a row already committed, which the look-up then reads.
 async fn insert_results(
     connection: &DatabaseConnection,
     batch: &[PendingResult],
@@ -389,7 +390,6 @@ async fn insert_results(
     use sea_orm::QueryTrait;
     use sea_orm::sea_query::OnConflict;
     use std::collections::{HashMap, HashSet};
-    let transaction = connection.begin().await?;
     // Only the first row of the batch with a given key is offered; a later one is answered
     // from whatever that key stores once the INSERT has run.
     let mut keys_offered = HashSet::new();
@@ -412,7 +412,7 @@ async fn insert_results(
                 .to_owned(),
         )
         .returning_col(Column::ResultId);
-    let inserted: HashSet<String> = transaction
+    let inserted: HashSet<String> = connection
         .query_all(&statement)
         .await?
         .iter()
@@ -427,7 +427,7 @@ async fn insert_results(
     if !missing.is_empty() {
         for stored in result_row::Entity::find()
             .filter(Column::IdempotencyKey.is_in(missing))
-            .all(&transaction)
+            .all(connection)
             .await?
         {
             if let Some(key) = stored.idempotency_key.clone() {
@@ -435,7 +435,6 @@ async fn insert_results(
             }
         }
     }
-    transaction.commit().await?;
     Ok(batch
         .iter()
         .map(|pending| {
