@@ -221,7 +221,39 @@ fn labels(value: Option<&Value>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// A local port free now, for a container port the pod's process binds later. Chosen below
+/// the kernel's ephemeral range: a port from that range (a `bind` to port 0) could be handed to
+/// another test's listener before the pod binds it, and a restarted pod would then find it
+/// taken every time (seen in CI: "Address already in use", CrashLoopBackOff).
 fn free_local_port() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let ephemeral_start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    const LOWEST: u32 = 10_000;
+    let span = ephemeral_start.saturating_sub(LOWEST).max(1);
+    // Each process starts at its own offset; ports it tried are not tried again.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.subsec_nanos()))
+            % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let candidate = LOWEST + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(port) = u16::try_from(candidate) else {
+            continue;
+        };
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("local address");
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local address")
 }
