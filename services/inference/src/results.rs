@@ -347,9 +347,10 @@ const MAX_RESULTS_PER_COMMIT: usize = 128;
 
 /// Writes new results as a group commit, like [`write_delivery_notes`]: a result that finds
 /// the writer idle is committed at once, on its own; results that arrive while a commit runs
-/// are stored together by the next one (one multi-row INSERT, one durable commit). Each caller is answered only after the commit that holds its row (or the stored
-/// row its idempotency key names), so a result answered is a result kept; a batch that fails
-/// fails every caller in it.
+/// are stored together by the next one (one multi-row INSERT, one durable commit). Each
+/// caller is answered only after the commit that holds its row (or the stored row its
+/// idempotency key names), so a result answered is a result kept; a batch that fails fails
+/// every caller in it.
 async fn write_new_results(
     connection: DatabaseConnection,
     mut pending: mpsc::Receiver<PendingResult>,
