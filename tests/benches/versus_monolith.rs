@@ -11,7 +11,8 @@
 //! It also reports CPU time per prediction by process (from /proc), which is where the
 //! overhead budget is spent, and the WAL flushes (fsyncs) per prediction on each side: the
 //! durable commits a prediction waits for or queues behind (`pg_stat_wal.wal_sync`, the whole
-//! cluster, read once the round's statistics have reached it). Run with `scripts/bench.sh`; writes target/bench/versus_monolith.json.
+//! cluster, read once the round's statistics have reached it). Run with `scripts/bench.sh`;
+//! writes target/bench/versus_monolith.json.
 //! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels.
 
 #![allow(clippy::print_stdout)]
