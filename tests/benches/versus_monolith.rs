@@ -13,7 +13,8 @@
 //! durable commits a prediction waits for or queues behind (`pg_stat_wal.wal_sync`, the whole
 //! cluster, read once the round's statistics have reached it). Run with `scripts/bench.sh`;
 //! writes target/bench/versus_monolith.json.
-//! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels.
+//! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels;
+//! `MEDAI_BENCH_SERVICE_ENV=TOKIO_WORKER_THREADS=1,…` gives every service those variables too.
 
 #![allow(clippy::print_stdout)]
 
@@ -317,6 +318,16 @@ fn combine(rounds: &[Figures]) -> Figures {
     }
 }
 
+/// `MEDAI_BENCH_SERVICE_ENV`: `NAME=value` pairs, comma separated, for every service.
+fn service_environment() -> Vec<(String, String)> {
+    std::env::var("MEDAI_BENCH_SERVICE_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let root = workspace_root();
@@ -339,6 +350,7 @@ async fn main() {
                 ),
             ]);
         }
+        variables.extend(service_environment());
         (service.to_owned(), variables)
     };
     let extra = ["gateway", "auth", "validation", "inference", "audit"]
