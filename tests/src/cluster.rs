@@ -4,7 +4,8 @@
 //!
 //! What each process gets, as the kubelet would give it:
 //! - the container's `command` and `args` (paths of the image mapped to the local binaries);
-//! - every `env` entry: literals, and `secretKeyRef` / `configMapKeyRef` / `fieldRef` resolved
+//! - every `env` entry: literals, `resourceFieldRef` (CPU, from the container's resources), and
+//!   `secretKeyRef` / `configMapKeyRef` / `fieldRef` resolved
 //!   from the Secrets and ConfigMaps the test created (a missing one fails the pod, as
 //!   `CreateContainerConfigError` would);
 //! - the service-link variables of every Service of the release (`<NAME>_SERVICE_HOST`,
@@ -651,7 +652,7 @@ impl LocalCluster {
             .unwrap_or_default()
         {
             let variable = text(&entry, "/name").expect("env name");
-            let mut value = self.env_value(name, &entry);
+            let mut value = self.env_value(name, container, &entry);
             if entry.pointer("/value").is_some() {
                 value = expand_dependent_variables(&value, &environment);
             }
@@ -764,7 +765,7 @@ impl LocalCluster {
         panic!("pod {pod}: volume kind not simulated: {volume}");
     }
 
-    fn env_value(&self, pod: &str, entry: &Value) -> String {
+    fn env_value(&self, pod: &str, container: &Value, entry: &Value) -> String {
         if let Some(value) = entry.pointer("/value") {
             return value
                 .as_str()
@@ -810,6 +811,9 @@ impl LocalCluster {
                 "status.podIP" | "status.hostIP" => "127.0.0.1".to_owned(),
                 other => panic!("fieldRef {other} is not simulated"),
             };
+        }
+        if let Some(reference) = source.pointer("/resourceFieldRef") {
+            return resource_field(pod, container, reference);
         }
         panic!("pod {pod}: env source not simulated: {source}");
     }
@@ -1344,4 +1348,75 @@ async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
     stream.read_to_end(&mut response).await.ok()?;
     let head = String::from_utf8_lossy(&response);
     head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A `resourceFieldRef` as the kubelet resolves it for CPU: the container's request or limit
+/// divided by the divisor, rounded up (`250m` with divisor `1` is `1`).
+fn resource_field(pod: &str, container: &Value, reference: &Value) -> String {
+    let own_name = text(container, "/name").expect("container name");
+    if let Some(named) = text(reference, "/containerName") {
+        assert_eq!(
+            named, own_name,
+            "pod {pod}: resourceFieldRef of another container is not simulated"
+        );
+    }
+    let resource = text(reference, "/resource").expect("resourceFieldRef resource");
+    let (kind, name) = resource
+        .split_once('.')
+        .unwrap_or_else(|| panic!("pod {pod}: resource {resource}"));
+    assert_eq!(
+        name, "cpu",
+        "pod {pod}: only CPU resourceFieldRefs are simulated"
+    );
+    let quantity = container
+        .pointer(&format!("/resources/{kind}/cpu"))
+        .map(|value| {
+            value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("pod {pod}: {resource} is not set"));
+    let divisor = text(reference, "/divisor").unwrap_or_else(|| "1".to_owned());
+    cpu_millis(&quantity)
+        .div_ceil(cpu_millis(&divisor))
+        .to_string()
+}
+
+/// A CPU quantity (`250m`, `2`, `1.5`) in millicores.
+fn cpu_millis(quantity: &str) -> u64 {
+    match quantity.strip_suffix('m') {
+        Some(millis) => millis.parse().expect("a CPU quantity in millicores"),
+        None => {
+            let cores: f64 = quantity.parse().expect("a CPU quantity");
+            (cores * 1000.0).round() as u64
+        }
+    }
+}
+
+#[cfg(test)]
+mod resource_field_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_requests_round_up_to_whole_divisors_as_the_kubelet_gives_them() {
+        let container = serde_json::json!({
+            "name": "gateway",
+            "resources": { "requests": { "cpu": "250m" }, "limits": { "cpu": 3 } }
+        });
+        let reference = |resource: &str, divisor: &str| serde_json::json!({ "containerName": "gateway", "resource": resource, "divisor": divisor });
+        assert_eq!(
+            resource_field("p", &container, &reference("requests.cpu", "1")),
+            "1"
+        );
+        assert_eq!(
+            resource_field("p", &container, &reference("requests.cpu", "1m")),
+            "250"
+        );
+        assert_eq!(
+            resource_field("p", &container, &reference("limits.cpu", "1")),
+            "3"
+        );
+        assert_eq!(cpu_millis("1.5"), 1500);
+        assert_eq!(cpu_millis("2"), 2000);
+    }
 }

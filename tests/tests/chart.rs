@@ -7,7 +7,7 @@
 //! throughout, and the chart's `helm test` pod. Apart: a model lifecycle change made through
 //! one of two inference replicas, both on the read-only model volume, served by both.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -317,6 +317,34 @@ async fn the_chart_boots_the_whole_mesh_and_rolls_every_deployment_without_a_fai
         (Some(2), Some(32)),
         "auth runs with the chart's hash bounds"
     );
+
+    // 1c. Issue 14: each service's async runtime runs as many workers as its container's CPU
+    //     request, rounded up (the chart's defaults: 250m and 500m give 1, inference's 2 give 2),
+    //     not one per core of the node, as its own metric says.
+    for pod in &cluster.pods {
+        let Some(service) = pod.owner.strip_prefix("medai-") else {
+            continue;
+        };
+        let expected = match service {
+            "inference" => "2",
+            "gateway" | "auth" | "validation" | "audit" => "1",
+            _ => continue,
+        };
+        let given: Vec<&str> = pod
+            .environment()
+            .iter()
+            .filter(|(name, _)| name == "TOKIO_WORKER_THREADS")
+            .map(|(_, value)| value.as_str())
+            .collect();
+        assert_eq!(given, [expected], "{}: TOKIO_WORKER_THREADS", pod.name);
+        let page = http_get(pod.port("admin"), "/metrics").await;
+        assert!(
+            page.lines()
+                .any(|line| line == format!("medai_runtime_worker_threads {expected}")),
+            "{}: the runtime does not run {expected} workers",
+            pod.name
+        );
+    }
 
     // 2. A real prediction through the gateway, reached by its Service name.
     let gateway_address = cluster.service_address("medai-gateway", 50051);
@@ -2324,6 +2352,44 @@ async fn audit_pods_write_their_signed_checkpoints_to_the_shared_log_volume() {
         began.elapsed().as_secs_f64()
     );
     cluster.stop().await;
+}
+
+/// Issue 14: every service container's async runtime is sized by its CPU request (a
+/// `resourceFieldRef` the kubelet rounds up), unless `services.<name>.workerThreads` names a
+/// count; the whole-mesh boot above checks the running pods' figures.
+#[test]
+fn each_service_s_runtime_workers_follow_its_cpu_request_unless_a_count_is_given() {
+    let scratch = tempfile::tempdir().expect("scratch");
+    let values = scratch.path().join("values.yaml");
+    std::fs::write(&values, "services:\n  gateway:\n    workerThreads: 3\n").expect("values");
+    let manifests = render_chart(RELEASE, NAMESPACE, &values);
+    let mut seen = BTreeSet::new();
+    for (workload, container) in rendered_containers(&manifests) {
+        let Some(service) = workload.strip_prefix("medai-") else {
+            continue;
+        };
+        if !medai_cli::launcher::SERVICES.contains(&service) || container["name"] != service {
+            continue;
+        }
+        seen.insert(service.to_owned());
+        let entries: Vec<&Value> = container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["name"] == "TOKIO_WORKER_THREADS")
+            .collect();
+        assert_eq!(entries.len(), 1, "{workload}: {entries:?}");
+        if service == "gateway" {
+            assert_eq!(entries[0]["value"], "3", "the given count wins");
+        } else {
+            assert_eq!(
+                entries[0]["valueFrom"]["resourceFieldRef"],
+                serde_json::json!({ "containerName": service, "resource": "requests.cpu", "divisor": "1" }),
+                "{workload}"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 5, "every service is rendered: {seen:?}");
 }
 
 /// Issue 14: glibc's allocator settings reach the inference container, and only it, as the

@@ -376,6 +376,14 @@ async fn every_service_exports_prometheus_conventional_metrics_that_the_chart_al
             !exposition.text.contains("commit=\"\""),
             "{service}: an empty commit label"
         );
+        // Issue 14: services sharing one host split its cores instead of each taking them all.
+        let workers =
+            medai_cli::launcher::service_worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok());
+        assert_eq!(
+            exposition.value("medai_runtime_worker_threads", &[]),
+            Some(workers.parse::<f64>().expect("a worker count")),
+            "{service}: the runtime's workers are the launcher's split of the cores"
+        );
         for family in [
             "process_cpu_seconds_total",
             "process_resident_memory_bytes",

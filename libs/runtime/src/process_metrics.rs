@@ -1,6 +1,6 @@
 //! The standard `process_*` families (as the Prometheus client libraries export them), read
 //! from `/proc/self` (CPU time from the process's CPU clock) when `/metrics` is scraped, and
-//! `medai_build_info{version,commit}`.
+//! `medai_build_info{version,commit}` and `medai_runtime_worker_threads`.
 //! Nowhere but Linux has `/proc`; there the families are described but not set.
 
 use std::sync::OnceLock;
@@ -21,7 +21,18 @@ pub(crate) fn describe() {
     );
     metrics::gauge!("medai_build_info", "version" => BUILD_VERSION, "commit" => BUILD_COMMIT)
         .set(1.0);
+    metrics::describe_gauge!(
+        WORKER_THREADS_GAUGE,
+        "Worker threads of the process's async runtime (TOKIO_WORKER_THREADS when set, else one \
+         per CPU the process may use); blocking work runs on a separate pool."
+    );
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!(WORKER_THREADS_GAUGE).set(runtime.metrics().num_workers() as f64);
+    }
 }
+
+/// How many workers the async runtime runs: how the process was sized (issue 14).
+pub const WORKER_THREADS_GAUGE: &str = "medai_runtime_worker_threads";
 
 /// What `/proc/self` says now.
 #[derive(Debug, Default, PartialEq)]
