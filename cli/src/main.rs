@@ -310,9 +310,12 @@ struct UpArgs {
     onnxruntime_library: PathBuf,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    medai_runtime::async_main::run("medai", run_command(cli))
+}
+
+async fn run_command(cli: Cli) -> ExitCode {
     let format = cli.output;
     match run(&cli).await {
         Ok(()) => ExitCode::SUCCESS,

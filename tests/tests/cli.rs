@@ -1085,6 +1085,7 @@ fn every_service_binary_answers_help_and_version_and_refuses_unknown_arguments()
             "{}",
             describe(&unknown)
         );
+        assert_runtime_size_is_checked(&binary, &["--version"]);
     }
     // The DICOM bridge is a service binary too (it has no `--probe`: no gRPC health of its own).
     let bridge = |argument: &str| {
@@ -1116,9 +1117,56 @@ fn every_service_binary_answers_help_and_version_and_refuses_unknown_arguments()
         "{}",
         describe(&unknown)
     );
+    assert_runtime_size_is_checked(&binaries_dir().join("medai-bridge"), &["--version"]);
     let version = medai(&["--version"], None);
     assert!(version.status.success());
     assert!(text(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+    // `medai --version` is answered before any runtime starts; `logout` with no session needs one.
+    assert_runtime_size_is_checked(&binaries_dir().join("medai"), &["logout"]);
+}
+
+/// A binary sized by `TOKIO_WORKER_THREADS` runs with a count of at least 1 and refuses any
+/// other as a configuration error (exit 2, the variable named), where tokio would panic.
+fn assert_runtime_size_is_checked(binary: &std::path::Path, arguments: &[&str]) {
+    let state = tempfile::tempdir().expect("a state folder");
+    let run_with = |workers: &str| {
+        Command::new(binary)
+            .args(arguments)
+            .env_clear()
+            .env("MEDAI_STATE_DIR", state.path())
+            .env("TOKIO_WORKER_THREADS", workers)
+            .output()
+            .expect("run the binary")
+    };
+    let one = run_with("1");
+    let said = text(&one.stderr);
+    assert!(
+        one.status
+            .code()
+            .is_some_and(|code| code != 2 && code != 101)
+            && !said.contains("TOKIO_WORKER_THREADS")
+            && !said.contains("panicked"),
+        "{}: {}",
+        binary.display(),
+        describe(&one)
+    );
+    for refused in ["0", "two"] {
+        let output = run_with(refused);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{}: {}",
+            binary.display(),
+            describe(&output)
+        );
+        let message = text(&output.stderr);
+        assert!(
+            message.contains("TOKIO_WORKER_THREADS must be a whole number of at least 1")
+                && !message.contains("panicked"),
+            "{}: {message}",
+            binary.display()
+        );
+    }
 }
 
 /// `medai up` and `medai demo` as a program drives them: `-o json` gives one document each

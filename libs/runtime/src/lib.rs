@@ -4,6 +4,7 @@
 //! shutdown and the admin (metrics) endpoint.
 
 pub mod admin;
+pub mod async_main;
 pub mod balance;
 pub mod call_status;
 pub mod certificate_expiry;

@@ -2,8 +2,11 @@ use std::process::ExitCode;
 
 use medai_audit::config::ENV_PREFIX;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    medai_runtime::async_main::run("medai-audit", serve_until_stopped())
+}
+
+async fn serve_until_stopped() -> ExitCode {
     if medai_runtime::process::migrate_requested() {
         return medai_runtime::process::run_migrations(
             "audit",

@@ -22,8 +22,11 @@ TOML file named by MEDAI_BRIDGE_CONFIG. MEDAI_BRIDGE_TELEMETRY__ADMIN_ADDR opens
 
 Exit codes: 0 success, 1 failure while running, 2 usage or configuration error";
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    medai_runtime::async_main::run("medai-bridge", serve_until_stopped())
+}
+
+async fn serve_until_stopped() -> ExitCode {
     // The same grammar as the other service binaries, less `--probe` (the bridge has no gRPC
     // health endpoint of its own).
     let arguments: Vec<String> = std::env::args().skip(1).collect();

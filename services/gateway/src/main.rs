@@ -9,8 +9,11 @@ use medai_runtime::health::Dependency;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    medai_runtime::async_main::run("medai-gateway", serve_until_stopped())
+}
+
+async fn serve_until_stopped() -> ExitCode {
     // No prediction leaves without its ledger record: no ledger, no gateway.
     medai_runtime::process::run_service_with_dependencies(
         "gateway",

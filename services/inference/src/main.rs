@@ -4,8 +4,11 @@ use medai_inference::ServedModels;
 use medai_inference::config::ENV_PREFIX;
 use medai_runtime::health::Dependency;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    medai_runtime::async_main::run("medai-inference", serve_until_stopped())
+}
+
+async fn serve_until_stopped() -> ExitCode {
     if medai_runtime::process::migrate_requested() {
         return medai_runtime::process::run_migrations(
             "inference",
