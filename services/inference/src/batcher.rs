@@ -5,8 +5,14 @@
 //! batches form only from what queued while a run was busy, so batching trades latency for
 //! throughput only under load. The manifest's queue delay applies only then too: a worker that
 //! starts while another session's run is in progress may wait that long to fill its batch.
+//!
+//! A run goes to the blocking pool so the runtime's threads keep serving calls meanwhile, except
+//! a lone request that finds nothing else queued or running on a model whose last run took at
+//! most [`INLINE_RUN_LIMIT`]: that one runs on the worker's own thread, because the hand-off to
+//! the pool and back (two thread wake-ups) cost as much as a light model's whole run.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +25,35 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::InferenceError;
 use crate::manifest::ModelManifest;
 use crate::model::run_rows;
+
+/// The longest model run, as last measured, that a lone request may make on the runtime's own
+/// thread (tokio's guidance: a task should reach an `.await` every 10–100 µs; a light model's
+/// run is ~100 µs, the brain-MRI model's tens of milliseconds).
+pub const INLINE_RUN_LIMIT: Duration = Duration::from_micros(200);
+
+/// The time per row of the version's last model run, in nanoseconds; `u64::MAX` until one has
+/// run, so the first run of any model goes to the blocking pool.
+#[derive(Debug)]
+struct RunTimePerRow(AtomicU64);
+
+impl RunTimePerRow {
+    fn unknown() -> Self {
+        Self(AtomicU64::new(u64::MAX))
+    }
+
+    fn record(&self, took: Duration, rows: usize) {
+        let per_row = nanos(took) / (rows.max(1) as u64);
+        self.0.store(per_row, Ordering::Relaxed);
+    }
+
+    /// Whether `rows` are expected to run within [`INLINE_RUN_LIMIT`].
+    fn expects_within_inline_limit(&self, rows: usize) -> bool {
+        self.0
+            .load(Ordering::Relaxed)
+            .checked_mul(rows as u64)
+            .is_some_and(|expected| expected <= nanos(INLINE_RUN_LIMIT))
+    }
+}
 
 /// What one request gets back.
 #[derive(Debug)]
@@ -252,6 +287,7 @@ impl ServedVersion {
         let statistics = Arc::new(VersionStatistics::default());
         let depth = Arc::new(QueueDepth::default());
         let running = Arc::new(AtomicUsize::new(0));
+        let run_time = Arc::new(RunTimePerRow::unknown());
         let metrics = Arc::new(VersionMetrics::new(&manifest));
         let shared_manifest = Arc::new(manifest.clone());
         let session_count = sessions.len();
@@ -263,6 +299,7 @@ impl ServedVersion {
                 statistics: statistics.clone(),
                 depth: depth.clone(),
                 running: running.clone(),
+                run_time: run_time.clone(),
                 max_batch_rows,
                 max_delay,
                 carried: None,
@@ -361,6 +398,7 @@ struct Worker {
     depth: Arc<QueueDepth>,
     /// Runs in progress across this version's workers.
     running: Arc<AtomicUsize>,
+    run_time: Arc<RunTimePerRow>,
     max_batch_rows: usize,
     max_delay: Duration,
     /// A job that did not fit the previous batch; it starts the next one.
@@ -476,17 +514,26 @@ impl Worker {
         }
         let total_rows: usize = row_counts.iter().sum();
         let manifest = self.manifest.clone();
-        self.running.fetch_add(1, Ordering::AcqRel);
-        let outcome = tokio::task::spawn_blocking(move || {
+        let others_running = self.running.fetch_add(1, Ordering::AcqRel);
+        let inline = replies.len() == 1
+            && others_running == 0
+            && self.depth.get() == 0
+            && self.run_time.expects_within_inline_limit(total_rows);
+        let run = move || {
             let _run = run_span.enter();
+            let ran = Instant::now();
             let result =
                 batch_rows(inputs).and_then(|rows| run_rows(&mut session, &manifest, rows));
-            (session, result)
-        })
-        .await;
+            (session, result, ran.elapsed())
+        };
+        let outcome = if inline {
+            std::panic::catch_unwind(AssertUnwindSafe(run)).map_err(drop)
+        } else {
+            tokio::task::spawn_blocking(run).await.map_err(drop)
+        };
         self.running.fetch_sub(1, Ordering::AcqRel);
         let computed = started.elapsed();
-        let Ok((session, result)) = outcome else {
+        let Ok((session, result, ran_for)) = outcome else {
             tracing::error!(model = %self.manifest.name, version = %self.manifest.version, "a batch run panicked; this worker stops");
             for (reply, _) in replies {
                 let _ = reply.send(Err(InferenceError::Failed(
@@ -495,6 +542,7 @@ impl Worker {
             }
             return None;
         };
+        self.run_time.record(ran_for, total_rows);
         self.metrics.compute_seconds.record(computed.as_secs_f64());
         self.metrics.batch_size.record(total_rows as f64);
         let triton = &self.metrics.triton;
@@ -530,8 +578,9 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{QueueDepth, batch_rows};
+    use super::{QueueDepth, RunTimePerRow, batch_rows};
     use ndarray::Array4;
+    use std::time::Duration;
 
     fn rows(count: usize, first: f32) -> Array4<f32> {
         Array4::from_shape_fn((count, 2, 2, 1), |(row, y, x, _)| {
@@ -559,6 +608,29 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(batch.iter().copied().collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn only_a_model_measured_fast_enough_for_the_rows_asked_runs_inline() {
+        let run_time = RunTimePerRow::unknown();
+        assert!(
+            !run_time.expects_within_inline_limit(1),
+            "a model never run goes to the blocking pool first"
+        );
+        run_time.record(Duration::from_micros(120), 1);
+        assert!(run_time.expects_within_inline_limit(1));
+        assert!(
+            !run_time.expects_within_inline_limit(2),
+            "two rows of a 120 µs model exceed the limit"
+        );
+        run_time.record(Duration::from_micros(400), 8);
+        assert!(run_time.expects_within_inline_limit(4));
+        assert!(!run_time.expects_within_inline_limit(5));
+        run_time.record(Duration::from_millis(30), 1);
+        assert!(
+            !run_time.expects_within_inline_limit(1),
+            "a heavy model stays on the blocking pool"
+        );
     }
 
     #[test]
