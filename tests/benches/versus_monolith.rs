@@ -15,6 +15,9 @@
 //! writes target/bench/versus_monolith.json.
 //! `MEDAI_BENCH_LEVELS=1,64` runs only those concurrency levels;
 //! `MEDAI_BENCH_SERVICE_ENV=TOKIO_WORKER_THREADS=1,…` gives every service those variables too.
+//!
+//! After the levels it drives the mesh open-loop at half the highest rate it reached (issue 14:
+//! p99 ≤ 20 ms at half of peak) for `MEDAI_BENCH_HALF_PEAK_SECONDS` (default 15; 0 skips it).
 
 #![allow(clippy::print_stdout)]
 
@@ -119,6 +122,64 @@ async fn mesh_round(
         latencies.extend(client.await.expect("client"));
     }
     Figures::measure(latencies, started.elapsed())
+}
+
+/// Issue 14's latency bar: p99 at half of the peak rate.
+const HALF_PEAK_P99_GOAL_MS: f64 = 20.0;
+
+/// The mesh driven open-loop at `rate` predictions/s for `duration`: prediction `i` is due
+/// `i / rate` seconds after the start whatever the earlier ones are doing, and its latency counts
+/// from when it was due, so a stall shows in every prediction it delays (a closed-loop client
+/// would wait it out and under-report). Returns the figures and the slowest latency in ms.
+async fn mesh_open_loop(
+    mesh: &MeshUnderTest,
+    token: &str,
+    rate: f64,
+    duration: Duration,
+) -> (Figures, f64) {
+    let image = png();
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(mesh.gateway().await);
+    }
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
+    let started = Instant::now();
+    let mut calls = Vec::with_capacity(total);
+    for index in 0..total {
+        let due = started + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        let mut gateway = channels[index % channels.len()].clone();
+        let request = gw::InferRequest {
+            image: image.clone().into(),
+            format: ImageFormat::Png.into(),
+            model_name: MODEL.to_owned(),
+            ..Default::default()
+        };
+        let token = token.to_owned();
+        calls.push(tokio::spawn(async move {
+            gateway
+                .infer(authorised(request, &token))
+                .await
+                .expect("prediction through the gateway");
+            due.elapsed()
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    for call in calls {
+        latencies.push(call.await.expect("call"));
+    }
+    let slowest = latencies
+        .iter()
+        .max()
+        .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0);
+    (Figures::measure(latencies, started.elapsed()), slowest)
+}
+
+fn half_peak_seconds() -> u64 {
+    std::env::var("MEDAI_BENCH_HALF_PEAK_SECONDS")
+        .ok()
+        .and_then(|seconds| seconds.trim().parse().ok())
+        .unwrap_or(15)
 }
 
 /// One keep-alive HTTP/1.1 connection to the monolith.
@@ -377,6 +438,7 @@ async fn main() {
     let mut report = serde_json::Map::new();
     let mut cpu_report = serde_json::Map::new();
     let mut flush_report = serde_json::Map::new();
+    let mut peak: f64 = 0.0;
     for level in medai_e2e::bench_levels(&LEVELS) {
         let total = requests_at(level);
         let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
@@ -400,6 +462,7 @@ async fn main() {
             monolith_flushes = (flushes_after - flushes_middle) / total as f64;
         }
         let (ours, theirs) = (combine(&mesh_rounds), combine(&monolith_rounds));
+        peak = peak.max(ours.per_second);
         let ratio = ours.per_second / theirs.per_second;
         println!(
             "  {level:>11}  {}  {}  {ratio:>7.2}x",
@@ -442,6 +505,31 @@ async fn main() {
         flush_report.insert(
             level.to_string(),
             serde_json::json!({ "mesh": mesh_flushes, "monolith": monolith_flushes }),
+        );
+    }
+    let seconds = half_peak_seconds();
+    if seconds > 0 && peak > 0.0 {
+        let rate = peak / 2.0;
+        let (figures, slowest) =
+            mesh_open_loop(&mesh, &token, rate, Duration::from_secs(seconds)).await;
+        let verdict = if figures.p99_ms <= HALF_PEAK_P99_GOAL_MS {
+            "within"
+        } else {
+            "over"
+        };
+        println!(
+            "  open loop at half the mesh's peak ({rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {slowest:.2} ms, {verdict} the {HALF_PEAK_P99_GOAL_MS:.0} ms p99 goal",
+            figures.per_second, figures.p50_ms, figures.p99_ms
+        );
+        report.insert(
+            "half_peak_open_loop".to_owned(),
+            serde_json::json!({
+                "offered_per_second": rate,
+                "seconds": seconds,
+                "figures": figures.to_json(),
+                "max_ms": slowest,
+                "p99_goal_ms": HALF_PEAK_P99_GOAL_MS,
+            }),
         );
     }
     monolith.stop().await;
