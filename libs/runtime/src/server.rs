@@ -32,6 +32,12 @@ pub type MeshServer = Server<
     >,
 >;
 
+/// The largest HTTP/2 frame a mesh server or client accepts (both advertise it). At HTTP/2's
+/// default of 16 KiB a 60 KB image crossed a hop as four DATA frames, each flushed through TLS
+/// as a write of its own and read back as several; at 256 KiB it is one frame and one write
+/// (issue 14). The flow-control windows (hyper's 1 MiB and more) still bound what is buffered.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
 /// Call inside a tokio runtime (the health status follows the readiness in a task, and the
 /// certificate files are watched from another). Serve it over [`incoming`].
 pub fn mesh_server(
@@ -42,6 +48,7 @@ pub fn mesh_server(
     let health = HealthLayer::new(Readiness::of_this_process(), policy.services());
     Ok(Server::builder()
         .tcp_nodelay(true)
+        .max_frame_size(MAX_FRAME_BYTES)
         .layer(RpcServerTraceLayer::new(policy.methods()))
         .layer(GrpcMetricsLayer::new(policy.methods()))
         .layer(PeerPolicyLayer::new(policy))

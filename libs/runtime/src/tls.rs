@@ -530,6 +530,7 @@ impl TlsMaterial {
             .map_err(|error| invalid_endpoint(error.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            .max_frame_size(crate::server::MAX_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         Ok((endpoint, server_name))
