@@ -80,6 +80,16 @@ async fn wal_flushes() -> f64 {
     flushes
 }
 
+/// The bench's prediction: the PNG for the light model.
+fn prediction_request(image: &[u8]) -> gw::InferRequest {
+    gw::InferRequest {
+        image: image.to_vec().into(),
+        format: ImageFormat::Png.into(),
+        model_name: MODEL.to_owned(),
+        ..Default::default()
+    }
+}
+
 async fn mesh_round(
     mesh: &MeshUnderTest,
     token: &str,
@@ -101,12 +111,7 @@ async fn mesh_round(
         clients.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
             for _ in 0..per_client {
-                let request = gw::InferRequest {
-                    image: image.clone().into(),
-                    format: ImageFormat::Png.into(),
-                    model_name: MODEL.to_owned(),
-                    ..Default::default()
-                };
+                let request = prediction_request(&image);
                 let one = Instant::now();
                 gateway
                     .infer(authorised(request, &token))
@@ -149,12 +154,7 @@ async fn mesh_open_loop(
         let due = started + Duration::from_secs_f64(index as f64 / rate);
         tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
         let mut gateway = channels[index % channels.len()].clone();
-        let request = gw::InferRequest {
-            image: image.clone().into(),
-            format: ImageFormat::Png.into(),
-            model_name: MODEL.to_owned(),
-            ..Default::default()
-        };
+        let request = prediction_request(&image);
         let token = token.to_owned();
         calls.push(tokio::spawn(async move {
             gateway

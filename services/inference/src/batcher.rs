@@ -9,7 +9,7 @@
 //! A run goes to the blocking pool so the runtime's threads keep serving calls meanwhile, except
 //! a lone request that finds nothing else queued or running on a model whose last run took at
 //! most [`INLINE_RUN_LIMIT`]: that one runs on the worker's own thread, because the hand-off to
-//! the pool and back (two thread wake-ups) cost as much as a light model's whole run.
+//! the pool and back (two thread wake-ups) cost more than a light model's whole run.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -27,8 +27,8 @@ use crate::manifest::ModelManifest;
 use crate::model::run_rows;
 
 /// The longest model run, as last measured, that a lone request may make on the runtime's own
-/// thread (tokio's guidance: a task should reach an `.await` every 10–100 µs; a light model's
-/// run is ~100 µs, the brain-MRI model's tens of milliseconds).
+/// thread (tokio's guidance: a task should reach an `.await` every 10–100 µs; the light model's
+/// run is ~10 µs, the brain-MRI model's tens of milliseconds).
 pub const INLINE_RUN_LIMIT: Duration = Duration::from_micros(200);
 
 /// The time per row of the version's last model run, in nanoseconds; `u64::MAX` until one has
