@@ -4,7 +4,13 @@
 //! that declare large ones, cannot exhaust memory together. A decode larger than the whole
 //! budget is refused; others wait for memory to be returned (the caller's deadline still
 //! applies: the deadline layer drops the waiting call).
+//!
+//! Decodes run on the blocking pool so the runtime's threads keep serving calls, except a small
+//! one ([`DecodeSlots::run_small_inline`]) that finds no other decode running: it runs on the
+//! calling task's thread, because the hand-off to the pool and back (two thread wake-ups) is a
+//! large part of a small image's whole decode.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -15,6 +21,7 @@ const PERMIT_BYTES: u64 = 1024;
 #[derive(Clone, Debug)]
 pub struct DecodeSlots {
     slots: Arc<Semaphore>,
+    slot_count: usize,
     memory: Arc<Semaphore>,
     memory_budget_bytes: u64,
 }
@@ -35,6 +42,7 @@ impl DecodeSlots {
             .max(1);
         Self {
             slots: Arc::new(Semaphore::new(slots.max(1))),
+            slot_count: slots.max(1),
             memory: Arc::new(Semaphore::new(permits as usize)),
             memory_budget_bytes: permits * PERMIT_BYTES,
         }
@@ -47,6 +55,49 @@ impl DecodeSlots {
         memory_bytes: u64,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SlotError> {
+        let held = self.acquire(memory_bytes).await?;
+        tokio::task::spawn_blocking(move || {
+            let _held = held;
+            work()
+        })
+        .await
+        .map_err(|_| SlotError::Panicked)
+    }
+
+    /// [`Self::run`], except that when no other decode is running `work` runs on the calling
+    /// task's thread (a panic is still [`SlotError::Panicked`]). Only for work the caller knows
+    /// to be small: it holds up this thread's other calls while it runs.
+    pub async fn run_small_inline<T: Send + 'static>(
+        &self,
+        memory_bytes: u64,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, SlotError> {
+        let held = self.acquire(memory_bytes).await?;
+        let only_this_one = self.slots.available_permits() + 1 == self.slot_count;
+        if !only_this_one {
+            return tokio::task::spawn_blocking(move || {
+                let _held = held;
+                work()
+            })
+            .await
+            .map_err(|_| SlotError::Panicked);
+        }
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
+        drop(held);
+        outcome.map_err(|_| SlotError::Panicked)
+    }
+
+    /// Waits for `memory_bytes` of the budget and then a slot.
+    async fn acquire(
+        &self,
+        memory_bytes: u64,
+    ) -> Result<
+        (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
+        SlotError,
+    > {
         let permits = memory_bytes.div_ceil(PERMIT_BYTES);
         if permits * PERMIT_BYTES > self.memory_budget_bytes {
             return Err(SlotError::OverBudget {
@@ -68,12 +119,7 @@ impl DecodeSlots {
             .acquire_owned()
             .await
             .map_err(|_| SlotError::Panicked)?;
-        tokio::task::spawn_blocking(move || {
-            let _held = (memory, slot);
-            work()
-        })
-        .await
-        .map_err(|_| SlotError::Panicked)
+        Ok((memory, slot))
     }
 }
 
@@ -181,6 +227,47 @@ mod tests {
         holder.await.expect("holder").expect("holder ran");
         // Nothing was leaked by the abandoned wait: the whole budget is there again.
         assert_eq!(slots.run(100 * MIB, || "decoded").await, Ok("decoded"));
+    }
+
+    #[tokio::test]
+    async fn a_small_decode_runs_on_the_calling_thread_only_when_no_other_decode_runs() {
+        let slots = DecodeSlots::new(2, 100 * MIB);
+        let caller = std::thread::current().id();
+        let ran_on = slots
+            .run_small_inline(MIB, || std::thread::current().id())
+            .await
+            .expect("ran");
+        assert_eq!(ran_on, caller, "alone, it runs on the calling thread");
+        // While another decode holds a slot, the small one goes to the blocking pool.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, holding) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let slots = slots.clone();
+            tokio::spawn(async move {
+                slots
+                    .run(MIB, move || {
+                        started.send(()).expect("started");
+                        released.recv().expect("release");
+                    })
+                    .await
+            })
+        };
+        holding.await.expect("the holder runs");
+        let ran_on = slots
+            .run_small_inline(MIB, || std::thread::current().id())
+            .await
+            .expect("ran");
+        assert_ne!(ran_on, caller, "beside another decode, it goes to the pool");
+        release.send(()).expect("release");
+        holder.await.expect("holder").expect("holder ran");
+        // Inline, a panic is a refusal too, and the slot and memory come back.
+        assert_eq!(
+            slots
+                .run_small_inline(100 * MIB, || panic!("codec bug"))
+                .await,
+            Err::<(), _>(SlotError::Panicked)
+        );
+        assert_eq!(slots.run(100 * MIB, || 7).await, Ok(7));
     }
 
     #[tokio::test]

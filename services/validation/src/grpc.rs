@@ -235,6 +235,13 @@ impl ValidationService for ValidationApi {
 /// through the blocking pool. A panic while planning is still a refusal.
 const PLAN_INLINE_BYTES: usize = 256 * 1024;
 
+/// A decode of a small input whose decoded pixels take at most this much (a 256×256 image, a
+/// model-sized one) runs on the calling task when no other decode is running: its whole decode,
+/// de-identification and quality pass take a few hundred microseconds, and the hand-off to the
+/// blocking pool and back two thread wake-ups (issue 14). Larger ones, and any decode beside
+/// another, stay on the pool.
+const DECODE_INLINE_BYTES: u64 = 256 * 1024;
+
 impl ValidationApi {
     /// Decoding and measuring are CPU-bound and run third-party codecs: they run on the
     /// blocking pool, where a codec panic becomes a refusal rather than a crash. First the
@@ -271,18 +278,26 @@ impl ValidationApi {
                 .map_err(ValidationError::from)?
         };
         frame_policy.frame_index(plan.frames())?;
-        self.decode_slots
-            .run(plan.memory_bytes(), move || decode(image, plan))
-            .await
-            .map_err(|error| match error {
-                SlotError::OverBudget { needed, budget } => {
-                    ValidationError::from(ImageError::DecodedSizeTooLarge {
-                        declared: needed,
-                        limit: budget,
-                    })
-                }
-                SlotError::Panicked => panicked(error),
-            })?
+        let memory_bytes = plan.memory_bytes();
+        let small = image.len() <= PLAN_INLINE_BYTES && memory_bytes <= DECODE_INLINE_BYTES;
+        let decoded = if small {
+            self.decode_slots
+                .run_small_inline(memory_bytes, move || decode(image, plan))
+                .await
+        } else {
+            self.decode_slots
+                .run(memory_bytes, move || decode(image, plan))
+                .await
+        };
+        decoded.map_err(|error| match error {
+            SlotError::OverBudget { needed, budget } => {
+                ValidationError::from(ImageError::DecodedSizeTooLarge {
+                    declared: needed,
+                    limit: budget,
+                })
+            }
+            SlotError::Panicked => panicked(error),
+        })?
     }
 }
 
