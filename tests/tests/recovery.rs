@@ -681,6 +681,14 @@ async fn a_redis_restart_without_persistence_loses_no_revocation_and_rate_limits
     assert_eq!(token_answer(&mut client, &admin).await, "RESULT_NOT_FOUND");
     assert_eq!(fallback_count(&mesh).await, 0);
 
+    // The client spends its burst while Redis decides ...
+    let (reached_auth, limited, _) = refresh_burst(&mut client, 3 * CLIENT_RATE).await;
+    assert!(
+        reached_auth <= CLIENT_RATE + 1 && limited > 0,
+        "with Redis up: {reached_auth} reached auth, {limited} limited"
+    );
+    let burst_spent = Instant::now();
+
     // Redis dies and loses every key.
     redis = tokio::task::spawn_blocking(move || {
         redis.kill_hard();
@@ -688,6 +696,15 @@ async fn a_redis_restart_without_persistence_loses_no_revocation_and_rate_limits
     })
     .await
     .expect("kill redis");
+    // ... and does not get it again from the gateway deciding alone: only what refilled since.
+    let (reached_auth, limited, _) = refresh_burst(&mut client, 3 * CLIENT_RATE).await;
+    let refilled = (burst_spent.elapsed().as_secs_f64() * CLIENT_RATE as f64).ceil() as usize;
+    assert!(
+        reached_auth <= refilled + 1 && limited > 0,
+        "right after Redis died: {reached_auth} reached auth, {limited} limited, \
+         {refilled} refilled"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     // Tokens are not trusted while revocations cannot be checked (production fails closed) ...
     assert_eq!(
         token_answer(&mut client, &admin).await,

@@ -2,7 +2,11 @@
 //!
 //! - rate limits per user (the token's subject) and per client (its certificate identity, or
 //!   its address), by GCRA in Redis so every gateway replica shares one budget, falling back
-//!   to the same algorithm in this process (with a metric) when Redis cannot answer;
+//!   to the same algorithm in this process (with a metric) when Redis cannot answer. This
+//!   process charges its own copy of each budget for every call it lets through, whoever
+//!   decided it, and a call must pass both: so a client that spent its burst while Redis
+//!   answered does not get it again when Redis stops answering, nor again when it comes back
+//!   empty;
 //! - a bound on calls in flight: beyond it calls are shed at once with RESOURCE_EXHAUSTED and
 //!   a RetryInfo detail, instead of queueing until everything is slow.
 
@@ -125,11 +129,20 @@ impl Budget {
     fn tolerance_ms(self) -> f64 {
         self.interval_ms() * f64::from(self.burst.max(1))
     }
+
+    fn interval(self) -> Duration {
+        Duration::from_secs_f64(self.interval_ms() / 1000.0)
+    }
+
+    fn tolerance(self) -> Duration {
+        Duration::from_secs_f64(self.tolerance_ms() / 1000.0)
+    }
 }
 
 pub struct RateLimiter {
     redis: Option<Client>,
-    /// Theoretical arrival times, for when Redis is absent or unreachable.
+    /// Theoretical arrival times of the calls this process let through: the whole budget when
+    /// Redis is absent or unreachable, this replica's share of it otherwise.
     local: Mutex<HashMap<String, Instant>>,
     /// After Redis fails to answer, calls skip it until then instead of each waiting for its
     /// timeout.
@@ -167,8 +180,14 @@ impl RateLimiter {
         })
     }
 
-    /// `Ok` if `key` may make one more call now; otherwise how long until it may.
+    /// `Ok` if `key` may make one more call now (and the call is charged); otherwise how long
+    /// until it may.
+    ///
+    /// This process's own account is asked first: the calls it let through are a part of all
+    /// the calls Redis counted, so when it refuses Redis would too, and the call costs no round
+    /// trip. A call Redis allows is charged here as well.
     pub async fn check(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        self.locally_allowed(key, budget)?;
         if let Some(redis) = self.redis.as_ref().filter(|_| !self.redis_resting()) {
             // Redis caches the compiled script by its hash; EVAL needs no SHA-1 here.
             let answer: Result<i64, _> = redis
@@ -179,7 +198,10 @@ impl RateLimiter {
                 )
                 .await;
             match answer {
-                Ok(0) => return Ok(()),
+                Ok(0) => {
+                    self.charge_locally(key, budget);
+                    return Ok(());
+                }
                 Ok(wait_ms) => return Err(Duration::from_millis(wait_ms.unsigned_abs())),
                 Err(error) => {
                     tracing::warn!(error = %error, "rate limits fall back to this process: Redis did not answer");
@@ -205,26 +227,56 @@ impl RateLimiter {
         until.is_some_and(|until| Instant::now() < until)
     }
 
+    /// Decides a call by this process's account alone, and charges it when allowed.
     fn check_locally(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        let mut local = self.local_accounts();
+        let new_tat = Self::allowed_arrival(&local, key, budget)?;
+        local.insert(key.to_owned(), new_tat);
+        Ok(())
+    }
+
+    /// Whether this process's account would allow the call, without charging it.
+    fn locally_allowed(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        Self::allowed_arrival(&self.local_accounts(), key, budget).map(|_| ())
+    }
+
+    /// Charges a call another decided (Redis) to this process's account. Two calls allowed
+    /// together may push it past the burst; later calls then wait, as Redis makes them.
+    fn charge_locally(&self, key: &str, budget: Budget) {
         let now = Instant::now();
-        let interval = Duration::from_secs_f64(budget.interval_ms() / 1000.0);
-        let tolerance = Duration::from_secs_f64(budget.tolerance_ms() / 1000.0);
+        let mut local = self.local_accounts();
+        let tat = local.get(key).copied().unwrap_or(now).max(now);
+        local.insert(key.to_owned(), tat + budget.interval());
+    }
+
+    fn local_accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         let mut local = self
             .local
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if local.len() > 100_000 {
             // Keys whose arrival time has passed hold no debt; drop them.
+            let now = Instant::now();
             local.retain(|_, tat| *tat > now);
         }
+        local
+    }
+
+    /// GCRA: the key's next theoretical arrival time if a call now is allowed, otherwise how
+    /// long until one is.
+    fn allowed_arrival(
+        local: &HashMap<String, Instant>,
+        key: &str,
+        budget: Budget,
+    ) -> Result<Instant, Duration> {
+        let now = Instant::now();
         let tat = local.get(key).copied().unwrap_or(now).max(now);
-        let new_tat = tat + interval;
-        let allow_at = new_tat.checked_sub(tolerance).unwrap_or(now);
+        let new_tat = tat + budget.interval();
+        let allow_at = new_tat.checked_sub(budget.tolerance()).unwrap_or(now);
         if allow_at > now {
             return Err(allow_at - now);
         }
-        local.insert(key.to_owned(), new_tat);
-        Ok(())
+        Ok(new_tat)
     }
 }
 
@@ -485,5 +537,31 @@ mod tests {
         std::thread::sleep(Duration::from_millis(110));
         assert!(limiter.check_locally("k", budget).is_ok());
         assert!(limiter.check_locally("k", budget).is_err());
+    }
+
+    #[test]
+    fn calls_redis_allowed_are_charged_here_so_a_fallback_gives_no_second_burst() {
+        let limiter = RateLimiter::connect(None).expect("limiter");
+        let budget = Budget {
+            per_second: 10.0,
+            burst: 5,
+        };
+        // The burst spent while Redis decided ...
+        for _ in 0..5 {
+            assert!(limiter.locally_allowed("k", budget).is_ok());
+            limiter.charge_locally("k", budget);
+        }
+        // ... is spent here too: this process refuses the next call on its own, before asking
+        // Redis, and when deciding alone.
+        assert!(limiter.locally_allowed("k", budget).is_err());
+        assert!(limiter.check_locally("k", budget).is_err());
+        // Asking does not charge.
+        assert!(limiter.locally_allowed("fresh", budget).is_ok());
+        for call in 0..5 {
+            assert!(
+                limiter.check_locally("fresh", budget).is_ok(),
+                "call {call}"
+            );
+        }
     }
 }
