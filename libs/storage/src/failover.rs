@@ -138,12 +138,22 @@ pub async fn connect_to_one_of(
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         // A connection opened before the last switch may lead to a demoted server: close it.
-        .before_acquire(move |_connection, metadata| {
+        // Others are pinged only once idle for a while (see [`crate::PING_IF_IDLE_FOR`]).
+        .test_before_acquire(false)
+        .before_acquire(move |connection, metadata| {
             let opened_before_switch = for_acquire
                 .lock()
                 .map(|target| metadata.age > target.chosen_at.elapsed())
                 .unwrap_or(false);
-            Box::pin(async move { Ok(!opened_before_switch) })
+            Box::pin(async move {
+                if opened_before_switch {
+                    return Ok(false);
+                }
+                if metadata.idle_for >= crate::PING_IF_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
         })
         .connect_with(options[index].clone())
         .await

@@ -1,0 +1,66 @@
+//! The pool against the suite's real PostgreSQL: a connection used a moment ago is handed out
+//! without a ping, and one the server dropped while it sat idle for longer is replaced before
+//! any statement reaches it.
+
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
+
+async fn backend_pid(connection: &DatabaseConnection) -> Result<i32, DbErr> {
+    connection
+        .query_one_raw(Statement::from_string(
+            connection.get_database_backend(),
+            "SELECT pg_backend_pid() AS pid",
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("no row".to_owned()))?
+        .try_get::<i32>("", "pid")
+}
+
+/// Ends a server connection (as a restart, a proxy's idle timeout or an operator would) and
+/// waits until it is gone.
+async fn terminate(admin: &DatabaseConnection, pid: i32) {
+    admin
+        .execute_unprepared(&format!("SELECT pg_terminate_backend({pid}, 10000)"))
+        .await
+        .expect("terminate");
+}
+
+#[tokio::test]
+async fn a_connection_idle_past_the_threshold_is_pinged_and_a_hot_one_is_not() {
+    let url = medai_testkit::fresh_postgres_database().await;
+    let pool = medai_storage::connect_with_max_connections(&url, 1)
+        .await
+        .expect("connect");
+    let admin = medai_storage::connect(&medai_testkit::suite_postgres_url())
+        .await
+        .expect("admin");
+
+    // A connection used a moment ago is handed out as it is, without a round trip to check it:
+    // when the server dropped it meanwhile, the statement fails, the connection is closed and
+    // the next statement gets a new one.
+    let first = backend_pid(&pool).await.expect("first");
+    let last_used = Instant::now();
+    terminate(&admin, first).await;
+    let answer = backend_pid(&pool).await;
+    if last_used.elapsed() < medai_storage::PING_IF_IDLE_FOR {
+        assert!(
+            answer.is_err(),
+            "the hot connection was checked: {answer:?}"
+        );
+    } else {
+        eprintln!("the machine took longer than the threshold; the hot case is not judged");
+    }
+    let second = backend_pid(&pool).await.expect("a new connection");
+    assert_ne!(second, first);
+    assert_eq!(backend_pid(&pool).await.expect("again"), second, "reused");
+
+    // Idle past the threshold, a connection is pinged on acquire, found gone and replaced: the
+    // statement succeeds on a new server connection.
+    terminate(&admin, second).await;
+    tokio::time::sleep(medai_storage::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
+    let third = backend_pid(&pool)
+        .await
+        .expect("replaced before the statement");
+    assert_ne!(third, second);
+}
