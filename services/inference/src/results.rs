@@ -520,20 +520,18 @@ async fn write_delivery_notes(
     }
 }
 
-/// One transaction noting every delivery of `notes` (each unless one is noted already);
-/// returns, per note, the seq that stands.
+/// Notes every delivery of `notes` (each unless one is noted already) in one commit; returns,
+/// per note, the seq that stands.
 async fn note_deliveries(
     connection: &DatabaseConnection,
     notes: &[(&str, i64)],
 ) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
+    if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &connection.inner {
+        let pool = connection.get_postgres_connection_pool();
+        return note_deliveries_in_one_statement(connection, pool, notes).await;
+    }
     use result_row::Column;
     let transaction = connection.begin().await?;
-    if transaction.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
-        // See write_delivery_notes: this transaction's commit alone.
-        transaction
-            .execute_unprepared("SET LOCAL synchronous_commit TO OFF")
-            .await?;
-    }
     let mut answers = Vec::with_capacity(notes.len());
     for (result_id, seq) in notes {
         let updated = result_row::Entity::update_many()
@@ -553,6 +551,72 @@ async fn note_deliveries(
     }
     transaction.commit().await?;
     Ok(answers)
+}
+
+/// The notes of one commit as one statement on PostgreSQL, committing on its own with
+/// `synchronous_commit` off for its transaction alone (see [`write_delivery_notes`]): one
+/// round trip, where BEGIN, SET LOCAL, an UPDATE per note and COMMIT took one each (issue 14).
+/// Only the first note of a result in the batch is offered, so the first seq stands as it did
+/// when the notes were applied one after the other.
+const NOTE_DELIVERIES: &str = "WITH unflushed AS MATERIALIZED \
+    (SELECT set_config('synchronous_commit', 'off', true)) \
+    UPDATE inference_results AS r SET ledger_seq = n.seq \
+    FROM unflushed, unnest($1::text[], $2::int8[]) AS n(result_id, seq) \
+    WHERE r.result_id = n.result_id AND r.ledger_seq = 0 AND r.status = $3 \
+    RETURNING r.result_id";
+
+async fn note_deliveries_in_one_statement(
+    connection: &DatabaseConnection,
+    pool: &sea_orm::sqlx::PgPool,
+    notes: &[(&str, i64)],
+) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
+    use std::collections::{HashMap, HashSet};
+    let mut offered_ids = HashSet::new();
+    let (ids, seqs): (Vec<&str>, Vec<i64>) = notes
+        .iter()
+        .filter(|(result_id, _)| offered_ids.insert(*result_id))
+        .copied()
+        .unzip();
+    let noted: HashSet<String> = sea_orm::sqlx::query_scalar::<_, String>(NOTE_DELIVERIES)
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(PRELIMINARY)
+        .fetch_all(pool)
+        .await
+        .map_err(|error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into())))?
+        .into_iter()
+        .collect();
+    // A note its UPDATE did not take (noted already, a later note of the same result, or no
+    // such result) is answered with the seq that stands.
+    let mut first_of = HashSet::new();
+    let unnoted: Vec<&str> = notes
+        .iter()
+        .filter(|(result_id, _)| !(first_of.insert(*result_id) && noted.contains(*result_id)))
+        .map(|(result_id, _)| *result_id)
+        .collect();
+    let mut standing: HashMap<String, i64> = HashMap::new();
+    if !unnoted.is_empty() {
+        for row in result_row::Entity::find()
+            .filter(result_row::Column::ResultId.is_in(unnoted))
+            .all(connection)
+            .await?
+        {
+            standing.insert(row.result_id, row.ledger_seq);
+        }
+    }
+    let mut answered = HashSet::new();
+    Ok(notes
+        .iter()
+        .map(|(result_id, seq)| {
+            if answered.insert(*result_id) && noted.contains(*result_id) {
+                return Ok(*seq);
+            }
+            standing
+                .get(*result_id)
+                .copied()
+                .ok_or_else(|| InferenceError::ResultNotFound((*result_id).to_owned()))
+        })
+        .collect())
 }
 
 async fn stored_delivery(

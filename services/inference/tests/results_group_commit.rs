@@ -246,3 +246,84 @@ CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON inference_results
         .expect("the writer goes on after a failed commit");
     store.get(&stored.result_id).await.expect("kept");
 }
+
+/// Issue 14: on PostgreSQL the delivery notes of a commit go in one statement whose own
+/// transaction runs with `synchronous_commit` off (a note indexes a ledger record already
+/// durable), while a result's commit keeps it on; the first seq of a result stands, a later
+/// note of it and a note of no result are answered as before.
+#[tokio::test]
+async fn delivery_notes_commit_without_waiting_for_the_flush_and_results_wait_for_it() {
+    let store = postgres_store().await;
+    let connection = store.connection();
+    connection
+        .execute_unprepared(
+            r#"
+CREATE TABLE seen_commit_settings (operation text, synchronous_commit text);
+CREATE FUNCTION see_commit_setting() RETURNS trigger AS $$
+BEGIN
+  INSERT INTO seen_commit_settings VALUES (TG_OP, current_setting('synchronous_commit'));
+  RETURN NULL;
+END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER see_commit_setting AFTER INSERT OR UPDATE ON inference_results
+  FOR EACH ROW EXECUTE FUNCTION see_commit_setting();
+"#,
+        )
+        .await
+        .expect("trigger");
+    let (first, _) = store.insert(new_result(1, None)).await.expect("stored");
+    let (second, _) = store.insert(new_result(2, None)).await.expect("stored");
+    let notes = [
+        (first.result_id.clone(), 7),
+        (second.result_id.clone(), 8),
+        (first.result_id.clone(), 9),
+        (uuid::Uuid::new_v4().to_string(), 10),
+    ];
+    let answers = store.record_deliveries(&notes).await;
+    let outcomes: Vec<Result<i64, String>> = answers
+        .into_iter()
+        .map(|answer| answer.map_err(|error| code_of::<()>(Err(error))))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [Ok(7), Ok(8), Ok(7), Err("RESULT_NOT_FOUND".to_owned())]
+    );
+    assert_eq!(
+        store.get(&first.result_id).await.expect("first").ledger_seq,
+        7
+    );
+    assert_eq!(
+        store
+            .get(&second.result_id)
+            .await
+            .expect("second")
+            .ledger_seq,
+        8
+    );
+    let seen: Vec<(String, String)> = connection
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT operation, synchronous_commit FROM seen_commit_settings ORDER BY operation",
+        ))
+        .await
+        .expect("seen")
+        .iter()
+        .map(|row| {
+            (
+                row.try_get::<String>("", "operation").expect("operation"),
+                row.try_get::<String>("", "synchronous_commit")
+                    .expect("setting"),
+            )
+        })
+        .collect();
+    let pair = |operation: &str, setting: &str| (operation.to_owned(), setting.to_owned());
+    assert_eq!(
+        seen,
+        [
+            pair("INSERT", "on"),
+            pair("INSERT", "on"),
+            pair("UPDATE", "off"),
+            pair("UPDATE", "off"),
+        ]
+    );
+}
