@@ -56,12 +56,7 @@ impl DecodeSlots {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, SlotError> {
         let held = self.acquire(memory_bytes).await?;
-        tokio::task::spawn_blocking(move || {
-            let _held = held;
-            work()
-        })
-        .await
-        .map_err(|_| SlotError::Panicked)
+        on_the_blocking_pool(held, work).await
     }
 
     /// [`Self::run`], except that when no other decode is running `work` runs on the calling
@@ -75,12 +70,7 @@ impl DecodeSlots {
         let held = self.acquire(memory_bytes).await?;
         let only_this_one = self.slots.available_permits() + 1 == self.slot_count;
         if !only_this_one {
-            return tokio::task::spawn_blocking(move || {
-                let _held = held;
-                work()
-            })
-            .await
-            .map_err(|_| SlotError::Panicked);
+            return on_the_blocking_pool(held, work).await;
         }
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
         drop(held);
@@ -88,16 +78,7 @@ impl DecodeSlots {
     }
 
     /// Waits for `memory_bytes` of the budget and then a slot.
-    async fn acquire(
-        &self,
-        memory_bytes: u64,
-    ) -> Result<
-        (
-            tokio::sync::OwnedSemaphorePermit,
-            tokio::sync::OwnedSemaphorePermit,
-        ),
-        SlotError,
-    > {
+    async fn acquire(&self, memory_bytes: u64) -> Result<Held, SlotError> {
         let permits = memory_bytes.div_ceil(PERMIT_BYTES);
         if permits * PERMIT_BYTES > self.memory_budget_bytes {
             return Err(SlotError::OverBudget {
@@ -121,6 +102,26 @@ impl DecodeSlots {
             .map_err(|_| SlotError::Panicked)?;
         Ok((memory, slot))
     }
+}
+
+/// The memory and slot permits a decode holds while it runs.
+type Held = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// Runs `work` on the blocking pool holding `held` until it returns, even if the caller stops
+/// waiting for it.
+async fn on_the_blocking_pool<T: Send + 'static>(
+    held: Held,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SlotError> {
+    tokio::task::spawn_blocking(move || {
+        let _held = held;
+        work()
+    })
+    .await
+    .map_err(|_| SlotError::Panicked)
 }
 
 #[cfg(test)]
