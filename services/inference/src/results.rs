@@ -589,10 +589,15 @@ async fn note_deliveries_in_one_statement(
     // A note its UPDATE did not take (noted already, a later note of the same result, or no
     // such result) is answered with the seq that stands.
     let mut first_of = HashSet::new();
+    let taken: Vec<bool> = notes
+        .iter()
+        .map(|(result_id, _)| first_of.insert(*result_id) && noted.contains(*result_id))
+        .collect();
     let unnoted: Vec<&str> = notes
         .iter()
-        .filter(|(result_id, _)| !(first_of.insert(*result_id) && noted.contains(*result_id)))
-        .map(|(result_id, _)| *result_id)
+        .zip(&taken)
+        .filter(|(_, taken)| !**taken)
+        .map(|((result_id, _), _)| *result_id)
         .collect();
     let mut standing: HashMap<String, i64> = HashMap::new();
     if !unnoted.is_empty() {
@@ -604,11 +609,11 @@ async fn note_deliveries_in_one_statement(
             standing.insert(row.result_id, row.ledger_seq);
         }
     }
-    let mut answered = HashSet::new();
     Ok(notes
         .iter()
-        .map(|(result_id, seq)| {
-            if answered.insert(*result_id) && noted.contains(*result_id) {
+        .zip(taken)
+        .map(|((result_id, seq), taken)| {
+            if taken {
                 return Ok(*seq);
             }
             standing
