@@ -156,8 +156,13 @@ async fn one_prediction_is_one_trace_across_every_hop() {
         .expect("prediction");
 
     // Every span of the prediction, the ledger's group commit included, has been exported.
+    // Each server's own span too: it ends after its children (PredictThenStore's once the
+    // result is stored, after the answer), so it may come in a later batch than theirs.
     let expected = [
         ("medai-gateway", INFER),
+        ("medai-validation", VALIDATE),
+        ("medai-inference", PREDICT),
+        ("medai-audit", APPEND),
         ("medai-gateway", "gateway.ledger_append_wait"),
         ("medai-validation", "validation.decode"),
         ("medai-validation", "validation.quality"),
