@@ -17,7 +17,9 @@
 //! `MEDAI_BENCH_SERVICE_ENV=TOKIO_WORKER_THREADS=1,…` gives every service those variables too.
 //!
 //! After the levels it drives the mesh open-loop at half the highest rate it reached (issue 14:
-//! p99 ≤ 20 ms at half of peak) for `MEDAI_BENCH_HALF_PEAK_SECONDS` (default 15; 0 skips it).
+//! p99 ≤ 20 ms at half of peak) for `MEDAI_BENCH_HALF_PEAK_SECONDS` (default 15; 0 skips it),
+//! printing each hop's calls over 10 and 25 ms as the services' own histograms timed them, then
+//! the monolith the same way at half of its own peak: the baseline for that p99.
 
 #![allow(clippy::print_stdout)]
 
@@ -173,6 +175,137 @@ async fn mesh_open_loop(
         .max()
         .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0);
     (Figures::measure(latencies, started.elapsed()), slowest)
+}
+
+/// The monolith driven open-loop like [`mesh_open_loop`]: each due prediction takes a free
+/// keep-alive connection from a pool (waiting for one counts in its latency, as a queue in
+/// front of the monolith would), so its p99 at half its own peak is the baseline the mesh's
+/// is read against.
+async fn monolith_open_loop(
+    address: SocketAddr,
+    token: &str,
+    rate: f64,
+    duration: Duration,
+) -> (Figures, f64) {
+    const CONNECTIONS: usize = 64;
+    let image = std::sync::Arc::new(png());
+    let (free_sender, free) = tokio::sync::mpsc::channel(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        let connection = MonolithConnection::open(address, token, image.len())
+            .await
+            .expect("connect to the monolith");
+        free_sender.send(connection).await.expect("pool");
+    }
+    let free = std::sync::Arc::new(tokio::sync::Mutex::new(free));
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
+    let started = Instant::now();
+    let mut calls = Vec::with_capacity(total);
+    for index in 0..total {
+        let due = started + Duration::from_secs_f64(index as f64 / rate);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        let (free, free_sender, image) = (free.clone(), free_sender.clone(), image.clone());
+        calls.push(tokio::spawn(async move {
+            let mut connection = free.lock().await.recv().await.expect("a pooled connection");
+            connection
+                .predict(&image)
+                .await
+                .expect("prediction by the monolith");
+            let latency = due.elapsed();
+            free_sender.send(connection).await.expect("pool");
+            latency
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    for call in calls {
+        latencies.push(call.await.expect("call"));
+    }
+    let slowest = latencies
+        .iter()
+        .max()
+        .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0);
+    (Figures::measure(latencies, started.elapsed()), slowest)
+}
+
+/// Calls of one gRPC method as one process saw them: all, and those over 10 and 25 ms.
+#[derive(Clone, Copy, Debug, Default)]
+struct SlowCalls {
+    all: f64,
+    over_10_ms: f64,
+    over_25_ms: f64,
+}
+
+/// The gRPC handling-time histograms (server side, and client side for the calls a service
+/// makes) of every mesh service, keyed by "process side service/method".
+async fn handling_histograms(mesh: &MeshUnderTest) -> BTreeMap<String, SlowCalls> {
+    let mut calls = BTreeMap::new();
+    for service in medai_cli::launcher::SERVICES {
+        let Some(admin) = mesh.mesh.admin_address(service) else {
+            continue;
+        };
+        let exposition = medai_e2e::http_get(admin, "/metrics").await;
+        for (side, family) in [
+            ("server", "grpc_server_handling_seconds_bucket{"),
+            ("client", "grpc_client_handling_seconds_bucket{"),
+        ] {
+            for line in exposition.lines() {
+                let Some(rest) = line.strip_prefix(family) else {
+                    continue;
+                };
+                let Some((labels, value)) = rest.rsplit_once("} ") else {
+                    continue;
+                };
+                let label = |name: &str| {
+                    labels
+                        .split(',')
+                        .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                        .map(|value| value.trim_end_matches('"').to_owned())
+                        .unwrap_or_default()
+                };
+                let Ok(count) = value.trim().parse::<f64>() else {
+                    continue;
+                };
+                let method = label("grpc_method");
+                let short_service = label("grpc_service");
+                let short_service = short_service.rsplit('.').next().unwrap_or_default();
+                let entry: &mut SlowCalls = calls
+                    .entry(format!("{service} {side} {short_service}/{method}"))
+                    .or_default();
+                match label("le").as_str() {
+                    "+Inf" => {
+                        entry.all += count;
+                        entry.over_10_ms += count;
+                        entry.over_25_ms += count;
+                    }
+                    "0.01" => entry.over_10_ms -= count,
+                    "0.025" => entry.over_25_ms -= count,
+                    _ => {}
+                }
+            }
+        }
+    }
+    calls
+}
+
+/// The calls made between two readings of [`handling_histograms`], busiest first.
+fn slow_calls_between(
+    before: &BTreeMap<String, SlowCalls>,
+    after: &BTreeMap<String, SlowCalls>,
+) -> Vec<(String, SlowCalls)> {
+    let mut between: Vec<(String, SlowCalls)> = after
+        .iter()
+        .map(|(key, later)| {
+            let earlier = before.get(key).copied().unwrap_or_default();
+            let calls = SlowCalls {
+                all: later.all - earlier.all,
+                over_10_ms: later.over_10_ms - earlier.over_10_ms,
+                over_25_ms: later.over_25_ms - earlier.over_25_ms,
+            };
+            (key.clone(), calls)
+        })
+        .filter(|(_, calls)| calls.all > 0.0)
+        .collect();
+    between.sort_by(|a, b| b.1.over_10_ms.total_cmp(&a.1.over_10_ms));
+    between
 }
 
 fn half_peak_seconds() -> u64 {
@@ -438,7 +571,7 @@ async fn main() {
     let mut report = serde_json::Map::new();
     let mut cpu_report = serde_json::Map::new();
     let mut flush_report = serde_json::Map::new();
-    let mut peak: f64 = 0.0;
+    let (mut peak, mut monolith_peak): (f64, f64) = (0.0, 0.0);
     for level in medai_e2e::bench_levels(&LEVELS) {
         let total = requests_at(level);
         let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
@@ -463,6 +596,7 @@ async fn main() {
         }
         let (ours, theirs) = (combine(&mesh_rounds), combine(&monolith_rounds));
         peak = peak.max(ours.per_second);
+        monolith_peak = monolith_peak.max(theirs.per_second);
         let ratio = ours.per_second / theirs.per_second;
         println!(
             "  {level:>11}  {}  {}  {ratio:>7.2}x",
@@ -510,8 +644,10 @@ async fn main() {
     let seconds = half_peak_seconds();
     if seconds > 0 && peak > 0.0 {
         let rate = peak / 2.0;
+        let histograms_before = handling_histograms(&mesh).await;
         let (figures, slowest) =
             mesh_open_loop(&mesh, &token, rate, Duration::from_secs(seconds)).await;
+        let slow_calls = slow_calls_between(&histograms_before, &handling_histograms(&mesh).await);
         let verdict = if figures.p99_ms <= HALF_PEAK_P99_GOAL_MS {
             "within"
         } else {
@@ -521,6 +657,32 @@ async fn main() {
             "  open loop at half the mesh's peak ({rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {slowest:.2} ms, {verdict} the {HALF_PEAK_P99_GOAL_MS:.0} ms p99 goal",
             figures.per_second, figures.p50_ms, figures.p99_ms
         );
+        // Where the tail is: each hop's calls over 10 and 25 ms as that process timed them
+        // (a server's time includes the hops it calls; a client's adds the wire and the wait
+        // for the callee's CPU).
+        println!("    calls over 10 ms / over 25 ms / all during the open loop, by process:");
+        for (hop, calls) in &slow_calls {
+            println!(
+                "      {hop:<58} {:>6.0} / {:>6.0} / {:>7.0}",
+                calls.over_10_ms, calls.over_25_ms, calls.all
+            );
+        }
+        // The baseline: the monolith open-loop at half of its own peak, in the same run.
+        let monolith_rate = monolith_peak / 2.0;
+        let (theirs, theirs_slowest) = monolith_open_loop(
+            monolith.address,
+            &monolith.token,
+            monolith_rate,
+            Duration::from_secs(seconds),
+        )
+        .await;
+        println!(
+            "  open loop at half the monolith's peak ({monolith_rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {theirs_slowest:.2} ms; mesh p99 / monolith p99 {:.2}",
+            theirs.per_second,
+            theirs.p50_ms,
+            theirs.p99_ms,
+            figures.p99_ms / theirs.p99_ms
+        );
         report.insert(
             "half_peak_open_loop".to_owned(),
             serde_json::json!({
@@ -529,6 +691,19 @@ async fn main() {
                 "figures": figures.to_json(),
                 "max_ms": slowest,
                 "p99_goal_ms": HALF_PEAK_P99_GOAL_MS,
+                "slow_calls_by_process": slow_calls
+                    .iter()
+                    .map(|(hop, calls)| (hop.clone(), serde_json::json!({
+                        "all": calls.all,
+                        "over_10_ms": calls.over_10_ms,
+                        "over_25_ms": calls.over_25_ms,
+                    })))
+                    .collect::<serde_json::Map<_, _>>(),
+                "monolith_at_half_its_peak": {
+                    "offered_per_second": monolith_rate,
+                    "figures": theirs.to_json(),
+                    "max_ms": theirs_slowest,
+                },
             }),
         );
     }
