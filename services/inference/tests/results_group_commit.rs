@@ -327,3 +327,92 @@ CREATE TRIGGER see_commit_setting AFTER INSERT OR UPDATE ON inference_results
         ]
     );
 }
+
+/// Rows of `inference_results` PostgreSQL read by sequential scans so far, read once the
+/// counters have stopped moving (each backend reports its share when it ends or goes idle).
+async fn sequential_reads(url: &str) -> i64 {
+    let reader = sea_orm::Database::connect(url).await.expect("connect");
+    let read = || async {
+        reader
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'inference_results'",
+            ))
+            .await
+            .expect("statistics")
+            .expect("one row")
+            .try_get::<i64>("", "seq_tup_read")
+            .expect("seq_tup_read")
+    };
+    let mut reads = read().await;
+    for _ in 0..30 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        reader
+            .execute_unprepared("SELECT pg_stat_clear_snapshot()")
+            .await
+            .expect("fresh statistics");
+        let now = read().await;
+        if now == reads {
+            break;
+        }
+        reads = now;
+    }
+    reads
+}
+
+/// Issue 14 (found in a profile of the half-peak open loop, where PostgreSQL scanned the whole
+/// results table for every batch of notes): the notes' statement is planned for the table as
+/// it is, not as it was when a connection first ran it. A plan cached while the table held a
+/// few rows (a sequential scan) would read every row of the grown table at each batch.
+#[tokio::test]
+async fn delivery_notes_find_their_rows_by_key_however_small_the_table_was_when_first_noted() {
+    const GROWN_TO: i64 = 3_000;
+    const BATCHES: u32 = 40;
+    const NOTES_PER_BATCH: u32 = 3;
+    let url = medai_testkit::fresh_postgres_database().await;
+    let store = ResultsStore::connect(&url).await.expect("results store");
+    // Batches of notes as a busy gateway sends them: a few results' at once (with one note a
+    // batch PostgreSQL kept planning each run for its arguments and the scan did not show).
+    let note_fresh_results = |batch: u32| {
+        let store = store.clone();
+        async move {
+            let mut notes = Vec::new();
+            for index in batch * NOTES_PER_BATCH..(batch + 1) * NOTES_PER_BATCH {
+                let (stored, _) = store.insert(new_result(index, None)).await.expect("stored");
+                notes.push((stored.result_id, i64::from(index)));
+            }
+            let answers = store.record_deliveries(&notes).await;
+            for ((_, seq), answer) in notes.iter().zip(&answers) {
+                assert_eq!(answer.as_ref().ok(), Some(seq));
+            }
+            notes.swap_remove(0).0
+        }
+    };
+    // While the table is tiny (every connection's statements are prepared and, after a few
+    // runs, their plans cached).
+    let mut model_row = String::new();
+    for batch in 0..BATCHES {
+        model_row = note_fresh_results(batch).await;
+    }
+    // The table grows.
+    store
+        .connection()
+        .execute_unprepared(&format!(
+            "INSERT INTO inference_results SELECT (jsonb_populate_record(NULL::inference_results, \
+             to_jsonb(r) || jsonb_build_object('result_id', 'grown-' || g, 'idempotency_key', \
+             NULL))).* FROM inference_results r, generate_series(1, {GROWN_TO}) g \
+             WHERE r.result_id = '{model_row}'"
+        ))
+        .await
+        .expect("grow the table");
+    let before = sequential_reads(&url).await;
+    for batch in BATCHES..2 * BATCHES {
+        note_fresh_results(batch).await;
+    }
+    store.connection().close().await.expect("close the pool");
+    let read = sequential_reads(&url).await - before;
+    assert!(
+        read < GROWN_TO,
+        "{BATCHES} batches of notes on a table of {GROWN_TO} rows read {read} rows sequentially"
+    );
+}
