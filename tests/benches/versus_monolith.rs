@@ -18,8 +18,9 @@
 //!
 //! After the levels it drives the mesh open-loop at half the highest rate it reached (issue 14:
 //! p99 ≤ 20 ms at half of peak) for `MEDAI_BENCH_HALF_PEAK_SECONDS` (default 15; 0 skips it),
-//! printing each hop's calls over 10 and 25 ms as the services' own histograms timed them, then
-//! the monolith the same way at half of its own peak: the baseline for that p99.
+//! printing each hop's mean time and calls over 10 and 25 ms as the services' own histograms
+//! timed them; then the monolith the same way at half of its own peak (the baseline for that
+//! p99), and the mesh again at that same rate (both sides at one load).
 
 #![allow(clippy::print_stdout)]
 
@@ -226,12 +227,20 @@ async fn monolith_open_loop(
     (Figures::measure(latencies, started.elapsed()), slowest)
 }
 
-/// Calls of one gRPC method as one process saw them: all, and those over 10 and 25 ms.
+/// Calls of one gRPC method as one process saw them: all, their total time, and those over
+/// 10 and 25 ms.
 #[derive(Clone, Copy, Debug, Default)]
 struct SlowCalls {
     all: f64,
+    seconds: f64,
     over_10_ms: f64,
     over_25_ms: f64,
+}
+
+impl SlowCalls {
+    fn mean_ms(&self) -> f64 {
+        1000.0 * self.seconds / self.all.max(1.0)
+    }
 }
 
 /// The gRPC handling-time histograms (server side, and client side for the calls a service
@@ -244,13 +253,14 @@ async fn handling_histograms(mesh: &MeshUnderTest) -> BTreeMap<String, SlowCalls
         };
         let exposition = medai_e2e::http_get(admin, "/metrics").await;
         for (side, family) in [
-            ("server", "grpc_server_handling_seconds_bucket{"),
-            ("client", "grpc_client_handling_seconds_bucket{"),
+            ("server", "grpc_server_handling_seconds_"),
+            ("client", "grpc_client_handling_seconds_"),
         ] {
             for line in exposition.lines() {
                 let Some(rest) = line.strip_prefix(family) else {
                     continue;
                 };
+                let (part, rest) = rest.split_once('{').unwrap_or_default();
                 let Some((labels, value)) = rest.rsplit_once("} ") else {
                     continue;
                 };
@@ -270,6 +280,13 @@ async fn handling_histograms(mesh: &MeshUnderTest) -> BTreeMap<String, SlowCalls
                 let entry: &mut SlowCalls = calls
                     .entry(format!("{service} {side} {short_service}/{method}"))
                     .or_default();
+                if part == "sum" {
+                    entry.seconds += count;
+                    continue;
+                }
+                if part != "bucket" {
+                    continue;
+                }
                 match label("le").as_str() {
                     "+Inf" => {
                         entry.all += count;
@@ -297,6 +314,7 @@ fn slow_calls_between(
             let earlier = before.get(key).copied().unwrap_or_default();
             let calls = SlowCalls {
                 all: later.all - earlier.all,
+                seconds: later.seconds - earlier.seconds,
                 over_10_ms: later.over_10_ms - earlier.over_10_ms,
                 over_25_ms: later.over_25_ms - earlier.over_25_ms,
             };
@@ -306,6 +324,21 @@ fn slow_calls_between(
         .collect();
     between.sort_by(|a, b| b.1.over_10_ms.total_cmp(&a.1.over_10_ms));
     between
+}
+
+/// Where an open loop's time went: each hop as the process timed it (a server's time includes
+/// the hops it calls; a client's adds the wire and the wait for the callee's CPU).
+fn print_hops(slow_calls: &[(String, SlowCalls)]) {
+    println!("    by process: mean ms, calls over 10 ms / over 25 ms / all");
+    for (hop, calls) in slow_calls {
+        println!(
+            "      {hop:<58} {:>6.2}  {:>6.0} / {:>6.0} / {:>7.0}",
+            calls.mean_ms(),
+            calls.over_10_ms,
+            calls.over_25_ms,
+            calls.all
+        );
+    }
 }
 
 fn half_peak_seconds() -> u64 {
@@ -657,16 +690,7 @@ async fn main() {
             "  open loop at half the mesh's peak ({rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {slowest:.2} ms, {verdict} the {HALF_PEAK_P99_GOAL_MS:.0} ms p99 goal",
             figures.per_second, figures.p50_ms, figures.p99_ms
         );
-        // Where the tail is: each hop's calls over 10 and 25 ms as that process timed them
-        // (a server's time includes the hops it calls; a client's adds the wire and the wait
-        // for the callee's CPU).
-        println!("    calls over 10 ms / over 25 ms / all during the open loop, by process:");
-        for (hop, calls) in &slow_calls {
-            println!(
-                "      {hop:<58} {:>6.0} / {:>6.0} / {:>7.0}",
-                calls.over_10_ms, calls.over_25_ms, calls.all
-            );
-        }
+        print_hops(&slow_calls);
         // The baseline: the monolith open-loop at half of its own peak, in the same run.
         let monolith_rate = monolith_peak / 2.0;
         let (theirs, theirs_slowest) = monolith_open_loop(
@@ -677,12 +701,27 @@ async fn main() {
         )
         .await;
         println!(
-            "  open loop at half the monolith's peak ({monolith_rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {theirs_slowest:.2} ms; mesh p99 / monolith p99 {:.2}",
+            "  open loop at half the monolith's peak ({monolith_rate:.0}/s for {seconds} s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {theirs_slowest:.2} ms; mesh p99 at half its peak / monolith p99 at half its peak {:.2}",
             theirs.per_second,
             theirs.p50_ms,
             theirs.p99_ms,
             figures.p99_ms / theirs.p99_ms
         );
+        // And the mesh at that same offered rate: both sides at one load.
+        let histograms_before = handling_histograms(&mesh).await;
+        let (ours_at_theirs, ours_at_theirs_slowest) =
+            mesh_open_loop(&mesh, &token, monolith_rate, Duration::from_secs(seconds)).await;
+        println!(
+            "  the mesh open-loop at that rate ({monolith_rate:.0}/s): {:.0}/s p50 {:.2} ms p99 {:.2} ms max {ours_at_theirs_slowest:.2} ms; mesh p99 / monolith p99 at one load {:.2}",
+            ours_at_theirs.per_second,
+            ours_at_theirs.p50_ms,
+            ours_at_theirs.p99_ms,
+            ours_at_theirs.p99_ms / theirs.p99_ms
+        );
+        print_hops(&slow_calls_between(
+            &histograms_before,
+            &handling_histograms(&mesh).await,
+        ));
         report.insert(
             "half_peak_open_loop".to_owned(),
             serde_json::json!({
@@ -695,6 +734,7 @@ async fn main() {
                     .iter()
                     .map(|(hop, calls)| (hop.clone(), serde_json::json!({
                         "all": calls.all,
+                        "mean_ms": calls.mean_ms(),
                         "over_10_ms": calls.over_10_ms,
                         "over_25_ms": calls.over_25_ms,
                     })))
@@ -703,6 +743,11 @@ async fn main() {
                     "offered_per_second": monolith_rate,
                     "figures": theirs.to_json(),
                     "max_ms": theirs_slowest,
+                },
+                "mesh_at_half_the_monoliths_peak": {
+                    "offered_per_second": monolith_rate,
+                    "figures": ours_at_theirs.to_json(),
+                    "max_ms": ours_at_theirs_slowest,
                 },
             }),
         );
