@@ -43,43 +43,6 @@ async fn inference_figures(mesh: &MeshUnderTest) -> (f64, f64, f64, f64) {
         commits("delivery_notes"),
     )
 }
-/// CPU seconds (user + system) of the suite's PostgreSQL: its postmaster (with the backends
-/// it has reaped) and every live child of it, from /proc. 0 when `MEDAI_TEST_PG_DATA` is unset.
-fn postgres_cpu_seconds() -> f64 {
-    let Ok(data) = std::env::var("MEDAI_TEST_PG_DATA") else {
-        return 0.0;
-    };
-    let Some(postmaster) = std::fs::read_to_string(format!("{data}/postmaster.pid"))
-        .ok()
-        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
-    else {
-        return 0.0;
-    };
-    let stat_of = |pid: u32| -> Option<(u32, f64, f64)> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let close = stat.rfind(')')?;
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let number = |index: usize| fields.get(index)?.parse::<f64>().ok();
-        Some((
-            fields.get(1)?.parse().ok()?,
-            (number(11)? + number(12)?) / 100.0,
-            (number(13)? + number(14)?) / 100.0,
-        ))
-    };
-    let mut seconds = stat_of(postmaster).map_or(0.0, |(_, own, reaped)| own + reaped);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Some((parent, own, _)) = stat_of(pid)
-            && parent == postmaster
-        {
-            seconds += own;
-        }
-    }
-    seconds
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quiet = |service: &str| {
@@ -143,12 +106,13 @@ async fn main() {
             let (commits_before, single_before, batch_before, notes_before) =
                 inference_figures(&mesh).await;
             let cpu_before = medai_e2e::process_cpu::cpu_seconds_by_process("other");
-            let postgres_before = postgres_cpu_seconds();
+            let postgres_before = medai_e2e::process_cpu::postgres_cpu_seconds();
             let started = std::time::Instant::now();
             round(concurrency, total).await;
             let wall = started.elapsed();
             let cpu_after = medai_e2e::process_cpu::cpu_seconds_by_process("other");
-            let postgres = (postgres_cpu_seconds() - postgres_before) * 1e6 / total as f64;
+            let postgres = (medai_e2e::process_cpu::postgres_cpu_seconds() - postgres_before) * 1e6
+                / total as f64;
             let (commits_after, single_after, batch_after, notes_after) =
                 inference_figures(&mesh).await;
             let per = |figure: f64| figure / total as f64;

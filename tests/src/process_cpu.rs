@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 /// CPU seconds of this process's descendants, by command name (`medai-*` each under its own
-/// name, any other under `other`), and of this process as "benchmark client".
+/// name, any other under `other`), of this process as "benchmark client", and of the suite's
+/// PostgreSQL as "postgresql (whole cluster)" ([`postgres_cpu_seconds`]: whichever side a
+/// round drives is the one using it).
 pub fn cpu_seconds_by_process(other: &str) -> BTreeMap<String, f64> {
     let ticks = 100.0; // USER_HZ on Linux
     let own = std::process::id();
@@ -54,7 +56,50 @@ pub fn cpu_seconds_by_process(other: &str) -> BTreeMap<String, f64> {
         }
     }
     figures.insert("benchmark client".to_owned(), own_cpu_seconds());
+    if std::env::var_os("MEDAI_TEST_PG_DATA").is_some() {
+        figures.insert(
+            "postgresql (whole cluster)".to_owned(),
+            postgres_cpu_seconds(),
+        );
+    }
     figures
+}
+
+/// CPU seconds (user + system) of the suite's PostgreSQL: its postmaster (with the backends
+/// it has reaped) and every live child of it, from /proc. 0 when `MEDAI_TEST_PG_DATA` is unset.
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(data) = std::env::var("MEDAI_TEST_PG_DATA") else {
+        return 0.0;
+    };
+    let Some(postmaster) = std::fs::read_to_string(format!("{data}/postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+    else {
+        return 0.0;
+    };
+    let stat_of = |pid: u32| -> Option<(u32, f64, f64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let close = stat.rfind(')')?;
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let number = |index: usize| fields.get(index)?.parse::<f64>().ok();
+        Some((
+            fields.get(1)?.parse().ok()?,
+            (number(11)? + number(12)?) / 100.0,
+            (number(13)? + number(14)?) / 100.0,
+        ))
+    };
+    let mut seconds = stat_of(postmaster).map_or(0.0, |(_, own, reaped)| own + reaped);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((parent, own, _)) = stat_of(pid)
+            && parent == postmaster
+        {
+            seconds += own;
+        }
+    }
+    seconds
 }
 
 fn own_cpu_seconds() -> f64 {
