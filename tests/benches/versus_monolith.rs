@@ -150,32 +150,18 @@ async fn mesh_open_loop(
     for _ in 0..8 {
         channels.push(mesh.gateway().await);
     }
-    let total = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
-    let started = Instant::now();
-    let mut calls = Vec::with_capacity(total);
-    for index in 0..total {
-        let due = started + Duration::from_secs_f64(index as f64 / rate);
-        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+    open_loop(rate, duration, |index| {
         let mut gateway = channels[index % channels.len()].clone();
         let request = prediction_request(&image);
         let token = token.to_owned();
-        calls.push(tokio::spawn(async move {
+        async move {
             gateway
                 .infer(authorised(request, &token))
                 .await
                 .expect("prediction through the gateway");
-            due.elapsed()
-        }));
-    }
-    let mut latencies = Vec::with_capacity(total);
-    for call in calls {
-        latencies.push(call.await.expect("call"));
-    }
-    let slowest = latencies
-        .iter()
-        .max()
-        .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0);
-    (Figures::measure(latencies, started.elapsed()), slowest)
+        }
+    })
+    .await
 }
 
 /// The monolith driven open-loop like [`mesh_open_loop`]: each due prediction takes a free
@@ -198,22 +184,41 @@ async fn monolith_open_loop(
         free_sender.send(connection).await.expect("pool");
     }
     let free = std::sync::Arc::new(tokio::sync::Mutex::new(free));
+    open_loop(rate, duration, |_| {
+        let (free, free_sender, image) = (free.clone(), free_sender.clone(), image.clone());
+        async move {
+            let mut connection = free.lock().await.recv().await.expect("a pooled connection");
+            connection
+                .predict(&image)
+                .await
+                .expect("prediction by the monolith");
+            free_sender.send(connection).await.expect("pool");
+        }
+    })
+    .await
+}
+
+/// Starts `call(i)` when it is due, `i / rate` seconds after the start, for `duration`
+/// whatever the earlier calls are doing; each latency counts from when its call was due.
+/// Returns the figures and the slowest latency in ms.
+async fn open_loop<F>(
+    rate: f64,
+    duration: Duration,
+    mut call: impl FnMut(usize) -> F,
+) -> (Figures, f64)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as usize;
     let started = Instant::now();
     let mut calls = Vec::with_capacity(total);
     for index in 0..total {
         let due = started + Duration::from_secs_f64(index as f64 / rate);
         tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
-        let (free, free_sender, image) = (free.clone(), free_sender.clone(), image.clone());
+        let made = call(index);
         calls.push(tokio::spawn(async move {
-            let mut connection = free.lock().await.recv().await.expect("a pooled connection");
-            connection
-                .predict(&image)
-                .await
-                .expect("prediction by the monolith");
-            let latency = due.elapsed();
-            free_sender.send(connection).await.expect("pool");
-            latency
+            made.await;
+            due.elapsed()
         }));
     }
     let mut latencies = Vec::with_capacity(total);
