@@ -1046,6 +1046,7 @@ mod migration {
                 Box::new(crate::lifecycle_store::migration::CreateModelLifecycle),
                 Box::new(AddDecisionSupport),
                 Box::new(AddModelRollout),
+                Box::new(RoomForDeliveryNotes),
             ]
         }
 
@@ -1168,6 +1169,38 @@ mod migration {
                         .to_owned(),
                 )
                 .await
+        }
+    }
+
+    /// Issue 14: every result row is updated once soon after it is stored (its delivery note
+    /// sets `ledger_seq`, which no index covers). On pages filled to the brim the new row
+    /// version goes to another page, and every one of the table's five indexes gets an entry
+    /// for it; with room left on each page PostgreSQL writes it beside the old one as a
+    /// heap-only tuple and touches no index (and prunes the old version later). Only rows
+    /// written from now on leave that room; PostgreSQL only (SQLite has no fill factor).
+    struct RoomForDeliveryNotes;
+
+    /// The share of each results page new rows fill; the rest is room for their notes.
+    const RESULTS_FILL_FACTOR: u32 = 50;
+
+    impl MigrationName for RoomForDeliveryNotes {
+        fn name(&self) -> &str {
+            "m0005_room_for_delivery_notes"
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl MigrationTrait for RoomForDeliveryNotes {
+        async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+            if manager.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+                manager
+                    .get_connection()
+                    .execute_unprepared(&format!(
+                        "ALTER TABLE inference_results SET (fillfactor = {RESULTS_FILL_FACTOR})"
+                    ))
+                    .await?;
+            }
+            Ok(())
         }
     }
 
