@@ -328,10 +328,9 @@ CREATE TRIGGER see_commit_setting AFTER INSERT OR UPDATE ON inference_results
     );
 }
 
-/// Rows of `inference_results` PostgreSQL read by sequential scans so far, read once the
-/// counters have stopped moving (each backend reports its share when it ends or goes idle).
-/// `column` of `pg_stat_user_tables` for the results table, once PostgreSQL's statistics have
-/// caught up (a backend reports its counts some time after its statements ran).
+/// `column` of `pg_stat_user_tables` for the results table (rows read by sequential scans,
+/// rows updated, …), read once the counters have stopped moving (each backend reports its
+/// share when it ends or goes idle).
 async fn results_table_statistic(url: &str, column: &str) -> i64 {
     let reader = sea_orm::Database::connect(url).await.expect("connect");
     let read = || async {
