@@ -1141,6 +1141,24 @@ impl LocalCluster {
             .map(|status| status.expect("pod exit"))
     }
 
+    /// Fails the test at once, with the pod's log, when a running pod's container has exited
+    /// since it was started: a test polling for what the mesh should do would otherwise spin
+    /// to its own deadline after a panic and report only that nothing happened.
+    pub fn assert_no_pod_exited(&mut self) {
+        for pod in &mut self.pods {
+            if pod.child.id().is_none() {
+                continue;
+            }
+            if let Some(status) = pod.child.try_wait().expect("pod status") {
+                panic!(
+                    "pod {} exited ({status}) while the test ran; its log ends:\n{}",
+                    pod.name,
+                    pod.log_tail()
+                );
+            }
+        }
+    }
+
     /// Whether the pod's readiness probe passes now, run as the kubelet runs it.
     pub async fn readiness_passes(&self, index: usize) -> bool {
         let probe = self.pods[index]

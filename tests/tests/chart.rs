@@ -1786,6 +1786,7 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
     // The report arrives at the destination: a Structured Report on the source instance.
     let deadline = Instant::now() + Duration::from_secs(120);
     let report = loop {
+        cluster.assert_no_pod_exited();
         let files: Vec<std::path::PathBuf> = std::fs::read_dir(&received)
             .expect("received")
             .flatten()
@@ -1841,6 +1842,7 @@ async fn the_bridge_from_the_chart_answers_c_echo_and_returns_a_c_store_as_a_str
     // C-STORE and the report just made; the NetworkPolicy lets the scraper in on that port.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        cluster.assert_no_pod_exited();
         let pages = scrape_as_the_service_monitor(&cluster, &bridge_deployment).await;
         assert_eq!(pages.len(), 1, "one bridge pod scraped");
         let page = &pages[0];
