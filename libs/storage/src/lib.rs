@@ -32,6 +32,18 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 /// then closed and the next statement gets a new one), as a restart costs statements in flight.
 pub const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// `database_url` with PostgreSQL settings for every session its connections open: sqlx passes
+/// each `options[name]=value` query parameter to the server at connect, after any the URL
+/// names already (a setting named twice takes the last value).
+pub fn with_session_settings(database_url: &str, settings: &[(&str, &str)]) -> String {
+    let mut url = database_url.to_owned();
+    for (name, value) in settings {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&format!("options%5B{name}%5D={value}"));
+    }
+    url
+}
+
 /// [`connect`] with a pool of at most `max_connections` (at least one).
 pub async fn connect_with_max_connections(
     database_url: &str,
@@ -176,5 +188,44 @@ mod tests {
         assert!(!is_concurrent_migration_conflict(&DbErr::Custom(
             "syntax error".into()
         )));
+    }
+
+    #[test]
+    fn session_settings_reach_the_server_options_sqlx_reads_from_the_url() {
+        use sea_orm::sqlx::postgres::PgConnectOptions;
+        use std::str::FromStr;
+        let settings = [("enable_seqscan", "off"), ("synchronous_commit", "off")];
+        let bare = with_session_settings("postgres://u@db:5432/results", &settings);
+        let options = PgConnectOptions::from_str(&bare).expect("parses");
+        assert_eq!(
+            options.get_options(),
+            Some("-c enable_seqscan=off -c synchronous_commit=off")
+        );
+        assert_eq!(options.get_database(), Some("results"));
+        // Beside the URL's own parameters, which keep their meaning.
+        let with_query = with_session_settings(
+            "postgres://u@db:5432/results?sslmode=disable&options=-c%20search_path%3Dmedai",
+            &settings,
+        );
+        let options = PgConnectOptions::from_str(&with_query).expect("parses");
+        assert_eq!(
+            options.get_options(),
+            Some("-c search_path=medai -c enable_seqscan=off -c synchronous_commit=off")
+        );
+        // A list of servers keeps its settings on each server's own URL.
+        let hosts = failover::HostList::parse(&with_session_settings(
+            "postgres://u@a:5432,b:5433/results?target_session_attrs=read-write",
+            &settings,
+        ))
+        .expect("parses")
+        .expect("a list");
+        for url in &hosts.single_host_urls {
+            let options = PgConnectOptions::from_str(url).expect("parses");
+            assert_eq!(
+                options.get_options(),
+                Some("-c enable_seqscan=off -c synchronous_commit=off"),
+                "{url}"
+            );
+        }
     }
 }

@@ -316,6 +316,8 @@ pub struct ResultFilter {
 #[derive(Clone)]
 pub struct ResultsStore {
     connection: DatabaseConnection,
+    /// The delivery notes' writer's (the same as `connection` on SQLite).
+    notes_connection: DatabaseConnection,
     delivery_notes: mpsc::Sender<PendingNote>,
     note_commits: Arc<AtomicU64>,
     new_results: mpsc::Sender<PendingResult>,
@@ -482,10 +484,10 @@ const MAX_NOTES_PER_COMMIT: usize = 256;
 /// that holds its note, so a note answered is a note every reader sees.
 ///
 /// On PostgreSQL the commit does not wait for its WAL to reach the disk (`synchronous_commit`
-/// off for that transaction alone; the WAL writer flushes it within `wal_writer_delay`): a note
-/// is an index of a ledger record that is durable already, and a note lost with the database
-/// is the state a gateway killed between the record and the note leaves, which every read of
-/// the result heals from the ledger. Issue 14: at concurrency 1 the note's own flush was a
+/// off in the notes' own session, [`NOTE_SESSION_SETTINGS`]; the WAL writer flushes it within
+/// `wal_writer_delay`): a note is an index of a ledger record that is durable already, and a
+/// note lost with the database is the state a gateway killed between the record and the note
+/// leaves, which every read of the result heals from the ledger. Issue 14: at concurrency 1 the note's own flush was a
 /// third fsync per prediction, queued ahead of the next prediction's two durable commits.
 async fn write_delivery_notes(
     connection: DatabaseConnection,
@@ -553,17 +555,35 @@ async fn note_deliveries(
     Ok(answers)
 }
 
-/// The notes of one commit as one statement on PostgreSQL, committing on its own with
-/// `synchronous_commit` off for its transaction alone (see [`write_delivery_notes`]): one
-/// round trip, where BEGIN, SET LOCAL, an UPDATE per note and COMMIT took one each (issue 14).
-/// Only the first note of a result in the batch is offered, so the first seq stands as it did
-/// when the notes were applied one after the other.
-const NOTE_DELIVERIES: &str = "WITH unflushed AS MATERIALIZED \
-    (SELECT set_config('synchronous_commit', 'off', true)) \
-    UPDATE inference_results AS r SET ledger_seq = n.seq \
-    FROM unflushed, unnest($1::text[], $2::int8[]) AS n(result_id, seq) \
+/// The notes of one commit as one statement on PostgreSQL, committing on its own on the
+/// notes' own connection ([`NOTE_SESSION_SETTINGS`]): one round trip, where BEGIN, SET LOCAL,
+/// an UPDATE per note and COMMIT took one each (issue 14). Only the first note of a result in
+/// the batch is offered, so the first seq stands as it did when the notes were applied one
+/// after the other.
+const NOTE_DELIVERIES: &str = "UPDATE inference_results AS r SET ledger_seq = n.seq \
+    FROM unnest($1::text[], $2::int8[]) AS n(result_id, seq) \
     WHERE r.result_id = n.result_id AND r.ledger_seq = 0 AND r.status = $3 \
     RETURNING r.result_id";
+
+/// The session of the connection that writes delivery notes on PostgreSQL, which runs nothing
+/// else:
+/// - its commits do not wait for the WAL flush (see [`write_delivery_notes`]);
+/// - its statements are planned once per connection (a generic plan, kept), and the only plan
+///   the planner may make for the notes' statement finds each note's row by key: no sequential
+///   scan, hash or merge join, or materialised inner side, any of which may be the cheapest on a
+///   table of a few rows and reads the whole table once it has grown (the plan is kept).
+///   Issue 14: kept prepared on a shared connection, the cached plan was a sequential scan of
+///   the whole grown table at each batch; planned afresh at each run instead, the planning cost
+///   0.24 ms a run, 60 % of the statement's time at concurrency 1 (`pg_stat_statements` in
+///   `versus_monolith`).
+pub const NOTE_SESSION_SETTINGS: [(&str, &str); 6] = [
+    ("synchronous_commit", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
+    ("enable_material", "off"),
+];
 
 async fn note_deliveries_in_one_statement(
     connection: &DatabaseConnection,
@@ -577,13 +597,9 @@ async fn note_deliveries_in_one_statement(
         .filter(|(result_id, _)| offered_ids.insert(*result_id))
         .copied()
         .unzip();
-    // Not a prepared statement kept on the connection: PostgreSQL plans each run for its
-    // arguments and the table as it is. Kept, its plan was made once while the table was small
-    // (a sequential scan, then the cheapest) and stayed as the table grew until autovacuum
-    // next analysed it: every batch of notes read the whole table, 3.9 ms a batch and a fifth
-    // of the machine's CPU at half of peak in `versus_monolith` (issue 14).
+    // Prepared and kept on the notes' connection, whose session plans no sequential scan
+    // where the key's index serves (see [`NOTE_SESSION_SETTINGS`]).
     let noted: HashSet<String> = sea_orm::sqlx::query_scalar::<_, String>(NOTE_DELIVERIES)
-        .persistent(false)
         .bind(&ids)
         .bind(&seqs)
         .bind(PRELIMINARY)
@@ -650,11 +666,23 @@ impl ResultsStore {
     pub async fn connect_with(database_url: &str, run_migrations: bool) -> Result<Self, DbErr> {
         let connection = medai_storage::connect(database_url).await?;
         medai_storage::prepare_schema::<Migrator>(&connection, run_migrations).await?;
+        // One connection of its own for the notes' writer on PostgreSQL (one statement at a
+        // time), with the session its statement needs (see [`NOTE_SESSION_SETTINGS`]).
+        let notes_connection =
+            if connection.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+                medai_storage::connect_with_max_connections(
+                    &medai_storage::with_session_settings(database_url, &NOTE_SESSION_SETTINGS),
+                    1,
+                )
+                .await?
+            } else {
+                connection.clone()
+            };
         let (delivery_notes, pending) = mpsc::channel(4 * MAX_NOTES_PER_COMMIT);
         let note_commits = Arc::new(AtomicU64::new(0));
         // Ends when the last clone of this store is dropped.
         tokio::spawn(write_delivery_notes(
-            connection.clone(),
+            notes_connection.clone(),
             pending,
             note_commits.clone(),
         ));
@@ -667,6 +695,7 @@ impl ResultsStore {
         ));
         Ok(Self {
             connection,
+            notes_connection,
             delivery_notes,
             note_commits,
             new_results,
@@ -687,6 +716,12 @@ impl ResultsStore {
     /// `medai-inference --migrate`: brings the schema up to date and closes the connection.
     pub async fn migrate(database_url: String) -> Result<(), DbErr> {
         Self::connect(&database_url).await?.connection.close().await
+    }
+
+    /// Closes the store's connections (its writers then fail what they are still given).
+    pub async fn close(self) -> Result<(), DbErr> {
+        self.notes_connection.close_by_ref().await?;
+        self.connection.close().await
     }
 
     /// The connection, for the lifecycle store that shares this database and its migrations.

@@ -410,14 +410,21 @@ async fn delivery_notes_find_their_rows_by_key_however_small_the_table_was_when_
         .await
         .expect("grow the table");
     let before = results_table_statistic(&url, "seq_tup_read").await;
+    let fetched_before = results_table_statistic(&url, "idx_tup_fetch").await;
     for batch in BATCHES..2 * BATCHES {
         note_fresh_results(batch).await;
     }
-    store.connection().close().await.expect("close the pool");
+    store.close().await.expect("close the pools");
     let read = results_table_statistic(&url, "seq_tup_read").await - before;
     assert!(
         read < GROWN_TO,
         "{BATCHES} batches of notes on a table of {GROWN_TO} rows read {read} rows sequentially"
+    );
+    // Nor through a whole index (a hash join's full index scan reads every row by index).
+    let fetched = results_table_statistic(&url, "idx_tup_fetch").await - fetched_before;
+    assert!(
+        fetched < GROWN_TO,
+        "{BATCHES} batches of notes on a table of {GROWN_TO} rows fetched {fetched} rows by index"
     );
 }
 
@@ -452,7 +459,7 @@ async fn delivery_notes_update_results_in_place_without_new_index_entries() {
             assert_eq!(answer.as_ref().ok(), Some(seq));
         }
     }
-    store.connection().close().await.expect("close the pool");
+    store.close().await.expect("close the pools");
     let updated = results_table_statistic(&url, "n_tup_upd").await - updated_before;
     let in_place = results_table_statistic(&url, "n_tup_hot_upd").await - in_place_before;
     assert_eq!(updated, i64::from(BATCHES * RESULTS_PER_BATCH));
