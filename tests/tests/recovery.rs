@@ -682,12 +682,11 @@ async fn a_redis_restart_without_persistence_loses_no_revocation_and_rate_limits
     assert_eq!(fallback_count(&mesh).await, 0);
 
     // The client spends its burst while Redis decides: the burst and what refilled while it was
-    // decided, which under load takes a while ... (the gateway charges its own account as Redis
-    // answers, while the burst is under way, so what refills later counts from its start: from
-    // its end, a burst that auth answered slowly under load undercounted it by its length)
-    // A call Redis does not answer within the gateway's 100 ms (a starved Redis on a loaded
-    // machine) is decided by this process's account instead, which Redis's answers charge only
-    // as they arrive: such a burst may get this process's share on top of what Redis allowed.
+    // decided, which takes a while under load. A call Redis does not answer within the
+    // gateway's 100 ms (a starved Redis) is decided by the gateway's own account, which Redis's
+    // answers charge only as they arrive, so such a burst may get that share on top. (The
+    // gateway charges its account during the burst, so what refills later counts from the
+    // burst's start, not its end.)
     let burst_started = Instant::now();
     let (reached_auth, limited, elapsed) = refresh_burst(&mut client, 3 * CLIENT_RATE).await;
     let fell_back_in_burst = fallback_count(&mesh).await;

@@ -487,8 +487,9 @@ const MAX_NOTES_PER_COMMIT: usize = 256;
 /// off in the notes' own session, [`NOTE_SESSION_SETTINGS`]; the WAL writer flushes it within
 /// `wal_writer_delay`): a note is an index of a ledger record that is durable already, and a
 /// note lost with the database is the state a gateway killed between the record and the note
-/// leaves, which every read of the result heals from the ledger. Issue 14: at concurrency 1 the note's own flush was a
-/// third fsync per prediction, queued ahead of the next prediction's two durable commits.
+/// leaves, which every read of the result heals from the ledger. Issue 14: at concurrency 1
+/// the note's own flush was a third fsync per prediction, queued ahead of the next
+/// prediction's two durable commits.
 async fn write_delivery_notes(
     connection: DatabaseConnection,
     mut pending: mpsc::Receiver<PendingNote>,
@@ -715,7 +716,7 @@ impl ResultsStore {
 
     /// `medai-inference --migrate`: brings the schema up to date and closes the connection.
     pub async fn migrate(database_url: String) -> Result<(), DbErr> {
-        Self::connect(&database_url).await?.connection.close().await
+        Self::connect(&database_url).await?.close().await
     }
 
     /// Closes the store's connections (its writers then fail what they are still given).
