@@ -683,20 +683,15 @@ async fn a_redis_restart_without_persistence_loses_no_revocation_and_rate_limits
 
     // The client spends its burst while Redis decides: the burst and what refilled while it was
     // decided, which takes a while under load. A call Redis does not answer within the
-    // gateway's 100 ms (a starved Redis) is decided by the gateway's own account, which Redis's
-    // answers charge only as they arrive, so such a burst may get that share on top. (The
-    // gateway charges its account during the burst, so what refills later counts from the
+    // gateway's 100 ms (a starved Redis) is decided by the gateway's own account instead, which
+    // every call is charged to before Redis is asked, so the calls still waiting for Redis
+    // count there and the burst is not given twice. (What refills later counts from the
     // burst's start, not its end.)
     let burst_started = Instant::now();
     let (reached_auth, limited, elapsed) = refresh_burst(&mut client, 3 * CLIENT_RATE).await;
     let fell_back_in_burst = fallback_count(&mesh).await;
-    let bound = if fell_back_in_burst == 0 {
-        most_allowed_per_client(elapsed)
-    } else {
-        2 * most_allowed_per_client(elapsed)
-    };
     assert!(
-        reached_auth <= bound && limited > 0,
+        reached_auth <= most_allowed_per_client(elapsed) && limited > 0,
         "with Redis up: {reached_auth} reached auth, {limited} limited in {elapsed:?}, \
          {fell_back_in_burst} decided without Redis"
     );

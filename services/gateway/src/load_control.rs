@@ -3,10 +3,10 @@
 //! - rate limits per user (the token's subject) and per client (its certificate identity, or
 //!   its address), by GCRA in Redis so every gateway replica shares one budget, falling back
 //!   to the same algorithm in this process (with a metric) when Redis cannot answer. This
-//!   process charges its own copy of each budget for every call it lets through, whoever
-//!   decided it, and a call must pass both: so a client that spent its burst while Redis
-//!   answered does not get it again when Redis stops answering, nor again when it comes back
-//!   empty;
+//!   process charges its own copy of each budget for every call before asking Redis, refunds
+//!   the calls Redis refuses, and a call must pass both: so a client that spent its burst
+//!   while Redis answered does not get it again when Redis stops answering, nor again when it
+//!   comes back empty, nor while some of its calls still wait for Redis's answer;
 //! - a bound on calls in flight: beyond it calls are shed at once with RESOURCE_EXHAUSTED and
 //!   a RetryInfo detail, instead of queueing until everything is slow.
 
@@ -149,6 +149,9 @@ pub struct RateLimiter {
     redis_resting_until: Mutex<Option<Instant>>,
 }
 
+/// How long a call waits for Redis's decision before this process decides it.
+const REDIS_ANSWER_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// How long Redis is left alone after it failed to answer.
 const REDIS_REST: Duration = Duration::from_secs(1);
 
@@ -160,7 +163,7 @@ impl RateLimiter {
                 let config = Config::from_url(url).map_err(|error| error.to_string())?;
                 let client = Builder::from_config(config)
                     .with_performance_config(|performance| {
-                        performance.default_command_timeout = Duration::from_millis(100);
+                        performance.default_command_timeout = REDIS_ANSWER_TIMEOUT;
                     })
                     .with_connection_config(|connection| {
                         connection.connection_timeout = Duration::from_millis(500);
@@ -183,11 +186,13 @@ impl RateLimiter {
     /// `Ok` if `key` may make one more call now (and the call is charged); otherwise how long
     /// until it may.
     ///
-    /// This process's own account is asked first: the calls it let through are a part of all
+    /// This process's own account is charged first: the calls it let through are a part of all
     /// the calls Redis counted, so when it refuses Redis would too, and the call costs no round
-    /// trip. A call Redis allows is charged here as well.
+    /// trip. Charged before Redis is asked, the calls still waiting for Redis's answer count
+    /// here too, so calls that fall back to this account while others wait cannot spend the
+    /// burst those others are being given. A call Redis refuses is refunded.
     pub async fn check(&self, key: &str, budget: Budget) -> Result<(), Duration> {
-        self.locally_allowed(key, budget)?;
+        self.check_locally(key, budget)?;
         if let Some(redis) = self.redis.as_ref().filter(|_| !self.redis_resting()) {
             // Redis caches the compiled script by its hash; EVAL needs no SHA-1 here.
             let answer: Result<i64, _> = redis
@@ -198,11 +203,11 @@ impl RateLimiter {
                 )
                 .await;
             match answer {
-                Ok(0) => {
-                    self.charge_locally(key, budget);
-                    return Ok(());
+                Ok(0) => return Ok(()),
+                Ok(wait_ms) => {
+                    self.refund_locally(key, budget);
+                    return Err(Duration::from_millis(wait_ms.unsigned_abs()));
                 }
-                Ok(wait_ms) => return Err(Duration::from_millis(wait_ms.unsigned_abs())),
                 Err(error) => {
                     tracing::warn!(error = %error, "rate limits fall back to this process: Redis did not answer");
                     *self
@@ -213,10 +218,11 @@ impl RateLimiter {
                 }
             }
         }
+        // Decided by this process's account alone, which has charged the call already.
         if self.redis.is_some() {
             metrics::counter!("medai_gateway_rate_limit_fallback_total").increment(1);
         }
-        self.check_locally(key, budget)
+        Ok(())
     }
 
     fn redis_resting(&self) -> bool {
@@ -235,18 +241,17 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Whether this process's account would allow the call, without charging it.
-    fn locally_allowed(&self, key: &str, budget: Budget) -> Result<(), Duration> {
-        Self::allowed_arrival(&self.local_accounts(), key, budget).map(|_| ())
-    }
-
-    /// Charges a call another decided (Redis) to this process's account. Two calls allowed
-    /// together may push it past the burst; later calls then wait, as Redis makes them.
-    fn charge_locally(&self, key: &str, budget: Budget) {
-        let now = Instant::now();
+    /// Gives back the charge of a call that was refused after all (by Redis).
+    fn refund_locally(&self, key: &str, budget: Budget) {
         let mut local = self.local_accounts();
-        let tat = local.get(key).copied().unwrap_or(now).max(now);
-        local.insert(key.to_owned(), tat + budget.interval());
+        if let Some(tat) = local.get_mut(key) {
+            match tat.checked_sub(budget.interval()) {
+                Some(earlier) => *tat = earlier,
+                None => {
+                    local.remove(key);
+                }
+            }
+        }
     }
 
     fn local_accounts(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
@@ -539,29 +544,97 @@ mod tests {
         assert!(limiter.check_locally("k", budget).is_err());
     }
 
-    #[test]
-    fn calls_redis_allowed_are_charged_here_so_a_fallback_gives_no_second_burst() {
-        let limiter = RateLimiter::connect(None).expect("limiter");
+    /// A Redis that takes connections and never answers: one too starved to answer in time.
+    async fn silent_redis() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("redis://{}", listener.local_addr().expect("address"));
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        });
+        (url, holder)
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_for_redis_are_charged_here_so_a_fallback_cannot_spend_their_burst() {
+        let (url, holder) = silent_redis().await;
+        let limiter = Arc::new(RateLimiter::connect(Some(&url)).expect("limiter"));
         let budget = Budget {
-            per_second: 10.0,
+            per_second: 0.001,
             burst: 5,
         };
-        // The burst spent while Redis decided ...
-        for _ in 0..5 {
-            assert!(limiter.locally_allowed("k", budget).is_ok());
-            limiter.charge_locally("k", budget);
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move { limiter.check("k", budget).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The burst is given to the five calls waiting for Redis; a sixth is refused here at
+        // once, not after Redis's timeout, and not allowed by the fallback while they wait.
+        let asked = Instant::now();
+        assert!(limiter.check("k", budget).await.is_err(), "sixth call");
+        assert!(
+            asked.elapsed() < REDIS_ANSWER_TIMEOUT,
+            "the sixth call waited {:?} for Redis",
+            asked.elapsed()
+        );
+        for (call, waiting) in waiting.into_iter().enumerate() {
+            let decided = waiting.await.expect("join");
+            assert!(decided.is_ok(), "call {call} decided here: {decided:?}");
         }
-        // ... is spent here too: this process refuses the next call on its own, before asking
-        // Redis, and when deciding alone.
-        assert!(limiter.locally_allowed("k", budget).is_err());
-        assert!(limiter.check_locally("k", budget).is_err());
-        // Asking does not charge.
-        assert!(limiter.locally_allowed("fresh", budget).is_ok());
-        for call in 0..5 {
+        assert!(limiter.check("k", budget).await.is_err(), "after the burst");
+        holder.abort();
+    }
+
+    #[tokio::test]
+    async fn a_call_redis_refuses_is_refunded_here() {
+        let url = std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
+            panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
+        });
+        let budget = Budget {
+            per_second: 1.0,
+            burst: 2,
+        };
+        let key = format!(
+            "refund-test:{}:{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        );
+        // Two gateway replicas sharing Redis: the first spends the whole burst ...
+        let first = RateLimiter::connect(Some(&url)).expect("first replica");
+        let second = RateLimiter::connect(Some(&url)).expect("second replica");
+        first
+            .redis
+            .as_ref()
+            .expect("redis")
+            .wait_for_connect()
+            .await
+            .expect("connect");
+        second
+            .redis
+            .as_ref()
+            .expect("redis")
+            .wait_for_connect()
+            .await
+            .expect("connect");
+        for call in 0..2 {
+            assert!(first.check(&key, budget).await.is_ok(), "call {call}");
+        }
+        // ... so Redis refuses the second's call, which its own account had allowed and charged.
+        assert!(second.check(&key, budget).await.is_err(), "Redis refuses");
+        assert!(!second.redis_resting(), "Redis answered; nothing fell back");
+        // Refunded: the second replica's own account still holds its whole burst.
+        for call in 0..2 {
             assert!(
-                limiter.check_locally("fresh", budget).is_ok(),
-                "call {call}"
+                second.check_locally(&key, budget).is_ok(),
+                "local call {call} after the refund"
             );
         }
+        assert!(second.check_locally(&key, budget).is_err());
     }
 }
