@@ -515,6 +515,19 @@ impl Monolith {
     }
 }
 
+/// A benchmark that panics still stops the monolith's workers: dropped, it is sent SIGTERM, as
+/// [`Monolith::stop`] does, instead of the SIGKILL `kill_on_drop` gives uvicorn's master alone
+/// (its workers then kept running, holding the benchmark's output open).
+impl Drop for Monolith {
+    fn drop(&mut self) {
+        if let Some(pid) = self.process.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 impl Monolith {
     /// SIGTERM lets uvicorn stop its workers too (a kill would leave them running).
     async fn stop(mut self) {
@@ -589,6 +602,7 @@ async fn main() {
         .map(quiet)
         .into_iter()
         .collect();
+    let levels = medai_e2e::bench_levels(&LEVELS);
     let mesh = MeshUnderTest::start_with(Storage::Postgres, extra).await;
     let token = mesh.admin_token().await;
     let monolith = Monolith::start(&root).await;
@@ -610,7 +624,7 @@ async fn main() {
     let mut cpu_report = serde_json::Map::new();
     let mut flush_report = serde_json::Map::new();
     let (mut peak, mut monolith_peak): (f64, f64) = (0.0, 0.0);
-    for level in medai_e2e::bench_levels(&LEVELS) {
+    for level in levels {
         let total = requests_at(level);
         let (mut mesh_rounds, mut monolith_rounds) = (Vec::new(), Vec::new());
         let mut mesh_cpu = BTreeMap::new();

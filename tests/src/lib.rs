@@ -197,18 +197,32 @@ pub fn suite_redis_url() -> String {
     })
 }
 
-/// The concurrency levels a benchmark runs: `MEDAI_BENCH_LEVELS` (comma separated, e.g. `1,64`)
-/// when set, `default` otherwise.
+/// The concurrency levels a benchmark runs: `MEDAI_BENCH_LEVELS` (separated by commas or spaces,
+/// e.g. `1,64`) when set, `default` otherwise. Read it before starting anything, so a bad value
+/// stops the benchmark before it leaves processes behind.
 pub fn bench_levels(default: &[usize]) -> Vec<usize> {
     std::env::var("MEDAI_BENCH_LEVELS").map_or_else(
         |_| default.to_vec(),
         |levels| {
-            levels
-                .split(',')
-                .map(|level| level.trim().parse().expect("MEDAI_BENCH_LEVELS: numbers"))
-                .collect()
+            parse_levels(&levels).unwrap_or_else(|refusal| panic!("MEDAI_BENCH_LEVELS: {refusal}"))
         },
     )
+}
+
+/// Concurrency levels separated by commas or spaces; each a whole number of at least 1.
+pub fn parse_levels(levels: &str) -> Result<Vec<usize>, String> {
+    let parsed = levels
+        .split(|separator: char| separator == ',' || separator.is_whitespace())
+        .filter(|level| !level.is_empty())
+        .map(|level| match level.parse::<usize>() {
+            Ok(level) if level >= 1 => Ok(level),
+            _ => Err(format!("{level:?} is not a concurrency of at least 1")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.is_empty() {
+        return Err("no level given".to_owned());
+    }
+    Ok(parsed)
 }
 
 /// The sum of a metric's series whose labels include `labels`, in a Prometheus exposition.
@@ -246,5 +260,19 @@ pub fn light_model_request(
         model_name: "synthetic-light".to_owned(),
         model_version: String::new(),
         idempotency_key: idempotency_key.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_levels;
+
+    #[test]
+    fn bench_levels_are_separated_by_commas_or_spaces_and_bad_ones_are_refused() {
+        assert_eq!(parse_levels("1,64"), Ok(vec![1, 64]));
+        assert_eq!(parse_levels(" 1 4, 16 ,64 "), Ok(vec![1, 4, 16, 64]));
+        for bad in ["", " , ", "0", "1,x", "-4", "1.5"] {
+            assert!(parse_levels(bad).is_err(), "{bad:?} was taken");
+        }
     }
 }
