@@ -6,7 +6,9 @@
 //!   process charges its own copy of each budget for every call before asking Redis, refunds
 //!   the calls Redis refuses, and a call must pass both: so a client that spent its burst
 //!   while Redis answered does not get it again when Redis stops answering, nor again when it
-//!   comes back empty, nor while some of its calls still wait for Redis's answer;
+//!   comes back empty, nor while some of its calls still wait for Redis's answer. A call is
+//!   charged to all of its budgets or to none, and Redis decides them all in one script (one
+//!   round trip per call; the keys of one call must live on one Redis, not a cluster's slots);
 //! - a bound on calls in flight: beyond it calls are shed at once with RESOURCE_EXHAUSTED and
 //!   a RetryInfo detail, instead of queueing until everything is slow.
 
@@ -94,23 +96,32 @@ impl Default for LoadControlSettings {
     }
 }
 
-/// GCRA: each key's "theoretical arrival time" moves one emission interval per call; a call
-/// is allowed while that time is within the burst tolerance of now. Redis's own clock is the
-/// one clock all replicas share.
+/// GCRA over every budget of one call at once: each key's "theoretical arrival time" moves one
+/// emission interval per call; a call is allowed while, for every key, that time is within the
+/// burst tolerance of now, and then all of them move; a call refused by one key moves none.
+/// Answers `{0, 0}` when allowed, else `{the first refusing key's position (from 1), how many
+/// ms until it would allow}`. One round trip for all of a call's budgets, and Redis's own clock
+/// is the one clock all replicas share.
 const GCRA_LUA: &str = r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if allow_at > now then
-  return math.ceil(allow_at - now)
+local moved = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - tolerance
+  if allow_at > now then
+    return {i, math.ceil(allow_at - now)}
+  end
+  moved[i] = {new_tat, math.ceil(tolerance) + 1}
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(tolerance) + 1)
-return 0
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, tostring(moved[i][1]), 'PX', moved[i][2])
+end
+return {0, 0}
 "#;
 
 /// One budget: a rate and the burst it may spend at once.
@@ -185,36 +196,57 @@ impl RateLimiter {
 
     /// `Ok` if `key` may make one more call now (and the call is charged); otherwise how long
     /// until it may.
+    #[cfg(test)]
+    pub async fn check(&self, key: &str, budget: Budget) -> Result<(), Duration> {
+        self.check_all(&[("", key.to_owned(), budget)])
+            .await
+            .map_err(|(_, wait)| wait)
+    }
+
+    /// `Ok` if a call may be charged to every one of `budgets` now (and it is charged to all of
+    /// them); otherwise the scope of the first that refuses and how long until it would allow.
+    /// A call is charged to all of its budgets or to none.
     ///
     /// This process's own account is charged first: the calls it let through are a part of all
     /// the calls Redis counted, so when it refuses Redis would too, and the call costs no round
     /// trip. Charged before Redis is asked, the calls still waiting for Redis's answer count
     /// here too, so calls that fall back to this account while others wait cannot spend the
-    /// burst those others are being given. A call Redis refuses is refunded.
-    pub async fn check(&self, key: &str, budget: Budget) -> Result<(), Duration> {
-        self.check_locally(key, budget)?;
+    /// burst those others are being given. A call Redis refuses is refunded. Redis decides all
+    /// of the call's budgets in one script: one round trip per call, however many budgets.
+    pub async fn check_all(&self, budgets: &[Charge]) -> Result<(), (&'static str, Duration)> {
+        self.check_all_locally(budgets)?;
+        if budgets.is_empty() {
+            return Ok(());
+        }
         if let Some(redis) = self.redis.as_ref().filter(|_| !self.redis_resting()) {
+            let keys: Vec<String> = budgets
+                .iter()
+                .map(|(_, key, _)| format!("medai:ratelimit:{key}"))
+                .collect();
+            let arguments: Vec<f64> = budgets
+                .iter()
+                .flat_map(|(_, _, budget)| [budget.interval_ms(), budget.tolerance_ms()])
+                .collect();
             // Redis caches the compiled script by its hash; EVAL needs no SHA-1 here.
-            let answer: Result<i64, _> = redis
-                .eval(
-                    GCRA_LUA,
-                    format!("medai:ratelimit:{key}"),
-                    vec![budget.interval_ms(), budget.tolerance_ms()],
-                )
-                .await;
-            match answer {
-                Ok(0) => return Ok(()),
-                Ok(wait_ms) => {
-                    self.refund_locally(key, budget);
-                    return Err(Duration::from_millis(wait_ms.unsigned_abs()));
+            let answer: Result<Vec<i64>, _> = redis.eval(GCRA_LUA, keys, arguments).await;
+            match answer.as_deref() {
+                Ok([0, 0]) => return Ok(()),
+                Ok(&[position, wait_ms]) => {
+                    self.refund_all_locally(budgets);
+                    let scope = usize::try_from(position)
+                        .ok()
+                        .and_then(|position| position.checked_sub(1))
+                        .and_then(|index| budgets.get(index))
+                        .map_or("", |(scope, _, _)| *scope);
+                    return Err((scope, Duration::from_millis(wait_ms.unsigned_abs())));
+                }
+                Ok(unexpected) => {
+                    tracing::warn!(answer = ?unexpected, "rate limits fall back to this process: Redis answered out of form");
+                    self.rest_redis();
                 }
                 Err(error) => {
                     tracing::warn!(error = %error, "rate limits fall back to this process: Redis did not answer");
-                    *self
-                        .redis_resting_until
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(Instant::now() + REDIS_REST);
+                    self.rest_redis();
                 }
             }
         }
@@ -223,6 +255,35 @@ impl RateLimiter {
             metrics::counter!("medai_gateway_rate_limit_fallback_total").increment(1);
         }
         Ok(())
+    }
+
+    fn rest_redis(&self) {
+        *self
+            .redis_resting_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now() + REDIS_REST);
+    }
+
+    /// Charges a call to every budget in this process's account, or to none when one refuses.
+    fn check_all_locally(&self, budgets: &[Charge]) -> Result<(), (&'static str, Duration)> {
+        let mut local = self.local_accounts();
+        let mut moved = Vec::with_capacity(budgets.len());
+        for (scope, key, budget) in budgets {
+            let new_tat =
+                Self::allowed_arrival(&local, key, *budget).map_err(|wait| (*scope, wait))?;
+            moved.push(new_tat);
+        }
+        for ((_, key, _), new_tat) in budgets.iter().zip(moved) {
+            local.insert(key.clone(), new_tat);
+        }
+        Ok(())
+    }
+
+    /// Gives back the charges of a call that was refused after all (by Redis).
+    fn refund_all_locally(&self, budgets: &[Charge]) {
+        for (_, key, budget) in budgets {
+            self.refund_locally(key, *budget);
+        }
     }
 
     fn redis_resting(&self) -> bool {
@@ -234,11 +295,10 @@ impl RateLimiter {
     }
 
     /// Decides a call by this process's account alone, and charges it when allowed.
+    #[cfg(test)]
     fn check_locally(&self, key: &str, budget: Budget) -> Result<(), Duration> {
-        let mut local = self.local_accounts();
-        let new_tat = Self::allowed_arrival(&local, key, budget)?;
-        local.insert(key.to_owned(), new_tat);
-        Ok(())
+        self.check_all_locally(&[("", key.to_owned(), budget)])
+            .map_err(|(_, wait)| wait)
     }
 
     /// Gives back the charge of a call that was refused after all (by Redis).
@@ -305,20 +365,20 @@ impl LoadControl {
     }
 }
 
-/// The budgets one call is charged against: (scope, key, budget).
-type Budgets = Vec<(&'static str, String, Budget)>;
+/// One budget a call is charged to: (scope, key, budget).
+pub type Charge = (&'static str, String, Budget);
 
-/// Charges one call (or one message of a stream) against every budget.
+/// The budgets one call is charged against.
+type Budgets = Vec<Charge>;
+
+/// Charges one call (or one message of a stream) against every budget, or refuses it.
 async fn charge(limiter: &RateLimiter, budgets: &Budgets) -> Result<(), GatewayError> {
-    for (scope, key, budget) in budgets {
-        if let Err(wait) = limiter.check(key, *budget).await {
-            metrics::counter!("medai_gateway_rate_limited_total", "scope" => *scope).increment(1);
-            return Err(GatewayError::RateLimited {
-                retry_after_ms: millis(wait),
-            });
+    limiter.check_all(budgets).await.map_err(|(scope, wait)| {
+        metrics::counter!("medai_gateway_rate_limited_total", "scope" => scope).increment(1);
+        GatewayError::RateLimited {
+            retry_after_ms: millis(wait),
         }
-    }
-    Ok(())
+    })
 }
 
 /// Handed to every call's handler, so a stream that carries many requests (a study stream's
@@ -593,9 +653,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_redis_refuses_is_refunded_here() {
-        let url = std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
-            panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
-        });
+        let url = suite_redis_url();
         let budget = Budget {
             per_second: 1.0,
             burst: 2,
@@ -636,5 +694,81 @@ mod tests {
             );
         }
         assert!(second.check_locally(&key, budget).is_err());
+    }
+
+    fn suite_redis_url() -> String {
+        std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
+            panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_is_charged_to_all_its_budgets_or_to_none_in_one_redis_script() {
+        let tag = format!("{}:{:?}", std::process::id(), std::time::SystemTime::now());
+        let client = (
+            "client",
+            format!("client:{tag}"),
+            Budget {
+                per_second: 1.0,
+                burst: 5,
+            },
+        );
+        let user = (
+            "user",
+            format!("user:{tag}"),
+            Budget {
+                per_second: 1.0,
+                burst: 2,
+            },
+        );
+        let limiter = RateLimiter::connect(Some(&suite_redis_url())).expect("limiter");
+        limiter
+            .redis
+            .as_ref()
+            .expect("redis")
+            .wait_for_connect()
+            .await
+            .expect("connect");
+        let both = [client.clone(), user.clone()];
+        for call in 0..2 {
+            assert!(limiter.check_all(&both).await.is_ok(), "call {call}");
+        }
+        // The user's burst is spent: the call is refused under the user's scope ...
+        let (scope, wait) = limiter.check_all(&both).await.expect_err("third call");
+        assert_eq!(scope, "user");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(!limiter.redis_resting(), "Redis decided");
+        // ... and charged to neither budget, here or in Redis: the client's burst of 5 still
+        // holds 3 calls, in a fresh replica (Redis alone) and in this one.
+        let other_replica = RateLimiter::connect(Some(&suite_redis_url())).expect("limiter");
+        other_replica
+            .redis
+            .as_ref()
+            .expect("redis")
+            .wait_for_connect()
+            .await
+            .expect("connect");
+        let client_alone = [client.clone()];
+        for call in 0..3 {
+            assert!(
+                other_replica.check_all(&client_alone).await.is_ok(),
+                "client call {call} in Redis"
+            );
+        }
+        let (scope, _) = other_replica
+            .check_all(&client_alone)
+            .await
+            .expect_err("the client's burst is spent");
+        assert_eq!(scope, "client");
+        for call in 0..3 {
+            assert!(
+                limiter.check_locally(&client.1, client.2).is_ok(),
+                "client call {call} here"
+            );
+        }
+        assert!(limiter.check_locally(&client.1, client.2).is_err());
     }
 }
