@@ -257,6 +257,14 @@ impl RateLimiter {
         Ok(())
     }
 
+    fn redis_resting(&self) -> bool {
+        let until = *self
+            .redis_resting_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
     fn rest_redis(&self) {
         *self
             .redis_resting_until
@@ -279,21 +287,6 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// Gives back the charges of a call that was refused after all (by Redis).
-    fn refund_all_locally(&self, budgets: &[Charge]) {
-        for (_, key, budget) in budgets {
-            self.refund_locally(key, *budget);
-        }
-    }
-
-    fn redis_resting(&self) -> bool {
-        let until = *self
-            .redis_resting_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        until.is_some_and(|until| Instant::now() < until)
-    }
-
     /// Decides a call by this process's account alone, and charges it when allowed.
     #[cfg(test)]
     fn check_locally(&self, key: &str, budget: Budget) -> Result<(), Duration> {
@@ -301,14 +294,16 @@ impl RateLimiter {
             .map_err(|(_, wait)| wait)
     }
 
-    /// Gives back the charge of a call that was refused after all (by Redis).
-    fn refund_locally(&self, key: &str, budget: Budget) {
+    /// Gives back the charges of a call that was refused after all (by Redis).
+    fn refund_all_locally(&self, budgets: &[Charge]) {
         let mut local = self.local_accounts();
-        if let Some(tat) = local.get_mut(key) {
-            match tat.checked_sub(budget.interval()) {
-                Some(earlier) => *tat = earlier,
-                None => {
-                    local.remove(key);
+        for (_, key, budget) in budgets {
+            if let Some(tat) = local.get_mut(key) {
+                match tat.checked_sub(budget.interval()) {
+                    Some(earlier) => *tat = earlier,
+                    None => {
+                        local.remove(key);
+                    }
                 }
             }
         }
@@ -653,33 +648,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_redis_refuses_is_refunded_here() {
-        let url = suite_redis_url();
         let budget = Budget {
             per_second: 1.0,
             burst: 2,
         };
-        let key = format!(
-            "refund-test:{}:{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        );
+        let key = unique_key("refund-test");
         // Two gateway replicas sharing Redis: the first spends the whole burst ...
-        let first = RateLimiter::connect(Some(&url)).expect("first replica");
-        let second = RateLimiter::connect(Some(&url)).expect("second replica");
-        first
-            .redis
-            .as_ref()
-            .expect("redis")
-            .wait_for_connect()
-            .await
-            .expect("connect");
-        second
-            .redis
-            .as_ref()
-            .expect("redis")
-            .wait_for_connect()
-            .await
-            .expect("connect");
+        let first = suite_redis_replica().await;
+        let second = suite_redis_replica().await;
         for call in 0..2 {
             assert!(first.check(&key, budget).await.is_ok(), "call {call}");
         }
@@ -696,32 +672,12 @@ mod tests {
         assert!(second.check_locally(&key, budget).is_err());
     }
 
-    fn suite_redis_url() -> String {
-        std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
+    /// A gateway replica's limiter on the suite's Redis, connected.
+    async fn suite_redis_replica() -> RateLimiter {
+        let url = std::env::var("MEDAI_TEST_REDIS_URL").unwrap_or_else(|_| {
             panic!("MEDAI_TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
-        })
-    }
-
-    #[tokio::test]
-    async fn a_call_is_charged_to_all_its_budgets_or_to_none_in_one_redis_script() {
-        let tag = format!("{}:{:?}", std::process::id(), std::time::SystemTime::now());
-        let client = (
-            "client",
-            format!("client:{tag}"),
-            Budget {
-                per_second: 1.0,
-                burst: 5,
-            },
-        );
-        let user = (
-            "user",
-            format!("user:{tag}"),
-            Budget {
-                per_second: 1.0,
-                burst: 2,
-            },
-        );
-        let limiter = RateLimiter::connect(Some(&suite_redis_url())).expect("limiter");
+        });
+        let limiter = RateLimiter::connect(Some(&url)).expect("limiter");
         limiter
             .redis
             .as_ref()
@@ -729,6 +685,36 @@ mod tests {
             .wait_for_connect()
             .await
             .expect("connect");
+        limiter
+    }
+
+    /// A key no other run of the suite uses (they share one Redis).
+    fn unique_key(prefix: &str) -> String {
+        format!(
+            "{prefix}:{}:{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        )
+    }
+
+    /// A budget of one call a second with `burst` at once, under `scope`.
+    fn charge_of(scope: &'static str, tag: &str, burst: u32) -> Charge {
+        (
+            scope,
+            format!("{scope}:{tag}"),
+            Budget {
+                per_second: 1.0,
+                burst,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_call_is_charged_to_all_its_budgets_or_to_none_in_one_redis_script() {
+        let tag = unique_key("all-or-none");
+        let client = charge_of("client", &tag, 5);
+        let user = charge_of("user", &tag, 2);
+        let limiter = suite_redis_replica().await;
         let both = [client.clone(), user.clone()];
         for call in 0..2 {
             assert!(limiter.check_all(&both).await.is_ok(), "call {call}");
@@ -743,14 +729,7 @@ mod tests {
         assert!(!limiter.redis_resting(), "Redis decided");
         // ... and charged to neither budget, here or in Redis: the client's burst of 5 still
         // holds 3 calls, in a fresh replica (Redis alone) and in this one.
-        let other_replica = RateLimiter::connect(Some(&suite_redis_url())).expect("limiter");
-        other_replica
-            .redis
-            .as_ref()
-            .expect("redis")
-            .wait_for_connect()
-            .await
-            .expect("connect");
+        let other_replica = suite_redis_replica().await;
         let client_alone = [client.clone()];
         for call in 0..3 {
             assert!(
