@@ -95,8 +95,9 @@ pub async fn verify_ledger_in_batches(
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
         // The column types are the migration's (BIGINT, text, INTEGER): decoded without
-        // sqlx's per-value type check, which cost as much as the decoding itself.
-        let text = |index: usize| row.try_get_unchecked::<&str, _>(index).map_err(query_error);
+        // sqlx's per-value type check, which cost as much as the decoding itself, and the text
+        // taken as the bytes the chain hashes, without checking them as UTF-8 first.
+        let text = |index: usize| stored_text(&row, index);
         digester.batch.push(
             row.try_get_unchecked::<i64, _>(0).map_err(query_error)?,
             row.try_get_unchecked::<i32, _>(9).map_err(query_error)?,
@@ -155,11 +156,7 @@ pub async fn for_each_digest_between(
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
         // The migration's column types (BIGINT, text, INTEGER), decoded as `verify_ledger` does.
-        let text = |index: usize| {
-            row.try_get_unchecked::<&str, _>(index)
-                .map(str::as_bytes)
-                .map_err(query_error)
-        };
+        let text = |index: usize| stored_text(&row, index);
         let seq = row.try_get_unchecked::<i64, _>(0).map_err(query_error)?;
         let encoding_version = row.try_get_unchecked::<i32, _>(9).map_err(query_error)?;
         // A negative seq or version can only come from tampering: the chain check refuses it.
@@ -207,6 +204,13 @@ pub fn postgres_pool(connection: &DatabaseConnection) -> Option<&sqlx::PgPool> {
     }
 }
 
+/// A text column of a streamed row as the bytes stored. The query is prepared, so values come
+/// in PostgreSQL's binary format, in which text is its UTF-8 bytes as they are.
+fn stored_text(row: &sqlx::postgres::PgRow, index: usize) -> Result<&[u8], DbErr> {
+    row.try_get_unchecked::<&[u8], _>(index)
+        .map_err(query_error)
+}
+
 fn query_error(error: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(error.into()))
 }
@@ -229,10 +233,10 @@ impl RowBatch {
     /// Adds one row: `fields` are recorded_at, actor, action, resource, outcome, context,
     /// prev_hash and hash as stored. A negative seq or version can only come from tampering;
     /// as in [`stored_entry`] it becomes one the chain check refuses.
-    pub fn push(&mut self, seq: i64, encoding_version: i32, fields: [&str; 8]) {
+    pub fn push(&mut self, seq: i64, encoding_version: i32, fields: [&[u8]; 8]) {
         let mut ends = [0; 8];
         for (end, field) in ends.iter_mut().zip(fields) {
-            self.text.extend_from_slice(field.as_bytes());
+            self.text.extend_from_slice(field);
             *end = self.text.len();
         }
         self.rows.push((
