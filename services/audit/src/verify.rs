@@ -94,24 +94,8 @@ pub async fn verify_ledger_in_batches(
     let mut rows = sqlx::query(SELECT_ENTRIES_IN_ORDER).fetch(pool);
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
-        // The column types are the migration's (BIGINT, text, INTEGER): decoded without
-        // sqlx's per-value type check, which cost as much as the decoding itself, and the text
-        // taken as the bytes the chain hashes, without checking them as UTF-8 first.
-        let text = |index: usize| stored_text(&row, index);
-        digester.batch.push(
-            row.try_get_unchecked::<i64, _>(0).map_err(query_error)?,
-            row.try_get_unchecked::<i32, _>(9).map_err(query_error)?,
-            [
-                text(1)?,
-                text(2)?,
-                text(3)?,
-                text(4)?,
-                text(5)?,
-                text(6)?,
-                text(7)?,
-                text(8)?,
-            ],
-        );
+        let (seq, encoding_version, fields) = stored_columns(&row)?;
+        digester.batch.push(seq, encoding_version, fields);
         digester.batch_full(&mut audit).await?;
     }
     digester.finish(&mut audit).await?;
@@ -155,17 +139,24 @@ pub async fn for_each_digest_between(
     let mut digested = 0_u64;
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
-        // The migration's column types (BIGINT, text, INTEGER), decoded as `verify_ledger` does.
-        let text = |index: usize| stored_text(&row, index);
-        let seq = row.try_get_unchecked::<i64, _>(0).map_err(query_error)?;
-        let encoding_version = row.try_get_unchecked::<i32, _>(9).map_err(query_error)?;
+        let (seq, encoding_version, fields) = stored_columns(&row)?;
+        let [
+            recorded_at,
+            actor,
+            action,
+            resource,
+            outcome,
+            context,
+            prev_hash,
+            hash,
+        ] = fields;
         // A negative seq or version can only come from tampering: the chain check refuses it.
         let digest = EntryDigest::of_fields(
             u64::try_from(seq).unwrap_or(u64::MAX),
             u32::try_from(encoding_version).unwrap_or(u32::MAX),
-            [text(1)?, text(2)?, text(3)?, text(4)?, text(5)?, text(6)?],
-            text(7)?,
-            text(8)?,
+            [recorded_at, actor, action, resource, outcome, context],
+            prev_hash,
+            hash,
         );
         if !visit(digest) {
             break;
@@ -204,11 +195,31 @@ pub fn postgres_pool(connection: &DatabaseConnection) -> Option<&sqlx::PgPool> {
     }
 }
 
-/// A text column of a streamed row as the bytes stored. The query is prepared, so values come
-/// in PostgreSQL's binary format, in which text is its UTF-8 bytes as they are.
-fn stored_text(row: &sqlx::postgres::PgRow, index: usize) -> Result<&[u8], DbErr> {
-    row.try_get_unchecked::<&[u8], _>(index)
-        .map_err(query_error)
+/// A streamed row of [`SELECT_ENTRIES_IN_ORDER`]'s columns: seq, encoding version, and the
+/// eight text columns in the order [`RowBatch::push`] takes them. Decoded without sqlx's
+/// per-value type check (the types are the migration's: BIGINT, text, INTEGER), which cost as
+/// much as the decoding itself; the query is prepared, so values come in PostgreSQL's binary
+/// format, in which text is its bytes as stored: the bytes the chain hashes, taken without
+/// checking them as UTF-8 first.
+fn stored_columns(row: &sqlx::postgres::PgRow) -> Result<(i64, i32, [&[u8]; 8]), DbErr> {
+    let text = |index: usize| {
+        row.try_get_unchecked::<&[u8], _>(index)
+            .map_err(query_error)
+    };
+    Ok((
+        row.try_get_unchecked::<i64, _>(0).map_err(query_error)?,
+        row.try_get_unchecked::<i32, _>(9).map_err(query_error)?,
+        [
+            text(1)?,
+            text(2)?,
+            text(3)?,
+            text(4)?,
+            text(5)?,
+            text(6)?,
+            text(7)?,
+            text(8)?,
+        ],
+    ))
 }
 
 fn query_error(error: sqlx::Error) -> DbErr {
