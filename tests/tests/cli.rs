@@ -677,6 +677,7 @@ impl DrainingFront {
             draining,
             tls,
             medai_runtime::tls::ClientCertificates::Required,
+            &medai_runtime::connections::ConnectionLimits::default(),
         );
         {
             let refused = refused.clone();

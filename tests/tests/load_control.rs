@@ -533,3 +533,214 @@ async fn a_study_stream_is_charged_per_image_and_ends_at_its_deadline() {
     );
     mesh.stop().await;
 }
+
+// --- connection floods ---
+
+/// An anonymous TLS client of the gateway (its certificate is optional), as a flood would make.
+fn anonymous_tls(mesh: &MeshUnderTest) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let ca = std::fs::read(mesh.mesh.pki_layout().ca_certificate()).expect("the mesh CA");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&ca).expect("CA PEM"))
+        .expect("CA");
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// Connections to a listener are bounded: a flood of anonymous TLS connections that then send
+/// nothing takes the gateway's `max_open` places and no more (the rest are closed as they are
+/// accepted, counted), the silent ones are closed at the idle time, a client that keeps its
+/// connection through the flood is not (it answers the server's keep-alive pings), and new
+/// clients are served again once the flood is gone.
+#[tokio::test]
+async fn a_flood_of_silent_connections_is_capped_then_closed_at_the_idle_time_and_clients_are_served_again()
+ {
+    const MAX_OPEN: usize = 40;
+    const IDLE: Duration = Duration::from_secs(3);
+    let environment = BTreeMap::from([(
+        "gateway".to_owned(),
+        vec![
+            (
+                "MEDAI_GATEWAY_PROCESS__CONNECTIONS__MAX_OPEN".to_owned(),
+                MAX_OPEN.to_string(),
+            ),
+            (
+                "MEDAI_GATEWAY_PROCESS__CONNECTIONS__IDLE_SECONDS".to_owned(),
+                IDLE.as_secs().to_string(),
+            ),
+            (
+                "MEDAI_GATEWAY_PROCESS__CONNECTIONS__KEEPALIVE_SECONDS".to_owned(),
+                "1".to_owned(),
+            ),
+        ],
+    )]);
+    let mesh = MeshUnderTest::start_with(Storage::Sqlite, environment).await;
+    let admin = mesh.mesh.admin_address("gateway").expect("admin port");
+    let figure = |exposition: &str, name: &str| medai_e2e::metric_sum(exposition, name, &[]);
+    let token = mesh.admin_token().await;
+    let unknown_result = || {
+        authorised(
+            gw::GetResultRequest {
+                result_id: uuid::Uuid::new_v4().to_string(),
+            },
+            &token,
+        )
+    };
+    // A client that keeps one connection through the flood.
+    let mut steady = mesh.gateway().await;
+    let answered = steady
+        .get_result(unknown_result())
+        .await
+        .expect_err("unknown");
+    assert_eq!(reason_of(&answered).as_deref(), Some("RESULT_NOT_FOUND"));
+    let before = http_get(admin, "/metrics").await;
+
+    let connector = anonymous_tls(&mesh);
+    let server_name = rustls::pki_types::ServerName::try_from("medai-gateway").expect("name");
+    let address = mesh.mesh.address("gateway").expect("gateway address");
+    let mut silent = Vec::new();
+    let mut refused = 0;
+    let attempts = 3 * MAX_OPEN;
+    for _ in 0..attempts {
+        let tcp = tokio::net::TcpStream::connect(address).await.expect("TCP");
+        let handshake = tokio::time::timeout(
+            Duration::from_secs(5),
+            connector.connect(server_name.clone(), tcp),
+        )
+        .await
+        .expect("a refusal is a close, not a wait");
+        match handshake {
+            Ok(connection) => silent.push(connection),
+            Err(_) => refused += 1,
+        }
+    }
+    let flooded_at = std::time::Instant::now();
+    let during = http_get(admin, "/metrics").await;
+    assert_eq!(
+        figure(&during, "medai_connections_open"),
+        MAX_OPEN as f64,
+        "every place taken, none beyond: {during}"
+    );
+    assert_eq!(silent.len() + refused, attempts);
+    assert!(
+        silent.len() >= MAX_OPEN - 4,
+        "the flood took the places the clients left ({} of {MAX_OPEN})",
+        silent.len()
+    );
+    assert_eq!(
+        figure(&during, "medai_connections_refused_total")
+            - figure(&before, "medai_connections_refused_total"),
+        refused as f64,
+        "each refused connection counted"
+    );
+    // A new client finds no place while the flood holds them.
+    let full = tokio::time::timeout(Duration::from_secs(5), async {
+        medai_cli::client::connect_gateway(
+            &mesh.gateway_endpoint(),
+            &mesh.mesh.pki_layout().ca_certificate(),
+        )
+        .await
+    })
+    .await
+    .expect("refused at once, not left waiting");
+    if let Ok(mut newcomer) = full {
+        let status = newcomer
+            .get_result(unknown_result())
+            .await
+            .expect_err("no place for a new connection");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+
+    // The silent connections are closed by the gateway at the idle time, not before (what they
+    // read until then is the server's HTTP/2 SETTINGS and TLS session tickets).
+    for mut connection in silent.drain(..) {
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(IDLE * 3, connection.read_to_end(&mut sink)).await;
+        assert!(ended.is_ok(), "closed by the gateway within the idle time");
+    }
+    assert!(
+        flooded_at.elapsed() >= IDLE - Duration::from_millis(500),
+        "closed at the idle time, not before ({:?})",
+        flooded_at.elapsed()
+    );
+    let after = http_get(admin, "/metrics").await;
+    let idle_closed = figure(&after, "medai_connections_idle_closed_total")
+        - figure(&before, "medai_connections_idle_closed_total");
+    assert_eq!(
+        idle_closed,
+        (attempts - refused) as f64,
+        "the silent connections, and not the steady client's, were closed as idle"
+    );
+
+    // The steady client, quiet for longer than the idle time, is still served, and so are new
+    // clients.
+    let answered = steady
+        .get_result(unknown_result())
+        .await
+        .expect_err("unknown");
+    assert_eq!(reason_of(&answered).as_deref(), Some("RESULT_NOT_FOUND"));
+    let mut newcomer = mesh.gateway().await;
+    let answered = newcomer
+        .get_result(unknown_result())
+        .await
+        .expect_err("unknown");
+    assert_eq!(reason_of(&answered).as_deref(), Some("RESULT_NOT_FOUND"));
+}
+
+/// Connection bounds that would close live peers or serve no one are refused at start as a
+/// configuration error (exit 2, the setting named), by the real binary configured as a pod is.
+#[test]
+fn connection_bounds_that_would_close_live_peers_are_refused_at_start() {
+    let binary = medai_testkit::binaries_dir().join("medai-gateway");
+    let run_with = |connections: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(&binary);
+        command.arg("--print-config").env_clear();
+        for (key, value) in [
+            ("PROCESS__LISTEN_ADDR", "127.0.0.1:0"),
+            ("TLS__CA_CERT", "/pki/ca.pem"),
+            ("TLS__CERT", "/pki/service.pem"),
+            ("TLS__KEY", "/pki/service-key.pem"),
+            ("AUTH_ENDPOINT", "https://medai-auth:50051"),
+            ("VALIDATION_ENDPOINT", "https://medai-validation:50051"),
+            ("INFERENCE_ENDPOINT", "https://medai-inference:50051"),
+            ("AUDIT_ENDPOINT", "https://medai-audit:50051"),
+        ]
+        .iter()
+        .chain(connections)
+        {
+            command.env(format!("MEDAI_GATEWAY_{key}"), value);
+        }
+        command.output().expect("run medai-gateway")
+    };
+    let accepted = run_with(&[("PROCESS__CONNECTIONS__MAX_OPEN", "64")]);
+    assert!(accepted.status.success(), "{accepted:?}");
+    let printed = String::from_utf8_lossy(&accepted.stdout);
+    assert!(
+        printed.contains("[process.connections]") && printed.contains("max_open = 64"),
+        "{printed}"
+    );
+    for (settings, said) in [
+        (
+            &[("PROCESS__CONNECTIONS__KEEPALIVE_SECONDS", "120")][..],
+            "keepalive_seconds (120) must be at least 1 and below idle_seconds (120)",
+        ),
+        (
+            &[("PROCESS__CONNECTIONS__MAX_OPEN", "0")][..],
+            "max_open must be at least 1",
+        ),
+    ] {
+        let refused = run_with(settings);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+        assert!(stderr.contains(said), "{stderr}");
+    }
+}

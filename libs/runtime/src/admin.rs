@@ -47,6 +47,7 @@ pub fn describe_runtime_metrics() {
     crate::grpc_client_metrics::describe();
     crate::process_metrics::describe();
     crate::certificate_expiry::describe();
+    crate::connections::describe();
     metrics::describe_counter!(
         "medai_peer_policy_denials_total",
         "Calls refused because the calling peer's certificate is not named for the method."

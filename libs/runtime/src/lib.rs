@@ -9,6 +9,7 @@ pub mod balance;
 pub mod call_status;
 pub mod certificate_expiry;
 pub mod config;
+pub mod connections;
 pub mod correlation;
 pub mod deadline;
 pub mod errors;

@@ -70,6 +70,9 @@ pub struct ProcessConfig {
         deserialize_with = "from_str_or_native"
     )]
     pub run_migrations: bool,
+    /// Bounds on the connections peers hold open on the gRPC listener.
+    #[serde(default)]
+    pub connections: crate::connections::ConnectionLimits,
 }
 
 /// What a service writes to its `address_file`.
@@ -232,6 +235,10 @@ where
             return ExitCode::from(2);
         }
     };
+    if let Err(error) = config.process().connections.validate() {
+        eprintln!("medai-{service}: {error}");
+        return ExitCode::from(2);
+    }
     if CommandLine::parse(&arguments) == Ok(CommandLine::PrintConfig) {
         let shown = crate::config::redacted_view(&config)
             .and_then(|view| toml::to_string_pretty(&view).map_err(|error| error.to_string()));

@@ -1,5 +1,6 @@
 //! The gRPC server every service starts from: TLS with the mesh CA (accepted by
-//! [`incoming`], reloaded when the certificate files rotate), and the layers every call passes
+//! [`incoming`], reloaded when the certificate files rotate; connections bounded in number,
+//! idle time and calls at once, see [`crate::connections`]), and the layers every call passes
 //! through, outermost first:
 //! - trace: a SERVER span per call, named and attributed by the OpenTelemetry RPC conventions,
 //!   child of the caller's trace context, with the call's correlation id (refusals included);
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tower::layer::util::{Identity, Stack};
 
+use crate::connections::ConnectionLimits;
 use crate::deadline::DeadlineLayer;
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::health::{HealthLayer, Readiness};
@@ -38,17 +40,24 @@ pub type MeshServer = Server<
 /// (issue 14). The flow-control windows (hyper's 1 MiB and more) still bound what is buffered.
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
 
+/// A peer that does not answer the server's keep-alive ping within this is closed.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Call inside a tokio runtime (the health status follows the readiness in a task, and the
 /// certificate files are watched from another). Serve it over [`incoming`].
 pub fn mesh_server(
     tls: &TlsMaterial,
     policy: PeerPolicy,
+    limits: &ConnectionLimits,
 ) -> Result<MeshServer, tonic::transport::Error> {
     tls.watch_files(RELOAD_INTERVAL);
     let health = HealthLayer::new(Readiness::of_this_process(), policy.services());
     Ok(Server::builder()
         .tcp_nodelay(true)
         .max_frame_size(MAX_FRAME_BYTES)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(limits.keepalive()))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .layer(RpcServerTraceLayer::new(policy.methods()))
         .layer(GrpcMetricsLayer::new(policy.methods()))
         .layer(PeerPolicyLayer::new(policy))
@@ -64,6 +73,7 @@ pub fn incoming(
     listener: TcpListener,
     tls: &TlsMaterial,
     client_certificates: ClientCertificates,
+    limits: &ConnectionLimits,
 ) -> MeshIncoming {
-    tls.incoming(listener, client_certificates)
+    tls.incoming(listener, client_certificates, limits)
 }

@@ -43,6 +43,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::balance::{BalancedChannel, Resolve, SystemResolver};
+use crate::connections::{ConnectionLimits, ConnectionSlots, HeldConnection};
 use crate::identity::ServiceIdentity;
 
 /// How often services look at their certificate files. cert-manager renews well before expiry
@@ -449,16 +450,23 @@ impl TlsMaterial {
     /// The connections of a handed-in listener, each after a TLS handshake with the material
     /// current when it arrived; Nagle's algorithm off (without it a response's HEADERS, DATA
     /// and trailer frames wait on the peer's delayed ACK). Handshakes run concurrently, so a
-    /// slow client holds up no one; a failed one is dropped. The streams carry the peer's
-    /// certificates, which tonic hands to handlers as `TlsConnectInfo`.
+    /// slow client holds up no one; a failed one is dropped. At most `limits.max_open` are open
+    /// at once, handshakes included, and one that sends nothing for the idle time is closed (see
+    /// [`crate::connections`]). The streams carry the peer's certificates, which tonic hands to
+    /// handlers as `TlsConnectInfo`.
     pub fn incoming(
         &self,
         listener: TcpListener,
         client_certificates: ClientCertificates,
+        limits: &ConnectionLimits,
     ) -> MeshIncoming {
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         let material = self.clone();
+        let slots = ConnectionSlots::new(limits);
+        let max_open = limits.max_open;
         tokio::spawn(async move {
+            // Said once each time the listener fills, not once per connection it refuses.
+            let mut refusing = false;
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
@@ -473,14 +481,28 @@ impl TlsMaterial {
                         continue;
                     }
                 };
+                // Taken before any TLS work, so a flood of connections costs a close each.
+                let Some(slot) = slots.take() else {
+                    if !refusing {
+                        tracing::warn!(
+                            max_open,
+                            "connection limit reached; new connections are closed until one ends"
+                        );
+                        refusing = true;
+                    }
+                    drop(stream);
+                    continue;
+                };
+                refusing = false;
                 let _ = stream.set_nodelay(true);
                 let acceptor =
                     tokio_rustls::TlsAcceptor::from(material.server_config(client_certificates));
                 let sender = sender.clone();
+                let slots = slots.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(connection)) => {
-                            let _ = sender.send(Ok(connection)).await;
+                            let _ = sender.send(Ok(slots.hold(connection, slot))).await;
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(error = %error, "TLS handshake failed");
@@ -588,8 +610,9 @@ impl TlsMaterial {
 }
 
 /// What [`TlsMaterial::incoming`] yields.
-pub type MeshIncoming =
-    ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>;
+pub type MeshIncoming = ReceiverStream<
+    Result<HeldConnection<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error>,
+>;
 
 /// Dials a mesh server and makes the TLS handshake with the material current at that moment.
 #[derive(Clone)]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use medai_devpki::{DevCertificateAuthority, IssuedCertificate};
 use medai_runtime::ServiceIdentity;
+use medai_runtime::connections::ConnectionLimits;
 use medai_runtime::peer_policy::PeerPolicy;
 use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial, certificate_serial};
@@ -70,15 +71,22 @@ async fn start_mesh_server(tls: &TlsMaterial) -> (SocketAddr, SeenPeers, oneshot
     let address = listener.local_addr().expect("address");
     let seen = SeenPeers::default();
     let (_health_reporter, health_service) = tonic_health::server::health_reporter();
-    let server = mesh_server(tls, PeerPolicy::new())
+    let server = mesh_server(tls, PeerPolicy::new(), &ConnectionLimits::default())
         .expect("mesh server")
         .add_service(health_service);
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = {
         let seen = seen.clone();
-        incoming(listener, tls, ClientCertificates::Required).inspect(move |connection| {
+        incoming(
+            listener,
+            tls,
+            ClientCertificates::Required,
+            &ConnectionLimits::default(),
+        )
+        .inspect(move |connection| {
             if let Ok(connection) = connection {
                 let serial = connection
+                    .get_ref()
                     .get_ref()
                     .1
                     .peer_certificates()

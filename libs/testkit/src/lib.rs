@@ -224,6 +224,7 @@ pub fn test_process_config() -> ProcessConfig {
         drain_seconds: 0,
         dependency_probe_seconds: 1,
         run_migrations: true,
+        connections: medai_runtime::connections::ConnectionLimits::default(),
     }
 }
 

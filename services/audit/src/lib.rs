@@ -154,6 +154,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    let connections = config.process.connections.clone();
     let tls = TlsMaterial::load(&config.tls)?;
     let signer = Arc::new(load_checkpoint_signer(&config)?);
     let connection = match &config.migration_database_url {
@@ -197,11 +198,11 @@ pub async fn serve(
         connection,
         checkpointer,
     };
-    let served = mesh_server(&tls, peer_policy())?
+    let served = mesh_server(&tls, peer_policy(), &connections)?
         .add_service(health_service)
         .add_service(AuditServiceServer::new(api))
         .serve_with_incoming_shutdown(
-            incoming(listener, &tls, ClientCertificates::Required),
+            incoming(listener, &tls, ClientCertificates::Required, &connections),
             shutdown,
         )
         .await;

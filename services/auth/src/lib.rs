@@ -90,6 +90,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    let connections = config.process.connections.clone();
     config.validate().map_err(ServeError::Config)?;
     let tls = TlsMaterial::load(&config.tls)?;
     let hash_gate = Arc::new(passwords::HashGate::new(
@@ -141,11 +142,11 @@ pub async fn serve(
     health_reporter
         .set_serving::<AuthServiceServer<grpc::AuthApi>>()
         .await;
-    mesh_server(&tls, peer_policy())?
+    mesh_server(&tls, peer_policy(), &connections)?
         .add_service(health_service)
         .add_service(AuthServiceServer::new(grpc::AuthApi { authority }))
         .serve_with_incoming_shutdown(
-            incoming(listener, &tls, ClientCertificates::Required),
+            incoming(listener, &tls, ClientCertificates::Required, &connections),
             shutdown,
         )
         .await?;

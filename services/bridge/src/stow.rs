@@ -24,6 +24,7 @@ use axum::routing::post;
 use dicom_object::meta::FileMetaTable;
 use futures::StreamExt;
 use medai_runtime::config::{Secret, from_str_or_native};
+use medai_runtime::connections::{ConnectionLimits, ConnectionSlots, HeldConnection};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -71,6 +72,20 @@ pub struct StowSettings {
         deserialize_with = "from_str_or_native"
     )]
     pub request_timeout_seconds: u64,
+    /// Connections open at once; one more is closed as it is accepted (and counted in
+    /// `medai_connections_refused_total`).
+    #[serde(
+        default = "default_max_connections",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub max_connections: usize,
+    /// A connection on which nothing is read or written for this long is closed (an idle
+    /// keep-alive connection between requests, or a peer that went silent).
+    #[serde(
+        default = "default_idle_seconds",
+        deserialize_with = "from_str_or_native"
+    )]
+    pub idle_seconds: u64,
 }
 
 fn default_max_parts() -> usize {
@@ -85,6 +100,12 @@ fn default_max_concurrent_requests() -> usize {
 fn default_request_timeout_seconds() -> u64 {
     300
 }
+fn default_max_connections() -> usize {
+    64
+}
+fn default_idle_seconds() -> u64 {
+    120
+}
 
 impl StowSettings {
     pub fn validate(&self) -> Result<(), &'static str> {
@@ -96,6 +117,9 @@ impl StowSettings {
         }
         if self.max_parts == 0 || self.max_concurrent_requests == 0 {
             return Err("stow.max_parts and stow.max_concurrent_requests must be at least 1");
+        }
+        if self.max_connections == 0 || self.idle_seconds == 0 {
+            return Err("stow.max_connections and stow.idle_seconds must be at least 1");
         }
         if self.max_request_bytes < 4096 {
             return Err("stow.max_request_bytes must be at least 4096");
@@ -600,13 +624,58 @@ impl StowServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let slots = ConnectionSlots::new(&ConnectionLimits {
+            max_open: self.state.settings.max_connections,
+            idle_seconds: self.state.settings.idle_seconds,
+            ..ConnectionLimits::default()
+        });
         let router = Router::new()
             .route("/studies", post(store_instances))
             .route("/studies/{study}", post(store_study_instances))
             .with_state(self.state);
-        axum::serve(listener, router)
+        axum::serve(BoundedListener { listener, slots }, router)
             .with_graceful_shutdown(shutdown)
             .await
+    }
+}
+
+/// The STOW-RS listener with its connections bounded in number and idle time, as every gRPC
+/// listener's are (see `medai_runtime::connections`).
+struct BoundedListener {
+    listener: TcpListener,
+    slots: ConnectionSlots,
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = HeldConnection<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let mut refusing = false;
+        loop {
+            let (stream, address) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: a pause instead of a hot loop.
+                    tracing::warn!(error = %error, "accepting a STOW-RS connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.slots.take() else {
+                if !refusing {
+                    tracing::warn!("STOW-RS connection limit reached; new connections are closed");
+                    refusing = true;
+                }
+                drop(stream);
+                continue;
+            };
+            return (self.slots.hold(stream, slot), address);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 

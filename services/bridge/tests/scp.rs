@@ -947,6 +947,11 @@ struct StowBridge {
 
 impl StowBridge {
     async fn start(max_instance_bytes: usize, max_parts: usize) -> Self {
+        Self::start_with(max_instance_bytes, max_parts, "").await
+    }
+
+    /// [`StowBridge::start`] with more STOW-RS settings (TOML lines).
+    async fn start_with(max_instance_bytes: usize, max_parts: usize, more: &str) -> Self {
         let stow_settings = format!(
             r#"
 listen_addr = "127.0.0.1:0"
@@ -954,6 +959,7 @@ client_name = "ORTHANC_WEB"
 bearer_token = "{STOW_TOKEN}"
 max_parts = {max_parts}
 max_request_bytes = 4194304
+{more}
 "#
         );
         let bridge = BridgeUnderTest::start_configured(|config| {
@@ -1189,6 +1195,64 @@ async fn stow_rs_answers_202_or_409_with_a_failure_reason_for_each_instance_it_c
         0xA900
     );
     assert_eq!(bridge.outbox.all().await.expect("rows").len(), 1);
+    bridge.stop().await;
+}
+
+/// The STOW-RS listener bounds its connections as the gRPC listeners do: beyond
+/// `max_connections` a connection is closed as it is accepted, a silent one is closed at the
+/// idle time (not before), and requests are served again once the silent ones are gone.
+#[tokio::test]
+async fn stow_rs_connections_are_bounded_in_number_and_closed_when_idle() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let bridge = StowBridge::start_with(8 * 1024, 2, "max_connections = 3\nidle_seconds = 2").await;
+    let opened = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(
+            tokio::net::TcpStream::connect(bridge.http)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Every place is taken: one more connection is closed at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut beyond = tokio::net::TcpStream::connect(bridge.http)
+        .await
+        .expect("connect");
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(1), beyond.read_to_end(&mut sink))
+        .await
+        .expect("closed as it was accepted, not left waiting")
+        .ok();
+    assert!(sink.is_empty(), "nothing answered beyond the limit");
+    // The silent ones are closed at the idle time.
+    for mut connection in silent {
+        tokio::time::timeout(Duration::from_secs(6), connection.read_to_end(&mut sink))
+            .await
+            .expect("closed at the idle time")
+            .ok();
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "closed at the idle time, not before ({:?})",
+        opened.elapsed()
+    );
+    assert!(
+        sink.is_empty(),
+        "nothing answered on the silent connections"
+    );
+    // Served again: a request without a token is answered (401), not closed.
+    let small = {
+        let mut part = vec![0u8; 128];
+        part.extend_from_slice(b"DICM");
+        part
+    };
+    let content_type = stow_headers("b")[1].clone();
+    let (status, body) = bridge
+        .post("/studies", &[content_type], &multipart("b", &[&small]))
+        .await;
+    assert_eq!(status, 401, "{body}");
     bridge.stop().await;
 }
 

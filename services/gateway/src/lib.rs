@@ -154,6 +154,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    let connections = config.process.connections.clone();
     let tls = TlsMaterial::load(&config.tls)?;
     let downstream = downstream::Downstream::connect(&config, &tls)?;
     let notes_in_flight = downstream.notes.clone();
@@ -231,7 +232,7 @@ pub async fn serve(
         Ok((Some(v1), Some(v1alpha)))
     };
     let (reflection_v1, reflection_v1alpha) = reflection(config.reflection)?;
-    let served = mesh_server(&tls, peer_policy())?
+    let served = mesh_server(&tls, peer_policy(), &connections)?
         .layer(TokenAuthLayer::new(checks, role_policy()))
         .layer(load_control::LoadControlLayer::new(load_control))
         .add_service(health_service)
@@ -239,7 +240,7 @@ pub async fn serve(
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            incoming(listener, &tls, ClientCertificates::Optional),
+            incoming(listener, &tls, ClientCertificates::Optional, &connections),
             shutdown,
         )
         .await;

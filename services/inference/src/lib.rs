@@ -161,6 +161,7 @@ pub async fn serve_reporting(
     served: ServedModels,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    let connections = config.process.connections.clone();
     rollout::describe();
     let tls = TlsMaterial::load(&config.tls)?;
     let results =
@@ -224,12 +225,12 @@ pub async fn serve_reporting(
     .max_decoding_message_size(MAX_REQUEST_BYTES);
     let kserve = GrpcInferenceServiceServer::new(kserve::KserveApi { repository, ledger })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    mesh_server(&tls, peer_policy())?
+    mesh_server(&tls, peer_policy(), &connections)?
         .add_service(health_service)
         .add_service(api)
         .add_service(kserve)
         .serve_with_incoming_shutdown(
-            incoming(listener, &tls, ClientCertificates::Required),
+            incoming(listener, &tls, ClientCertificates::Required, &connections),
             shutdown,
         )
         .await?;

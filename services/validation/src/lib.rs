@@ -46,6 +46,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     metric_catalog::describe();
+    let connections = config.process.connections.clone();
     config.limits.validate().map_err(ServeError::Config)?;
     if config.decode_memory_budget_bytes < 1024 * 1024 {
         return Err(ServeError::Config(
@@ -74,11 +75,11 @@ pub async fn serve(
     })
     .max_decoding_message_size(config.limits.max_bytes + 64 * 1024)
     .max_encoding_message_size(config.limits.max_canonical_bytes() + 64 * 1024);
-    mesh_server(&tls, peer_policy())?
+    mesh_server(&tls, peer_policy(), &connections)?
         .add_service(health_service)
         .add_service(api)
         .serve_with_incoming_shutdown(
-            incoming(listener, &tls, ClientCertificates::Required),
+            incoming(listener, &tls, ClientCertificates::Required, &connections),
             shutdown,
         )
         .await?;

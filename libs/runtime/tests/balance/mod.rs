@@ -21,6 +21,7 @@ use tower::Service;
 
 use medai_runtime::ServiceIdentity;
 use medai_runtime::balance::Resolve;
+use medai_runtime::connections::ConnectionLimits;
 use medai_runtime::peer_policy::PeerPolicy;
 use medai_runtime::rpc_trace::MeshChannel;
 use medai_runtime::server::{incoming, mesh_server};
@@ -105,13 +106,18 @@ impl RunningReplica {
             runtime.block_on(async move {
                 listener.set_nonblocking(true).expect("non-blocking");
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                let server = mesh_server(&tls, PeerPolicy::new().allow(WHICH, &["gateway"]))
-                    .expect("mesh server")
-                    .add_service(service);
+                let server = mesh_server(
+                    &tls,
+                    PeerPolicy::new().allow(WHICH, &["gateway"]),
+                    &ConnectionLimits::default(),
+                )
+                .expect("mesh server")
+                .add_service(service);
                 let serving = server.serve_with_incoming(incoming(
                     listener,
                     &tls,
                     ClientCertificates::Required,
+                    &ConnectionLimits::default(),
                 ));
                 tokio::select! {
                     served = serving => served.expect("replica server"),

@@ -24,6 +24,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::Service;
 
 use medai_runtime::ServiceIdentity;
+use medai_runtime::connections::ConnectionLimits;
 use medai_runtime::peer_policy::PeerPolicy;
 use medai_runtime::server::{incoming, mesh_server};
 use medai_runtime::tls::{ClientCertificates, TlsMaterial};
@@ -181,17 +182,26 @@ impl Pod {
             runtime.block_on(async move {
                 listener.set_nonblocking(true).expect("non-blocking");
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                mesh_server(&tls, PeerPolicy::new().allow(COUNT, &["gateway"]))
-                    .expect("mesh server")
-                    .add_service(CountedService { records })
-                    .serve_with_incoming_shutdown(
-                        incoming(listener, &tls, ClientCertificates::Required),
-                        async {
-                            let _ = drained.await;
-                        },
-                    )
-                    .await
-                    .expect("pod server");
+                mesh_server(
+                    &tls,
+                    PeerPolicy::new().allow(COUNT, &["gateway"]),
+                    &ConnectionLimits::default(),
+                )
+                .expect("mesh server")
+                .add_service(CountedService { records })
+                .serve_with_incoming_shutdown(
+                    incoming(
+                        listener,
+                        &tls,
+                        ClientCertificates::Required,
+                        &ConnectionLimits::default(),
+                    ),
+                    async {
+                        let _ = drained.await;
+                    },
+                )
+                .await
+                .expect("pod server");
             });
         });
         Self {
