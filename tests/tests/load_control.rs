@@ -584,7 +584,9 @@ async fn a_flood_of_silent_connections_is_capped_then_closed_at_the_idle_time_an
     )]);
     let mesh = MeshUnderTest::start_with(Storage::Sqlite, environment).await;
     let admin = mesh.mesh.admin_address("gateway").expect("admin port");
-    let figure = |exposition: &str, name: &str| medai_e2e::metric_sum(exposition, name, &[]);
+    let figure = |exposition: &str, name: &str| {
+        medai_e2e::metric_sum(exposition, name, &[("listener", "grpc")])
+    };
     let token = mesh.admin_token().await;
     let unknown_result = || {
         authorised(

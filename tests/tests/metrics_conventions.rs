@@ -270,7 +270,11 @@ async fn every_service_exports_prometheus_conventional_metrics_that_the_chart_al
     }
     let zero_registered: [WatchedSeries; 13] = [
         ("gateway", "medai_gateway_unrecorded_predictions_total", &[]),
-        ("gateway", "medai_connections_refused_total", &[]),
+        (
+            "gateway",
+            "medai_connections_refused_total",
+            &[("listener", "grpc")],
+        ),
         ("gateway", "medai_gateway_rate_limit_fallback_total", &[]),
         (
             "gateway",

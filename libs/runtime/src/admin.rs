@@ -13,6 +13,8 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::connections::{ADMIN, ADMIN_LIMITS, BoundedListener, ConnectionSlots};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("cannot install the metrics recorder: {0}")]
@@ -71,7 +73,8 @@ pub fn render(handle: &PrometheusHandle) -> String {
     text
 }
 
-/// Serves `/metrics` and `/livez` on `listener` until `shutdown` resolves.
+/// Serves `/metrics` and `/livez` on `listener` until `shutdown` resolves, its connections
+/// bounded by [`ADMIN_LIMITS`].
 pub async fn serve_admin(
     listener: TcpListener,
     handle: PrometheusHandle,
@@ -80,7 +83,8 @@ pub async fn serve_admin(
     let router = Router::new()
         .route("/metrics", get(move || std::future::ready(render(&handle))))
         .route("/livez", get(|| std::future::ready("ok")));
-    axum::serve(listener, router)
+    let slots = ConnectionSlots::new(&ADMIN_LIMITS, ADMIN);
+    axum::serve(BoundedListener::new(listener, slots), router)
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())

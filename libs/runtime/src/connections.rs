@@ -126,22 +126,37 @@ impl ConnectionLimits {
     }
 }
 
+/// Which listener a connection came to: the `listener` label of the connection metrics.
+pub const GRPC: &str = "grpc";
+/// The admin endpoint (`/metrics`, `/livez`).
+pub const ADMIN: &str = "admin";
+/// The bridge's DICOMweb STOW-RS endpoint.
+pub const STOW: &str = "stow";
+
+/// The admin endpoint's bounds: Prometheus and the kubelet need a few connections, not more.
+pub const ADMIN_LIMITS: ConnectionLimits = ConnectionLimits {
+    max_open: 64,
+    idle_seconds: 120,
+    keepalive_seconds: 30,
+    max_streams_per_connection: 1,
+};
+
 pub(crate) fn describe() {
     metrics::describe_gauge!(
         OPEN_GAUGE,
-        "Connections open on the gRPC listener, TLS handshakes included."
+        "Connections open on a listener (grpc, admin or stow), TLS handshakes included."
     );
     metrics::describe_counter!(
         REFUSED_COUNTER,
-        "Connections closed as they were accepted because process.connections.max_open were open."
+        "Connections closed as they were accepted because the listener's limit (process.connections.max_open for grpc) were open."
     );
     metrics::describe_counter!(
         IDLE_CLOSED_COUNTER,
-        "Connections closed after nothing was read or written for process.connections.idle_seconds."
+        "Connections closed after nothing was read or written for the listener's idle time (process.connections.idle_seconds for grpc)."
     );
-    metrics::gauge!(OPEN_GAUGE).increment(0.0);
-    metrics::counter!(REFUSED_COUNTER).increment(0);
-    metrics::counter!(IDLE_CLOSED_COUNTER).increment(0);
+    metrics::gauge!(OPEN_GAUGE, "listener" => GRPC).increment(0.0);
+    metrics::counter!(REFUSED_COUNTER, "listener" => GRPC).increment(0);
+    metrics::counter!(IDLE_CLOSED_COUNTER, "listener" => GRPC).increment(0);
 }
 
 /// The listener's places: one is taken as a connection is accepted and given back when it closes.
@@ -149,24 +164,32 @@ pub(crate) fn describe() {
 pub struct ConnectionSlots {
     places: Arc<Semaphore>,
     idle: Duration,
+    open: metrics::Gauge,
+    refused: metrics::Counter,
+    idle_closed: metrics::Counter,
 }
 
 /// A place held by one connection; given back (and the gauge lowered) when dropped.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    open: metrics::Gauge,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        metrics::gauge!(OPEN_GAUGE).decrement(1.0);
+        self.open.decrement(1.0);
     }
 }
 
 impl ConnectionSlots {
-    pub fn new(limits: &ConnectionLimits) -> Self {
+    /// The places of the listener named `listener` ([`GRPC`], [`ADMIN`] or [`STOW`]).
+    pub fn new(limits: &ConnectionLimits, listener: &'static str) -> Self {
         Self {
             places: Arc::new(Semaphore::new(limits.max_open.max(1))),
             idle: limits.idle(),
+            open: metrics::gauge!(OPEN_GAUGE, "listener" => listener),
+            refused: metrics::counter!(REFUSED_COUNTER, "listener" => listener),
+            idle_closed: metrics::counter!(IDLE_CLOSED_COUNTER, "listener" => listener),
         }
     }
 
@@ -174,11 +197,14 @@ impl ConnectionSlots {
     pub fn take(&self) -> Option<Slot> {
         match self.places.clone().try_acquire_owned() {
             Ok(permit) => {
-                metrics::gauge!(OPEN_GAUGE).increment(1.0);
-                Some(Slot { _permit: permit })
+                self.open.increment(1.0);
+                Some(Slot {
+                    _permit: permit,
+                    open: self.open.clone(),
+                })
             }
             Err(_) => {
-                metrics::counter!(REFUSED_COUNTER).increment(1);
+                self.refused.increment(1);
                 None
             }
         }
@@ -192,8 +218,62 @@ impl ConnectionSlots {
             idle: self.idle,
             last_active: Instant::now(),
             check: Box::pin(tokio::time::sleep(self.idle)),
+            idle_closed: self.idle_closed.clone(),
             _slot: slot,
         }
+    }
+}
+
+/// A TCP listener whose connections hold places of [`ConnectionSlots`], for the HTTP endpoints
+/// axum serves (admin, STOW-RS): one beyond the limit is closed as it is accepted, an idle one
+/// closed at the idle time.
+pub struct BoundedListener {
+    listener: tokio::net::TcpListener,
+    slots: ConnectionSlots,
+    /// Said once each time the listener fills, not once per connection it refuses.
+    refusing: bool,
+}
+
+impl BoundedListener {
+    pub fn new(listener: tokio::net::TcpListener, slots: ConnectionSlots) -> Self {
+        Self {
+            listener,
+            slots,
+            refusing: false,
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = HeldConnection<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, address) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: a pause instead of a hot loop.
+                    tracing::warn!(error = %error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.slots.take() else {
+                if !self.refusing {
+                    tracing::warn!("connection limit reached; new connections are closed");
+                    self.refusing = true;
+                }
+                drop(stream);
+                continue;
+            };
+            self.refusing = false;
+            return (self.slots.hold(stream, slot), address);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 
@@ -207,6 +287,7 @@ pin_project_lite::pin_project! {
         last_active: Instant,
         // Armed for `last_active + idle` lazily: moved on only when it fires, not on every byte.
         check: Pin<Box<Sleep>>,
+        idle_closed: metrics::Counter,
         _slot: Slot,
     }
 }
@@ -237,7 +318,7 @@ impl<S: AsyncRead> AsyncRead for HeldConnection<S> {
                 ready!(this.check.as_mut().poll(cx));
                 let due = *this.last_active + *this.idle;
                 if due <= Instant::now() {
-                    metrics::counter!(IDLE_CLOSED_COUNTER).increment(1);
+                    this.idle_closed.increment(1);
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "nothing was read or written on the connection for the idle time",
@@ -348,10 +429,13 @@ mod tests {
 
     #[tokio::test]
     async fn places_run_out_at_max_open_and_come_back_when_a_connection_closes() {
-        let slots = ConnectionSlots::new(&ConnectionLimits {
-            max_open: 2,
-            ..ConnectionLimits::default()
-        });
+        let slots = ConnectionSlots::new(
+            &ConnectionLimits {
+                max_open: 2,
+                ..ConnectionLimits::default()
+            },
+            GRPC,
+        );
         let first = slots.take().expect("a place");
         let second = slots.take().expect("a place");
         assert!(slots.take().is_none(), "a third place at max_open 2");
@@ -362,14 +446,79 @@ mod tests {
         drop(second);
     }
 
+    #[tokio::test]
+    async fn an_http_endpoint_on_a_bounded_listener_closes_connections_beyond_its_places_and_idle_ones()
+     {
+        use axum::routing::get;
+        use std::future::IntoFuture;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let slots = ConnectionSlots::new(
+            &ConnectionLimits {
+                max_open: 2,
+                idle_seconds: 1,
+                ..ADMIN_LIMITS
+            },
+            ADMIN,
+        );
+        let router = axum::Router::new().route("/livez", get(|| std::future::ready("ok")));
+        let server =
+            tokio::spawn(axum::serve(BoundedListener::new(listener, slots), router).into_future());
+        let opened = std::time::Instant::now();
+        let connect = || tokio::net::TcpStream::connect(address);
+        let mut silent = [
+            connect().await.expect("connect"),
+            connect().await.expect("connect"),
+        ];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut sink = Vec::new();
+        let mut beyond = connect().await.expect("connect");
+        tokio::time::timeout(Duration::from_millis(500), beyond.read_to_end(&mut sink))
+            .await
+            .expect("closed as it was accepted")
+            .expect("an orderly close");
+        for connection in &mut silent {
+            tokio::time::timeout(Duration::from_secs(3), connection.read_to_end(&mut sink))
+                .await
+                .expect("closed at the idle time")
+                .ok();
+        }
+        assert!(
+            opened.elapsed() >= Duration::from_millis(800),
+            "not before the idle time: {:?}",
+            opened.elapsed()
+        );
+        assert!(
+            sink.is_empty(),
+            "nothing was answered to silent connections"
+        );
+        let mut asking = connect().await.expect("connect");
+        asking
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        asking.read_to_end(&mut sink).await.expect("answer");
+        let answer = String::from_utf8_lossy(&sink);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        server.abort();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_quiet_both_ways_ends_at_the_idle_time_and_one_that_reads_or_writes_stays()
     {
-        let slots = ConnectionSlots::new(&ConnectionLimits {
-            idle_seconds: 10,
-            keepalive_seconds: 5,
-            ..ConnectionLimits::default()
-        });
+        let slots = ConnectionSlots::new(
+            &ConnectionLimits {
+                idle_seconds: 10,
+                keepalive_seconds: 5,
+                ..ConnectionLimits::default()
+            },
+            GRPC,
+        );
         let (near, mut far) = tokio::io::duplex(64);
         let mut held = slots.hold(near, slots.take().expect("a place"));
         // Bytes every 6 s keep it open well past 10 s.

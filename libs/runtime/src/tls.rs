@@ -462,7 +462,7 @@ impl TlsMaterial {
     ) -> MeshIncoming {
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         let material = self.clone();
-        let slots = ConnectionSlots::new(limits);
+        let slots = ConnectionSlots::new(limits, crate::connections::GRPC);
         let max_open = limits.max_open;
         tokio::spawn(async move {
             // Said once each time the listener fills, not once per connection it refuses.

@@ -24,7 +24,7 @@ use axum::routing::post;
 use dicom_object::meta::FileMetaTable;
 use futures::StreamExt;
 use medai_runtime::config::{Secret, from_str_or_native};
-use medai_runtime::connections::{ConnectionLimits, ConnectionSlots, HeldConnection};
+use medai_runtime::connections::{self, BoundedListener, ConnectionLimits, ConnectionSlots};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -624,58 +624,21 @@ impl StowServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let slots = ConnectionSlots::new(&ConnectionLimits {
-            max_open: self.state.settings.max_connections,
-            idle_seconds: self.state.settings.idle_seconds,
-            ..ConnectionLimits::default()
-        });
+        let slots = ConnectionSlots::new(
+            &ConnectionLimits {
+                max_open: self.state.settings.max_connections,
+                idle_seconds: self.state.settings.idle_seconds,
+                ..ConnectionLimits::default()
+            },
+            connections::STOW,
+        );
         let router = Router::new()
             .route("/studies", post(store_instances))
             .route("/studies/{study}", post(store_study_instances))
             .with_state(self.state);
-        axum::serve(BoundedListener { listener, slots }, router)
+        axum::serve(BoundedListener::new(listener, slots), router)
             .with_graceful_shutdown(shutdown)
             .await
-    }
-}
-
-/// The STOW-RS listener with its connections bounded in number and idle time, as every gRPC
-/// listener's are (see `medai_runtime::connections`).
-struct BoundedListener {
-    listener: TcpListener,
-    slots: ConnectionSlots,
-}
-
-impl axum::serve::Listener for BoundedListener {
-    type Io = HeldConnection<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let mut refusing = false;
-        loop {
-            let (stream, address) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: a pause instead of a hot loop.
-                    tracing::warn!(error = %error, "accepting a STOW-RS connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(slot) = self.slots.take() else {
-                if !refusing {
-                    tracing::warn!("STOW-RS connection limit reached; new connections are closed");
-                    refusing = true;
-                }
-                drop(stream);
-                continue;
-            };
-            return (self.slots.hold(stream, slot), address);
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
     }
 }
 
