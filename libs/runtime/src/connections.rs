@@ -164,6 +164,8 @@ pub(crate) fn describe() {
 pub struct ConnectionSlots {
     places: Arc<Semaphore>,
     idle: Duration,
+    listener: &'static str,
+    max_open: usize,
     open: metrics::Gauge,
     refused: metrics::Counter,
     idle_closed: metrics::Counter,
@@ -187,6 +189,8 @@ impl ConnectionSlots {
         Self {
             places: Arc::new(Semaphore::new(limits.max_open.max(1))),
             idle: limits.idle(),
+            listener,
+            max_open: limits.max_open,
             open: metrics::gauge!(OPEN_GAUGE, "listener" => listener),
             refused: metrics::counter!(REFUSED_COUNTER, "listener" => listener),
             idle_closed: metrics::counter!(IDLE_CLOSED_COUNTER, "listener" => listener),
@@ -224,9 +228,10 @@ impl ConnectionSlots {
     }
 }
 
-/// A TCP listener whose connections hold places of [`ConnectionSlots`], for the HTTP endpoints
-/// axum serves (admin, STOW-RS): one beyond the limit is closed as it is accepted, an idle one
-/// closed at the idle time.
+/// A TCP listener whose connections hold places of [`ConnectionSlots`]: one beyond the limit is
+/// closed as it is accepted, before any other work. axum serves the HTTP endpoints (admin,
+/// STOW-RS) from it directly; the gRPC listener takes each connection with its place and makes
+/// the TLS handshake first.
 pub struct BoundedListener {
     listener: tokio::net::TcpListener,
     slots: ConnectionSlots,
@@ -242,13 +247,16 @@ impl BoundedListener {
             refusing: false,
         }
     }
-}
 
-impl axum::serve::Listener for BoundedListener {
-    type Io = HeldConnection<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
+    pub fn slots(&self) -> &ConnectionSlots {
+        &self.slots
+    }
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection that finds a place, with its place. Cancel-safe: nothing is held
+    /// across an await but the listener.
+    pub async fn accept_with_slot(
+        &mut self,
+    ) -> (tokio::net::TcpStream, Slot, std::net::SocketAddr) {
         loop {
             let (stream, address) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -261,15 +269,29 @@ impl axum::serve::Listener for BoundedListener {
             };
             let Some(slot) = self.slots.take() else {
                 if !self.refusing {
-                    tracing::warn!("connection limit reached; new connections are closed");
+                    tracing::warn!(
+                        listener = self.slots.listener,
+                        max_open = self.slots.max_open,
+                        "connection limit reached; new connections are closed until one ends"
+                    );
                     self.refusing = true;
                 }
                 drop(stream);
                 continue;
             };
             self.refusing = false;
-            return (self.slots.hold(stream, slot), address);
+            return (stream, slot, address);
         }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = HeldConnection<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, slot, address) = self.accept_with_slot().await;
+        (self.slots.hold(stream, slot), address)
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

@@ -43,7 +43,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::balance::{BalancedChannel, Resolve, SystemResolver};
-use crate::connections::{ConnectionLimits, ConnectionSlots, HeldConnection};
+use crate::connections::{BoundedListener, ConnectionLimits, ConnectionSlots, HeldConnection};
 use crate::identity::ServiceIdentity;
 
 /// How often services look at their certificate files. cert-manager renews well before expiry
@@ -462,43 +462,22 @@ impl TlsMaterial {
     ) -> MeshIncoming {
         let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
         let material = self.clone();
-        let slots = ConnectionSlots::new(limits, crate::connections::GRPC);
-        let max_open = limits.max_open;
+        // Places are taken before any TLS work, so a flood of connections costs a close each.
+        let mut listener = BoundedListener::new(
+            listener,
+            ConnectionSlots::new(limits, crate::connections::GRPC),
+        );
         tokio::spawn(async move {
-            // Said once each time the listener fills, not once per connection it refuses.
-            let mut refusing = false;
             loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
+                let (stream, slot, _) = tokio::select! {
+                    accepted = listener.accept_with_slot() => accepted,
                     () = sender.closed() => return,
                 };
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // Out of file descriptors and the like: a pause instead of a hot loop.
-                        tracing::warn!(error = %error, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Taken before any TLS work, so a flood of connections costs a close each.
-                let Some(slot) = slots.take() else {
-                    if !refusing {
-                        tracing::warn!(
-                            max_open,
-                            "connection limit reached; new connections are closed until one ends"
-                        );
-                        refusing = true;
-                    }
-                    drop(stream);
-                    continue;
-                };
-                refusing = false;
                 let _ = stream.set_nodelay(true);
                 let acceptor =
                     tokio_rustls::TlsAcceptor::from(material.server_config(client_certificates));
                 let sender = sender.clone();
-                let slots = slots.clone();
+                let slots = listener.slots().clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(connection)) => {
