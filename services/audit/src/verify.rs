@@ -140,23 +140,11 @@ pub async fn for_each_digest_between(
     while let Some(row) = rows.next().await {
         let row = row.map_err(query_error)?;
         let (seq, encoding_version, fields) = stored_columns(&row)?;
-        let [
-            recorded_at,
-            actor,
-            action,
-            resource,
-            outcome,
-            context,
-            prev_hash,
-            hash,
-        ] = fields;
         // A negative seq or version can only come from tampering: the chain check refuses it.
-        let digest = EntryDigest::of_fields(
+        let digest = digest_of_stored(
             u64::try_from(seq).unwrap_or(u64::MAX),
             u32::try_from(encoding_version).unwrap_or(u32::MAX),
-            [recorded_at, actor, action, resource, outcome, context],
-            prev_hash,
-            hash,
+            fields,
         );
         if !visit(digest) {
             break;
@@ -222,6 +210,30 @@ fn stored_columns(row: &sqlx::postgres::PgRow) -> Result<(i64, i32, [&[u8]; 8]),
     ))
 }
 
+/// The digest of an entry from its stored text columns, in [`stored_columns`]' order.
+fn digest_of_stored(
+    seq: u64,
+    encoding_version: u32,
+    [
+        recorded_at,
+        actor,
+        action,
+        resource,
+        outcome,
+        context,
+        prev_hash,
+        hash,
+    ]: [&[u8]; 8],
+) -> EntryDigest {
+    EntryDigest::of_fields(
+        seq,
+        encoding_version,
+        [recorded_at, actor, action, resource, outcome, context],
+        prev_hash,
+        hash,
+    )
+}
+
 fn query_error(error: sqlx::Error) -> DbErr {
     DbErr::Query(RuntimeErr::SqlxError(error.into()))
 }
@@ -280,23 +292,7 @@ impl RowBatch {
                 *field = &self.text[start..*end];
                 start = *end;
             }
-            let [
-                recorded_at,
-                actor,
-                action,
-                resource,
-                outcome,
-                context,
-                prev_hash,
-                hash,
-            ] = fields;
-            digests.push(EntryDigest::of_fields(
-                *seq,
-                *encoding_version,
-                [recorded_at, actor, action, resource, outcome, context],
-                prev_hash,
-                hash,
-            ));
+            digests.push(digest_of_stored(*seq, *encoding_version, fields));
         }
     }
 }
