@@ -11,6 +11,9 @@ use sea_orm::{
 pub const SCHEMA_NOT_MIGRATED: &str = "schema_not_migrated";
 
 pub mod failover;
+mod kept;
+
+pub use kept::{KEEP_AT_MOST, KeptConnection};
 
 /// Opens `database_url` (`postgres://…`, or `sqlite://…?mode=rwc` for the embedded default).
 /// SQLite runs in WAL mode with full sync, so an acknowledged write survives a crash. A
@@ -25,7 +28,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 
 /// A pooled connection idle for at least this long is pinged before it is handed out; one used
 /// more recently is handed out as it is. sqlx already pings each connection when it is returned
-/// to the pool, and its default of pinging it again on every acquire cost every statement and
+/// to the pool (the writers that run one statement after another keep theirs instead:
+/// [`KeptConnection`]), and its default of pinging it again on every acquire cost every statement and
 /// transaction one more round trip to the server on the request's path (issue 14: two of the
 /// inference service's seven per prediction). A server that drops a connection within this
 /// long of its last use costs that connection's next statement an error (the connection is

@@ -133,13 +133,22 @@ async fn run_writer(
     mut receiver: mpsc::Receiver<Pending>,
 ) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
-    while let Some(entries) = next_group(&mut receiver, &mut group).await {
+    // The one-statement path runs on a connection this writer keeps (no pool round trip, and
+    // no ping as it goes back to the pool, after each group).
+    let mut kept = crate::verify::postgres_pool(&connection)
+        .map(|pool| medai_storage::KeptConnection::new(pool.clone()));
+    while let Some(entries) = medai_storage::KeptConnection::await_work(
+        kept.as_mut(),
+        next_group(&mut receiver, &mut group),
+    )
+    .await
+    {
         let events: Vec<&NewEvent> = group.iter().flat_map(|(events, _, _)| events).collect();
         let commit = tracing::info_span!(parent: &group[0].2, "audit.group_commit", entries);
         for (_, _, caller) in &group[1..] {
             commit.follows_from(caller);
         }
-        let outcome = commit_group(&connection, &anchor, &events)
+        let outcome = commit_group(&connection, kept.as_mut(), &anchor, &events)
             .instrument(commit)
             .await;
         metrics::histogram!("medai_ledger_group_commit_size").record(entries as f64);
@@ -275,6 +284,7 @@ impl ChainedGroup<'_> {
 
 async fn commit_group(
     connection: &DatabaseConnection,
+    kept: Option<&mut medai_storage::KeptConnection>,
     anchor: &ChainAnchor,
     events: &[&NewEvent],
 ) -> Result<(Vec<AppendReceipt>, CommitPath), CheckError> {
@@ -283,20 +293,22 @@ async fn commit_group(
     }
     // The common case costs one round trip instead of five (BEGIN, lock, head, insert, COMMIT):
     // the group goes in only if the stored head is still the one this process committed.
-    if let Some(pool) = crate::verify::postgres_pool(connection)
-        && let Some(head) = anchor.committed_head_to_extend()
-    {
-        let group = chain_after(head.seq, head.hash, events);
-        match extend_committed_head(pool, &group).await {
-            Ok(true) => return Ok((group.into_receipts().0, CommitPath::Extended)),
-            // The stored head moved (another replica appended, or the chain was cut): the
-            // locked path reads it and judges it against the anchor.
-            Ok(false) => {}
-            // Another replica stored these seqs first.
-            Err(error) if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+    if let Some(kept) = kept {
+        if let Some(head) = anchor.committed_head_to_extend() {
+            let group = chain_after(head.seq, head.hash, events);
+            match extend_committed_head(kept, &group).await {
+                Ok(true) => return Ok((group.into_receipts().0, CommitPath::Extended)),
+                // The stored head moved (another replica appended, or the chain was cut): the
+                // locked path reads it and judges it against the anchor.
+                Ok(false) => {}
+                // Another replica stored these seqs first.
+                Err(error)
+                    if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {}
+                Err(error) => return Err(error.into()),
             }
-            Err(error) => return Err(error.into()),
         }
+        // The locked path takes its transaction from the pool, which may hold no other.
+        kept.give_back();
     }
     commit_locked(connection, anchor, events)
         .await
@@ -326,15 +338,18 @@ pub(crate) const EXTEND_COMMITTED_HEAD: &str = "WITH writer AS MATERIALIZED (SEL
 /// A statement that checked the head before another replica's commit collides with that
 /// replica's rows on the primary key and fails whole (a unique violation).
 async fn extend_committed_head(
-    pool: &sea_orm::sqlx::PgPool,
+    kept: &mut medai_storage::KeptConnection,
     group: &ChainedGroup<'_>,
 ) -> Result<bool, DbErr> {
+    let sqlx_error =
+        |error: sea_orm::sqlx::Error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into()));
     let head_seq = i64::try_from(group.head_seq).map_err(|_| malformed_head())?;
     let column = |field: fn(&NewEvent) -> &str| -> Vec<&str> {
         group.events.iter().map(|event| field(event)).collect()
     };
     let count = group.events.len();
-    let inserted = sea_orm::sqlx::query(EXTEND_COMMITTED_HEAD)
+    let connection = kept.connection().await.map_err(sqlx_error)?;
+    let outcome = sea_orm::sqlx::query(EXTEND_COMMITTED_HEAD)
         .bind(LEDGER_LOCK_KEY)
         .bind(head_seq)
         .bind(&group.hex[0])
@@ -347,10 +362,9 @@ async fn extend_committed_head(
         .bind(column(|event| &event.context))
         .bind(&group.hex[..count])
         .bind(&group.hex[1..])
-        .execute(pool)
-        .await
-        .map_err(|error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into())))?
-        .rows_affected();
+        .execute(connection)
+        .await;
+    let inserted = kept.outcome(outcome).map_err(sqlx_error)?.rows_affected();
     match usize::try_from(inserted) {
         Ok(0) => Ok(false),
         Ok(stored) if stored == count => Ok(true),
@@ -425,16 +439,30 @@ mod tests {
         }
     }
 
+    /// The connection a writer task on `connection` keeps.
+    fn kept(connection: &DatabaseConnection) -> medai_storage::KeptConnection {
+        let pool = crate::verify::postgres_pool(connection).expect("PostgreSQL");
+        medai_storage::KeptConnection::new(pool.clone())
+    }
+
     /// Commits a group as the writer task does, remembering its head; the seqs and the path.
     async fn commit(
         connection: &DatabaseConnection,
+        kept: &mut medai_storage::KeptConnection,
         anchor: &ChainAnchor,
         numbers: std::ops::RangeInclusive<usize>,
     ) -> (Vec<u64>, CommitPath) {
         let events: Vec<NewEvent> = numbers.map(event).collect();
-        let (receipts, path) = commit_group(connection, anchor, &events.iter().collect::<Vec<_>>())
-            .await
-            .expect("commit");
+        let events: Vec<&NewEvent> = events.iter().collect();
+        // The locked path's transaction comes from a pool that may hold no other connection
+        // than the kept one: a commit that waits for a connection fails here, not hangs.
+        let (receipts, path) = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            commit_group(connection, Some(kept), anchor, &events),
+        )
+        .await
+        .expect("the commit got a connection")
+        .expect("commit");
         let last = receipts.last().expect("a receipt");
         anchor.record_committed(ChainHead {
             seq: last.seq,
@@ -454,35 +482,46 @@ mod tests {
     #[tokio::test]
     async fn groups_after_this_writer_s_own_head_take_one_statement_and_others_take_the_lock() {
         let url = medai_testkit::fresh_postgres_database().await;
-        let connection = crate::store::connect(&url, true).await.expect("connect");
+        crate::store::connect(&url, true).await.expect("migrate");
+        // Pools of one connection: each writer's kept connection is all its pool has.
+        let connection = medai_storage::connect_with_max_connections(&url, 1)
+            .await
+            .expect("connect");
+        let mut our_writer = kept(&connection);
         let ours = ChainAnchor::new();
         // Another audit replica on the same database.
+        let their_connection = medai_storage::connect_with_max_connections(&url, 1)
+            .await
+            .expect("connect");
+        let mut their_writer = kept(&their_connection);
         let theirs = ChainAnchor::new();
 
         assert_eq!(
-            commit(&connection, &ours, 1..=2).await,
+            commit(&connection, &mut our_writer, &ours, 1..=2).await,
             (vec![1, 2], CommitPath::Locked)
         );
         assert_eq!(
-            commit(&connection, &ours, 3..=5).await,
+            commit(&connection, &mut our_writer, &ours, 3..=5).await,
             (vec![3, 4, 5], CommitPath::Extended)
         );
         assert_eq!(
-            commit(&connection, &theirs, 6..=6).await,
+            commit(&their_connection, &mut their_writer, &theirs, 6..=6).await,
             (vec![6], CommitPath::Locked)
         );
         // Our head (5) is no longer the stored one: the one statement inserts nothing and the
         // locked path appends after the other replica's entry.
         assert_eq!(
-            commit(&connection, &ours, 7..=8).await,
+            commit(&connection, &mut our_writer, &ours, 7..=8).await,
             (vec![7, 8], CommitPath::Locked)
         );
         assert_eq!(
-            commit(&connection, &ours, 9..=9).await,
+            commit(&connection, &mut our_writer, &ours, 9..=9).await,
             (vec![9], CommitPath::Extended)
         );
 
-        // Every row is stored as hashed (context byte for byte) and the chain verifies whole.
+        // Every row is stored as hashed (context byte for byte) and the chain verifies whole
+        // (read on the pool, to which the writer gives its connection back when idle).
+        our_writer.give_back();
         let rows = stored_rows(&connection).await;
         assert_eq!(rows.len(), 9);
         for (index, row) in rows.iter().enumerate() {
@@ -501,7 +540,12 @@ mod tests {
         let url = medai_testkit::fresh_postgres_database().await;
         let connection = crate::store::connect(&url, true).await.expect("connect");
         let ours = ChainAnchor::new();
-        assert_eq!(commit(&connection, &ours, 1..=1).await.0, vec![1]);
+        assert_eq!(
+            commit(&connection, &mut kept(&connection), &ours, 1..=1)
+                .await
+                .0,
+            vec![1]
+        );
 
         // Another replica holds the ledger's lock with seq 2 written but not committed.
         let other = sea_orm::Database::connect(url.as_str())
@@ -526,7 +570,10 @@ mod tests {
         let ours = Arc::new(ours);
         let appending = {
             let (connection, ours) = (connection.clone(), ours.clone());
-            tokio::spawn(async move { commit(&connection, &ours, 3..=4).await })
+            tokio::spawn(async move {
+                let mut writer = kept(&connection);
+                commit(&connection, &mut writer, &ours, 3..=4).await
+            })
         };
         let waiting =
             "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";

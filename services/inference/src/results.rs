@@ -359,8 +359,15 @@ async fn write_new_results(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_RESULTS_PER_COMMIT);
-    while pending.recv_many(&mut batch, MAX_RESULTS_PER_COMMIT).await > 0 {
-        let written = insert_results(&connection, &batch).await;
+    let mut kept = kept_connection(&connection);
+    while medai_storage::KeptConnection::await_work(
+        kept.as_mut(),
+        pending.recv_many(&mut batch, MAX_RESULTS_PER_COMMIT),
+    )
+    .await
+        > 0
+    {
+        let written = insert_results(&connection, kept.as_mut(), &batch).await;
         commits.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("medai_inference_results_commits_total", "write" => "result")
             .increment(1);
@@ -387,6 +394,7 @@ async fn write_new_results(
 /// A key it did not store belongs to a row already committed, which the look-up then reads.
 async fn insert_results(
     connection: &DatabaseConnection,
+    kept: Option<&mut medai_storage::KeptConnection>,
     batch: &[PendingResult],
 ) -> Result<Vec<Result<(StoredResult, bool), InferenceError>>, DbErr> {
     use result_row::Column;
@@ -415,12 +423,25 @@ async fn insert_results(
                 .to_owned(),
         )
         .returning_col(Column::ResultId);
-    let inserted: HashSet<String> = connection
-        .query_all(&statement)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String>("", "result_id"))
-        .collect::<Result<_, _>>()?;
+    let inserted: HashSet<String> = match kept {
+        Some(kept) => {
+            use sea_orm::sqlx::Row;
+            kept.fetch_all(&statement)
+                .await
+                .and_then(|rows| {
+                    rows.iter()
+                        .map(|row| row.try_get::<String, _>("result_id"))
+                        .collect()
+                })
+                .map_err(sqlx_error)?
+        }
+        None => connection
+            .query_all(&statement)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String>("", "result_id"))
+            .collect::<Result<_, _>>()?,
+    };
     let mut stored_under: HashMap<String, StoredResult> = HashMap::new();
     let missing: Vec<&str> = batch
         .iter()
@@ -496,12 +517,19 @@ async fn write_delivery_notes(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_NOTES_PER_COMMIT);
-    while pending.recv_many(&mut batch, MAX_NOTES_PER_COMMIT).await > 0 {
+    let mut kept = kept_connection(&connection);
+    while medai_storage::KeptConnection::await_work(
+        kept.as_mut(),
+        pending.recv_many(&mut batch, MAX_NOTES_PER_COMMIT),
+    )
+    .await
+        > 0
+    {
         let notes: Vec<(&str, i64)> = batch
             .iter()
             .map(|note| (note.result_id.as_str(), note.seq))
             .collect();
-        let written = note_deliveries(&connection, &notes).await;
+        let written = note_deliveries(&connection, kept.as_mut(), &notes).await;
         commits.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("medai_inference_results_commits_total", "write" => "delivery_notes")
             .increment(1);
@@ -527,11 +555,11 @@ async fn write_delivery_notes(
 /// per note, the seq that stands.
 async fn note_deliveries(
     connection: &DatabaseConnection,
+    kept: Option<&mut medai_storage::KeptConnection>,
     notes: &[(&str, i64)],
 ) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
-    if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &connection.inner {
-        let pool = connection.get_postgres_connection_pool();
-        return note_deliveries_in_one_statement(connection, pool, notes).await;
+    if let Some(kept) = kept {
+        return note_deliveries_in_one_statement(connection, kept, notes).await;
     }
     use result_row::Column;
     let transaction = connection.begin().await?;
@@ -588,7 +616,7 @@ pub const NOTE_SESSION_SETTINGS: [(&str, &str); 6] = [
 
 async fn note_deliveries_in_one_statement(
     connection: &DatabaseConnection,
-    pool: &sea_orm::sqlx::PgPool,
+    kept: &mut medai_storage::KeptConnection,
     notes: &[(&str, i64)],
 ) -> Result<Vec<Result<i64, InferenceError>>, DbErr> {
     use std::collections::{HashMap, HashSet};
@@ -600,13 +628,15 @@ async fn note_deliveries_in_one_statement(
         .unzip();
     // Prepared and kept on the notes' connection, whose session plans no sequential scan
     // where the key's index serves (see [`NOTE_SESSION_SETTINGS`]).
-    let noted: HashSet<String> = sea_orm::sqlx::query_scalar::<_, String>(NOTE_DELIVERIES)
+    let outcome = sea_orm::sqlx::query_scalar::<_, String>(NOTE_DELIVERIES)
         .bind(&ids)
         .bind(&seqs)
         .bind(PRELIMINARY)
-        .fetch_all(pool)
-        .await
-        .map_err(|error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into())))?
+        .fetch_all(kept.connection().await.map_err(sqlx_error)?)
+        .await;
+    let noted: HashSet<String> = kept
+        .outcome(outcome)
+        .map_err(sqlx_error)?
         .into_iter()
         .collect();
     // A note its UPDATE did not take (noted already, a later note of the same result, or no
@@ -624,6 +654,8 @@ async fn note_deliveries_in_one_statement(
         .collect();
     let mut standing: HashMap<String, i64> = HashMap::new();
     if !unnoted.is_empty() {
+        // The notes' pool holds one connection: the one kept.
+        kept.give_back();
         for row in result_row::Entity::find()
             .filter(result_row::Column::ResultId.is_in(unnoted))
             .all(connection)
@@ -645,6 +677,21 @@ async fn note_deliveries_in_one_statement(
                 .ok_or_else(|| InferenceError::ResultNotFound((*result_id).to_owned()))
         })
         .collect())
+}
+
+/// The connection a writer on `connection` keeps between its statements on PostgreSQL (none
+/// on SQLite).
+fn kept_connection(connection: &DatabaseConnection) -> Option<medai_storage::KeptConnection> {
+    match &connection.inner {
+        sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => Some(
+            medai_storage::KeptConnection::new(connection.get_postgres_connection_pool().clone()),
+        ),
+        _ => None,
+    }
+}
+
+fn sqlx_error(error: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into()))
 }
 
 async fn stored_delivery(
