@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts a throwaway PostgreSQL cluster and Redis server on free loopback ports for the test
 # suite, installing them from Debian's packages if missing. Source it: it exports
-# MEDAI_TEST_POSTGRES_URL and MEDAI_TEST_REDIS_URL and defines stop_test_servers.
+# MEDAI_TEST_POSTGRES_URL and MEDAI_TEST_REDIS_URL (and the Redis pid file, for the benchmarks'
+# CPU figures) and defines stop_test_servers.
 set -euo pipefail
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -47,6 +48,7 @@ redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
   --pidfile "$test_servers_dir/redis.pid" --logfile "$test_servers_dir/redis.log" >/dev/null
 export MEDAI_TEST_REDIS_URL="redis://127.0.0.1:$redis_port"
+export MEDAI_TEST_REDIS_PIDFILE="$test_servers_dir/redis.pid"
 echo "test servers: PostgreSQL on $pg_port, Redis on $redis_port" >&2
 
 stop_test_servers() {

@@ -8,6 +8,12 @@
 //! with one worker per core) by a compiled HTTP/1.1 keep-alive client. Rounds alternate
 //! between the two so that a noisy neighbour hurts both alike.
 //!
+//! With the suite's Redis (`MEDAI_TEST_REDIS_URL`, which `scripts/bench.sh` starts) the mesh
+//! runs as the chart deploys it: auth and the gateway check revocations in Redis (production
+//! mode, failing closed), and the gateway charges every call to its rate limits in Redis (one
+//! round trip a call), with limits high enough to refuse nothing (the monolith has none, and
+//! the chart's 200/s per user would refuse a one-user benchmark). Redis's CPU is reported.
+//!
 //! It also reports CPU time per prediction by process (from /proc), which is where the
 //! overhead budget is spent, and the WAL flushes (fsyncs) per prediction on each side: the
 //! durable commits a prediction waits for or queues behind (`pg_stat_wal.wal_sync`, the whole
@@ -576,24 +582,31 @@ fn service_environment() -> Vec<(String, String)> {
 #[tokio::main]
 async fn main() {
     let root = workspace_root();
+    let redis = std::env::var("MEDAI_TEST_REDIS_URL").ok();
     let quiet = |service: &str| {
         let prefix = format!("MEDAI_{}_", service.to_ascii_uppercase());
         let mut variables = vec![(format!("{prefix}PROCESS__LOG_FILTER"), "warn".to_owned())];
+        let mut set = |name: &str, value: &str| {
+            variables.push((format!("{prefix}{name}"), value.to_owned()));
+        };
         if service == "gateway" {
-            variables.extend([
-                (
-                    format!("{prefix}LOAD_CONTROL__PER_USER_PER_SECOND"),
-                    "0".to_owned(),
-                ),
-                (
-                    format!("{prefix}LOAD_CONTROL__PER_CLIENT_PER_SECOND"),
-                    "0".to_owned(),
-                ),
-                (
-                    format!("{prefix}LOAD_CONTROL__MAX_IN_FLIGHT"),
-                    "100000".to_owned(),
-                ),
-            ]);
+            // With Redis every call is charged to limits it never reaches; without, none is.
+            let rate = if redis.is_some() { "1000000" } else { "0" };
+            for name in ["PER_USER", "PER_CLIENT"] {
+                set(&format!("LOAD_CONTROL__{name}_PER_SECOND"), rate);
+                set(&format!("LOAD_CONTROL__{name}_BURST"), "1000000");
+            }
+            set("LOAD_CONTROL__MAX_IN_FLIGHT", "100000");
+            if let Some(url) = &redis {
+                set("LOAD_CONTROL__REDIS_URL", url);
+            }
+        }
+        if let Some(url) = redis
+            .as_ref()
+            .filter(|_| ["gateway", "auth"].contains(&service))
+        {
+            set("REVOCATION__MODE", "production");
+            set("REVOCATION__REDIS_URL", url);
         }
         variables.extend(service_environment());
         (service.to_owned(), variables)
@@ -611,7 +624,12 @@ async fn main() {
     monolith_round(monolith.address, &monolith.token, 4, 256).await;
 
     println!(
-        "mesh vs Python monolith: {MODEL}, {TEXTURED_PNG_DESCRIPTION}, every request authenticated and durably recorded in PostgreSQL, {ROUNDS} alternating rounds per level"
+        "mesh vs Python monolith: {MODEL}, {TEXTURED_PNG_DESCRIPTION}, every request authenticated and durably recorded in PostgreSQL, {ROUNDS} alternating rounds per level; the mesh's revocations and rate limits {}",
+        if redis.is_some() {
+            "in Redis, as the chart deploys them"
+        } else {
+            "in each process (no Redis)"
+        }
     );
     println!(
         "  {:>11}  {:>38}  {:>38}  {:>8}",

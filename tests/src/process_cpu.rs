@@ -62,7 +62,20 @@ pub fn cpu_seconds_by_process(other: &str) -> BTreeMap<String, f64> {
             postgres_cpu_seconds(),
         );
     }
+    if let Some(redis) = redis_cpu_seconds() {
+        figures.insert("redis".to_owned(), redis);
+    }
     figures
+}
+
+/// CPU seconds (user + system) of the suite's Redis, whose pid file `scripts/test-servers.sh`
+/// names in `MEDAI_TEST_REDIS_PIDFILE`; `None` without one.
+pub fn redis_cpu_seconds() -> Option<f64> {
+    let pid = std::fs::read_to_string(std::env::var_os("MEDAI_TEST_REDIS_PIDFILE")?).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let ticks = |index: usize| fields.get(index)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// CPU seconds (user + system) of the suite's PostgreSQL: its postmaster (with the backends
