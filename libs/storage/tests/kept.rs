@@ -6,8 +6,11 @@
 use std::time::Duration;
 
 use medai_storage::KeptConnection;
+use sea_orm::DatabaseConnection;
 use sea_orm::sqlx::{self, PgPool};
-use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+mod support;
+use support::terminate;
 
 async fn backend_pid(kept: &mut KeptConnection) -> Result<i32, sqlx::Error> {
     let connection = kept.connection().await?;
@@ -23,16 +26,6 @@ async fn pool_of_one(url: &str) -> (DatabaseConnection, PgPool) {
         .expect("connect");
     let pool = connection.get_postgres_connection_pool().clone();
     (connection, pool)
-}
-
-async fn terminate(pid: i32) {
-    let admin = medai_storage::connect(&medai_testkit::suite_postgres_url())
-        .await
-        .expect("admin");
-    admin
-        .execute_unprepared(&format!("SELECT pg_terminate_backend({pid}, 10000)"))
-        .await
-        .expect("terminate");
 }
 
 #[tokio::test]

@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 
+mod support;
+use support::terminate;
+
 async fn backend_pid(connection: &DatabaseConnection) -> Result<i32, DbErr> {
     connection
         .query_one_raw(Statement::from_string(
@@ -17,24 +20,12 @@ async fn backend_pid(connection: &DatabaseConnection) -> Result<i32, DbErr> {
         .try_get::<i32>("", "pid")
 }
 
-/// Ends a server connection (as a restart, a proxy's idle timeout or an operator would) and
-/// waits until it is gone.
-async fn terminate(admin: &DatabaseConnection, pid: i32) {
-    admin
-        .execute_unprepared(&format!("SELECT pg_terminate_backend({pid}, 10000)"))
-        .await
-        .expect("terminate");
-}
-
 #[tokio::test]
 async fn a_connection_idle_past_the_threshold_is_pinged_and_a_hot_one_is_not() {
     let url = medai_testkit::fresh_postgres_database().await;
     let pool = medai_storage::connect_with_max_connections(&url, 1)
         .await
         .expect("connect");
-    let admin = medai_storage::connect(&medai_testkit::suite_postgres_url())
-        .await
-        .expect("admin");
 
     // A connection used a moment ago is handed out as it is, without a round trip to check it:
     // when the server dropped it meanwhile, the statement fails, the connection is closed and
@@ -44,7 +35,7 @@ async fn a_connection_idle_past_the_threshold_is_pinged_and_a_hot_one_is_not() {
     // sqlx pings a connection as it goes back to the pool, on a task of its own: the server
     // ends it only after that ping (a ping that found it gone would discard it).
     tokio::time::sleep(Duration::from_millis(200)).await;
-    terminate(&admin, first).await;
+    terminate(first).await;
     let answer = backend_pid(&pool).await;
     if last_used.elapsed() < medai_storage::PING_IF_IDLE_FOR {
         assert!(
@@ -60,7 +51,7 @@ async fn a_connection_idle_past_the_threshold_is_pinged_and_a_hot_one_is_not() {
 
     // Idle past the threshold, a connection is pinged on acquire, found gone and replaced: the
     // statement succeeds on a new server connection.
-    terminate(&admin, second).await;
+    terminate(second).await;
     tokio::time::sleep(medai_storage::PING_IF_IDLE_FOR + Duration::from_millis(200)).await;
     let third = backend_pid(&pool)
         .await

@@ -3,7 +3,9 @@
 //! called in-process on the same model and the same tensors, for the brain-MRI model and the
 //! synthetic light model, with dynamic batching on and off. Every request through the service
 //! is recorded in the ledger before it is answered, as in production, so a real audit service
-//! (on SQLite, the embedded default) runs beside it. It also times preprocessing (a 512×512
+//! runs beside it, on the suite's PostgreSQL as deployed (fresh databases for the ledger and
+//! the results; `MEDAI_TEST_POSTGRES_URL`, which `scripts/bench.sh` starts) or, without it, on
+//! SQLite, the embedded default. It also times preprocessing (a 512×512
 //! 16-bit grey image to each model's input) against the `image` crate's resize, the previous
 //! path. One run of this program measures every figure and prints the ratios; it also writes
 //! target/bench/inference_throughput.json.
@@ -121,12 +123,33 @@ fn in_process(workload: &Workload) -> Figures {
 }
 
 /// The inference service as deployed for one model, with the audit service it records every
-/// KServe inference in (SQLite, the embedded default), each on a port of its own.
+/// KServe inference in ([`database_url`]), each on a port of its own.
 struct ServiceUnderTest {
     pki: TestPki,
     audit: TestServer,
     inference: TestServer,
     _state: tempfile::TempDir,
+}
+
+/// A fresh database on the suite's PostgreSQL (production's store) when there is one, else a
+/// SQLite file named `name` in `state`.
+async fn database_url(state: &tempfile::TempDir, name: &str) -> String {
+    if std::env::var_os("MEDAI_TEST_POSTGRES_URL").is_some() {
+        return medai_testkit::fresh_postgres_database().await;
+    }
+    format!(
+        "sqlite://{}?mode=rwc",
+        state.path().join(format!("{name}.sqlite")).display()
+    )
+}
+
+/// Where the ledger and the results are stored, for the report.
+fn storage_name() -> &'static str {
+    if std::env::var_os("MEDAI_TEST_POSTGRES_URL").is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    }
 }
 
 impl ServiceUnderTest {
@@ -137,10 +160,7 @@ impl ServiceUnderTest {
         let audit_config = medai_audit::AuditConfig {
             process: test_process_config(),
             tls: pki.files("audit"),
-            database_url: format!(
-                "sqlite://{}?mode=rwc",
-                state.path().join("audit.sqlite").display()
-            ),
+            database_url: database_url(&state, "audit").await,
             checkpoint_key_file: state.path().join("audit-checkpoint.key"),
             checkpoint_key_mode: medai_audit::config::CheckpointKeyMode::Generate,
             checkpoint_log_file: None,
@@ -168,10 +188,7 @@ impl ServiceUnderTest {
             tls: pki.files("inference"),
             model_repository: repository,
             onnxruntime_library: assets.onnxruntime_library.clone(),
-            database_url: format!(
-                "sqlite://{}?mode=rwc",
-                state.path().join("results.sqlite").display()
-            ),
+            database_url: database_url(&state, "results").await,
             // Every KServe inference is recorded before it is answered.
             audit_endpoint: format!("https://{}", audit.address),
             runtime,
@@ -463,7 +480,8 @@ async fn versus_kserve_python(scale: usize) -> serde_json::Value {
         .into_inner();
     let their_server = format!("{} {}", metadata.name, metadata.version);
     println!(
-        "{KSERVE_PYTHON_MODEL} — the inference service (mTLS, ledger) vs {their_server} Python model server (plaintext, no records), {KSERVE_PYTHON_ROUNDS} alternating rounds per level"
+        "{KSERVE_PYTHON_MODEL} — the inference service (mTLS, ledger on {}) vs {their_server} Python model server (plaintext, no records), {KSERVE_PYTHON_ROUNDS} alternating rounds per level",
+        storage_name()
     );
     check_same_answers(ours.clone(), theirs.clone(), &request).await;
     // Warm-up on both: connections, sessions, Python's first calls.
@@ -776,8 +794,11 @@ async fn main() {
         let batched = through_service(workload, true).await;
         let unbatched = through_service(workload, false).await;
         println!(
-            "{} — {} requests, {} concurrent clients over mTLS",
-            workload.model, workload.requests, workload.concurrency
+            "{} — {} requests, {} concurrent clients over mTLS, ledger and results on {}",
+            workload.model,
+            workload.requests,
+            workload.concurrency,
+            storage_name()
         );
         print_row("ort in-process (batch 1)", baseline, baseline);
         print_row("service, dynamic batching", batched, baseline);
