@@ -47,6 +47,12 @@ impl Default for NotesInFlight {
 /// Most notes one `RecordDeliveries` call carries (inference takes up to 1024).
 const MAX_NOTES_PER_CALL: usize = 256;
 
+/// How long a note that finds the client idle waits for others to share its call. Notes are
+/// off the answer's path, so this costs no caller time; at low concurrency it turns one call
+/// (and one statement in inference) per prediction into one per few (issue 14). A read of
+/// results waits for the notes begun before it, so at most this much longer.
+pub const NOTE_LINGER: Duration = Duration::from_millis(5);
+
 /// A note waiting for the coalescing client's next call, and where its answer goes.
 struct QueuedNote {
     result_id: String,
@@ -55,9 +61,9 @@ struct QueuedNote {
     answer: oneshot::Sender<Result<u64, tonic::Status>>,
 }
 
-/// Sends the queued notes (issue 14): a note that finds the client idle goes at once, alone;
-/// notes queued while a call runs go together in the next `RecordDeliveries` call, which
-/// inference writes in one group commit. Notes are written beside the answers, so waiting for
+/// Sends the queued notes (issue 14): a note that finds the client idle waits [`NOTE_LINGER`]
+/// for others; notes queued meanwhile, or while a call runs, go together in the next
+/// `RecordDeliveries` call, which inference writes in one group commit. Notes are written beside the answers, so waiting for
 /// the call in flight costs no caller time. An inference service without `RecordDeliveries`
 /// (an older version during an upgrade) gets one `RecordDelivery` per note, as before.
 async fn send_notes(
@@ -68,6 +74,7 @@ async fn send_notes(
     let mut batch = Vec::with_capacity(MAX_NOTES_PER_CALL);
     let mut batches_served = true;
     while queue.recv_many(&mut batch, MAX_NOTES_PER_CALL).await > 0 {
+        linger_for_more(&mut queue, &mut batch).await;
         if batches_served {
             let deliveries = batch
                 .iter()
@@ -133,6 +140,23 @@ async fn send_notes(
             }
         });
         futures::future::join_all(singles).await;
+    }
+}
+
+/// Takes the notes that arrive within [`NOTE_LINGER`] into `batch`, up to a full call.
+async fn linger_for_more(queue: &mut mpsc::Receiver<QueuedNote>, batch: &mut Vec<QueuedNote>) {
+    let deadline = tokio::time::sleep(NOTE_LINGER);
+    tokio::pin!(deadline);
+    while batch.len() < MAX_NOTES_PER_CALL {
+        tokio::select! {
+            // Cancel-safe: a note taken is in `batch`, one not taken stays queued.
+            taken = queue.recv_many(batch, MAX_NOTES_PER_CALL - batch.len()) => {
+                if taken == 0 {
+                    return;
+                }
+            }
+            () = &mut deadline => return,
+        }
     }
 }
 
@@ -230,6 +254,70 @@ impl NotesInFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn note(seq: u64) -> QueuedNote {
+        let (answer, _) = oneshot::channel();
+        QueuedNote {
+            result_id: format!("result-{seq}"),
+            ledger_seq: seq,
+            correlation_id: String::new(),
+            answer,
+        }
+    }
+
+    fn seqs(batch: &[QueuedNote]) -> Vec<u64> {
+        batch.iter().map(|note| note.ledger_seq).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notes_within_the_linger_share_a_call_and_later_ones_go_in_the_next() {
+        let (sender, mut queue) = mpsc::channel(16);
+        sender.send(note(1)).await.expect("queued");
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, MAX_NOTES_PER_CALL).await;
+        tokio::spawn(async move {
+            tokio::time::sleep(NOTE_LINGER / 2).await;
+            sender.send(note(2)).await.expect("queued");
+            tokio::time::sleep(NOTE_LINGER).await;
+            sender.send(note(3)).await.expect("queued");
+        });
+        let started = tokio::time::Instant::now();
+        linger_for_more(&mut queue, &mut batch).await;
+        assert_eq!(seqs(&batch), [1, 2]);
+        assert_eq!(started.elapsed(), NOTE_LINGER, "no longer than the linger");
+        let mut next = Vec::new();
+        queue.recv_many(&mut next, MAX_NOTES_PER_CALL).await;
+        assert_eq!(
+            seqs(&next),
+            [3],
+            "a note after the linger waits for the next call"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_call_does_not_linger_and_a_closed_queue_ends_it() {
+        let (sender, mut queue) = mpsc::channel(2 * MAX_NOTES_PER_CALL);
+        for seq in 0..MAX_NOTES_PER_CALL as u64 + 1 {
+            sender.send(note(seq)).await.expect("queued");
+        }
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, 1).await;
+        let started = tokio::time::Instant::now();
+        linger_for_more(&mut queue, &mut batch).await;
+        assert_eq!(batch.len(), MAX_NOTES_PER_CALL);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        drop(sender);
+        let mut last = Vec::new();
+        queue.recv_many(&mut last, MAX_NOTES_PER_CALL).await;
+        linger_for_more(&mut queue, &mut last).await;
+        assert_eq!(seqs(&last), [MAX_NOTES_PER_CALL as u64]);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a closed queue ends the wait"
+        );
+    }
 
     #[tokio::test]
     async fn a_read_waits_for_the_notes_begun_before_it_and_not_for_later_ones() {
