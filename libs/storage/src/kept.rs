@@ -23,6 +23,11 @@ use sea_orm::sqlx::pool::PoolConnection;
 use sea_orm::sqlx::postgres::PgRow;
 use sea_orm::sqlx::{self, PgConnection, PgPool, Postgres};
 
+/// A statement's sqlx error as sea-orm's, for writers that return sea-orm's errors.
+pub fn statement_error(error: sqlx::Error) -> sea_orm::DbErr {
+    sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into()))
+}
+
 /// The longest a writer keeps one connection without giving it back to its pool.
 pub const KEEP_AT_MOST: Duration = Duration::from_secs(30);
 
@@ -41,6 +46,17 @@ struct Kept {
 impl KeptConnection {
     pub fn new(pool: PgPool) -> Self {
         Self { pool, kept: None }
+    }
+
+    /// The connection a writer on `connection` keeps: on PostgreSQL's pool; `None` on SQLite,
+    /// whose writers use the pool as it is.
+    pub fn for_writer_on(connection: &sea_orm::DatabaseConnection) -> Option<Self> {
+        match &connection.inner {
+            sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => {
+                Some(Self::new(connection.get_postgres_connection_pool().clone()))
+            }
+            _ => None,
+        }
     }
 
     /// The kept connection, first given back and taken afresh if it idled or aged past the

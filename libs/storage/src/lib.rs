@@ -13,7 +13,7 @@ pub const SCHEMA_NOT_MIGRATED: &str = "schema_not_migrated";
 pub mod failover;
 mod kept;
 
-pub use kept::{KEEP_AT_MOST, KeptConnection};
+pub use kept::{KEEP_AT_MOST, KeptConnection, statement_error};
 
 /// Opens `database_url` (`postgres://…`, or `sqlite://…?mode=rwc` for the embedded default).
 /// SQLite runs in WAL mode with full sync, so an acknowledged write survives a crash. A

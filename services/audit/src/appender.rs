@@ -135,8 +135,7 @@ async fn run_writer(
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
     // The one-statement path runs on a connection this writer keeps (no pool round trip, and
     // no ping as it goes back to the pool, after each group).
-    let mut kept = crate::verify::postgres_pool(&connection)
-        .map(|pool| medai_storage::KeptConnection::new(pool.clone()));
+    let mut kept = medai_storage::KeptConnection::for_writer_on(&connection);
     while let Some(entries) = medai_storage::KeptConnection::await_work(
         kept.as_mut(),
         next_group(&mut receiver, &mut group),
@@ -341,14 +340,15 @@ async fn extend_committed_head(
     kept: &mut medai_storage::KeptConnection,
     group: &ChainedGroup<'_>,
 ) -> Result<bool, DbErr> {
-    let sqlx_error =
-        |error: sea_orm::sqlx::Error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into()));
     let head_seq = i64::try_from(group.head_seq).map_err(|_| malformed_head())?;
     let column = |field: fn(&NewEvent) -> &str| -> Vec<&str> {
         group.events.iter().map(|event| field(event)).collect()
     };
     let count = group.events.len();
-    let connection = kept.connection().await.map_err(sqlx_error)?;
+    let connection = kept
+        .connection()
+        .await
+        .map_err(medai_storage::statement_error)?;
     let outcome = sea_orm::sqlx::query(EXTEND_COMMITTED_HEAD)
         .bind(LEDGER_LOCK_KEY)
         .bind(head_seq)
@@ -364,7 +364,10 @@ async fn extend_committed_head(
         .bind(&group.hex[1..])
         .execute(connection)
         .await;
-    let inserted = kept.outcome(outcome).map_err(sqlx_error)?.rows_affected();
+    let inserted = kept
+        .outcome(outcome)
+        .map_err(medai_storage::statement_error)?
+        .rows_affected();
     match usize::try_from(inserted) {
         Ok(0) => Ok(false),
         Ok(stored) if stored == count => Ok(true),
@@ -441,8 +444,7 @@ mod tests {
 
     /// The connection a writer task on `connection` keeps.
     fn kept(connection: &DatabaseConnection) -> medai_storage::KeptConnection {
-        let pool = crate::verify::postgres_pool(connection).expect("PostgreSQL");
-        medai_storage::KeptConnection::new(pool.clone())
+        medai_storage::KeptConnection::for_writer_on(connection).expect("PostgreSQL")
     }
 
     /// Commits a group as the writer task does, remembering its head; the seqs and the path.

@@ -359,7 +359,7 @@ async fn write_new_results(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_RESULTS_PER_COMMIT);
-    let mut kept = kept_connection(&connection);
+    let mut kept = medai_storage::KeptConnection::for_writer_on(&connection);
     while medai_storage::KeptConnection::await_work(
         kept.as_mut(),
         pending.recv_many(&mut batch, MAX_RESULTS_PER_COMMIT),
@@ -433,7 +433,7 @@ async fn insert_results(
                         .map(|row| row.try_get::<String, _>("result_id"))
                         .collect()
                 })
-                .map_err(sqlx_error)?
+                .map_err(medai_storage::statement_error)?
         }
         None => connection
             .query_all(&statement)
@@ -517,7 +517,7 @@ async fn write_delivery_notes(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_NOTES_PER_COMMIT);
-    let mut kept = kept_connection(&connection);
+    let mut kept = medai_storage::KeptConnection::for_writer_on(&connection);
     while medai_storage::KeptConnection::await_work(
         kept.as_mut(),
         pending.recv_many(&mut batch, MAX_NOTES_PER_COMMIT),
@@ -632,11 +632,15 @@ async fn note_deliveries_in_one_statement(
         .bind(&ids)
         .bind(&seqs)
         .bind(PRELIMINARY)
-        .fetch_all(kept.connection().await.map_err(sqlx_error)?)
+        .fetch_all(
+            kept.connection()
+                .await
+                .map_err(medai_storage::statement_error)?,
+        )
         .await;
     let noted: HashSet<String> = kept
         .outcome(outcome)
-        .map_err(sqlx_error)?
+        .map_err(medai_storage::statement_error)?
         .into_iter()
         .collect();
     // A note its UPDATE did not take (noted already, a later note of the same result, or no
@@ -677,21 +681,6 @@ async fn note_deliveries_in_one_statement(
                 .ok_or_else(|| InferenceError::ResultNotFound((*result_id).to_owned()))
         })
         .collect())
-}
-
-/// The connection a writer on `connection` keeps between its statements on PostgreSQL (none
-/// on SQLite).
-fn kept_connection(connection: &DatabaseConnection) -> Option<medai_storage::KeptConnection> {
-    match &connection.inner {
-        sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => Some(
-            medai_storage::KeptConnection::new(connection.get_postgres_connection_pool().clone()),
-        ),
-        _ => None,
-    }
-}
-
-fn sqlx_error(error: sea_orm::sqlx::Error) -> DbErr {
-    DbErr::Exec(sea_orm::RuntimeErr::SqlxError(error.into()))
 }
 
 async fn stored_delivery(
