@@ -3,7 +3,7 @@
 
 #![allow(clippy::missing_panics_doc)]
 
-pub mod bench_images;
+pub use medai_testkit::bench_images;
 pub mod bridge;
 pub mod chaos;
 pub mod cluster;

@@ -4,6 +4,7 @@
 #![allow(clippy::missing_panics_doc)]
 
 pub mod bench;
+pub mod bench_images;
 pub mod otlp;
 
 pub use rustls;

@@ -1,11 +1,14 @@
 //! Validation throughput: images/s for the whole validation path (decode, de-identification
 //! with the keyed patient key, quality measures) against the bare decoder call on the same
 //! input, in one run, for a 512×512 16-bit DICOM, a JPEG-compressed DICOM and a 1024×1024 PNG;
-//! and the gateway's job (issue 14): a 256×256 8-bit PNG validated and resized to a 64×64 grey
-//! model input, as the gateway asks for it, against the bare PNG decoder; then that request
-//! through the service itself (`service` selects it alone): a validation server in this process
-//! over mTLS, called as the gateway by 16 concurrent callers for a few seconds, with the CPU time
-//! of the server's own threads (its runtime's workers and blocking pool) per request.
+//! and the gateway's job (issue 14): the 256×256 textured 8-bit PNG every mesh benchmark sends
+//! ([`medai_testkit::bench_images::textured_png`]: Paeth-filtered and deflated as real exports
+//! are) validated and resized to a 64×64 grey model input, as the gateway asks for it, against
+//! the bare PNG decoder; then that request through the service itself (`service` selects it
+//! alone): a validation server in this process over mTLS, called as the gateway by 1 caller
+//! (the latency case: every call wakes the server) and by 16 concurrent callers for a few
+//! seconds each, with the CPU time of the server's own threads (its runtime's workers and
+//! blocking pool) per request.
 //! Prints the figures and writes target/bench/validation_throughput.json.
 //!
 //! Run with `scripts/bench.sh`, or `cargo bench -p medai-validation --bench throughput`.
@@ -22,6 +25,7 @@ use dicom_pixeldata::PixelDecoder;
 use medai_imaging::decode::{decode_planned, plan_decode};
 use medai_imaging::model_input::{ModelInputSize, resize_canonical};
 use medai_testkit::Assets;
+use medai_testkit::bench_images::textured_png;
 use medai_validation::FramePolicy;
 use medai_validation::ImageLimits;
 use medai_validation::decode::decode_image_with_key;
@@ -101,26 +105,6 @@ fn png_1024() -> Vec<u8> {
     bytes.into_inner()
 }
 
-/// A 256×256 grey PNG of pseudo-random noise (so it does not compress away), as the gateway's
-/// CPU-per-prediction test sends.
-fn noise_png_256() -> Vec<u8> {
-    let mut state = 7_u32.wrapping_mul(2_654_435_761).wrapping_add(1);
-    let pixels: Vec<u8> = (0..256 * 256)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            (state >> 24) as u8
-        })
-        .collect();
-    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
-    let mut bytes = Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("png");
-    bytes.into_inner()
-}
-
 /// The light model's input, as the gateway names it to validation.
 const MODEL_INPUT: ModelInputSize = ModelInputSize {
     width: 64,
@@ -171,15 +155,19 @@ fn threads_cpu_seconds(prefix: &str) -> f64 {
     ticks as f64 / ticks_per_second
 }
 
+/// Concurrent callers of the service section: one (each call finds the server idle, as at
+/// concurrency 1 through the gateway) and sixteen.
+const SERVICE_CALLERS: [usize; 2] = [1, 16];
+
 /// The gateway's request through a real validation server (mTLS, its tower layers, the
-/// blocking pool): requests/s at 16 concurrent callers and the server threads' CPU per request.
-fn service_cpu_per_request(png: &[u8]) -> (f64, f64) {
+/// blocking pool): for each count of [`SERVICE_CALLERS`], requests/s and the server threads'
+/// CPU per request.
+fn service_cpu_per_request(png: &[u8]) -> Vec<(usize, f64, f64)> {
     use medai_proto::common::v1::ImageFormat;
     use medai_proto::validation::v1 as pb;
     use medai_proto::validation::v1::validation_service_client::ValidationServiceClient;
     use medai_testkit::{TestPki, TestServer, test_process_config, wait_until_serving};
     use medai_validation::ValidationConfig;
-    const CALLERS: usize = 16;
     const WINDOW: Duration = Duration::from_secs(4);
     // The server's threads carry a name of their own, so their CPU time is told apart from
     // the callers'.
@@ -226,10 +214,10 @@ fn service_cpu_per_request(png: &[u8]) -> (f64, f64) {
             height: MODEL_INPUT.height,
         }),
     };
-    let run = |window: Duration| {
+    let run = |callers: usize, window: Duration| {
         client_runtime.block_on(async {
             let started = Instant::now();
-            let callers: Vec<_> = (0..CALLERS)
+            let callers: Vec<_> = (0..callers)
                 .map(|_| {
                     let (mut client, request) = (client.clone(), request.clone());
                     tokio::spawn(async move {
@@ -258,15 +246,22 @@ fn service_cpu_per_request(png: &[u8]) -> (f64, f64) {
             (done, started.elapsed())
         })
     };
-    run(Duration::from_millis(500)); // connections, pools and caches warm
-    let cpu_before = threads_cpu_seconds("valsrv");
-    let (requests, wall) = run(WINDOW);
-    let server_cpu = threads_cpu_seconds("valsrv") - cpu_before;
+    let figures = SERVICE_CALLERS
+        .iter()
+        .map(|&callers| {
+            run(callers, Duration::from_millis(500)); // connections, pools and caches warm
+            let cpu_before = threads_cpu_seconds("valsrv");
+            let (requests, wall) = run(callers, WINDOW);
+            let server_cpu = threads_cpu_seconds("valsrv") - cpu_before;
+            (
+                callers,
+                requests as f64 / wall.as_secs_f64(),
+                server_cpu / requests as f64,
+            )
+        })
+        .collect();
     drop(server);
-    (
-        requests as f64 / wall.as_secs_f64(),
-        server_cpu / requests as f64,
-    )
+    figures
 }
 
 // Never inlined, so that a profile shows the bare decoder's cost as one function's.
@@ -301,7 +296,7 @@ fn main() {
         ("PNG 1024x1024 8-bit grey", png_1024(), bare_png),
     ];
     // Issue 14's gateway path: what validation does per prediction, the resize included.
-    let gateway_png = noise_png_256();
+    let gateway_png = textured_png();
     // An optional argument selects the images whose name contains it (e.g. `16-bit`, for a
     // profile of one case); cargo's own `--bench` flag is ignored.
     let filter = std::env::args()
@@ -345,7 +340,7 @@ fn main() {
             }),
         );
     }
-    let gateway_name = "gateway path: PNG 256x256 8-bit grey, resized to 64x64";
+    let gateway_name = "gateway path: PNG 256x256 textured grey, resized to 64x64";
     if filter
         .as_deref()
         .is_none_or(|wanted| gateway_name.contains(wanted))
@@ -372,19 +367,22 @@ fn main() {
         .as_deref()
         .is_none_or(|wanted| "service".contains(wanted))
     {
-        let (rate, cpu) = service_cpu_per_request(&gateway_png);
-        println!(
-            "  service (mTLS, 16 callers), the gateway-path request  {rate:>8.1} requests/s  \
-             server CPU {:.1} µs per request",
-            cpu * 1e6
-        );
-        report.insert(
-            "service: gateway-path request over mTLS".to_owned(),
-            serde_json::json!({
-                "requests_per_second": rate,
-                "server_cpu_seconds_per_request": cpu,
-            }),
-        );
+        for (callers, rate, cpu) in service_cpu_per_request(&gateway_png) {
+            println!(
+                "  service (mTLS, {callers:>2} caller{}), the gateway-path request {rate:>8.1} \
+                 requests/s  server CPU {:.1} µs per request",
+                if callers == 1 { " " } else { "s" },
+                cpu * 1e6
+            );
+            report.insert(
+                format!("service: gateway-path request over mTLS, {callers} callers"),
+                serde_json::json!({
+                    "callers": callers,
+                    "requests_per_second": rate,
+                    "server_cpu_seconds_per_request": cpu,
+                }),
+            );
+        }
     }
     let directory = medai_testkit::workspace_root().join("target/bench");
     std::fs::create_dir_all(&directory).expect("bench folder");

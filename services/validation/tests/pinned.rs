@@ -13,25 +13,10 @@ use dicom_object::OpenFileOptions;
 use dicom_object::file::ReadPreamble;
 use medai_imaging::model_input::{ModelInputSize, resize_canonical};
 use medai_testkit::Assets;
+use medai_testkit::bench_images::textured_png;
 use medai_validation::ImageLimits;
 use medai_validation::decode::decode_image_with_key;
 use medai_validation::quality::{QualityPolicy, QualityReport, assess};
-
-/// The image `medai_e2e::bench_images::textured_png` sends (the benches' gateway-path image).
-fn textured_png() -> Vec<u8> {
-    let pixels: Vec<u8> = (0..256u32 * 256)
-        .map(|index| {
-            let (x, y) = (index % 256, index / 256);
-            ((x * 7 + y * 13 + (x * y) % 29) % 251) as u8
-        })
-        .collect();
-    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
-    let mut bytes = Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("png");
-    bytes.into_inner()
-}
 
 /// CT_small.dcm (128×128, 16-bit) with its pixels tiled to 512×512, as the bench builds it.
 fn ct_512() -> Vec<u8> {
