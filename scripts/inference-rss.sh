@@ -2,7 +2,8 @@
 # The inference process's resident memory (issue 14): starts the mesh with `medai up` (embedded
 # defaults, a state folder of its own, the gateway on a free port), reads VmRSS of the inference
 # process once it serves, sends four predictions of .cache/dicom/MR_small.dcm through the
-# gateway, reads it again, and stops the mesh. Prints one line.
+# gateway one after another, reads it again, then eight at once (batched), reads it again, and
+# stops the mesh. Prints one line.
 #
 #   scripts/inference-rss.sh [BINARY_DIR] [MODEL_REPOSITORY]     (defaults: target/release, models)
 #
@@ -36,8 +37,17 @@ for _ in 1 2 3 4; do
   "$bin/medai" --state-dir "$state" --gateway "$gateway" infer .cache/dicom/MR_small.dcm > /dev/null
 done
 after=$(rss)
+# Eight at once: the batcher joins them into batches of up to the manifest's max_batch_size,
+# the largest runs the model makes.
+burst_pids=()
+for _ in 1 2 3 4 5 6 7 8; do
+  "$bin/medai" --state-dir "$state" --gateway "$gateway" infer .cache/dicom/MR_small.dcm > /dev/null &
+  burst_pids+=($!)
+done
+wait "${burst_pids[@]}"
+burst=$(rss)
 # glibc ends each tunable it applies with a NUL written into the environment string itself, so
 # /proc shows GLIBC_TUNABLES cut at each `:`; the pieces after it (`glibc.…`) are joined back.
 tunables=$(tr '\0' '\n' < "/proc/$pid/environ" | awk '/^GLIBC_TUNABLES=/ { sub(/^GLIBC_TUNABLES=/, ""); t = $0; on = 1; next }
   on && /^glibc\./ { t = t ":" $0; next } { on = 0 } END { print t }')
-echo "inference RSS: idle ${idle} MiB, after 4 predictions ${after} MiB (GLIBC_TUNABLES as read back: '${tunables}')"
+echo "inference RSS: idle ${idle} MiB, after 4 predictions ${after} MiB, after 8 at once ${burst} MiB (GLIBC_TUNABLES as read back: '${tunables}')"

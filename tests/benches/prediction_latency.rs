@@ -1,6 +1,10 @@
 //! How much the mesh adds to one prediction: the median latency of a real brain-MRI prediction
-//! through gateway → validation → inference → audit over mTLS (embedded SQLite ledger, every
-//! append durable), against the same image decoded and run through the same model in-process.
+//! through gateway → validation → inference → audit over mTLS, against the same image decoded
+//! and run through the same model in-process. The mesh runs as the chart deploys it when the
+//! suite's servers are up (`scripts/bench.sh` starts them): its ledger and results on PostgreSQL
+//! (`MEDAI_TEST_POSTGRES_URL`), revocations and rate limits in Redis (`MEDAI_TEST_REDIS_URL`);
+//! without them, on the embedded defaults (SQLite, each process's own revocation list), which
+//! the output names. Every append is durable either way.
 //! 20 timed runs each after 2 warm-up runs, in one run of this program. Prints the figures and
 //! writes them to target/bench/prediction_latency.json.
 //!
@@ -8,6 +12,7 @@
 
 #![allow(clippy::print_stdout)]
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use medai_e2e::{MeshUnderTest, Storage, authorised};
@@ -17,6 +22,91 @@ use medai_testkit::Assets;
 
 const RUNS: usize = 20;
 const WARM_UP: usize = 2;
+
+/// Each service's calls as its server handled them so far: `"service Service/Method"` → (the
+/// seconds they took in all, how many), from the `grpc_server_handling_seconds` histograms on
+/// its admin endpoint.
+async fn server_call_seconds(mesh: &MeshUnderTest) -> BTreeMap<String, (f64, f64)> {
+    let mut calls = BTreeMap::new();
+    for service in medai_cli::launcher::SERVICES {
+        let Some(admin) = mesh.mesh.admin_address(service) else {
+            continue;
+        };
+        let exposition = medai_e2e::http_get(admin, "/metrics").await;
+        for line in exposition.lines() {
+            let Some(rest) = line.strip_prefix("grpc_server_handling_seconds_") else {
+                continue;
+            };
+            let Some((part, rest)) = rest.split_once('{') else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                    .map(|value| value.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let grpc_service = label("grpc_service");
+            let short = grpc_service.rsplit('.').next().unwrap_or_default();
+            let entry: &mut (f64, f64) = calls
+                .entry(format!("{service} {short}/{}", label("grpc_method")))
+                .or_default();
+            match part {
+                "sum" => entry.0 += value,
+                "count" => entry.1 += value,
+                _ => {}
+            }
+        }
+    }
+    calls
+}
+
+/// The mesh's storage, and how the output describes where its records and lists live.
+fn deployment() -> (Storage, String) {
+    let postgres = std::env::var_os("MEDAI_TEST_POSTGRES_URL").is_some();
+    let redis = std::env::var_os("MEDAI_TEST_REDIS_URL").is_some();
+    let storage = if postgres {
+        Storage::Postgres
+    } else {
+        Storage::Sqlite
+    };
+    let described = format!(
+        "with its ledger and results on {}, revocations and rate limits {}",
+        if postgres { "PostgreSQL" } else { "SQLite" },
+        if redis { "in Redis" } else { "in each process" }
+    );
+    (storage, described)
+}
+
+/// With the suite's Redis: revocations in production mode for auth and the gateway, and the
+/// gateway's rate limits, in Redis, as the chart deploys them.
+fn redis_environment() -> BTreeMap<String, Vec<(String, String)>> {
+    let Ok(url) = std::env::var("MEDAI_TEST_REDIS_URL") else {
+        return BTreeMap::new();
+    };
+    let revocation = |prefix: &str| {
+        vec![
+            (format!("{prefix}REVOCATION__MODE"), "production".to_owned()),
+            (format!("{prefix}REVOCATION__REDIS_URL"), url.clone()),
+        ]
+    };
+    let mut gateway = revocation("MEDAI_GATEWAY_");
+    gateway.push((
+        "MEDAI_GATEWAY_LOAD_CONTROL__REDIS_URL".to_owned(),
+        url.clone(),
+    ));
+    BTreeMap::from([
+        ("gateway".to_owned(), gateway),
+        ("auth".to_owned(), revocation("MEDAI_AUTH_")),
+    ])
+}
 
 fn summary(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
@@ -76,11 +166,16 @@ async fn main() {
     }
     drop(predictor);
 
-    let mesh = MeshUnderTest::start(Storage::Sqlite).await;
+    let (storage, deployment) = deployment();
+    let mesh = MeshUnderTest::start_with(storage, redis_environment()).await;
     let token = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
     let mut through_mesh = Vec::with_capacity(RUNS);
+    let mut calls_before = BTreeMap::new();
     for run in 0..WARM_UP + RUNS {
+        if run == WARM_UP {
+            calls_before = server_call_seconds(&mesh).await;
+        }
         let request = InferRequest {
             image: image.clone().into(),
             format: ImageFormat::Unspecified.into(),
@@ -97,12 +192,16 @@ async fn main() {
             through_mesh.push(started.elapsed());
         }
     }
+    let calls = server_call_seconds(&mesh).await;
     mesh.stop().await;
 
     let (mesh_median, mesh_min, mesh_max) = summary(through_mesh);
     let (direct_median, direct_min, direct_max) = summary(in_process);
     let ratio = mesh_median / direct_median;
-    println!("prediction latency, brain-mri-tumor VGG16 on MR_small.dcm, {RUNS} runs each");
+    println!(
+        "prediction latency, brain-mri-tumor VGG16 on MR_small.dcm, {RUNS} runs each; the mesh \
+         {deployment}"
+    );
     println!(
         "  in-process  median {direct_median:8.2} ms  (min {direct_min:.2}, max {direct_max:.2})"
     );
@@ -111,15 +210,32 @@ async fn main() {
         "  mesh / in-process  {ratio:.3}x  (+{:.2} ms per prediction)",
         mesh_median - direct_median
     );
+    println!("  server time per prediction by call (the services' own histograms):");
+    let mut per_call = serde_json::Map::new();
+    for (call, (seconds, count)) in &calls {
+        let (seconds_before, count_before) = calls_before.get(call).copied().unwrap_or_default();
+        let (seconds, count) = (seconds - seconds_before, count - count_before);
+        if count < 0.5 {
+            continue;
+        }
+        let per_prediction_ms = seconds * 1000.0 / RUNS as f64;
+        println!(
+            "    {call:<48} {per_prediction_ms:8.2} ms  ({:.1} calls)",
+            count / RUNS as f64
+        );
+        per_call.insert(call.clone(), serde_json::json!(per_prediction_ms));
+    }
 
     let report = serde_json::json!({
         "benchmark": "prediction_latency",
         "runs": RUNS,
         "model": "brain-mri-tumor/1",
         "image": "MR_small.dcm",
+        "mesh_deployment": deployment,
         "in_process_ms": { "median": direct_median, "min": direct_min, "max": direct_max },
         "through_mesh_ms": { "median": mesh_median, "min": mesh_min, "max": mesh_max },
         "ratio_mesh_over_in_process": ratio,
+        "server_ms_per_prediction_by_call": per_call,
     });
     let directory = medai_testkit::workspace_root().join("target/bench");
     std::fs::create_dir_all(&directory).expect("bench folder");

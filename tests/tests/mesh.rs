@@ -1177,16 +1177,19 @@ fn anon_huge_pages_kib(pid: u32) -> u64 {
         .expect("AnonHugePages")
 }
 
-/// Issue 14: the inference process `medai up` starts holds little more than its model, idle and
-/// after predictions. It is given glibc's tunables in its environment (a fixed mmap threshold,
-/// so ONNX Runtime's freed load copies and activations go back to the system) and runs its
-/// sessions without ONNX Runtime's CPU arena (which keeps every block a run took). Measured
-/// with these debug binaries and the 62 MiB brain-MRI model: 123 MiB idle, 124 MiB after four
-/// predictions; before: 207 and 254; with the tunables but the arena on: 123 and 184; with the
-/// arena off but no tunables: 211 and 271. (Release binaries: 109 and 110, before 193 and
-/// 255; scripts/inference-rss.sh.) RSS does not depend on the machine's load.
+/// Issue 14: the inference process `medai up` starts holds little more than its model idle,
+/// and predictions grow it once, by what their runs use, and never again. It is given glibc's
+/// tunables in its environment (a fixed mmap threshold, so ONNX Runtime's freed load copies go
+/// back to the system). The brain-MRI model's manifest keeps ONNX Runtime's CPU arena: without
+/// it each run mapped its ~60 MiB of activations afresh and faulted them in, 90.2 against
+/// 82.2–84.2 ms a prediction (release); with it the first run's blocks serve every later one.
+/// Measured with these debug binaries and the 62 MiB brain-MRI model: idle 123 MiB, after four
+/// predictions about 184, after four more the same; with the arena off 123 and 124, at the
+/// price of the faults; with no tunables 211 and 271. (Release binaries: 106 idle, 167 after
+/// four, 288 after eight at once, which the batcher runs four to a batch;
+/// scripts/inference-rss.sh.) RSS does not depend on the machine's load.
 #[tokio::test]
-async fn the_inference_process_holds_its_model_and_little_more_idle_and_after_predictions() {
+async fn the_inference_process_holds_its_model_idle_and_its_runs_blocks_once_after_predictions() {
     let mesh = MeshUnderTest::start(Storage::Sqlite).await;
     let assets = Assets::locate();
     let model_mib = std::fs::metadata(assets.model_repository.join("brain-mri-tumor/1/model.onnx"))
@@ -1215,24 +1218,32 @@ async fn the_inference_process_holds_its_model_and_little_more_idle_and_after_pr
     let image = assets.dicom("MR_small.dcm");
     let token = mesh.admin_token().await;
     let mut gateway = mesh.gateway().await;
-    for _ in 0..4 {
-        let response = gateway
-            .infer(authorised(infer_request(image.clone()), &token))
-            .await
-            .expect("a prediction")
-            .into_inner();
-        assert!(response.prediction.is_some());
+    let mut resident_after_predictions = Vec::new();
+    for _ in 0..2 {
+        for _ in 0..4 {
+            let response = gateway
+                .infer(authorised(infer_request(image.clone()), &token))
+                .await
+                .expect("a prediction")
+                .into_inner();
+            assert!(response.prediction.is_some());
+        }
+        resident_after_predictions.push(resident_mib(pid));
     }
-    let after = resident_mib(pid);
-    eprintln!("inference RSS: idle {idle:.1} MiB, after 4 predictions {after:.1} MiB");
-    assert!(
-        after <= bound,
-        "after predictions inference holds {after:.1} MiB; at most {bound:.1}"
+    let (first, second) = (resident_after_predictions[0], resident_after_predictions[1]);
+    eprintln!(
+        "inference RSS: idle {idle:.1} MiB, after 4 predictions {first:.1} MiB, after 4 more \
+         {second:.1} MiB"
     );
-    // Runs leave nothing behind (with ONNX Runtime's arena they kept about 60 MiB).
+    // The arena holds one single-image run's blocks (about 60 MiB of activations).
     assert!(
-        after - idle <= 12.0,
-        "predictions grew inference from {idle:.1} to {after:.1} MiB"
+        first - idle <= 90.0,
+        "four predictions grew inference from {idle:.1} to {first:.1} MiB"
+    );
+    // Later runs reuse them: nothing grows run after run.
+    assert!(
+        second - first <= 8.0,
+        "four more predictions grew inference from {first:.1} to {second:.1} MiB"
     );
     mesh.stop().await;
 }
