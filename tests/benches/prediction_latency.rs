@@ -28,41 +28,14 @@ const WARM_UP: usize = 2;
 /// its admin endpoint.
 async fn server_call_seconds(mesh: &MeshUnderTest) -> BTreeMap<String, (f64, f64)> {
     let mut calls = BTreeMap::new();
-    for service in medai_cli::launcher::SERVICES {
-        let Some(admin) = mesh.mesh.admin_address(service) else {
-            continue;
-        };
-        let exposition = medai_e2e::http_get(admin, "/metrics").await;
-        for line in exposition.lines() {
-            let Some(rest) = line.strip_prefix("grpc_server_handling_seconds_") else {
-                continue;
-            };
-            let Some((part, rest)) = rest.split_once('{') else {
-                continue;
-            };
-            let Some((labels, value)) = rest.rsplit_once("} ") else {
-                continue;
-            };
-            let Ok(value) = value.trim().parse::<f64>() else {
-                continue;
-            };
-            let label = |name: &str| {
-                labels
-                    .split(',')
-                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
-                    .map(|value| value.trim_end_matches('"').to_owned())
-                    .unwrap_or_default()
-            };
-            let grpc_service = label("grpc_service");
-            let short = grpc_service.rsplit('.').next().unwrap_or_default();
-            let entry: &mut (f64, f64) = calls
-                .entry(format!("{service} {short}/{}", label("grpc_method")))
-                .or_default();
-            match part {
-                "sum" => entry.0 += value,
-                "count" => entry.1 += value,
-                _ => {}
-            }
+    for sample in medai_e2e::handling_samples(mesh, "grpc_server_handling_seconds").await {
+        let entry: &mut (f64, f64) = calls
+            .entry(format!("{} {}", sample.process, sample.call))
+            .or_default();
+        match sample.part.as_str() {
+            "sum" => entry.0 += sample.value,
+            "count" => entry.1 += sample.value,
+            _ => {}
         }
     }
     calls

@@ -258,56 +258,25 @@ impl SlowCalls {
 /// makes) of every mesh service, keyed by "process side service/method".
 async fn handling_histograms(mesh: &MeshUnderTest) -> BTreeMap<String, SlowCalls> {
     let mut calls = BTreeMap::new();
-    for service in medai_cli::launcher::SERVICES {
-        let Some(admin) = mesh.mesh.admin_address(service) else {
-            continue;
-        };
-        let exposition = medai_e2e::http_get(admin, "/metrics").await;
-        for (side, family) in [
-            ("server", "grpc_server_handling_seconds_"),
-            ("client", "grpc_client_handling_seconds_"),
-        ] {
-            for line in exposition.lines() {
-                let Some(rest) = line.strip_prefix(family) else {
-                    continue;
-                };
-                let (part, rest) = rest.split_once('{').unwrap_or_default();
-                let Some((labels, value)) = rest.rsplit_once("} ") else {
-                    continue;
-                };
-                let label = |name: &str| {
-                    labels
-                        .split(',')
-                        .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
-                        .map(|value| value.trim_end_matches('"').to_owned())
-                        .unwrap_or_default()
-                };
-                let Ok(count) = value.trim().parse::<f64>() else {
-                    continue;
-                };
-                let method = label("grpc_method");
-                let short_service = label("grpc_service");
-                let short_service = short_service.rsplit('.').next().unwrap_or_default();
-                let entry: &mut SlowCalls = calls
-                    .entry(format!("{service} {side} {short_service}/{method}"))
-                    .or_default();
-                if part == "sum" {
-                    entry.seconds += count;
-                    continue;
+    for (side, family) in [
+        ("server", "grpc_server_handling_seconds"),
+        ("client", "grpc_client_handling_seconds"),
+    ] {
+        for sample in medai_e2e::handling_samples(mesh, family).await {
+            let entry: &mut SlowCalls = calls
+                .entry(format!("{} {side} {}", sample.process, sample.call))
+                .or_default();
+            let count = sample.value;
+            match (sample.part.as_str(), sample.le.as_str()) {
+                ("sum", _) => entry.seconds += count,
+                ("bucket", "+Inf") => {
+                    entry.all += count;
+                    entry.over_10_ms += count;
+                    entry.over_25_ms += count;
                 }
-                if part != "bucket" {
-                    continue;
-                }
-                match label("le").as_str() {
-                    "+Inf" => {
-                        entry.all += count;
-                        entry.over_10_ms += count;
-                        entry.over_25_ms += count;
-                    }
-                    "0.01" => entry.over_10_ms -= count,
-                    "0.025" => entry.over_25_ms -= count,
-                    _ => {}
-                }
+                ("bucket", "0.01") => entry.over_10_ms -= count,
+                ("bucket", "0.025") => entry.over_25_ms -= count,
+                _ => {}
             }
         }
     }

@@ -177,6 +177,66 @@ pub fn traced_environment(collector_endpoint: &str) -> BTreeMap<String, Vec<(Str
         .collect()
 }
 
+/// One sample of a gRPC handling-time histogram (`grpc_server_handling_seconds` or
+/// `grpc_client_handling_seconds`) as a service's Prometheus endpoint gives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HandlingSample {
+    /// The mesh service that reported it.
+    pub process: &'static str,
+    /// `bucket`, `sum` or `count`.
+    pub part: String,
+    /// The call, as `Service/Method` (the gRPC service's last dotted name).
+    pub call: String,
+    /// A bucket's upper bound (`le`); empty for the sum and the count.
+    pub le: String,
+    pub value: f64,
+}
+
+/// Every sample of the histogram `family` on each running mesh service's admin endpoint.
+pub async fn handling_samples(mesh: &MeshUnderTest, family: &str) -> Vec<HandlingSample> {
+    let mut samples = Vec::new();
+    for process in medai_cli::launcher::SERVICES {
+        let Some(admin) = mesh.mesh.admin_address(process) else {
+            continue;
+        };
+        let exposition = http_get(admin, "/metrics").await;
+        for line in exposition.lines() {
+            let Some(rest) = line
+                .strip_prefix(family)
+                .and_then(|rest| rest.strip_prefix('_'))
+            else {
+                continue;
+            };
+            let Some((part, rest)) = rest.split_once('{') else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|pair| pair.strip_prefix(&format!("{name}=\"")))
+                    .map(|value| value.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            let service = label("grpc_service");
+            let short_service = service.rsplit('.').next().unwrap_or_default();
+            samples.push(HandlingSample {
+                process,
+                part: part.to_owned(),
+                call: format!("{short_service}/{}", label("grpc_method")),
+                le: label("le"),
+                value,
+            });
+        }
+    }
+    samples
+}
+
 /// Plain HTTP/1.1 GET against a service's admin port.
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
