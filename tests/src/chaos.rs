@@ -8,6 +8,7 @@
 //! `scripts/chaos.sh` runs every fault (the `chaos` bench program); tests/tests/recovery.rs
 //! runs the short form (kill -9 and SIGTERM of each service).
 
+use crate::bench_images::light_png;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -821,20 +822,6 @@ impl Session {
     fn forget(&mut self) {
         self.renew_at = None;
     }
-}
-
-/// A 64×64 greyscale PNG (synthetic) for the light model.
-fn light_png(seed: u8) -> Vec<u8> {
-    let side = 64u32;
-    let pixels: Vec<u8> = (0..side * side)
-        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
-    let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
-    let mut png = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut png, image::ImageFormat::Png)
-        .expect("encode png");
-    png.into_inner()
 }
 
 fn light_infer_request(seed: u8) -> gw::InferRequest {

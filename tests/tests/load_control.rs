@@ -425,18 +425,9 @@ async fn reflection_lists_the_gateway_api_and_health_answers() {
 }
 
 fn light_image(tag: &str, seed: u8) -> gw::StudyStreamRequest {
-    let side = 64u32;
-    let pixels: Vec<u8> = (0..side * side)
-        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
-    let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
-    let mut png = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut png, image::ImageFormat::Png)
-        .expect("encode png");
     gw::StudyStreamRequest {
         tag: tag.to_owned(),
-        image: png.into_inner().into(),
+        image: medai_e2e::bench_images::light_png(seed).into(),
         format: ImageFormat::Png.into(),
         model_name: "synthetic-light".to_owned(),
         ..Default::default()

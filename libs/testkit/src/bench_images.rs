@@ -14,12 +14,7 @@ pub fn textured_png() -> Vec<u8> {
             ((x * 7 + y * 13 + (x * y) % 29) % 251) as u8
         })
         .collect();
-    let image = image::GrayImage::from_raw(256, 256, pixels).expect("image");
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    image
-        .write_to(&mut bytes, image::ImageFormat::Png)
-        .expect("png");
-    bytes.into_inner()
+    grey_png(256, pixels)
 }
 
 /// A grey PNG of pseudo-random noise (so it does not compress away).
@@ -33,6 +28,21 @@ pub fn noise_png(side: u32, seed: u32) -> Vec<u8> {
             (state >> 24) as u8
         })
         .collect();
+    grey_png(side, pixels)
+}
+
+/// A 64×64 grey PNG (synthetic), already the light model's input size; `seed` varies its bytes.
+pub fn light_png(seed: u8) -> Vec<u8> {
+    let side = 64u32;
+    let pixels: Vec<u8> = (0..side * side)
+        .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    grey_png(side, pixels)
+}
+
+/// `pixels` (row by row, one byte each) as a `side`×`side` grey PNG, encoded as the `image`
+/// crate does by default.
+fn grey_png(side: u32, pixels: Vec<u8>) -> Vec<u8> {
     let image = image::GrayImage::from_raw(side, side, pixels).expect("image");
     let mut png = std::io::Cursor::new(Vec::new());
     image
